@@ -1,0 +1,45 @@
+"""tip_megatron: on-policy distillation with TIP token selection on megatron-core.
+
+Install with `bash install.sh` (see its header for why megatron-core is installed there
+and not through install_requires on Python 3.11).
+"""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+_here = Path(__file__).parent
+_version = re.search(
+    r'__version__ = "([^"]+)"', (_here / "tip_megatron" / "__init__.py").read_text()
+).group(1)
+
+setup(
+    name="tip_megatron",
+    version=_version,
+    description="Megatron-core engine for on-policy distillation with TIP token selection",
+    long_description=(_here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["tip_megatron", "tip_megatron.*"]),
+    install_requires=[
+        # torch is installed (pinned to the CPU build when absent) by install.sh; a range
+        # here keeps an NGC container's own CUDA torch instead of replacing it.
+        "torch>=2.6",
+        "numpy",
+        "packaging>=24.2",
+        "psutil",
+        "pyyaml",
+        "safetensors",
+        # megatron-core needs it at import time (moe paged_stash imports triton).
+        "triton",
+        # On 3.11 install.sh installs megatron-core with --no-deps --ignore-requires-python.
+        "megatron-core==0.19.2; python_version >= '3.12'",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.51", "tokenizers", "sentencepiece"],
+        "test": ["pytest>=8", "transformers>=4.51", "tokenizers", "sentencepiece", "scipy"],
+        "wandb": ["wandb"],
+        "te": ["transformer-engine[pytorch]"],
+    },
+    entry_points={"console_scripts": ["tip-megatron=tip_megatron.cli:main"]},
+)

@@ -1,0 +1,433 @@
+"""Device and backend choice, optional-dependency probes, and megatron-core on CPU.
+
+This is the ONE module that adapts megatron-core to machines without CUDA. megatron-core
+0.19.2 hard-codes CUDA in a handful of places (see `MEGATRON_CUDA_ASSUMPTIONS`); without
+CUDA, `apply_cpu_compat()` redirects each of them to the CPU. On a CUDA machine nothing is
+touched. Nothing else in tip_megatron patches megatron.
+
+How the redirect works, and why this shape:
+- Most of megatron's CUDA assumptions are calls through its modules' global `torch` name:
+  `torch.cuda.current_device()`, `torch.zeros(..., device="cuda")`, `torch.cuda.Stream`,
+  `torch.cuda.get_rng_state()`. Each megatron.core module's `torch` global is replaced by
+  `_CpuTorch`, a thin view of the real torch whose `cuda` namespace and tensor factories
+  answer with the CPU. torch itself stays untouched, so our own code and every other
+  library see the real thing.
+- Two kinds of assumption are tensor *methods* and cannot be reached through a module
+  global: `tensor.cuda()` (tied output weights, gloo paths) and `tensor.type()` string
+  checks (`'torch.cuda.FloatTensor'` in the optimizers and grad clipping). Those megatron
+  functions are wrapped so that, only while they run, `Tensor.cuda` returns the CPU tensor
+  and `Tensor.type()` reports the CUDA type name of the same dtype.
+- The CUDA RNG tracker states become CPU generator states.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Device",
+    "OptionalDeps",
+    "MEGATRON_CUDA_ASSUMPTIONS",
+    "apply_cpu_compat",
+    "cpu_compat_applied",
+    "current_device",
+    "default_backend",
+    "optional_deps",
+    "require",
+]
+
+
+# ----------------------------------------------------------------------------------------
+# Device and backend
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Device:
+    """Where tensors live and which collective backend carries them."""
+
+    type: str  # "cuda" or "cpu"
+    backend: str  # "nccl" or "gloo"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.type == "cuda"
+
+
+def default_backend() -> Device:
+    """nccl + cuda when CUDA is usable; gloo + cpu otherwise.
+
+    `TIP_MEGATRON_DEVICE=cpu` forces the CPU path on a GPU machine (useful for debugging
+    numerics against the CPU reference).
+    """
+    forced = os.environ.get("TIP_MEGATRON_DEVICE", "").lower()
+    if forced not in ("", "cpu", "cuda"):
+        raise ValueError(f"TIP_MEGATRON_DEVICE={forced!r}: accepted values are 'cpu' and 'cuda'")
+    if forced == "cuda" and not torch.cuda.is_available():
+        raise ValueError("TIP_MEGATRON_DEVICE=cuda but torch.cuda.is_available() is False")
+    if forced != "cpu" and torch.cuda.is_available():
+        return Device("cuda", "nccl")
+    return Device("cpu", "gloo")
+
+
+def current_device() -> torch.device:
+    """The torch.device this process computes on (the local GPU under torchrun)."""
+    if default_backend().is_cuda:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------
+# Optional dependencies: probed once
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptionalDeps:
+    transformer_engine: bool
+    apex: bool
+    wandb: bool
+    cuda: bool
+
+    @property
+    def te_usable(self) -> bool:
+        """TE layers need both the package and a GPU."""
+        return self.transformer_engine and self.cuda
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - a broken install (e.g. TE without cudnn) is "absent"
+        return False
+    return True
+
+
+def _is_nvidia_apex() -> bool:
+    # The PyPI package called `apex` is an unrelated web framework; NVIDIA apex has
+    # `apex.optimizers.FusedAdam` (and comes with the NGC container).
+    return _importable("apex.optimizers")
+
+
+@functools.lru_cache(maxsize=1)
+def optional_deps() -> OptionalDeps:
+    cuda = torch.cuda.is_available()
+    deps = OptionalDeps(
+        transformer_engine=cuda and _importable("transformer_engine.pytorch"),
+        apex=cuda and _is_nvidia_apex(),
+        wandb=_importable("wandb"),
+        cuda=cuda,
+    )
+    logger.debug("optional dependencies: %s", deps)
+    return deps
+
+
+_INSTALL_HINTS = {
+    "transformer_engine": "Transformer Engine needs CUDA: use an NGC PyTorch container or "
+    "`pip install 'tip_megatron[te]'` on a CUDA machine",
+    "apex": "NVIDIA apex comes with the NGC PyTorch container (never `pip install apex`: "
+    "that PyPI name is an unrelated package)",
+    "wandb": "`pip install 'tip_megatron[wandb]'`, or set logging.wandb=false",
+    "cuda": "a CUDA GPU and a CUDA build of torch",
+}
+
+
+def require(dep: str, feature: str) -> None:
+    """Raise a clear error when `feature` needs optional dependency `dep` and it is absent."""
+    deps = optional_deps()
+    available = {
+        "transformer_engine": deps.te_usable,
+        "apex": deps.apex,
+        "wandb": deps.wandb,
+        "cuda": deps.cuda,
+    }
+    if dep not in available:
+        raise ValueError(f"unknown optional dependency {dep!r}; known: {sorted(available)}")
+    if not available[dep]:
+        raise RuntimeError(f"{feature} needs {dep}, which is not available here: {_INSTALL_HINTS[dep]}")
+
+
+# ----------------------------------------------------------------------------------------
+# megatron-core without CUDA
+# ----------------------------------------------------------------------------------------
+#: Every place megatron-core 0.19.2 assumes CUDA that our code paths reach, with the
+#: redirect applied. Each entry is covered by tests/unit/test_platform.py, which fails if
+#: megatron changes underneath (the assumption disappears or moves).
+MEGATRON_CUDA_ASSUMPTIONS = {
+    "rng_tracker": "tensor_parallel.random: CUDA RNG states -> CPU generator states",
+    "current_device": "torch.cuda.current_device() allocations -> 'cpu' (rotary, mappings, "
+    "attention, p2p_communication, param_and_grad_buffer, ...)",
+    "device_cuda_literal": 'device="cuda" in schedules (total_num_tokens), '
+    "transformer/utils causal mask, optimizer, clip_grads, grad_scaler, "
+    "tensor_parallel/data, rerun_state_machine -> cpu",
+    "streams": "torch.cuda.Stream / stream() / current_stream() / synchronize() in DDP "
+    "and p2p -> no-ops",
+    "tensor_cuda_method": "Tensor.cuda() on the tied output weight "
+    "(LanguageModule.setup_embeddings_and_output_layer) and in gloo paths -> stays on CPU",
+    "type_strings": "Tensor.type() == 'torch.cuda.FloatTensor' checks in clip_grads and "
+    "the (distributed) optimizers -> CUDA type names reported for CPU tensors",
+}
+
+_APPLIED = False
+
+
+def cpu_compat_applied() -> bool:
+    return _APPLIED
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream: CPU work is ordered by program order."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _cpu_device(device: Any) -> Any:
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _on_cpu(factory: Callable) -> Callable:
+    @functools.wraps(factory)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return factory(*args, **kwargs)
+
+    return wrapper
+
+
+class _CpuCuda(types.ModuleType):
+    """`torch.cuda` as megatron modules see it on a CPU machine."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device() -> str:
+        return "cpu"
+
+    @staticmethod
+    def current_stream(*args: Any, **kwargs: Any) -> _NullStream:
+        return _NullStream()
+
+    @staticmethod
+    def stream(*args: Any, **kwargs: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def synchronize(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    @staticmethod
+    def get_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        torch.set_rng_state(state)
+
+    @staticmethod
+    def manual_seed(seed: int) -> None:
+        torch.manual_seed(seed)
+
+    Stream = _NullStream
+    Event = _NullStream
+
+
+class _CpuTorch(types.ModuleType):
+    """`torch` as megatron modules see it on a CPU machine: CUDA requests land on the CPU."""
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "empty_like",
+                  "zeros_like", "ones_like", "randn", "rand", "randint", "as_tensor")
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+        for name in self._FACTORIES:
+            setattr(self, name, _on_cpu(getattr(torch, name)))
+        self.device = _cpu_torch_device
+        self.autocast = _cpu_autocast
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def _cpu_torch_device(*args: Any, **kwargs: Any) -> torch.device:
+    if args and isinstance(args[0], str) and args[0].startswith("cuda"):
+        return torch.device("cpu")
+    return torch.device(*args, **kwargs)
+
+
+def _cpu_autocast(device_type: str, *args: Any, **kwargs: Any) -> Any:
+    return torch.autocast("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+
+_CPU_TORCH = _CpuTorch()
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+@contextlib.contextmanager
+def _cuda_tensor_methods() -> Iterator[None]:
+    """While active: `Tensor.cuda()` keeps the tensor on the CPU and `Tensor.type()`
+    reports CUDA type names. Scoped to the megatron functions wrapped below."""
+    orig_cuda, orig_type = torch.Tensor.cuda, torch.Tensor.type
+
+    def cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self
+
+    def type_(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            return orig_type(self, *args, **kwargs)
+        return _CUDA_TYPE_NAMES.get(self.dtype, orig_type(self))
+
+    torch.Tensor.cuda, torch.Tensor.type = cuda, type_
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, torch.Tensor.type = orig_cuda, orig_type
+
+
+def _with_cuda_tensor_methods(fn: Callable) -> Callable:
+    if getattr(fn, "_tip_cpu_wrapped", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _cuda_tensor_methods():
+            return fn(*args, **kwargs)
+
+    wrapper._tip_cpu_wrapped = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+#: (module, qualified attribute) of megatron functions that call Tensor.cuda()/.type().
+_TENSOR_METHOD_SITES = (
+    ("megatron.core.models.common.language_module.language_module",
+     "LanguageModule.setup_embeddings_and_output_layer"),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.distrib_optimizer",
+     "DistributedOptimizer._build_model_and_main_param_groups"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
+    ("megatron.core.tensor_parallel.data", "broadcast_data"),
+)
+
+#: megatron modules imported before the redirect so that their `torch` global is swapped.
+_MEGATRON_MODULES = (
+    "megatron.core.parallel_state",
+    "megatron.core.tensor_parallel",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.models.gpt.gpt_layer_specs",
+    "megatron.core.models.common.language_module.language_module",
+    "megatron.core.transformer.utils",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.distributed",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.dist_checkpointing",
+    "megatron.core.utils",
+)
+
+
+def _resolve(module: types.ModuleType, qualname: str) -> tuple[Any, str]:
+    owner: Any = module
+    parts = qualname.split(".")
+    for part in parts[:-1]:
+        owner = getattr(owner, part)
+    return owner, parts[-1]
+
+
+def _rebind_everywhere(original: Any, replacement: Any) -> None:
+    """Replace `original` wherever megatron bound it (its home and every `from x import`)."""
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("megatron.core"):
+            continue
+        for attr, value in list(vars(module).items()):
+            if value is original:
+                setattr(module, attr, replacement)
+
+
+def _redirect_rng_tracker() -> None:
+    random = sys.modules["megatron.core.tensor_parallel.random"]
+
+    def get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+        torch.set_rng_state(new_state)
+
+    _rebind_everywhere(random._get_cuda_rng_state, get_state)
+    _rebind_everywhere(random._set_cuda_rng_state, set_state)
+
+
+def _swap_torch_globals() -> None:
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
+            module.torch = _CPU_TORCH
+
+
+def apply_cpu_compat() -> bool:
+    """Redirect megatron-core's CUDA assumptions to the CPU. Idempotent.
+
+    Does nothing (and returns False) when CUDA is available. Returns True when the
+    redirect is in place. Call it before building models or process groups; modules of
+    megatron.core imported later are swapped by the next call (every entry point calls it).
+    """
+    global _APPLIED
+    if default_backend().is_cuda:
+        return False
+    for name in _MEGATRON_MODULES:
+        importlib.import_module(name)
+    _swap_torch_globals()
+    if not _APPLIED:
+        _redirect_rng_tracker()
+        for module_name, qualname in _TENSOR_METHOD_SITES:
+            owner, attr = _resolve(sys.modules[module_name], qualname)
+            original = getattr(owner, attr)
+            wrapped = _with_cuda_tensor_methods(original)
+            setattr(owner, attr, wrapped)
+            _rebind_everywhere(original, wrapped)
+        _APPLIED = True
+        logger.info("megatron-core CPU compatibility applied (%d redirects)",
+                    len(MEGATRON_CUDA_ASSUMPTIONS))
+    return True
