@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -176,6 +177,21 @@ MEGATRON_CUDA_ASSUMPTIONS = {
 }
 
 _APPLIED = False
+
+
+def megatron_config_overrides() -> dict:
+    """TransformerConfig fields that must differ from megatron's defaults on this device.
+
+    `batch_p2p_comm=False` on gloo: the batched pipeline p2p posts, on one rank,
+    [send_prev, recv_prev, send_next, recv_next]. With PP=2 and virtual stages, prev and
+    next are the same peer, so one rank posts (grad, activation) while its peer posts
+    (activation, grad) for tensors of equal shape and tag; gloo matches them in posting
+    order and swaps them (measured: wrong losses from the 3rd micro-batch on). NCCL groups
+    the batch; on gloo the unbatched path orders sends/receives by even/odd rank instead.
+    """
+    if default_backend().is_cuda:
+        return {}
+    return {"batch_p2p_comm": False}
 
 
 def cpu_compat_applied() -> bool:
@@ -423,9 +439,12 @@ def apply_cpu_compat() -> bool:
         _redirect_rng_tracker()
         for module_name, qualname in _TENSOR_METHOD_SITES:
             owner, attr = _resolve(sys.modules[module_name], qualname)
-            original = getattr(owner, attr)
+            raw = inspect.getattr_static(owner, attr)
+            # Keep staticmethod/classmethod descriptors: wrap the function inside them.
+            kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
+            original = raw.__func__ if kind else raw
             wrapped = _with_cuda_tensor_methods(original)
-            setattr(owner, attr, wrapped)
+            setattr(owner, attr, kind(wrapped) if kind else wrapped)
             _rebind_everywhere(original, wrapped)
         _APPLIED = True
         logger.info("megatron-core CPU compatibility applied (%d redirects)",

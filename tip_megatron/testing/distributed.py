@@ -14,6 +14,7 @@ one intra-op thread so that N ranks do not oversubscribe the cores.
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -49,11 +50,27 @@ def _child(
     torch.set_num_threads(1)
     try:
         value = fn(*args)
-        results.put((rank, True, value))
+        results.put((rank, True, _to_bytes(value)))
     except BaseException:  # noqa: BLE001 - everything must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
         _teardown()
+
+
+def _to_bytes(value: Any) -> bytes:
+    # Serialized eagerly: torch's queue reducers would share tensor storage through file
+    # descriptors that vanish when this rank exits before the parent reads them.
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 def _teardown() -> None:
@@ -107,7 +124,7 @@ def run_distributed(
                 continue
             if not ok:
                 raise DistributedTestError(f"rank {rank} failed:\n{value}")
-            outputs[rank] = value
+            outputs[rank] = _from_bytes(value)
     finally:
         for p in procs:
             p.join(timeout=10 if len(outputs) == world_size else 0.5)

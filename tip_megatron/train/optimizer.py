@@ -1,0 +1,131 @@
+"""Megatron DDP, the (distributed) AdamW optimizer with grad clipping, and the cosine
+learning-rate schedule with warm-up.
+
+    ddp_chunks = wrap_ddp(chunks, groups, OptimConfig())
+    optimizer, scheduler = build_optimizer(ddp_chunks, groups, OptimConfig(), total_steps=100)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from tip_megatron import platform
+from tip_megatron.parallel import ParallelGroups
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + cosine schedule. Defaults follow the TIP paper's student runs (lr 1e-6)."""
+
+    lr: float = 1e-6
+    """Peak learning rate (after warm-up)."""
+    min_lr: float = 0.0
+    """Floor of the cosine decay."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to `lr` over this many optimizer steps."""
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global grad-norm clip (0 disables)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (megatron's distributed optimizer)."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and all-reduce grads in fp32 even when params are bf16."""
+    overlap_grad_reduce: bool = False
+    """Overlap the DP grad reduce-scatter with backward (GPU; off on CPU/gloo)."""
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr}: must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr}: must be in [0, optim.lr={self.lr}]")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.clip_grad < 0:
+            raise ValueError(f"optim.clip_grad={self.clip_grad}: must be >= 0 (0 disables)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name}={getattr(self, name)}: must be in [0, 1)")
+
+
+def _model_config(chunk: torch.nn.Module):
+    return getattr(chunk, "config", None) or chunk.module.config
+
+
+def wrap_ddp(chunks: Sequence[torch.nn.Module], groups: ParallelGroups, cfg: OptimConfig) -> list:
+    """Wrap each chunk in megatron's DistributedDataParallel (contiguous grad buffers)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    overlap = cfg.overlap_grad_reduce and platform.default_backend().is_cuda
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
+        overlap_grad_reduce=overlap,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    from megatron.core.distributed import finalize_model_grads
+
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(DistributedDataParallel(
+            config=_model_config(chunk), ddp_config=ddp_config, module=chunk,
+            # Megatron-LM disables bucketing for all but the first chunk (interleaved PP).
+            disable_bucketing=i > 0, pg_collection=groups.pg_collection,
+        ))
+    config = _model_config(chunks[0])
+    # The schedule calls this after the last backward with the token count of this DP
+    # rank; megatron all-reduces it over DP and divides the grads once (per-token loss).
+    config.finalize_model_grads_func = finalize_model_grads
+    if overlap:
+        syncs = [c.no_sync for c in wrapped]
+        config.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
+    return wrapped
+
+
+def build_optimizer(ddp_chunks: Sequence, groups: ParallelGroups, cfg: OptimConfig, total_steps: int):
+    """AdamW (megatron optimizer; distributed when configured) and its LR scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    cfg.validate()
+    config = _model_config(ddp_chunks[0])
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(
+        opt_config, list(ddp_chunks), pg_collection=groups.pg_collection,
+        # Explicit process groups and megatron's extra gloo groups are exclusive; the
+        # distributed optimizer state is saved through dist_checkpointing instead.
+        use_gloo_process_groups=False,
+    )
+    config.grad_scale_func = optimizer.scale_loss
+    decay_steps = max(total_steps, cfg.warmup_steps + 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if cfg.warmup_steps else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style="cosine",
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
