@@ -52,12 +52,17 @@ def _is_gated_fc1(name: str) -> bool:
     return name.endswith("mlp.linear_fc1.weight")
 
 
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron's DDP (or any `.module`) wrapper."""
+    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
+        chunk = chunk.module
+    return chunk
+
+
 def _named_params(chunks: Iterable[torch.nn.Module]):
-    for chunk in chunks:
+    for chunk in map(unwrap, chunks):
         offset = layer_offset(chunk)
         for name, param in chunk.named_parameters():
-            # DDP wraps the model as `.module`; names must not depend on the wrapper.
-            name = name[len("module."):] if name.startswith("module.") else name
             full = canonical_name(name, offset)
             if full == "output_layer.weight" and getattr(chunk, "share_embeddings_and_output_weights", False):
                 continue  # tied: the last stage's copy of the embedding
@@ -149,8 +154,7 @@ def _pad_rows(value: torch.Tensor, rows: int) -> torch.Tensor:
 def _sync_tied_output(chunks: list[torch.nn.Module], groups: ParallelGroups) -> None:
     """With tied embeddings and PP > 1 the last stage holds its own copy of the embedding
     (megatron keeps them equal by all-reducing grads over the embedding group): copy it."""
-    for chunk in chunks:
-        module = getattr(chunk, "module", chunk)
+    for module in map(unwrap, chunks):
         if not getattr(module, "share_embeddings_and_output_weights", False):
             continue
         if module.post_process and not module.pre_process:
