@@ -1,0 +1,90 @@
+"""Per-step selection metrics as sums and counts: add over micro-batches and DP ranks, then
+`finalize` divides once (a mean of micro-batch means would weight tokens unequally).
+
+Shapes: inputs `[tokens]`; sums are 0-dim float64 tensors keyed by `METRIC_SUM_KEYS`.
+
+    sums = sum_metric_sums([selection_metric_sums(s, kept, labels) for ...])
+    report = finalize(all_reduce_metric_sums(sums, dp_group))
+
+The loss of a token is its reverse KL if kept, else 0; `q*_loss_share` splits the step's
+loss sum by quadrant.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tip_megatron.tip.collectives import all_reduce_sum
+from tip_megatron.tip.quadrants import QUADRANTS
+from tip_megatron.tip.signals import TokenSignals
+
+_SIGNALS = (("entropy", "entropy_norm"), ("reverse_kl", "reverse_kl"), ("forward_kl", "forward_kl"))
+_Q = tuple(f"q{int(q)}" for q in QUADRANTS)
+METRIC_SUM_KEYS = (
+    ("num_response", "num_kept")
+    + tuple(f"num_{q}_{part}" for part in ("all", "kept") for q in _Q)
+    + tuple(f"sum_{name}_{part}" for name, _ in _SIGNALS for part in ("all", "kept"))
+    + tuple(f"loss_{q}" for q in _Q)
+)
+
+
+def selection_metric_sums(
+    signals: TokenSignals, kept_mask: torch.Tensor, labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Sums and counts of one micro-batch; `labels` from `quadrant_labels`. Nothing kept is fine."""
+    resp = signals.response_mask
+    if kept_mask.shape != resp.shape or kept_mask.dtype != torch.bool:
+        raise ValueError(f"kept_mask: must be a bool [tokens] tensor like response_mask, "
+                         f"got {kept_mask.dtype} {tuple(kept_mask.shape)}")
+    if bool((kept_mask & ~resp).any()):
+        raise ValueError("kept_mask keeps tokens outside the response (prompt or padding)")
+    sums: dict[str, torch.Tensor] = {
+        "num_response": resp.sum(), "num_kept": kept_mask.sum(),
+    }
+    for part, mask in (("all", resp), ("kept", kept_mask)):
+        for q, quadrant in zip(_Q, QUADRANTS):
+            sums[f"num_{q}_{part}"] = (mask & (labels == int(quadrant))).sum()
+        for name, attr in _SIGNALS:
+            values = getattr(signals, attr).double()
+            sums[f"sum_{name}_{part}"] = torch.where(mask, values, 0.0).sum()
+    rkl = signals.reverse_kl.double()
+    for q, quadrant in zip(_Q, QUADRANTS):
+        sums[f"loss_{q}"] = torch.where(kept_mask & (labels == int(quadrant)), rkl, 0.0).sum()
+    return {k: sums[k].double() for k in METRIC_SUM_KEYS}
+
+
+def sum_metric_sums(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Add the sums of several micro-batches (or steps)."""
+    if not parts:
+        raise ValueError("sum_metric_sums: needs at least one dict of sums")
+    return {k: torch.stack([p[k] for p in parts]).sum() for k in METRIC_SUM_KEYS}
+
+
+def all_reduce_metric_sums(
+    sums: dict[str, torch.Tensor], dp_group: Optional[dist.ProcessGroup]
+) -> dict[str, torch.Tensor]:
+    """Sum over the DP ranks of `dp_group` in one all-reduce (None: no DP)."""
+    total = all_reduce_sum(torch.stack([sums[k] for k in METRIC_SUM_KEYS]), dp_group)
+    return dict(zip(METRIC_SUM_KEYS, total.unbind()))
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+    """num / den as a float; NaN when den is 0 (the quantity is undefined, not zero)."""
+    return float(num / den) if float(den) != 0.0 else float("nan")
+
+
+def finalize(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Fractions and means from summed sums. Undefined ratios (0 / 0) are NaN."""
+    n_all, n_kept = sums["num_response"], sums["num_kept"]
+    out = {"num_response": float(n_all), "num_kept": float(n_kept),
+           "kept_fraction": _ratio(n_kept, n_all)}
+    for q in _Q:
+        out[f"{q}_fraction_all"] = _ratio(sums[f"num_{q}_all"], n_all)
+        out[f"{q}_fraction_kept"] = _ratio(sums[f"num_{q}_kept"], n_kept)
+        out[f"{q}_loss_share"] = _ratio(sums[f"loss_{q}"], sums["sum_reverse_kl_kept"])
+    for name, _ in _SIGNALS:
+        out[f"mean_{name}_all"] = _ratio(sums[f"sum_{name}_all"], n_all)
+        out[f"mean_{name}_kept"] = _ratio(sums[f"sum_{name}_kept"], n_kept)
+    return out

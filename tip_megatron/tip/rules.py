@@ -1,0 +1,252 @@
+"""TIP selection rules, registered by name, and `select`: signals in, kept mask out.
+
+Shapes: `[tokens]` for one micro-batch (sequences flattened in order).
+
+    config = SelectionConfig(rule="soft_or", rho=0.5)
+    kept_mask = select(config, signals, step=step)                  # rollout / microbatch
+    kept_masks = select_global(config, microbatches, dp_group, step=step)   # global scope
+
+A rule is a pure function `RuleInputs -> Ranking` (a key per token, which tokens are
+eligible, the fraction to keep and the counting unit); `select` keeps the top tokens.
+Counting: `soft_or` and `soft_or_bottom` keep floor(rho * m) per rollout (m = that
+rollout's response tokens); every other counted rule keeps floor(rho * m) per
+normalization group (a rollout, the micro-batch, or the global batch). Any non-empty
+count group keeps at least `min_keep` tokens. Nothing outside the response is ever kept.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tip_megatron.tip.quadrants import QUADRANTS, QuadrantRule, quadrant_labels
+from tip_megatron.tip.ranking import Ranking, keep_top, keep_top_global, rollout_uniforms
+from tip_megatron.tip.scores import (
+    NormStats, Scores, check_scope, compute_norm_stats, compute_scores, global_norm_stats,
+)
+from tip_megatron.tip.signals import TokenSignals
+
+RuleFn = Callable[["RuleInputs"], Ranking]
+RULES: dict[str, RuleFn] = {}
+
+
+def register_rule(name: str) -> Callable[[RuleFn], RuleFn]:
+    """Decorator: make `fn` selectable as `SelectionConfig(rule=name)`."""
+    def wrap(fn: RuleFn) -> RuleFn:
+        if name in RULES:
+            raise ValueError(f"selection rule {name!r} is already registered")
+        RULES[name] = fn
+        return fn
+    return wrap
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Which tokens the student learns from. Validated on construction."""
+
+    rule: str = "all"
+    """Registered rule name: all, random, entropy_sample, entropy_topk, soft_or,
+    soft_or_bottom, q3, div_topk, quadrants."""
+    rho: float = 1.0
+    """Retention ratio in (0, 1]; `all` requires 1.0, `quadrants` uses < 1.0 as a cap."""
+    seed: int = 0
+    """Seed of the sampled rules (random, entropy_sample), combined with step and rollout id."""
+    scope: str = "rollout"
+    """Normalization group of h^ and d^ (and counting group of the non-Soft-OR rules):
+    `rollout`, `microbatch` (one pass each) or `global` (needs a scoring pre-pass)."""
+    min_keep: int = 1
+    """A count group with m > 0 response tokens keeps at least min(min_keep, m)."""
+    quadrant_rule: QuadrantRule = field(default_factory=QuadrantRule)
+    """How quadrants are labeled (rule `quadrants` and the metrics)."""
+    keep_quadrants: tuple[int, ...] = (1, 3)
+    """Rule `quadrants`: the union of quadrants kept (1..4); ranked by Soft-OR s under a cap."""
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"selection.rule={self.rule!r}: registered rules are {sorted(RULES)}")
+        rho_ok = isinstance(self.rho, (int, float)) and not isinstance(self.rho, bool)
+        if not rho_ok or not math.isfinite(self.rho) or not 0.0 < self.rho <= 1.0:
+            raise ValueError(f"selection.rho={self.rho!r}: must be in (0, 1]")
+        if self.rule == "all" and self.rho != 1.0:
+            raise ValueError(f"selection.rho={self.rho!r}: rule 'all' keeps every token; "
+                             "use rho=1.0")
+        try:
+            check_scope(self.scope)
+        except ValueError as err:
+            raise ValueError(f"selection.{err}") from None
+        if not _is_int(self.seed):
+            raise ValueError(f"selection.seed={self.seed!r}: must be an integer")
+        if not _is_int(self.min_keep) or self.min_keep < 0:
+            raise ValueError(f"selection.min_keep={self.min_keep!r}: must be an integer >= 0")
+        if not self.keep_quadrants or not set(self.keep_quadrants) <= {int(q) for q in QUADRANTS}:
+            raise ValueError(f"selection.keep_quadrants={self.keep_quadrants!r}: "
+                             "a non-empty subset of {1, 2, 3, 4}")
+        if not isinstance(self.quadrant_rule, QuadrantRule):
+            raise ValueError("selection.quadrant_rule: must be a QuadrantRule")
+
+
+@dataclass(frozen=True)
+class RuleInputs:
+    """What a rule may read; the derived quantities are computed on demand."""
+
+    signals: TokenSignals
+    config: SelectionConfig
+    step: int
+    norm_stats: Optional[NormStats]
+
+    def stats(self) -> NormStats:
+        if self.norm_stats is not None:
+            return self.norm_stats
+        if self.config.scope == "global":
+            raise ValueError("selection.scope='global' needs norm_stats from global_norm_stats "
+                             "(a scoring pre-pass over the global batch), or use select_global")
+        return compute_norm_stats(self.signals, self.config.scope,
+                                  split_quantiles=self.config.quadrant_rule.split_quantiles)
+
+    def scores(self) -> Scores:
+        return compute_scores(self.signals, self.stats())
+
+    def labels(self) -> torch.Tensor:
+        rule = self.config.quadrant_rule
+        stats = self.stats() if rule.split_quantiles is not None else None
+        return quadrant_labels(self.signals, rule, stats)
+
+    def uniforms(self) -> torch.Tensor:
+        return rollout_uniforms(self.signals, self.config.seed, self.step)
+
+    def ranking(self, key: torch.Tensor, per_rollout: bool = False, **kwargs) -> Ranking:
+        """A Ranking over the response tokens with fraction rho (the common case)."""
+        kwargs.setdefault("eligible", self.signals.response_mask)
+        kwargs.setdefault("fraction", self.config.rho)
+        return Ranking(key=key, per_rollout=per_rollout, **kwargs)
+
+
+@register_rule("all")
+def rule_all(x: RuleInputs) -> Ranking:
+    """Every response token (the full-token OPD baseline)."""
+    return x.ranking(torch.zeros(x.signals.num_tokens, dtype=torch.float64), fraction=1.0)
+
+
+@register_rule("random")
+def rule_random(x: RuleInputs) -> Ranking:
+    """Uniform sample without replacement (the baseline the paper lacks)."""
+    return x.ranking(x.uniforms())
+
+
+@register_rule("entropy_sample")
+def rule_entropy_sample(x: RuleInputs) -> Ranking:
+    """Sample without replacement, p proportional to h (Efraimidis-Spirakis keys log(u)/h).
+
+    Keeping the top-k of u^(1/h) is exactly successive sampling proportional to h. Tokens
+    with h = 0 have key -inf and are drawn last, uniformly (by the u tie-break).
+    """
+    u, h = x.uniforms(), x.signals.entropy_norm.double().clamp_min(0.0)
+    key = torch.where(h > 0, torch.log(u) / torch.where(h > 0, h, 1.0), float("-inf"))
+    return x.ranking(key, secondary=u)
+
+
+@register_rule("entropy_topk")
+def rule_entropy_topk(x: RuleInputs) -> Ranking:
+    """Highest h (raw, not clipped: clipping would tie the top 2%)."""
+    return x.ranking(x.signals.entropy_norm.double())
+
+
+@register_rule("soft_or")
+def rule_soft_or(x: RuleInputs) -> Ranking:
+    """Type-aware TIP: highest s = h^ + d^ - h^ d^, floor(rho * m) per rollout."""
+    return x.ranking(x.scores().soft_or, per_rollout=True)
+
+
+@register_rule("soft_or_bottom")
+def rule_soft_or_bottom(x: RuleInputs) -> Ranking:
+    """Sanity check: lowest s, floor(rho * m) per rollout."""
+    return x.ranking(-x.scores().soft_or, per_rollout=True)
+
+
+@register_rule("q3")
+def rule_q3(x: RuleInputs) -> Ranking:
+    """Overconfident tokens: highest w = d_fwd (1 - h^)."""
+    return x.ranking(x.scores().q3)
+
+
+@register_rule("div_topk")
+def rule_div_topk(x: RuleInputs) -> Ranking:
+    """Highest reverse KL d."""
+    return x.ranking(x.signals.reverse_kl.double())
+
+
+@register_rule("quadrants")
+def rule_quadrants(x: RuleInputs) -> Ranking:
+    """The union of `keep_quadrants`; with rho < 1, at most floor(rho * m) by highest s."""
+    union = torch.tensor(x.config.keep_quadrants, device=x.signals.device)
+    eligible = torch.isin(x.labels(), union) & x.signals.response_mask
+    if x.config.rho >= 1.0:  # uncapped: the key is never read, skip the scores
+        return x.ranking(torch.zeros_like(x.signals.entropy_norm.double()), eligible=eligible)
+    return x.ranking(x.scores().soft_or, eligible=eligible)
+
+
+def _rollout_groups(signals: TokenSignals) -> torch.Tensor:
+    return torch.unique(signals.rollout_ids, return_inverse=True)[1]
+
+
+def _check_stats(config: SelectionConfig, norm_stats: Optional[NormStats]) -> None:
+    if norm_stats is not None and norm_stats.scope != config.scope:
+        raise ValueError(f"norm_stats have scope {norm_stats.scope!r}, "
+                         f"selection.scope is {config.scope!r}")
+
+
+def select(
+    config: SelectionConfig, signals: TokenSignals, *, step: int = 0,
+    norm_stats: Optional[NormStats] = None,
+) -> torch.Tensor:
+    """`[tokens]` bool kept mask of one micro-batch. Pure: inputs are not modified.
+
+    Scopes `rollout` and `microbatch` compute their statistics here when `norm_stats` is
+    None. Scope `global` takes `norm_stats` from `global_norm_stats` and supports rules
+    counted per rollout (soft_or, soft_or_bottom) or not counted (all, uncapped
+    quadrants); the others count over the global batch: use `select_global`.
+    """
+    _check_stats(config, norm_stats)
+    ranking = RULES[config.rule](RuleInputs(signals, config, step, norm_stats))
+    if ranking.fraction >= 1.0:
+        return ranking.eligible & signals.response_mask
+    if ranking.per_rollout or config.scope == "rollout":
+        group = _rollout_groups(signals)
+    elif config.scope == "microbatch":
+        group = torch.zeros(signals.num_tokens, dtype=torch.int64, device=signals.device)
+    else:
+        raise ValueError(f"rule {config.rule!r} with scope 'global' counts over the global "
+                         "batch: use select_global")
+    return keep_top(ranking, signals, group, config.min_keep)
+
+
+def select_global(
+    config: SelectionConfig, parts: Sequence[TokenSignals],
+    dp_group: Optional[dist.ProcessGroup], *, step: int = 0,
+) -> list[torch.Tensor]:
+    """Kept masks of this rank's micro-batches `parts` under scope `global`.
+
+    Run in the scoring pre-pass, on every DP rank of `dp_group` (None: no DP), with the
+    signals of all of this rank's micro-batches of the step, and the same `step` on every
+    rank. Collectives: those of `global_norm_stats`, plus, for rules counted over the
+    group, an all-gather of the eligible tokens' keys. Same masks as one process selecting
+    over the concatenation.
+    """
+    if config.scope != "global":
+        raise ValueError(f"select_global needs selection.scope='global', got {config.scope!r}")
+    split_quantiles = config.quadrant_rule.split_quantiles
+    stats = global_norm_stats(parts, dp_group, split_quantiles=split_quantiles)
+    rankings = [RULES[config.rule](RuleInputs(p, config, step, stats)) for p in parts]
+    if rankings[0].fraction >= 1.0:
+        return [r.eligible & p.response_mask for r, p in zip(rankings, parts)]
+    if rankings[0].per_rollout:
+        return [keep_top(r, p, _rollout_groups(p), config.min_keep)
+                for r, p in zip(rankings, parts)]
+    return keep_top_global(rankings, parts, dp_group, config.min_keep)
