@@ -36,8 +36,8 @@ setup(
         "megatron-core==0.19.2; python_version >= '3.12'",
     ],
     extras_require={
-        "hf": ["transformers>=4.51", "tokenizers", "sentencepiece"],
-        "test": ["pytest>=8", "transformers>=4.51", "tokenizers", "sentencepiece", "scipy"],
+        "hf": ["transformers>=4.51", "tokenizers", "sentencepiece", "pyarrow"],
+        "test": ["pytest>=8", "transformers>=4.51", "tokenizers", "sentencepiece", "pyarrow", "scipy"],
         "wandb": ["wandb"],
         "te": ["transformer-engine[pytorch]"],
     },
