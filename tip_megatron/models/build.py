@@ -49,6 +49,9 @@ class BuildOptions:
     """FP8 recipe for TE layers ("hybrid" / "e4m3"); needs the TE spec on a GPU."""
     recompute_granularity: Optional[str] = None
     """Megatron activation recompute: None, "selective" or "full"."""
+    init_weights: bool = True
+    """Run megatron's random initialization. False when the weights are loaded right after
+    (checkpoint, HF conversion): saves the init time of a large model."""
 
 
 def resolve_spec(spec: str) -> str:
@@ -96,6 +99,7 @@ def transformer_config(arch: ModelArch, groups: ParallelGroups, options: BuildOp
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
+        perform_initialization=options.init_weights,
         # Fusions that need apex/TE kernels are off on the CPU path.
         gradient_accumulation_fusion=False,
         bias_activation_fusion=on_gpu,

@@ -1,0 +1,59 @@
+"""`tip-megatron` command line: one subcommand per module.
+
+    tip-megatron demo | quickstart | train | generate | convert ...
+
+Each subcommand lives beside the code it drives and exposes `register(subparsers)`, which
+adds its parser and sets `func` to a callable taking the parsed args and returning an exit
+code. Modules are imported lazily so `tip-megatron --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+#: subcommand module paths, in help order.
+SUBCOMMAND_MODULES = (
+    "tip_megatron.demo",
+    "tip_megatron.quickstart",
+    "tip_megatron.train.cli",
+    "tip_megatron.rollout.cli",
+    "tip_megatron.convert.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tip-megatron",
+        description="On-policy distillation with TIP token selection on megatron-core.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="python logging level (default INFO)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a real missing dependency inside the module
+                raise
+            continue  # subcommand not built yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
