@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from tip_megatron.platform import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

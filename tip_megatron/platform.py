@@ -87,6 +87,23 @@ def current_device() -> torch.device:
     return torch.device("cpu")
 
 
+def quiet_third_party_warnings() -> None:
+    """Silence known-harmless warnings in command-line runs (not on import of the library).
+
+    megatron-core warns once per module that TE/apex are absent (we probe them ourselves,
+    see `optional_deps`), that GPTModel is deprecated (see docs/design_notes.md), and
+    calls torch.distributed APIs torch marks as deprecated.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
+    # "full_param_layout not provided": DDP computes the layout itself, as intended here.
+    logging.getLogger("megatron.core.distributed.distributed_data_parallel").setLevel(logging.ERROR)
+
+
 # ----------------------------------------------------------------------------------------
 # Optional dependencies: probed once
 # ----------------------------------------------------------------------------------------
