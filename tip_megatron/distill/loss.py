@@ -1,0 +1,160 @@
+"""The TIP loss path at the student's output layer (last pipeline stage).
+
+Shapes: hidden [s, b, h] (megatron layout) -> flattened [b*s, h] (batch-major, matching
+the [b, s] masks); k = kept tokens; V/tp = this rank's vocabulary shard.
+
+Per micro-batch, inside `GPTModel.forward(..., output_processor=...)`:
+  a. score (no grad, chunked): student and teacher logit shards of the response positions
+     -> entropy, reverse KL, forward KL through vocab-parallel all-reduces; only [tokens]
+     statistics survive;
+  b. select: a TIP rule turns them into a kept mask (or takes the mask precomputed by the
+     global-scope pre-pass);
+  c. drop, then learn: only the kept positions' hidden states go through the output layer
+     with grad, fused with the reverse KL (or unfused, for comparison), teacher logits
+     recomputed from the cached teacher hidden states of the kept tokens.
+The loss function returns megatron's (loss_sum, num_kept, report); megatron divides the
+gradients once by the global kept count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from tip_megatron.ops import fused_linear_reverse_kl, unfused_linear_reverse_kl, vocab_parallel_stats
+from tip_megatron.tip import (
+    SelectionConfig, TokenSignals, quadrant_labels, select, selection_metric_sums,
+)
+
+LOSS_IMPLS = ("fused", "unfused")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """How the kept tokens' loss is computed (not which tokens: that is SelectionConfig)."""
+
+    impl: str = "fused"
+    """`fused`: chunked output layer + reverse KL with the gradient computed in the forward
+    (nothing [k, V/tp] kept for backward); `unfused`: ordinary autograd on the kept tokens."""
+    chunk_size: int = 1024
+    """Tokens per chunk in scoring and in the fused loss."""
+
+    def __post_init__(self) -> None:
+        if self.impl not in LOSS_IMPLS:
+            raise ValueError(f"loss.impl={self.impl!r}: accepted values are {list(LOSS_IMPLS)}")
+        if self.chunk_size < 1:
+            raise ValueError(f"loss.chunk_size={self.chunk_size}: must be >= 1")
+
+
+@dataclass
+class MicrobatchContext:
+    """What the output processor needs for one micro-batch, and what it leaves behind."""
+
+    teacher_hidden: torch.Tensor
+    """[s, b, h_t] teacher final hidden states (after its final norm), no grad."""
+    teacher_weight: torch.Tensor
+    """[V/tp, h_t] teacher output-weight shard (same padded vocab as the student)."""
+    target_mask: torch.Tensor
+    """[b, s] bool: position t is in the loss (its next token is a response token)."""
+    rollout_ids: torch.Tensor
+    """[b] int64 global rollout ids."""
+    kept_mask: Optional[torch.Tensor] = None
+    """[b*s] bool precomputed kept mask (global scope); None: select here."""
+    signals: Optional[TokenSignals] = None
+    """Filled by the output processor: the micro-batch's signals over [b*s] tokens."""
+    metric_sums: dict = field(default_factory=dict)
+    """Filled by the output processor: selection metric sums (see tip.metrics)."""
+    num_kept: int = 0
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """Everything constant across micro-batches of a step."""
+
+    selection: SelectionConfig
+    loss: LossConfig
+    vocab_size: int
+    tp_group: Any
+    step: int = 0
+
+
+def _flat(hidden: torch.Tensor) -> torch.Tensor:
+    """[s, b, h] -> [b*s, h], batch-major like the [b, s] masks."""
+    return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
+
+
+@torch.no_grad()
+def score_tokens(hidden_flat, weight, teacher_flat, teacher_weight, positions, spec: DistillSpec):
+    """(entropy_norm, reverse_kl, forward_kl) [n] for the rows `positions` (chunked)."""
+    parts = []
+    for start in range(0, positions.numel(), spec.loss.chunk_size):
+        idx = positions[start:start + spec.loss.chunk_size]
+        stats = vocab_parallel_stats(
+            hidden_flat[idx] @ weight.t(), teacher_flat[idx] @ teacher_weight.t(),
+            tp_group=spec.tp_group, vocab_size=spec.vocab_size,
+        )
+        parts.append(torch.stack([stats.student_entropy_norm, stats.reverse_kl, stats.forward_kl]))
+    if not parts:
+        return (hidden_flat.new_zeros(0, dtype=torch.float32),) * 3
+    return tuple(torch.cat(parts, dim=1).float())
+
+
+def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec) -> TokenSignals:
+    """Signals over all [b*s] positions; statistics are computed for target positions only."""
+    target = ctx.target_mask.reshape(-1).to(hidden_flat.device)
+    positions = target.nonzero().squeeze(1)
+    teacher_flat = _flat(ctx.teacher_hidden)
+    ent, rkl, fkl = score_tokens(hidden_flat, weight, teacher_flat, ctx.teacher_weight, positions, spec)
+    full = [torch.zeros(target.numel(), dtype=torch.float32, device=target.device) for _ in range(3)]
+    for dest, src in zip(full, (ent, rkl, fkl)):
+        dest[positions] = src.clamp_min(0.0)  # KL and entropy >= 0; clamp fp32 rounding
+    seq = ctx.target_mask.shape[1]
+    rollout = ctx.rollout_ids.to(target.device).repeat_interleave(seq)
+    return TokenSignals(entropy_norm=full[0].clamp_max(1.0), reverse_kl=full[1], forward_kl=full[2],
+                        response_mask=target, rollout_ids=rollout)
+
+
+def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec):
+    """Sum of the reverse KL over kept positions, with grad to hidden and weight."""
+    idx = kept.nonzero().squeeze(1)
+    teacher_kept = _flat(ctx.teacher_hidden).index_select(0, idx)
+    fn = fused_linear_reverse_kl if spec.loss.impl == "fused" else unfused_linear_reverse_kl
+    kwargs = {"chunk_size": spec.loss.chunk_size} if spec.loss.impl == "fused" else {}
+    loss_sum, _ = fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
+                     tp_group=spec.tp_group, vocab_size=spec.vocab_size, **kwargs)
+    return loss_sum
+
+
+def make_output_processor(spec: DistillSpec):
+    """The `output_processor` for GPTModel.forward: returns the micro-batch loss sum."""
+
+    def output_processor(*, hidden_states, output_layer, output_weight, context, **_: Any):
+        ctx: MicrobatchContext = context
+        if getattr(output_layer, "sequence_parallel", False):
+            raise NotImplementedError(
+                "the TIP loss path does not support sequence parallelism yet; set "
+                "parallel.sequence_parallel=false"
+            )
+        weight = output_weight if output_weight is not None else output_layer.weight
+        hidden_flat = _flat(hidden_states)
+        signals = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
+        kept = ctx.kept_mask
+        if kept is None:
+            kept = select(spec.selection, signals, step=spec.step)
+        labels = quadrant_labels(signals, spec.selection.quadrant_rule)
+        ctx.signals = signals
+        ctx.metric_sums = selection_metric_sums(signals, kept, labels)
+        ctx.num_kept = int(kept.sum())
+        return kept_loss(hidden_flat, weight, ctx, kept, spec)
+
+    return output_processor
+
+
+def loss_func(ctx: MicrobatchContext, loss_sum: torch.Tensor):
+    """megatron's loss contract: (loss_sum, num_tokens, report)."""
+    num_kept = torch.tensor(ctx.num_kept, dtype=torch.int, device=loss_sum.device)
+    report = {"distill": torch.stack([loss_sum.detach().clone().double(),
+                                      torch.tensor(float(ctx.num_kept), dtype=torch.float64)])}
+    report.update({f"tip/{k}": v.detach() for k, v in ctx.metric_sums.items()})
+    return loss_sum, num_kept, report

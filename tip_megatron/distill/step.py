@@ -1,0 +1,113 @@
+"""One distillation step through megatron's pipeline schedules: the teacher's forward-only
+pass (final hidden states kept on the last stage), then the student's pass with the TIP
+loss at the output layer.
+
+Shapes: a micro-batch holds input_ids / position_ids / target_mask [b, s] and rollout_ids
+[b]; teacher hidden states are [s, b, h_t] (megatron layout), one per micro-batch, on the
+last pipeline stage only (nothing on the host, no logits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import torch
+
+from tip_megatron import pipeline
+from tip_megatron.distill.loss import DistillSpec, MicrobatchContext, loss_func, make_output_processor
+from tip_megatron.models.state import unwrap
+from tip_megatron.parallel import ParallelGroups
+
+
+@dataclass
+class Microbatch:
+    input_ids: torch.Tensor
+    """[b, s] token ids (prompt + response, right-padded)."""
+    position_ids: torch.Tensor
+    """[b, s]."""
+    target_mask: torch.Tensor
+    """[b, s] bool: the token at t+1 is a response token (position t is in the loss)."""
+    rollout_ids: torch.Tensor
+    """[b] int64 global rollout ids."""
+
+
+def _hidden_only(*, hidden_states, **_):
+    return hidden_states
+
+
+def _stash(store: list, hidden: torch.Tensor):
+    store.append(hidden.detach())
+    zero = hidden.new_zeros(())
+    return zero, torch.zeros((), dtype=torch.int), {}
+
+
+def _teacher_step(store: list, data_iterator, model):
+    mb: Microbatch = next(data_iterator)
+    out = model(mb.input_ids, mb.position_ids, None, output_processor=_hidden_only)
+    return out, partial(_stash, store)
+
+
+@torch.no_grad()
+def teacher_hidden_states(
+    teacher_chunks: Sequence[torch.nn.Module], groups: ParallelGroups,
+    microbatches: Sequence[Microbatch], *, seq_length: int, micro_batch_size: int,
+) -> list[torch.Tensor]:
+    """Forward-only teacher pass; returns [s, b, h_t] per micro-batch on the last stage
+    (an empty list on other stages)."""
+    store: list[torch.Tensor] = []
+    pipeline.forward_backward(
+        partial(_teacher_step, store), teacher_chunks, list(microbatches), groups,
+        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True,
+    )
+    return store
+
+
+def teacher_output_weight(teacher_chunks: Sequence[torch.nn.Module]) -> torch.Tensor:
+    """[V/tp, h_t] output-weight shard of the teacher's last chunk (tied or not)."""
+    last = unwrap(teacher_chunks[-1])
+    if not last.post_process:
+        raise ValueError("teacher_output_weight: this rank holds no teacher output layer")
+    if last.share_embeddings_and_output_weights:
+        return last.shared_embedding_or_output_weight().detach()
+    return last.output_layer.weight.detach()
+
+
+def _student_step(processor, data_iterator, model):
+    mb: Microbatch
+    mb, ctx = next(data_iterator)
+    out = model(mb.input_ids, mb.position_ids, None, output_processor=processor,
+                output_processor_context=ctx)
+    return out, partial(loss_func, ctx)
+
+
+def student_pass(
+    student_chunks: Sequence[torch.nn.Module], groups: ParallelGroups,
+    microbatches: Sequence[Microbatch], contexts: Sequence[MicrobatchContext | None],
+    spec: DistillSpec, *, seq_length: int, micro_batch_size: int, forward_only: bool = False,
+) -> list[dict]:
+    """Student forward/backward with the TIP loss; returns the last stage's reports."""
+    processor = make_output_processor(spec)
+    return pipeline.forward_backward(
+        partial(_student_step, processor), student_chunks, list(zip(microbatches, contexts)),
+        groups, seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def make_contexts(
+    groups: ParallelGroups, microbatches: Sequence[Microbatch], teacher_hidden: Sequence[torch.Tensor],
+    teacher_weight: torch.Tensor | None, kept_masks: Sequence[torch.Tensor] | None = None,
+) -> list[MicrobatchContext | None]:
+    """Per-micro-batch contexts on the last stage (None elsewhere)."""
+    if not groups.is_last_stage:
+        return [None] * len(microbatches)
+    if len(teacher_hidden) != len(microbatches):
+        raise ValueError(f"{len(teacher_hidden)} teacher hidden states for {len(microbatches)} micro-batches")
+    return [
+        MicrobatchContext(
+            teacher_hidden=th, teacher_weight=teacher_weight, target_mask=mb.target_mask.bool(),
+            rollout_ids=mb.rollout_ids, kept_mask=None if kept_masks is None else kept_masks[i],
+        )
+        for i, (mb, th) in enumerate(zip(microbatches, teacher_hidden))
+    ]
