@@ -185,12 +185,17 @@ MEGATRON_CUDA_ASSUMPTIONS = {
     "device_cuda_literal": 'device="cuda" in schedules (total_num_tokens), '
     "transformer/utils causal mask, optimizer, clip_grads, grad_scaler, "
     "tensor_parallel/data, rerun_state_machine -> cpu",
-    "streams": "torch.cuda.Stream / stream() / current_stream() / synchronize() in DDP "
-    "and p2p -> no-ops",
+    "streams": "torch.cuda.Stream / stream() / current_stream() / synchronize() in DDP, "
+    "p2p and the dist_checkpointing savers -> no-ops",
     "tensor_cuda_method": "Tensor.cuda() on the tied output weight "
-    "(LanguageModule.setup_embeddings_and_output_layer) and in gloo paths -> stays on CPU",
+    "(LanguageModule.setup_embeddings_and_output_layer) and when gathering the distributed "
+    "optimizer state for a checkpoint (get_parameter_state_dp_zero) -> stays on CPU",
     "type_strings": "Tensor.type() == 'torch.cuda.FloatTensor' checks in clip_grads and "
     "the (distributed) optimizers -> CUDA type names reported for CPU tensors",
+    "torch_adam_step": "without apex/TE the distributed optimizer wraps torch Adam, whose "
+    "state holds a 'step' tensor that DistributedOptimizer._set_main_param_and_optimizer_"
+    "states expects in the loaded checkpoint tensors (load_parameter_state_from_fully_"
+    "reshardable drops it) -> 'step' is skipped there (it is restored from param_groups)",
 }
 
 _APPLIED = False
@@ -373,6 +378,7 @@ _TENSOR_METHOD_SITES = (
     ("megatron.core.optimizer.distrib_optimizer",
      "DistributedOptimizer._build_model_and_main_param_groups"),
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"),
     ("megatron.core.tensor_parallel.data", "broadcast_data"),
 )
 
@@ -398,6 +404,13 @@ _MEGATRON_MODULES = (
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.rerun_state_machine",
     "megatron.core.dist_checkpointing",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.torch",
     "megatron.core.utils",
 )
 
@@ -433,6 +446,22 @@ def _redirect_rng_tracker() -> None:
     _rebind_everywhere(random._set_cuda_rng_state, set_state)
 
 
+def _redirect_torch_adam_step() -> None:
+    distrib = sys.modules["megatron.core.optimizer.distrib_optimizer"]
+    cls = distrib.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, "_tip_cpu_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(self: Any, model_param: Any, tensors: dict) -> Any:
+        # A non-tensor entry is skipped by megatron's copy loop; step is set elsewhere.
+        return original(self, model_param, {"step": None, **tensors})
+
+    wrapper._tip_cpu_wrapped = True  # type: ignore[attr-defined]
+    cls._set_main_param_and_optimizer_states = wrapper
+
+
 def _swap_torch_globals() -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
@@ -454,6 +483,7 @@ def apply_cpu_compat() -> bool:
     _swap_torch_globals()
     if not _APPLIED:
         _redirect_rng_tracker()
+        _redirect_torch_adam_step()
         for module_name, qualname in _TENSOR_METHOD_SITES:
             owner, attr = _resolve(sys.modules[module_name], qualname)
             raw = inspect.getattr_static(owner, attr)

@@ -1,0 +1,333 @@
+"""One typed configuration tree for a distillation run: YAML file + `key=value` overrides.
+
+    cfg = load_config("run.yaml", ["parallel.tp=2", "selection.rule=soft_or"])
+
+Every default lives in the dataclasses below (one docstring per field); unknown keys,
+wrong types and bad values are `ValueError`s naming the dotted key and what is accepted.
+The effective config is printed at start and saved with every checkpoint
+(`config_to_dict` / `dump_config`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import yaml
+
+from tip_megatron.distill.loss import LossConfig
+from tip_megatron.tip import QuadrantRule, SelectionConfig
+from tip_megatron.train.optimizer import OptimConfig
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from (exactly one of the three)."""
+
+    ckpt: Optional[str] = None
+    """A tip_megatron model checkpoint directory (e.g. from `tip-megatron convert hf-to-mcore`)."""
+    hf: Optional[str] = None
+    """An HF model directory (config.json + safetensors), converted in memory at start."""
+    builtin: Optional[str] = None
+    """An embedded model: `quickstart-teacher` or `quickstart-student` (pre-trained on the
+    synthetic addition task by the engine itself and cached)."""
+
+    def validate(self, name: str) -> None:
+        given = [k for k in ("ckpt", "hf", "builtin") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"{name}: set exactly one of {name}.ckpt, {name}.hf, {name}.builtin "
+                             f"(got {given or 'none'})")
+        path = self.ckpt or self.hf
+        if path and not Path(path).exists():
+            raise ValueError(f"{name}.{given[0]}={path!r}: no such file or directory")
+        if self.builtin and self.builtin not in BUILTIN_MODELS:
+            raise ValueError(f"{name}.builtin={self.builtin!r}: accepted: {list(BUILTIN_MODELS)}")
+
+
+BUILTIN_MODELS = ("quickstart-teacher", "quickstart-student")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How models are built (both student and teacher)."""
+
+    spec: str = "auto"
+    """Layer implementation: auto (TE on GPU when importable, else local), local, te."""
+    fp8: Optional[str] = None
+    """FP8 recipe for TE layers (hybrid, e4m3); GPU with TE only."""
+    recompute_granularity: Optional[str] = None
+    """Activation recompute: null, selective, full."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (student and teacher share the grid)."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per rank (interleaved schedule), or null."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (GPU only; not yet supported by the TIP loss path)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prompts: tuple[str, ...] = ()
+    """Prompt files (JSONL or parquet); empty with builtin models = the synthetic task."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory or SentencePiece .model; null = the student checkpoint's own."""
+    prompt_field: str = "prompt"
+    messages_field: str = "messages"
+    answer_field: str = "answer"
+    apply_chat_template: bool = False
+    """Render plain prompts through the tokenizer's chat template too."""
+    max_prompt_len: int = 2048
+    """Longer prompts are handled by `overlong` (the paper: prompts up to 2048)."""
+    overlong: str = "truncate_left"
+    """truncate_left | skip (counted and reported either way)."""
+    prompts_per_step: int = 8
+    """Global prompts per step (divided over data-parallel ranks)."""
+    seed: int = 1234
+    """Shuffle seed."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    n: int = 1
+    """Samples per prompt (the paper: 16)."""
+    max_new_tokens: int = 256
+    """Response length limit (the paper: 8192)."""
+    temperature: float = 1.0
+    """Sampling temperature (the paper: 1.0)."""
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    """Rollout batches (each followed by `updates_per_rollout` optimizer steps)."""
+    updates_per_rollout: int = 1
+    """Optimizer steps per rollout batch (the rollout batch is split into this many
+    consecutive mini-batches; 1 = strictly on-policy)."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch."""
+    seed: int = 1234
+    """Model init, sampling and selection seed."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Where checkpoints go (`step_000010/` ...); null disables saving."""
+    save_every: int = 0
+    """Save every N steps (0: only at the end, when dir is set)."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints (0: keep all)."""
+    resume: str = "auto"
+    """auto (newest in dir if any), none, or a checkpoint path."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_every: int = 1
+    jsonl: Optional[str] = None
+    """Metrics file (one JSON object per step); null = <checkpoint.dir>/metrics.jsonl or none."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline unless WANDB_API_KEY is set; needs the wandb extra)."""
+    wandb_project: str = "tip_megatron"
+    run_name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run."""
+
+    student: ModelSource = field(default_factory=ModelSource)
+    teacher: ModelSource = field(default_factory=ModelSource)
+    shared_vocab_size: Optional[int] = None
+    """Teacher and student TRUE vocabularies must match; name the shared prefix size here to
+    distill between models whose embedding tables differ (e.g. 152064 vs 151936)."""
+    model: ModelOptions = field(default_factory=ModelOptions)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ------------------------------------------------------------------ dict <-> dataclasses
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
+                             f"got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        (elem,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(v, elem, key) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-5` (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r}: expected float") from None
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ValueError(f"{key}={value!r}: expected {tp.__name__}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys are errors naming the key."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}{unknown[0]!s}; accepted under "
+                         f"'{prefix.rstrip('.') or '<root>'}': {sorted(names)}")
+    hints = _hints(cls)
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def config_to_dict(cfg) -> dict:
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def config_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the tree (frozen by a test so new options are deliberate)."""
+    keys = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            keys += config_keys(tp, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+# ------------------------------------------------------------------ YAML + overrides
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """`["a.b=1", "c=[x, y]"]` -> nested dict; values parsed as YAML scalars/lists."""
+    data: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value (e.g. parallel.tp=2)")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return data
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML file (optional) and apply key=value overrides."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {path!r} not found")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path!r}: top level must be a mapping")
+    data = _merge(data, parse_overrides(overrides))
+    return from_dict(RunConfig, data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def validate_run(cfg: RunConfig, world_size: int) -> None:
+    """Checks that need the whole tree (each dataclass validates its own fields)."""
+    from tip_megatron.parallel import ParallelLayout
+
+    cfg.student.validate("student")
+    cfg.teacher.validate("teacher")
+    cfg.optim.validate()
+    layout = ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel)
+    layout.validate(world_size)
+    dp = layout.dp(world_size)
+    rows = cfg.data.prompts_per_step * cfg.rollout.n
+    per_update = rows // max(cfg.train.updates_per_rollout, 1)
+    if cfg.data.prompts_per_step % dp != 0:
+        raise ValueError(f"data.prompts_per_step={cfg.data.prompts_per_step} is not divisible by "
+                         f"the data-parallel size {dp}")
+    if rows % (dp * cfg.train.updates_per_rollout * cfg.train.micro_batch_size) != 0:
+        raise ValueError(
+            f"global batch of {rows} rollouts (prompts_per_step x rollout.n) is not divisible by "
+            f"dp x updates_per_rollout x micro_batch_size = {dp} x {cfg.train.updates_per_rollout} "
+            f"x {cfg.train.micro_batch_size}"
+        )
+    if per_update < 1:
+        raise ValueError("train.updates_per_rollout exceeds the rollouts per step")
+    for name in ("steps", "updates_per_rollout", "micro_batch_size"):
+        if getattr(cfg.train, name) < 1:
+            raise ValueError(f"train.{name}={getattr(cfg.train, name)}: must be >= 1")
+    if cfg.rollout.n < 1 or cfg.rollout.max_new_tokens < 1:
+        raise ValueError("rollout.n and rollout.max_new_tokens must be >= 1")
+    if cfg.parallel.sequence_parallel:
+        raise ValueError("parallel.sequence_parallel=true: not yet supported by the TIP loss path")
+
+
+__all__ = [
+    "BUILTIN_MODELS", "CheckpointConfig", "DataConfig", "LoggingConfig", "LossConfig",
+    "ModelOptions", "ModelSource", "OptimConfig", "ParallelConfig", "QuadrantRule",
+    "RolloutConfig", "RunConfig", "SelectionConfig", "TrainConfig", "config_keys",
+    "config_to_dict", "dump_config", "from_dict", "load_config", "parse_overrides", "validate_run",
+]
