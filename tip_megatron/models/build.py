@@ -129,7 +129,7 @@ def layer_spec(arch: ModelArch, spec: str):
     return get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
 
 
-def _check_rope_scaling(arch: ModelArch) -> None:
+def check_rope_scaling(arch: ModelArch) -> None:
     rs = arch.rope_scaling
     if rs is None:
         return
@@ -161,7 +161,7 @@ def build_model(
 
     layout = groups.layout
     arch.validate_parallel(layout.tp, layout.pp, layout.vpp)
-    _check_rope_scaling(arch)
+    check_rope_scaling(arch)
     platform.apply_cpu_compat()
     spec = resolve_spec(options.spec)
     config = transformer_config(arch, groups, options)

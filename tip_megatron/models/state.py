@@ -23,7 +23,7 @@ from tip_megatron.models.arch import ModelArch
 from tip_megatron.parallel import ParallelGroups
 
 #: Transformer Engine fuses the norms into the following linear: TE name -> local name.
-_TE_TO_LOCAL = {
+TE_TO_LOCAL = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
@@ -36,7 +36,7 @@ def canonical_name(name: str, layer_offset: int) -> str:
     m = _LAYER_RE.match(name)
     if not m:
         return name
-    rest = _TE_TO_LOCAL.get(m.group(2), m.group(2))
+    rest = TE_TO_LOCAL.get(m.group(2), m.group(2))
     return f"decoder.layers.{int(m.group(1)) + layer_offset}.{rest}"
 
 

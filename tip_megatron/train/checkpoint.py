@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 from tip_megatron import platform
+from tip_megatron.models.arch import ModelArch
+from tip_megatron.models.checkpoint import arch_differences, sharded_state_dict
 from tip_megatron.models.state import unwrap
 from tip_megatron.parallel import ParallelGroups
 
@@ -81,15 +83,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _sharded_state(chunks: Sequence, optimizer: Any, is_loading: bool) -> dict:
-    # Keys come from the bare GPTModel (no DDP `module.` prefix), so the model part of a
-    # training checkpoint has the same names as a converted model checkpoint.
-    chunks = [unwrap(c) for c in chunks]
-    model_sd: dict = {}
-    if len(chunks) == 1:
-        model_sd["model"] = chunks[0].sharded_state_dict()
-    else:
-        for i, chunk in enumerate(chunks):
-            model_sd[f"model{i}"] = chunk.sharded_state_dict()
+    # The model part has the layout (and names) of a converted model checkpoint.
+    model_sd = sharded_state_dict(list(chunks))
     state = dict(model_sd)
     if optimizer is not None:
         # `fully_reshardable`: optimizer state in the canonical per-parameter form, so a
@@ -190,7 +185,7 @@ def _prune(root: Path, keep_last: int) -> None:
 
 def load_checkpoint(
     path: str | Path, chunks: Sequence, optimizer: Any, scheduler: Any, groups: ParallelGroups,
-    *, expect_arch_json: Optional[str] = None,
+    *, expect_arch: Optional[ModelArch] = None,
 ) -> dict:
     """Restore model, optimizer, scheduler (and RNG when the layout is unchanged) from a
     complete checkpoint; returns its replicated state (step, data cursor, extra)."""
@@ -200,8 +195,12 @@ def load_checkpoint(
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise ValueError(f"{path} is not a complete tip_megatron checkpoint (no {COMPLETE} marker)")
-    if expect_arch_json is not None:
-        _check_arch(path, expect_arch_json)
+    if expect_arch is not None:
+        saved = ModelArch.from_dict(json.loads((path / "arch.json").read_text()))
+        diffs = arch_differences(saved, expect_arch)
+        if diffs:
+            raise ValueError(f"checkpoint {path} was saved for a different architecture: "
+                             + "; ".join(diffs))
     if optimizer is not None:
         _ensure_optimizer_state(optimizer)
     sharded = _sharded_state(chunks, optimizer, is_loading=True)
@@ -220,13 +219,3 @@ def load_checkpoint(
         logger.warning("checkpoint layout %s differs from %s: RNG states not restored",
                        state["layout"], _layout_key(groups))
     return state
-
-
-def _check_arch(path: Path, expect_arch_json: str) -> None:
-    saved = json.loads((path / "arch.json").read_text())
-    expected = json.loads(expect_arch_json)
-    diff = sorted(k for k in set(saved) | set(expected)
-                  if k != "extra" and saved.get(k) != expected.get(k))
-    if diff:
-        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {expected.get(k)!r}" for k in diff)
-        raise ValueError(f"checkpoint {path} was saved for a different architecture ({details})")
