@@ -79,7 +79,8 @@ class DataConfig:
     prompts: tuple[str, ...] = ()
     """Prompt files (JSONL or parquet); empty with builtin models = the synthetic task."""
     tokenizer: Optional[str] = None
-    """Tokenizer directory or SentencePiece .model; null = the student checkpoint's own."""
+    """Tokenizer directory or SentencePiece .model; `char` = the embedded task's character
+    tokenizer; null = the one bundled with the student checkpoint / HF directory."""
     prompt_field: str = "prompt"
     messages_field: str = "messages"
     answer_field: str = "answer"

@@ -77,6 +77,8 @@ class DistillSpec:
     vocab_size: int
     tp_group: Any
     step: int = 0
+    score_only: bool = False
+    """Scoring pre-pass (global scope): compute and store the signals, no loss."""
 
 
 def _flat(hidden: torch.Tensor) -> torch.Tensor:
@@ -139,11 +141,13 @@ def make_output_processor(spec: DistillSpec):
         weight = output_weight if output_weight is not None else output_layer.weight
         hidden_flat = _flat(hidden_states)
         signals = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
+        ctx.signals = signals
+        if spec.score_only:
+            return hidden_states.new_zeros(())
         kept = ctx.kept_mask
         if kept is None:
             kept = select(spec.selection, signals, step=spec.step)
         labels = quadrant_labels(signals, spec.selection.quadrant_rule)
-        ctx.signals = signals
         ctx.metric_sums = selection_metric_sums(signals, kept, labels)
         ctx.num_kept = int(kept.sum())
         return kept_loss(hidden_flat, weight, ctx, kept, spec)
@@ -153,6 +157,8 @@ def make_output_processor(spec: DistillSpec):
 
 def loss_func(ctx: MicrobatchContext, loss_sum: torch.Tensor):
     """megatron's loss contract: (loss_sum, num_tokens, report)."""
+    if not ctx.metric_sums:  # scoring pre-pass: nothing to report
+        return loss_sum, torch.zeros((), dtype=torch.int), {}
     num_kept = torch.tensor(ctx.num_kept, dtype=torch.int, device=loss_sum.device)
     report = {"distill": torch.stack([loss_sum.detach().clone().double(),
                                       torch.tensor(float(ctx.num_kept), dtype=torch.float64)])}

@@ -1,0 +1,26 @@
+"""Vocab-parallel primitives: statistics, reverse KL with its gradient, fused output-layer
+loss and sampling, on logits sharded over the vocabulary by tensor parallelism.
+
+Every op takes an explicit `tp_group` (None = unsharded) and the TRUE `vocab_size`; none
+reads megatron's global process groups, gathers the vocabulary, or modifies its inputs.
+See docs/ops.md for the math, the collectives and the tolerances.
+"""
+from tip_megatron.ops.vocab_parallel import (
+    TokenStats,
+    check_vocab_compat,
+    fused_linear_reverse_kl,
+    unfused_linear_reverse_kl,
+    vocab_parallel_reverse_kl,
+    vocab_parallel_sample,
+    vocab_parallel_stats,
+)
+
+__all__ = [
+    "TokenStats",
+    "check_vocab_compat",
+    "fused_linear_reverse_kl",
+    "unfused_linear_reverse_kl",
+    "vocab_parallel_reverse_kl",
+    "vocab_parallel_sample",
+    "vocab_parallel_stats",
+]

@@ -1,0 +1,87 @@
+"""Single-process float64 references for the vocab-parallel ops, on UNSHARDED logits.
+
+Shapes: [tokens, V_pad] = full (padded) logits; [tokens, V] = their true-vocab columns;
+[tokens] = per-token value.
+
+Plain torch, written for clarity, not memory: the tests compare every op (any TP size, any
+input dtype) against these, and the tolerances the ops promise live here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from tip_megatron.ops.vocab_parallel import TokenStats
+
+#: fp32 ops vs the float64 reference on the same input values (logits of order 10).
+FP32_TOL = {"rtol": 1e-5, "atol": 1e-5}
+#: bf16 inputs vs the float64 reference on the bf16 values themselves: the ops upcast
+#: exactly, so only fp32 math error remains.
+BF16_SAME_VALUES_TOL = FP32_TOL
+#: bf16 inputs vs the float64 reference on the unrounded fp32 logits: dominated by the
+#: rounding of each logit (relative 2^-9); valid for |logits| <= ~8.
+BF16_ROUNDED_TOL = {"rtol": 2e-2, "atol": 5e-2}
+
+
+def log_softmax(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[tokens, V] float64 log-probabilities over the true vocabulary."""
+    return logits[:, :vocab_size].to(torch.float64).log_softmax(dim=-1)
+
+
+def _plogq(logp: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """sum_v p * value with 0 where p == 0 (value may be -inf there)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * value, torch.zeros_like(p)).sum(dim=-1)
+
+
+def stats(
+    student: torch.Tensor, teacher: Optional[torch.Tensor], vocab_size: int,
+    token_ids: Optional[torch.Tensor] = None,
+) -> TokenStats:
+    """Every statistic of `vocab_parallel_stats`, in float64."""
+    ls = log_softmax(student, vocab_size)
+    entropy = -_plogq(ls, ls)
+    out = TokenStats(
+        student_logsumexp=student[:, :vocab_size].to(torch.float64).logsumexp(dim=-1),
+        student_entropy=entropy,
+        student_entropy_norm=entropy / math.log(vocab_size),
+    )
+    if token_ids is not None:
+        in_vocab = (token_ids >= 0) & (token_ids < vocab_size)
+        picked = ls.gather(1, token_ids.clamp(0, vocab_size - 1)[:, None]).squeeze(1)
+        out.token_logprob = torch.where(in_vocab, picked, torch.full_like(picked, -math.inf))
+    if teacher is not None:
+        lt = log_softmax(teacher, vocab_size)
+        out.reverse_kl = _plogq(ls, ls - lt)
+        out.forward_kl = _plogq(lt, lt - ls)
+        out.teacher_entropy = -_plogq(lt, lt)
+    return out
+
+
+def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[tokens] float64 KL(P_S || P_T), differentiable w.r.t. `student` by autograd
+    (finite logits only: autograd through the p == 0 mask of -inf entries gives NaN)."""
+    ls = log_softmax(student, vocab_size)
+    lt = log_softmax(teacher.detach(), vocab_size)
+    return (ls.exp() * (ls - lt)).sum(dim=-1)
+
+
+def sampling_probs(
+    logits: torch.Tensor, vocab_size: int, temperature: float = 1.0, top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """[tokens, V] float64 probabilities of the truncated sampling distribution, by sorting
+    the full vocabulary (top-k first, then top-p on the renormalized top-k; ties at a
+    threshold are kept, as in `vocab_parallel_sample`)."""
+    z = logits[:, :vocab_size].to(torch.float64) / temperature
+    if 0 < top_k < vocab_size:
+        kth = z.topk(top_k, dim=-1).values[:, -1:]
+        z = torch.where(z >= kth, z, -math.inf)
+    if top_p < 1.0:
+        ordered = z.sort(dim=-1, descending=True).values
+        cum = ordered.softmax(dim=-1).cumsum(dim=-1)
+        index = (cum < top_p).sum(dim=-1, keepdim=True).clamp(max=vocab_size - 1)
+        z = torch.where(z >= ordered.gather(1, index), z, -math.inf)
+    return z.softmax(dim=-1)

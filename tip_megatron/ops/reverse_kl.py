@@ -1,0 +1,194 @@
+"""Reverse KL(student || teacher) on vocab-parallel logits, with its analytic gradient.
+
+Shapes: [tokens, V/tp] = one rank's logit shard; [tokens, w] = its true-vocab columns
+(w = valid width, see `_shard`); [tokens] = per-token value.
+
+Forward (per token; x = logits - global max, S = sum exp(x) over the whole vocabulary):
+    KL = sum_v p_s (x_s - x_t) + log S_t - log S_s,    with p_s = exp(x_s) / S_s
+Collectives: one MAX all-reduce of [2, tokens] (both maxima), one SUM all-reduce of
+[3, tokens] (S_s, S_t and sum_v exp(x_s) (s - t)); sum_v p_s (x_s - x_t) is then
+sum_v exp(x_s)(s - t) / S_s - (max_s - max_t). The difference s - t is taken elementwise
+before the sum, so identical inputs give exactly 0 and no large terms cancel.
+
+Backward needs no collective: with the per-token (max, log S, KL) kept from the forward,
+    dKL/dlogit_s[v] = p_s[v] * (log p_s[v] - log p_t[v] - KL)
+is local to each column. The logit shards themselves are saved (not an fp32 softmax), and
+the exponentials are recomputed chunk by chunk into two reused [chunk, w] buffers, so the
+only shard-sized allocation of forward + backward is the gradient itself.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from tip_megatron.ops._shard import (
+    MAX,
+    SUM,
+    Workspace,
+    all_reduce_,
+    check_pair,
+    diff_into,
+    chunk_tokens,
+    compute_dtype,
+    finite_max,
+    local_max,
+    shift_into,
+    token_chunks,
+    vocab_shard,
+)
+
+
+@dataclass
+class KLState:
+    """Per-token values that the forward leaves for the gradient; all [tokens]."""
+
+    max_s: torch.Tensor
+    max_t: torch.Tensor
+    log_norm_s: torch.Tensor
+    """log S_s = student logsumexp - max_s."""
+    log_norm_t: torch.Tensor
+    kl: torch.Tensor
+
+    def rows(self, sl: slice) -> "KLState":
+        return KLState(*(getattr(self, f)[sl] for f in self.__dataclass_fields__))
+
+
+def _chunk_partials(student: torch.Tensor, teacher: torch.Tensor, maxes: torch.Tensor,
+                    work: Workspace) -> torch.Tensor:
+    """[3, c]: S_s, S_t and sum_v exp(x_s) (s - t) of one chunk (x = logits - max).
+
+    sum_v exp(x_s)(x_s - x_t) = that last sum - S_s (max_s - max_t), see reverse_kl_forward.
+    """
+    e_s, buf = work.views(student.shape[0])[:2]
+    shift_into(e_s, student, maxes[0]).exp_()
+    weighted = diff_into(buf, student, teacher).mul_(e_s)
+    # nansum: where p_s == 0 the product is 0 * (+-inf or NaN) = NaN and must count as 0
+    # (-inf logits); a genuine +inf (teacher -inf where p_s > 0) is kept.
+    sum_weighted = weighted.nansum(dim=-1)
+    sum_s = e_s.sum(dim=-1)
+    sum_t = shift_into(buf, teacher, maxes[1]).exp_().sum(dim=-1)
+    return torch.stack([sum_s, sum_t, sum_weighted])
+
+
+def reverse_kl_forward(
+    student: torch.Tensor, teacher: torch.Tensor, tp_group: Any, chunk: int,
+    work: Optional[Workspace] = None,
+) -> KLState:
+    """KL(student || teacher) per token from the true-vocab columns `[tokens, w]` of both shards.
+
+    Runs the two collectives of the module docstring; `chunk` bounds the fp32 temporaries
+    (two [chunk, w] buffers, or the given workspace).
+    """
+    dtype = compute_dtype(student)
+    maxes = torch.stack([local_max(student), local_max(teacher).to(dtype)])
+    maxes = finite_max(all_reduce_(maxes, MAX, tp_group))
+    partials = torch.zeros(3, student.shape[0], dtype=dtype, device=student.device)
+    work = work or Workspace(min(chunk, student.shape[0]), student.shape[1], student, count=2)
+    for sl in token_chunks(student.shape[0], chunk):
+        partials[:, sl] = _chunk_partials(student[sl], teacher[sl], maxes[:, sl], work)
+    # One SUM all-reduce for all three partials: the exponentials are taken against the
+    # global maxima, so per-rank sums add up directly.
+    all_reduce_(partials, SUM, tp_group)
+    log_norm_s, log_norm_t = partials[0].log(), partials[1].log()
+    # E_ps[x_s - x_t] = E_ps[s - t] - (max_s - max_t); KL = that + log S_t - log S_s.
+    mean_diff = partials[2] / partials[0] - (maxes[0] - maxes[1])
+    # KL >= 0 exactly; rounding can leave a -1e-7, which would make sqrt/log of it NaN.
+    kl = (mean_diff + log_norm_t - log_norm_s).clamp_min(0.0)
+    return KLState(maxes[0], maxes[1], log_norm_s, log_norm_t, kl)
+
+
+def reverse_kl_grad_chunk(
+    student: torch.Tensor, teacher: torch.Tensor, state: KLState, scale: torch.Tensor,
+    work: Workspace, out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """[c, w] gradient of scale * KL w.r.t. the student columns of a chunk, written to `out`
+    (a compute-dtype [c, w] view, e.g. of the final gradient) or to a workspace buffer.
+
+    `state` and `scale` ([c]) are the chunk's rows. p_s * (log p_s - log p_t - KL), where
+    log p_s - log p_t = (s - t) - (lse_s - lse_t); zero where p_s == 0.
+    """
+    p_s, buf = work.views(student.shape[0])[:2]
+    lse_s = state.max_s + state.log_norm_s
+    shift_into(p_s, student, lse_s).exp_()
+    offset = lse_s - (state.max_t + state.log_norm_t) + state.kl
+    grad = diff_into(buf if out is None else out, student, teacher)
+    grad.sub_(offset[:, None]).mul_(p_s)
+    # p_s == 0 gives 0 * (+-inf or NaN) = NaN (-inf logits): the true value is 0.
+    grad.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return grad.mul_(scale[:, None].to(grad.dtype))
+
+
+def reverse_kl_grad(
+    student: torch.Tensor, teacher: torch.Tensor, state: KLState, scale: torch.Tensor,
+    valid_width: int, chunk: int,
+) -> torch.Tensor:
+    """[tokens, V/tp] gradient in the student's dtype; padded columns get exactly zero."""
+    grad = torch.empty_like(student)
+    grad[:, valid_width:] = 0.0
+    work = Workspace(min(chunk, student.shape[0]), valid_width, student, count=2)
+    direct = grad.dtype == compute_dtype(student)  # write straight into the result
+    for sl in token_chunks(student.shape[0], chunk):
+        out = grad[sl, :valid_width]
+        value = reverse_kl_grad_chunk(student[sl, :valid_width], teacher[sl, :valid_width],
+                                      state.rows(sl), scale[sl], work, out if direct else None)
+        if not direct:
+            out.copy_(value)
+    return grad
+
+
+class _VocabParallelReverseKL(torch.autograd.Function):
+    """Forward: KL per token. Backward: analytic gradient for the student shard only."""
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, tp_group: Any,
+                valid_width: int, chunk: int) -> torch.Tensor:
+        state = reverse_kl_forward(
+            student[:, :valid_width], teacher[:, :valid_width], tp_group, chunk
+        )
+        # Saving the inputs (not copies) ties them to autograd's version counter: an
+        # in-place edit of either logit shard before backward raises instead of giving a
+        # silently wrong gradient. Nothing here writes to them.
+        ctx.save_for_backward(student, teacher, state.max_s, state.max_t,
+                              state.log_norm_s, state.log_norm_t, state.kl)
+        ctx.valid_width, ctx.chunk = valid_width, chunk
+        return state.kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_kl: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        student, teacher, *stats = ctx.saved_tensors
+        grad = reverse_kl_grad(
+            student, teacher, KLState(*stats), grad_kl, ctx.valid_width, ctx.chunk
+        )
+        # The teacher is frozen: it gets no gradient even if its logits require one.
+        return grad, None, None, None, None
+
+
+def vocab_parallel_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    tp_group: Any,
+    vocab_size: int,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Per-token KL(P_S || P_T) over the full (sharded) vocabulary, differentiable in the student.
+
+    Args:
+        student_logits: [tokens, V/tp] student shard (bf16/fp16/fp32; fp64 for gradcheck).
+        teacher_logits: [tokens, V/tp] teacher shard of the same width; never gets a grad.
+        tp_group: the tensor-parallel group the vocab is split over; None = unsharded.
+        vocab_size: TRUE vocabulary size; global columns >= it have zero probability and
+            get zero gradient.
+        chunk_size: tokens per chunk (default: 2^20 elements on CPU, 2^25 elsewhere).
+    Returns:
+        [tokens] KL in fp32 (fp64 for fp64 inputs). Inputs are never modified.
+    """
+    check_pair(student_logits, teacher_logits)
+    shard = vocab_shard(student_logits.shape[-1], tp_group, vocab_size)
+    chunk = chunk_tokens(shard.shard_width, chunk_size, student_logits.device)
+    return _VocabParallelReverseKL.apply(
+        student_logits, teacher_logits.detach(), tp_group, shard.valid_width, chunk
+    )

@@ -1,0 +1,28 @@
+"""The quickstart's pieces: the embedded addition task, pre-training of a tiny teacher and
+student with the engine's own stack (cached), and greedy accuracy evaluation.
+
+    from tip_megatron.quickstart import task, pretrained_models, evaluate
+
+See docs/quickstart.md for the task, the sizes, the recipes and the measured times.
+"""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    """`tip_megatron.cli` imports this package as a subcommand module and calls `register`;
+    the `quickstart` command itself is not defined here yet, so this adds nothing (it only
+    keeps `tip-megatron` working until it is)."""
+
+
+def __getattr__(name: str):
+    # Lazy: `tip-megatron --help` imports this package and must not import megatron.
+    if name in ("pretrained_models", "pretrained_model", "sft", "SFTRecipe", "TEACHER_RECIPE",
+                "STUDENT_RECIPE", "teacher_arch", "student_arch", "default_cache_dir"):
+        from tip_megatron.quickstart import pretrain
+
+        return getattr(pretrain, name)
+    if name in ("evaluate", "greedy_answers"):
+        from tip_megatron.quickstart import greedy
+
+        return getattr(greedy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

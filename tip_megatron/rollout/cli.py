@@ -1,0 +1,178 @@
+"""`tip-megatron generate`: sample from a model checkpoint, one JSON line per sample.
+
+    tip-megatron generate --ckpt ckpt/qwen3 --prompts prompts.jsonl --out samples.jsonl \\
+        --max-new-tokens 256 --temperature 0.7 --top-p 0.95 --n 4 --seed 1
+    torchrun --nproc-per-node 4 -m tip_megatron.cli generate --tp 2 --pp 2 --ckpt ... --out ...
+
+One process, or a torchrun world of tp * pp * dp processes (DP replicas take prompts
+round-robin; rank 0 gathers and writes the file). Prompts are read by
+`rollout.data.PromptDataset` (docs/data.md); generation is `rollout.generate.generate`
+(docs/generate.md). Output lines, in prompt order then sample order:
+    {"prompt_id", "prompt_index", "sample_index", "token_ids" (generated ids, the stop token
+     included), "text" (decoded without special tokens), "finish_reason" ("stop" |
+     "length"), "num_prompt_tokens", "answer" (when the prompt row has one)}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="sample continuations of prompts from a model checkpoint",
+        description="Generate with the in-engine KV-cached sampler (TP/PP under torchrun).",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="model checkpoint directory (tip-megatron convert)")
+    p.add_argument("--prompts", required=True, nargs="+", help="prompt files (.jsonl / .parquet)")
+    p.add_argument("--out", required=True, help="JSONL file to write, one line per sample")
+    p.add_argument("--tokenizer", help="tokenizer path (default: the checkpoint's tokenizer/)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per DP rank)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--max-prompt-len", type=int,
+                   help="longest prompt in tokens (default: max_position_embeddings - max_new_tokens)")
+    p.add_argument("--overlong", choices=("truncate_left", "skip"), default="truncate_left")
+    p.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--messages-field", default="messages")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--id-field", default="id")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tip_megatron import parallel
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (args.tp * args.pp) != 0:
+        raise ValueError(f"--tp {args.tp} --pp {args.pp} needs a multiple of {args.tp * args.pp} "
+                         f"processes, got {world}: launch with torchrun --nproc-per-node "
+                         f"{args.tp * args.pp}")
+    groups = parallel.initialize(parallel.ParallelLayout(tp=args.tp, pp=args.pp), seed=args.seed)
+    try:
+        lines = _generate_shard(args, groups)
+        _write(Path(args.out), lines, groups)
+    finally:
+        parallel.destroy()
+    return 0
+
+
+def _generate_shard(args: argparse.Namespace, groups) -> list[dict]:
+    """Samples of this DP rank's prompts (as output lines; empty off model-parallel rank 0)."""
+    from tip_megatron.rollout.generate import generate
+
+    chunks, arch, tokenizer = _load(args, groups)
+    config = _config(args, tokenizer)
+    dataset = _dataset(args, tokenizer, arch)
+    mine = list(range(groups.dp_rank, len(dataset), groups.dp_size))
+    writer = groups.tp_rank == 0 and groups.pp_rank == 0
+    lines: list[dict] = []
+    for batch_no, start in enumerate(range(0, len(mine), args.batch_size)):
+        indices = mine[start:start + args.batch_size]
+        records = dataset.records(indices)
+        rollouts = generate(chunks, groups, arch, [r.token_ids for r in records], config,
+                            seed=args.seed, step=batch_no)
+        if writer:
+            lines += _lines(rollouts, records, indices, tokenizer)
+        if groups.rank == 0:
+            logger.info("batch %d: %d prompts, %d samples", batch_no, len(indices), rollouts.num_rows)
+    return lines
+
+
+def _load(args: argparse.Namespace, groups):
+    from tip_megatron.models import BuildOptions, build_model
+    from tip_megatron.models.checkpoint import TOKENIZER_DIR, load_model_checkpoint, read_arch
+    from tip_megatron.rollout.tokenizers import load_tokenizer
+
+    arch = read_arch(args.ckpt)
+    tokenizer_path = args.tokenizer or Path(args.ckpt) / TOKENIZER_DIR
+    if not Path(tokenizer_path).exists():
+        raise ValueError(f"checkpoint {args.ckpt} holds no {TOKENIZER_DIR}/ directory; pass --tokenizer")
+    tokenizer = load_tokenizer(tokenizer_path, chat_fallback=False)
+    if tokenizer.vocab_size > arch.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model "
+                         f"only {arch.vocab_size}: wrong --tokenizer for {args.ckpt}?")
+    chunks = build_model(arch, groups, BuildOptions(init_weights=False))
+    load_model_checkpoint(chunks, groups, args.ckpt, expect_arch=arch)
+    return chunks, arch, tokenizer
+
+
+def _config(args: argparse.Namespace, tokenizer):
+    from tip_megatron.rollout.generate import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k, top_p=args.top_p, n=args.n, stop_ids=tuple(tokenizer.stop_ids),
+        pad_id=tokenizer.pad_id,
+    )
+
+
+def _dataset(args: argparse.Namespace, tokenizer, arch):
+    from tip_megatron.rollout.data import PromptDataset, PromptFields
+
+    limit = args.max_prompt_len or arch.max_position_embeddings - args.max_new_tokens
+    if limit < 1 or limit + args.max_new_tokens > arch.max_position_embeddings:
+        raise ValueError(f"--max-prompt-len {limit} + --max-new-tokens {args.max_new_tokens} must "
+                         f"fit max_position_embeddings={arch.max_position_embeddings}")
+    fields = PromptFields(prompt=args.prompt_field, messages=args.messages_field,
+                          answer=args.answer_field, id=args.id_field)
+    return PromptDataset(args.prompts, tokenizer, fields=fields, apply_chat_template=args.chat,
+                         max_prompt_len=limit, overlong=args.overlong)
+
+
+def _lines(rollouts, records, indices: list[int], tokenizer) -> list[dict[str, Any]]:
+    out = []
+    for row in range(rollouts.num_rows):
+        k = int(rollouts.prompt_index[row])
+        ids = rollouts.response(row)
+        line = dict(prompt_id=records[k].prompt_id, prompt_index=indices[k],
+                    sample_index=int(rollouts.sample_index[row]), token_ids=ids,
+                    text=tokenizer.decode(ids, skip_special_tokens=True),
+                    finish_reason="stop" if bool(rollouts.stopped[row]) else "length",
+                    num_prompt_tokens=int(rollouts.prompt_lengths[row]))
+        if records[k].answer is not None:
+            line["answer"] = records[k].answer
+        out.append(line)
+    return out
+
+
+def _write(path: Path, lines: list[dict], groups) -> None:
+    """Gather every DP replica's lines on rank 0 and write them in (prompt, sample) order;
+    written to a temporary file and renamed, so a failed run leaves no partial output."""
+    import torch.distributed as dist
+
+    gathered: Optional[list] = [None] * groups.world_size if groups.rank == 0 else None
+    if groups.world_size > 1:
+        dist.gather_object(lines, gathered, dst=0)
+    else:
+        gathered = [lines]
+    if groups.rank != 0:
+        return
+    merged = sorted((line for part in gathered for line in part),
+                    key=lambda line: (line["prompt_index"], line["sample_index"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for line in merged:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    logger.info("wrote %d samples to %s", len(merged), path)

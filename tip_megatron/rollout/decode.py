@@ -1,0 +1,157 @@
+"""Forward of one pipeline chunk over a decoding window, and the last-token logit shard.
+
+Shapes: tokens / positions [B, sq], hidden [sq, B, h], RoPE table [max_len, d],
+cos / sin [sq, B, 1, d] (per-row positions), logits [B, V/tp].
+
+Two implementations of the transformer layers, chosen by `GenerationConfig.layer_impl`:
+- `megatron`: `chunk.decoder(...)`, megatron's own TransformerBlock (any layer spec: local,
+  Transformer Engine, FP8), with per-row RoPE frequencies and the cached core attention
+  swapped in by `kv_cache.install`.
+- `functional`: the same pre-norm layer (norm, QKV, RoPE, attention, proj, residual, norm,
+  SwiGLU MLP, residual) written out over megatron's own modules and parameters, for the
+  local spec. It skips the per-call machinery of megatron's layer, attention and linear
+  wrappers (offloading, recompute, CUDA-graph and FP8 hooks, autograd.Function apply),
+  which dominates a decoding step of a small model on CPU (docs/generate.md). It follows
+  megatron's contracts exactly, so both give the same bits on CPU (tested):
+  ColumnParallelLinear (no SP, gather_output=False) is `x @ W.t() + b` on the local
+  shard; RowParallelLinear (input_is_parallel) is an all-reduce over the TP group of
+  `x @ W.t()`, then `+ b`; the fused QKV is split per query group; RoPE is megatron's
+  non-interleaved rotate-half; the bias-dropout-add is `residual + out` in eval mode.
+`auto` takes `functional` when every layer qualifies (`functional_unsupported`), else
+`megatron`.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+LAYER_IMPLS = ("auto", "functional", "megatron")
+
+
+def functional_unsupported(chunk) -> Optional[str]:
+    """Why the functional layers cannot run this chunk (None when they can)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    cfg = chunk.config
+    flags = dict(sequence_parallel=cfg.sequence_parallel, fp8=bool(cfg.fp8),
+                 fp4=bool(getattr(cfg, "fp4", None)), gated_linear_unit=not cfg.gated_linear_unit,
+                 fp32_residual_connection=cfg.fp32_residual_connection,
+                 rotary_interleaved=cfg.rotary_interleaved,
+                 attention_output_gate=getattr(cfg, "attention_output_gate", False),
+                 apply_residual_connection_post_layernorm=cfg.apply_residual_connection_post_layernorm)
+    bad = [name for name, on in flags.items() if on]
+    if bad:
+        return f"config {bad}"
+    if cfg.activation_func is not F.silu:
+        return f"activation {cfg.activation_func}"
+    if cfg.num_query_groups < cfg.tensor_model_parallel_size:
+        return "fewer query groups than TP ranks"
+    if 2 * chunk.rotary_pos_emb.inv_freq.numel() != cfg.kv_channels:
+        return "partial rotary embedding (rotary_percent < 1)"
+    for layer in chunk.decoder.layers:
+        attn, mlp = layer.self_attention, layer.mlp
+        linears = {"linear_qkv": (attn.linear_qkv, ColumnParallelLinear),
+                   "linear_proj": (attn.linear_proj, RowParallelLinear),
+                   "linear_fc1": (getattr(mlp, "linear_fc1", None), ColumnParallelLinear),
+                   "linear_fc2": (getattr(mlp, "linear_fc2", None), RowParallelLinear)}
+        for name, (module, kind) in linears.items():
+            if type(module) is not kind:  # exact type: subclasses (TE) have other forwards
+                return f"layer {layer.layer_number} {name} is {type(module).__name__}"
+        if attn.linear_proj.bias is not None or mlp.linear_fc2.bias is not None or mlp.linear_fc1.bias is not None:
+            return "biases on linear_proj / linear_fc1 / linear_fc2"
+    return None
+
+
+def resolve_layer_impl(chunks, impl: str) -> str:
+    if impl not in LAYER_IMPLS:
+        raise ValueError(f"layer_impl={impl!r}: accepted values are {LAYER_IMPLS}")
+    if impl == "megatron":
+        return impl
+    reasons = [r for r in map(functional_unsupported, chunks) if r]
+    if reasons and impl == "functional":
+        raise ValueError(f"layer_impl='functional' cannot run this model ({reasons[0]}); "
+                         "use 'auto' or 'megatron'")
+    return "megatron" if reasons else "functional"
+
+
+def rope_table(chunk, max_len: int) -> torch.Tensor:
+    """[max_len, d] RoPE angles of positions 0..max_len-1 (llama3 scaling included)."""
+    return chunk.rotary_pos_emb(max_len)[:, 0, 0, :]
+
+
+def chunk_forward(chunk, impl: str, tokens: torch.Tensor, positions: torch.Tensor,
+                  received: Optional[torch.Tensor], table: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """[sq, B, h] output of one GPTModel chunk (final norm applied on the last stage).
+
+    `received` is the previous stage's output (None on the first stage, which embeds
+    `tokens`). Mirrors GPTModel.forward (embedding, decoder) but hands the layers per-row
+    RoPE angles; GPTModel.forward computes them for positions 0..s-1 only.
+    """
+    freqs = table[positions.t()].unsqueeze(2)  # [sq, B, 1, d]
+    hidden = chunk.embedding(input_ids=tokens, position_ids=positions) if chunk.pre_process else received
+    if impl == "megatron":
+        if not chunk.pre_process:
+            chunk.set_input_tensor(received)
+        return chunk.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=freqs)
+    cos, sin = freqs.cos().to(hidden.dtype), freqs.sin().to(hidden.dtype)
+    tp = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+    for layer in chunk.decoder.layers:
+        hidden = _functional_layer(layer, hidden, cos, sin, tp)
+    norm = chunk.decoder.final_layernorm
+    return norm(hidden) if norm is not None else hidden
+
+
+def last_token_logits(chunk, hidden: torch.Tensor) -> torch.Tensor:
+    """[B, V/tp] logit shard of the last column (no vocabulary gather)."""
+    weight = chunk.shared_embedding_or_output_weight() if chunk.share_embeddings_and_output_weights else None
+    logits, _ = chunk.output_layer(hidden[-1:], weight=weight, runtime_gather_output=False)
+    return logits[0]
+
+
+def _functional_layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tp_group) -> torch.Tensor:
+    attn, mlp = layer.self_attention, layer.mlp
+    q, k, v = _qkv(attn, layer.input_layernorm(x))
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    context = attn.core_attention(q, k, v, None)  # the cached attention (kv_cache.install)
+    x = x + _row_parallel(attn.linear_proj, context, tp_group)
+    h = _column_parallel(mlp.linear_fc1, layer.pre_mlp_layernorm(x))
+    gate, up = torch.chunk(h, 2, dim=-1)
+    return x + _row_parallel(mlp.linear_fc2, F.silu(gate) * up, tp_group)
+
+
+def _column_parallel(linear, x: torch.Tensor) -> torch.Tensor:
+    # matmul then add, as megatron's LinearWithGradAccumulation... does (not addmm: bits).
+    out = torch.matmul(x, linear.weight.t())
+    return out + linear.bias if linear.bias is not None else out
+
+
+def _row_parallel(linear, x: torch.Tensor, tp_group) -> torch.Tensor:
+    out = torch.matmul(x, linear.weight.t())
+    if tp_group is not None:
+        dist.all_reduce(out, group=tp_group)  # megatron's reduce_from_tensor_model_parallel_region
+    return out
+
+
+def _qkv(attn, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron's fused QKV, split per query group: q [sq, B, np, hn], k / v [sq, B, ng, hn]
+    (q/k norms applied, as in Attention.get_query_key_value_tensors)."""
+    mixed = _column_parallel(attn.linear_qkv, h)
+    heads, groups = attn.num_attention_heads_per_partition, attn.num_query_groups_per_partition
+    hn = attn.hidden_size_per_attention_head
+    mixed = mixed.view(*mixed.shape[:-1], groups, (heads // groups + 2) * hn)
+    q, k, v = torch.split(mixed, [heads // groups * hn, hn, hn], dim=3)
+    q = q.reshape(q.shape[0], q.shape[1], heads, hn)
+    if attn.q_layernorm is not None:
+        q = attn.q_layernorm(q)
+    if attn.k_layernorm is not None:
+        k = attn.k_layernorm(k)
+    return q, k, v
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Megatron's non-interleaved RoPE: t * cos + rotate_half(t) * sin."""
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    return t * cos + torch.cat((-x2, x1), dim=-1) * sin

@@ -1,0 +1,160 @@
+"""A KV cache hooked into megatron's attention at the core-attention seam.
+
+Shapes: query [sq, b, np, hn] (np = heads / tp), key/value [sq, b, ng, hn] (ng = query
+groups / tp), cache buffers [b, ng, max_len, hn], attention mask [b, 1, sq, sk] bool
+(True = may attend), context [sq, b, np * hn].
+
+Why here, and not megatron's `StaticInferenceContext`:
+- megatron's static context rotates queries/keys by the cache column, the same for every
+  row, so prompts of different lengths need either a per-row padding mask (which TE's
+  fused attention ignores once the context switches to `no_mask` decoding) or megatron's
+  "decode every prompt token after the shortest prompt one at a time" scheme.
+- megatron's `Attention.forward` hands `core_attention` the query and the already-rotated
+  keys/values of the new tokens only. Replacing `core_attention` (and nothing else) with
+  `CachedCoreAttention` keeps megatron's own QKV projection, q/k norms, RoPE, output
+  projection and TP collectives, and lets us own exactly three things: where keys/values
+  are stored, the per-row mask, and the attention kernel (torch SDPA: the math kernel on
+  CPU, flash/memory-efficient kernels on GPU). RoPE positions come in per row through the
+  `rotary_pos_emb` argument of `TransformerBlock.forward` ([s, b, 1, d] broadcasts the
+  same way megatron's [s, 1, 1, d] does), so left padding keeps HF's position ids.
+The swap is scoped: `install(chunks, cache)` puts the cached modules in and restores the
+originals on exit, so training never sees them.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tip_megatron.models.state import unwrap
+
+
+@dataclass
+class KVCache:
+    """Key/value buffers of this rank's layers, and the step they are working on.
+
+    `enabled=False` turns it into "no cache": each forward attends over the keys of its own
+    tokens only (the caller passes the whole sequence every step). Used as the reference
+    of the cached path and by the benchmark.
+    """
+
+    max_len: int
+    """Columns of each buffer: longest prompt + max new tokens."""
+    enabled: bool = True
+    start: int = 0
+    """Cache column of the first token of the current forward."""
+    allowed: Optional[torch.Tensor] = None
+    """[b, 1, sq, start + sq] bool: which keys each query may attend to (set per forward)."""
+    buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def repeat_rows(self, repeats: int) -> None:
+        """Row i becomes rows i*repeats .. i*repeats+repeats-1 (prefill once, sample n)."""
+        if repeats == 1:
+            return
+        self.buffers = {
+            key: (k.repeat_interleave(repeats, dim=0), v.repeat_interleave(repeats, dim=0))
+            for key, (k, v) in self.buffers.items()
+        }
+
+    def clear(self) -> None:
+        self.buffers.clear()
+        self.allowed = None
+        self.start = 0
+
+
+class CachedCoreAttention(torch.nn.Module):
+    """Drop-in for megatron's `core_attention` (DotProductAttention / TEDotProductAttention)
+    during generation: stores the new keys/values, attends over the cached ones."""
+
+    def __init__(self, cache: KVCache, slot: int, softmax_scale: float, num_heads: int,
+                 num_groups: int):
+        super().__init__()
+        self.cache = cache
+        self.slot = slot
+        self.softmax_scale = softmax_scale
+        self.gqa = num_heads != num_groups
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None, **kwargs):
+        # megatron's mask and mask type are ignored on purpose: the per-row mask of this
+        # step is `cache.allowed`, built by the generation loop.
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("generation does not support attention bias or packed sequences")
+        q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
+        k, v = self._keys_values(key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3))
+        allowed = self.cache.allowed
+        if allowed is None or allowed.shape[-1] != k.shape[2] or allowed.shape[-2] != q.shape[2]:
+            raise RuntimeError(
+                f"KV cache mask {None if allowed is None else tuple(allowed.shape)} does not "
+                f"match queries {q.shape[2]} x keys {k.shape[2]}"
+            )
+        ctx = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=self.softmax_scale, enable_gqa=self.gqa
+        )
+        sq, b = query.shape[0], query.shape[1]
+        return ctx.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _keys_values(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[b, ng, sk, hn] keys/values to attend over: cached ones plus the new ones."""
+        cache = self.cache
+        if not cache.enabled:
+            return k, v
+        end = cache.start + k.shape[2]
+        if end > cache.max_len:
+            raise RuntimeError(f"KV cache of {cache.max_len} columns cannot hold column {end - 1}")
+        if self.slot not in cache.buffers:
+            shape = (k.shape[0], k.shape[1], cache.max_len, k.shape[3])
+            cache.buffers[self.slot] = (k.new_empty(shape), v.new_empty(shape))
+        k_buf, v_buf = cache.buffers[self.slot]
+        k_buf[:, :, cache.start:end] = k
+        v_buf[:, :, cache.start:end] = v
+        return k_buf[:, :, :end], v_buf[:, :, :end]
+
+
+def _softmax_scale(core: torch.nn.Module, config) -> float:
+    """The scale megatron's core attention would apply to q.k (its own, if it kept one)."""
+    scale = getattr(core, "softmax_scale", None)
+    if scale is None:
+        scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+    if getattr(core, "apply_query_key_layer_scaling", False) or config.apply_query_key_layer_scaling:
+        raise ValueError("generation does not support apply_query_key_layer_scaling")
+    return float(scale)
+
+
+def _attention_modules(chunks: Sequence[torch.nn.Module]) -> Iterator[torch.nn.Module]:
+    for chunk in map(unwrap, chunks):
+        for layer in chunk.decoder.layers:
+            attention = getattr(layer, "self_attention", None)
+            if attention is None or not hasattr(attention, "core_attention"):
+                raise ValueError(f"layer {layer.layer_number} has no self_attention.core_attention; "
+                                 "generation supports the GPT attention layers only")
+            yield attention
+
+
+@contextlib.contextmanager
+def install(chunks: Sequence[torch.nn.Module], cache: KVCache) -> Iterator[KVCache]:
+    """Swap every layer's core attention for a `CachedCoreAttention` sharing `cache`;
+    restore the originals on exit (also on error)."""
+    swapped = []
+    try:
+        for slot, attention in enumerate(_attention_modules(chunks)):
+            config = attention.config
+            if getattr(config, "apply_rope_fusion", False):
+                # The fused RoPE kernel takes [s, 1, 1, d] frequencies; ours are per row.
+                raise ValueError("generation needs apply_rope_fusion=False (per-row RoPE positions)")
+            core = attention.core_attention
+            tp = attention.num_attention_heads_per_partition
+            groups = attention.num_query_groups_per_partition
+            attention.core_attention = CachedCoreAttention(
+                cache, slot, _softmax_scale(core, config), tp, groups
+            )
+            swapped.append((attention, core))
+        yield cache
+    finally:
+        for attention, core in swapped:
+            attention.core_attention = core
+        cache.clear()

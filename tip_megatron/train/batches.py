@@ -1,0 +1,51 @@
+"""Rollouts -> training micro-batches.
+
+Shapes: rollouts [B, L] (right-padded: token j at position j); a micro-batch holds
+input_ids / position_ids / target_mask [mbs, L] and rollout_ids [mbs].
+
+Position t predicts token t+1, so the loss mask of position t is "token t+1 was
+generated": target_mask[:, t] = response_mask[:, t+1] (the last position has no target).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from tip_megatron.distill.step import Microbatch
+
+
+def target_mask(response_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: position t is in the loss iff token t+1 is a response token."""
+    out = torch.zeros_like(response_mask, dtype=torch.bool)
+    out[:, :-1] = response_mask[:, 1:].bool()
+    return out
+
+
+def make_microbatches(
+    token_ids: torch.Tensor, response_mask: torch.Tensor, rollout_ids: torch.Tensor,
+    micro_batch_size: int,
+) -> list[Microbatch]:
+    """Cut this rank's rollouts into micro-batches of `micro_batch_size` rows."""
+    rows, seq = token_ids.shape
+    if rows % micro_batch_size != 0:
+        raise ValueError(f"{rows} rollouts are not divisible by micro_batch_size={micro_batch_size}")
+    targets = target_mask(response_mask)
+    positions = torch.arange(seq, device=token_ids.device).expand(rows, seq)
+    return [
+        Microbatch(
+            input_ids=token_ids[i:i + micro_batch_size].contiguous(),
+            position_ids=positions[i:i + micro_batch_size].contiguous(),
+            target_mask=targets[i:i + micro_batch_size].contiguous(),
+            rollout_ids=rollout_ids[i:i + micro_batch_size].contiguous(),
+        )
+        for i in range(0, rows, micro_batch_size)
+    ]
+
+
+def split_updates(microbatches: Sequence[Microbatch], updates: int) -> list[list[Microbatch]]:
+    """Consecutive groups of micro-batches, one per optimizer step of the rollout batch."""
+    if len(microbatches) % updates != 0:
+        raise ValueError(f"{len(microbatches)} micro-batches are not divisible into {updates} updates")
+    per = len(microbatches) // updates
+    return [list(microbatches[i * per:(i + 1) * per]) for i in range(updates)]

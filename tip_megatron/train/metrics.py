@@ -1,0 +1,101 @@
+"""Step metrics: reduce over micro-batches and data-parallel ranks, then log.
+
+Console progress, a JSONL file (one object per step) and wandb (offline unless an API key
+is configured; never a crash when the package is absent — a warning, and the run goes on).
+Metrics live on the last pipeline stage; the rank that logs is its TP rank 0 / DP rank 0.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tip_megatron import platform
+from tip_megatron.tip import all_reduce_metric_sums, finalize, sum_metric_sums
+
+logger = logging.getLogger(__name__)
+
+
+def reduce_reports(reports: Sequence[dict], dp_group) -> dict:
+    """Sum this rank's micro-batch reports, all-reduce over DP, finalize ratios once."""
+    loss = torch.zeros(2, dtype=torch.float64)
+    tip_parts = []
+    for r in reports:
+        loss += r["distill"].double().cpu()
+        tip_parts.append({k[4:]: v.double().cpu() for k, v in r.items() if k.startswith("tip/")})
+    if dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(loss, group=dp_group)
+    sums = all_reduce_metric_sums(sum_metric_sums(tip_parts), dp_group) if tip_parts else {}
+    out = {"loss": float(loss[0] / loss[1]) if loss[1] > 0 else float("nan"),
+           "loss_sum": float(loss[0]), "num_kept": int(loss[1])}
+    out.update({k: float(v) for k, v in finalize(sums).items()} if sums else {})
+    return out
+
+
+def peak_memory_mib() -> float:
+    """Peak GPU memory allocated (CUDA) or the process's peak RSS (CPU), MiB."""
+    if platform.default_backend().is_cuda:
+        return torch.cuda.max_memory_allocated() / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+class MetricsLogger:
+    """Console + JSONL + optional wandb, active on one rank only."""
+
+    def __init__(self, active: bool, jsonl: Optional[str], use_wandb: bool, project: str,
+                 run_name: Optional[str], config: dict) -> None:
+        self.active = active
+        self._file = None
+        self._wandb = None
+        if not active:
+            return
+        if jsonl:
+            Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(jsonl, "a", encoding="utf-8")
+        if use_wandb:
+            self._wandb = _start_wandb(project, run_name, config)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        print(_console_line(step, metrics), flush=True)
+        if self._file:
+            self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(project: str, run_name: Optional[str], config: dict):
+    try:
+        import wandb
+    except ImportError:
+        logger.warning("logging.wandb=true but wandb is not installed "
+                       "(`pip install 'tip_megatron[wandb]'`): continuing without wandb")
+        return None
+    if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+    return wandb.init(project=project, name=run_name, config=config)
+
+
+def _console_line(step: int, m: dict) -> str:
+    quads = " ".join(f"Q{q}={m.get(f'q{q}_fraction_all', float('nan')):.2f}" for q in (1, 2, 3, 4))
+    skipped = " SKIPPED" if m.get("skipped") else ""
+    return (f"step {step:5d} | loss {m.get('loss', float('nan')):.4f} | kept "
+            f"{m.get('kept_fraction', float('nan')):.3f} | {quads} | "
+            f"{m.get('tokens_per_s', 0.0):8.1f} tok/s | mem {m.get('peak_mem_mib', 0.0):.0f} MiB"
+            f"{skipped}")
