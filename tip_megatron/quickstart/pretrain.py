@@ -11,8 +11,7 @@ Shapes: sequences [n, 12]; micro-batches of 11 positions (`task.lm_microbatch`);
 
 Training runs at the caller's layout (every rank takes part; the global batch is drawn the
 same way on every rank and cut by DP rank), so it is deterministic for a given layout.
-The cache holds FULL (unsharded) state dicts, so runs at any TP load the same weights.
-Evaluation (greedy decoding) needs PP = 1.
+The cache holds FULL (unsharded) state dicts, so runs at any TP/PP load the same weights.
 """
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ from tip_megatron.models.lm import lm_loss
 from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict
 from tip_megatron.parallel import ParallelGroups
 from tip_megatron.quickstart import task
-from tip_megatron.quickstart.greedy import check_pp1, evaluate
+from tip_megatron.quickstart.greedy import evaluate
 from tip_megatron.train.optimizer import OptimConfig, build_optimizer, wrap_ddp
 
 logger = logging.getLogger(__name__)
@@ -154,14 +153,17 @@ def sft(
     """Train a fresh model on `recipe`; returns (DDP-wrapped chunks, per-step loss).
 
     Reseeds every RNG (`parallel.set_seeds(recipe.seed)`) so the initial weights depend
-    on the recipe only (this also resets the caller's RNG state). Losses are this rank's
-    view of each step's micro-batch (NaN off the last pipeline stage).
+    on the recipe only (this also resets the caller's RNG state). The losses are the
+    last pipeline stage's (this DP rank's micro-batch), on every rank.
     """
     if recipe.batch_size % groups.dp_size != 0:
         raise ValueError(f"batch_size={recipe.batch_size} is not divisible by the data-parallel "
                          f"size {groups.dp_size}")
     parallel.set_seeds(recipe.seed)
-    chunks = build_model(arch, groups, BuildOptions(seq_length=task.SEQ_LEN, init_weights=False))
+    # fp32 on every device: the recipes were measured in fp32, and at this size bf16 would
+    # save nothing worth a different result on a GPU.
+    options = BuildOptions(params_dtype=torch.float32, seq_length=task.SEQ_LEN, init_weights=False)
+    chunks = build_model(arch, groups, options)
     load_full_state_dict(chunks, init_full_state(chunks, groups, arch, recipe.seed), groups, arch)
     cfg = recipe.optim_config()
     ddp = wrap_ddp(chunks, groups, cfg)
@@ -182,10 +184,21 @@ def sft(
         optimizer.step()
         scheduler.step(increment=1)
         losses.append(_mean_loss(reports))
-        if groups.rank == 0 and log_every and (step % log_every == 0 or step == recipe.steps):
+        logging_rank = groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0
+        if logging_rank and log_every and (step % log_every == 0 or step == recipe.steps):
             logger.info("sft %s: step %d/%d loss %.4f", recipe.source, step, recipe.steps,
                         losses[-1])
-    return ddp, losses
+    return ddp, _from_last_stage(losses, groups)
+
+
+def _from_last_stage(losses: list[float], groups: ParallelGroups) -> list[float]:
+    """Only the last pipeline stage computes the loss: hand its history to every stage."""
+    if groups.pp_size == 1:
+        return losses
+    history = torch.tensor(losses, dtype=torch.float64, device=platform.current_device())
+    last = dist.get_global_rank(groups.pp_group, groups.pp_size - 1)
+    dist.broadcast(history, src=last, group=groups.pp_group)
+    return history.tolist()
 
 
 def _mean_loss(reports: Sequence[dict]) -> float:
@@ -250,7 +263,6 @@ def pretrained_model(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(full state dict, info) of `arch` trained on `recipe`: from the cache, else trained
     now at the caller's layout, evaluated on the hold-out, and cached by rank 0."""
-    check_pp1(groups, "quickstart pre-training")
     path = cache_path(cache_dir, name, arch, recipe)
     if _all_ranks_have(path, groups):
         try:
