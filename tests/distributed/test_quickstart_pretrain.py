@@ -108,8 +108,6 @@ def _full_recipes(cache_dir: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("TIP_MEGATRON_SLOW") != "1",
-                    reason="full quickstart pre-training (minutes); set TIP_MEGATRON_SLOW=1")
 def test_full_recipes_reach_the_documented_accuracy(tmp_path):
     info = run_distributed(_full_recipes, world_size=2, args=(str(tmp_path),), timeout_s=1800)[0]
     teacher, student = info["teacher"]["accuracy"], info["student"]["accuracy"]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    """`tip_megatron.cli` imports this package as a subcommand module and calls `register`;
-    the `quickstart` command itself is not defined here yet, so this adds nothing (it only
-    keeps `tip-megatron` working until it is)."""
+    """The `tip-megatron quickstart` subcommand (see quickstart/command.py)."""
+    from tip_megatron.quickstart.command import register as _register
+
+    _register(subparsers)
 
 
 def __getattr__(name: str):

@@ -195,15 +195,24 @@ def save(run: Run) -> None:
 def run(cfg: RunConfig) -> list[dict]:
     """Train; returns the per-step metrics of the logging rank (empty elsewhere)."""
     state = setup(cfg)
+    loop(state)
+    return state.history
+
+
+def loop(state: Run) -> None:
+    """Steps until train.steps (or train.exit_after_steps), logging and checkpointing."""
+    cfg = state.cfg
     c = cfg.checkpoint
-    while state.step < cfg.train.steps:
+    stop = cfg.train.steps
+    if cfg.train.exit_after_steps:
+        stop = min(stop, state.step + cfg.train.exit_after_steps)
+    while state.step < stop:
         metrics = train_step(state)
         state.step += 1
         if state.log.active:
             state.history.append(dict(step=state.step, **metrics))
             if state.step % cfg.logging.log_every == 0:
                 state.log.log(state.step, metrics)
-        if c.dir and ((c.save_every and state.step % c.save_every == 0) or state.step == cfg.train.steps):
+        if c.dir and ((c.save_every and state.step % c.save_every == 0) or state.step == stop):
             save(state)
     state.log.close()
-    return state.history

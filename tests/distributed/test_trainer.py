@@ -1,0 +1,220 @@
+"""The OPD trainer end to end on tiny random models (CPU, gloo).
+
+Fixture: a student and a teacher model checkpoint (random tiny Llamas of different width
+and depth), a JSONL of addition prompts, the character tokenizer.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tip_megatron import parallel
+from tip_megatron.config import load_config
+from tip_megatron.models import build_model
+from tip_megatron.models.checkpoint import save_model_checkpoint
+from tip_megatron.testing.distributed import DistributedTestError, free_port, run_distributed
+from tip_megatron.testing.models import tiny_arch
+from tip_megatron.train import checkpoint as ckpt_lib
+
+
+def _make_model(out, family, hidden, layers, seed, max_pos):
+    """A random model at PyTorch-default scales: its token distributions are far from
+    uniform, so entropies and KLs differ between tokens (megatron's N(0, 0.02) init leaves
+    a tiny model near-uniform, every token nearly tied, and top-k selection ill-posed)."""
+    from tip_megatron.models.state import load_full_state_dict
+    from tip_megatron.quickstart.pretrain import init_full_state
+
+    arch = tiny_arch(family, hidden_size=hidden, num_layers=layers, max_position_embeddings=max_pos)
+    g = parallel.initialize(parallel.ParallelLayout(), seed=seed)
+    chunks = build_model(arch, g)
+    load_full_state_dict(chunks, init_full_state(chunks, g, arch, seed), g, arch)
+    save_model_checkpoint(chunks, g, arch, out)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("opd")
+    run_distributed(_make_model, 1, args=(str(root / "student"), "llama", 64, 2, 1, 64))
+    run_distributed(_make_model, 1, args=(str(root / "teacher"), "llama", 96, 4, 2, 64))
+    run_distributed(_make_model, 1, args=(str(root / "other"), "qwen3", 64, 2, 3, 64))
+    rng = random.Random(0)
+    with open(root / "prompts.jsonl", "w") as f:
+        for _ in range(64):
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            f.write(json.dumps({"prompt": f"{a:03d}+{b:03d}=", "answer": str(a + b)}) + "\n")
+    return root
+
+
+def _overrides(assets, **extra):
+    base = {
+        "student.ckpt": assets / "student", "teacher.ckpt": assets / "teacher",
+        "data.prompts": f"[{assets / 'prompts.jsonl'}]", "data.tokenizer": "char",
+        "data.prompts_per_step": 16, "data.max_prompt_len": 16,
+        "rollout.max_new_tokens": 6, "selection.rule": "soft_or", "selection.rho": 0.5,
+        "optim.lr": 0.003, "optim.warmup_steps": 0, "train.steps": 3, "train.micro_batch_size": 2,
+        "logging.log_every": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _train(overrides):
+    from tip_megatron.train.trainer import run
+
+    return run(load_config(None, overrides))
+
+
+def _losses(results):
+    hist = [h for h in results if h]
+    assert len(hist) == 1, "exactly one rank logs"
+    return [m["loss"] for m in hist[0]], hist[0]
+
+
+def test_tp1_resume_equals_uninterrupted(assets, tmp_path):
+    """4 steps straight == 2 steps, save, resume, 2 more (fp32, equal losses)."""
+    straight, _ = _losses(run_distributed(_train, 1, args=(_overrides(assets, **{"train.steps": 4}),)))
+    ckdir = tmp_path / "ck"
+    first, _ = _losses(run_distributed(_train, 1, args=(_overrides(
+        assets, **{"train.steps": 4, "train.exit_after_steps": 2, "checkpoint.dir": ckdir}),)))
+    assert [p.name for p in ckpt_lib.list_checkpoints(ckdir)] == ["step_000002"]
+    rest, _ = _losses(run_distributed(_train, 1, args=(_overrides(
+        assets, **{"train.steps": 4, "checkpoint.dir": ckdir}),)))
+    assert first + rest == straight, (first, rest, straight)
+    assert all(torch.isfinite(torch.tensor(straight)))
+
+
+def test_layouts_agree_and_loss_falls(assets):
+    """TP=2 x PP=2 (4 ranks) and DP=2 give TP=1's first-step loss; loss falls on average."""
+    ref, ref_hist = _losses(run_distributed(_train, 1, args=(_overrides(assets),)))
+    assert ref_hist[0]["kept_fraction"] == pytest.approx(0.5)
+    assert sum(ref[1:]) / 2 < ref[0], ref
+    tp_pp, _ = _losses(run_distributed(_train, 4, args=(_overrides(
+        assets, **{"parallel.tp": 2, "parallel.pp": 2}),)))
+    assert tp_pp[0] == pytest.approx(ref[0], rel=1e-5)
+    assert tp_pp[-1] < tp_pp[0]
+    dp, _ = _losses(run_distributed(_train, 2, args=(_overrides(assets),)))
+    assert dp[0] == pytest.approx(ref[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"student.ckpt": "/nonexistent/model"}, "student.ckpt='/nonexistent/model': no such file"),
+    ({"rollout.max_new_tokens": 60}, "exceed the student's max_position_embeddings=64"),
+    ({"data.prompts_per_step": 6, "train.micro_batch_size": 4},
+     "global batch of 6 rollouts .* not divisible by dp x updates_per_rollout x micro_batch_size"),
+    ({"selection.rule": "topk"}, "registered rules are"),
+])
+def test_bad_input_fails_before_the_first_step(assets, override, message):
+    with pytest.raises(DistributedTestError, match=message):
+        run_distributed(_train, 1, args=(_overrides(assets, **override),))
+
+
+def test_tokenizer_mismatch_is_refused(assets, tmp_path):
+    from tip_megatron.rollout.tokenizers import CharTokenizer  # noqa: F401
+
+    tok_a, tok_b = tmp_path / "a.model", tmp_path / "b.model"
+    _spm(tok_a, "0123456789+= abc"), _spm(tok_b, "0123456789+= xyz")
+    student = _copy_ckpt_with_tokenizer(assets / "student", tmp_path / "s", tok_a)
+    teacher = _copy_ckpt_with_tokenizer(assets / "teacher", tmp_path / "t", tok_b)
+    with pytest.raises(DistributedTestError, match="teacher tokenizer .* differs"):
+        run_distributed(_train, 1, args=(_overrides(assets, **{
+            "student.ckpt": student, "teacher.ckpt": teacher, "data.tokenizer": "null"}),))
+
+
+def test_checkpoint_of_another_architecture_is_refused(assets, tmp_path):
+    ckdir = tmp_path / "ck"
+    run_distributed(_train, 1, args=(_overrides(assets, **{"train.steps": 1, "checkpoint.dir": ckdir}),))
+    with pytest.raises(DistributedTestError, match="different architecture"):
+        run_distributed(_train, 1, args=(_overrides(assets, **{
+            "train.steps": 2, "checkpoint.dir": ckdir, "student.ckpt": assets / "other"}),))
+
+
+def _spm(path, chars):
+    import io
+
+    import sentencepiece as spm
+
+    text = "\n".join(chars[i:] + chars[:i] for i in range(len(chars))) * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=model,
+                                   vocab_size=len(set(chars)) + 4, model_type="char",
+                                   character_coverage=1.0)
+    Path(path).write_bytes(model.getvalue())
+
+
+def _copy_ckpt_with_tokenizer(src, dst, spm_model):
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "tokenizer").mkdir()
+    shutil.copy(spm_model, dst / "tokenizer" / "tokenizer.model")
+    return dst
+
+
+def _torchrun(args, env, nnodes=1, node_rank=0, nproc=4, port=None, log=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if nnodes > 1:
+        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                f"--node-rank={node_rank}", "--rdzv-id=tip-test"]
+    else:
+        cmd += ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    cmd += ["-m", "tip_megatron.train", *args]
+    return subprocess.Popen(cmd, env=env, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_torchrun_tp2_pp2_saves_a_checkpoint(assets, tmp_path):
+    ckdir = tmp_path / "ck"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = _torchrun(_overrides(assets, **{"parallel.tp": 2, "parallel.pp": 2, "checkpoint.dir": ckdir}), env)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    lines = [json.loads(line) for line in (ckdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in lines]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[1:]) / 2 < losses[0], losses
+    assert [p.name for p in ckpt_lib.list_checkpoints(ckdir)] == ["step_000003"]
+
+
+@pytest.mark.slow
+def test_multinode_two_agents_on_loopback(assets, tmp_path):
+    """torchrun --nnodes 2 --rdzv-backend c10d: two node agents x 2 ranks (TP=2 x DP=2)."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = _overrides(assets, **{"parallel.tp": 2, "train.steps": 2, "logging.jsonl": tmp_path / "m.jsonl"})
+    procs = [_torchrun(args, env, nnodes=2, node_rank=r, nproc=2, port=port) for r in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_kill_during_save_keeps_the_last_good_checkpoint(assets, tmp_path):
+    """SIGKILL the job while it writes its second checkpoint: the first still loads."""
+    ckdir = tmp_path / "ck"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = _overrides(assets, **{"train.steps": 40, "checkpoint.dir": ckdir, "checkpoint.save_every": 1,
+                                 "checkpoint.keep_last": 0})
+    log = open(tmp_path / "log.txt", "w")
+    proc = _torchrun(args, env, nproc=1, log=log)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(ckdir.glob("step_000002.tmp-*")):
+        if proc.poll() is not None:
+            pytest.fail("training ended before the second save: " + (tmp_path / "log.txt").read_text()[-3000:])
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the agent and its worker: a crash, no clean-up
+    proc.wait()
+    complete = ckpt_lib.list_checkpoints(ckdir)
+    assert complete and complete[0].name == "step_000001"
+    # the last complete checkpoint loads and resumes
+    last = int(complete[-1].name.split("_")[1])
+    resumed, _ = _losses(run_distributed(_train, 1, args=(_overrides(
+        assets, **{"train.steps": last + 1, "checkpoint.dir": ckdir, "checkpoint.resume": complete[-1]}),)))
+    assert len(resumed) == 1 and torch.isfinite(torch.tensor(resumed)).all()

@@ -1,0 +1,137 @@
+"""The run config: YAML + overrides, errors naming the key, and a frozen key set."""
+from pathlib import Path
+
+import pytest
+
+from tip_megatron.config import (
+    RunConfig, config_keys, config_to_dict, dump_config, from_dict, load_config, validate_run,
+)
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
+
+#: Every option of the run config. A new option must be added here on purpose (with its
+#: docstring in tip_megatron/config.py and a line in the docs).
+FROZEN_KEYS = [
+    "student.ckpt",
+    "student.hf",
+    "student.builtin",
+    "teacher.ckpt",
+    "teacher.hf",
+    "teacher.builtin",
+    "shared_vocab_size",
+    "model.spec",
+    "model.fp8",
+    "model.recompute_granularity",
+    "parallel.tp",
+    "parallel.pp",
+    "parallel.vpp",
+    "parallel.sequence_parallel",
+    "data.prompts",
+    "data.tokenizer",
+    "data.prompt_field",
+    "data.messages_field",
+    "data.answer_field",
+    "data.apply_chat_template",
+    "data.max_prompt_len",
+    "data.overlong",
+    "data.prompts_per_step",
+    "data.seed",
+    "rollout.n",
+    "rollout.max_new_tokens",
+    "rollout.temperature",
+    "rollout.top_p",
+    "rollout.top_k",
+    "selection.rule",
+    "selection.rho",
+    "selection.seed",
+    "selection.scope",
+    "selection.min_keep",
+    "selection.quadrant_rule.kind",
+    "selection.quadrant_rule.entropy_threshold",
+    "selection.quadrant_rule.div_threshold_nats",
+    "selection.quadrant_rule.entropy_quantile",
+    "selection.quadrant_rule.div_quantile",
+    "selection.keep_quadrants",
+    "loss.impl",
+    "loss.chunk_size",
+    "optim.lr",
+    "optim.min_lr",
+    "optim.warmup_steps",
+    "optim.weight_decay",
+    "optim.adam_beta1",
+    "optim.adam_beta2",
+    "optim.adam_eps",
+    "optim.clip_grad",
+    "optim.use_distributed_optimizer",
+    "optim.grad_reduce_in_fp32",
+    "optim.overlap_grad_reduce",
+    "train.steps",
+    "train.updates_per_rollout",
+    "train.micro_batch_size",
+    "train.seed",
+    "train.exit_after_steps",
+    "checkpoint.dir",
+    "checkpoint.save_every",
+    "checkpoint.keep_last",
+    "checkpoint.resume",
+    "logging.log_every",
+    "logging.jsonl",
+    "logging.wandb",
+    "logging.wandb_project",
+    "logging.run_name",
+]
+
+
+def test_key_set_is_frozen():
+    assert config_keys() == FROZEN_KEYS
+
+
+def test_every_field_has_a_docstring_or_is_self_explanatory():
+    # dump -> load round trip keeps every value
+    cfg = load_config(None, ["parallel.tp=2", "selection.rule=soft_or", "selection.rho=0.5",
+                             "data.prompts=[a.jsonl, b.parquet]", "optim.lr=1e-5"])
+    again = from_dict(RunConfig, __import__("yaml").safe_load(dump_config(cfg)))
+    assert again == cfg
+    assert config_to_dict(cfg)["data"]["prompts"] == ["a.jsonl", "b.parquet"]
+    assert cfg.optim.lr == 1e-5 and cfg.parallel.tp == 2
+
+
+@pytest.mark.parametrize("override,message", [
+    ("parallel.tpp=2", "unknown config key parallel.tpp; accepted under 'parallel'"),
+    ("nonsense=1", "unknown config key nonsense"),
+    ("parallel.tp=two", "parallel.tp='two': expected int"),
+    ("selection.rule=bogus", "registered rules are"),
+    ("selection.rho=1.5", "selection.rho=1.5: must be in \\(0, 1\\]"),
+    ("loss.impl=magic", "loss.impl='magic'"),
+    ("notakeyvalue", "expected key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("parallel: {tp: 2}\nselection: {rule: q3, rho: 0.2}\n")
+    cfg = load_config(str(path), ["selection.rho=0.1"])
+    assert cfg.parallel.tp == 2 and cfg.selection.rule == "q3" and cfg.selection.rho == 0.1
+    with pytest.raises(ValueError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_validate_run_divisibility_and_sources(tmp_path):
+    (tmp_path / "s").mkdir(), (tmp_path / "t").mkdir()
+    base = [f"student.ckpt={tmp_path / 's'}", f"teacher.ckpt={tmp_path / 't'}"]
+    validate_run(load_config(None, base + ["data.prompts_per_step=8"]), world_size=2)
+    with pytest.raises(ValueError, match="world size 3 is not divisible"):
+        validate_run(load_config(None, base + ["parallel.tp=2"]), world_size=3)
+    with pytest.raises(ValueError, match="not divisible by the data-parallel size 4"):
+        validate_run(load_config(None, base + ["data.prompts_per_step=6"]), world_size=4)
+    with pytest.raises(ValueError, match="set exactly one of student.ckpt"):
+        validate_run(load_config(None, base[1:]), world_size=1)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_configs_parse(path):
+    cfg = load_config(str(path))
+    assert cfg.student != cfg.teacher
