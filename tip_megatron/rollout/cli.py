@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, nargs="+", help="prompt files (.jsonl / .parquet)")
     p.add_argument("--out", required=True, help="JSONL file to write, one line per sample")
     p.add_argument("--tokenizer", help="tokenizer path (default: the checkpoint's tokenizer/)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="per sample (default 256)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     mode.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
@@ -51,12 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--max-prompt-len", type=int,
                    help="longest prompt in tokens (default: max_position_embeddings - max_new_tokens)")
-    p.add_argument("--overlong", choices=("truncate_left", "skip"), default="truncate_left")
+    p.add_argument("--overlong", choices=("truncate_left", "skip"), default="truncate_left",
+                   help="what to do with longer prompts (default truncate_left; docs/data.md)")
     p.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
-    p.add_argument("--prompt-field", default="prompt")
-    p.add_argument("--messages-field", default="messages")
-    p.add_argument("--answer-field", default="answer")
-    p.add_argument("--id-field", default="id")
+    for field in ("prompt", "messages", "answer", "id"):
+        p.add_argument(f"--{field}-field", default=field, help=f"name of the {field} field (default {field})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,8 +88,10 @@ def _generate_shard(args: argparse.Namespace, groups) -> list[dict]:
     for batch_no, start in enumerate(range(0, len(mine), args.batch_size)):
         indices = mine[start:start + args.batch_size]
         records = dataset.records(indices)
+        # Non-overlapping noise rows for every (batch, DP replica).
+        row_offset = (batch_no * groups.dp_size + groups.dp_rank) * args.batch_size * config.n
         rollouts = generate(chunks, groups, arch, [r.token_ids for r in records], config,
-                            seed=args.seed, step=batch_no)
+                            seed=args.seed, step=batch_no, row_offset=row_offset)
         if writer:
             lines += _lines(rollouts, records, indices, tokenizer)
         if groups.rank == 0:

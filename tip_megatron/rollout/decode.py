@@ -60,17 +60,25 @@ def functional_unsupported(chunk) -> Optional[str]:
         for name, (module, kind) in linears.items():
             if type(module) is not kind:  # exact type: subclasses (TE) have other forwards
                 return f"layer {layer.layer_number} {name} is {type(module).__name__}"
-        if attn.linear_proj.bias is not None or mlp.linear_fc2.bias is not None or mlp.linear_fc1.bias is not None:
+        if any(m.bias is not None for m in (attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2)):
             return "biases on linear_proj / linear_fc1 / linear_fc2"
     return None
 
 
 def resolve_layer_impl(chunks, impl: str) -> str:
+    """`functional` or `megatron` for these (possibly DDP-wrapped) chunks."""
+    from tip_megatron.models.state import unwrap
+
     if impl not in LAYER_IMPLS:
         raise ValueError(f"layer_impl={impl!r}: accepted values are {LAYER_IMPLS}")
     if impl == "megatron":
         return impl
-    reasons = [r for r in map(functional_unsupported, chunks) if r]
+    reasons = [r for r in map(functional_unsupported, map(unwrap, chunks)) if r]
+    # With overlap_param_gather, megatron DDP all-gathers parameters in forward pre-hooks of
+    # the modules that own them; the functional layers read linear weights without calling
+    # those modules, so they would see stale shards.
+    if any(getattr(getattr(c, "ddp_config", None), "overlap_param_gather", False) for c in chunks):
+        reasons.append("DDP overlap_param_gather (parameters are gathered in module hooks)")
     if reasons and impl == "functional":
         raise ValueError(f"layer_impl='functional' cannot run this model ({reasons[0]}); "
                          "use 'auto' or 'megatron'")

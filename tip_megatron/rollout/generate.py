@@ -122,21 +122,30 @@ def generate(
     config: GenerationConfig,
     seed: int,
     step: int = 0,
+    row_offset: int = 0,
 ) -> Rollouts:
     """Sample `config.n` continuations of every prompt with this rank's model chunks.
 
     Args:
         chunks: this rank's GPTModel chunks (DDP-wrapped or not), as built for training.
         prompts: token ids; every rank of the model-parallel group passes the same list.
-        seed, step: the sampling noise is a pure function of (seed, step, DP rank, decoding
-            position, row, token id): equal on every TP/PP layout; a new `step` (e.g. the
-            training step) draws fresh samples.
+        seed, step: the sampling noise is a pure function of (seed, step, decoding
+            position, global row, token id): equal on every TP/PP layout; a new `step`
+            (e.g. the training step) draws fresh samples.
+        row_offset: global index of this call's first row (prompt-major, n samples per
+            prompt). Data-parallel replicas holding consecutive slices of one global batch
+            pass `dp_rank * rows_per_rank`, so DP=2 draws exactly what DP=1 draws; callers
+            with unrelated batches pass offsets that do not overlap.
     """
     device = platform.current_device()
     _check_inputs(chunks, groups, arch, prompts, config)
+    for name, value in (("seed", seed), ("step", step)):
+        # The sampler key packs seed and (step, position) into 64 bits.
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
+            raise ValueError(f"{name}={value!r}: must be an integer in [0, 2**32)")
     prompt_ids, pads = _left_pad(prompts, config.pad_id, device)
     total = prompt_ids.shape[1] + config.max_new_tokens
-    loop = _Decoder(chunks, groups, arch, config, _sampler_seed(seed, groups.dp_rank), step)
+    loop = _Decoder(chunks, groups, arch, config, seed, step, row_offset)
     loop.prepare(total)
     with _eval_mode(chunks), kv_cache.install(chunks, KVCache(total, config.use_kv_cache)) as cache:
         loop.cache = cache
@@ -151,14 +160,14 @@ class _Decoder:
     """The decoding loop of one call: pipeline forwards, sampling, stop bookkeeping."""
 
     def __init__(self, chunks, groups: ParallelGroups, arch: ModelArch, config: GenerationConfig,
-                 seed: int, step: int):
+                 seed: int, step: int, row_offset: int):
         self.chunks = [unwrap(c) for c in chunks]
         self.groups, self.arch, self.config = groups, arch, config
-        self.seed, self.step = seed, step
+        self.seed, self.step, self.row_offset = seed, step, row_offset
         self.cache: Optional[KVCache] = None
         self.last = groups.is_last_stage
         self.dtype = self.chunks[0].config.params_dtype
-        self.impl = decode.resolve_layer_impl(self.chunks, config.layer_impl)
+        self.impl = decode.resolve_layer_impl(chunks, config.layer_impl)
         self.tables: list[torch.Tensor] = []
 
     def prepare(self, max_len: int) -> None:
@@ -208,7 +217,7 @@ class _Decoder:
             ids, logprob = vocab_parallel_sample(
                 logits, tp_group=self.groups.tp_group, vocab_size=self.arch.vocab_size,
                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                seed=self.seed, step=self.step * 2**32 + t,
+                seed=self.seed, step=self.step * 2**32 + t, row_offset=self.row_offset,
             )
         else:
             ids = torch.empty(rows, dtype=torch.long, device=device)
@@ -226,8 +235,7 @@ class _Decoder:
         """Run cache columns [start, start + sq) of every row through this rank's chunks;
         the last stage returns the logit shard of the last column, others None."""
         rows, sq = tokens.shape
-        self.cache.start = start
-        self.cache.allowed = _attention_mask(pads, start, sq)
+        self.cache.set_window(start, _attention_mask(pads, start, sq))
         positions = (torch.arange(start, start + sq, device=tokens.device)[None, :]
                      - pads[:, None]).clamp(min=0)
         pp, rank = self.groups.pp_size, self.groups.pp_rank
@@ -292,14 +300,6 @@ def _pack(tokens: torch.Tensor, logprobs: torch.Tensor, pads: torch.Tensor, widt
         prompt_index=torch.arange(rows, device=tokens.device) // config.n,
         sample_index=torch.arange(rows, device=tokens.device) % config.n,
     )
-
-
-def _sampler_seed(seed: int, dp_rank: int) -> int:
-    """DP replicas hold different prompts but the same row numbers: give each its own
-    noise stream (a replica's rows would otherwise share Gumbel noise row by row)."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**32)")
-    return seed + dp_rank * 2**32
 
 
 @contextlib.contextmanager

@@ -16,7 +16,8 @@ Why here, and not megatron's `StaticInferenceContext`:
   are stored, the per-row mask, and the attention kernel (torch SDPA: the math kernel on
   CPU, flash/memory-efficient kernels on GPU). RoPE positions come in per row through the
   `rotary_pos_emb` argument of `TransformerBlock.forward` ([s, b, 1, d] broadcasts the
-  same way megatron's [s, 1, 1, d] does), so left padding keeps HF's position ids.
+  same way megatron's [s, 1, 1, d] does), so left padding keeps HF's position ids. The
+  functional layers of `rollout/decode.py` call the same swapped module.
 The swap is scoped: `install(chunks, cache)` puts the cached modules in and restores the
 originals on exit, so training never sees them.
 """
@@ -48,8 +49,21 @@ class KVCache:
     start: int = 0
     """Cache column of the first token of the current forward."""
     allowed: Optional[torch.Tensor] = None
-    """[b, 1, sq, start + sq] bool: which keys each query may attend to (set per forward)."""
+    """[b, 1, sq, start + sq] bool: which keys each query may attend to (`set_window`)."""
     buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _bias: Optional[torch.Tensor] = None
+
+    def set_window(self, start: int, allowed: torch.Tensor) -> None:
+        """The next forward writes columns [start, start + sq) and attends as `allowed` says."""
+        self.start, self.allowed, self._bias = start, allowed, None
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """`allowed` as an additive mask (0 / -inf), built once per forward for all layers:
+        SDPA would otherwise convert the boolean mask in every layer."""
+        if self._bias is None or self._bias.dtype != dtype:
+            bias = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
+            self._bias = bias.masked_fill_(~self.allowed, float("-inf"))
+        return self._bias
 
     def repeat_rows(self, repeats: int) -> None:
         """Row i becomes rows i*repeats .. i*repeats+repeats-1 (prefill once, sample n)."""
@@ -62,8 +76,7 @@ class KVCache:
 
     def clear(self) -> None:
         self.buffers.clear()
-        self.allowed = None
-        self.start = 0
+        self.set_window(0, None)
 
 
 class CachedCoreAttention(torch.nn.Module):
@@ -92,8 +105,10 @@ class CachedCoreAttention(torch.nn.Module):
                 f"KV cache mask {None if allowed is None else tuple(allowed.shape)} does not "
                 f"match queries {q.shape[2]} x keys {k.shape[2]}"
             )
+        # Every row sees at least itself (see the mask's builder), so no all -inf row.
         ctx = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, scale=self.softmax_scale, enable_gqa=self.gqa
+            q, k, v, attn_mask=self.cache.attention_bias(q.dtype), scale=self.softmax_scale,
+            enable_gqa=self.gqa,
         )
         sq, b = query.shape[0], query.shape[1]
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, -1)

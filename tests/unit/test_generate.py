@@ -1,0 +1,172 @@
+"""In-engine generation at TP=1: KV cache vs recompute, stopping, masks, n samples, seeds.
+
+All model checks run in ONE forked rank (`_checks`), whose results the tests below read.
+HF parity and TP/PP layouts: tests/distributed/test_generate.py.
+"""
+import pytest
+import torch
+
+from tip_megatron.rollout.generate import GenerationConfig, _attention_mask, _left_pad, _pack
+from tip_megatron.testing.distributed import run_distributed
+from tip_megatron.testing.models import tiny_arch
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [100, 200, 30, 40, 17]]
+NEW = 12
+SAMPLED = dict(temperature=1.0, top_k=20, top_p=0.9, n=3)
+
+
+def _checks(arch):
+    from tip_megatron import parallel
+    from tip_megatron.models import build_model
+    from tip_megatron.rollout.generate import generate
+    from tip_megatron.rollout.kv_cache import CachedCoreAttention
+
+    g = parallel.initialize(parallel.ParallelLayout(1, 1), seed=7)
+    chunks = build_model(arch, g)
+    run = lambda prompts=PROMPTS, seed=1, step=0, **kw: generate(  # noqa: E731
+        chunks, g, arch, prompts, GenerationConfig(max_new_tokens=NEW, pad_id=0, **kw), seed, step)
+    out = {"greedy": run(temperature=0.0), "greedy_nocache": run(temperature=0.0, use_kv_cache=False),
+           "sampled": run(**SAMPLED), "sampled_nocache": run(**SAMPLED, use_kv_cache=False),
+           "sampled_again": run(**SAMPLED), "sampled_step1": run(**SAMPLED, step=1),
+           "sampled_seed2": run(**SAMPLED, seed=2),
+           "greedy_megatron": run(temperature=0.0, layer_impl="megatron"),
+           "sampled_megatron": run(**SAMPLED, layer_impl="megatron"),
+           "sampled_megatron_nocache": run(**SAMPLED, layer_impl="megatron", use_kv_cache=False)}
+    out["alone"] = run(prompts=PROMPTS[1:2], temperature=0.0)
+    stop = out["greedy"].response(0)[3]
+    out["stop_id"] = stop
+    out["stopped"] = run(temperature=0.0, stop_ids=(stop,))
+    out["stopped_nocache"] = run(temperature=0.0, stop_ids=(stop,), use_kv_cache=False)
+    cores = [layer.self_attention.core_attention for layer in chunks[0].decoder.layers]
+    out["restored"] = chunks[0].training and not any(isinstance(c, CachedCoreAttention) for c in cores)
+    out["errors"] = {}
+    for name, kw in {"too_long": dict(prompts=[[1] * 60]), "bad_id": dict(prompts=[[1, 250]]),
+                     "empty": dict(prompts=[[1], []]), "bad_stop": dict(stop_ids=(300,))}.items():
+        try:
+            run(temperature=0.0, **kw)
+            out["errors"][name] = None
+        except ValueError as e:
+            out["errors"][name] = str(e)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(_checks, 1, args=(tiny_arch("llama"),))[0]
+
+
+def _same(a, b):
+    return torch.equal(a.token_ids, b.token_ids) and torch.equal(a.response_mask, b.response_mask)
+
+
+def test_kv_cache_matches_recompute(results):
+    assert _same(results["greedy"], results["greedy_nocache"])
+    assert _same(results["sampled"], results["sampled_nocache"])
+    torch.testing.assert_close(results["sampled"].logprobs, results["sampled_nocache"].logprobs,
+                               atol=1e-4, rtol=0)
+
+
+def test_functional_layers_match_megatron_layers(results):
+    """The functional decode layers and megatron's TransformerBlock give the same tokens."""
+    assert _same(results["greedy"], results["greedy_megatron"])
+    for name in ("sampled_megatron", "sampled_megatron_nocache"):
+        assert _same(results["sampled"], results[name]), name
+        torch.testing.assert_close(results["sampled"].logprobs, results[name].logprobs,
+                                   atol=1e-5, rtol=0)
+
+
+def test_padding_does_not_change_a_prompt(results):
+    alone, batch = results["alone"], results["greedy"]
+    assert alone.response(0) == batch.response(1)
+
+
+def test_output_layout_and_masks(results):
+    r = results["sampled"]
+    n = SAMPLED["n"]
+    assert r.num_rows == len(PROMPTS) * n
+    assert r.prompt_index.tolist() == [i for i in range(len(PROMPTS)) for _ in range(n)]
+    assert r.sample_index.tolist() == list(range(n)) * len(PROMPTS)
+    for row in range(r.num_rows):
+        prompt = PROMPTS[row // n]
+        p, k = int(r.prompt_lengths[row]), int(r.response_lengths[row])
+        assert p == len(prompt) and k == NEW and not r.stopped[row]
+        assert r.token_ids[row, :p].tolist() == prompt
+        tail = r.token_ids.shape[1] - p - k
+        assert r.response_mask[row].tolist() == [False] * p + [True] * k + [False] * tail
+        assert (r.logprobs[row, p:p + k] < 0).all() and (r.logprobs[row, :p] == 0).all()
+        assert (r.token_ids[row, p + k:] == 0).all()
+    assert r.token_ids.shape[1] == max(map(len, PROMPTS)) + NEW
+
+
+def test_stop_ids_end_a_sample(results):
+    full, r, stop = results["greedy"], results["stopped"], results["stop_id"]
+    assert _same(r, results["stopped_nocache"])
+    for row in range(r.num_rows):
+        ref = full.response(row)
+        expect = ref[:ref.index(stop) + 1] if stop in ref else ref
+        assert r.response(row) == expect
+        assert bool(r.stopped[row]) == (stop in ref)
+        p, k = int(r.prompt_lengths[row]), int(r.response_lengths[row])
+        assert k == len(expect) and r.response_mask[row].sum() == k
+        assert (r.token_ids[row, p + k:] == 0).all() and not r.response_mask[row, p + k:].any()
+    assert r.response(0)[-1] == stop
+
+
+def test_samples_differ_and_seeds_are_deterministic(results):
+    r = results["sampled"]
+    for prompt in range(len(PROMPTS)):
+        responses = {tuple(r.response(prompt * SAMPLED["n"] + s)) for s in range(SAMPLED["n"])}
+        assert len(responses) == SAMPLED["n"]
+    assert _same(r, results["sampled_again"])
+    assert torch.equal(r.logprobs, results["sampled_again"].logprobs)
+    assert not torch.equal(r.token_ids, results["sampled_step1"].token_ids)
+    assert not torch.equal(r.token_ids, results["sampled_seed2"].token_ids)
+
+
+def test_model_is_restored(results):
+    assert results["restored"]
+
+
+def test_input_errors_are_named(results):
+    errors = results["errors"]
+    assert "max_position_embeddings=64" in errors["too_long"]
+    assert "250" in errors["bad_id"]
+    assert "non-empty" in errors["empty"]
+    assert "stop_ids" in errors["bad_stop"]
+
+
+@pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("n", 0), ("temperature", -1.0),
+                                         ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
+                                         ("layer_impl", "fast")])
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        GenerationConfig(**{field: value})
+
+
+def test_config_fields_are_deliberate():
+    assert set(GenerationConfig.__dataclass_fields__) == {
+        "max_new_tokens", "temperature", "top_k", "top_p", "n", "stop_ids", "pad_id", "use_kv_cache",
+        "layer_impl"}
+
+
+def test_attention_mask_left_padding():
+    pads = torch.tensor([2, 0])
+    prefill = _attention_mask(pads, start=0, sq=4)[:, 0]
+    assert prefill[0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert prefill[1].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    decode = _attention_mask(pads, start=4, sq=1)[:, 0, 0]
+    assert decode.int().tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+
+
+def test_pack_turns_left_padding_into_right_padding():
+    ids, pads = _left_pad([[7, 8, 9], [5]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[7, 8, 9], [0, 0, 5]] and pads.tolist() == [0, 2]
+    tokens = torch.cat([ids, torch.tensor([[1, 2], [3, 0]])], dim=1)
+    logprobs = torch.zeros(2, 5)
+    logprobs[:, 3:] = torch.tensor([[-1.0, -2.0], [-3.0, 0.0]])
+    r = _pack(tokens, logprobs, pads, 3, torch.tensor([2, 1]), torch.tensor([False, True]),
+              GenerationConfig(pad_id=0))
+    assert r.token_ids.tolist() == [[7, 8, 9, 1, 2], [5, 3, 0, 0, 0]]
+    assert r.response_mask.int().tolist() == [[0, 0, 0, 1, 1], [0, 1, 0, 0, 0]]
+    assert r.logprobs.tolist() == [[0, 0, 0, -1, -2], [0, -3, 0, 0, 0]]
+    assert r.prompt_lengths.tolist() == [3, 1] and r.response(1) == [3]
