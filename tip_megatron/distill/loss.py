@@ -65,6 +65,8 @@ class MicrobatchContext:
     """Filled by the output processor: the micro-batch's signals over [b*s] tokens."""
     metric_sums: dict = field(default_factory=dict)
     """Filled by the output processor: selection metric sums (see tip.metrics)."""
+    selected: Optional[torch.Tensor] = None
+    """Filled by the output processor: the [b*s] kept mask it used."""
     num_kept: int = 0
 
 
@@ -148,6 +150,7 @@ def make_output_processor(spec: DistillSpec):
         if kept is None:
             kept = select(spec.selection, signals, step=spec.step)
         labels = quadrant_labels(signals, spec.selection.quadrant_rule)
+        ctx.selected = kept
         ctx.metric_sums = selection_metric_sums(signals, kept, labels)
         ctx.num_kept = int(kept.sum())
         return kept_loss(hidden_flat, weight, ctx, kept, spec)

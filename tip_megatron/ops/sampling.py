@@ -223,6 +223,7 @@ def vocab_parallel_sample(
     seed: int,
     step: int = 0,
     chunk_size: Optional[int] = None,
+    row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from softmax(logits / temperature), truncated by top-k/top-p.
 
@@ -237,12 +238,17 @@ def vocab_parallel_sample(
             `step` (or seed) for every call that must draw fresh tokens, e.g. the
             decoding position; the same (seed, step) on the same logits repeats the draw.
         chunk_size: rows per chunk (default: a budget of float64 temporaries).
+        row_offset: global index of row 0 in the noise key. Data-parallel replicas pass the
+            index of their first row in the global batch, so a row draws the same noise
+            whichever replica holds it (DP=2 samples what DP=1 samples).
     Returns:
         (ids [rows] int64 global token ids, logprob [rows] fp32 of each id under the
         truncated, temperature-scaled sampling distribution; 0 when greedy).
     """
     check_logits("logits", logits)
     _check_sampling_args(temperature, top_k, top_p, seed, step)
+    if not isinstance(row_offset, int) or isinstance(row_offset, bool) or row_offset < 0:
+        raise ValueError(f"row_offset={row_offset!r}: must be an integer >= 0")
     shard = vocab_shard(logits.shape[-1], tp_group, vocab_size)
     # float64 temporaries: half the rows of the fp32 budget (hence the doubled width).
     chunk = chunk_tokens(2 * shard.shard_width, chunk_size, logits.device)
@@ -252,6 +258,6 @@ def vocab_parallel_sample(
         valid = logits[:, : shard.valid_width]
         for sl in token_chunks(logits.shape[0], chunk):
             ids[sl], logprob[sl] = _sample_rows(
-                valid[sl], sl.start, shard, tp_group, temperature, top_k, top_p, seed, step
+                valid[sl], row_offset + sl.start, shard, tp_group, temperature, top_k, top_p, seed, step
             )
     return ids, logprob

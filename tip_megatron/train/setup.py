@@ -144,16 +144,18 @@ def _bundled_tokenizer(src: ModelSource) -> Optional[str]:
 class SyntheticPrompts:
     """Prompts of the embedded addition task, drawn per step (the quickstart's data)."""
 
-    def __init__(self, per_rank: int, dp_rank: int, seed: int) -> None:
-        self.per_rank, self.dp_rank, self.seed = per_rank, dp_rank, seed
+    def __init__(self, per_rank: int, dp_rank: int, dp_size: int, seed: int) -> None:
+        self.per_rank, self.dp_rank, self.dp_size, self.seed = per_rank, dp_rank, dp_size, seed
         self.step = 0
 
     def next(self) -> list[list[int]]:
+        """This replica's consecutive slice of the step's global batch (DP-invariant)."""
         from tip_megatron.quickstart import task
 
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step * 1009 + self.dp_rank)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
         self.step += 1
-        return task.sample_prompts(self.per_rank, gen).tolist()
+        start = self.dp_rank * self.per_rank
+        return task.sample_prompts(self.per_rank * self.dp_size, gen)[start:start + self.per_rank].tolist()
 
     def state_dict(self) -> dict:
         return {"step": self.step}
@@ -193,4 +195,5 @@ def prompt_source(cfg: RunConfig, tokenizer: Any, groups: ParallelGroups):
     if not cfg.student.builtin:
         raise ValueError("data.prompts is empty: name prompt files (JSONL or parquet); only the "
                          "builtin quickstart models come with an embedded task")
-    return SyntheticPrompts(cfg.data.prompts_per_step // groups.dp_size, groups.dp_rank, cfg.data.seed)
+    return SyntheticPrompts(cfg.data.prompts_per_step // groups.dp_size, groups.dp_rank,
+                            groups.dp_size, cfg.data.seed)

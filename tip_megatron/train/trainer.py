@@ -96,8 +96,11 @@ def rollouts(run: Run, prompts: list[list[int]]):
     gen = GenerationConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
                            top_p=r.top_p, n=r.n, stop_ids=tuple(run.tokenizer.stop_ids),
                            pad_id=run.tokenizer.pad_id)
+    # This replica holds rows [dp_rank * rows, (dp_rank + 1) * rows) of the global batch
+    # (the prompt loader hands out consecutive slices), so any DP size draws the same samples.
+    rows = len(prompts) * r.n
     return generate(run.ddp, run.groups, run.models.student_arch, prompts, gen,
-                    seed=run.cfg.train.seed, step=run.step)
+                    seed=run.cfg.train.seed, step=run.step, row_offset=run.groups.dp_rank * rows)
 
 
 def microbatches(run: Run, out) -> list:
