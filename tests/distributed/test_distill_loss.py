@@ -1,0 +1,174 @@
+"""The TIP loss path at the output layer, through megatron's schedules.
+
+- rule `all` equals full-token OPD computed the naive way (full logits, float64
+  log-softmax, reverse KL summed over response positions) in loss and in every gradient;
+- deterministic (soft_or) and seeded (entropy_sample) rules keep the same tokens and give
+  the same loss and gradients under TP=1/2/4, PP=1/2, micro-batches 1/4 and DP=1/2;
+- prompt and padding positions are never kept; a micro-batch with no response tokens
+  contributes zero loss and zero gradient without breaking the schedule.
+"""
+from functools import partial
+
+import pytest
+import torch
+
+from tip_megatron import parallel, pipeline
+from tip_megatron.distill.loss import DistillSpec, LossConfig
+from tip_megatron.distill.step import (
+    Microbatch, make_contexts, student_pass, teacher_hidden_states, teacher_output_weight,
+)
+from tip_megatron.models import build_model
+from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict
+from tip_megatron.quickstart.pretrain import init_full_state
+from tip_megatron.testing.distributed import run_distributed
+from tip_megatron.testing.models import tiny_arch
+from tip_megatron.tip import SelectionConfig
+from tip_megatron.train.optimizer import OptimConfig, wrap_ddp
+
+ROWS, SEQ = 8, 12
+STUDENT = tiny_arch("qwen3")
+TEACHER = tiny_arch("llama", hidden_size=96, ffn_hidden_size=128)
+
+
+def _batch(empty_rows=()):
+    """8 rollouts: a prompt of 3-6 tokens, a response, right padding; rows in `empty_rows`
+    have no response at all."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, STUDENT.vocab_size, (ROWS, SEQ), generator=gen)
+    target = torch.zeros(ROWS, SEQ, dtype=torch.bool)
+    for r in range(ROWS):
+        prompt, end = 3 + r % 4, SEQ - r % 3
+        if r not in empty_rows:
+            target[r, prompt - 1:end - 1] = True  # position t predicts response token t+1
+    return Microbatch(ids, torch.arange(SEQ).expand(ROWS, SEQ).contiguous(), target, torch.arange(ROWS))
+
+
+def _cut(mb, dp_rank, dp, num_mb):
+    fields = ("input_ids", "position_ids", "target_mask", "rollout_ids")
+    mine = [getattr(mb, f).chunk(dp)[dp_rank] for f in fields]
+    return [Microbatch(*[t.chunk(num_mb)[i] for t in mine]) for i in range(num_mb)]
+
+
+def _weights():
+    g = parallel.initialize(parallel.ParallelLayout(), seed=0)
+    s, t = build_model(STUDENT, g), build_model(TEACHER, g)
+    return init_full_state(s, g, STUDENT, 1), init_full_state(t, g, TEACHER, 2)
+
+
+def _tip(layout, s_full, t_full, selection, impl, empty_rows=()):
+    tp, pp, dp, num_mb = layout
+    g = parallel.initialize(parallel.ParallelLayout(tp=tp, pp=pp))
+    student, teacher = build_model(STUDENT, g), build_model(TEACHER, g, frozen=True)
+    load_full_state_dict(student, s_full, g, STUDENT)
+    load_full_state_dict(teacher, t_full, g, TEACHER)
+    ddp = wrap_ddp(student, g, OptimConfig(use_distributed_optimizer=False))
+    mbs = _cut(_batch(empty_rows), g.dp_rank, dp, num_mb)
+    shape = dict(seq_length=SEQ, micro_batch_size=ROWS // dp // num_mb)
+    hidden = teacher_hidden_states(teacher, g, mbs, **shape)
+    contexts = make_contexts(g, mbs, hidden, teacher_output_weight(teacher) if g.is_last_stage else None)
+    spec = DistillSpec(selection, LossConfig(impl=impl, chunk_size=7), STUDENT.vocab_size, g.tp_group)
+    reports = student_pass(ddp, g, mbs, contexts, spec, **shape)
+    loss = torch.stack([r["distill"] for r in reports]).sum(0) if reports else None
+    kept = [c.selected.view(-1, SEQ) for c in contexts] if g.is_last_stage else None
+    grads = gather_full_state_dict(ddp, g, STUDENT, tensor_of=lambda p: p.main_grad)
+    return loss, kept, grads, (g.dp_rank, g.tp_rank, g.pp_rank)
+
+
+def _naive(s_full, t_full):
+    """Full-token OPD the way the paper's code does it: logits for every position, float64
+    log-softmax over the true vocabulary, reverse KL summed over response positions."""
+    g = parallel.initialize(parallel.ParallelLayout())
+    (student,), (teacher,) = build_model(STUDENT, g), build_model(TEACHER, g)
+    load_full_state_dict([student], s_full, g, STUDENT)
+    load_full_state_dict([teacher], t_full, g, TEACHER)
+    mb = _batch()
+    logits = student(mb.input_ids, mb.position_ids, None)[..., :STUDENT.vocab_size].double()
+    with torch.no_grad():
+        t_logits = teacher(mb.input_ids, mb.position_ids, None)[..., :STUDENT.vocab_size].double()
+    logp, logq = torch.log_softmax(logits, -1), torch.log_softmax(t_logits, -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    loss_sum = kl[mb.target_mask].sum()
+    n = int(mb.target_mask.sum())
+    (loss_sum / n).backward()
+    grads = gather_full_state_dict([student], g, STUDENT, tensor_of=lambda p: p.grad)
+    return float(loss_sum), n, grads
+
+
+def _close(got, ref, what, rel=1e-5):
+    for name, r in ref.items():
+        err = (got[name].double() - r.double()).abs().max().item()
+        scale = r.abs().max().item() + 1e-12
+        assert err <= rel * scale, f"{what}: {name} off by {err:.2e} (scale {scale:.2e})"
+
+
+def _unique_loss(results):
+    seen = {}
+    for loss, *_rest, (dp_rank, _, _) in results:
+        if loss is not None:
+            seen[dp_rank] = loss
+    total = torch.stack(list(seen.values())).sum(0)
+    return float(total[0]), int(total[1])
+
+
+def _kept_rows(results, dp):
+    """The global [rows, seq] kept mask, reassembled from the last-stage DP replicas."""
+    parts = {}
+    for _, kept, _, (dp_rank, tp_rank, _) in results:
+        if kept is not None and tp_rank == 0:
+            parts[dp_rank] = torch.cat(kept)
+    return torch.cat([parts[r] for r in range(dp)])
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return run_distributed(_weights, 1)[0]
+
+
+@pytest.mark.parametrize("impl", ["fused", "unfused"])
+def test_rule_all_is_full_token_opd(weights, impl):
+    ref_loss, ref_n, ref_grads = run_distributed(_naive, 1, args=weights)[0]
+    loss, kept, grads, _ = run_distributed(
+        _tip, 1, args=((1, 1, 1, 1), *weights, SelectionConfig(rule="all"), impl))[0]
+    assert int(loss[1]) == ref_n
+    assert float(loss[0]) == pytest.approx(ref_loss, rel=1e-6)
+    assert torch.equal(torch.cat(kept), _batch().target_mask)
+    _close(grads, ref_grads, f"rule all ({impl}) vs naive full-token OPD")
+
+
+LAYOUTS = {"tp2": (2, 1, 1, 1), "tp4": (4, 1, 1, 1), "pp2_mb4": (1, 2, 1, 4),
+           "tp2_pp2_mb4": (2, 2, 1, 4), "dp2_mb2": (1, 1, 2, 2)}
+
+
+@pytest.mark.parametrize("selection", [
+    SelectionConfig(rule="soft_or", rho=0.5),
+    SelectionConfig(rule="entropy_sample", rho=0.5, seed=7),
+], ids=["soft_or", "entropy_sample"])
+def test_layouts_keep_the_same_tokens(weights, selection):
+    ref = run_distributed(_tip, 1, args=((1, 1, 1, 1), *weights, selection, "fused"))
+    ref_loss, ref_kept, ref_grads = _unique_loss(ref), _kept_rows(ref, 1), ref[0][2]
+    target = _batch().target_mask
+    assert not (ref_kept & ~target).any(), "a prompt or padding position was kept"
+    assert 0 < int(ref_kept.sum()) < int(target.sum())
+    for name, layout in LAYOUTS.items():
+        tp, pp, dp, _ = layout
+        results = run_distributed(_tip, tp * pp * dp, args=(layout, *weights, selection, "fused"))
+        assert torch.equal(_kept_rows(results, dp), ref_kept), f"{name}: different kept set"
+        loss, kept_count = _unique_loss(results)
+        assert kept_count == ref_loss[1]
+        assert loss == pytest.approx(ref_loss[0], rel=1e-5), name
+        for r in results:
+            _close(r[2], ref_grads, f"{selection.rule} {name}")
+
+
+def test_microbatch_without_response_tokens(weights):
+    """Rows 0-3 have no response: with 2 micro-batches the first keeps nothing at all."""
+    results = run_distributed(_tip, 1, args=((1, 1, 1, 2), *weights, SelectionConfig(rule="soft_or", rho=0.5),
+                                             "fused", (0, 1, 2, 3)))
+    loss, kept, grads, _ = results[0]
+    assert int(kept[0].sum()) == 0 and int(kept[1].sum()) > 0
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    # the same loss as the second micro-batch alone (rows 4-7)
+    alone = run_distributed(_tip, 1, args=((1, 1, 1, 1), *weights, SelectionConfig(rule="soft_or", rho=0.5),
+                                           "fused", (0, 1, 2, 3)))[0]
+    assert float(loss[0]) == pytest.approx(float(alone[0][0]), rel=1e-6)
+    _close(grads, alone[2], "empty micro-batch")
