@@ -119,6 +119,9 @@ class TrainConfig:
     """Sequences per micro-batch."""
     seed: int = 1234
     """Model init, sampling and selection seed."""
+    exit_after_steps: Optional[int] = None
+    """Stop this launch after N steps (saving first when checkpoint.dir is set); the
+    learning-rate schedule still spans `steps`. For time-limited (e.g. Slurm) jobs."""
 
 
 @dataclass(frozen=True)
