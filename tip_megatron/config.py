@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence, Union
 import yaml
 
 from tip_megatron.distill.loss import LossConfig
+from tip_megatron.parallel import ParallelLayout
 from tip_megatron.tip import QuadrantRule, SelectionConfig
 from tip_megatron.train.optimizer import OptimConfig
 
@@ -60,18 +61,6 @@ class ModelOptions:
     """FP8 recipe for TE layers (hybrid, e4m3); GPU with TE only."""
     recompute_granularity: Optional[str] = None
     """Activation recompute: null, selective, full."""
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    tp: int = 1
-    """Tensor-parallel size (student and teacher share the grid)."""
-    pp: int = 1
-    """Pipeline-parallel size."""
-    vpp: Optional[int] = None
-    """Virtual pipeline stages per rank (interleaved schedule), or null."""
-    sequence_parallel: bool = False
-    """Megatron sequence parallelism (GPU only; not yet supported by the TIP loss path)."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +146,8 @@ class RunConfig:
     """Teacher and student TRUE vocabularies must match; name the shared prefix size here to
     distill between models whose embedding tables differ (e.g. 152064 vs 151936)."""
     model: ModelOptions = field(default_factory=ModelOptions)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    """tp, pp, vpp, sequence_parallel (student and teacher share the grid)."""
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -299,14 +289,11 @@ def dump_config(cfg: RunConfig) -> str:
 
 def validate_run(cfg: RunConfig, world_size: int) -> None:
     """Checks that need the whole tree (each dataclass validates its own fields)."""
-    from tip_megatron.parallel import ParallelLayout
-
     cfg.student.validate("student")
     cfg.teacher.validate("teacher")
     cfg.optim.validate()
-    layout = ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel)
-    layout.validate(world_size)
-    dp = layout.dp(world_size)
+    cfg.parallel.validate(world_size)
+    dp = cfg.parallel.dp(world_size)
     rows = cfg.data.prompts_per_step * cfg.rollout.n
     per_update = rows // max(cfg.train.updates_per_rollout, 1)
     if cfg.data.prompts_per_step % dp != 0:
@@ -331,7 +318,7 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
 
 __all__ = [
     "BUILTIN_MODELS", "CheckpointConfig", "DataConfig", "LoggingConfig", "LossConfig",
-    "ModelOptions", "ModelSource", "OptimConfig", "ParallelConfig", "QuadrantRule",
+    "ModelOptions", "ModelSource", "OptimConfig", "ParallelLayout", "QuadrantRule",
     "RolloutConfig", "RunConfig", "SelectionConfig", "TrainConfig", "config_keys",
     "config_to_dict", "dump_config", "from_dict", "load_config", "parse_overrides", "validate_run",
 ]

@@ -51,8 +51,7 @@ class Run:
 def setup(cfg: RunConfig) -> Run:
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
     validate_run(cfg, world)
-    groups = parallel.initialize(
-        parallel.ParallelLayout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp), seed=cfg.train.seed)
+    groups = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
     tokenizer = load_run_tokenizer(cfg)
     models = build_models(cfg, groups)
     if tokenizer.vocab_size > models.vocab_size:
