@@ -155,7 +155,8 @@ def local_max(valid_logits: torch.Tensor) -> torch.Tensor:
     """
     dtype = compute_dtype(valid_logits)
     if valid_logits.shape[-1] == 0:
-        return torch.full((valid_logits.shape[0],), float("-inf"), dtype=dtype, device=valid_logits.device)
+        rows = valid_logits.shape[0]
+        return torch.full((rows,), float("-inf"), dtype=dtype, device=valid_logits.device)
     return valid_logits.amax(dim=-1).to(dtype)
 
 

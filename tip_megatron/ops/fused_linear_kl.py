@@ -26,7 +26,7 @@ import torch
 from tip_megatron.ops._shard import SUM, Workspace, all_reduce_, chunk_tokens, token_chunks, vocab_shard
 from tip_megatron.ops.reverse_kl import (
     reverse_kl_forward,
-    reverse_kl_grad_chunk,
+    reverse_kl_grad,
     vocab_parallel_reverse_kl,
 )
 
@@ -55,7 +55,8 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: to
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [k, h] and weight [V/tp, h] do not match: "
                          f"{tuple(hidden.shape)} vs {tuple(weight.shape)}")
-    if teacher_hidden.dim() != 2 or teacher_weight.dim() != 2 or teacher_hidden.shape[1] != teacher_weight.shape[1]:
+    if (teacher_hidden.dim() != 2 or teacher_weight.dim() != 2
+            or teacher_hidden.shape[1] != teacher_weight.shape[1]):
         raise ValueError(f"teacher_hidden [k, h_t] and teacher_weight [V/tp, h_t] do not match: "
                          f"{tuple(teacher_hidden.shape)} vs {tuple(teacher_weight.shape)}")
     if teacher_hidden.shape[0] != hidden.shape[0]:
@@ -66,7 +67,8 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: to
             "build both output layers with the same padded vocabulary"
         )
     if token_weights is not None and tuple(token_weights.shape) != (hidden.shape[0],):
-        raise ValueError(f"token_weights must be [k] = [{hidden.shape[0]}]; got {tuple(token_weights.shape)}")
+        raise ValueError(f"token_weights must be [k] = [{hidden.shape[0]}]; "
+                         f"got {tuple(token_weights.shape)}")
 
 
 def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -78,18 +80,25 @@ def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: t
     kl = torch.empty(hidden.shape[0], dtype=scale.dtype, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_grad[0] else None
     acc_dtype = torch.promote_types(weight.dtype, torch.float32)
-    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_grad[1] else None
+    grad_weight = (torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+                   if need_grad[1] else None)
     rows = min(chunk, hidden.shape[0])
-    # Reused per chunk: both logit chunks, and the fp32 workspace of the KL and its grad.
-    logits = [torch.empty((rows, valid_width), dtype=x.dtype, device=x.device) for x in (hidden, teacher_hidden)]
-    work = Workspace(rows, valid_width, logits[0], count=2)
+    # Reused per chunk: both logit chunks, the logit gradient, and an fp32 workspace for
+    # the elementwise KL math, which runs in smaller cache-sized blocks of `inner` tokens.
+    logits = [torch.empty((rows, valid_width), dtype=x.dtype, device=x.device)
+              for x in (hidden, teacher_hidden)]
+    grad_logits = torch.empty((rows, valid_width), dtype=weight.dtype, device=weight.device)
+    inner = chunk_tokens(valid_width, None, hidden.device)
+    work = Workspace(min(inner, rows), valid_width, logits[0], count=2)
     for sl in token_chunks(hidden.shape[0], chunk):
-        student = torch.matmul(hidden[sl], w_s.t(), out=logits[0][: sl.stop - sl.start])
-        teacher = torch.matmul(teacher_hidden[sl], w_t.t(), out=logits[1][: sl.stop - sl.start])
-        state = reverse_kl_forward(student, teacher, tp_group, chunk, work)
+        count = sl.stop - sl.start
+        student = torch.matmul(hidden[sl], w_s.t(), out=logits[0][:count])
+        teacher = torch.matmul(teacher_hidden[sl], w_t.t(), out=logits[1][:count])
+        state = reverse_kl_forward(student, teacher, tp_group, inner, work)
         kl[sl] = state.kl
         if any(need_grad):
-            g = reverse_kl_grad_chunk(student, teacher, state, scale[sl], work).to(weight.dtype)
+            g = reverse_kl_grad(student, teacher, state, scale[sl], valid_width, inner,
+                                out=grad_logits[:count], work=work)
             if grad_hidden is not None:
                 torch.matmul(g, w_s, out=grad_hidden[sl])
             if grad_weight is not None:

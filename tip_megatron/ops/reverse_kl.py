@@ -30,9 +30,9 @@ from tip_megatron.ops._shard import (
     Workspace,
     all_reduce_,
     check_pair,
-    diff_into,
     chunk_tokens,
     compute_dtype,
+    diff_into,
     finite_max,
     local_max,
     shift_into,
@@ -123,19 +123,21 @@ def reverse_kl_grad_chunk(
 
 def reverse_kl_grad(
     student: torch.Tensor, teacher: torch.Tensor, state: KLState, scale: torch.Tensor,
-    valid_width: int, chunk: int,
+    valid_width: int, chunk: int, out: Optional[torch.Tensor] = None,
+    work: Optional[Workspace] = None,
 ) -> torch.Tensor:
-    """[tokens, V/tp] gradient in the student's dtype; padded columns get exactly zero."""
-    grad = torch.empty_like(student)
+    """[tokens, V/tp] gradient of sum_i scale_i KL_i, in the student's dtype (or into
+    `out`, any float dtype); padded columns get exactly zero. Chunked like the forward."""
+    grad = torch.empty_like(student) if out is None else out
     grad[:, valid_width:] = 0.0
-    work = Workspace(min(chunk, student.shape[0]), valid_width, student, count=2)
+    work = work or Workspace(min(chunk, student.shape[0]), valid_width, student, count=2)
     direct = grad.dtype == compute_dtype(student)  # write straight into the result
     for sl in token_chunks(student.shape[0], chunk):
-        out = grad[sl, :valid_width]
+        rows = grad[sl, :valid_width]
         value = reverse_kl_grad_chunk(student[sl, :valid_width], teacher[sl, :valid_width],
-                                      state.rows(sl), scale[sl], work, out if direct else None)
+                                      state.rows(sl), scale[sl], work, rows if direct else None)
         if not direct:
-            out.copy_(value)
+            rows.copy_(value)
     return grad
 
 

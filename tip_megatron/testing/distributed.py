@@ -74,6 +74,13 @@ def _from_bytes(data: bytes) -> Any:
 
 
 def _teardown() -> None:
+    if "megatron.core.parallel_state" not in sys.modules:
+        # Nothing megatron was set up here; importing it just to tear down costs seconds.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        return
     try:
         from tip_megatron import parallel
 

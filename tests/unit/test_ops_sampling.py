@@ -1,0 +1,94 @@
+"""vocab_parallel_sample at TP = 1: goodness of fit, truncation, determinism, log-probs.
+
+TP = 2 and 4 draws equal to these TP = 1 draws: tests/distributed/test_ops_tensor_parallel.py.
+"""
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tip_megatron.ops import reference as ref
+from tip_megatron.ops import vocab_parallel_sample
+from tip_megatron.ops.sampling import _call_key, _fmix32, _mix_word, hash_u32
+
+VOCAB, WIDTH, DRAWS = 12, 16, 20000
+
+
+def _row_logits() -> torch.Tensor:
+    """One row of logits (plus 4 padded columns holding the largest values) repeated."""
+    row = torch.tensor([2.0, 1.5, 1.0, 0.9, 0.5, 0.2, 0.0, -0.3, -1.0, -1.5, -2.0, -3.0,
+                        50.0, 50.0, 50.0, 50.0])
+    return row.expand(DRAWS, WIDTH)
+
+
+def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    from scipy.stats import chisquare
+
+    expected = probs * counts.sum()
+    keep = expected >= 5  # chi-square needs >= 5 expected per bin: merge the rest
+    observed = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)]).double()
+    expected = torch.cat([expected[keep], expected[~keep].sum(0, keepdim=True)])
+    if expected[-1] < 5:
+        observed, expected = observed[:-1], expected[:-1]
+        expected = expected * observed.sum() / expected.sum()
+    return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8), (0.9, 6, 0.85)],
+    ids=["plain", "temperature", "top_k", "top_p", "top_k_top_p"],
+)
+def test_frequencies_match_truncated_softmax(temperature, top_k, top_p):
+    logits = _row_logits()
+    ids, logprob = vocab_parallel_sample(logits, tp_group=None, vocab_size=VOCAB, seed=1234,
+                                         temperature=temperature, top_k=top_k, top_p=top_p)
+    probs = ref.sampling_probs(logits[:1], VOCAB, temperature, top_k, top_p)[0]
+    assert ids.max() < VOCAB  # the padded columns hold the largest logits: never drawn
+    counts = torch.bincount(ids, minlength=VOCAB)
+    assert (counts[probs == 0] == 0).all()  # truncated tokens are never drawn
+    assert _chi_square_pvalue(counts, probs) > 1e-3
+    assert_close(logprob.double(), probs.log()[ids], rtol=1e-6, atol=1e-6)
+
+
+def test_greedy_and_ties():
+    logits = torch.tensor([[0.0, 3.0, 3.0, 1.0], [5.0, -math.inf, 5.0, 9.0]])
+    ids, logprob = vocab_parallel_sample(logits, tp_group=None, vocab_size=3, temperature=0.0, seed=0)
+    assert ids.tolist() == [1, 0]  # lowest id among equal maxima; column 3 is padding
+    assert (logprob == 0).all()
+
+
+def test_draws_are_a_pure_function_of_seed_and_step():
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(0))
+    def draw(**kw):
+        return vocab_parallel_sample(logits, tp_group=None, vocab_size=10, **kw)[0]
+
+    assert torch.equal(draw(seed=5, step=3), draw(seed=5, step=3))
+    assert torch.equal(draw(seed=5, step=3, chunk_size=7), draw(seed=5, step=3))
+    assert not torch.equal(draw(seed=5, step=3), draw(seed=5, step=4))
+    assert not torch.equal(draw(seed=5, step=3), draw(seed=6, step=3))
+    # row_offset keys the noise by global row: a slice of the rows draws what it drew
+    # inside the full batch (data-parallel replicas each holding a slice).
+    part = vocab_parallel_sample(logits[40:], tp_group=None, vocab_size=10, seed=5, step=3,
+                                 row_offset=40)[0]
+    assert torch.equal(part, draw(seed=5, step=3)[40:])
+
+
+def test_hash_tensor_path_equals_python_reference():
+    rows = torch.tensor([[0], [7], [2**31 + 1]])
+    cols = torch.tensor([[0, 1, 151935, 2**32 - 1]])
+    got = hash_u32(2**40 + 3, -5, 1, rows, cols)
+    for i, r in enumerate(rows[:, 0].tolist()):
+        for j, c in enumerate(cols[0].tolist()):
+            want = _fmix32(_mix_word(_mix_word(_call_key(2**40 + 3, -5, 1), r), c) ^ 16)
+            assert got[i, j].item() == want
+    assert got.min() >= 0 and got.max() < 2**32
+
+
+def test_sampling_argument_errors():
+    logits = torch.zeros(2, 4)
+    for kwargs, match in [({"temperature": -1.0}, "temperature"), ({"top_k": -1}, "top_k"),
+                          ({"top_p": 0.0}, "top_p"), ({"seed": 1.5}, "seed")]:
+        with pytest.raises(ValueError, match=match):
+            vocab_parallel_sample(logits, tp_group=None, vocab_size=4, **{"seed": 0, **kwargs})
