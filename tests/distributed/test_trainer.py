@@ -169,6 +169,22 @@ def _torchrun(args, env, nnodes=1, node_rank=0, nproc=4, port=None, log=None):
                             text=True, start_new_session=True)
 
 
+def _kill_tree(proc):
+    """SIGKILL a torchrun agent and every descendant at once (workers may run in their own
+    sessions, so a process-group kill can miss them)."""
+    import psutil
+
+    agent = psutil.Process(proc.pid)
+    family = agent.children(recursive=True) + [agent]
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_torchrun_tp2_pp2_saves_a_checkpoint(assets, tmp_path):
     ckdir = tmp_path / "ck"
@@ -209,8 +225,7 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(assets, tmp_path):
         if proc.poll() is not None:
             pytest.fail("training ended before the second save: " + (tmp_path / "log.txt").read_text()[-3000:])
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the agent and its worker: a crash, no clean-up
-    proc.wait()
+    _kill_tree(proc)  # the agent, its worker and the saver processes: a crash, no clean-up
     complete = ckpt_lib.list_checkpoints(ckdir)
     assert complete and complete[0].name == "step_000001"
     # the last complete checkpoint loads and resumes
