@@ -9,11 +9,17 @@ worker directly instead.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from typing import Sequence
 
-from tip_megatron.testing.distributed import free_port
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def under_torchrun() -> bool:

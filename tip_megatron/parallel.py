@@ -133,7 +133,7 @@ def init_torch_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
                 f"WORLD_SIZE={world} but MASTER_ADDR is not set: launch with torchrun "
                 "(it sets MASTER_ADDR/MASTER_PORT), or run a single process"
             )
-        from tip_megatron.testing.distributed import free_port
+        from tip_megatron.launch import free_port
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))

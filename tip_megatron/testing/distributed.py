@@ -18,18 +18,12 @@ import io
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import time
 import traceback
 from typing import Any, Callable, Optional, Sequence
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tip_megatron.launch import free_port  # noqa: F401 - re-exported for tests
 
 
 class DistributedTestError(RuntimeError):
