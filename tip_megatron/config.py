@@ -19,36 +19,11 @@ from typing import Any, Optional, Sequence, Union
 import yaml
 
 from tip_megatron.distill.loss import LossConfig
+from tip_megatron.models.sources import ModelSource, builtin_model
 from tip_megatron.parallel import ParallelLayout
+from tip_megatron.rollout.generate import SamplingConfig
 from tip_megatron.tip import QuadrantRule, SelectionConfig
 from tip_megatron.train.optimizer import OptimConfig
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's weights come from (exactly one of the three)."""
-
-    ckpt: Optional[str] = None
-    """A tip_megatron model checkpoint directory (e.g. from `tip-megatron convert hf-to-mcore`)."""
-    hf: Optional[str] = None
-    """An HF model directory (config.json + safetensors), converted in memory at start."""
-    builtin: Optional[str] = None
-    """An embedded model: `quickstart-teacher` or `quickstart-student` (pre-trained on the
-    synthetic addition task by the engine itself and cached)."""
-
-    def validate(self, name: str) -> None:
-        given = [k for k in ("ckpt", "hf", "builtin") if getattr(self, k)]
-        if len(given) != 1:
-            raise ValueError(f"{name}: set exactly one of {name}.ckpt, {name}.hf, {name}.builtin "
-                             f"(got {given or 'none'})")
-        path = self.ckpt or self.hf
-        if path and not Path(path).exists():
-            raise ValueError(f"{name}.{given[0]}={path!r}: no such file or directory")
-        if self.builtin and self.builtin not in BUILTIN_MODELS:
-            raise ValueError(f"{name}.builtin={self.builtin!r}: accepted: {list(BUILTIN_MODELS)}")
-
-
-BUILTIN_MODELS = ("quickstart-teacher", "quickstart-student")
 
 
 @dataclass(frozen=True)
@@ -66,7 +41,8 @@ class ModelOptions:
 @dataclass(frozen=True)
 class DataConfig:
     prompts: tuple[str, ...] = ()
-    """Prompt files (JSONL or parquet); empty with builtin models = the synthetic task."""
+    """Prompt files (JSONL or parquet); empty = the embedded task of a builtin student
+    that has one (the quickstart's)."""
     tokenizer: Optional[str] = None
     """Tokenizer directory or SentencePiece .model; `char` = the embedded task's character
     tokenizer; null = the one bundled with the student checkpoint / HF directory."""
@@ -83,18 +59,6 @@ class DataConfig:
     """Global prompts per step (divided over data-parallel ranks)."""
     seed: int = 1234
     """Shuffle seed."""
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    n: int = 1
-    """Samples per prompt (the paper: 16)."""
-    max_new_tokens: int = 256
-    """Response length limit (the paper: 8192)."""
-    temperature: float = 1.0
-    """Sampling temperature (the paper: 1.0)."""
-    top_p: float = 1.0
-    top_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,7 +113,8 @@ class RunConfig:
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
     """tp, pp, vpp, sequence_parallel (student and teacher share the grid)."""
     data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout: SamplingConfig = field(default_factory=SamplingConfig)
+    """n, max_new_tokens, temperature, top_p, top_k (the generation engine's own options)."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -287,38 +252,60 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+def _at_least(key: str, value: Any, minimum: int) -> None:
+    if value < minimum:
+        raise ValueError(f"{key}={value!r}: must be >= {minimum}")
+
+
 def validate_run(cfg: RunConfig, world_size: int) -> None:
-    """Checks that need the whole tree (each dataclass validates its own fields)."""
+    """Checks that need the whole tree (each dataclass validates its own fields), before
+    anything heavy. Ordered so that every value is checked on its own before it enters a
+    product or a division: the user sees the message about the key they set."""
     cfg.student.validate("student")
     cfg.teacher.validate("teacher")
+    cfg.rollout.validate("rollout.")
+    for key in ("train.steps", "train.updates_per_rollout", "train.micro_batch_size",
+                "data.prompts_per_step", "data.max_prompt_len", "logging.log_every"):
+        section, name = key.split(".")
+        _at_least(key, getattr(getattr(cfg, section), name), 1)
+    _at_least("checkpoint.save_every", cfg.checkpoint.save_every, 0)
+    _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
     cfg.optim.validate()
     cfg.parallel.validate(world_size)
-    dp = cfg.parallel.dp(world_size)
-    rows = cfg.data.prompts_per_step * cfg.rollout.n
-    per_update = rows // max(cfg.train.updates_per_rollout, 1)
+    if cfg.parallel.sequence_parallel:
+        raise ValueError("parallel.sequence_parallel=true: not yet supported by the TIP loss path")
+    _check_batch(cfg, cfg.parallel.dp(world_size))
+    _check_prompt_source(cfg)
+
+
+def _check_batch(cfg: RunConfig, dp: int) -> None:
+    """The global batch splits into DP shards, then updates, then micro-batches."""
     if cfg.data.prompts_per_step % dp != 0:
         raise ValueError(f"data.prompts_per_step={cfg.data.prompts_per_step} is not divisible by "
                          f"the data-parallel size {dp}")
+    rows = cfg.data.prompts_per_step * cfg.rollout.n
+    if cfg.train.updates_per_rollout > rows:
+        raise ValueError(f"train.updates_per_rollout={cfg.train.updates_per_rollout} exceeds the "
+                         f"{rows} rollouts per step (data.prompts_per_step x rollout.n)")
     if rows % (dp * cfg.train.updates_per_rollout * cfg.train.micro_batch_size) != 0:
         raise ValueError(
             f"global batch of {rows} rollouts (prompts_per_step x rollout.n) is not divisible by "
             f"dp x updates_per_rollout x micro_batch_size = {dp} x {cfg.train.updates_per_rollout} "
             f"x {cfg.train.micro_batch_size}"
         )
-    if per_update < 1:
-        raise ValueError("train.updates_per_rollout exceeds the rollouts per step")
-    for name in ("steps", "updates_per_rollout", "micro_batch_size"):
-        if getattr(cfg.train, name) < 1:
-            raise ValueError(f"train.{name}={getattr(cfg.train, name)}: must be >= 1")
-    if cfg.rollout.n < 1 or cfg.rollout.max_new_tokens < 1:
-        raise ValueError("rollout.n and rollout.max_new_tokens must be >= 1")
-    if cfg.parallel.sequence_parallel:
-        raise ValueError("parallel.sequence_parallel=true: not yet supported by the TIP loss path")
+
+
+def _check_prompt_source(cfg: RunConfig) -> None:
+    if cfg.data.prompts:
+        return
+    if not (cfg.student.builtin and builtin_model(cfg.student.builtin).prompts):
+        raise ValueError("data.prompts is empty: name prompt files (JSONL or parquet); only a "
+                         "builtin student with an embedded task (student.builtin) comes with prompts")
 
 
 __all__ = [
-    "BUILTIN_MODELS", "CheckpointConfig", "DataConfig", "LoggingConfig", "LossConfig",
+    "CheckpointConfig", "DataConfig", "LoggingConfig", "LossConfig",
     "ModelOptions", "ModelSource", "OptimConfig", "ParallelLayout", "QuadrantRule",
-    "RolloutConfig", "RunConfig", "SelectionConfig", "TrainConfig", "config_keys",
+    "RunConfig", "SamplingConfig", "SelectionConfig", "TrainConfig", "config_keys",
     "config_to_dict", "dump_config", "from_dict", "load_config", "parse_overrides", "validate_run",
 ]

@@ -19,7 +19,7 @@ from tip_megatron.distill.step import (
 )
 from tip_megatron.models import build_model
 from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict
-from tip_megatron.quickstart.pretrain import init_full_state
+from tip_megatron.models.init import init_full_state
 from tip_megatron.testing.distributed import run_distributed
 from tip_megatron.testing.models import tiny_arch
 from tip_megatron.tip import SelectionConfig

@@ -29,7 +29,7 @@ def _make_model(out, family, hidden, layers, seed, max_pos):
     uniform, so entropies and KLs differ between tokens (megatron's N(0, 0.02) init leaves
     a tiny model near-uniform, every token nearly tied, and top-k selection ill-posed)."""
     from tip_megatron.models.state import load_full_state_dict
-    from tip_megatron.quickstart.pretrain import init_full_state
+    from tip_megatron.models.init import init_full_state
 
     arch = tiny_arch(family, hidden_size=hidden, num_layers=layers, max_position_embeddings=max_pos)
     g = parallel.initialize(parallel.ParallelLayout(), seed=seed)

@@ -119,16 +119,86 @@ def test_yaml_file_and_overrides(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
-def test_validate_run_divisibility_and_sources(tmp_path):
+@pytest.fixture
+def sources(tmp_path):
+    """Overrides naming two existing model directories and a prompt file (validate_run
+    checks that the directories exist, not what they hold)."""
     (tmp_path / "s").mkdir(), (tmp_path / "t").mkdir()
-    base = [f"student.ckpt={tmp_path / 's'}", f"teacher.ckpt={tmp_path / 't'}"]
-    validate_run(load_config(None, base + ["data.prompts_per_step=8"]), world_size=2)
+    return [f"student.ckpt={tmp_path / 's'}", f"teacher.ckpt={tmp_path / 't'}",
+            f"data.prompts=[{tmp_path / 'p.jsonl'}]"]
+
+
+def test_validate_run_divisibility_and_sources(sources):
+    validate_run(load_config(None, sources + ["data.prompts_per_step=8"]), world_size=2)
     with pytest.raises(ValueError, match="world size 3 is not divisible"):
-        validate_run(load_config(None, base + ["parallel.tp=2"]), world_size=3)
+        validate_run(load_config(None, sources + ["parallel.tp=2"]), world_size=3)
     with pytest.raises(ValueError, match="not divisible by the data-parallel size 4"):
-        validate_run(load_config(None, base + ["data.prompts_per_step=6"]), world_size=4)
+        validate_run(load_config(None, sources + ["data.prompts_per_step=6"]), world_size=4)
     with pytest.raises(ValueError, match="set exactly one of student.ckpt"):
-        validate_run(load_config(None, base[1:]), world_size=1)
+        validate_run(load_config(None, sources[1:]), world_size=1)
+
+
+#: (overrides, world size, the start of the one-line message). Each bad value is checked
+#: on its own before it enters a product or a division (0 here used to raise
+#: ZeroDivisionError), and generation options fail at validation, not at the first rollout.
+BAD_RUNS = [
+    (["rollout.temperature=-1"], 1, r"rollout.temperature=-1.0: must be a finite number >= 0 \(0 = greedy\)"),
+    (["rollout.temperature=.inf"], 1, "rollout.temperature=inf: must be a finite"),
+    (["rollout.top_p=0"], 1, r"rollout.top_p=0.0: must be in \(0, 1\]"),
+    (["rollout.top_p=1.5"], 1, r"rollout.top_p=1.5: must be in \(0, 1\]"),
+    (["rollout.top_k=-1"], 1, "rollout.top_k=-1: must be an integer >= 0"),
+    (["rollout.n=0"], 1, "rollout.n=0: must be an integer >= 1"),
+    (["rollout.max_new_tokens=0"], 1, "rollout.max_new_tokens=0: must be an integer >= 1"),
+    (["train.updates_per_rollout=0"], 1, "train.updates_per_rollout=0: must be >= 1"),
+    (["train.micro_batch_size=0"], 1, "train.micro_batch_size=0: must be >= 1"),
+    (["train.micro_batch_size=0"], 2, "train.micro_batch_size=0: must be >= 1"),
+    (["train.steps=0"], 1, "train.steps=0: must be >= 1"),
+    (["data.prompts_per_step=0"], 1, "data.prompts_per_step=0: must be >= 1"),
+    (["data.max_prompt_len=0"], 1, "data.max_prompt_len=0: must be >= 1"),
+    (["logging.log_every=0"], 1, "logging.log_every=0: must be >= 1"),
+    (["checkpoint.keep_last=-1"], 1, "checkpoint.keep_last=-1: must be >= 0"),
+    (["checkpoint.save_every=-2"], 1, "checkpoint.save_every=-2: must be >= 0"),
+    (["data.prompts_per_step=6"], 4, "data.prompts_per_step=6 is not divisible by the data-parallel size 4"),
+    (["data.prompts_per_step=2", "train.updates_per_rollout=3"], 1,
+     "train.updates_per_rollout=3 exceeds the 2 rollouts per step"),
+    (["data.prompts_per_step=6", "train.micro_batch_size=4"], 1,
+     "global batch of 6 rollouts .* not divisible by dp x updates_per_rollout x micro_batch_size"),
+    (["data.prompts=[]"], 1, "data.prompts is empty: name prompt files"),
+    (["optim.lr=0"], 1, "optim.lr=0.0: must be > 0"),
+    (["parallel.sequence_parallel=true", "parallel.tp=2"], 2, "parallel.sequence_parallel=true: not yet"),
+]
+
+
+@pytest.mark.parametrize("overrides,world,message", BAD_RUNS,
+                         ids=[" ".join(o) + f" world={w}" for o, w, _ in BAD_RUNS])
+def test_validate_run_names_the_key(sources, overrides, world, message):
+    cfg = load_config(None, sources + overrides)  # parsing accepts the value; validation refuses it
+    with pytest.raises(ValueError, match="^" + message) as err:
+        validate_run(cfg, world_size=world)
+    assert "\n" not in str(err.value)
+
+
+def test_the_run_config_rollout_section_is_the_engine_config():
+    from tip_megatron.rollout.generate import GenerationConfig, SamplingConfig
+
+    cfg = load_config(None, ["rollout.n=4", "rollout.temperature=0.7", "rollout.top_k=5"])
+    assert type(cfg.rollout) is SamplingConfig
+    gen = GenerationConfig.from_sampling(cfg.rollout, stop_ids=[3], pad_id=2)
+    assert (gen.n, gen.temperature, gen.top_k, gen.top_p, gen.max_new_tokens) == (4, 0.7, 5, 1.0, 256)
+    assert (gen.stop_ids, gen.pad_id) == ((3,), 2)
+    # every rollout key is a GenerationConfig field: one set of options, one set of checks
+    rollout_keys = {k.split(".", 1)[1] for k in config_keys() if k.startswith("rollout.")}
+    assert rollout_keys <= set(GenerationConfig.__dataclass_fields__)
+
+
+def test_unknown_builtin_lists_the_registered_names(tmp_path):
+    cfg = load_config(None, ["student.builtin=quickstart-studnet", "teacher.builtin=quickstart-teacher"])
+    with pytest.raises(ValueError, match=r"^student.builtin='quickstart-studnet': accepted: "
+                                         r"\['quickstart-student', 'quickstart-teacher'\]$"):
+        validate_run(cfg, world_size=1)
+    # the builtin student embeds its task: no prompt files needed
+    validate_run(load_config(None, ["student.builtin=quickstart-student",
+                                    "teacher.builtin=quickstart-teacher"]), world_size=1)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])

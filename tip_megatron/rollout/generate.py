@@ -15,7 +15,7 @@ protocol and sampling determinism: docs/generate.md.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -31,19 +31,42 @@ from tip_megatron.rollout.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
-class GenerationConfig:
-    """How to decode (the model and the prompts are arguments of `generate`)."""
+class SamplingConfig:
+    """What to sample: the run config's `rollout` section, and the options of
+    `GenerationConfig` a user chooses (the rest come from the tokenizer and the engine)."""
 
+    n: int = 1
+    """Samples per prompt; rows of one prompt are consecutive (the paper: 16)."""
     max_new_tokens: int = 256
-    """Tokens generated per sample at most (the stop token counts)."""
+    """Tokens generated per sample at most, the stop token included (the paper: 8192)."""
     temperature: float = 1.0
     """Softmax temperature; 0 = greedy (argmax, lowest id on ties; log-probs are 0)."""
-    top_k: int = 0
-    """Keep the k most likely tokens (0 = all)."""
     top_p: float = 1.0
     """Keep the smallest set of most likely tokens with probability >= top_p (1 = all)."""
-    n: int = 1
-    """Samples per prompt; rows of one prompt are consecutive."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = all)."""
+
+    def validate(self, prefix: str = "") -> None:
+        """ValueError naming `<prefix><field>` and the accepted values (the run config
+        passes `rollout.`)."""
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"{prefix}n={self.n!r}: must be an integer >= 1")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"{prefix}max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
+        if not (self.temperature >= 0) or self.temperature == float("inf"):
+            raise ValueError(f"{prefix}temperature={self.temperature!r}: must be a finite number "
+                             ">= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"{prefix}top_p={self.top_p!r}: must be in (0, 1] (1 = no top-p)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"{prefix}top_k={self.top_k!r}: must be an integer >= 0 (0 = no top-k)")
+
+
+@dataclass(frozen=True)
+class GenerationConfig(SamplingConfig):
+    """How to decode (the model and the prompts are arguments of `generate`): the sampling
+    options plus the tokenizer's ids and the engine's implementation choices."""
+
     stop_ids: tuple[int, ...] = ()
     """Token ids that end a sample (the tokenizer's `stop_ids`); empty = max tokens only."""
     pad_id: int = 0
@@ -56,19 +79,17 @@ class GenerationConfig:
     step), `auto` (functional when the model qualifies). See rollout/decode.py."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n={self.n!r}: must be an integer >= 1")
-        if not (self.temperature >= 0) or self.temperature == float("inf"):
-            raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0 (0 = greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = no top-k)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1] (1 = no top-p)")
+        self.validate()
         if self.layer_impl not in decode.LAYER_IMPLS:
             raise ValueError(f"layer_impl={self.layer_impl!r}: accepted values are {decode.LAYER_IMPLS}")
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+    @classmethod
+    def from_sampling(cls, sampling: SamplingConfig, stop_ids: Sequence[int], pad_id: int,
+                      **engine) -> "GenerationConfig":
+        """The one conversion from the run config's `rollout` section."""
+        chosen = {f.name: getattr(sampling, f.name) for f in fields(SamplingConfig)}
+        return cls(**chosen, stop_ids=tuple(stop_ids), pad_id=pad_id, **engine)
 
     @property
     def greedy(self) -> bool:

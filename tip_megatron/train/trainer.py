@@ -92,9 +92,7 @@ def maybe_resume(run: Run) -> None:
 # ------------------------------------------------------------------ one step
 def rollouts(run: Run, prompts: list[list[int]]):
     r = run.cfg.rollout
-    gen = GenerationConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
-                           top_p=r.top_p, n=r.n, stop_ids=tuple(run.tokenizer.stop_ids),
-                           pad_id=run.tokenizer.pad_id)
+    gen = GenerationConfig.from_sampling(r, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id)
     # This replica holds rows [dp_rank * rows, (dp_rank + 1) * rows) of the global batch
     # (the prompt loader hands out consecutive slices), so any DP size draws the same samples.
     rows = len(prompts) * r.n
