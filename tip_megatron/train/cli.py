@@ -26,12 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tip_megatron.config import load_config
+    from tip_megatron.config import load_config, validate_run
 
     cfg = load_config(args.config, args.overrides)  # errors surface before any launch
     if launch.under_torchrun():
         return worker(args.config, args.overrides)
     nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp
+    validate_run(cfg, nproc)  # a bad value stops here, before N ranks import megatron
     worker_args = (["--config", args.config] if args.config else []) + list(args.overrides)
     return launch.run_local(nproc, "tip_megatron.train", worker_args)
 
