@@ -1,5 +1,7 @@
 """The quickstart's pieces: the embedded addition task, pre-training of a tiny teacher and
-student with the engine's own stack (cached), and greedy accuracy evaluation.
+student with the engine's own stack (cached), greedy accuracy evaluation, and the
+built-in model sources `quickstart-teacher` / `quickstart-student` (`builtin_models.py`,
+found by `tip_megatron.models.sources`; the trainer never imports this package).
 
     from tip_megatron.quickstart import task, pretrained_models, evaluate
 
