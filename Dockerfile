@@ -13,8 +13,11 @@
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.12-py3
 FROM ${BASE_IMAGE}
 
+# PIP_BREAK_SYSTEM_PACKAGES: the image's packages live in the system Python 3.12; should
+# the base keep Ubuntu's EXTERNALLY-MANAGED marker, pip would refuse to add to them.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
     TIP_MEGATRON_CACHE=/workspace/.cache/tip_megatron
 
 WORKDIR /opt/tip_megatron
