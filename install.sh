@@ -4,6 +4,7 @@
 #   bash install.sh            # the package + runtime dependencies
 #   bash install.sh test       # ... plus the test extras
 #   bash install.sh test,wandb # several extras, comma separated
+#   bash install.sh --dry-run gpu  # print the steps it would take; installs nothing
 #
 # Why a script and not a bare `pip install -e .`: megatron-core 0.19.2 declares
 # Requires-Python >= 3.12, yet its cp311 wheel works on 3.11 when installed with
@@ -13,11 +14,16 @@
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
+DRY_RUN=0
+if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
 EXTRAS=${1:-}
 MCORE_VERSION=0.19.2
 TORCH_CPU_VERSION=2.13.0
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-pip_install() { "$PYTHON" -m pip install --disable-pip-version-check -q "$@"; }
+pip_install() {
+  if [ "$DRY_RUN" = 1 ]; then echo "[dry-run] would run: $PYTHON -m pip install $*"; return; fi
+  "$PYTHON" -m pip install --disable-pip-version-check -q "$@"
+}
 
 # 1. torch: keep whatever torch is already there (an NGC container ships its own CUDA build);
 #    otherwise take the pinned CPU build, which pip finds on local disk. An unpinned torch
@@ -25,6 +31,8 @@ pip_install() { "$PYTHON" -m pip install --disable-pip-version-check -q "$@"; }
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   echo "[install] torch==${TORCH_CPU_VERSION}"
   pip_install "torch==${TORCH_CPU_VERSION}"
+elif [ "$DRY_RUN" = 1 ]; then
+  echo "[dry-run] would keep existing torch"
 fi
 
 # 2. megatron-core's own dependencies first (triton: imported unconditionally by
@@ -40,6 +48,8 @@ if ! "$PYTHON" -c "import megatron.core, sys; sys.exit(megatron.core.__version__
   else
     pip_install --no-deps --ignore-requires-python "megatron-core==${MCORE_VERSION}"
   fi
+elif [ "$DRY_RUN" = 1 ]; then
+  echo "[dry-run] would keep existing megatron-core==${MCORE_VERSION}"
 fi
 
 # 4. this package (editable), with the requested extras.
@@ -47,4 +57,5 @@ target="$here"
 [ -n "$EXTRAS" ] && target="$here[$EXTRAS]"
 echo "[install] tip_megatron ${EXTRAS:+[$EXTRAS]}"
 pip_install -e "$target"
+if [ "$DRY_RUN" = 1 ]; then echo "[dry-run] would check: import tip_megatron, megatron.core, torch"; exit 0; fi
 "$PYTHON" -c "import tip_megatron, megatron.core, torch; print('[install] ok: tip_megatron', tip_megatron.__version__, '| megatron-core', megatron.core.__version__, '| torch', torch.__version__)" 2>&1 | grep -v Warning | grep '\[install\]'

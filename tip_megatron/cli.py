@@ -1,6 +1,6 @@
 """`tip-megatron` command line: one subcommand per module.
 
-    tip-megatron demo | quickstart | train | generate | convert ...
+    tip-megatron demo | quickstart | train | generate | convert | config | plot ...
 
 Each subcommand lives beside the code it drives and exposes `register(subparsers)`, which
 adds its parser and sets `func` to a callable taking the parsed args and returning an exit
@@ -21,6 +21,8 @@ SUBCOMMAND_MODULES = (
     "tip_megatron.train.cli",
     "tip_megatron.rollout.cli",
     "tip_megatron.convert.cli",
+    "tip_megatron.config_cli",
+    "tip_megatron.plots.cli",
 )
 
 
