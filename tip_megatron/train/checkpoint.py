@@ -7,7 +7,7 @@ Layout of `<dir>/step_000010/`:
     rng/rank_N.pt  per-rank RNG states (restored only when the layout is unchanged)
     config.yaml    the effective run config
     arch.json      the student architecture
-    COMPLETE       written last: a directory without it is not a checkpoint
+    COMPLETE       marker: a directory without it is not a checkpoint
 
 Atomicity (`io_atomic.atomic_dir`): every rank writes into `.step_000010.tmp-<nonce>/`; after
 a barrier the files are fsynced and rank 0 renames the directory to `step_000010/`. A crash
