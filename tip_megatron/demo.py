@@ -14,8 +14,17 @@ from functools import partial
 import torch
 
 from tip_megatron import launch
+from tip_megatron.models.arch import ModelArch
 
 logger = logging.getLogger(__name__)
+
+#: The demo's model: 4 Llama layers (2 per stage at PP=2), GQA, a vocabulary that is not
+#: a multiple of 128 so that TP padding is exercised.
+DEMO_ARCH = ModelArch(
+    family="llama", vocab_size=250, hidden_size=64, num_layers=4, num_attention_heads=8,
+    num_kv_heads=4, ffn_hidden_size=96, max_position_embeddings=64, rope_theta=10000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
 
 
 def register(subparsers) -> None:
@@ -35,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _steps(arch, groups, chunks, steps: int) -> list[tuple[float, float]]:
     from tip_megatron import pipeline
-    from tip_megatron.testing.models import lm_batches, lm_forward_step
+    from tip_megatron.models.lm import lm_batches, lm_forward_step
     from tip_megatron.train.optimizer import OptimConfig, build_optimizer, wrap_ddp
 
     cfg = OptimConfig(lr=3e-3)
@@ -64,9 +73,8 @@ def _worker(tp: int, pp: int, steps: int) -> int:
     from tip_megatron import parallel
     from tip_megatron.models import build_model
     from tip_megatron.models.build import resolve_spec
-    from tip_megatron.testing.models import tiny_arch
 
-    arch = tiny_arch("llama")
+    arch = DEMO_ARCH
     groups = parallel.initialize(parallel.ParallelLayout(tp=tp, pp=pp), seed=1234)
     chunks = build_model(arch, groups)
     history = _steps(arch, groups, chunks, steps)

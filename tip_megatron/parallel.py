@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tip_megatron import platform
+from tip_megatron import launch, platform
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +108,6 @@ class ParallelGroups:
         return self.pp_rank == self.pp_size - 1
 
 
-def _env_world() -> tuple[int, int, int]:
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local_rank
-
-
 def init_torch_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     """Initialize the default process group from the torchrun environment (idempotent).
 
@@ -123,7 +116,8 @@ def init_torch_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    rank, world, local_rank = _env_world()
+    env = launch.rank_env()
+    rank, world, local_rank = env.rank, env.world_size, env.local_rank
     device = platform.default_backend()
     if device.is_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -133,10 +127,8 @@ def init_torch_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
                 f"WORLD_SIZE={world} but MASTER_ADDR is not set: launch with torchrun "
                 "(it sets MASTER_ADDR/MASTER_PORT), or run a single process"
             )
-        from tip_megatron.launch import free_port
-
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("MASTER_PORT", str(launch.free_port()))
     dist.init_process_group(
         backend=device.backend,
         rank=rank,
@@ -171,7 +163,7 @@ def initialize(
     Validates the layout against the world size first, so a bad layout is a ValueError
     rather than a hang in a collective.
     """
-    _, world, _ = _env_world()
+    world = launch.rank_env().world_size
     if dist.is_initialized():
         world = dist.get_world_size()
     layout.validate(world)

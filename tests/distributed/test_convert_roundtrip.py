@@ -20,7 +20,7 @@ from tip_megatron import parallel, pipeline
 from tip_megatron.convert import ImportOptions, mcore_to_hf
 from tip_megatron.convert.hf_io import HFCheckpoint
 from tip_megatron.convert.importer import LazyFullState, import_rank, preload_for_fork
-from tip_megatron.convert.testing import LLAMA3_ROPE, hf_logits, tiny_hf_model
+from tip_megatron.testing.hf_models import LLAMA3_ROPE, hf_logits, tiny_hf_model
 from tip_megatron.models import BuildOptions, ModelArch, build_model
 from tip_megatron.models.checkpoint import (
     load_model_checkpoint, read_meta, save_model_checkpoint, stored_key, stored_metadata,

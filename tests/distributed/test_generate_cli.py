@@ -38,7 +38,7 @@ def _tokenizer(directory):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from tip_megatron.convert import ImportOptions, hf_to_mcore
-    from tip_megatron.convert.testing import tiny_hf_model
+    from tip_megatron.testing.hf_models import tiny_hf_model
     from tip_megatron.rollout.tokenizers import load_tokenizer
 
     work = tmp_path_factory.mktemp("generate_cli")

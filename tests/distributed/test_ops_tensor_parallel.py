@@ -20,7 +20,7 @@ from tip_megatron.ops import (
     vocab_parallel_sample,
     vocab_parallel_stats,
 )
-from tip_megatron.ops import reference as ref
+from tip_megatron.testing import reference_ops as ref
 from tip_megatron.testing.distributed import run_distributed
 
 PADDED, TOKENS = 24, 9

@@ -13,9 +13,10 @@ import torch
 
 from tip_megatron import parallel, pipeline
 from tip_megatron.models import build_model
+from tip_megatron.models.lm import lm_batches, lm_forward_step
 from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict
 from tip_megatron.testing.distributed import run_distributed
-from tip_megatron.testing.models import lm_batches, lm_forward_step, tiny_arch
+from tip_megatron.testing.models import tiny_arch
 from tip_megatron.train.optimizer import OptimConfig, build_optimizer, wrap_ddp
 
 NUM_SEQS, SEQ = 8, 16

@@ -12,7 +12,7 @@ from tip_megatron.tip import (
     QuadrantRule, SelectionConfig, all_reduce_metric_sums, concat_signals, global_norm_stats,
     quadrant_labels, select_global, selection_metric_sums, sum_metric_sums,
 )
-from tip_megatron.tip.synthetic import Rollout, pack, synthetic_rollouts
+from tip_megatron.testing.synthetic_signals import Rollout, pack, synthetic_rollouts
 
 QUANTILE = QuadrantRule(kind="quantile", entropy_quantile=0.6, div_quantile=0.7)
 CONFIGS = [

@@ -221,7 +221,7 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(assets, tmp_path):
     log = open(tmp_path / "log.txt", "w")
     proc = _torchrun(args, env, nproc=1, log=log)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(ckdir.glob("step_000002.tmp-*")):
+    while time.monotonic() < deadline and not list(ckdir.glob(".step_000002.tmp-*")):
         if proc.poll() is not None:
             pytest.fail("training ended before the second save: " + (tmp_path / "log.txt").read_text()[-3000:])
         time.sleep(0.05)

@@ -8,9 +8,10 @@ import torch
 
 from tip_megatron import parallel, platform
 from tip_megatron.models import BuildOptions, build_model
+from tip_megatron.models.lm import lm_batches
 from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict
 from tip_megatron.testing.distributed import run_distributed
-from tip_megatron.testing.models import lm_batches, tiny_arch
+from tip_megatron.testing.models import tiny_arch
 
 pytestmark = pytest.mark.gpu
 
@@ -53,7 +54,7 @@ def _tp2_cuda_parity(full):
     from functools import partial
 
     from tip_megatron import pipeline
-    from tip_megatron.testing.models import lm_forward_step
+    from tip_megatron.models.lm import lm_forward_step
     from tip_megatron.train.optimizer import OptimConfig, wrap_ddp
 
     arch = tiny_arch("llama")

@@ -12,7 +12,7 @@ from tip_megatron.convert.hf_io import (
 )
 from tip_megatron.convert.importer import ImportOptions, LazyFullState, check_import, resolve_dtype
 from tip_megatron.convert.mapping import expected_hf_shapes
-from tip_megatron.convert.testing import LLAMA3_ROPE, tiny_hf_model
+from tip_megatron.testing.hf_models import LLAMA3_ROPE, tiny_hf_model
 from tip_megatron.models import checkpoint as mckpt
 from tip_megatron.testing.models import tiny_arch
 

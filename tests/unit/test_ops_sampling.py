@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tip_megatron.ops import reference as ref
+from tip_megatron.testing import reference_ops as ref
 from tip_megatron.ops import vocab_parallel_sample
 from tip_megatron.ops.sampling import _call_key, _fmix32, _mix_word, hash_u32
 

@@ -13,7 +13,7 @@ from tip_megatron.ops import (
     vocab_parallel_reverse_kl,
     vocab_parallel_stats,
 )
-from tip_megatron.ops import reference as ref
+from tip_megatron.testing import reference_ops as ref
 
 STAT_FIELDS = ("student_logsumexp", "student_entropy", "student_entropy_norm", "token_logprob",
                "reverse_kl", "forward_kl", "teacher_entropy")

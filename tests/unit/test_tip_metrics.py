@@ -9,7 +9,7 @@ from tip_megatron.tip import (
     METRIC_SUM_KEYS, QuadrantRule, SelectionConfig, all_reduce_metric_sums, concat_signals,
     finalize, quadrant_labels, select, selection_metric_sums, sum_metric_sums,
 )
-from tip_megatron.tip.synthetic import pack, synthetic_rollouts
+from tip_megatron.testing.synthetic_signals import pack, synthetic_rollouts
 
 
 def _report(sig, kept):

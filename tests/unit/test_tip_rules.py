@@ -10,7 +10,7 @@ from tip_megatron.tip import (
     RULES, QuadrantRule, SelectionConfig, TokenSignals, concat_signals, global_norm_stats,
     select, select_global,
 )
-from tip_megatron.tip.synthetic import Rollout, pack, synthetic_rollouts
+from tip_megatron.testing.synthetic_signals import Rollout, pack, synthetic_rollouts
 
 RULE_RHO = [(r, 1.0 if r == "all" else 0.3) for r in sorted(RULES)]
 

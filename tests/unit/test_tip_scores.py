@@ -10,7 +10,7 @@ from tip_megatron.tip import (
     Quadrant, QuadrantRule, TokenSignals, compute_norm_stats, compute_scores, quadrant_labels,
     quantile_per_group,
 )
-from tip_megatron.tip.synthetic import pack, synthetic_rollouts
+from tip_megatron.testing.synthetic_signals import pack, synthetic_rollouts
 
 
 def _signals(h, d, f=None, mask=None, rid=None):

@@ -9,9 +9,10 @@ each process is one rank instead.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
+
+from tip_megatron import launch
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -63,7 +64,7 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
     except _USER_ERRORS as err:
         return _fail(err)
     out = hf_to_mcore(args.hf, args.out, options)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here
+    if launch.rank_env().rank == 0:  # under torchrun every rank gets here
         print(f"wrote model checkpoint {out}")
     return 0
 

@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -27,6 +26,7 @@ from tip_megatron.convert.hf_io import (
 )
 from tip_megatron.convert.importer import DTYPES
 from tip_megatron.convert.mapping import Rule, expected_hf_shapes, global_rules, layer_rules
+from tip_megatron.io_atomic import atomic_dir
 from tip_megatron.models import checkpoint as mckpt
 from tip_megatron.models.arch import ModelArch
 
@@ -47,15 +47,12 @@ def mcore_to_hf(
     """
     ckpt, out = Path(ckpt_dir), Path(out_dir).absolute()
     arch, out_dtype_name = check_export(ckpt, out, dtype=dtype, overwrite=overwrite)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with _world_of_one():
-        _write_weights(ckpt, arch, tmp, DTYPES[out_dtype_name], parse_size(max_shard_size))
-    _write_json(tmp / "config.json", hf_config(arch, out_dtype_name))
-    if (ckpt / mckpt.TOKENIZER_DIR).is_dir():
-        mckpt.copy_hf_side_files(ckpt / mckpt.TOKENIZER_DIR, tmp)
-    mckpt.replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:  # this process alone
+        with _world_of_one():
+            _write_weights(ckpt, arch, tmp, DTYPES[out_dtype_name], parse_size(max_shard_size))
+        _write_json(tmp / "config.json", hf_config(arch, out_dtype_name))
+        if (ckpt / mckpt.TOKENIZER_DIR).is_dir():
+            mckpt.copy_hf_side_files(ckpt / mckpt.TOKENIZER_DIR, tmp)
     logger.info("wrote HF checkpoint %s (%s, %s)", out, arch.family, out_dtype_name)
     return out
 

@@ -3,7 +3,8 @@
     hf_to_mcore("Qwen3-8B/", "ckpt/qwen3-8b", ImportOptions(tp=2, pp=2))
 
 Runs on a world of tp*pp processes: under torchrun (WORLD_SIZE = tp*pp) it runs in place;
-from a plain process it forks tp*pp local gloo ranks itself (CPU; no GPU needed). Each rank
+from a plain process it forks tp*pp local gloo ranks itself (`launch.run_forked`; CPU, no
+GPU needed; the ranks die with this process). Each rank
 builds only its own shard of the model (no random init) and fills it through
 `models.state.load_full_state_dict` from a lazy view of the HF checkpoint: each Megatron
 tensor is made from its HF source tensors when the loader reaches it, sliced to the rank's
@@ -13,7 +14,6 @@ largest full tensor (HF source, merged/padded full tensor, shard).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from tip_megatron import launch
 from tip_megatron.convert.hf_io import HFCheckpoint, PathLike
 from tip_megatron.convert.mapping import all_rules
 from tip_megatron.models.arch import ModelArch
@@ -131,17 +132,16 @@ def hf_to_mcore(hf_dir: PathLike, out_dir: PathLike, options: ImportOptions = Im
     world = options.tp * options.pp
     logger.info("importing %s (%s, %d layers) at tp=%d pp=%d", hf_dir, arch.family,
                 arch.num_layers, options.tp, options.pp)
-    if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one of the ranks
-        if int(os.environ["WORLD_SIZE"]) != world:
-            raise ValueError(f"torchrun world size {os.environ['WORLD_SIZE']} != tp*pp = {world}; "
+    if launch.under_torchrun():  # this process is one of the ranks
+        torchrun_world = launch.rank_env().world_size
+        if torchrun_world != world:
+            raise ValueError(f"torchrun world size {torchrun_world} != tp*pp = {world}; "
                              f"launch with --nproc-per-node {world}, or run without torchrun")
         import_rank(hf_dir, out_dir, options)
     else:
-        from tip_megatron.testing.distributed import run_distributed
-
         preload_for_fork()
-        run_distributed(import_rank, world, args=(hf_dir, out_dir, options),
-                        timeout_s=options.timeout_s, env={"TIP_MEGATRON_DEVICE": "cpu"})
+        launch.run_forked(import_rank, world, args=(hf_dir, out_dir, options),
+                          timeout_s=options.timeout_s, env={"TIP_MEGATRON_DEVICE": "cpu"})
     return Path(out_dir)
 
 

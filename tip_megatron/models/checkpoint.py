@@ -19,8 +19,10 @@ different TP, or a size shared with a teacher) loads it anyway: megatron marks t
 tensors `allow_shape_mismatch`, zero-fills the model's rows and reads the rows both sizes
 share. Rows past `vocab_size` are padding on both sides, so nothing real is lost.
 
-Saving goes to `.<name>.tmp` beside the target and is renamed into place once complete: an
-interrupted save never damages an existing checkpoint. Scripts that save need an
+Saving goes through `io_atomic.atomic_dir` (a temp directory beside the target, fsynced,
+renamed into place once complete): an interrupted save never damages an existing
+checkpoint. Loads are strict: a key the model has and the checkpoint lacks, or the reverse,
+is a ValueError naming the keys (`load_sharded_strict`). Scripts that save need an
 `if __name__ == "__main__":` guard: dist_checkpointing's writer starts a `spawn`
 multiprocessing manager (once per process, ~5 s on a 2-core machine).
 """
@@ -39,8 +41,9 @@ import torch
 import torch.distributed as dist
 
 from tip_megatron import platform
+from tip_megatron.io_atomic import atomic_dir
 from tip_megatron.models.arch import ModelArch
-from tip_megatron.models.state import TE_TO_LOCAL, unwrap
+from tip_megatron.models.state import TE_TO_LOCAL, chunk_key, unwrap
 from tip_megatron.parallel import ParallelGroups
 
 logger = logging.getLogger(__name__)
@@ -78,30 +81,28 @@ def save_model_checkpoint(
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"checkpoint directory {out} exists; pass overwrite=True to replace it")
-    tmp = out.parent / f".{out.name}.tmp"
+    with atomic_dir(out, group=_world_group(), subdirs=(MODEL_DIR,)) as tmp:
+        _dist_checkpointing().save(sharded_state_dict(chunks), str(tmp / MODEL_DIR))
+        if groups.rank == 0:
+            _write_json(tmp / ARCH_FILE, arch.to_dict())
+            _write_json(tmp / META_FILE, _meta(chunks, groups, meta))
+            if tokenizer_dir is not None:
+                copy_hf_side_files(tokenizer_dir, tmp / TOKENIZER_DIR)
     if groups.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / MODEL_DIR).mkdir(parents=True)
-    _barrier()
-    dist_checkpointing = _dist_checkpointing()
-    dist_checkpointing.save(sharded_state_dict(chunks), str(tmp / MODEL_DIR))
-    if groups.rank == 0:
-        _write_json(tmp / ARCH_FILE, arch.to_dict())
-        _write_json(tmp / META_FILE, _meta(chunks, groups, meta))
-        if tokenizer_dir is not None:
-            copy_hf_side_files(tokenizer_dir, tmp / TOKENIZER_DIR)
-        replace_dir(tmp, out)
         logger.info("saved model checkpoint %s", out)
-    _barrier()
     return out
 
 
 def sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
-    """Megatron-LM's layout: key `model` for one chunk, `model0`, `model1`, ... for VPP."""
-    models = [unwrap(c) for c in chunks]
-    if len(models) == 1:
-        return {"model": models[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
+    """Megatron-LM's layout: one key per model chunk (`models.state.chunk_key`)."""
+    return {chunk_key(i, len(chunks)): unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def load_chunks(chunks: list[torch.nn.Module], loaded: dict) -> None:
+    """Restore the chunks' non-tensor extra states from a loaded sharded state dict
+    (the tensors were loaded in place), strictly."""
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded[chunk_key(i, len(chunks))], strict=True)
 
 
 def _meta(chunks: list[torch.nn.Module], groups: ParallelGroups, extra: Optional[dict]) -> dict:
@@ -116,18 +117,6 @@ def _meta(chunks: list[torch.nn.Module], groups: ParallelGroups, extra: Optional
     )
     meta.update(extra or {})
     return meta
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a complete checkpoint into place; an existing one is removed only afterwards."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old)
 
 
 def copy_hf_side_files(src: PathLike, dst: PathLike) -> list[str]:
@@ -160,20 +149,49 @@ def load_model_checkpoint(
     if expect_arch is not None:
         _raise_on_mismatch(arch_differences(arch, expect_arch), ckpt, "the expected architecture")
     _raise_on_mismatch(_chunk_differences(arch, chunks), ckpt, "the model being loaded")
-    dist_checkpointing = _dist_checkpointing()
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    # Tensors load in place (in the model's dtype, cast from the stored one);
-    # load_state_dict then restores the non-tensor extra states.
-    with _quiet_dcp_load():
-        loaded = dist_checkpointing.load(sharded_state_dict(chunks), str(ckpt / MODEL_DIR),
-                                         strict=StrictHandling.RAISE_ALL)
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, key in zip(chunks, keys):
-        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    # Tensors load in place (in the model's dtype, cast from the stored one).
+    load_chunks(chunks, load_sharded_strict(sharded_state_dict(chunks), ckpt / MODEL_DIR))
     if groups.rank == 0:
         logger.info("loaded model checkpoint %s (%s, %d layers)", ckpt, arch.family, arch.num_layers)
     return arch
+
+
+def load_sharded_strict(sharded: dict, directory: PathLike) -> dict:
+    """dist_checkpointing.load of `sharded` from `directory` (collective), refusing any key
+    mismatch with one ValueError, the same on every rank, naming the keys: "missing" (the
+    model asks for them, the checkpoint lacks them) and "unexpected" (stored, not asked for).
+    """
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    with _quiet_dcp_load():
+        # megatron names these the other way round: its "missing" keys are in the checkpoint
+        # only. They are equal on all ranks; the ones the model lacks are per rank (another
+        # pipeline stage asks for other keys), so they are gathered before anyone raises.
+        loaded, stored_only, asked_only = _dist_checkpointing().load(
+            sharded, str(directory), strict=StrictHandling.RETURN_ALL)
+    asked_only = _union_over_ranks(asked_only)
+    if stored_only or asked_only:
+        raise ValueError(
+            f"checkpoint {directory} does not match the model's keys: "
+            f"missing (not in the checkpoint): {_key_list(asked_only)}; "
+            f"unexpected (in the checkpoint, not in the model): {_key_list(stored_only)}")
+    return loaded
+
+
+def _key_list(keys: set, limit: int = 10) -> str:
+    if not keys:
+        return "none"
+    shown = sorted(keys)[:limit]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{shown}{more}"
+
+
+def _union_over_ranks(keys: set) -> set:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return set(keys)
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sorted(keys))
+    return set().union(*every)
 
 
 def read_arch(ckpt_dir: PathLike) -> ModelArch:
@@ -309,9 +327,9 @@ def _quiet_dcp_load() -> Iterator[None]:
         yield
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def _world_group():
+    """Every rank saves into the same directory (None outside torch.distributed)."""
+    return dist.group.WORLD if dist.is_initialized() else None
 
 
 def _write_json(path: Path, data: dict) -> None:

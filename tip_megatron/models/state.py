@@ -52,6 +52,12 @@ def _is_gated_fc1(name: str) -> bool:
     return name.endswith("mlp.linear_fc1.weight")
 
 
+def chunk_key(index: int, num_chunks: int) -> str:
+    """Checkpoint key of model chunk `index` of `num_chunks` (Megatron-LM's layout):
+    `model` for a single chunk, `model0`, `model1`, ... for virtual pipeline stages."""
+    return "model" if num_chunks == 1 else f"model{index}"
+
+
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside megatron's DDP (or any `.module`) wrapper."""
     while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):

@@ -59,9 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tip_megatron import parallel
+    from tip_megatron import launch, parallel
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch.rank_env().world_size
     if world % (args.tp * args.pp) != 0:
         raise ValueError(f"--tp {args.tp} --pp {args.pp} needs a multiple of {args.tp * args.pp} "
                          f"processes, got {world}: launch with torchrun --nproc-per-node "

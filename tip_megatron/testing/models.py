@@ -1,12 +1,7 @@
-"""Tiny models and batches for tests and smoke runs (no downloads)."""
+"""Tiny model architectures for tests (no downloads)."""
 from __future__ import annotations
 
-from functools import partial
-
-import torch
-
 from tip_megatron.models.arch import ModelArch
-from tip_megatron.models.lm import lm_loss
 
 
 def tiny_arch(family: str = "llama", **overrides) -> ModelArch:
@@ -20,29 +15,3 @@ def tiny_arch(family: str = "llama", **overrides) -> ModelArch:
     )
     base.update(overrides)
     return ModelArch(**base)
-
-
-def lm_batches(arch: ModelArch, num: int, batch: int, seq: int, seed: int) -> list[dict]:
-    """`num` micro-batches of random token sequences with next-token labels."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(num):
-        tokens = torch.randint(0, arch.vocab_size, (batch, seq + 1), generator=gen)
-        mask = torch.ones(batch, seq)
-        mask[:, : seq // 4] = 0  # a "prompt" that carries no loss
-        out.append(dict(
-            input_ids=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
-            loss_mask=mask, position_ids=torch.arange(seq).expand(batch, seq).contiguous(),
-        ))
-    return out
-
-
-def lm_forward_step(arch: ModelArch, tp_group, data_iterator, model):
-    """megatron forward_step_func for next-token cross entropy."""
-    batch = next(data_iterator)
-    output = model(batch["input_ids"], batch["position_ids"], None)
-    return output, partial(_loss, arch, tp_group, batch)
-
-
-def _loss(arch, tp_group, batch, logits):
-    return lm_loss(logits, batch["labels"], batch["loss_mask"], vocab_size=arch.vocab_size, tp_group=tp_group)

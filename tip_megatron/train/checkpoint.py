@@ -7,22 +7,22 @@ Layout of `<dir>/step_000010/`:
     rng/rank_N.pt  per-rank RNG states (restored only when the layout is unchanged)
     config.yaml    the effective run config
     arch.json      the student architecture
-    COMPLETE       written last: a directory without it is not a checkpoint
+    COMPLETE       marker: a directory without it is not a checkpoint
 
-Atomicity: everything is written into `step_000010.tmp-<nonce>/`, then rank 0 renames it
-to `step_000010/` after a barrier. A crash mid-save leaves only a temp directory, which the
-next save removes; the last complete checkpoint is never touched until a newer one is
-complete (then `keep_last` prunes the oldest).
+Atomicity (`io_atomic.atomic_dir`): every rank writes into `.step_000010.tmp-<nonce>/`; after
+a barrier the files are fsynced and rank 0 renames the directory to `step_000010/`. A crash
+mid-save leaves only a temp directory, which the next save removes; the last complete
+checkpoint is never touched until a newer one is complete (then `keep_last` prunes the
+oldest). Loads are strict: a key mismatch between the checkpoint and the model or
+optimizer is a ValueError naming the keys.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -31,9 +31,11 @@ import torch
 import torch.distributed as dist
 
 from tip_megatron import platform
+from tip_megatron.io_atomic import atomic_dir
 from tip_megatron.models.arch import ModelArch
-from tip_megatron.models.checkpoint import arch_differences, sharded_state_dict
-from tip_megatron.models.state import unwrap
+from tip_megatron.models.checkpoint import (
+    arch_differences, load_chunks, load_sharded_strict, sharded_state_dict,
+)
 from tip_megatron.parallel import ParallelGroups
 
 logger = logging.getLogger(__name__)
@@ -95,41 +97,6 @@ def _sharded_state(chunks: Sequence, optimizer: Any, is_loading: bool) -> dict:
     return state
 
 
-def _ensure_optimizer_state(optimizer: Any) -> None:
-    """Give a fresh torch Adam the state it creates lazily on its first step.
-
-    megatron's DistributedOptimizer reads `state[p]["step"]` of every parameter when it
-    builds the state dict to load INTO; a torch Adam that has not stepped has none (apex/TE
-    Adam would). Zeros are what Adam starts from, and loading overwrites them.
-    """
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    for opt in inner:
-        torch_opt = opt.optimizer
-        for group in torch_opt.param_groups:
-            for p in group["params"]:
-                if len(torch_opt.state[p]) == 0:
-                    torch_opt.state[p] = {
-                        "step": torch.zeros((), dtype=torch.float32),
-                        "exp_avg": torch.zeros_like(p.data),
-                        "exp_avg_sq": torch.zeros_like(p.data),
-                    }
-
-
-def _unshare_adam_steps(optimizer: Any) -> None:
-    """Give every parameter its own Adam `step` tensor after a load.
-
-    Without apex/TE, megatron's DistributedOptimizer.load_state_dict assigns ONE step
-    tensor to all parameter states; torch Adam increments `state["step"]` in place per
-    parameter, so a shared tensor advances once per parameter per step and the bias
-    correction drifts (measured: the second step after a resume differed).
-    """
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    for opt in inner:
-        for state in opt.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
-
-
 def _layout_key(groups: ParallelGroups) -> list[int]:
     return [groups.tp_size, groups.pp_size, groups.dp_size]
 
@@ -142,38 +109,23 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
 
     platform.apply_cpu_compat()  # swaps megatron modules imported since (savers load lazily)
-    root = Path(root)
     final = step_dir(root, step)
-    nonce = [uuid.uuid4().hex[:8] if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(nonce, src=0)
-    tmp = root / f"{final.name}.tmp-{nonce[0]}"
+    # Other steps' temp directories are left by crashed saves: removed first.
+    with atomic_dir(final, group=dist.group.WORLD, subdirs=("dist", "rng"),
+                    stale=(".step_*.tmp-*",)) as tmp:
+        dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(tmp / "dist"))
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.get_rank()}.pt")
+        if dist.get_rank() == 0:
+            state = {"step": step, "scheduler": scheduler.state_dict(), "layout": _layout_key(groups),
+                     "world_size": groups.world_size, **extra}
+            torch.save(state, tmp / "state.pt")
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / "arch.json").write_text(arch_json)
+            (tmp / COMPLETE).write_text(json.dumps({"step": step}))
     if dist.get_rank() == 0:
-        _remove_stale_temps(root)
-        (tmp / "dist").mkdir(parents=True)
-        (tmp / "rng").mkdir()
-    dist.barrier()
-    dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(tmp / "dist"))
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.get_rank()}.pt")
-    if dist.get_rank() == 0:
-        state = {"step": step, "scheduler": scheduler.state_dict(), "layout": _layout_key(groups),
-                 "world_size": groups.world_size, **extra}
-        torch.save(state, tmp / "state.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / "arch.json").write_text(arch_json)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        (tmp / COMPLETE).write_text(json.dumps({"step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _prune(root, keep_last)
+        _prune(Path(root), keep_last)
     dist.barrier()
     return final
-
-
-def _remove_stale_temps(root: Path) -> None:
-    for p in root.glob("step_*.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -189,8 +141,6 @@ def load_checkpoint(
 ) -> dict:
     """Restore model, optimizer, scheduler (and RNG when the layout is unchanged) from a
     complete checkpoint; returns its replicated state (step, data cursor, extra)."""
-    from megatron.core import dist_checkpointing
-
     platform.apply_cpu_compat()
     path = Path(path)
     if not (path / COMPLETE).is_file():
@@ -202,14 +152,12 @@ def load_checkpoint(
             raise ValueError(f"checkpoint {path} was saved for a different architecture: "
                              + "; ".join(diffs))
     if optimizer is not None:
-        _ensure_optimizer_state(optimizer)
-    sharded = _sharded_state(chunks, optimizer, is_loading=True)
-    loaded = dist_checkpointing.load(sharded, str(path / "dist"))
-    for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+        platform.prepare_torch_adam_for_load(optimizer)
+    loaded = load_sharded_strict(_sharded_state(chunks, optimizer, is_loading=True), path / "dist")
+    load_chunks(list(chunks), loaded)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-        _unshare_adam_steps(optimizer)
+        platform.unshare_torch_adam_steps(optimizer)
     state = torch.load(path / "state.pt", weights_only=False)
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"

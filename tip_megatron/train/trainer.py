@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from tip_megatron import parallel
+from tip_megatron import launch, parallel
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, validate_run
 from tip_megatron.distill.loss import DistillSpec
 from tip_megatron.distill.step import (
@@ -49,7 +49,7 @@ class Run:
 
 # ------------------------------------------------------------------ set-up
 def setup(cfg: RunConfig) -> Run:
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world = launch.rank_env().world_size
     validate_run(cfg, world)
     groups = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
     tokenizer = load_run_tokenizer(cfg)
