@@ -26,7 +26,7 @@ STEPS = 4
 
 def _make_model(out, hidden, layers, seed):
     from tip_megatron.models.state import load_full_state_dict
-    from tip_megatron.quickstart.pretrain import init_full_state
+    from tip_megatron.models.init import init_full_state
 
     arch = tiny_arch("llama", hidden_size=hidden, num_layers=layers, max_position_embeddings=64)
     g = parallel.initialize(parallel.ParallelLayout(), seed=seed)
