@@ -37,7 +37,10 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.51", "tokenizers", "sentencepiece", "pyarrow"],
-        "test": ["pytest>=8", "transformers>=4.51", "tokenizers", "sentencepiece", "pyarrow", "scipy"],
+        # answer grading for `tip-megatron eval` (the `math` grader); tqdm for its progress bar
+        "eval": ["math-verify[antlr4_13_2]>=0.9", "tqdm"],
+        "test": ["pytest>=8", "transformers>=4.51", "tokenizers", "sentencepiece", "pyarrow", "scipy",
+                 "math-verify[antlr4_13_2]>=0.9"],
         "wandb": ["wandb"],
         "te": ["transformer-engine[pytorch]"],
     },

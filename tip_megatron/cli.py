@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "tip_megatron.train.cli",
     "tip_megatron.rollout.cli",
     "tip_megatron.convert.cli",
+    "tip_megatron.eval.cli",
 )
 
 
