@@ -38,7 +38,8 @@ def _bench(path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_eval_samples_end_to_end(tmp_path, capsys):
+def test_eval_samples_end_to_end(tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="tip_megatron.eval")
     _write_samples(tmp_path / "samples.jsonl")
     assert main(["eval", "--samples", str(tmp_path / "samples.jsonl"), "--json",
                  str(tmp_path / "summary.json"), "--pass-k", "2"]) == 0
@@ -55,6 +56,8 @@ def test_eval_samples_end_to_end(tmp_path, capsys):
                        "num_correct": sum(c), "num_unparsed": sum(map(sum, UNPARSED))}
     out = capsys.readouterr().out
     assert "mean@4" in out and "pass@2" in out and "33.33%" in out
+    progress = [r.getMessage() for r in caplog.records if "graded" in r.getMessage()]
+    assert progress[-1] == "graded 12 / 12 samples (100%)" and len(progress) == 12
 
 
 def test_eval_regrades_its_own_output_and_joins_answers(tmp_path):
@@ -81,7 +84,7 @@ def _bad(tmp_path, capsys, argv, *fragments):
         assert fragment in err, err
 
 
-def test_bad_inputs_are_one_line_exit_2(tmp_path, capsys):
+def test_bad_inputs_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     bare = tmp_path / "bare.jsonl"
     _write_samples(bare, with_answers=False)
     _bad(tmp_path, capsys, ["eval", "--samples", str(bare)],
@@ -97,6 +100,12 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path, capsys):
     no_text = tmp_path / "no_text.jsonl"
     no_text.write_text(json.dumps({"prompt_index": 0, "sample_index": 0, "answer": "1"}) + "\n")
     _bad(tmp_path, capsys, ["eval", "--samples", str(no_text)], f"{no_text}, line 1: field 'text'")
+    _bad(tmp_path, capsys, ["eval", "--samples", str(good), "--grader", "regex", "--grader-option",
+                            "pattern=(a)(b)"], "needs exactly one")
+    _bad(tmp_path, capsys, ["eval", "--samples", str(good), "--grader-option", "nokey"], "KEY=VALUE")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "math_verify", None)  # as if not installed: import raises ImportError
+        _bad(tmp_path, capsys, ["eval", "--samples", str(good)], "math-verify", "tip_megatron[eval]")
     bench = tmp_path / "bench.jsonl"
     bench.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2?"}) + "\n")
     ckpt = tmp_path / "ckpt"

@@ -47,9 +47,13 @@ def test_math_several_boxes(math):
     # stretch of text -> all of them, as a set (a multi-answer response).
     two_paragraphs = "First I got \\boxed{3}.\n\nThat is wrong. So it is \\boxed{2}."
     assert math(two_paragraphs, "2").correct and not math(two_paragraphs, "3").correct
+    in_dollars = r"First $\boxed{3}$, no wait: $\boxed{2}$"
+    assert math(in_dollars, "2").correct and not math(in_dollars, "3").correct
     one_line = r"The roots are \boxed{2} and \boxed{3}."
     assert math(one_line, "2, 3").correct
     assert not math(one_line, "2").correct and not math(one_line, "3").correct
+    corrected = "I got \\boxed{3}.\nHmm, actually \\boxed{2}."  # one paragraph: a set
+    assert math(corrected, "3, 2").correct and not math(corrected, "2").correct
 
 
 def test_math_wrong_answers(math):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -58,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         logger.debug("eval failed", exc_info=True)
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank fails alike: say it once
-            print(f"tip-megatron eval: error: {err}", file=sys.stderr)
+        # Every rank says it: under torchrun the first rank to exit gets the others killed.
+        print(f"tip-megatron eval: error: {err}", file=sys.stderr)
         return BAD_INPUT
 
 
@@ -118,6 +117,9 @@ def _generated_rows(args: argparse.Namespace) -> Optional[list[dict]]:
 
     if not args.prompts:
         raise ValueError("--ckpt needs --prompts <benchmark files> (prompt or messages, and answer)")
+    if args.answers:
+        raise ValueError("--answers goes with --samples; with --ckpt the answers come from "
+                         "the --prompts files' answer field")
     if args.pass_k is not None and args.pass_k > args.n:
         raise ValueError(f"--pass-k {args.pass_k}: must be <= --n {args.n}")
     fields = PromptFields(prompt=args.prompt_field, messages=args.messages_field,

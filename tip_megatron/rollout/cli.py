@@ -49,7 +49,9 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
-    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    # --num-samples: torchrun reads a bare --n as an abbreviation of its own options.
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=1,
+                   help="samples per prompt (--num-samples under torchrun)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per DP rank)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
