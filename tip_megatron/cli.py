@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "tip_megatron.convert.cli",
     "tip_megatron.config_cli",
     "tip_megatron.plots.cli",
+    "tip_megatron.eval.cli",
 )
 
 

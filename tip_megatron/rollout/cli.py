@@ -37,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="model checkpoint directory (tip-megatron convert)")
     p.add_argument("--prompts", required=True, nargs="+", help="prompt files (.jsonl / .parquet)")
     p.add_argument("--out", required=True, help="JSONL file to write, one line per sample")
+    add_generation_arguments(p)
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option but --ckpt, --prompts and --out (shared with `tip-megatron eval`)."""
     p.add_argument("--tokenizer", help="tokenizer path (default: the checkpoint's tokenizer/)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="per sample (default 256)")
     mode = p.add_mutually_exclusive_group()
@@ -44,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
-    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    # --num-samples: torchrun reads a bare --n as an abbreviation of its own options.
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=1,
+                   help="samples per prompt (--num-samples under torchrun)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per DP rank)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
@@ -59,6 +66,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    lines = generate_lines(args)
+    if lines is not None:
+        write_lines(Path(args.out), lines)
+    return 0
+
+
+def generate_lines(args: argparse.Namespace) -> Optional[list[dict]]:
+    """Sample `args.prompts` from `args.ckpt` in this torchrun world: every output line in
+    (prompt, sample) order on rank 0, None on the other ranks."""
     from tip_megatron import launch, parallel
 
     world = launch.rank_env().world_size
@@ -68,11 +84,9 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.tp * args.pp}")
     groups = parallel.initialize(parallel.ParallelLayout(tp=args.tp, pp=args.pp), seed=args.seed)
     try:
-        lines = _generate_shard(args, groups)
-        _write(Path(args.out), lines, groups)
+        return _gather(_generate_shard(args, groups), groups)
     finally:
         parallel.destroy()
-    return 0
 
 
 def _generate_shard(args: argparse.Namespace, groups) -> list[dict]:
@@ -156,9 +170,8 @@ def _lines(rollouts, records, indices: list[int], tokenizer) -> list[dict[str, A
     return out
 
 
-def _write(path: Path, lines: list[dict], groups) -> None:
-    """Gather every DP replica's lines on rank 0 and write them in (prompt, sample) order;
-    written to a temporary file and renamed, so a failed run leaves no partial output."""
+def _gather(lines: list[dict], groups) -> Optional[list[dict]]:
+    """Every DP replica's lines on rank 0, in (prompt, sample) order; None elsewhere."""
     import torch.distributed as dist
 
     gathered: Optional[list] = [None] * groups.world_size if groups.rank == 0 else None
@@ -167,9 +180,13 @@ def _write(path: Path, lines: list[dict], groups) -> None:
     else:
         gathered = [lines]
     if groups.rank != 0:
-        return
-    merged = sorted((line for part in gathered for line in part),
-                    key=lambda line: (line["prompt_index"], line["sample_index"]))
+        return None
+    return sorted((line for part in gathered for line in part),
+                  key=lambda line: (line["prompt_index"], line["sample_index"]))
+
+
+def write_lines(path: Path, merged: list[dict]) -> None:
+    """Written to a temporary file and renamed, so a failed run leaves no partial output."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
