@@ -9,12 +9,11 @@
 - scope `global` scores once, in the pre-pass: the student pass reuses those signals
   (no statistics call at the output layer) and gives what re-scoring gives.
 """
-from functools import partial
 
 import pytest
 import torch
 
-from tip_megatron import parallel, pipeline
+from tip_megatron import parallel
 from tip_megatron.distill.loss import DistillSpec, LossConfig
 from tip_megatron.distill import loss as loss_module
 from tip_megatron.distill.step import (
