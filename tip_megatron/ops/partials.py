@@ -5,12 +5,11 @@ Shapes: [tokens, w] = the true-vocab columns of one rank's logit shard; [c, w] =
 
 With x = logits - global max (one MAX all-reduce), each rank's sums over its own columns
 simply add across the TP group, so every statistic of a call needs one SUM all-reduce of
-the stacked partials. The rows, in order:
-    S_s = sum_v exp(x_s)            A_s = sum_v exp(x_s) x_s        (moments only)
-    S_t = sum_v exp(x_t)            A_t = sum_v exp(x_t) x_t        (moments only)
-    W_s = sum_v exp(x_s) (s - t)    W_t = sum_v exp(x_t) (s - t)    (moments only)
-The reverse KL needs (S_s, S_t, W_s); the statistics op takes all six (entropies and the
-forward KL). Shared here so both read the same arithmetic (see vocab_parallel, reverse_kl).
+the stacked partials:
+    S = sum_v exp(x)    A = sum_v exp(x) x    W_s = sum_v exp(x_s) (s - t)    W_t = sum_v exp(x_t) (s - t)
+The reverse KL takes rows (S_s, S_t, W_s); the statistics op (`moments=True`) takes
+(S_s, A_s, S_t, A_t, W_s, W_t), for the entropies and the forward KL (student only:
+S_s, A_s). One implementation, so both ops read the same arithmetic.
 """
 from __future__ import annotations
 
@@ -22,12 +21,6 @@ from tip_megatron.ops._shard import (
     MAX, SUM, Workspace, all_reduce_, compute_dtype, diff_into, finite_max, local_max,
     shift_into, token_chunks,
 )
-
-ROWS = ("sum_s", "xlogx_s", "sum_t", "xlogx_t", "diff_s", "diff_t")
-"""Row names of a moments call with a teacher (a prefix for a student-only call)."""
-REVERSE_KL_ROWS = ("sum_s", "sum_t", "diff_s")
-"""Row names without moments."""
-
 
 def global_maxima(student: torch.Tensor, teacher: Optional[torch.Tensor], tp_group: Any) -> torch.Tensor:
     """[1 or 2, tokens]: global max of student (and teacher), one MAX all-reduce."""

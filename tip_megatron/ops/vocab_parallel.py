@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -110,12 +111,15 @@ def vocab_parallel_stats(
         student = student_logits[:, : shard.valid_width]
         teacher = None if teacher_logits is None else teacher_logits[:, : shard.valid_width]
         maxes = global_maxima(student, teacher, tp_group)
-        owned = None
-        if token_ids is not None:
-            owned = lambda sl: _owned_logit(student[sl], maxes[0, sl], token_ids[sl], shard)  # noqa: E731
+        owned = None if token_ids is None else partial(_owned_rows, student, maxes[0], token_ids, shard)
         partials = reduced_partials(student, teacher, maxes, tp_group, chunk, moments=True,
                                     extra_row=owned)
         return _finish(partials, maxes, shard, token_ids, teacher is not None)
+
+
+def _owned_rows(student: torch.Tensor, max_s: torch.Tensor, token_ids: torch.Tensor,
+                shard: VocabShard, sl: slice) -> torch.Tensor:
+    return _owned_logit(student[sl], max_s[sl], token_ids[sl], shard)
 
 
 def _owned_logit(student: torch.Tensor, max_s: torch.Tensor, token_ids: torch.Tensor,
@@ -134,7 +138,7 @@ def _finish(
     token_ids: Optional[torch.Tensor], has_teacher: bool,
 ) -> TokenStats:
     """Per-token statistics from the all-reduced partial sums (formulas: module docstring)."""
-    rows = iter(partials)  # the order of ops.partials.ROWS, then the owned logit
+    rows = iter(partials)  # S_s, A_s, S_t, A_t, W_s, W_t (ops.partials), then x[id]
     sum_s, xlogx_s = next(rows), next(rows)
     log_norm_s = sum_s.log()
     # Entropy >= 0 exactly; rounding of log S - E[x] can leave -1e-7.
