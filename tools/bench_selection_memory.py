@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tip_megatron.distill.loss import (  # noqa: E402
-    DistillSpec, LossConfig, MicrobatchContext, loss_func, make_output_processor,
+    DistillSpec, LossConfig, LossPathOutput, MicrobatchContext, loss_func, make_output_processor,
 )
 from tip_megatron.ops import vocab_parallel_stats  # noqa: E402
 from tip_megatron.tip import (  # noqa: E402
@@ -137,14 +137,15 @@ def make_reference_processor(spec: DistillSpec, rows: str) -> Callable:
             teacher = _flat(ctx.teacher_hidden) @ ctx.teacher_weight.t()
         signals = _signals_from_logits(student, teacher, ctx, spec)
         kept = select(spec.selection, signals, step=spec.step)
-        ctx.metric_sums = selection_metric_sums(
-            signals, kept, quadrant_labels(signals, spec.selection.quadrant_rule))
-        ctx.num_kept = int(kept.sum())
+        sums = selection_metric_sums(signals, kept,
+                                     quadrant_labels(signals, spec.selection.quadrant_rule))
         if rows == "all":  # KL of every row, masked afterwards
-            return (_torch_reverse_kl(student, teacher, spec.vocab_size) * kept).sum()
-        idx = kept.nonzero().squeeze(1)
-        return _torch_reverse_kl(student.index_select(0, idx), teacher.index_select(0, idx),
-                                 spec.vocab_size).sum()
+            loss_sum = (_torch_reverse_kl(student, teacher, spec.vocab_size) * kept).sum()
+        else:
+            idx = kept.nonzero().squeeze(1)
+            loss_sum = _torch_reverse_kl(student.index_select(0, idx), teacher.index_select(0, idx),
+                                         spec.vocab_size).sum()
+        return LossPathOutput(loss_sum, signals, kept, sums)
 
     return processor
 
@@ -171,7 +172,7 @@ def _forward_step(processor: Callable, data_iterator, model):
     mb, ctx = next(data_iterator)
     out = model(mb.input_ids, mb.position_ids, None, output_processor=processor,
                 output_processor_context=ctx)
-    return out, partial(loss_func, ctx)
+    return out, loss_func
 
 
 class Bench:
@@ -237,12 +238,12 @@ class Bench:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         processor, ctx = self.processor(row)
-        pipeline.forward_backward(partial(_forward_step, processor), self.ddp,
-                                  [(self.microbatch, ctx)], self.groups, seq_length=self.cfg.seq,
-                                  micro_batch_size=self.cfg.rollouts)
+        (report,) = pipeline.forward_backward(
+            partial(_forward_step, processor), self.ddp, [(self.microbatch, ctx)], self.groups,
+            seq_length=self.cfg.seq, micro_batch_size=self.cfg.rollouts)
         self.optimizer.step()
         self.step_index += 1
-        return ctx.num_kept
+        return int(report["kept_mask"].sum())
 
 
 # ------------------------------------------------------------------ memory

@@ -5,24 +5,27 @@
 - deterministic (soft_or) and seeded (entropy_sample) rules keep the same tokens and give
   the same loss and gradients under TP=1/2/4, PP=1/2, micro-batches 1/4 and DP=1/2;
 - prompt and padding positions are never kept; a micro-batch with no response tokens
-  contributes zero loss and zero gradient without breaking the schedule.
+  contributes zero loss and zero gradient without breaking the schedule;
+- scope `global` scores once, in the pre-pass: the student pass reuses those signals
+  (no statistics call at the output layer) and gives what re-scoring gives.
 """
-from functools import partial
 
 import pytest
 import torch
 
-from tip_megatron import parallel, pipeline
+from tip_megatron import parallel
 from tip_megatron.distill.loss import DistillSpec, LossConfig
+from tip_megatron.distill import loss as loss_module
 from tip_megatron.distill.step import (
-    Microbatch, make_contexts, student_pass, teacher_hidden_states, teacher_output_weight,
+    Microbatch, make_contexts, scoring_pass, student_pass, teacher_hidden_states,
+    teacher_output_weight, with_preselection,
 )
 from tip_megatron.models import build_model
 from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict
 from tip_megatron.models.init import init_full_state
 from tip_megatron.testing.distributed import run_distributed
 from tip_megatron.testing.models import tiny_arch
-from tip_megatron.tip import SelectionConfig
+from tip_megatron.tip import SelectionConfig, select_global
 from tip_megatron.train.optimizer import OptimConfig, wrap_ddp
 
 ROWS, SEQ = 8, 12
@@ -55,6 +58,19 @@ def _weights():
     return init_full_state(s, g, STUDENT, 1), init_full_state(t, g, TEACHER, 2)
 
 
+def _count_stats_calls() -> list:
+    """Count the loss path's calls of the statistics op (the real op still runs)."""
+    calls = []
+    real = loss_module.vocab_parallel_stats
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    loss_module.vocab_parallel_stats = counted
+    return calls
+
+
 def _tip(layout, s_full, t_full, selection, impl, empty_rows=()):
     tp, pp, dp, num_mb = layout
     g = parallel.initialize(parallel.ParallelLayout(tp=tp, pp=pp))
@@ -67,11 +83,20 @@ def _tip(layout, s_full, t_full, selection, impl, empty_rows=()):
     hidden = teacher_hidden_states(teacher, g, mbs, **shape)
     contexts = make_contexts(g, mbs, hidden, teacher_output_weight(teacher) if g.is_last_stage else None)
     spec = DistillSpec(selection, LossConfig(impl=impl, chunk_size=7), STUDENT.vocab_size, g.tp_group)
+    calls = _count_stats_calls()
+    if selection.scope == "global":
+        signals = scoring_pass(ddp, g, mbs, contexts, spec, **shape)
+        if g.is_last_stage:
+            masks = select_global(selection, signals, g.dp_group, step=spec.step)
+            contexts = with_preselection(contexts, signals, masks)
+    num_prepass_calls = len(calls)
     reports = student_pass(ddp, g, mbs, contexts, spec, **shape)
+    scoring = (num_prepass_calls, len(calls) - num_prepass_calls)
     loss = torch.stack([r["distill"] for r in reports]).sum(0) if reports else None
-    kept = [c.selected.view(-1, SEQ) for c in contexts] if g.is_last_stage else None
+    kept = [r["kept_mask"].view(-1, SEQ) for r in reports] if g.is_last_stage else None
+    metrics = {k: float(sum(r[k] for r in reports)) for k in reports[0] if k.startswith("tip/")} if reports else None
     grads = gather_full_state_dict(ddp, g, STUDENT, tensor_of=lambda p: p.main_grad)
-    return loss, kept, grads, (g.dp_rank, g.tp_rank, g.pp_rank)
+    return loss, kept, grads, (g.dp_rank, g.tp_rank, g.pp_rank), scoring, metrics
 
 
 def _naive(s_full, t_full):
@@ -103,7 +128,7 @@ def _close(got, ref, what, rel=1e-5):
 
 def _unique_loss(results):
     seen = {}
-    for loss, *_rest, (dp_rank, _, _) in results:
+    for loss, _, _, (dp_rank, _, _), *_rest in results:
         if loss is not None:
             seen[dp_rank] = loss
     total = torch.stack(list(seen.values())).sum(0)
@@ -113,7 +138,7 @@ def _unique_loss(results):
 def _kept_rows(results, dp):
     """The global [rows, seq] kept mask, reassembled from the last-stage DP replicas."""
     parts = {}
-    for _, kept, _, (dp_rank, tp_rank, _) in results:
+    for _, kept, _, (dp_rank, tp_rank, _), *_rest in results:
         if kept is not None and tp_rank == 0:
             parts[dp_rank] = torch.cat(kept)
     return torch.cat([parts[r] for r in range(dp)])
@@ -127,7 +152,7 @@ def weights():
 @pytest.mark.parametrize("impl", ["fused", "unfused"])
 def test_rule_all_is_full_token_opd(weights, impl):
     ref_loss, ref_n, ref_grads = run_distributed(_naive, 1, args=weights)[0]
-    loss, kept, grads, _ = run_distributed(
+    loss, kept, grads, *_ = run_distributed(
         _tip, 1, args=((1, 1, 1, 1), *weights, SelectionConfig(rule="all"), impl))[0]
     assert int(loss[1]) == ref_n
     assert float(loss[0]) == pytest.approx(ref_loss, rel=1e-6)
@@ -164,7 +189,7 @@ def test_microbatch_without_response_tokens(weights):
     """Rows 0-3 have no response: with 2 micro-batches the first keeps nothing at all."""
     results = run_distributed(_tip, 1, args=((1, 1, 1, 2), *weights, SelectionConfig(rule="soft_or", rho=0.5),
                                              "fused", (0, 1, 2, 3)))
-    loss, kept, grads, _ = results[0]
+    loss, kept, grads, *_ = results[0]
     assert int(kept[0].sum()) == 0 and int(kept[1].sum()) > 0
     assert all(torch.isfinite(g).all() for g in grads.values())
     # the same loss as the second micro-batch alone (rows 4-7)
@@ -172,3 +197,27 @@ def test_microbatch_without_response_tokens(weights):
                                            "fused", (0, 1, 2, 3)))[0]
     assert float(loss[0]) == pytest.approx(float(alone[0][0]), rel=1e-6)
     _close(grads, alone[2], "empty micro-batch")
+
+
+def test_global_scope_reuses_the_prepass_signals(weights):
+    """Scope `global`: the statistics op runs in the scoring pre-pass only, never in the
+    student pass; with one micro-batch the global batch is the micro-batch, so the result
+    (kept set, loss, gradients, metric sums) equals scope `microbatch`, which scores in the
+    student pass. DP=2 x 2 micro-batches and PP=2 x 4 keep the same tokens."""
+    local = SelectionConfig(rule="soft_or", rho=0.5, scope="microbatch")
+    ref = run_distributed(_tip, 1, args=((1, 1, 1, 1), *weights, local, "fused"))
+    assert ref[0][4][0] == 0 and ref[0][4][1] > 0  # scored at the output layer
+    glob = SelectionConfig(rule="soft_or", rho=0.5, scope="global")
+    one = run_distributed(_tip, 1, args=((1, 1, 1, 1), *weights, glob, "fused"))
+    assert one[0][4] == (ref[0][4][1], 0), "the student pass scored again"
+    assert torch.equal(_kept_rows(one, 1), _kept_rows(ref, 1))
+    assert _unique_loss(one) == pytest.approx(_unique_loss(ref), rel=1e-6)
+    assert one[0][5] == pytest.approx(ref[0][5], rel=1e-6)
+    _close(one[0][2], ref[0][2], "global vs microbatch scope")
+    for layout in ((1, 1, 2, 2), (1, 2, 1, 4)):
+        tp, pp, dp, _ = layout
+        results = run_distributed(_tip, tp * pp * dp, args=(layout, *weights, glob, "fused"))
+        assert all(r[4][1] == 0 for r in results), f"{layout}: the student pass scored again"
+        assert torch.equal(_kept_rows(results, dp), _kept_rows(one, 1)), layout
+        for r in results:
+            _close(r[2], one[0][2], f"global scope {layout}")

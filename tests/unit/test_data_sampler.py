@@ -96,11 +96,55 @@ def test_loader_yields_records_and_resumes(tmp_path):
     assert rec.answer == str(2 * int(rec.text.split("+")[0]))
 
 
-def test_loader_refuses_cursor_over_other_data(tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_text("".join(json.dumps({"prompt": str(i)}) + "\n" for i in range(8)))
+def _prompt_file(path, values):
+    path.write_text("".join(json.dumps({"prompt": str(v)}) + "\n" for v in values))
+    return path
+
+
+def _batches(loader, n):
+    return [[r.text for r in b] for b in take(loader, n)]
+
+
+def test_touch_keeps_running_and_resumed_loaders_going(tmp_path):
+    """A new mtime with the same bytes is no change: the running loader reads on, and a
+    loader over the re-read file resumes the saved cursor with the same batches."""
+    import os
+
+    path = _prompt_file(tmp_path / "p.jsonl", range(9))
+    ref = _batches(PromptLoader(PromptDataset(path, CharTokenizer()), prompts_per_rank=2, seed=3), 5)
+    loader = PromptLoader(PromptDataset(path, CharTokenizer()), prompts_per_rank=2, seed=3)
+    assert _batches(loader, 2) == ref[:2]
+    state = loader.state_dict()
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touch
+    assert _batches(loader, 3) == ref[2:]
+    resumed = PromptLoader(PromptDataset(path, CharTokenizer()), prompts_per_rank=2, seed=3)
+    resumed.load_state_dict(state)
+    assert _batches(resumed, 3) == ref[2:]
+
+
+def test_edited_prompt_file_is_named_with_its_prompt_counts(tmp_path):
+    path = _prompt_file(tmp_path / "p.jsonl", range(8))
+    loader = PromptLoader(PromptDataset(path, CharTokenizer()), prompts_per_rank=2)
+    state = loader.state_dict()
+    _prompt_file(path, range(1, 9))  # same size, same count, other prompts
+    with pytest.raises(RuntimeError, match=r"p\.jsonl changed after it was loaded"):
+        next(loader)
+    with pytest.raises(ValueError, match=r"prompt file p\.jsonl changed since the cursor was "
+                                         r"saved \(8 -> 8 prompts, 128 -> 128 bytes"):
+        PromptLoader(PromptDataset(path, CharTokenizer()), prompts_per_rank=2).load_state_dict(state)
+    _prompt_file(path, range(7))
+    with pytest.raises(ValueError, match=r"p\.jsonl changed since the cursor was saved \(8 -> 7 prompts"):
+        PromptLoader(PromptDataset(path, CharTokenizer()), prompts_per_rank=2).load_state_dict(state)
+
+
+def test_loader_refuses_cursor_over_other_tokenization(tmp_path):
+    path = _prompt_file(tmp_path / "p.jsonl", [10 * i for i in range(8)])
     state = PromptLoader(PromptDataset(path, CharTokenizer()), prompts_per_rank=2).state_dict()
-    path.write_text("".join(json.dumps({"prompt": str(i + 1)}) + "\n" for i in range(8)))
-    other = PromptLoader(PromptDataset(path, CharTokenizer()), prompts_per_rank=2)
-    with pytest.raises(ValueError, match="different prompt data"):
+    other = PromptLoader(PromptDataset(path, CharTokenizer(), max_prompt_len=1), prompts_per_rank=2)
+    with pytest.raises(ValueError, match="prompt files are unchanged but tokenize differently"):
         other.load_state_dict(state)
+    extra = _prompt_file(tmp_path / "q.jsonl", [1])
+    with pytest.raises(ValueError, match=r"saved over prompt files \['p.jsonl'\], this run reads "
+                                         r"\['p.jsonl', 'q.jsonl'\]"):
+        PromptLoader(PromptDataset([path, extra], CharTokenizer()), prompts_per_rank=2).load_state_dict(state)

@@ -131,11 +131,20 @@ def test_device_cuda_literal_on_cpu(compat):
 
 
 def test_streams_are_no_ops(compat):
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
     from megatron.core.distributed import param_and_grad_buffer as pgb
 
+    with pytest.raises((AssertionError, RuntimeError)):  # what megatron would hit unredirected
+        torch.cuda.current_stream()
     stream = pgb.torch.cuda.current_stream()
     with pgb.torch.cuda.stream(stream):
         stream.wait_stream(stream)
+    # megatron's own async-checkpoint preload ends with torch.cuda.synchronize()
+    tensor = torch.arange(6.0)
+    ((name, key, (data, items)),) = FileSystemWriterAsync.preload_tensors(
+        [("f.distcp", "k", (b"", [("item", tensor)]))], non_blocking=True)
+    assert (name, key, data) == ("f.distcp", "k", b"")
+    assert items[0][0] == "item" and torch.equal(items[0][1], tensor)
 
 
 def test_clip_grads_type_string_and_device_literal(compat):

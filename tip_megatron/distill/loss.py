@@ -6,23 +6,30 @@ the [b, s] masks); k = kept tokens; V/tp = this rank's vocabulary shard.
 Per micro-batch, inside `GPTModel.forward(..., output_processor=...)`:
   a. score (no grad, chunked): student and teacher logit shards of the response positions
      -> entropy, reverse KL, forward KL through vocab-parallel all-reduces; only [tokens]
-     statistics survive;
-  b. select: a TIP rule turns them into a kept mask (or takes the mask precomputed by the
-     global-scope pre-pass);
+     statistics survive. Skipped under scope `global`: the scoring pre-pass already
+     computed the signals, and the micro-batch's `Preselection` carries them here;
+  b. select: a TIP rule turns them into a kept mask (or takes the pre-pass's mask);
   c. drop, then learn: only the kept positions' hidden states go through the output layer
      with grad, fused with the reverse KL (or unfused, for comparison), teacher logits
      recomputed from the cached teacher hidden states of the kept tokens.
-The loss function returns megatron's (loss_sum, num_kept, report); megatron divides the
-gradients once by the global kept count.
+
+Data flow (no shared mutable object): the inputs are a frozen `MicrobatchContext`; the
+output processor returns a `LossPathOutput`, which megatron's schedule hands unchanged to
+`loss_func` (GPTModel.forward returns the processor's value as the model output, the
+schedule calls `loss_func(output)` on the last stage). `loss_func` returns megatron's
+(loss_sum, num_kept, report); the report also carries the micro-batch's products
+(`kept_mask`, `signals`), which the schedule returns to the caller untouched. Megatron
+divides the gradients once by the global kept count.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from tip_megatron.ops import fused_linear_reverse_kl, unfused_linear_reverse_kl, vocab_parallel_stats
+from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK
 from tip_megatron.tip import (
     SelectionConfig, TokenSignals, quadrant_labels, select, selection_metric_sums,
 )
@@ -37,7 +44,7 @@ class LossConfig:
     impl: str = "fused"
     """`fused`: chunked output layer + reverse KL with the gradient computed in the forward
     (nothing [k, V/tp] kept for backward); `unfused`: ordinary autograd on the kept tokens."""
-    chunk_size: int = 1024
+    chunk_size: int = DEFAULT_FUSED_CHUNK
     """Tokens per chunk in scoring and in the fused loss."""
 
     def __post_init__(self) -> None:
@@ -47,9 +54,19 @@ class LossConfig:
             raise ValueError(f"loss.chunk_size={self.chunk_size}: must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Preselection:
+    """The scoring pre-pass's products for one micro-batch (scope `global`)."""
+
+    signals: TokenSignals
+    """The micro-batch's signals over [b*s] tokens, as the pre-pass scored them."""
+    kept_mask: torch.Tensor
+    """[b*s] bool kept mask chosen over the global batch."""
+
+
+@dataclass(frozen=True)
 class MicrobatchContext:
-    """What the output processor needs for one micro-batch, and what it leaves behind."""
+    """What the output processor reads for one micro-batch (inputs only; never written)."""
 
     teacher_hidden: torch.Tensor
     """[s, b, h_t] teacher final hidden states (after its final norm), no grad."""
@@ -59,15 +76,22 @@ class MicrobatchContext:
     """[b, s] bool: position t is in the loss (its next token is a response token)."""
     rollout_ids: torch.Tensor
     """[b] int64 global rollout ids."""
+    preselection: Optional[Preselection] = None
+    """Scope `global`: signals and kept mask from the pre-pass; None: score and select here."""
+
+
+@dataclass(frozen=True)
+class LossPathOutput:
+    """What the output processor returns and `loss_func` consumes (one micro-batch)."""
+
+    loss_sum: torch.Tensor
+    """0-dim reverse-KL sum over the kept tokens, differentiable (zero in the pre-pass)."""
+    signals: TokenSignals
+    """The signals the selection used ([b*s] tokens)."""
     kept_mask: Optional[torch.Tensor] = None
-    """[b*s] bool precomputed kept mask (global scope); None: select here."""
-    signals: Optional[TokenSignals] = None
-    """Filled by the output processor: the micro-batch's signals over [b*s] tokens."""
-    metric_sums: dict = field(default_factory=dict)
-    """Filled by the output processor: selection metric sums (see tip.metrics)."""
-    selected: Optional[torch.Tensor] = None
-    """Filled by the output processor: the [b*s] kept mask it used."""
-    num_kept: int = 0
+    """[b*s] bool kept mask; None in the scoring pre-pass (nothing selected yet)."""
+    metric_sums: Optional[dict] = None
+    """Selection metric sums (see tip.metrics); None in the scoring pre-pass."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +104,7 @@ class DistillSpec:
     tp_group: Any
     step: int = 0
     score_only: bool = False
-    """Scoring pre-pass (global scope): compute and store the signals, no loss."""
+    """Scoring pre-pass (global scope): compute and return the signals, no loss."""
 
 
 def _flat(hidden: torch.Tensor) -> torch.Tensor:
@@ -130,8 +154,20 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
     return loss_sum
 
 
+def _signals_and_kept(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec):
+    """(signals, kept mask or None): the pre-pass's when given, else scored (and selected) here."""
+    if ctx.preselection is not None:
+        if spec.score_only:
+            raise ValueError("the scoring pre-pass got micro-batches that were already scored")
+        return ctx.preselection.signals, ctx.preselection.kept_mask
+    signals = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
+    if spec.score_only:
+        return signals, None
+    return signals, select(spec.selection, signals, step=spec.step)
+
+
 def make_output_processor(spec: DistillSpec):
-    """The `output_processor` for GPTModel.forward: returns the micro-batch loss sum."""
+    """The `output_processor` for GPTModel.forward: returns a `LossPathOutput`."""
 
     def output_processor(*, hidden_states, output_layer, output_weight, context, **_: Any):
         ctx: MicrobatchContext = context
@@ -142,28 +178,29 @@ def make_output_processor(spec: DistillSpec):
             )
         weight = output_weight if output_weight is not None else output_layer.weight
         hidden_flat = _flat(hidden_states)
-        signals = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
-        ctx.signals = signals
-        if spec.score_only:
-            return hidden_states.new_zeros(())
-        kept = ctx.kept_mask
+        signals, kept = _signals_and_kept(hidden_flat, weight, ctx, spec)
         if kept is None:
-            kept = select(spec.selection, signals, step=spec.step)
+            return LossPathOutput(hidden_states.new_zeros(()), signals)
         labels = quadrant_labels(signals, spec.selection.quadrant_rule)
-        ctx.selected = kept
-        ctx.metric_sums = selection_metric_sums(signals, kept, labels)
-        ctx.num_kept = int(kept.sum())
-        return kept_loss(hidden_flat, weight, ctx, kept, spec)
+        return LossPathOutput(kept_loss(hidden_flat, weight, ctx, kept, spec), signals, kept,
+                              selection_metric_sums(signals, kept, labels))
 
     return output_processor
 
 
-def loss_func(ctx: MicrobatchContext, loss_sum: torch.Tensor):
-    """megatron's loss contract: (loss_sum, num_tokens, report)."""
-    if not ctx.metric_sums:  # scoring pre-pass: nothing to report
-        return loss_sum, torch.zeros((), dtype=torch.int), {}
-    num_kept = torch.tensor(ctx.num_kept, dtype=torch.int, device=loss_sum.device)
-    report = {"distill": torch.stack([loss_sum.detach().clone().double(),
-                                      torch.tensor(float(ctx.num_kept), dtype=torch.float64)])}
-    report.update({f"tip/{k}": v.detach() for k, v in ctx.metric_sums.items()})
-    return loss_sum, num_kept, report
+def loss_func(out: LossPathOutput):
+    """megatron's loss contract: (loss_sum, num_tokens, report).
+
+    The report's `distill` ([loss_sum, num_kept]) and `tip/*` entries are metrics
+    (reduced by train.metrics.reduce_reports); `kept_mask` and `signals` are the
+    micro-batch's products, handed back through the schedule's return value.
+    """
+    if out.kept_mask is None:  # scoring pre-pass: no loss, only the signals
+        return out.loss_sum, torch.zeros((), dtype=torch.int), {"signals": out.signals}
+    num_kept = int(out.kept_mask.sum())
+    report = {"distill": torch.stack([out.loss_sum.detach().clone().double(),
+                                      torch.tensor(float(num_kept), dtype=torch.float64,
+                                                   device=out.loss_sum.device)]),
+              "kept_mask": out.kept_mask, "signals": out.signals}
+    report.update({f"tip/{k}": v.detach() for k, v in out.metric_sums.items()})
+    return out.loss_sum, torch.tensor(num_kept, dtype=torch.int, device=out.loss_sum.device), report

@@ -8,16 +8,19 @@ last pipeline stage only (nothing on the host, no logits).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Sequence
 
 import torch
 
 from tip_megatron import pipeline
-from tip_megatron.distill.loss import DistillSpec, MicrobatchContext, loss_func, make_output_processor
+from tip_megatron.distill.loss import (
+    DistillSpec, MicrobatchContext, Preselection, loss_func, make_output_processor,
+)
 from tip_megatron.models.state import unwrap
 from tip_megatron.parallel import ParallelGroups
+from tip_megatron.tip import TokenSignals
 
 
 @dataclass
@@ -78,7 +81,9 @@ def _student_step(processor, data_iterator, model):
     mb, ctx = next(data_iterator)
     out = model(mb.input_ids, mb.position_ids, None, output_processor=processor,
                 output_processor_context=ctx)
-    return out, partial(loss_func, ctx)
+    # On the last stage `out` is the processor's LossPathOutput, which the schedule passes
+    # to loss_func as is; elsewhere it is the hidden state sent downstream.
+    return out, loss_func
 
 
 def student_pass(
@@ -86,7 +91,8 @@ def student_pass(
     microbatches: Sequence[Microbatch], contexts: Sequence[MicrobatchContext | None],
     spec: DistillSpec, *, seq_length: int, micro_batch_size: int, forward_only: bool = False,
 ) -> list[dict]:
-    """Student forward/backward with the TIP loss; returns the last stage's reports."""
+    """Student forward/backward with the TIP loss; returns the last stage's reports
+    (one per micro-batch, see `loss_func`; empty on other stages)."""
     processor = make_output_processor(spec)
     return pipeline.forward_backward(
         partial(_student_step, processor), student_chunks, list(zip(microbatches, contexts)),
@@ -95,9 +101,34 @@ def student_pass(
     )
 
 
+def scoring_pass(
+    student_chunks: Sequence[torch.nn.Module], groups: ParallelGroups,
+    microbatches: Sequence[Microbatch], contexts: Sequence[MicrobatchContext | None],
+    spec: DistillSpec, *, seq_length: int, micro_batch_size: int,
+) -> list[TokenSignals]:
+    """Forward-only scoring pre-pass (scope `global`): this rank's micro-batch signals on
+    the last stage (an empty list on other stages). Nothing is selected or learned."""
+    reports = student_pass(student_chunks, groups, microbatches, contexts,
+                           replace(spec, score_only=True), seq_length=seq_length,
+                           micro_batch_size=micro_batch_size, forward_only=True)
+    return [r["signals"] for r in reports]
+
+
+def with_preselection(
+    contexts: Sequence[MicrobatchContext], signals: Sequence[TokenSignals],
+    kept_masks: Sequence[torch.Tensor],
+) -> list[MicrobatchContext]:
+    """New contexts carrying the pre-pass's signals and kept masks: the student pass then
+    neither scores nor selects again."""
+    if not len(contexts) == len(signals) == len(kept_masks):
+        raise ValueError(f"{len(contexts)} contexts, {len(signals)} signals, {len(kept_masks)} kept masks")
+    return [replace(c, preselection=Preselection(s, m))
+            for c, s, m in zip(contexts, signals, kept_masks)]
+
+
 def make_contexts(
     groups: ParallelGroups, microbatches: Sequence[Microbatch], teacher_hidden: Sequence[torch.Tensor],
-    teacher_weight: torch.Tensor | None, kept_masks: Sequence[torch.Tensor] | None = None,
+    teacher_weight: torch.Tensor | None,
 ) -> list[MicrobatchContext | None]:
     """Per-micro-batch contexts on the last stage (None elsewhere)."""
     if not groups.is_last_stage:
@@ -105,9 +136,7 @@ def make_contexts(
     if len(teacher_hidden) != len(microbatches):
         raise ValueError(f"{len(teacher_hidden)} teacher hidden states for {len(microbatches)} micro-batches")
     return [
-        MicrobatchContext(
-            teacher_hidden=th, teacher_weight=teacher_weight, target_mask=mb.target_mask.bool(),
-            rollout_ids=mb.rollout_ids, kept_mask=None if kept_masks is None else kept_masks[i],
-        )
-        for i, (mb, th) in enumerate(zip(microbatches, teacher_hidden))
+        MicrobatchContext(teacher_hidden=th, teacher_weight=teacher_weight,
+                          target_mask=mb.target_mask.bool(), rollout_ids=mb.rollout_ids)
+        for mb, th in zip(microbatches, teacher_hidden)
     ]

@@ -20,6 +20,8 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from tip_megatron.groups import group_rank, group_size
+
 #: Default work per chunk: tokens per chunk = max(1, CHUNK_ELEMENTS // shard width).
 #: On CPU, 2^20 elements (4 MiB per fp32 buffer) keeps a chunk in cache across the several
 #: elementwise passes over it (measured ~1.3x faster than 16 MiB chunks at V/tp = 75,968);
@@ -48,14 +50,6 @@ class VocabShard:
     def valid_width(self) -> int:
         """Leading shard columns inside the true vocabulary (0 when the shard is all padding)."""
         return max(0, min(self.shard_width, self.vocab_size - self.start))
-
-
-def group_size(tp_group: Any) -> int:
-    return 1 if tp_group is None else dist.get_world_size(tp_group)
-
-
-def group_rank(tp_group: Any) -> int:
-    return 0 if tp_group is None else dist.get_rank(tp_group)
 
 
 def vocab_shard(shard_width: int, tp_group: Any, vocab_size: int) -> VocabShard:

@@ -25,20 +25,10 @@ from typing import Any, Optional
 import torch
 
 from tip_megatron.ops._shard import (
-    MAX,
-    SUM,
-    Workspace,
-    all_reduce_,
-    check_pair,
-    chunk_tokens,
-    compute_dtype,
-    diff_into,
-    finite_max,
-    local_max,
-    shift_into,
-    token_chunks,
+    Workspace, check_pair, chunk_tokens, compute_dtype, diff_into, shift_into, token_chunks,
     vocab_shard,
 )
+from tip_megatron.ops.partials import global_maxima, reduced_partials
 
 
 @dataclass
@@ -56,23 +46,6 @@ class KLState:
         return KLState(*(getattr(self, f)[sl] for f in self.__dataclass_fields__))
 
 
-def _chunk_partials(student: torch.Tensor, teacher: torch.Tensor, maxes: torch.Tensor,
-                    work: Workspace) -> torch.Tensor:
-    """[3, c]: S_s, S_t and sum_v exp(x_s) (s - t) of one chunk (x = logits - max).
-
-    sum_v exp(x_s)(x_s - x_t) = that last sum - S_s (max_s - max_t), see reverse_kl_forward.
-    """
-    e_s, buf = work.views(student.shape[0])[:2]
-    shift_into(e_s, student, maxes[0]).exp_()
-    weighted = diff_into(buf, student, teacher).mul_(e_s)
-    # nansum: where p_s == 0 the product is 0 * (+-inf or NaN) = NaN and must count as 0
-    # (-inf logits); a genuine +inf (teacher -inf where p_s > 0) is kept.
-    sum_weighted = weighted.nansum(dim=-1)
-    sum_s = e_s.sum(dim=-1)
-    sum_t = shift_into(buf, teacher, maxes[1]).exp_().sum(dim=-1)
-    return torch.stack([sum_s, sum_t, sum_weighted])
-
-
 def reverse_kl_forward(
     student: torch.Tensor, teacher: torch.Tensor, tp_group: Any, chunk: int,
     work: Optional[Workspace] = None,
@@ -82,16 +55,9 @@ def reverse_kl_forward(
     Runs the two collectives of the module docstring; `chunk` bounds the fp32 temporaries
     (two [chunk, w] buffers, or the given workspace).
     """
-    dtype = compute_dtype(student)
-    maxes = torch.stack([local_max(student), local_max(teacher).to(dtype)])
-    maxes = finite_max(all_reduce_(maxes, MAX, tp_group))
-    partials = torch.zeros(3, student.shape[0], dtype=dtype, device=student.device)
-    work = work or Workspace(min(chunk, student.shape[0]), student.shape[1], student, count=2)
-    for sl in token_chunks(student.shape[0], chunk):
-        partials[:, sl] = _chunk_partials(student[sl], teacher[sl], maxes[:, sl], work)
-    # One SUM all-reduce for all three partials: the exponentials are taken against the
-    # global maxima, so per-rank sums add up directly.
-    all_reduce_(partials, SUM, tp_group)
+    maxes = global_maxima(student, teacher, tp_group)
+    # One SUM all-reduce for all three partials (S_s, S_t, sum_v exp(x_s)(s - t)).
+    partials = reduced_partials(student, teacher, maxes, tp_group, chunk, moments=False, work=work)
     log_norm_s, log_norm_t = partials[0].log(), partials[1].log()
     # E_ps[x_s - x_t] = E_ps[s - t] - (max_s - max_t); KL = that + log S_t - log S_s.
     mean_diff = partials[2] / partials[0] - (maxes[0] - maxes[1])

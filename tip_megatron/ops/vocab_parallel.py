@@ -4,7 +4,8 @@ Shapes: [tokens, V/tp] = one rank's logit shard; [tokens] = per-token result.
 
 All statistics of one call come from two collectives over the TP group: a MAX all-reduce of
 the per-token maxima (student and teacher stacked) and one SUM all-reduce of every per-token
-partial sum concatenated ([P, tokens], P <= 7). With x = logits - global max and
+partial sum concatenated ([P, tokens], P <= 7; computed by `ops.partials`, which the
+reverse KL shares). With x = logits - global max and
 S = sum_v exp(x) (each rank sums its own columns against the global max, so the per-rank
 sums simply add):
     logsumexp = max + log S
@@ -15,46 +16,19 @@ sums simply add):
 The raw difference s - t is taken elementwise before any sum, so identical student and
 teacher logits give exactly zero KL and no large terms cancel.
 No rank ever holds more than its own shard, and fp32 temporaries are one token chunk.
-This module also re-exports the differentiable reverse KL, the fused output-layer loss
-and sampling, so `tip_megatron.ops.vocab_parallel` is the one import for callers.
+Callers import the ops from `tip_megatron.ops`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Optional
 
 import torch
 
-from tip_megatron.ops._shard import (
-    MAX,
-    SUM,
-    VocabShard,
-    Workspace,
-    all_reduce_,
-    check_logits,
-    check_pair,
-    chunk_tokens,
-    compute_dtype,
-    diff_into,
-    finite_max,
-    local_max,
-    token_chunks,
-    vocab_shard,
-)
-from tip_megatron.ops.fused_linear_kl import fused_linear_reverse_kl, unfused_linear_reverse_kl
-from tip_megatron.ops.reverse_kl import vocab_parallel_reverse_kl
-from tip_megatron.ops.sampling import vocab_parallel_sample
-
-__all__ = [
-    "TokenStats",
-    "check_vocab_compat",
-    "fused_linear_reverse_kl",
-    "unfused_linear_reverse_kl",
-    "vocab_parallel_reverse_kl",
-    "vocab_parallel_sample",
-    "vocab_parallel_stats",
-]
+from tip_megatron.ops._shard import VocabShard, check_logits, check_pair, chunk_tokens, vocab_shard
+from tip_megatron.ops.partials import global_maxima, reduced_partials
 
 
 @dataclass
@@ -136,62 +110,16 @@ def vocab_parallel_stats(
     with torch.no_grad():
         student = student_logits[:, : shard.valid_width]
         teacher = None if teacher_logits is None else teacher_logits[:, : shard.valid_width]
-        maxes = _global_maxima(student, teacher, tp_group)
-        partials = _partial_sums(student, teacher, maxes, shard, token_ids, chunk)
-        all_reduce_(partials, SUM, tp_group)
+        maxes = global_maxima(student, teacher, tp_group)
+        owned = None if token_ids is None else partial(_owned_rows, student, maxes[0], token_ids, shard)
+        partials = reduced_partials(student, teacher, maxes, tp_group, chunk, moments=True,
+                                    extra_row=owned)
         return _finish(partials, maxes, shard, token_ids, teacher is not None)
 
 
-def _global_maxima(
-    student: torch.Tensor, teacher: Optional[torch.Tensor], tp_group: Any
-) -> torch.Tensor:
-    """[1 or 2, tokens]: global max of student (and teacher), one MAX all-reduce."""
-    dtype = compute_dtype(student)
-    local = [local_max(student)] + ([] if teacher is None else [local_max(teacher).to(dtype)])
-    return finite_max(all_reduce_(torch.stack(local), MAX, tp_group))
-
-
-def _partial_sums(
-    student: torch.Tensor, teacher: Optional[torch.Tensor], maxes: torch.Tensor,
-    shard: VocabShard, token_ids: Optional[torch.Tensor], chunk: int,
-) -> torch.Tensor:
-    """[P, tokens] per-rank partial sums, rows in the order `_finish` reads them."""
-    num_rows = 2 + (token_ids is not None) + (4 if teacher is not None else 0)
-    out = torch.zeros(num_rows, student.shape[0], dtype=maxes.dtype, device=student.device)
-    work = Workspace(min(chunk, student.shape[0]), student.shape[1], student,
-                     count=2 if teacher is None else 3)
-    for sl in token_chunks(student.shape[0], chunk):
-        rows = _student_partials(student[sl], maxes[0, sl], work)
-        if token_ids is not None:
-            rows.append(_owned_logit(student[sl], maxes[0, sl], token_ids[sl], shard))
-        if teacher is not None:
-            rows += _teacher_partials(student[sl], teacher[sl], maxes[1, sl], work)
-        out[:, sl] = torch.stack(rows)
-    return out
-
-
-def _student_partials(student: torch.Tensor, max_s: torch.Tensor, work: Workspace) -> list:
-    """[S_s, A_s] of a chunk (x = logits - max, S = sum exp(x), A = sum exp(x) x); leaves
-    exp(x_s) in the workspace's second buffer for `_teacher_partials`."""
-    x_s, e_s = work.views(student.shape[0])[:2]
-    torch.sub(student, max_s[:, None], out=x_s)
-    torch.exp(x_s, out=e_s)
-    # nansum: a -inf logit has exp(x) == 0 and x == -inf; 0 * -inf = NaN must count as 0.
-    return [e_s.sum(dim=-1), x_s.mul_(e_s).nansum(dim=-1)]
-
-
-def _teacher_partials(student: torch.Tensor, teacher: torch.Tensor, max_t: torch.Tensor,
-                      work: Workspace) -> list:
-    """[S_t, A_t, sum exp(x_s)(s - t), sum exp(x_t)(s - t)] of a chunk; reads exp(x_s)
-    from the workspace (see `_finish` for how the last two become the KLs)."""
-    x_t, e_s, e_t = work.views(student.shape[0])
-    torch.sub(teacher, max_t[:, None], out=x_t)
-    torch.exp(x_t, out=e_t)
-    rows = [e_t.sum(dim=-1), x_t.mul_(e_t).nansum(dim=-1)]
-    diff = diff_into(x_t, student, teacher)
-    # As above, 0 * (+-inf or NaN) where a probability is 0 counts as 0; a genuine +-inf
-    # (one model -inf where the other has mass) is kept: that KL is infinite.
-    return rows + [e_s.mul_(diff).nansum(dim=-1), e_t.mul_(diff).nansum(dim=-1)]
+def _owned_rows(student: torch.Tensor, max_s: torch.Tensor, token_ids: torch.Tensor,
+                shard: VocabShard, sl: slice) -> torch.Tensor:
+    return _owned_logit(student[sl], max_s[sl], token_ids[sl], shard)
 
 
 def _owned_logit(student: torch.Tensor, max_s: torch.Tensor, token_ids: torch.Tensor,
@@ -210,7 +138,7 @@ def _finish(
     token_ids: Optional[torch.Tensor], has_teacher: bool,
 ) -> TokenStats:
     """Per-token statistics from the all-reduced partial sums (formulas: module docstring)."""
-    rows = iter(partials)
+    rows = iter(partials)  # S_s, A_s, S_t, A_t, W_s, W_t (ops.partials), then x[id]
     sum_s, xlogx_s = next(rows), next(rows)
     log_norm_s = sum_s.log()
     # Entropy >= 0 exactly; rounding of log S - E[x] can leave -1e-7.
@@ -220,10 +148,6 @@ def _finish(
         student_entropy=entropy,
         student_entropy_norm=entropy / math.log(shard.vocab_size),
     )
-    if token_ids is not None:
-        in_vocab = (token_ids >= 0) & (token_ids < shard.vocab_size)
-        logprob = next(rows) - log_norm_s
-        stats.token_logprob = torch.where(in_vocab, logprob, torch.full_like(logprob, -math.inf))
     if has_teacher:
         sum_t, xlogx_t, diff_s, diff_t = (next(rows) for _ in range(4))
         log_norm_t = sum_t.log()
@@ -233,4 +157,8 @@ def _finish(
         stats.reverse_kl = (diff_s / sum_s - shift + log_norm_t - log_norm_s).clamp_min(0.0)
         stats.forward_kl = (shift - diff_t / sum_t + log_norm_s - log_norm_t).clamp_min(0.0)
         stats.teacher_entropy = (log_norm_t - xlogx_t / sum_t).clamp_min(0.0)
+    if token_ids is not None:
+        in_vocab = (token_ids >= 0) & (token_ids < shard.vocab_size)
+        logprob = next(rows) - log_norm_s
+        stats.token_logprob = torch.where(in_vocab, logprob, torch.full_like(logprob, -math.inf))
     return stats

@@ -1,5 +1,7 @@
-"""Prompt data: JSONL / parquet files -> tokenized prompts, and a DP-sharded, seeded,
-resumable sampler over them. Formats, fields and policies: docs/data.md.
+"""Prompt data: files -> tokenized prompts (chat templates, overlong policy), and the
+one import for prompt data (`PromptDataset`, `PromptLoader`, ...). Formats, fields and
+policies: docs/data.md. Files and row parsing live in `rollout.sources`, the DP-sharded
+resumable sampler in `rollout.sampler`.
 
 Memory: one pass at setup validates every row (a malformed row stops the run there, with
 file and line) and tokenizes it; the dataset then holds only the kept prompts' token ids
@@ -9,18 +11,19 @@ answer and text are read back from the file for the prompts of each batch.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import zlib
 from array import array
-from dataclasses import dataclass
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from tip_megatron.rollout.sources import (
+    CHUNK_ROWS, PromptFields, PromptRecord, Row, open_source, parse_row,
+)
 from tip_megatron.rollout.tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -35,191 +38,6 @@ __all__ = [
 ]
 
 OVERLONG_POLICIES = ("truncate_left", "skip")
-_CHUNK_ROWS = 512  # rows tokenized per encode_batch call
-
-
-@dataclass(frozen=True)
-class PromptRecord:
-    """One prompt as the engine uses it."""
-
-    prompt_id: str  # the row's id field, else "<file name>:<line or row>"
-    token_ids: list[int]  # after chat template and the overlong policy
-    answer: str | None  # the answer field, for grading; None when absent
-    text: str  # the prompt field; for chat rows the last user message's content
-    messages: list[dict[str, Any]] | None = None  # chat rows: the prompt turns
-
-
-@dataclass(frozen=True)
-class PromptFields:
-    """Names of the fields read from each row; a `messages` field wins over `prompt`."""
-
-    prompt: str = "prompt"
-    messages: str = "messages"
-    answer: str = "answer"
-    id: str = "id"
-
-
-@dataclass(frozen=True)
-class _Row:
-    prompt_id: str
-    text: str
-    messages: list[dict[str, Any]] | None
-    answer: str | None
-    dropped_turns: int  # trailing assistant turns removed from `messages`
-
-
-def _check_messages(value: Any, field: str, where: str) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}: field {field!r} must be a non-empty list of "
-                         f"{{role, content}} objects, got {type(value).__name__}")
-    for k, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise ValueError(f"{where}: {field}[{k}] must be an object with string 'role' "
-                             f"and 'content', got {m!r:.200}")
-    return value
-
-
-def _parse_row(row: Any, fields: PromptFields, where: str, default_id: str) -> _Row:
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    messages, dropped = row.get(fields.messages), 0
-    if messages is not None:
-        messages = _check_messages(messages, fields.messages, where)
-        # The prompt is everything before the reply: a trailing assistant turn (SFT-style
-        # rows) is what the student should generate, not condition on.
-        while messages and messages[-1]["role"] == "assistant":
-            messages, dropped = messages[:-1], dropped + 1
-        if not messages:
-            raise ValueError(f"{where}: field {fields.messages!r} holds only assistant turns")
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        text = users[-1] if users else messages[-1]["content"]
-    else:
-        text = row.get(fields.prompt)
-        if text is None:
-            raise ValueError(f"{where}: no {fields.prompt!r} or {fields.messages!r} field "
-                             f"(keys: {sorted(row)[:10]})")
-        if not isinstance(text, str):
-            raise ValueError(f"{where}: field {fields.prompt!r} must be a string, "
-                             f"got {type(text).__name__}")
-    answer = row.get(fields.answer)
-    if answer is not None:
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise ValueError(f"{where}: field {fields.answer!r} must be a string or number, "
-                             f"got {type(answer).__name__}")
-        answer = str(answer)
-    pid = row.get(fields.id)
-    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, (str, int))):
-        raise ValueError(f"{where}: field {fields.id!r} must be a string or integer, "
-                         f"got {type(pid).__name__}")
-    return _Row(default_id if pid is None else str(pid), text, messages, answer, dropped)
-
-
-class _Source:
-    """One file: `rows()` streams (line, locator, row); `fetch()` reads rows back by locator."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        st = path.stat()
-        self._stamp = (st.st_size, st.st_mtime_ns)
-
-    def where(self, line: int) -> str:
-        return f"{self.path}, line {line}"
-
-    def default_id(self, line: int) -> str:
-        return f"{self.path.name}:{line}"
-
-    def check_unchanged(self) -> None:
-        st = self.path.stat()
-        if (st.st_size, st.st_mtime_ns) != self._stamp:
-            raise RuntimeError(f"prompt file {self.path} changed after it was loaded; "
-                               "restart the run to reload it")
-
-
-class _JsonlSource(_Source):
-    def rows(self) -> Iterator[tuple[int, int, Any]]:
-        offset = 0
-        with open(self.path, "rb") as f:  # bytes: exact offsets, and only b"\n" ends a line
-            for line_no, line in enumerate(f, start=1):
-                if line.strip():
-                    yield line_no, offset, self._loads(line, line_no)
-                offset += len(line)
-
-    def fetch(self, locators: Sequence[int], lines: Sequence[int]) -> list[Any]:
-        self.check_unchanged()
-        with open(self.path, "rb") as f:
-            out = []
-            for loc, line_no in zip(locators, lines):
-                f.seek(loc)
-                out.append(self._loads(f.readline(), line_no))
-        return out
-
-    def _loads(self, line: bytes, line_no: int) -> Any:
-        try:
-            return json.loads(line)
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-            raise ValueError(f"{self.where(line_no)}: invalid JSON ({e})") from None
-
-
-def _import_parquet() -> Any:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ImportError("parquet prompt files need the `pyarrow` package: "
-                          "`pip install pyarrow` (or 'tip_megatron[hf]')") from e
-    return pq
-
-
-class _ParquetSource(_Source):
-    def __init__(self, path: Path, fields: PromptFields):
-        super().__init__(path)
-        pq = _import_parquet()
-        self._file = pq.ParquetFile(path)
-        names = self._file.schema_arrow.names
-        if fields.prompt not in names and fields.messages not in names:
-            raise ValueError(f"{path}: no {fields.prompt!r} or {fields.messages!r} column "
-                             f"(columns: {names[:20]})")
-        wanted = (fields.prompt, fields.messages, fields.answer, fields.id)
-        self._columns = [c for c in dict.fromkeys(wanted) if c in names]
-        meta = self._file.metadata
-        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-        self._group_starts = np.cumsum([0, *sizes])
-
-    def where(self, line: int) -> str:
-        return f"{self.path}, row {line}"
-
-    def rows(self) -> Iterator[tuple[int, int, Any]]:
-        row_idx = 0
-        for batch in self._file.iter_batches(batch_size=_CHUNK_ROWS, columns=self._columns):
-            for row in batch.to_pylist():
-                row_idx += 1
-                yield row_idx, row_idx - 1, row
-
-    def fetch(self, locators: Sequence[int], lines: Sequence[int]) -> list[Any]:
-        # Reads each row group the batch touches once; see docs/data.md on row group size.
-        self.check_unchanged()
-        locs = np.asarray(locators, dtype=np.int64)
-        groups = np.searchsorted(self._group_starts, locs, side="right") - 1
-        out: list[Any] = [None] * len(locs)
-        for g in np.unique(groups):
-            pos = np.nonzero(groups == g)[0]
-            table = self._file.read_row_group(int(g), columns=self._columns)
-            rows = table.take(locs[pos] - self._group_starts[g]).to_pylist()
-            for p, row in zip(pos, rows):
-                out[p] = row
-        return out
-
-
-def _open_source(path: Path, fields: PromptFields) -> _Source:
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist; accepted: .jsonl / "
-                                ".json (one JSON object per line) and .parquet files")
-    if path.suffix == ".parquet":
-        return _ParquetSource(path, fields)
-    if path.suffix in (".jsonl", ".json"):
-        return _JsonlSource(path)
-    raise ValueError(f"prompt file {path}: unknown extension {path.suffix!r}; accepted: "
-                     ".jsonl, .json (one JSON object per line), .parquet")
 
 
 @contextlib.contextmanager
@@ -285,7 +103,7 @@ class PromptDataset:
         self.tokenizer, self.fields = tokenizer, fields
         self.apply_chat_template = apply_chat_template
         self.max_prompt_len, self.overlong = max_prompt_len, overlong
-        self._sources = [_open_source(p, fields) for p in self.paths]
+        self._sources = [open_source(p, fields) for p in self.paths]
         self.stats = dict.fromkeys(("num_rows", "num_kept", "num_truncated", "num_skipped",
                                     "num_tokens", "max_prompt_tokens",
                                     "num_assistant_turns_dropped"), 0)
@@ -296,9 +114,9 @@ class PromptDataset:
         tokens, starts = array("i"), array("q", [0])
         files, lines, locs = array("i"), array("q"), array("q")
         for f, src in enumerate(self._sources):
-            for chunk in _chunks(src.rows(), _CHUNK_ROWS):
+            for chunk in _chunks(src.rows(), CHUNK_ROWS):
                 wheres = [src.where(line) for line, _, _ in chunk]
-                rows = [_parse_row(row, self.fields, w, src.default_id(line))
+                rows = [parse_row(row, self.fields, w, src.default_id(line))
                         for (line, _, row), w in zip(chunk, wheres)]
                 for (line, loc, _), w, ids in zip(chunk, wheres, self._tokenize(rows, wheres)):
                     if not ids:
@@ -324,7 +142,7 @@ class PromptDataset:
         changed = self.stats["num_skipped"] or self.stats["num_truncated"]
         (logger.warning if changed else logger.info)("prompts from %s: %s", where, self.stats)
 
-    def _tokenize(self, rows: list[_Row], wheres: list[str]) -> list[list[int]]:
+    def _tokenize(self, rows: list[Row], wheres: list[str]) -> list[list[int]]:
         tok, out = self.tokenizer, [[] for _ in rows]
         is_chat = [r.messages is not None or self.apply_chat_template for r in rows]
         chat = [k for k, c in enumerate(is_chat) if c]
@@ -369,6 +187,12 @@ class PromptDataset:
             self._crc32 = zlib.crc32(self._starts, zlib.crc32(self._tokens))
         return self._crc32
 
+    def file_fingerprints(self) -> list[dict[str, Any]]:
+        """Per file: name, size, sha256 of its content, and `num_prompts` kept from it."""
+        kept = np.bincount(self._files, minlength=len(self._sources))
+        return [{**s.fingerprint.to_dict(), "num_prompts": int(n)}
+                for s, n in zip(self._sources, kept)]
+
     def token_ids(self, i: int) -> list[int]:
         """Token ids of prompt `i` (memory only, no file read)."""
         self._check_index(i)
@@ -387,7 +211,7 @@ class PromptDataset:
             src, pos = self._sources[f], np.nonzero(self._files[idx] == f)[0]
             lines, locs = self._lines[idx[pos]].tolist(), self._locs[idx[pos]].tolist()
             for p, line, row in zip(pos, lines, src.fetch(locs, lines)):
-                r = _parse_row(row, self.fields, src.where(line), src.default_id(line))
+                r = parse_row(row, self.fields, src.where(line), src.default_id(line))
                 out[p] = PromptRecord(r.prompt_id, self.token_ids(int(idx[p])), r.answer,
                                       r.text, r.messages)
         return out  # type: ignore[return-value]
@@ -397,105 +221,6 @@ class PromptDataset:
             raise IndexError(f"prompt index {i} outside [0, {len(self)})")
 
 
-class PromptSampler:
-    """This DP rank's prompt indices, one batch of `prompts_per_rank` per `next()`.
-
-    Epoch `e` is the permutation `default_rng([seed, e])` of all prompts (identity when
-    `shuffle=False`), cut into `num_prompts // (prompts_per_rank * dp_size)` global
-    batches; the remainder of each epoch is dropped so no global batch repeats a prompt.
-    Rank `r` takes the `r`-th block of `prompts_per_rank` of each global batch. After the
-    last batch of an epoch the next epoch starts. The cursor is (epoch, batch_in_epoch),
-    the same on every rank.
-    """
-
-    def __init__(self, num_prompts: int, *, prompts_per_rank: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, shuffle: bool = True):
-        if prompts_per_rank < 1:
-            raise ValueError(f"prompts_per_rank={prompts_per_rank}: must be >= 1")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank}, dp_size={dp_size}: need 0 <= dp_rank < dp_size")
-        if seed < 0:
-            raise ValueError(f"seed={seed}: must be >= 0")
-        self.num_prompts, self.prompts_per_rank = num_prompts, prompts_per_rank
-        self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
-        self.global_batch = prompts_per_rank * dp_size
-        self.batches_per_epoch = num_prompts // self.global_batch
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{num_prompts} prompts cannot fill one global batch of "
-                             f"prompts_per_rank * dp_size = {self.global_batch}")
-        self.epoch = self.batch_in_epoch = 0
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """[num_prompts] prompt order of `epoch` (cached for the current epoch)."""
-        if self._perm is None or self._perm[0] != epoch:
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_prompts)
-            else:
-                order = np.arange(self.num_prompts)
-            self._perm = (epoch, order)
-        return self._perm[1]
-
-    def __iter__(self) -> PromptSampler:
-        return self
-
-    def __next__(self) -> list[int]:
-        start = self.batch_in_epoch * self.global_batch + self.dp_rank * self.prompts_per_rank
-        batch = self.permutation(self.epoch)[start:start + self.prompts_per_rank].tolist()
-        self.batch_in_epoch += 1
-        if self.batch_in_epoch == self.batches_per_epoch:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        return batch
-
-    @property
-    def num_batches_done(self) -> int:
-        return self.epoch * self.batches_per_epoch + self.batch_in_epoch
-
-    def state_dict(self) -> dict[str, int]:
-        """The cursor plus what it is only valid with (checked on load); plain ints."""
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "num_prompts": self.num_prompts, "global_batch": self.global_batch,
-                "seed": self.seed, "shuffle": int(self.shuffle)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at `state`'s cursor. dp_size may differ if the global batch is the same."""
-        mine = self.state_dict()
-        for key in ("num_prompts", "global_batch", "seed", "shuffle"):
-            if int(state[key]) != mine[key]:
-                raise ValueError(f"prompt cursor was saved with {key}={state[key]}, this run "
-                                 f"has {key}={mine[key]}; the batch order would differ")
-        epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
-        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(f"prompt cursor epoch={epoch}, batch_in_epoch={batch} is out of "
-                             f"range (batches_per_epoch={self.batches_per_epoch})")
-        self.epoch, self.batch_in_epoch = epoch, batch
-
-
-class PromptLoader:
-    """`PromptSampler` over a `PromptDataset`: each `next()` is this rank's PromptRecords."""
-
-    def __init__(self, dataset: PromptDataset, *, prompts_per_rank: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, shuffle: bool = True):
-        self.dataset = dataset
-        self.sampler = PromptSampler(len(dataset), prompts_per_rank=prompts_per_rank,
-                                     dp_rank=dp_rank, dp_size=dp_size, seed=seed,
-                                     shuffle=shuffle)
-
-    def __iter__(self) -> PromptLoader:
-        return self
-
-    def __next__(self) -> list[PromptRecord]:
-        return self.dataset.records(next(self.sampler))
-
-    def state_dict(self) -> dict[str, int]:
-        """The sampler's cursor plus the dataset's `content_crc32`; plain ints."""
-        return {**self.sampler.state_dict(), "data_crc32": self.dataset.content_crc32()}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        # The same cursor over other prompts (file edited, tokenizer or limits changed)
-        # would not continue the saved run: refuse it.
-        if int(state["data_crc32"]) != self.dataset.content_crc32():
-            raise ValueError("prompt cursor was saved over different prompt data (token ids "
-                             "differ: files, tokenizer, template or max_prompt_len changed); "
-                             "start a fresh cursor to train on the new data")
-        self.sampler.load_state_dict(state)
+# Re-exported so that `rollout.data` stays the one import for prompt data; sampler.py
+# imports this module for type hints only, so there is no import cycle.
+from tip_megatron.rollout.sampler import PromptLoader, PromptSampler  # noqa: E402

@@ -9,15 +9,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-
-def group_size(group: Optional[dist.ProcessGroup]) -> int:
-    """World size of `group`; 1 for None."""
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def group_rank(group: Optional[dist.ProcessGroup]) -> int:
-    """This process's rank in `group`; 0 for None."""
-    return 0 if group is None else dist.get_rank(group)
+from tip_megatron.groups import group_size
 
 
 def all_gather_varlen(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:

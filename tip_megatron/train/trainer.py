@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,8 @@ from tip_megatron import launch, parallel
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, validate_run
 from tip_megatron.distill.loss import DistillSpec
 from tip_megatron.distill.step import (
-    make_contexts, student_pass, teacher_hidden_states, teacher_output_weight,
+    make_contexts, scoring_pass, student_pass, teacher_hidden_states, teacher_output_weight,
+    with_preselection,
 )
 from tip_megatron.rollout.generate import GenerationConfig, generate
 from tip_megatron.tip import select_global
@@ -106,23 +107,21 @@ def microbatches(run: Run, out) -> list:
     return make_microbatches(out.token_ids, out.response_mask, rollout_ids, run.cfg.train.micro_batch_size)
 
 
-def _spec(run: Run, score_only: bool = False) -> DistillSpec:
+def _spec(run: Run) -> DistillSpec:
     return DistillSpec(run.cfg.selection, run.cfg.loss, run.models.vocab_size,
-                       run.groups.tp_group, step=run.step, score_only=score_only)
+                       run.groups.tp_group, step=run.step)
 
 
-def global_kept_masks(run: Run, mbs: list, contexts: list, shape: dict) -> Optional[list]:
-    """Scope `global`: a forward-only scoring pass, then selection over the global batch."""
+def global_preselection(run: Run, mbs: list, contexts: list, shape: dict) -> list:
+    """Scope `global`: a forward-only scoring pass, then selection over the global batch;
+    the returned contexts carry both, so the student pass does not score again."""
     if run.cfg.selection.scope != "global":
-        return None
-    student_pass(run.ddp, run.groups, mbs, contexts, _spec(run, score_only=True), forward_only=True, **shape)
+        return contexts
+    signals = scoring_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
     if not run.groups.is_last_stage:
-        return None
-    masks = select_global(run.cfg.selection, [c.signals for c in contexts], run.groups.dp_group,
-                          step=run.step)
-    for c, m in zip(contexts, masks):
-        c.kept_mask = m
-    return masks
+        return contexts
+    masks = select_global(run.cfg.selection, signals, run.groups.dp_group, step=run.step)
+    return with_preselection(contexts, signals, masks)
 
 
 def update(run: Run, mbs: list, contexts: list, shape: dict) -> tuple[list, dict]:
@@ -165,7 +164,7 @@ def train_step(run: Run) -> dict:
     hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
     t_weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
     contexts = make_contexts(run.groups, mbs, hidden, t_weight)
-    global_kept_masks(run, mbs, contexts, shape)
+    contexts = global_preselection(run, mbs, contexts, shape)
     updates = []
     for mb_group, ctx_group in zip(split_updates(mbs, run.cfg.train.updates_per_rollout),
                                    split_updates(contexts, run.cfg.train.updates_per_rollout)):
