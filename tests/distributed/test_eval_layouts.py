@@ -47,7 +47,7 @@ def _tokenizer(directory):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     from tip_megatron.convert import ImportOptions, hf_to_mcore
-    from tip_megatron.convert.testing import tiny_hf_model
+    from tip_megatron.testing.hf_models import tiny_hf_model
 
     work = tmp_path_factory.mktemp("eval_cli")
     tiny_hf_model("qwen2", seed=5).save_pretrained(work / "hf")
