@@ -367,6 +367,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     platform.quiet_third_party_warnings()
     args = parse_args(argv)
+    if not args.tiny and not platform.default_backend().is_cuda:
+        raise SystemExit("bench_gpu_step: the Qwen3-4B shape needs a CUDA GPU; use --tiny on the CPU")
     result = run(config_from_args(args), log=lambda line: print(line, flush=True))
     table = markdown(result)
     print("\n" + table)

@@ -44,7 +44,9 @@ def _make_assets(root):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
-    run_distributed(_make_assets, 1, args=(root,))
+    # On the CPU always: checkpoints are device-independent, and on a GPU machine a forked
+    # child must not touch CUDA (tests/gpu reuses this fixture).
+    run_distributed(_make_assets, 1, args=(root,), env={"TIP_MEGATRON_DEVICE": "cpu"})
     rng = random.Random(0)
     with open(root / "prompts.jsonl", "w") as f:
         for _ in range(64):
@@ -76,24 +78,27 @@ def _student_update(run, mbs, contexts, shape, want_grads):
         chunk.zero_grad_buffer()
     reports = student_pass(run.ddp, run.groups, mbs, contexts, trainer._spec(run), **shape)
     loss = sum(float(r["distill"][0]) for r in reports) / sum(float(r["distill"][1]) for r in reports)
-    grads = [p.main_grad.detach().clone() for c in run.ddp for p in c.parameters()]
+    grads = [p.main_grad.detach().cpu().clone() for c in run.ddp for p in c.parameters()]
     return {"loss": loss}, grads
 
 
-def _opd_run(overrides, rollouts=None, want_grads=False):
-    """STEPS trainer steps (with `rollouts` replayed when given): per-step losses, kept
-    masks, the rollouts used, and (want_grads) the first step's main grads."""
+def _opd_run(overrides, rollouts=None, want_grads=False, steps=STEPS):
+    """`steps` trainer steps (with `rollouts` replayed when given): per-step losses, kept
+    masks, the rollouts used, and (want_grads) the first step's main grads; all on the CPU."""
+    from tip_megatron import platform
     from tip_megatron.distill.step import make_contexts, teacher_hidden_states, teacher_output_weight
     from tip_megatron.train import trainer
 
     run = trainer.setup(load_config(None, overrides))
+    device = platform.current_device()
     dtype = next(run.ddp[0].parameters()).dtype
     attention_calls = _count_core_attention_calls(run.ddp)
     losses, kept, used, grads = [], [], [], None
-    for step in range(STEPS):
+    for step in range(steps):
         out = trainer.rollouts(run, run.prompts.next()) if rollouts is None else rollouts[step]
-        out = SimpleNamespace(token_ids=out.token_ids, response_mask=out.response_mask)
-        used.append(out)
+        out = SimpleNamespace(token_ids=out.token_ids.to(device),
+                              response_mask=out.response_mask.to(device))
+        used.append(SimpleNamespace(token_ids=out.token_ids.cpu(), response_mask=out.response_mask.cpu()))
         mbs = trainer.microbatches(run, out)
         shape = dict(seq_length=out.token_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
         hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
@@ -101,7 +106,7 @@ def _opd_run(overrides, rollouts=None, want_grads=False):
         metrics, step_grads = _student_update(run, mbs, contexts, shape, want_grads)
         grads = grads if grads is not None else step_grads
         losses.append(metrics["loss"])
-        kept.append(torch.cat([c.selected for c in contexts]))
+        kept.append(torch.cat([c.selected for c in contexts]).cpu())
         run.step += 1
         if want_grads:  # one step is enough to compare gradients
             break
