@@ -110,8 +110,11 @@ def _opd_run(overrides, rollouts=None, want_grads=False, steps=STEPS):
         run.step += 1
         if want_grads:  # one step is enough to compare gradients
             break
+    main_params = [p for g in run.optimizer.param_groups for p in g["params"]]
     return {"dtype": dtype, "losses": losses, "kept": kept, "rollouts": used, "grads": grads,
-            "attention_calls": attention_calls[0]}
+            "attention_calls": attention_calls[0],
+            "main_grad_dtypes": {p.main_grad.dtype for c in run.ddp for p in c.parameters()},
+            "optimizer_param_dtypes": {p.dtype for p in main_params}}
 
 
 def _count_core_attention_calls(chunks):
@@ -143,6 +146,8 @@ def test_bf16_tracks_fp32_over_five_opd_steps(assets):
     fp32, bf16 = run_distributed(_bf16_vs_fp32, 1, args=(
         _overrides(assets, **{"model.dtype": "fp32"}), _overrides(assets, **{"model.dtype": "bf16"})))[0]
     assert fp32["dtype"] == torch.float32 and bf16["dtype"] == torch.bfloat16
+    # bf16 model, fp32 grad buffer and fp32 main params in the (distributed) optimizer.
+    assert bf16["main_grad_dtypes"] == bf16["optimizer_param_dtypes"] == {torch.float32}
     rel = [abs(b - a) / a for a, b in zip(fp32["losses"], bf16["losses"])]
     agree = []
     for k32, k16, out in zip(fp32["kept"], bf16["kept"], fp32["rollouts"]):
