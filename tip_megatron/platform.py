@@ -116,6 +116,10 @@ class OptionalDeps:
     apex: bool
     wandb: bool
     cuda: bool
+    softmax_kernels: bool = False
+    """megatron's compiled fused-softmax extension (`scaled_masked_softmax_cuda`, built by
+    apex / the NGC container); without it `masked_softmax_fusion` fails at the first
+    attention of a bf16 sequence of 16 < s <= 4096 tokens."""
 
     @property
     def te_usable(self) -> bool:
@@ -145,6 +149,7 @@ def optional_deps() -> OptionalDeps:
         apex=cuda and _is_nvidia_apex(),
         wandb=_importable("wandb"),
         cuda=cuda,
+        softmax_kernels=cuda and _importable("scaled_masked_softmax_cuda"),
     )
     logger.debug("optional dependencies: %s", deps)
     return deps

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import statistics
 import sys
@@ -97,6 +98,20 @@ def _sync(device: torch.device) -> None:
 
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err)
+
+
+def _try(fn: Callable[[], Any]) -> tuple[bool, Any]:
+    """(True, fn()) or (False, None) when it ran out of memory; the cache is released only
+    after the exception (whose traceback holds the step's tensors) is gone."""
+    try:
+        return True, fn()
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+        if not _is_oom(err):
+            raise
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return False, None
 
 
 def measure(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float, Optional[float]]:
@@ -247,13 +262,8 @@ def choose_response(bench: StepBench) -> tuple[int, str]:
     bench.train_step(Row("fused", "all", 1.0), bench.inputs(min(bench.cfg.responses)))
     for mode in ("reference", "fused"):
         for response in bench.cfg.responses:
-            try:
-                bench.train_step(Row(mode, "all", 1.0), bench.inputs(response))
+            if _try(lambda: bench.train_step(Row(mode, "all", 1.0), bench.inputs(response)))[0]:
                 return response, mode
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not _is_oom(err):
-                    raise
-                torch.cuda.empty_cache()
     raise RuntimeError(f"no response length of {bench.cfg.responses} fits, even fused")
 
 
@@ -261,16 +271,14 @@ def memory_section(bench: StepBench, response: int) -> list[dict]:
     inputs, out = bench.inputs(response), []
     for row in ROWS:
         entry = {"mode": row.mode, "rule": row.rule, "rho": row.rho}
-        try:
-            kept, above, total = measure(bench.device, partial(bench.train_step, row, inputs))
-            seconds = timed(bench.device, partial(bench.train_step, row, inputs), bench.cfg.iters)
+        step = partial(bench.train_step, row, inputs)
+        ok, measured = _try(lambda: (measure(bench.device, step), timed(bench.device, step, bench.cfg.iters)))
+        if ok:
+            (kept, above, total), seconds = measured
             entry.update(kept_tokens=kept, step_peak_above_resident_mib=round(above, 1),
                          step_peak_total_mib=None if total is None else round(total, 1),
                          step_ms=round(seconds * 1e3, 1))
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-            if not _is_oom(err):
-                raise
-            torch.cuda.empty_cache()
+        else:
             entry.update(note="out of memory")
         out.append(entry)
     return out

@@ -102,3 +102,26 @@ def test_build_refuses_fp8_through_the_same_check(monkeypatch):
     monkeypatch.setattr(platform, "default_backend", lambda: platform.Device("cpu", "gloo"))
     with pytest.raises(RuntimeError, match="model.fp8: fp8 recipe 'delayed' needs compute capability sm_89"):
         transformer_config(None, None, BuildOptions(spec="te", fp8="hybrid"))
+
+
+def test_gpu_fusions_follow_the_kernels_present(monkeypatch):
+    """On a bare CUDA machine (no apex, no compiled softmax) the local spec must not ask
+    for the fused softmax or the persistent layer norm (megatron's torch norm asserts it)."""
+    from types import SimpleNamespace
+
+    from tip_megatron.models.build import BuildOptions, transformer_config
+    from tip_megatron.parallel import ParallelLayout
+    from tip_megatron.testing.models import tiny_arch
+
+    monkeypatch.setattr(platform, "default_backend", lambda: platform.Device("cuda", "nccl"))
+    groups = SimpleNamespace(layout=ParallelLayout())
+    bare = platform.OptionalDeps(transformer_engine=False, apex=False, wandb=False, cuda=True)
+    monkeypatch.setattr(platform, "optional_deps", lambda: bare)
+    cfg = transformer_config(tiny_arch(), groups, BuildOptions(spec="local"))
+    assert cfg.params_dtype == torch.bfloat16 and cfg.bias_dropout_fusion
+    assert not cfg.masked_softmax_fusion and not cfg.persist_layer_norm
+    ngc = platform.OptionalDeps(transformer_engine=True, apex=True, wandb=False, cuda=True,
+                                softmax_kernels=True)
+    monkeypatch.setattr(platform, "optional_deps", lambda: ngc)
+    cfg = transformer_config(tiny_arch(), groups, BuildOptions(spec="local"))
+    assert cfg.masked_softmax_fusion and cfg.persist_layer_norm

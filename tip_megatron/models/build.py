@@ -75,6 +75,7 @@ def transformer_config(arch: ModelArch, groups: ParallelGroups, options: BuildOp
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = platform.default_backend().is_cuda
+    deps = platform.optional_deps()
     dtype = options.params_dtype or (torch.bfloat16 if on_gpu else torch.float32)
     if options.fp8:
         if resolve_spec(options.spec) != "te":
@@ -107,13 +108,15 @@ def transformer_config(arch: ModelArch, groups: ParallelGroups, options: BuildOp
         fp16=dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=options.init_weights,
-        # Fusions that need apex/TE kernels are off on the CPU path.
+        # Fusions: the jit-scripted bias/activation and bias/dropout ones are plain torch;
+        # the fused softmax needs megatron's compiled extension, the persistent layer norm
+        # apex (the local spec's torch norm asserts it off): on only where they exist.
         gradient_accumulation_fusion=False,
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and deps.softmax_kernels,
         apply_rope_fusion=False,
-        persist_layer_norm=on_gpu,
+        persist_layer_norm=on_gpu and deps.apex,
         # Loss contract: the loss function returns (loss_sum, num_tokens, report) and
         # megatron normalizes once by the global token count.
         calculate_per_token_loss=True,
