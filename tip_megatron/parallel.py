@@ -37,6 +37,9 @@ class ParallelLayout:
     """Virtual pipeline stages per rank (interleaved 1F1B schedule); None disables it."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (GPU only; needs TP > 1)."""
+    cp: int = 1
+    """Context-parallel size. Only 1: TIP selection under context parallelism is not
+    implemented (see docs/design_notes.md, "Context parallelism")."""
 
     def validate(self, world_size: int) -> None:
         """Raise ValueError naming the offending value, before any process group exists."""
@@ -52,6 +55,11 @@ class ParallelLayout:
             raise ValueError(
                 f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp} = "
                 f"{self.tp * self.pp}; accepted: world sizes that are multiples of tp*pp"
+            )
+        if self.cp != 1:
+            raise ValueError(
+                f"parallel.cp={self.cp!r}: context parallelism is not supported (a rollout's "
+                "TIP statistics would span CP ranks; see docs/design_notes.md); accepted: 1"
             )
         if self.sequence_parallel and self.tp < 2:
             raise ValueError("parallel.sequence_parallel=True needs parallel.tp >= 2")

@@ -40,8 +40,11 @@ __all__ = [
     "Device",
     "OptionalDeps",
     "MEGATRON_CUDA_ASSUMPTIONS",
+    "FP8_RECIPE_MIN_CAPABILITY",
     "apply_cpu_compat",
+    "check_fp8",
     "cpu_compat_applied",
+    "cuda_capability",
     "current_device",
     "default_backend",
     "optional_deps",
@@ -115,6 +118,10 @@ class OptionalDeps:
     apex: bool
     wandb: bool
     cuda: bool
+    softmax_kernels: bool = False
+    """megatron's compiled fused-softmax extension (`scaled_masked_softmax_cuda`, built by
+    apex / the NGC container); without it `masked_softmax_fusion` fails at the first
+    attention of a bf16 sequence of 16 < s <= 4096 tokens."""
 
     @property
     def te_usable(self) -> bool:
@@ -144,6 +151,7 @@ def optional_deps() -> OptionalDeps:
         apex=cuda and _is_nvidia_apex(),
         wandb=_importable("wandb"),
         cuda=cuda,
+        softmax_kernels=cuda and _importable("scaled_masked_softmax_cuda"),
     )
     logger.debug("optional dependencies: %s", deps)
     return deps
@@ -172,6 +180,42 @@ def require(dep: str, feature: str) -> None:
         raise ValueError(f"unknown optional dependency {dep!r}; known: {sorted(available)}")
     if not available[dep]:
         raise RuntimeError(f"{feature} needs {dep}, which is not available here: {_INSTALL_HINTS[dep]}")
+
+
+#: Compute capability each megatron fp8_recipe needs, as (lowest, first unsupported), from
+#: Transformer Engine's support matrix: per-tensor FP8 (delayed, tensorwise) from Ada
+#: (sm_89); FP8 block scaling from Hopper (sm_90); MXFP8 only on data-center Blackwell
+#: (sm_100/sm_103; not the sm_120 workstation parts).
+FP8_RECIPE_MIN_CAPABILITY = {
+    "delayed": ((8, 9), None),
+    "tensorwise": ((8, 9), None),
+    "blockwise": ((9, 0), None),
+    "mxfp8": ((10, 0), (12, 0)),
+}
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """(major, minor) compute capability of the current GPU; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
+
+
+def check_fp8(recipe: str, feature: str) -> None:
+    """Raise a one-line error when FP8 `recipe` cannot run here (no TE/GPU, or a GPU whose
+    compute capability lacks the recipe). The single place FP8 support is decided."""
+    if recipe not in FP8_RECIPE_MIN_CAPABILITY:
+        raise ValueError(f"{feature}: fp8 recipe {recipe!r}: accepted values are "
+                         f"{list(FP8_RECIPE_MIN_CAPABILITY)}")
+    require("transformer_engine", feature)
+    capability = cuda_capability()
+    low, high = FP8_RECIPE_MIN_CAPABILITY[recipe]
+    if capability is not None and low <= capability and (high is None or capability < high):
+        return
+    span = f"sm_{low[0]}{low[1]}" + (f" up to (not incl.) sm_{high[0]}{high[1]}" if high else "+")
+    here = (f"this GPU is sm_{capability[0]}{capability[1]}" if capability is not None
+            else "no GPU is visible")
+    raise RuntimeError(f"{feature}: fp8 recipe {recipe!r} needs compute capability {span}; {here}")
 
 
 # ----------------------------------------------------------------------------------------

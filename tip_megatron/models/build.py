@@ -46,7 +46,12 @@ class BuildOptions:
     seq_length: Optional[int] = None
     """Longest sequence the model will see (defaults to arch.max_position_embeddings)."""
     fp8: Optional[str] = None
-    """FP8 recipe for TE layers ("hybrid" / "e4m3"); needs the TE spec on a GPU."""
+    """FP8 format of the TE transformer layers ("hybrid" / "e4m3"); needs the TE spec on a
+    GPU whose compute capability has `fp8_recipe`. The output layer stays out of FP8."""
+    fp8_recipe: str = "delayed"
+    """megatron's fp8_recipe: delayed, tensorwise, blockwise, mxfp8."""
+    fp8_amax_history_len: int = 1
+    fp8_amax_compute_algo: str = "most_recent"
     recompute_granularity: Optional[str] = None
     """Megatron activation recompute: None, "selective" or "full"."""
     init_weights: bool = True
@@ -70,9 +75,12 @@ def transformer_config(arch: ModelArch, groups: ParallelGroups, options: BuildOp
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = platform.default_backend().is_cuda
+    deps = platform.optional_deps()
     dtype = options.params_dtype or (torch.bfloat16 if on_gpu else torch.float32)
-    if options.fp8 and resolve_spec(options.spec) != "te":
-        raise ValueError("model.fp8 needs the Transformer Engine spec (model.spec=te) on a GPU")
+    if options.fp8:
+        if resolve_spec(options.spec) != "te":
+            raise ValueError("model.fp8 needs the Transformer Engine spec (model.spec=te) on a GPU")
+        platform.check_fp8(options.fp8_recipe, "model.fp8")
     layout = groups.layout
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -100,17 +108,26 @@ def transformer_config(arch: ModelArch, groups: ParallelGroups, options: BuildOp
         fp16=dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=options.init_weights,
-        # Fusions that need apex/TE kernels are off on the CPU path.
+        # Fusions: the jit-scripted bias/activation and bias/dropout ones are plain torch;
+        # the fused softmax needs megatron's compiled extension, the persistent layer norm
+        # apex (the local spec's torch norm asserts it off): on only where they exist.
         gradient_accumulation_fusion=False,
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and deps.softmax_kernels,
         apply_rope_fusion=False,
-        persist_layer_norm=on_gpu,
+        persist_layer_norm=on_gpu and deps.apex,
         # Loss contract: the loss function returns (loss_sum, num_tokens, report) and
         # megatron normalizes once by the global token count.
         calculate_per_token_loss=True,
+        # FP8 covers the transformer layers only: megatron wraps each layer of the block in
+        # its fp8 context, while GPTModel's output layer is a plain ColumnParallelLinear
+        # outside it (unless fp8_output_proj with mxfp8, never set here); the TIP loss path
+        # multiplies hidden states by the output weight itself, in bf16/fp32.
         fp8=options.fp8,
+        fp8_recipe=options.fp8_recipe,
+        fp8_amax_history_len=options.fp8_amax_history_len,
+        fp8_amax_compute_algo=options.fp8_amax_compute_algo,
         recompute_granularity=options.recompute_granularity,
         recompute_method="uniform" if options.recompute_granularity == "full" else None,
         recompute_num_layers=1 if options.recompute_granularity == "full" else None,

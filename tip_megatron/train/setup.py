@@ -48,12 +48,15 @@ def build_models(cfg: RunConfig, groups: ParallelGroups) -> Models:
         check_lengths(cfg, arch, who)
     # One padded size for both, so their vocabulary shards cover the same ids on every rank.
     padded = max(padded_vocab_size(a.vocab_size, cfg.parallel.tp) for a in (s_arch, t_arch))
-    opts = dict(spec=cfg.model.spec, fp8=cfg.model.fp8, padded_vocab_size=padded,
-                recompute_granularity=cfg.model.recompute_granularity, init_weights=False,
-                seq_length=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens)
-    student = build_model(s_arch, groups, BuildOptions(**opts))
-    teacher = build_model(t_arch, groups, BuildOptions(**{**opts, "recompute_granularity": None}),
-                          frozen=True)
+    m = cfg.model
+    opts = dict(spec=m.spec, params_dtype=m.params_dtype, fp8_recipe=m.fp8_recipe,
+                fp8_amax_history_len=m.fp8_amax_history_len,
+                fp8_amax_compute_algo=m.fp8_amax_compute_algo, padded_vocab_size=padded,
+                init_weights=False, seq_length=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens)
+    student = build_model(s_arch, groups, BuildOptions(
+        **opts, fp8=m.fp8, recompute_granularity=m.recompute_granularity))
+    # Forward-only: no recompute; FP8 only when asked for the teacher separately.
+    teacher = build_model(t_arch, groups, BuildOptions(**opts, fp8=m.teacher_fp8), frozen=True)
     # Teacher first: the order in which built-ins are pre-trained when not cached yet.
     load_source_weights(teacher, groups, t_arch, cfg.teacher)
     load_source_weights(student, groups, s_arch, cfg.student)
