@@ -203,10 +203,10 @@ class StepBench:
         else:
             processor, ctx = self.processor(row, inputs)
             step, item = partial(_forward_step, processor), (mb, ctx)
-        pipeline.forward_backward(step, self.ddp, [item], self.groups,
-                                  seq_length=mb.input_ids.shape[1],
-                                  micro_batch_size=mb.input_ids.shape[0])
-        return kept if row is None else ctx.num_kept
+        (report,) = pipeline.forward_backward(step, self.ddp, [item], self.groups,
+                                              seq_length=mb.input_ids.shape[1],
+                                              micro_batch_size=mb.input_ids.shape[0])
+        return kept if row is None else int(report["kept_mask"].sum())
 
     def train_step(self, row: Row, inputs: tuple) -> int:
         kept = self.fwd_bwd(row, inputs)

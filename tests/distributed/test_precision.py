@@ -73,13 +73,14 @@ def _student_update(run, mbs, contexts, shape, want_grads):
     from tip_megatron.train import trainer
 
     if not want_grads:
-        return trainer.update(run, mbs, contexts, shape)[1], None
+        reports, metrics = trainer.update(run, mbs, contexts, shape)
+        return metrics, None, reports
     for chunk in run.ddp:
         chunk.zero_grad_buffer()
     reports = student_pass(run.ddp, run.groups, mbs, contexts, trainer._spec(run), **shape)
     loss = sum(float(r["distill"][0]) for r in reports) / sum(float(r["distill"][1]) for r in reports)
     grads = [p.main_grad.detach().cpu().clone() for c in run.ddp for p in c.parameters()]
-    return {"loss": loss}, grads
+    return {"loss": loss}, grads, reports
 
 
 def _opd_run(overrides, rollouts=None, want_grads=False, steps=STEPS):
@@ -103,10 +104,10 @@ def _opd_run(overrides, rollouts=None, want_grads=False, steps=STEPS):
         shape = dict(seq_length=out.token_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
         hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
         contexts = make_contexts(run.groups, mbs, hidden, teacher_output_weight(run.models.teacher))
-        metrics, step_grads = _student_update(run, mbs, contexts, shape, want_grads)
+        metrics, step_grads, reports = _student_update(run, mbs, contexts, shape, want_grads)
         grads = grads if grads is not None else step_grads
         losses.append(metrics["loss"])
-        kept.append(torch.cat([c.selected for c in contexts]).cpu())
+        kept.append(torch.cat([r["kept_mask"] for r in reports]).cpu())
         run.step += 1
         if want_grads:  # one step is enough to compare gradients
             break
