@@ -193,7 +193,9 @@ def _generate_static(chunks, groups, arch, prompts, config, seed, step, row_offs
         kv_bytes = cache.num_bytes
     out = _pack(tokens, logprobs, pads.repeat_interleave(config.n), prompt_ids.shape[1],
                 lengths, stopped, config)
-    out.stats = dict(engine="static", seconds=time.perf_counter() - begin, kv_cache_bytes=kv_bytes,
+    seconds = time.perf_counter() - begin
+    out.stats = dict(engine="static", seconds=seconds, prefill_s=loop.prefill_s,
+                     decode_s=seconds - loop.prefill_s, kv_cache_bytes=kv_bytes,
                      row_steps=loop.row_steps, capacity_rows=out.num_rows)
     return out
 
@@ -255,6 +257,7 @@ class _Decoder:
         lengths = torch.zeros(rows, dtype=torch.long, device=prompt_ids.device)
         done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
         stopped = torch.zeros_like(done)
+        begin = time.perf_counter()
         if cfg.use_kv_cache:  # prefill each prompt once, then copy its cache rows n times
             logits = self.forward(prompt_ids, pads, start=0)
             self.cache.repeat_rows(n)
@@ -263,6 +266,7 @@ class _Decoder:
         if not cfg.use_kv_cache:
             logits = self.forward(tokens[:, :width], pads, start=0)
         stop_ids = torch.tensor(cfg.stop_ids, dtype=torch.long, device=tokens.device)
+        self.prefill_s = time.perf_counter() - begin
         for t in range(cfg.max_new_tokens):
             col = width + t
             ids, logprob = self.sample(logits, t, rows, tokens.device)
