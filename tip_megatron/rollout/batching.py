@@ -7,10 +7,10 @@ right-padded: token j of a row at column j, as training forwards expect.
 
     tokens, logprobs, lengths, stopped = DynamicDecoder(...).run(prompts)
 
-Each loop iteration: admit waiting prompts while `n` free slots per prompt remain (their
-prompt is prefilled ONCE and its KV rows copied to its n slots, the n first tokens drawn
-from the one logit row), drop the rows that stopped (live rows from the tail move into the
-holes: a copy of the moved rows only, so the batch stays a contiguous prefix), then one
+Each loop iteration: drop the rows that stopped (live rows from the tail move into the
+holes: a copy of the moved rows only, so the batch stays a contiguous prefix), admit
+waiting prompts while `n` free slots per prompt remain (each prompt prefilled ONCE, its KV
+rows copied to its n slots, its n first tokens drawn from the one logit row), then one
 decode step of every live row, each at its own cache column and RoPE position.
 
 A row's draw is keyed by (seed, step, row_offset + row, new-token count), never by its
@@ -76,13 +76,13 @@ class DynamicDecoder:
             self.out_tokens[i * n:(i + 1) * n, :len(p)] = torch.as_tensor(list(p), device=device)
         queue, live = collections.deque(range(len(prompts))), 0
         while True:
+            live = self._compact(live)  # first: the slots of rows that just stopped are free
             take = []
             while queue and live + n * (len(take) + 1) <= cap:
                 take.append(queue.popleft())
             if take:
                 self._admit(take, [prompts[i] for i in take], live)
-                live += len(take) * n
-            live = self._compact(live)
+                live = self._compact(live + len(take) * n)  # a first token may stop a row
             if live == 0:
                 if not queue:
                     break
