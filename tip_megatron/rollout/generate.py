@@ -154,9 +154,9 @@ def generate(
     Args:
         chunks: this rank's GPTModel chunks (DDP-wrapped or not), as built for training.
         prompts: token ids; every rank of the model-parallel group passes the same list.
-        seed, step: the sampling noise is a pure function of (seed, step, decoding
-            position, global row, token id): equal on every TP/PP layout; a new `step`
-            (e.g. the training step) draws fresh samples.
+        seed, step: each draw is a pure function of (seed, step, global row id, the row's
+            generated-token count) and the logits: equal on every TP/PP layout, engine and
+            batch composition; a new `step` (e.g. the training step) draws fresh samples.
         row_offset: global index of this call's first row (prompt-major, n samples per
             prompt). Data-parallel replicas holding consecutive slices of one global batch
             pass `dp_rank * rows_per_rank`, so DP=2 draws exactly what DP=1 draws; callers
