@@ -20,7 +20,8 @@ converter's name tables; the same prompts, dtype and torch threads for every sys
 Systems: hf (transformers' generate: DynamicCache, sdpa; prefill time measured by a
 max_new_tokens=1 call), legacy (static engine before this change, optional), static
 (engine='static' today: static batching, the new sampler), dynamic (engine='dynamic'),
-each at TP=1 in this process and static/dynamic at TP=2 in 2 gloo processes.
+dynamic_budget (max_batch_tokens = a quarter of the rows: continuous admission), each at
+TP=1 in this process, and static/dynamic at TP=2 in 2 gloo processes.
 Columns: generated tokens/s (stop token included), prefill and decode seconds, live-row
 utilisation = decode row-steps that produced a token / decode row-steps computed,
 KV-cache MiB (allocated by our engines; HF and legacy: the [rows, prompt + generated]
@@ -126,7 +127,10 @@ def _ours(engine, w: dict, system: str, cfg: dict) -> dict:
     chunks, groups, arch = engine
     kw = dict(max_new_tokens=w["new_tokens"], temperature=w["temperature"], n=w["n"],
               stop_ids=tuple(w["stop_ids"]), pad_id=0)
-    if system != "legacy":
+    if system == "dynamic_budget":  # a quarter of the rows at once: prompts join as rows leave
+        width = max(map(len, w["prompt_ids"])) + w["new_tokens"]
+        kw.update(engine="dynamic", max_batch_tokens=max(w["n"], len(w["prompt_ids"]) * w["n"] // 4) * width)
+    elif system != "legacy":
         kw["engine"] = system
     warm = dict(kw, max_new_tokens=4)
     generate(chunks, groups, arch, w["prompt_ids"][:2], GenerationConfig(**warm), seed=1)
@@ -258,7 +262,7 @@ def main(argv=None) -> int:
     for name, w in loads.items():
         if not args.no_hf:
             results[(name, "hf", 1)] = _hf(hf, w, cfg)
-        for system in ("static", "dynamic"):
+        for system in ("static", "dynamic", "dynamic_budget"):
             results[(name, system, 1)] = _ours(engine, w, system, cfg)
     from tip_megatron import parallel
 
