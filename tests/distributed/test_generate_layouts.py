@@ -105,7 +105,7 @@ def _generate_all(models, layouts, families):
             results[(vpp, family)] = dict(
                 greedy=run(temperature=0.0), greedy_stop=run(temperature=0.0, stop_ids=(m["stop"],)),
                 sampled=run(**SAMPLED), sampled_megatron=run(**SAMPLED, layer_impl="megatron"),
-                spread=run(**SPREAD), spread_static=run(**{**SPREAD, "engine": "static"}))
+                spread=run(**SPREAD, check_logprobs=True), spread_static=run(**{**SPREAD, "engine": "static"}))
     return results
 
 
@@ -142,6 +142,8 @@ def test_greedy_matches_hf_and_sampling_matches_tp1(layout, models, reference):
             # static engine draws at TP=1.
             base = reference[(None, family)]["spread_static"]
             assert out["spread"].stats["capacity_rows"] == 3, where
+            gap = out["spread"].logprob_gap  # engine vs GPTModel.forward through this layout
+            assert gap["tokens"] > 0 and gap["max"] <= 1e-5, (where, gap)
             for name in ("spread", "spread_static"):
                 assert torch.equal(out[name].token_ids, base.token_ids), (where, name)
                 assert torch.equal(out[name].stopped, base.stopped), (where, name)
