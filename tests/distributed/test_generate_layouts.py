@@ -6,8 +6,9 @@ runs in ONE spawned group that generates for every family: greedy (compared toke
 token with HF's greedy `generate`, one prompt at a time, while ours runs the prompts of
 different lengths as one left-padded batch), greedy with a stop id (compared with HF's
 `eos_token_id` stopping), and sampled with top-k/top-p and n=2 (compared across layouts
-and between the functional and megatron layer implementations: the sampler's noise is a
-function of (seed, step, row, token id), not of the layout).
+and between the functional and megatron layer implementations: the sampler's draw is a
+function of (seed, step, row id, token count), not of the layout), and sampled with stop
+ids under a batch budget (the dynamic engine compacts and admits) against the static engine.
 """
 import pytest
 import torch
@@ -19,6 +20,9 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 30, 40, 17]]
 NEW = 12
 SAMPLED = dict(temperature=0.9, top_k=40, top_p=0.9, n=2)
+# Stop ids over the vocabulary: sampled responses end at spread lengths; a budget of 3 rows
+# makes the dynamic engine compact its batch and admit prompts as rows finish.
+SPREAD = dict(temperature=1.0, n=2, stop_ids=tuple(range(3, 250, 10)), max_batch_tokens=3 * (5 + NEW + 2))
 FAMILIES = ("llama", "qwen2", "qwen3")
 # name -> ([(tp, pp, vpp) run one after another in the same group], families). TP2 x PP2
 # (4 ranks on a 2-core machine) runs one family: llama, whose tied embeddings cross stages.
@@ -100,7 +104,8 @@ def _generate_all(models, layouts, families):
                                         GenerationConfig(max_new_tokens=NEW, **kw), seed=11, step=3)
             results[(vpp, family)] = dict(
                 greedy=run(temperature=0.0), greedy_stop=run(temperature=0.0, stop_ids=(m["stop"],)),
-                sampled=run(**SAMPLED), sampled_megatron=run(**SAMPLED, layer_impl="megatron"))
+                sampled=run(**SAMPLED), sampled_megatron=run(**SAMPLED, layer_impl="megatron"),
+                spread=run(**SPREAD, check_logprobs=True), spread_static=run(**{**SPREAD, "engine": "static"}))
     return results
 
 
@@ -133,3 +138,16 @@ def test_greedy_matches_hf_and_sampling_matches_tp1(layout, models, reference):
                 assert torch.equal(out[name].response_mask, base.response_mask), (where, name)
                 torch.testing.assert_close(out[name].logprobs, base.logprobs, atol=1e-4, rtol=0,
                                            msg=f"{where} {name}")
+            # Continuous batching (rows leave, prompts join) under this layout draws what the
+            # static engine draws at TP=1.
+            base = reference[(None, family)]["spread_static"]
+            assert out["spread"].stats["capacity_rows"] == 3, where
+            gap = out["spread"].logprob_gap  # engine vs GPTModel.forward through this layout
+            assert gap["tokens"] > 0 and gap["max"] <= 1e-5, (where, gap)
+            for name in ("spread", "spread_static"):
+                assert torch.equal(out[name].token_ids, base.token_ids), (where, name)
+                assert torch.equal(out[name].stopped, base.stopped), (where, name)
+                torch.testing.assert_close(out[name].logprobs, base.logprobs, atol=1e-4, rtol=0,
+                                           msg=f"{where} {name}")
+        spread = reference[(None, FAMILIES[0])]["spread"].response_lengths
+        assert spread.min() < spread.max()  # the lengths do spread

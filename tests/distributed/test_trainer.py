@@ -93,7 +93,8 @@ def test_tp1_resume_equals_uninterrupted(assets, tmp_path):
 def test_layouts_agree_and_loss_falls(assets):
     """TP=2 x PP=2 (4 ranks) and DP=2 give TP=1's loss at every step; loss falls on average."""
     ref, ref_hist = _losses(run_distributed(_train, 1, args=(_overrides(assets),)))
-    assert ref_hist[0]["kept_fraction"] == pytest.approx(0.5)
+    # rho * tokens is rounded per rollout: 0.5 only when every rollout has an even count.
+    assert ref_hist[0]["kept_fraction"] == pytest.approx(0.5, abs=0.02)
     assert sum(ref[1:]) / 2 < ref[0], ref
     tp_pp, _ = _losses(run_distributed(_train, 4, args=(_overrides(
         assets, **{"parallel.tp": 2, "parallel.pp": 2}),)))

@@ -1,7 +1,8 @@
 """GPU tier of generation (marked `gpu`, skipped without CUDA).
 
 fp32 local spec on CUDA: greedy == HF transformers on the same GPU, both layer
-implementations, KV cache == recompute. bf16: runs, finite, reproducible under a seed.
+implementations, both engines, KV cache == recompute; sampled with stop ids, the dynamic
+engine under a batch budget == the static engine. bf16: runs, finite, reproducible under a seed.
 Transformer Engine spec (when importable): `auto` falls back to megatron's layers and the
 greedy tokens equal HF's.
 """
@@ -53,6 +54,11 @@ def _gpu_checks(spec):
         for name, kw in {"greedy": dict(temperature=0.0),
                          "greedy_megatron": dict(temperature=0.0, layer_impl="megatron"),
                          "greedy_nocache": dict(temperature=0.0, use_kv_cache=False),
+                         "greedy_static": dict(temperature=0.0, engine="static"),
+                         "spread": dict(temperature=1.0, n=3, stop_ids=tuple(range(2, 250, 9)),
+                                        max_batch_tokens=4 * (7 + NEW)),
+                         "spread_static": dict(temperature=1.0, n=3, stop_ids=tuple(range(2, 250, 9)),
+                                               engine="static"),
                          "sampled": dict(temperature=1.0, top_p=0.9, n=2),
                          "sampled_again": dict(temperature=1.0, top_p=0.9, n=2)}.items():
             r = run(**kw)
@@ -64,8 +70,11 @@ def _gpu_checks(spec):
 def _check(out, fp32_impl):
     fp32 = out[str(torch.float32)]
     assert fp32["impl"] == fp32_impl
-    for name in ("greedy", "greedy_megatron", "greedy_nocache"):
+    for name in ("greedy", "greedy_megatron", "greedy_nocache", "greedy_static"):
         assert fp32[name][0] == out["ref"], name
+    # The dynamic engine (compaction, admission under a 4-row budget) == the static engine.
+    assert fp32["spread"][0] == fp32["spread_static"][0]
+    torch.testing.assert_close(fp32["spread"][1], fp32["spread_static"][1], atol=1e-4, rtol=0)
     bf16 = out[str(torch.bfloat16)]
     assert bf16["sampled"][0] == bf16["sampled_again"][0]
     assert torch.isfinite(bf16["sampled"][1]).all()

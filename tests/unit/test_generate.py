@@ -1,4 +1,6 @@
-"""In-engine generation at TP=1: KV cache vs recompute, stopping, masks, n samples, seeds.
+"""In-engine generation at TP=1: KV cache vs recompute, stopping, masks, n samples, seeds,
+the dynamic engine (rows leave, prompts join) against the static one, batch invariance,
+the train/inference log-prob gap.
 
 All model checks run in ONE forked rank (`_checks`), whose results the tests below read.
 HF parity and TP/PP layouts: tests/distributed/test_generate.py.
@@ -13,6 +15,7 @@ from tip_megatron.testing.models import tiny_arch
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [100, 200, 30, 40, 17]]
 NEW = 12
 SAMPLED = dict(temperature=1.0, top_k=20, top_p=0.9, n=3)
+STOPS = tuple(range(1, 250, 12))  # 21 of 250 ids: a near-uniform random model stops ~8% per token
 
 
 def _checks(arch):
@@ -33,6 +36,16 @@ def _checks(arch):
            "sampled_megatron": run(**SAMPLED, layer_impl="megatron"),
            "sampled_megatron_nocache": run(**SAMPLED, layer_impl="megatron", use_kv_cache=False)}
     out["alone"] = run(prompts=PROMPTS[1:2], temperature=0.0)
+    spread = dict(temperature=1.0, n=4, stop_ids=STOPS)  # responses end at spread lengths
+    out["spread_static"] = run(**spread, engine="static")
+    out["spread"] = run(**spread, check_logprobs=True)
+    # Room for one prompt's rows at a time (then two): prompts are admitted as rows finish.
+    for rows in (4, 9):
+        out[f"spread_cap{rows}"] = run(**spread, max_batch_tokens=rows * (max(map(len, PROMPTS)) + NEW))
+    # A row draws the same tokens alone (same global row ids via row_offset), reversed order.
+    out["spread_parts"] = [generate(chunks, g, arch, [PROMPTS[i]], GenerationConfig(
+        max_new_tokens=NEW, pad_id=0, **spread), 1, 0, row_offset=4 * i) for i in range(len(PROMPTS))][::-1]
+    out["topp_gap"] = run(temperature=0.8, top_p=0.9, n=2, check_logprobs=True).logprob_gap
     stop = out["greedy"].response(0)[3]
     out["stop_id"] = stop
     out["stopped"] = run(temperature=0.0, stop_ids=(stop,))
@@ -41,7 +54,8 @@ def _checks(arch):
     out["restored"] = chunks[0].training and not any(isinstance(c, CachedCoreAttention) for c in cores)
     out["errors"] = {}
     for name, kw in {"too_long": dict(prompts=[[1] * 60]), "bad_id": dict(prompts=[[1, 250]]),
-                     "empty": dict(prompts=[[1], []]), "bad_stop": dict(stop_ids=(300,))}.items():
+                     "empty": dict(prompts=[[1], []]), "bad_stop": dict(stop_ids=(300,)),
+                     "budget": dict(n=2, max_batch_tokens=30)}.items():
         try:
             run(temperature=0.0, **kw)
             out["errors"][name] = None
@@ -133,11 +147,54 @@ def test_input_errors_are_named(results):
     assert "250" in errors["bad_id"]
     assert "non-empty" in errors["empty"]
     assert "stop_ids" in errors["bad_stop"]
+    assert "max_batch_tokens=30" in errors["budget"] and "n=2" in errors["budget"]
+
+
+def _assert_same_samples(a, b, where=""):
+    assert _same(a, b), where
+    assert torch.equal(a.stopped, b.stopped) and torch.equal(a.response_lengths, b.response_lengths), where
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0, msg=where)
+
+
+def test_dynamic_engine_draws_what_the_static_engine_draws(results):
+    """Rows leave the batch as they stop and prompts join as room frees up; every row's
+    tokens equal the static engine's (all rows decoded until the longest ends)."""
+    static, spread = results["spread_static"], results["spread"]
+    lengths = spread.response_lengths
+    assert spread.stopped.any() and lengths.min() < lengths.max()  # the workload is spread
+    for name in ("spread", "spread_cap4", "spread_cap9"):
+        _assert_same_samples(results[name], static, name)
+    assert _same(results["greedy"], results["greedy_nocache"])  # greedy: dynamic vs recompute
+    # Compute follows the live rows: the static engine computes every row every step.
+    assert spread.stats["row_steps"] == int(lengths.sum()) - spread.num_rows
+    assert static.stats["row_steps"] == spread.num_rows * (int(lengths.max()) - 1)
+    assert results["spread_cap4"].stats["capacity_rows"] == 4
+    assert results["spread_cap4"].stats["num_prefills"] == len(PROMPTS)
+    assert spread.stats["num_prefills"] == 1  # one prefill per prompt: n rows share it
+
+
+def test_samples_do_not_depend_on_the_batch(results):
+    """Each prompt alone (its rows keep their global ids through row_offset) draws what it
+    drew in the full batch."""
+    full, n = results["spread"], 4
+    for i, part in enumerate(results["spread_parts"][::-1]):
+        for s in range(n):
+            assert part.response(s) == full.response(i * n + s), (i, s)
+        torch.testing.assert_close(part.response_lengths, full.response_lengths[i * n:(i + 1) * n])
+
+
+def test_engine_and_training_forward_agree_on_logprobs(results):
+    """The sampled tokens' log-probs under the KV-cached engine equal those of megatron's
+    GPTModel.forward over the whole rollout (fp32 rounding)."""
+    for gap in (results["spread"].logprob_gap, results["topp_gap"]):
+        assert gap["tokens"] > 0
+        assert gap["max"] <= 1e-5 and gap["mean"] <= 1e-6, gap
 
 
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("n", 0), ("temperature", -1.0),
                                          ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
-                                         ("layer_impl", "fast")])
+                                         ("layer_impl", "fast"), ("engine", "paged"),
+                                         ("max_batch_tokens", -1)])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         GenerationConfig(**{field: value})
@@ -146,7 +203,7 @@ def test_config_validation_names_the_field(field, value):
 def test_config_fields_are_deliberate():
     assert set(GenerationConfig.__dataclass_fields__) == {
         "max_new_tokens", "temperature", "top_k", "top_p", "n", "stop_ids", "pad_id", "use_kv_cache",
-        "layer_impl"}
+        "layer_impl", "engine", "max_batch_tokens", "check_logprobs"}
 
 
 def test_attention_mask_left_padding():

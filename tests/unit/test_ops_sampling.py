@@ -10,7 +10,8 @@ from torch.testing import assert_close
 
 from tip_megatron.testing import reference_ops as ref
 from tip_megatron.ops import vocab_parallel_sample
-from tip_megatron.ops.sampling import _call_key, _fmix32, _mix_word, hash_u32
+from tip_megatron.ops.sampling import (TOP_P_CANDIDATES, _call_key, _fmix32, _mix_word, hash_u32,
+                                       vocab_parallel_logprob)
 
 VOCAB, WIDTH, DRAWS = 12, 16, 20000
 
@@ -73,6 +74,51 @@ def test_draws_are_a_pure_function_of_seed_and_step():
     part = vocab_parallel_sample(logits[40:], tp_group=None, vocab_size=10, seed=5, step=3,
                                  row_offset=40)[0]
     assert torch.equal(part, draw(seed=5, step=3)[40:])
+
+
+def test_draws_are_keyed_by_row_identity_and_counter():
+    """A row draws the same token whatever slot of the batch it sits in (an engine that
+    compacts or reorders its batch passes row ids); the counter gives fresh draws."""
+    logits = torch.randn(50, 300, generator=torch.Generator().manual_seed(1))
+    ids = torch.arange(1000, 1050)
+    counters = torch.arange(50) % 7
+    base = vocab_parallel_sample(logits, tp_group=None, vocab_size=300, seed=3, step=2,
+                                 row_ids=ids, counters=counters)
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(2))
+    moved = vocab_parallel_sample(logits[perm], tp_group=None, vocab_size=300, seed=3, step=2,
+                                  row_ids=ids[perm], counters=counters[perm])
+    assert torch.equal(moved[0], base[0][perm]) and torch.equal(moved[1], base[1][perm])
+    fresh = vocab_parallel_sample(logits, tp_group=None, vocab_size=300, seed=3, step=2,
+                                  row_ids=ids, counters=counters + 1)[0]
+    assert (fresh != base[0]).float().mean() > 0.5
+    with pytest.raises(ValueError, match="row_ids"):
+        vocab_parallel_sample(logits, tp_group=None, vocab_size=300, seed=3, row_ids=ids[:3])
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (0, 0.7), (10, 0.8), (25, 1.0)])
+def test_logprob_of_given_ids_equals_the_samplers(top_k, top_p):
+    logits = 3 * torch.randn(40, 200, generator=torch.Generator().manual_seed(4))
+    ids, logprob = vocab_parallel_sample(logits, tp_group=None, vocab_size=190, seed=9,
+                                         temperature=0.8, top_k=top_k, top_p=top_p)
+    again = vocab_parallel_logprob(logits, ids, tp_group=None, vocab_size=190, temperature=0.8,
+                                   top_k=top_k, top_p=top_p)
+    want = ref.sampling_probs(logits, 190, 0.8, top_k, top_p).gather(1, ids[:, None]).squeeze(1).log()
+    assert_close(again, want, rtol=0, atol=1e-10)
+    assert_close(logprob.double(), want, rtol=0, atol=1e-6)
+
+
+def test_top_p_on_a_flat_distribution_falls_back_to_bisection():
+    """Mass spread over far more than TOP_P_CANDIDATES ids: the candidates cannot cover
+    top_p, the bisection decides; the draws still follow the truncated softmax."""
+    width = 4 * TOP_P_CANDIDATES
+    row = torch.linspace(0.0, 1.0, width)
+    logits = row.expand(DRAWS, width)
+    ids, logprob = vocab_parallel_sample(logits, tp_group=None, vocab_size=width, seed=5, top_p=0.6)
+    probs = ref.sampling_probs(logits[:1], width, 1.0, 0, 0.6)[0]
+    counts = torch.bincount(ids, minlength=width)
+    assert (counts[probs == 0] == 0).all() and (probs > 0).sum() > TOP_P_CANDIDATES
+    assert _chi_square_pvalue(counts, probs) > 1e-3
+    assert_close(logprob.double(), probs.log()[ids], rtol=1e-6, atol=1e-6)
 
 
 def test_hash_tensor_path_equals_python_reference():

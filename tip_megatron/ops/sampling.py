@@ -1,26 +1,34 @@
 """Sampling from vocab-parallel logits without gathering the vocabulary.
 
 Shapes: [rows, V/tp] = one rank's logit shard (one row per sequence being decoded);
-[rows, w] = its true-vocab columns; [rows] = one sampled token per row.
+[rows, w] = its true-vocab columns; [rows] = one sampled token per row; [rows, nb] = the
+probability mass of each block of `BLOCK` consecutive vocabulary columns.
 
-Gumbel-max: token = argmax_v (logits_v / T + G_v) with G_v ~ Gumbel(0, 1) i.i.d. is an
-exact draw from softmax(logits / T). G for (row, global vocab index) is a pure function
-of (seed, step, row, index): a counter-based hash (murmur3-style, 32-bit arithmetic in
-int64 tensors so it is identical on every device) of those four numbers gives two 32-bit
-words -> a 52-bit uniform u in (0, 1) -> G = -log(-log u). The noise of a column does not
-depend on which rank holds it, so TP = 1 and TP = 2 draw exactly the same tokens. Each
-rank takes its local argmax, and one all-gather of [tp, rows, 4] (score, global index,
-logit, kept mass) picks the winner; ties go to the lowest global index on every layout.
+Inverse-CDF draw, one uniform per row: token = the first id whose cumulative mass exceeds
+u * total. u for a row is a pure function of (seed, step, global row id, per-row counter)
+(the decoding engine passes the row's identity and its new-token count): a counter-based
+hash (murmur3-style, 32-bit arithmetic in int64 tensors, identical on every device) gives
+two 32-bit words -> a 52-bit uniform in (0, 1). It is computed once per row, not per
+logit (hashing every logit for Gumbel noise cost 60 ms per step at 128 rows x 8192 ids on
+one CPU thread; this draw costs ~3 ms, docs/generate.md). Layout independence: masses
+exp(z - z_max) are summed per block of global columns (one block never straddles two TP
+shards when the shard width is a multiple of the block, as megatron's padding makes it),
+one all-gather of the block masses [tp, rows, nb] gives every rank the same global block
+CDF, the rank owning the chosen block finds the token inside it, and one [rows, 2]
+all-reduce shares (id, logit). TP = 1 and TP = 2 compute bitwise the same CDF, hence draw
+the same tokens.
 
 Truncation, applied before the draw (vLLM order: top-k, then top-p on the renormalized
 top-k distribution); both keep ties at the threshold value:
 - top-k: each rank's top-k scaled logits, all-gathered ([rows, tp * k]); the k-th largest
   of those is the global threshold.
 - top-p with top-k: exact, on the gathered candidates (sorted, cumulative softmax).
-- top-p alone: bisection on a logit threshold theta with one SUM all-reduce of [rows]
-  masses per step (`TOP_P_BISECT_STEPS` steps, float64), keeping the smallest set
-  {z >= theta} whose mass reaches top_p. The masses are sums, so TP layouts can differ
-  only if a cutoff falls within float64 summation rounding of top_p.
+- top-p alone: every rank's `TOP_P_CANDIDATES` largest logits and its mass, one
+  all-gather; the threshold found on the merged candidates is exact when it is not below
+  any rank's last candidate (their mass covered top_p). Otherwise (flat distributions)
+  bisection on a logit threshold with one SUM all-reduce of [rows] per step
+  (`TOP_P_BISECT_STEPS`, float64). The masses are sums, so TP layouts can differ only if a
+  cutoff falls within float64 summation rounding of top_p.
 Greedy when temperature == 0 (log-prob 0: the sampling distribution is a point mass).
 """
 from __future__ import annotations
@@ -45,6 +53,11 @@ from tip_megatron.ops._shard import (
 
 #: Bisection steps of the top-p threshold (float64: the interval ends below any logit gap).
 TOP_P_BISECT_STEPS = 64
+#: Largest logits each rank contributes to the merged top-p candidates.
+TOP_P_CANDIDATES = 64
+#: Vocabulary columns per block of the inverse-CDF draw (megatron pads the vocabulary to a
+#: multiple of 128 * tp, so a block never straddles two shards).
+BLOCK = 128
 #: The threshold search starts this far below the max: exp(-1000) is 0 in float64.
 _TOP_P_SEARCH_SPAN = 1000.0
 
@@ -95,15 +108,14 @@ def hash_u32(seed: int, step: int, stream: int, rows: torch.Tensor, cols: torch.
     return _fmix32(_mix_word(h, cols) ^ 16)
 
 
-def gumbel_noise(seed: int, step: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """[r, c] float64 Gumbel(0, 1) noise for global (row, col) pairs; a pure function."""
-    high = hash_u32(seed, step, 0, rows, cols)
-    low = hash_u32(seed, step, 1, rows, cols)
-    # 52 random bits; (n + 0.5) / 2^52 lies strictly inside (0, 1) and is exact in
-    # float64 (n + 0.5 < 2^52 needs 53 significant bits), so both logs stay finite.
+def uniform_rows(seed: int, step: int, rows: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """[r] float64 uniforms in (0, 1) for global row ids and per-row counters [r] int64 in
+    [0, 2^32); a pure function of (seed, step, row, counter)."""
+    high = hash_u32(seed, step, 0, rows, counters)
+    low = hash_u32(seed, step, 1, rows, counters)
+    # 52 random bits; (n + 0.5) / 2^52 lies strictly inside (0, 1) and is exact in float64.
     n = (high << 20) | (low >> 12)
-    u = (n.to(torch.float64) + 0.5) * 2.0**-52
-    return -torch.log(-torch.log(u))
+    return (n.to(torch.float64) + 0.5) * 2.0**-52
 
 
 # ----------------------------------------------------------------------------------------
@@ -145,6 +157,33 @@ def _top_p_bisect(z: torch.Tensor, z_max: torch.Tensor, top_p: float, tp_group: 
     return lo
 
 
+def _top_p_shard_candidates(z: torch.Tensor, z_max: torch.Tensor, top_p: float,
+                            tp_group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows] threshold, [rows] exact) from every rank's TOP_P_CANDIDATES largest logits.
+
+    The merged candidates are the true global top list down to `cutoff` (the largest of
+    the ranks' last candidates): a threshold at or above it is exact. One all-gather.
+    """
+    rows, width = z.shape
+    count = min(TOP_P_CANDIDATES, width)
+    pack = torch.full((rows, TOP_P_CANDIDATES + 2), -math.inf, dtype=z.dtype, device=z.device)
+    if count:
+        pack[:, :count] = z.topk(count, dim=-1).values
+        if count < width:  # a rank that sent all its values has no cutoff (-inf)
+            pack[:, TOP_P_CANDIDATES + 1] = pack[:, count - 1]
+    pack[:, TOP_P_CANDIDATES] = (z - z_max[:, None]).exp().sum(dim=-1)
+    gathered = all_gather(pack, tp_group)  # [tp, rows, C + 2]
+    total = gathered[..., TOP_P_CANDIDATES].sum(dim=0)
+    cutoff = gathered[..., TOP_P_CANDIDATES + 1].amax(dim=0)
+    cands = gathered[..., :TOP_P_CANDIDATES].permute(1, 0, 2).reshape(rows, -1)
+    cands = cands.sort(dim=-1, descending=True).values
+    mass = (cands - z_max[:, None]).exp().cumsum(dim=-1)
+    index = (mass < top_p * total[:, None]).sum(dim=-1)  # first candidate reaching top_p
+    covered = index < cands.shape[1]
+    theta = cands.gather(1, index.clamp(max=cands.shape[1] - 1)[:, None]).squeeze(1)
+    return theta, covered & (theta >= cutoff)
+
+
 def _keep_threshold(z: torch.Tensor, z_max: torch.Tensor, top_k: int, top_p: float,
                     vocab_size: int, tp_group: Any) -> Optional[torch.Tensor]:
     """[rows] logit threshold of the kept set (keep z >= it), or None to keep everything."""
@@ -154,50 +193,81 @@ def _keep_threshold(z: torch.Tensor, z_max: torch.Tensor, top_k: int, top_p: flo
             return _top_p_over_candidates(cands, top_k, top_p)
         return cands[:, top_k - 1]
     if top_p < 1.0:
-        return _top_p_bisect(z, z_max, top_p, tp_group)
+        theta, exact = _top_p_shard_candidates(z, z_max, top_p, tp_group)
+        if not bool(exact.all()):  # the same on every rank: the gathered values are
+            theta = torch.where(exact, theta, _top_p_bisect(z, z_max, top_p, tp_group))
+        return theta
     return None
 
 
 # ----------------------------------------------------------------------------------------
 # The draw
 # ----------------------------------------------------------------------------------------
-def _sample_rows(logits: torch.Tensor, first_row: int, shard: VocabShard, tp_group: Any,
-                 temperature: float, top_k: int, top_p: float, seed: int, step: int) -> tuple:
+def _sample_rows(logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor,
+                 shard: VocabShard, tp_group: Any, temperature: float, top_k: int, top_p: float,
+                 seed: int, step: int) -> tuple:
     """(ids [r] int64, logprob [r] float64) for a chunk of rows `[r, w]`."""
-    greedy = temperature == 0
-    z = logits.to(torch.float64) if greedy else logits.to(torch.float64) / temperature
+    if temperature == 0:
+        z = logits.to(torch.float64)
+        return _argmax(z, shard, tp_group), torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+    z = logits.to(torch.float64) / temperature
     z_max = all_reduce_(local_max(z), MAX, tp_group)
-    score = z
-    if not greedy:
-        threshold = _keep_threshold(z, z_max, top_k, top_p, shard.vocab_size, tp_group)
-        if threshold is not None:
-            z = torch.where(z >= threshold[:, None], z, -math.inf)
-        rows = torch.arange(first_row, first_row + z.shape[0], device=z.device)[:, None]
-        cols = torch.arange(shard.start, shard.start + z.shape[1], device=z.device)[None, :]
-        score = z + gumbel_noise(seed, step, rows, cols)
-    return _pick_winner(score, z, z_max, shard, tp_group, greedy)
+    threshold = _keep_threshold(z, z_max, top_k, top_p, shard.vocab_size, tp_group)
+    if threshold is not None:
+        z = torch.where(z >= threshold[:, None], z, -math.inf)
+    return _inverse_cdf(z, z_max, uniform_rows(seed, step, rows, counters), shard, tp_group)
 
 
-def _pick_winner(score: torch.Tensor, z: torch.Tensor, z_max: torch.Tensor,
-                 shard: VocabShard, tp_group: Any, greedy: bool) -> tuple:
-    """Global argmax of `score` via one all-gather of per-rank (score, id, z, kept mass)."""
-    rows = score.shape[0]
-    if score.shape[-1] == 0:  # all-padding shard: it can never win
-        best = torch.full((rows,), -math.inf, dtype=score.dtype, device=score.device)
-        arg = torch.zeros(rows, dtype=torch.long, device=score.device)
-        z_best = best.clone()
+def _block_masses(z: torch.Tensor, z_max: torch.Tensor, shard: VocabShard) -> tuple:
+    """(e [r, nb, block] = exp(z - z_max), zero-padded to the shard width; its block sums)."""
+    rows, width = z.shape
+    block = math.gcd(shard.shard_width, BLOCK)
+    e = z.new_zeros(rows, shard.shard_width)
+    e[:, :width] = (z - z_max[:, None]).exp()
+    e = e.view(rows, -1, block)
+    return e, e.sum(dim=-1)
+
+
+def _inverse_cdf(z: torch.Tensor, z_max: torch.Tensor, u: torch.Tensor, shard: VocabShard,
+                 tp_group: Any) -> tuple:
+    """The first global id whose cumulative mass exceeds u * total, and its log-prob."""
+    rows = z.shape[0]
+    e, local = _block_masses(z, z_max, shard)
+    nb, block = e.shape[1], e.shape[2]
+    masses = all_gather(local, tp_group).permute(1, 0, 2).reshape(rows, -1)  # global block order
+    cum = masses.cumsum(dim=-1)
+    total = cum[:, -1]
+    target = u * total
+    index = torch.arange(masses.shape[1], device=z.device)
+    last = torch.where(masses > 0, index, -1).amax(dim=-1)  # rounding never picks empty blocks
+    chosen = torch.minimum(torch.searchsorted(cum, target[:, None], right=True).squeeze(1), last)
+    before = torch.where(chosen > 0, cum.gather(1, (chosen - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
+    local_block = (chosen - shard.tp_rank * nb).clamp(0, nb - 1)
+    values = e.gather(1, local_block[:, None, None].expand(rows, 1, block)).squeeze(1)  # [r, block]
+    inside = ((before[:, None] + values.cumsum(dim=-1)) <= target[:, None]).sum(dim=-1)
+    positive = torch.where(values > 0, torch.arange(block, device=z.device), -1).amax(dim=-1)
+    # A rank that does not own the row's block reads a block of its own (maybe empty): clamp.
+    col = local_block * block + torch.minimum(inside, positive).clamp(min=0)
+    mine = (chosen // nb == shard.tp_rank) & (col < z.shape[1])
+    z_id = z.gather(1, col.clamp(max=max(z.shape[1] - 1, 0))[:, None]).squeeze(1) if z.shape[1] else z_max
+    picked = torch.stack([torch.where(mine, (col + shard.start).to(z.dtype), 0.0),
+                          torch.where(mine, z_id, 0.0)], dim=-1)
+    all_reduce_(picked, SUM, tp_group)  # exactly one rank owns each row's block
+    return picked[:, 0].to(torch.long), picked[:, 1] - z_max - total.log()
+
+
+def _argmax(z: torch.Tensor, shard: VocabShard, tp_group: Any) -> torch.Tensor:
+    """Global argmax (lowest id on ties) via one all-gather of per-rank (max, id)."""
+    rows = z.shape[0]
+    if z.shape[-1] == 0:  # all-padding shard: it can never win
+        best = torch.full((rows,), -math.inf, dtype=z.dtype, device=z.device)
+        arg = torch.zeros(rows, dtype=torch.long, device=z.device)
     else:
-        best, arg = score.max(dim=-1)  # first maximum on ties = lowest index
-        z_best = z.gather(1, arg[:, None]).squeeze(1)
-    kept_mass = (z - z_max[:, None]).exp().sum(dim=-1)  # dropped entries are -inf -> 0
-    local = torch.stack([best, (arg + shard.start).to(score.dtype), z_best, kept_mass], dim=-1)
-    gathered = all_gather(local, tp_group)  # [tp, rows, 4]; global ids < 2^53: exact
+        best, arg = z.max(dim=-1)  # first maximum on ties = lowest index
+    local = torch.stack([best, (arg + shard.start).to(z.dtype)], dim=-1)
+    gathered = all_gather(local, tp_group)  # [tp, rows, 2]; global ids < 2^53: exact
     winner = gathered[..., 0].argmax(dim=0)  # first max = lowest rank = lowest index
-    picked = gathered.gather(0, winner[None, :, None].expand(1, rows, 4)).squeeze(0)
-    ids = picked[:, 1].to(torch.long)
-    if greedy:
-        return ids, torch.zeros(rows, dtype=torch.float64, device=score.device)
-    return ids, picked[:, 2] - z_max - gathered[..., 3].sum(dim=0).log()
+    return gathered[..., 1].gather(0, winner[None, :]).squeeze(0).to(torch.long)
 
 
 def _check_sampling_args(temperature: float, top_k: int, top_p: float, seed: int, step: int) -> None:
@@ -224,6 +294,8 @@ def vocab_parallel_sample(
     step: int = 0,
     chunk_size: Optional[int] = None,
     row_offset: int = 0,
+    row_ids: Optional[torch.Tensor] = None,
+    counters: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from softmax(logits / temperature), truncated by top-k/top-p.
 
@@ -234,13 +306,17 @@ def vocab_parallel_sample(
         temperature: > 0 samples, 0 = greedy (argmax, lowest id on ties).
         top_k: keep the k largest logits (0 = all); ties at the k-th value are kept.
         top_p: keep the smallest top set with probability >= top_p (1 = all).
-        seed, step: the noise is a pure function of (seed, step, row, id). Use a new
-            `step` (or seed) for every call that must draw fresh tokens, e.g. the
-            decoding position; the same (seed, step) on the same logits repeats the draw.
+        seed, step: the draw is a pure function of (seed, step, row id, counter) and the
+            logits. Use a new `step`, seed or counter for every call that must draw fresh
+            tokens; the same key on the same logits repeats the draw.
         chunk_size: rows per chunk (default: a budget of float64 temporaries).
         row_offset: global index of row 0 in the noise key. Data-parallel replicas pass the
             index of their first row in the global batch, so a row draws the same noise
             whichever replica holds it (DP=2 samples what DP=1 samples).
+        row_ids: [rows] int64 global row ids in [0, 2^32) (default row_offset + 0..rows-1):
+            a decoding engine that reorders or compacts its batch passes each row's identity.
+        counters: [rows] int64 in [0, 2^32) per-row counters (default 0), e.g. the row's
+            number of generated tokens.
     Returns:
         (ids [rows] int64 global token ids, logprob [rows] fp32 of each id under the
         truncated, temperature-scaled sampling distribution; 0 when greedy).
@@ -250,6 +326,7 @@ def vocab_parallel_sample(
     if not isinstance(row_offset, int) or isinstance(row_offset, bool) or row_offset < 0:
         raise ValueError(f"row_offset={row_offset!r}: must be an integer >= 0")
     shard = vocab_shard(logits.shape[-1], tp_group, vocab_size)
+    rows, counters = _row_keys(logits, row_offset, row_ids, counters)
     # float64 temporaries: half the rows of the fp32 budget (hence the doubled width).
     chunk = chunk_tokens(2 * shard.shard_width, chunk_size, logits.device)
     ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -258,6 +335,45 @@ def vocab_parallel_sample(
         valid = logits[:, : shard.valid_width]
         for sl in token_chunks(logits.shape[0], chunk):
             ids[sl], logprob[sl] = _sample_rows(
-                valid[sl], row_offset + sl.start, shard, tp_group, temperature, top_k, top_p, seed, step
+                valid[sl], rows[sl], counters[sl], shard, tp_group, temperature, top_k, top_p, seed, step
             )
     return ids, logprob
+
+
+def _row_keys(logits: torch.Tensor, row_offset: int, row_ids: Optional[torch.Tensor],
+              counters: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    n, device = logits.shape[0], logits.device
+    rows = torch.arange(row_offset, row_offset + n, device=device) if row_ids is None else row_ids
+    counters = torch.zeros(n, dtype=torch.long, device=device) if counters is None else counters
+    for name, value in (("row_ids", rows), ("counters", counters)):
+        if value.shape != (n,) or value.dtype != torch.long:
+            raise ValueError(f"{name}: must be a [{n}] int64 tensor, got {tuple(value.shape)} {value.dtype}")
+    if n and (rows.min() < 0 or rows.max() >= 2**32 or counters.min() < 0 or counters.max() >= 2**32):
+        raise ValueError("row_ids and counters must lie in [0, 2**32)")
+    return rows, counters
+
+
+def vocab_parallel_logprob(logits: torch.Tensor, ids: torch.Tensor, *, tp_group: Any, vocab_size: int,
+                           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """[rows] float64 log-prob of `ids` [rows] under the distribution `vocab_parallel_sample`
+    draws from (temperature, top-k, top-p; 0 when greedy, -inf for a truncated id): the
+    same thresholds on other logits, e.g. a training forward's, to measure how far the
+    sampling engine's log-probs are from the trainer's."""
+    check_logits("logits", logits)
+    _check_sampling_args(temperature, top_k, top_p, 0, 0)
+    shard = vocab_shard(logits.shape[-1], tp_group, vocab_size)
+    out = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
+    if temperature == 0:
+        return out
+    with torch.no_grad():
+        z = logits[:, : shard.valid_width].to(torch.float64) / temperature
+        z_max = all_reduce_(local_max(z), MAX, tp_group)
+        threshold = _keep_threshold(z, z_max, top_k, top_p, shard.vocab_size, tp_group)
+        if threshold is not None:
+            z = torch.where(z >= threshold[:, None], z, -math.inf)
+        total = all_reduce_((z - z_max[:, None]).exp().sum(dim=-1), SUM, tp_group)
+        local = ids - shard.start
+        mine = (local >= 0) & (local < z.shape[1])
+        z_id = z.gather(1, local.clamp(0, max(z.shape[1] - 1, 0))[:, None]).squeeze(1) if z.shape[1] else out
+        z_id = all_reduce_(torch.where(mine, z_id, 0.0), SUM, tp_group)
+        return z_id - z_max - total.log()

@@ -61,6 +61,10 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlong", choices=("truncate_left", "skip"), default="truncate_left",
                    help="what to do with longer prompts (default truncate_left; docs/data.md)")
     p.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
+    p.add_argument("--max-batch-tokens", type=int, default=0,
+                   help="KV positions of the decode batch (default 0: all rows of a batch at once)")
+    p.add_argument("--check-logprobs", action="store_true",
+                   help="rerun each batch through the training forward and log the log-prob gap")
     for field in ("prompt", "messages", "answer", "id"):
         p.add_argument(f"--{field}-field", default=field, help=f"name of the {field} field (default {field})")
 
@@ -110,6 +114,10 @@ def _generate_shard(args: argparse.Namespace, groups) -> list[dict]:
             lines += _lines(rollouts, records, indices, tokenizer)
         if groups.rank == 0:
             logger.info("batch %d: %d prompts, %d samples", batch_no, len(indices), rollouts.num_rows)
+            if rollouts.logprob_gap is not None:
+                logger.info("batch %d: train/inference log-prob gap max %.3g mean %.3g over %d tokens",
+                            batch_no, rollouts.logprob_gap["max"], rollouts.logprob_gap["mean"],
+                            rollouts.logprob_gap["tokens"])
     return lines
 
 
@@ -137,7 +145,8 @@ def _config(args: argparse.Namespace, tokenizer):
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k, top_p=args.top_p, n=args.n, stop_ids=tuple(tokenizer.stop_ids),
-        pad_id=tokenizer.pad_id,
+        pad_id=tokenizer.pad_id, max_batch_tokens=args.max_batch_tokens,
+        check_logprobs=args.check_logprobs,
     )
 
 

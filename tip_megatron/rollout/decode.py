@@ -112,11 +112,34 @@ def chunk_forward(chunk, impl: str, tokens: torch.Tensor, positions: torch.Tenso
     return norm(hidden) if norm is not None else hidden
 
 
-def last_token_logits(chunk, hidden: torch.Tensor) -> torch.Tensor:
-    """[B, V/tp] logit shard of the last column (no vocabulary gather)."""
+def last_token_logits(chunk, hidden: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, V/tp] logit shard of the last column, or of column `index[r]` of row r (right-padded
+    prefill); no vocabulary gather."""
     weight = chunk.shared_embedding_or_output_weight() if chunk.share_embeddings_and_output_weights else None
-    logits, _ = chunk.output_layer(hidden[-1:], weight=weight, runtime_gather_output=False)
+    last = hidden[-1:] if index is None else hidden[index, torch.arange(hidden.shape[1], device=hidden.device)][None]
+    logits, _ = chunk.output_layer(last, weight=weight, runtime_gather_output=False)
     return logits[0]
+
+
+def pipeline_forward(chunks, impl: str, tables, groups, tokens: torch.Tensor, positions: torch.Tensor,
+                     hidden_size: int) -> Optional[torch.Tensor]:
+    """[sq, B, h] last-stage output of `tokens` [B, sq] at `positions` [B, sq] through every
+    pipeline stage and virtual chunk (docs/generate.md, pipeline step protocol); None off
+    the last stage. The cache window must be set by the caller."""
+    rows, sq = tokens.shape
+    pp, rank = groups.pp_size, groups.pp_rank
+    dtype = chunks[0].config.params_dtype
+    hidden = None
+    for v, (chunk, table) in enumerate(zip(chunks, tables)):
+        first_stage = groups.is_first_stage and v == 0
+        last_stage = groups.is_last_stage and v == len(chunks) - 1
+        if not first_stage:
+            hidden = torch.empty((sq, rows, hidden_size), dtype=dtype, device=tokens.device)
+            dist.recv(hidden, group=groups.pp_group, group_src=(rank - 1) % pp)
+        hidden = chunk_forward(chunk, impl, tokens, positions, hidden, table, groups.tp_group)
+        if not last_stage:
+            dist.send(hidden.to(dtype).contiguous(), group=groups.pp_group, group_dst=(rank + 1) % pp)
+    return hidden if groups.is_last_stage else None
 
 
 def _functional_layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tp_group) -> torch.Tensor:

@@ -15,6 +15,7 @@ protocol and sampling determinism: docs/generate.md.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Sequence
 
@@ -27,7 +28,11 @@ from tip_megatron.models.state import unwrap
 from tip_megatron.ops.sampling import vocab_parallel_sample
 from tip_megatron.parallel import ParallelGroups
 from tip_megatron.rollout import decode, kv_cache
-from tip_megatron.rollout.kv_cache import KVCache
+from tip_megatron.rollout.batching import DynamicDecoder
+from tip_megatron.rollout.kv_cache import KVCache, SlotCache
+
+
+ENGINES = ("dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -77,9 +82,23 @@ class GenerationConfig(SamplingConfig):
     """Transformer layers: `megatron` (megatron's TransformerBlock, any layer spec),
     `functional` (the same layer over megatron's parameters, local spec; faster per
     step), `auto` (functional when the model qualifies). See rollout/decode.py."""
+    engine: str = "dynamic"
+    """`dynamic` (rows leave the batch when they stop, waiting prompts join; rollout/
+    batching.py) or `static` (every row decoded until the longest is done: the engine as
+    it was, kept for comparison and benchmarks). Both draw the same samples."""
+    max_batch_tokens: int = 0
+    """KV-cache positions of the dynamic engine's batch: rows held at once = this //
+    (longest prompt + max_new_tokens), at least n; 0 = every row at once."""
+    check_logprobs: bool = False
+    """Rerun the rollouts through the training forward and report the largest and mean gap
+    of the sampled tokens' log-probs (`Rollouts.logprob_gap`; rollout/consistency.py)."""
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r}: accepted values are {ENGINES}")
+        if not isinstance(self.max_batch_tokens, int) or self.max_batch_tokens < 0:
+            raise ValueError(f"max_batch_tokens={self.max_batch_tokens!r}: must be an integer >= 0 (0 = all rows)")
         if self.layer_impl not in decode.LAYER_IMPLS:
             raise ValueError(f"layer_impl={self.layer_impl!r}: accepted values are {decode.LAYER_IMPLS}")
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
@@ -123,6 +142,12 @@ class Rollouts:
     """[B] int64: index into the `prompts` argument."""
     sample_index: torch.Tensor
     """[B] int64: 0 .. n-1."""
+    stats: Optional[dict] = None
+    """Timings and sizes of the call on this rank (prefill_s, decode_s, row_steps,
+    kv_cache_bytes, ...: batching.EngineStats)."""
+    logprob_gap: Optional[dict] = None
+    """With `check_logprobs`: {"max", "mean"} |engine - training forward| log-prob of the
+    sampled tokens (rollout/consistency.py)."""
 
     @property
     def num_rows(self) -> int:
@@ -150,9 +175,9 @@ def generate(
     Args:
         chunks: this rank's GPTModel chunks (DDP-wrapped or not), as built for training.
         prompts: token ids; every rank of the model-parallel group passes the same list.
-        seed, step: the sampling noise is a pure function of (seed, step, decoding
-            position, global row, token id): equal on every TP/PP layout; a new `step`
-            (e.g. the training step) draws fresh samples.
+        seed, step: each draw is a pure function of (seed, step, global row id, the row's
+            generated-token count) and the logits: equal on every TP/PP layout, engine and
+            batch composition; a new `step` (e.g. the training step) draws fresh samples.
         row_offset: global index of this call's first row (prompt-major, n samples per
             prompt). Data-parallel replicas holding consecutive slices of one global batch
             pass `dp_rank * rows_per_rank`, so DP=2 draws exactly what DP=1 draws; callers
@@ -164,17 +189,64 @@ def generate(
         # The sampler key packs seed and (step, position) into 64 bits.
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
             raise ValueError(f"{name}={value!r}: must be an integer in [0, 2**32)")
+    if config.engine == "dynamic" and config.use_kv_cache:
+        rollouts = _generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_offset, device)
+    else:
+        rollouts = _generate_static(chunks, groups, arch, prompts, config, seed, step, row_offset, device)
+    for chunk in map(unwrap, chunks):
+        chunk.set_input_tensor(None)  # drop the last received activation
+    if config.check_logprobs:
+        from tip_megatron.rollout.consistency import logprob_gap
+
+        rollouts.logprob_gap = logprob_gap(chunks, groups, arch, rollouts, config)
+    return rollouts
+
+
+def _generate_static(chunks, groups, arch, prompts, config, seed, step, row_offset, device) -> Rollouts:
     prompt_ids, pads = _left_pad(prompts, config.pad_id, device)
     total = prompt_ids.shape[1] + config.max_new_tokens
     loop = _Decoder(chunks, groups, arch, config, seed, step, row_offset)
     loop.prepare(total)
+    begin = time.perf_counter()
     with _eval_mode(chunks), kv_cache.install(chunks, KVCache(total, config.use_kv_cache)) as cache:
         loop.cache = cache
         tokens, logprobs, lengths, stopped = loop.run(prompt_ids, pads)
-    for chunk in map(unwrap, chunks):
-        chunk.set_input_tensor(None)  # drop the last received activation
-    return _pack(tokens, logprobs, pads.repeat_interleave(config.n), prompt_ids.shape[1],
-                 lengths, stopped, config)
+        kv_bytes = cache.num_bytes
+    out = _pack(tokens, logprobs, pads.repeat_interleave(config.n), prompt_ids.shape[1],
+                lengths, stopped, config)
+    seconds = time.perf_counter() - begin
+    out.stats = dict(engine="static", seconds=seconds, prefill_s=loop.prefill_s,
+                     decode_s=seconds - loop.prefill_s, kv_cache_bytes=kv_bytes,
+                     row_steps=loop.row_steps, capacity_rows=out.num_rows)
+    return out
+
+
+def _generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_offset, device) -> Rollouts:
+    max_len = max(map(len, prompts)) + config.max_new_tokens
+    rows = len(prompts) * config.n
+    capacity = rows if config.max_batch_tokens == 0 else min(rows, config.max_batch_tokens // max_len)
+    if capacity < config.n:
+        raise ValueError(f"max_batch_tokens={config.max_batch_tokens} holds {capacity} rows of "
+                         f"{max_len} positions; it must hold n={config.n}: >= {config.n * max_len} (or 0)")
+    units = [unwrap(c) for c in chunks]
+    impl = decode.resolve_layer_impl(chunks, config.layer_impl)
+    tables = [decode.rope_table(chunk, max_len) for chunk in units]
+    begin = time.perf_counter()
+    with _eval_mode(chunks), kv_cache.install(chunks, SlotCache(capacity, max_len)) as cache:
+        engine = DynamicDecoder(units, groups, arch, config, seed, step, row_offset, impl, tables, cache)
+        tokens, logprobs, lengths, stopped = engine.run(prompts, device)
+    prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long,
+                                  device=device).repeat_interleave(config.n)
+    width = int((prompt_lengths + lengths).max())
+    cols = torch.arange(width, device=device)[None, :]
+    response = (cols >= prompt_lengths[:, None]) & (cols < (prompt_lengths + lengths)[:, None])
+    index = torch.arange(rows, device=device)
+    stats = dict(engine="dynamic", seconds=time.perf_counter() - begin, **vars(engine.stats))
+    return Rollouts(token_ids=torch.where(cols < (prompt_lengths + lengths)[:, None], tokens[:, :width],
+                                          config.pad_id),
+                    response_mask=response, logprobs=torch.where(response, logprobs[:, :width], 0.0),
+                    prompt_lengths=prompt_lengths, response_lengths=lengths, stopped=stopped,
+                    prompt_index=index // config.n, sample_index=index % config.n, stats=stats)
 
 
 class _Decoder:
@@ -190,6 +262,7 @@ class _Decoder:
         self.dtype = self.chunks[0].config.params_dtype
         self.impl = decode.resolve_layer_impl(chunks, config.layer_impl)
         self.tables: list[torch.Tensor] = []
+        self.row_steps = 0
 
     def prepare(self, max_len: int) -> None:
         """RoPE tables for every chunk (megatron caches them per length)."""
@@ -205,6 +278,7 @@ class _Decoder:
         lengths = torch.zeros(rows, dtype=torch.long, device=prompt_ids.device)
         done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
         stopped = torch.zeros_like(done)
+        begin = time.perf_counter()
         if cfg.use_kv_cache:  # prefill each prompt once, then copy its cache rows n times
             logits = self.forward(prompt_ids, pads, start=0)
             self.cache.repeat_rows(n)
@@ -213,6 +287,7 @@ class _Decoder:
         if not cfg.use_kv_cache:
             logits = self.forward(tokens[:, :width], pads, start=0)
         stop_ids = torch.tensor(cfg.stop_ids, dtype=torch.long, device=tokens.device)
+        self.prefill_s = time.perf_counter() - begin
         for t in range(cfg.max_new_tokens):
             col = width + t
             ids, logprob = self.sample(logits, t, rows, tokens.device)
@@ -224,6 +299,7 @@ class _Decoder:
             done |= hit
             if t + 1 == cfg.max_new_tokens or bool(done.all()):
                 break
+            self.row_steps += rows
             if cfg.use_kv_cache:
                 logits = self.forward(tokens[:, col:col + 1], pads, start=col)
             else:
@@ -238,7 +314,8 @@ class _Decoder:
             ids, logprob = vocab_parallel_sample(
                 logits, tp_group=self.groups.tp_group, vocab_size=self.arch.vocab_size,
                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                seed=self.seed, step=self.step * 2**32 + t, row_offset=self.row_offset,
+                seed=self.seed, step=self.step, row_offset=self.row_offset,
+                counters=torch.full((rows,), t, dtype=torch.long, device=device),
             )
         else:
             ids = torch.empty(rows, dtype=torch.long, device=device)
@@ -255,28 +332,13 @@ class _Decoder:
     def forward(self, tokens: torch.Tensor, pads: torch.Tensor, start: int) -> Optional[torch.Tensor]:
         """Run cache columns [start, start + sq) of every row through this rank's chunks;
         the last stage returns the logit shard of the last column, others None."""
-        rows, sq = tokens.shape
+        sq = tokens.shape[1]
         self.cache.set_window(start, _attention_mask(pads, start, sq))
         positions = (torch.arange(start, start + sq, device=tokens.device)[None, :]
                      - pads[:, None]).clamp(min=0)
-        pp, rank = self.groups.pp_size, self.groups.pp_rank
-        hidden = None
-        for v, (chunk, table) in enumerate(zip(self.chunks, self.tables)):
-            first_stage = self.groups.is_first_stage and v == 0
-            last_stage = self.last and v == len(self.chunks) - 1
-            if not first_stage:
-                hidden = self._recv((sq, rows, self.arch.hidden_size), (rank - 1) % pp, tokens.device)
-            hidden = decode.chunk_forward(chunk, self.impl, tokens, positions, hidden, table,
-                                          self.groups.tp_group)
-            if not last_stage:
-                dist.send(hidden.to(self.dtype).contiguous(), group=self.groups.pp_group,
-                          group_dst=(rank + 1) % pp)
+        hidden = decode.pipeline_forward(self.chunks, self.impl, self.tables, self.groups, tokens,
+                                         positions, self.arch.hidden_size)
         return decode.last_token_logits(self.chunks[-1], hidden) if self.last else None
-
-    def _recv(self, shape, src: int, device) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=self.dtype, device=device)
-        dist.recv(buf, group=self.groups.pp_group, group_src=src)
-        return buf
 
 
 def _attention_mask(pads: torch.Tensor, start: int, sq: int) -> torch.Tensor:

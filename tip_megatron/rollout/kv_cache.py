@@ -74,16 +74,98 @@ class KVCache:
             for key, (k, v) in self.buffers.items()
         }
 
+    def update(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer `slot`'s new keys/values [b, ng, sq, hn]; return the [b, ng, sk, hn]
+        keys/values to attend over: cached ones plus the new ones."""
+        if not self.enabled:
+            return k, v
+        end = self.start + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache of {self.max_len} columns cannot hold column {end - 1}")
+        if slot not in self.buffers:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.buffers[slot] = (k.new_empty(shape), v.new_empty(shape))
+        k_buf, v_buf = self.buffers[slot]
+        k_buf[:, :, self.start:end] = k
+        v_buf[:, :, self.start:end] = v
+        return k_buf[:, :, :end], v_buf[:, :, :end]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kv in self.buffers.values() for t in kv)
+
     def clear(self) -> None:
         self.buffers.clear()
         self.set_window(0, None)
+
+
+@dataclass
+class SlotCache:
+    """Key/value buffers of `capacity` row slots for the dynamic engine (rollout/batching.py).
+
+    Each row keeps its own tokens from column 0 (position = column, right padding), so rows
+    of different lengths and admission times share one buffer. A forward works on the
+    contiguous slots [row_start, row_start + b): a prefill writes columns [0, sq) of every
+    row, a decode step writes column `columns[r]` of row r (sq = 1). Finished rows leave by
+    `move_rows` (the engine moves live rows from the tail into the holes, so the batch stays
+    a contiguous prefix of the buffer and attention costs follow the live rows).
+    """
+
+    capacity: int
+    max_len: int
+    row_start: int = 0
+    columns: Optional[torch.Tensor] = None
+    """[b] int64 column each row writes in a decode step; None = prefill from column 0."""
+    num_keys: int = 0
+    """Columns attended over in this forward: [0, num_keys)."""
+    allowed: Optional[torch.Tensor] = None
+    buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _bias: Optional[torch.Tensor] = None
+
+    def set_window(self, row_start: int, columns: Optional[torch.Tensor], num_keys: int,
+                   allowed: torch.Tensor) -> None:
+        self.row_start, self.columns, self.num_keys = row_start, columns, num_keys
+        self.allowed, self._bias = allowed, None
+
+    attention_bias = KVCache.attention_bias
+
+    def update(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer `slot`'s new keys/values [b, ng, sq, hn]; return [b, ng, num_keys, hn]."""
+        b, sq = k.shape[0], k.shape[2]
+        if slot not in self.buffers:
+            # Zeros, not empty: a row attends over columns other rows have filled, masked to
+            # -inf; an uninitialised NaN there would still poison its softmax (NaN * 0).
+            shape = (self.capacity, k.shape[1], self.max_len, k.shape[3])
+            self.buffers[slot] = (k.new_zeros(shape), v.new_zeros(shape))
+        k_buf, v_buf = self.buffers[slot]
+        rows = slice(self.row_start, self.row_start + b)
+        if self.columns is None:
+            k_buf[rows, :, :sq], v_buf[rows, :, :sq] = k, v
+        else:  # one new column per row, each at its own position
+            index = torch.arange(self.row_start, self.row_start + b, device=k.device)
+            k_buf[index, :, self.columns] = k[:, :, 0]
+            v_buf[index, :, self.columns] = v[:, :, 0]
+        return k_buf[rows, :, :self.num_keys], v_buf[rows, :, :self.num_keys]
+
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor, num_cols: int) -> None:
+        """Copy columns [0, num_cols) of rows `src` into rows `dst` in every layer (the
+        right-hand side is gathered first, so `src` and `dst` may overlap)."""
+        for k_buf, v_buf in self.buffers.values():
+            k_buf[dst, :, :num_cols] = k_buf[src, :, :num_cols]
+            v_buf[dst, :, :num_cols] = v_buf[src, :, :num_cols]
+
+    num_bytes = KVCache.num_bytes
+
+    def clear(self) -> None:
+        self.buffers.clear()
+        self.allowed, self._bias, self.columns = None, None, None
 
 
 class CachedCoreAttention(torch.nn.Module):
     """Drop-in for megatron's `core_attention` (DotProductAttention / TEDotProductAttention)
     during generation: stores the new keys/values, attends over the cached ones."""
 
-    def __init__(self, cache: KVCache, slot: int, softmax_scale: float, num_heads: int,
+    def __init__(self, cache, slot: int, softmax_scale: float, num_heads: int,
                  num_groups: int):
         super().__init__()
         self.cache = cache
@@ -98,7 +180,7 @@ class CachedCoreAttention(torch.nn.Module):
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("generation does not support attention bias or packed sequences")
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
-        k, v = self._keys_values(key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3))
+        k, v = self.cache.update(self.slot, key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3))
         allowed = self.cache.allowed
         if allowed is None or allowed.shape[-1] != k.shape[2] or allowed.shape[-2] != q.shape[2]:
             raise RuntimeError(
@@ -112,22 +194,6 @@ class CachedCoreAttention(torch.nn.Module):
         )
         sq, b = query.shape[0], query.shape[1]
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, -1)
-
-    def _keys_values(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[b, ng, sk, hn] keys/values to attend over: cached ones plus the new ones."""
-        cache = self.cache
-        if not cache.enabled:
-            return k, v
-        end = cache.start + k.shape[2]
-        if end > cache.max_len:
-            raise RuntimeError(f"KV cache of {cache.max_len} columns cannot hold column {end - 1}")
-        if self.slot not in cache.buffers:
-            shape = (k.shape[0], k.shape[1], cache.max_len, k.shape[3])
-            cache.buffers[self.slot] = (k.new_empty(shape), v.new_empty(shape))
-        k_buf, v_buf = cache.buffers[self.slot]
-        k_buf[:, :, cache.start:end] = k
-        v_buf[:, :, cache.start:end] = v
-        return k_buf[:, :, :end], v_buf[:, :, :end]
 
 
 def _softmax_scale(core: torch.nn.Module, config) -> float:
@@ -151,8 +217,9 @@ def _attention_modules(chunks: Sequence[torch.nn.Module]) -> Iterator[torch.nn.M
 
 
 @contextlib.contextmanager
-def install(chunks: Sequence[torch.nn.Module], cache: KVCache) -> Iterator[KVCache]:
-    """Swap every layer's core attention for a `CachedCoreAttention` sharing `cache`;
+def install(chunks: Sequence[torch.nn.Module], cache) -> Iterator:
+    """Swap every layer's core attention for a `CachedCoreAttention` sharing `cache` (a
+    `KVCache` or a `SlotCache`);
     restore the originals on exit (also on error)."""
     swapped = []
     try:

@@ -1,0 +1,184 @@
+"""The dynamic decoding engine: one prefill per prompt, finished rows leave, new prompts join.
+
+Shapes: `cap` row slots of a `SlotCache` ([cap, ng/tp, max_len, hn] per layer), the live
+batch = slots [0, live); per-slot state [cap] int64; a prefill of m prompts [m, sq]
+right-padded; output buffers [R, max_len] (R = prompts * n, row = prompt * n + sample),
+right-padded: token j of a row at column j, as training forwards expect.
+
+    tokens, logprobs, lengths, stopped = DynamicDecoder(...).run(prompts)
+
+Each loop iteration: drop the rows that stopped (live rows from the tail move into the
+holes: a copy of the moved rows only, so the batch stays a contiguous prefix), admit
+waiting prompts while `n` free slots per prompt remain (each prompt prefilled ONCE, its KV
+rows copied to its n slots, its n first tokens drawn from the one logit row), then one
+decode step of every live row, each at its own cache column and RoPE position.
+
+A row's draw is keyed by (seed, step, row_offset + row, new-token count), never by its
+slot, so its tokens do not depend on the batch it shares, the capacity or the admission
+order (up to float rounding of the logits themselves, which may depend on batch shape).
+Every pipeline stage takes the same decisions: they depend only on the sampled ids, which
+the last stage broadcasts each step (docs/generate.md).
+"""
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tip_megatron.ops.sampling import vocab_parallel_sample
+from tip_megatron.rollout import decode
+from tip_megatron.rollout.kv_cache import SlotCache
+
+
+@dataclass
+class EngineStats:
+    """Where the time of one `generate` call went (this rank's clock)."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    num_prefills: int = 0
+    num_decode_steps: int = 0
+    row_steps: int = 0
+    """Rows computed, summed over decode steps (live-row utilisation = tokens / this)."""
+    kv_cache_bytes: int = 0
+    capacity_rows: int = 0
+
+
+class DynamicDecoder:
+    """Continuous batching over a `SlotCache` of `capacity` rows."""
+
+    def __init__(self, chunks, groups, arch, config, seed: int, step: int, row_offset: int,
+                 impl: str, tables: Sequence[torch.Tensor], cache: SlotCache):
+        self.chunks, self.groups, self.arch, self.config = chunks, groups, arch, config
+        self.seed, self.step, self.row_offset = seed, step, row_offset
+        self.impl, self.tables, self.cache = impl, tables, cache
+        self.last = groups.is_last_stage
+        self.stats = EngineStats(capacity_rows=cache.capacity)
+        self.stop_ids: Optional[torch.Tensor] = None
+
+    def run(self, prompts: Sequence[Sequence[int]], device) -> tuple:
+        cfg, n, cap = self.config, self.config.n, self.cache.capacity
+        rows = len(prompts) * n
+        self.out_tokens = torch.full((rows, self.cache.max_len), cfg.pad_id, dtype=torch.long, device=device)
+        self.out_logprobs = torch.zeros(rows, self.cache.max_len, device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.stop_ids = torch.tensor(cfg.stop_ids, dtype=torch.long, device=device)
+        # Per-slot state: row index, prompt length, generated count, last token, finished.
+        self.slot = {k: torch.zeros(cap, dtype=torch.long, device=device)
+                     for k in ("row", "prompt_len", "new", "next")}
+        self.done = torch.zeros(cap, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            self.out_tokens[i * n:(i + 1) * n, :len(p)] = torch.as_tensor(list(p), device=device)
+        queue, live = collections.deque(range(len(prompts))), 0
+        while True:
+            live = self._compact(live)  # first: the slots of rows that just stopped are free
+            take = []
+            while queue and live + n * (len(take) + 1) <= cap:
+                take.append(queue.popleft())
+            if take:
+                self._admit(take, [prompts[i] for i in take], live)
+                live = self._compact(live + len(take) * n)  # a first token may stop a row
+            if live == 0:
+                if not queue:
+                    break
+                continue
+            self._decode_step(live)
+        self.stats.kv_cache_bytes = self.cache.num_bytes
+        if self.groups.pp_size > 1:  # the last stage drew them; every stage returns them
+            dist.broadcast(self.out_logprobs, group=self.groups.pp_group,
+                           group_src=self.groups.pp_size - 1)
+        return self.out_tokens, self.out_logprobs, self.lengths, self.stopped
+
+    def _admit(self, indices: list[int], prompts: list, start: int) -> None:
+        """Prefill `prompts` once into slots [start, start + m), copy each row to its n
+        slots, draw every row's first token."""
+        begin = time.perf_counter()
+        n, m, device = self.config.n, len(prompts), self.out_tokens.device
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+        sq = int(lens.max())
+        ids = torch.full((m, sq), self.config.pad_id, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.as_tensor(list(p), device=device)
+        # Right padding: plain causal attention; a padding query only sees real keys and
+        # earlier padding, and nobody reads its output.
+        causal = torch.ones(sq, sq, dtype=torch.bool, device=device).tril()[None, None]
+        self.cache.set_window(start, None, sq, causal)
+        positions = torch.arange(sq, device=device)[None, :].expand(m, sq)
+        hidden = decode.pipeline_forward(self.chunks, self.impl, self.tables, self.groups, ids,
+                                         positions, self.arch.hidden_size)
+        logits = decode.last_token_logits(self.chunks[-1], hidden, lens - 1) if self.last else None
+        if n > 1:  # the shared prefill: copy each prompt's KV rows to its n slots
+            src = start + torch.arange(m, device=device).repeat_interleave(n)
+            self.cache.move_rows(src, start + torch.arange(m * n, device=device), sq)
+            logits = None if logits is None else logits.repeat_interleave(n, dim=0)
+        slots = slice(start, start + m * n)
+        prompt_index = torch.tensor(indices, dtype=torch.long, device=device)
+        self.slot["row"][slots] = (prompt_index[:, None] * n + torch.arange(n, device=device)).flatten()
+        self.slot["prompt_len"][slots] = lens.repeat_interleave(n)
+        self.slot["new"][slots] = 0
+        self._sample_and_record(logits, slots)
+        self.stats.prefill_s += time.perf_counter() - begin
+        self.stats.num_prefills += 1
+
+    def _decode_step(self, live: int) -> None:
+        begin = time.perf_counter()
+        slots = slice(0, live)
+        columns = self.slot["prompt_len"][slots] + self.slot["new"][slots] - 1  # the fed token's
+        num_keys = int(columns.max()) + 1
+        keys = torch.arange(num_keys, device=columns.device)
+        self.cache.set_window(0, columns, num_keys, (keys[None, :] <= columns[:, None])[:, None, None])
+        hidden = decode.pipeline_forward(self.chunks, self.impl, self.tables, self.groups,
+                                         self.slot["next"][slots, None], columns[:, None],
+                                         self.arch.hidden_size)
+        logits = decode.last_token_logits(self.chunks[-1], hidden) if self.last else None
+        self._sample_and_record(logits, slots)
+        self.stats.decode_s += time.perf_counter() - begin
+        self.stats.num_decode_steps += 1
+        self.stats.row_steps += live
+
+    def _sample_and_record(self, logits: Optional[torch.Tensor], slots: slice) -> None:
+        """Draw the next token of every row in `slots` (keyed by row identity and count),
+        write it to the outputs, mark finished rows."""
+        cfg = self.config
+        rows, new = self.slot["row"][slots].clone(), self.slot["new"][slots].clone()
+        if self.last:
+            ids, logprob = vocab_parallel_sample(
+                logits, tp_group=self.groups.tp_group, vocab_size=self.arch.vocab_size,
+                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=self.seed,
+                step=self.step, row_ids=self.row_offset + rows, counters=new)
+        else:
+            ids = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+        if self.groups.pp_size > 1:  # every stage needs the ids: to embed them, to agree on stops
+            dist.broadcast(ids, group=self.groups.pp_group, group_src=self.groups.pp_size - 1)
+        columns = self.slot["prompt_len"][slots] + new
+        self.out_tokens[rows, columns] = ids
+        if self.last:
+            self.out_logprobs[rows, columns] = logprob
+        hit = torch.isin(ids, self.stop_ids)
+        self.slot["new"][slots] = new + 1
+        self.slot["next"][slots] = ids
+        self.lengths[rows] = new + 1
+        self.stopped[rows] = hit
+        self.done[slots] = hit | (new + 1 >= cfg.max_new_tokens)
+
+    def _compact(self, live: int) -> int:
+        """Drop finished rows: live rows past the new end move into the holes before it."""
+        done = self.done[:live]
+        keep = int((~done).sum())
+        if keep == live:
+            return live
+        index = torch.arange(live, device=done.device)
+        holes = index[:keep][done[:keep]]
+        movers = index[keep:][~done[keep:]]
+        if movers.numel():
+            used = self.slot["prompt_len"][movers] + self.slot["new"][movers]
+            self.cache.move_rows(movers, holes, int(used.max()))
+            for state in self.slot.values():
+                state[holes] = state[movers]
+            self.done[holes] = False
+        return keep
