@@ -23,9 +23,10 @@ from tip_megatron.distill.step import (
     teacher_output_weight, with_preselection,
 )
 from tip_megatron.rollout.generate import GenerationConfig, generate
-from tip_megatron.tip import select_global
+from tip_megatron.tip import warn_ill_posed_budget
+from tip_megatron.tip.collectives import all_gather_varlen, all_reduce_sum
 from tip_megatron.train import checkpoint as ckpt
-from tip_megatron.train.batches import make_microbatches, split_updates
+from tip_megatron.train.batches import update_microbatches
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib, reduce_reports
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
 from tip_megatron.train.setup import build_models, load_run_tokenizer, prompt_source
