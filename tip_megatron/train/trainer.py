@@ -157,18 +157,17 @@ def check_budget(run: Run, mb_groups: list[list]) -> None:
     unit = cfg.count_unit
     if unit is None:
         return
-    per_mb = [[mb.target_mask.sum(1).long() for mb in group] for group in mb_groups]
+    per_row = [[mb.target_mask.sum(1).long() for mb in group] for group in mb_groups]
     if unit == "rollout":
-        local = torch.cat([m for group in per_mb for m in group])
+        sizes = all_gather_varlen(torch.cat([m for g in per_row for m in g]), run.groups.dp_group)
     elif unit == "microbatch":
-        local = torch.stack([m.sum() for group in per_mb for m in group])
-    else:  # one group per selection: the rollout batch, or each update's mini-batch
-        rescore = cfg.rescore_each_update and len(mb_groups) > 1
-        local = torch.stack([sum(m.sum() for m in group) for group in per_mb])
-        local = local if rescore else local.sum().reshape(1)
+        sizes = all_gather_varlen(torch.stack([m.sum() for g in per_row for m in g]),
+                                  run.groups.dp_group)
+    else:  # one group per selection: each update's mini-batch, or the whole rollout batch
+        local = torch.stack([sum(m.sum() for m in g) for g in per_row])
+        if not (cfg.rescore_each_update and len(mb_groups) > 1):
+            local = local.sum().reshape(1)
         sizes = all_reduce_sum(local, run.groups.dp_group)
-    if unit != "global":
-        sizes = all_gather_varlen(local, run.groups.dp_group)
     if run.groups.rank == 0:
         warn_ill_posed_budget(cfg, sizes)
 
