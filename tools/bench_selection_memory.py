@@ -219,7 +219,7 @@ class Bench:
     def processor(self, row: Row) -> tuple[Callable, MicrobatchContext]:
         cfg = self.cfg
         impl = "fused" if row.mode == "fused" else "unfused"
-        spec = DistillSpec(SelectionConfig(rule=row.rule, rho=row.rho, seed=cfg.seed),
+        spec = DistillSpec(SelectionConfig(rule=row.rule, rho=row.rho, seed=cfg.seed, scope="rollout"),
                            LossConfig(impl=impl, chunk_size=cfg.chunk), cfg.vocab,
                            self.groups.tp_group, step=self.step_index)
         ctx = MicrobatchContext(teacher_hidden=self.teacher_hidden,

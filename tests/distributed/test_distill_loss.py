@@ -2,13 +2,17 @@
 
 - rule `all` equals full-token OPD computed the naive way (full logits, float64
   log-softmax, reverse KL summed over response positions) in loss and in every gradient;
-- deterministic (soft_or) and seeded (entropy_sample) rules keep the same tokens and give
-  the same loss and gradients under TP=1/2/4, PP=1/2, micro-batches 1/4 and DP=1/2;
+- every rule under its default (paper) scope -- soft_or per rollout; q3, entropy_sample,
+  random, div_topk over the global batch through the scoring pre-pass -- keeps the same
+  tokens and gives the same loss and gradients under TP=1/2/4, PP=1/2, DP=1/2 and
+  micro-batch sizes 1/2/4/8 (one launch per world size);
 - prompt and padding positions are never kept; a micro-batch with no response tokens
   contributes zero loss and zero gradient without breaking the schedule;
 - scope `global` scores once, in the pre-pass: the student pass reuses those signals
   (no statistics call at the output layer) and gives what re-scoring gives.
 """
+import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -17,7 +21,7 @@ from tip_megatron import parallel
 from tip_megatron.distill.loss import DistillSpec, LossConfig
 from tip_megatron.distill import loss as loss_module
 from tip_megatron.distill.step import (
-    Microbatch, make_contexts, scoring_pass, student_pass, teacher_hidden_states,
+    Microbatch, make_contexts, scoring_pass, select_prepass, student_pass, teacher_hidden_states,
     teacher_output_weight, with_preselection,
 )
 from tip_megatron.models import build_model
@@ -25,7 +29,7 @@ from tip_megatron.models.state import gather_full_state_dict, load_full_state_di
 from tip_megatron.models.init import init_full_state
 from tip_megatron.testing.distributed import run_distributed
 from tip_megatron.testing.models import tiny_arch
-from tip_megatron.tip import SelectionConfig, select_global
+from tip_megatron.tip import SelectionConfig
 from tip_megatron.train.optimizer import OptimConfig, wrap_ddp
 
 ROWS, SEQ = 8, 12
@@ -84,11 +88,11 @@ def _tip(layout, s_full, t_full, selection, impl, empty_rows=()):
     contexts = make_contexts(g, mbs, hidden, teacher_output_weight(teacher) if g.is_last_stage else None)
     spec = DistillSpec(selection, LossConfig(impl=impl, chunk_size=7), STUDENT.vocab_size, g.tp_group)
     calls = _count_stats_calls()
-    if selection.scope == "global":
+    if selection.needs_prepass:
         signals = scoring_pass(ddp, g, mbs, contexts, spec, **shape)
         if g.is_last_stage:
-            masks = select_global(selection, signals, g.dp_group, step=spec.step)
-            contexts = with_preselection(contexts, signals, masks)
+            masks, labels = select_prepass(selection, signals, g.dp_group, step=spec.step)
+            contexts = with_preselection(contexts, signals, masks, labels)
     num_prepass_calls = len(calls)
     reports = student_pass(ddp, g, mbs, contexts, spec, **shape)
     scoring = (num_prepass_calls, len(calls) - num_prepass_calls)
@@ -160,29 +164,54 @@ def test_rule_all_is_full_token_opd(weights, impl):
     _close(grads, ref_grads, f"rule all ({impl}) vs naive full-token OPD")
 
 
-LAYOUTS = {"tp2": (2, 1, 1, 1), "tp4": (4, 1, 1, 1), "pp2_mb4": (1, 2, 1, 4),
-           "tp2_pp2_mb4": (2, 2, 1, 4), "dp2_mb2": (1, 1, 2, 2)}
+# The paper's defaults (scope auto): Soft-OR per rollout, the other rules over the global
+# batch (a scoring pre-pass). Layouts grouped by world size: one launch per world size.
+DEFAULT_SELECTIONS = {
+    "soft_or": SelectionConfig(rule="soft_or", rho=0.5),
+    "q3": SelectionConfig(rule="q3", rho=0.2),
+    "entropy_sample": SelectionConfig(rule="entropy_sample", rho=0.5, seed=7),
+    "random": SelectionConfig(rule="random", rho=0.3, seed=7),
+    "div_topk": SelectionConfig(rule="div_topk", rho=0.1),
+}
+LAYOUTS_BY_WORLD = {
+    1: {"mbs4": (1, 1, 1, 2), "mbs2": (1, 1, 1, 4), "mbs1": (1, 1, 1, 8)},
+    2: {"tp2": (2, 1, 1, 1), "pp2_mb4": (1, 2, 1, 4), "dp2_mb2": (1, 1, 2, 2)},
+    4: {"tp4": (4, 1, 1, 1), "tp2_pp2_mb4": (2, 2, 1, 4), "dp2_tp2_mbs1": (2, 1, 2, 4)},
+}
 
 
-@pytest.mark.parametrize("selection", [
-    SelectionConfig(rule="soft_or", rho=0.5),
-    SelectionConfig(rule="entropy_sample", rho=0.5, seed=7),
-], ids=["soft_or", "entropy_sample"])
-def test_layouts_keep_the_same_tokens(weights, selection):
-    ref = run_distributed(_tip, 1, args=((1, 1, 1, 1), *weights, selection, "fused"))
-    ref_loss, ref_kept, ref_grads = _unique_loss(ref), _kept_rows(ref, 1), ref[0][2]
+def _tip_many(layouts, s_full, t_full, selections):
+    """`_tip` for every (layout, selection) in one launch: {(layout name, rule): result}."""
+    return {(name, rule): _tip(layout, s_full, t_full, sel, "fused")
+            for name, layout in layouts.items() for rule, sel in selections.items()}
+
+
+def test_paper_defaults_are_layout_invariant(weights):
+    """Identical kept sets, kept counts, losses and gradients at TP1/TP2/TP4/PP2/DP2 and
+    micro-batch sizes 1/2/4/8, for each rule under its default (paper) scope."""
+    assert {s.effective_scope for s in DEFAULT_SELECTIONS.values()} == {"rollout", "global"}
+    ref = run_distributed(_tip_many, 1, args=({"ref": (1, 1, 1, 1)}, *weights, DEFAULT_SELECTIONS))[0]
     target = _batch().target_mask
-    assert not (ref_kept & ~target).any(), "a prompt or padding position was kept"
-    assert 0 < int(ref_kept.sum()) < int(target.sum())
-    for name, layout in LAYOUTS.items():
-        tp, pp, dp, _ = layout
-        results = run_distributed(_tip, tp * pp * dp, args=(layout, *weights, selection, "fused"))
-        assert torch.equal(_kept_rows(results, dp), ref_kept), f"{name}: different kept set"
-        loss, kept_count = _unique_loss(results)
-        assert kept_count == ref_loss[1]
-        assert loss == pytest.approx(ref_loss[0], rel=1e-5), name
-        for r in results:
-            _close(r[2], ref_grads, f"{selection.rule} {name}")
+    for rule, sel in DEFAULT_SELECTIONS.items():
+        kept = _kept_rows([ref[("ref", rule)]], 1)
+        assert not (kept & ~target).any(), "a prompt or padding position was kept"
+        m = int(target.sum())
+        want = math.floor(Fraction(str(sel.rho)) * m) if sel.effective_scope == "global" else None
+        assert want is None or int(kept.sum()) == want, rule  # floor(rho * m) over the batch
+        assert 0 < int(kept.sum()) < m
+    for world, layouts in LAYOUTS_BY_WORLD.items():
+        results = run_distributed(_tip_many, world, args=(layouts, *weights, DEFAULT_SELECTIONS))
+        for name, layout in layouts.items():
+            dp = layout[2]
+            for rule in DEFAULT_SELECTIONS:
+                got = [r[(name, rule)] for r in results]
+                want = ref[("ref", rule)]
+                assert torch.equal(_kept_rows(got, dp), _kept_rows([want], 1)), f"{name} {rule}: kept set"
+                loss, num_kept = _unique_loss(got)
+                assert num_kept == int(want[0][1]), f"{name} {rule}"
+                assert loss == pytest.approx(float(want[0][0]), rel=1e-5), f"{name} {rule}"
+                for r in got:
+                    _close(r[2], want[2], f"{rule} {name}")
 
 
 def test_microbatch_without_response_tokens(weights):

@@ -270,4 +270,5 @@ def test_several_updates_per_rollout(assets):
     # batch's first update: optimizer steps 1 and 3
     assert hist[0]["lr"] == pytest.approx(0.003 * 1 / 4)
     assert hist[1]["lr"] == pytest.approx(0.003 * 3 / 4)
-    assert hist[0]["num_response"] == 16 * 6 / 2  # metrics of the first update: half the rollouts
+    assert hist[0]["num_response"] == 16 * 6  # selection metrics over both updates' rollouts
+    assert all(len(h["loss_updates"]) == 2 for h in hist)

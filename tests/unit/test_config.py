@@ -52,6 +52,7 @@ FROZEN_KEYS = [
     "selection.seed",
     "selection.scope",
     "selection.min_keep",
+    "selection.rescore_each_update",
     "selection.quadrant_rule.kind",
     "selection.quadrant_rule.entropy_threshold",
     "selection.quadrant_rule.div_threshold_nats",

@@ -37,7 +37,7 @@ def test_metrics_match_reference():
 def test_sums_over_microbatches_equal_the_concatenation():
     parts = [pack(synthetic_rollouts(seed=s, num_rollouts=3, max_response=20, first_id=10 * s))
              for s in (1, 2)]
-    kept = [select(SelectionConfig(rule="q3", rho=0.3), p) for p in parts]
+    kept = [select(SelectionConfig(rule="q3", rho=0.3, scope="rollout"), p) for p in parts]
     summed = finalize(all_reduce_metric_sums(sum_metric_sums([_report(p, k) for p, k in zip(parts, kept)]), None))
     whole = finalize(_report(concat_signals(parts), torch.cat(kept)))
     assert summed.keys() == whole.keys()

@@ -15,7 +15,7 @@ from tip_megatron.testing.synthetic_signals import Rollout, pack, synthetic_roll
 RULE_RHO = [(r, 1.0 if r == "all" else 0.3) for r in sorted(RULES)]
 
 
-def _ref_count(rho, m, min_keep=1):
+def _ref_count(rho, m, min_keep=0):
     return max(math.floor(Fraction(str(rho)) * m), min(min_keep, m))
 
 
@@ -99,15 +99,17 @@ def test_sampled_rule_counts(batch, rule, scope):
 @pytest.mark.parametrize("rule,rho", RULE_RHO)
 def test_prompt_and_padding_never_kept(batch, rule, rho):
     for min_keep in (0, 1000):
-        kept = select(SelectionConfig(rule=rule, rho=rho, min_keep=min_keep), batch)
+        kept = select(SelectionConfig(rule=rule, rho=rho, min_keep=min_keep, scope="rollout"), batch)
         assert not bool((kept & ~batch.response_mask).any())
 
 
 def test_min_keep_and_exact_floor():
     tiny = pack([Rollout(0, 2, np.array([0.1, 0.5, 0.3]), np.ones(3), np.ones(3))])
-    assert int(select(SelectionConfig(rule="div_topk", rho=0.1), tiny).sum()) == 1
-    assert int(select(SelectionConfig(rule="div_topk", rho=0.1, min_keep=0), tiny).sum()) == 0
-    assert int(select(SelectionConfig(rule="entropy_topk", rho=0.1, min_keep=2), tiny).sum()) == 2
+    assert int(select(SelectionConfig(rule="div_topk", rho=0.1, scope="rollout"), tiny).sum()) == 0
+    assert int(select(SelectionConfig(rule="div_topk", rho=0.1, min_keep=1, scope="rollout"),
+                      tiny).sum()) == 1
+    assert int(select(SelectionConfig(rule="entropy_topk", rho=0.1, min_keep=2, scope="rollout"),
+                      tiny).sum()) == 2
     rng = np.random.default_rng(0)
     hundred = pack([Rollout(0, 1, rng.random(100), rng.random(100), rng.random(100))])
     for rho, k in ((0.29, 29), (0.57, 57), (0.5, 50)):  # 0.57 * 100 == 56.99999999999999 in float
@@ -140,7 +142,8 @@ def test_config_and_select_errors(batch):
 @pytest.mark.parametrize("rule", ["random", "entropy_sample"])
 def test_seeds(batch, rule):
     def kept(seed, step):
-        return select(SelectionConfig(rule=rule, rho=0.3, seed=seed), batch, step=step)
+        return select(SelectionConfig(rule=rule, rho=0.3, seed=seed, scope="rollout"), batch,
+                      step=step)
     assert torch.equal(kept(1, 0), kept(1, 0))
     assert not torch.equal(kept(1, 0), kept(2, 0))
     assert not torch.equal(kept(1, 0), kept(1, 1))
@@ -167,7 +170,8 @@ def test_sampling_inclusion_probabilities():
     sig = pack([Rollout(i, 1, h, np.ones(5), np.ones(5)) for i in range(n)], seed=1)
     mask = sig.response_mask
     for rule, want in (("entropy_sample", _exact_inclusion(h, 2)), ("random", np.full(5, 0.4))):
-        kept = select(SelectionConfig(rule=rule, rho=0.4, seed=3), sig)[mask].reshape(n, 5)
+        config = SelectionConfig(rule=rule, rho=0.4, seed=3, scope="rollout")
+        kept = select(config, sig)[mask].reshape(n, 5)
         np.testing.assert_allclose(kept.double().mean(0).numpy(), want, atol=0.04)
         if rule == "entropy_sample":  # zero entropy is zero weight: never drawn, in any rollout
             assert not bool(kept[:, -1].any())
@@ -229,7 +233,7 @@ def test_inputs_are_not_mutated(batch):
     before = TokenSignals(*(t.clone() for t in (batch.entropy_norm, batch.reverse_kl,
                                                  batch.forward_kl, batch.response_mask, batch.rollout_ids)))
     for rule, rho in RULE_RHO:
-        select(SelectionConfig(rule=rule, rho=rho), batch)
+        select(SelectionConfig(rule=rule, rho=rho, scope="rollout"), batch)
         select_global(SelectionConfig(rule=rule, rho=rho, scope="global"), [batch], None)
     for name in ("entropy_norm", "reverse_kl", "forward_kl", "response_mask", "rollout_ids"):
         assert torch.equal(getattr(before, name), getattr(batch, name))

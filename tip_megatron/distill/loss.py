@@ -31,7 +31,7 @@ import torch
 from tip_megatron.ops import fused_linear_reverse_kl, unfused_linear_reverse_kl, vocab_parallel_stats
 from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK
 from tip_megatron.tip import (
-    SelectionConfig, TokenSignals, quadrant_labels, select, selection_metric_sums,
+    SelectionConfig, TokenSignals, select, selection_labels, selection_metric_sums,
 )
 
 LOSS_IMPLS = ("fused", "unfused")
@@ -62,6 +62,9 @@ class Preselection:
     """The micro-batch's signals over [b*s] tokens, as the pre-pass scored them."""
     kept_mask: torch.Tensor
     """[b*s] bool kept mask chosen over the global batch."""
+    labels: Optional[torch.Tensor] = None
+    """[b*s] int64 quadrant labels under the global statistics (needed by a `quantile`
+    quadrant rule; None: labels are computed at the output layer, fixed rule only)."""
 
 
 @dataclass(frozen=True)
@@ -155,15 +158,19 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
 
 
 def _signals_and_kept(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec):
-    """(signals, kept mask or None): the pre-pass's when given, else scored (and selected) here."""
-    if ctx.preselection is not None:
+    """(signals, kept mask or None, labels): the pre-pass's when given, else scored (and
+    selected, labeled) here."""
+    pre = ctx.preselection
+    if pre is not None:
         if spec.score_only:
             raise ValueError("the scoring pre-pass got micro-batches that were already scored")
-        return ctx.preselection.signals, ctx.preselection.kept_mask
+        labels = pre.labels if pre.labels is not None else selection_labels(spec.selection, pre.signals)
+        return pre.signals, pre.kept_mask, labels
     signals = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
     if spec.score_only:
-        return signals, None
-    return signals, select(spec.selection, signals, step=spec.step)
+        return signals, None, None
+    kept = select(spec.selection, signals, step=spec.step)
+    return signals, kept, selection_labels(spec.selection, signals)
 
 
 def make_output_processor(spec: DistillSpec):
@@ -178,10 +185,9 @@ def make_output_processor(spec: DistillSpec):
             )
         weight = output_weight if output_weight is not None else output_layer.weight
         hidden_flat = _flat(hidden_states)
-        signals, kept = _signals_and_kept(hidden_flat, weight, ctx, spec)
+        signals, kept, labels = _signals_and_kept(hidden_flat, weight, ctx, spec)
         if kept is None:
             return LossPathOutput(hidden_states.new_zeros(()), signals)
-        labels = quadrant_labels(signals, spec.selection.quadrant_rule)
         return LossPathOutput(kept_loss(hidden_flat, weight, ctx, kept, spec), signals, kept,
                               selection_metric_sums(signals, kept, labels))
 

@@ -20,7 +20,9 @@ from tip_megatron.distill.loss import (
 )
 from tip_megatron.models.state import unwrap
 from tip_megatron.parallel import ParallelGroups
-from tip_megatron.tip import TokenSignals
+from tip_megatron.tip import (
+    SelectionConfig, TokenSignals, select_global_with_stats, selection_labels,
+)
 
 
 @dataclass
@@ -114,16 +116,27 @@ def scoring_pass(
     return [r["signals"] for r in reports]
 
 
+def select_prepass(
+    selection: SelectionConfig, signals: Sequence[TokenSignals], dp_group, *, step: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(kept masks, quadrant labels) of this rank's micro-batches, chosen over the global
+    batch (every DP rank calls it: collectives of `select_global`). The labels use the same
+    global statistics, so a `quantile` quadrant rule splits at the batch's quantiles."""
+    masks, stats = select_global_with_stats(selection, signals, dp_group, step=step)
+    return masks, [selection_labels(selection, s, stats) for s in signals]
+
+
 def with_preselection(
     contexts: Sequence[MicrobatchContext], signals: Sequence[TokenSignals],
-    kept_masks: Sequence[torch.Tensor],
+    kept_masks: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None = None,
 ) -> list[MicrobatchContext]:
-    """New contexts carrying the pre-pass's signals and kept masks: the student pass then
-    neither scores nor selects again."""
+    """New contexts carrying the pre-pass's signals, kept masks (and quadrant labels): the
+    student pass then neither scores nor selects again."""
     if not len(contexts) == len(signals) == len(kept_masks):
         raise ValueError(f"{len(contexts)} contexts, {len(signals)} signals, {len(kept_masks)} kept masks")
-    return [replace(c, preselection=Preselection(s, m))
-            for c, s, m in zip(contexts, signals, kept_masks)]
+    labels = [None] * len(contexts) if labels is None else labels
+    return [replace(c, preselection=Preselection(s, m, q))
+            for c, s, m, q in zip(contexts, signals, kept_masks, labels)]
 
 
 def make_contexts(

@@ -7,8 +7,10 @@ from tip_megatron.tip.metrics import (
 )
 from tip_megatron.tip.quadrants import QUADRANT_KINDS, Quadrant, QuadrantRule, quadrant_labels
 from tip_megatron.tip.rules import (
-    RULES, RuleInputs, SelectionConfig, register_rule, select, select_global,
+    AUTO_SCOPE, PAPER_SCOPES, RULES, RuleInputs, SelectionConfig, register_rule, select,
+    select_global, select_global_with_stats, selection_labels,
 )
+from tip_megatron.tip.budget import budget_message, warn_ill_posed_budget
 from tip_megatron.tip.scores import (
     ENTROPY_CLIP_QUANTILE, SCOPES, NormStats, Scores, compute_norm_stats, compute_scores,
     global_norm_stats, quantile_per_group,
@@ -16,7 +18,8 @@ from tip_megatron.tip.scores import (
 from tip_megatron.tip.signals import TokenSignals, concat_signals
 
 __all__ = [
-    "ENTROPY_CLIP_QUANTILE", "METRIC_SUM_KEYS", "QUADRANT_KINDS", "RULES", "SCOPES",
+    "AUTO_SCOPE", "PAPER_SCOPES", "budget_message", "select_global_with_stats",
+    "selection_labels", "warn_ill_posed_budget", "ENTROPY_CLIP_QUANTILE", "METRIC_SUM_KEYS", "QUADRANT_KINDS", "RULES", "SCOPES",
     "NormStats", "Quadrant", "QuadrantRule", "RuleInputs", "Scores", "SelectionConfig",
     "TokenSignals", "all_reduce_metric_sums", "compute_norm_stats", "compute_scores",
     "concat_signals", "finalize", "global_norm_stats", "quadrant_labels",

@@ -10,8 +10,13 @@ A rule is a pure function `RuleInputs -> Ranking` (a key per token, which tokens
 eligible, the fraction to keep and the counting unit); `select` keeps the top tokens.
 Counting: `soft_or` and `soft_or_bottom` keep floor(rho * m) per rollout (m = that
 rollout's response tokens); every other counted rule keeps floor(rho * m) per
-normalization group (a rollout, the micro-batch, or the global batch). Any non-empty
-count group keeps at least `min_keep` tokens. Nothing outside the response is ever kept.
+normalization group (a rollout, the micro-batch, or the global batch). No hidden minimum:
+a count group keeps at least `min_keep` tokens only when that is set (default 0).
+Nothing outside the response is ever kept.
+
+Each rule carries its paper scope (`PAPER_SCOPES`): the scope `selection.scope=auto`
+(the default) resolves to. Soft-OR and Soft-OR-bottom are per rollout (the paper's
+Eq. 7-8); the other rules normalise and rank over the global batch.
 """
 from __future__ import annotations
 
@@ -25,20 +30,34 @@ import torch.distributed as dist
 from tip_megatron.tip.quadrants import QUADRANTS, QuadrantRule, quadrant_labels
 from tip_megatron.tip.ranking import Ranking, keep_top, keep_top_global, rollout_uniforms
 from tip_megatron.tip.scores import (
-    NormStats, Scores, check_scope, compute_norm_stats, compute_scores, global_norm_stats,
+    SCOPES, NormStats, Scores, check_scope, compute_norm_stats, compute_scores, global_norm_stats,
 )
 from tip_megatron.tip.signals import TokenSignals
 
 RuleFn = Callable[["RuleInputs"], Ranking]
 RULES: dict[str, RuleFn] = {}
+PAPER_SCOPES: dict[str, str] = {}
+"""rule -> the scope `selection.scope=auto` resolves to (the paper's reading of the rule)."""
+COUNTED_PER_ROLLOUT: set[str] = set()
+"""Rules whose Ranking counts per rollout whatever the scope (Soft-OR, Soft-OR-bottom)."""
+AUTO_SCOPE = "auto"
 
 
-def register_rule(name: str) -> Callable[[RuleFn], RuleFn]:
-    """Decorator: make `fn` selectable as `SelectionConfig(rule=name)`."""
+def register_rule(
+    name: str, paper_scope: str = "global", counted_per_rollout: bool = False,
+) -> Callable[[RuleFn], RuleFn]:
+    """Decorator: make `fn` selectable as `SelectionConfig(rule=name)`; `paper_scope` is
+    the scope used under `selection.scope=auto` (`rollout`, `microbatch` or `global`);
+    `counted_per_rollout` declares that `fn` returns `Ranking(per_rollout=True)`."""
+    check_scope(paper_scope)
+
     def wrap(fn: RuleFn) -> RuleFn:
         if name in RULES:
             raise ValueError(f"selection rule {name!r} is already registered")
         RULES[name] = fn
+        PAPER_SCOPES[name] = paper_scope
+        if counted_per_rollout:
+            COUNTED_PER_ROLLOUT.add(name)
         return fn
     return wrap
 
@@ -58,11 +77,19 @@ class SelectionConfig:
     """Retention ratio in (0, 1]; `all` requires 1.0, `quadrants` uses < 1.0 as a cap."""
     seed: int = 0
     """Seed of the sampled rules (random, entropy_sample), combined with step and rollout id."""
-    scope: str = "rollout"
+    scope: str = AUTO_SCOPE
     """Normalization group of h^ and d^ (and counting group of the non-Soft-OR rules):
-    `rollout`, `microbatch` (one pass each) or `global` (needs a scoring pre-pass)."""
-    min_keep: int = 1
-    """A count group with m > 0 response tokens keeps at least min(min_keep, m)."""
+    `auto` (the rule's paper scope: `rollout` for soft_or / soft_or_bottom / all, `global`
+    for the others), `rollout`, `microbatch` (one pass each; `microbatch` depends on the
+    parallel layout) or `global` (the global batch, all DP ranks; a scoring pre-pass)."""
+    min_keep: int = 0
+    """A count group with m > 0 response tokens keeps at least min(min_keep, m); 0 (the
+    default) keeps exactly floor(rho * m)."""
+    rescore_each_update: bool = True
+    """With train.updates_per_rollout > 1 and an effective scope `global`: score and select
+    each update's mini-batch (global across DP) with the current weights, right before that
+    update (same total cost as one pre-pass over the rollout batch). False: one pre-pass
+    over the whole rollout batch before the first update; later updates reuse its masks."""
     quadrant_rule: QuadrantRule = field(default_factory=QuadrantRule)
     """How quadrants are labeled (rule `quadrants` and the metrics)."""
     keep_quadrants: tuple[int, ...] = (1, 3)
@@ -77,10 +104,12 @@ class SelectionConfig:
         if self.rule == "all" and self.rho != 1.0:
             raise ValueError(f"selection.rho={self.rho!r}: rule 'all' keeps every token; "
                              "use rho=1.0")
-        try:
-            check_scope(self.scope)
-        except ValueError as err:
-            raise ValueError(f"selection.{err}") from None
+        if self.scope != AUTO_SCOPE and self.scope not in SCOPES:
+            raise ValueError(f"selection.scope={self.scope!r}: accepted values are "
+                             f"{[AUTO_SCOPE, *SCOPES]}")
+        if not isinstance(self.rescore_each_update, bool):
+            raise ValueError(f"selection.rescore_each_update={self.rescore_each_update!r}: "
+                             "must be true or false")
         if not _is_int(self.seed):
             raise ValueError(f"selection.seed={self.seed!r}: must be an integer")
         if not _is_int(self.min_keep) or self.min_keep < 0:
@@ -90,6 +119,24 @@ class SelectionConfig:
                              "a non-empty subset of {1, 2, 3, 4}")
         if not isinstance(self.quadrant_rule, QuadrantRule):
             raise ValueError("selection.quadrant_rule: must be a QuadrantRule")
+
+    @property
+    def effective_scope(self) -> str:
+        """The scope in force: `scope`, or the rule's paper scope when `scope` is `auto`."""
+        return PAPER_SCOPES[self.rule] if self.scope == AUTO_SCOPE else self.scope
+
+    @property
+    def count_unit(self) -> Optional[str]:
+        """What floor(rho * m) is counted over: `rollout`, `microbatch`, `global`, or None
+        when nothing is counted (rule `all`, uncapped `quadrants`)."""
+        if self.rule == "all" or self.rho >= 1.0:
+            return None
+        return "rollout" if self.rule in COUNTED_PER_ROLLOUT else self.effective_scope
+
+    @property
+    def needs_prepass(self) -> bool:
+        """Whether the step needs the scoring pre-pass (effective scope `global`)."""
+        return self.effective_scope == "global"
 
 
 @dataclass(frozen=True)
@@ -104,19 +151,17 @@ class RuleInputs:
     def stats(self) -> NormStats:
         if self.norm_stats is not None:
             return self.norm_stats
-        if self.config.scope == "global":
+        if self.config.effective_scope == "global":
             raise ValueError("selection.scope='global' needs norm_stats from global_norm_stats "
                              "(a scoring pre-pass over the global batch), or use select_global")
-        return compute_norm_stats(self.signals, self.config.scope,
+        return compute_norm_stats(self.signals, self.config.effective_scope,
                                   split_quantiles=self.config.quadrant_rule.split_quantiles)
 
     def scores(self) -> Scores:
         return compute_scores(self.signals, self.stats())
 
     def labels(self) -> torch.Tensor:
-        rule = self.config.quadrant_rule
-        stats = self.stats() if rule.split_quantiles is not None else None
-        return quadrant_labels(self.signals, rule, stats)
+        return selection_labels(self.config, self.signals, self.norm_stats)
 
     def uniforms(self) -> torch.Tensor:
         return rollout_uniforms(self.signals, self.config.seed, self.step)
@@ -128,7 +173,7 @@ class RuleInputs:
         return Ranking(key=key, per_rollout=per_rollout, **kwargs)
 
 
-@register_rule("all")
+@register_rule("all", paper_scope="rollout")
 def rule_all(x: RuleInputs) -> Ranking:
     """Every response token (the full-token OPD baseline)."""
     return x.ranking(torch.zeros(x.signals.num_tokens, dtype=torch.float64), fraction=1.0)
@@ -158,13 +203,13 @@ def rule_entropy_topk(x: RuleInputs) -> Ranking:
     return x.ranking(x.signals.entropy_norm.double())
 
 
-@register_rule("soft_or")
+@register_rule("soft_or", paper_scope="rollout", counted_per_rollout=True)
 def rule_soft_or(x: RuleInputs) -> Ranking:
     """Type-aware TIP: highest s = h^ + d^ - h^ d^, floor(rho * m) per rollout."""
     return x.ranking(x.scores().soft_or, per_rollout=True)
 
 
-@register_rule("soft_or_bottom")
+@register_rule("soft_or_bottom", paper_scope="rollout", counted_per_rollout=True)
 def rule_soft_or_bottom(x: RuleInputs) -> Ranking:
     """Sanity check: lowest s, floor(rho * m) per rollout."""
     return x.ranking(-x.scores().soft_or, per_rollout=True)
@@ -197,9 +242,28 @@ def _rollout_groups(signals: TokenSignals) -> torch.Tensor:
 
 
 def _check_stats(config: SelectionConfig, norm_stats: Optional[NormStats]) -> None:
-    if norm_stats is not None and norm_stats.scope != config.scope:
+    if norm_stats is not None and norm_stats.scope != config.effective_scope:
         raise ValueError(f"norm_stats have scope {norm_stats.scope!r}, "
-                         f"selection.scope is {config.scope!r}")
+                         f"selection.scope is {config.effective_scope!r}")
+
+
+def selection_labels(
+    config: SelectionConfig, signals: TokenSignals, norm_stats: Optional[NormStats] = None
+) -> torch.Tensor:
+    """`[tokens]` quadrant labels under `config.quadrant_rule`. A `quantile` rule needs the
+    statistics of the effective scope: computed here for `rollout` / `microbatch` when
+    `norm_stats` is None; scope `global` must pass `global_norm_stats(...)` (the pre-pass)."""
+    rule = config.quadrant_rule
+    if rule.split_quantiles is None:
+        return quadrant_labels(signals, rule)
+    if norm_stats is None:
+        if config.effective_scope == "global":
+            raise ValueError("selection.quadrant_rule.kind='quantile' with scope 'global' needs "
+                             "the pre-pass's global_norm_stats")
+        norm_stats = compute_norm_stats(signals, config.effective_scope,
+                                        split_quantiles=rule.split_quantiles)
+    _check_stats(config, norm_stats)
+    return quadrant_labels(signals, rule, norm_stats)
 
 
 def select(
@@ -217,9 +281,9 @@ def select(
     ranking = RULES[config.rule](RuleInputs(signals, config, step, norm_stats))
     if ranking.fraction >= 1.0:
         return ranking.eligible & signals.response_mask
-    if ranking.per_rollout or config.scope == "rollout":
+    if ranking.per_rollout or config.effective_scope == "rollout":
         group = _rollout_groups(signals)
-    elif config.scope == "microbatch":
+    elif config.effective_scope == "microbatch":
         group = torch.zeros(signals.num_tokens, dtype=torch.int64, device=signals.device)
     else:
         raise ValueError(f"rule {config.rule!r} with scope 'global' counts over the global "
@@ -239,14 +303,24 @@ def select_global(
     group, an all-gather of the eligible tokens' keys. Same masks as one process selecting
     over the concatenation.
     """
-    if config.scope != "global":
-        raise ValueError(f"select_global needs selection.scope='global', got {config.scope!r}")
+    return select_global_with_stats(config, parts, dp_group, step=step)[0]
+
+
+def select_global_with_stats(
+    config: SelectionConfig, parts: Sequence[TokenSignals],
+    dp_group: Optional[dist.ProcessGroup], *, step: int = 0,
+) -> tuple[list[torch.Tensor], NormStats]:
+    """`select_global`, also returning the global `NormStats` it used (for the labels of a
+    `quantile` quadrant rule, see `selection_labels`)."""
+    if config.effective_scope != "global":
+        raise ValueError("select_global needs an effective selection.scope='global', got "
+                         f"{config.effective_scope!r}")
     split_quantiles = config.quadrant_rule.split_quantiles
     stats = global_norm_stats(parts, dp_group, split_quantiles=split_quantiles)
     rankings = [RULES[config.rule](RuleInputs(p, config, step, stats)) for p in parts]
     if rankings[0].fraction >= 1.0:
-        return [r.eligible & p.response_mask for r, p in zip(rankings, parts)]
+        return [r.eligible & p.response_mask for r, p in zip(rankings, parts)], stats
     if rankings[0].per_rollout:
         return [keep_top(r, p, _rollout_groups(p), config.min_keep)
-                for r, p in zip(rankings, parts)]
-    return keep_top_global(rankings, parts, dp_group, config.min_keep)
+                for r, p in zip(rankings, parts)], stats
+    return keep_top_global(rankings, parts, dp_group, config.min_keep), stats

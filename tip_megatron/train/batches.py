@@ -3,12 +3,14 @@
 Shapes: rollouts [B, L] (right-padded: token j at position j); a micro-batch holds
 input_ids / position_ids / target_mask [mbs, L] and rollout_ids [mbs].
 
+Several updates per rollout batch: update u trains on the global rollouts whose id is
+u modulo the number of updates, whatever the DP size; each DP replica takes the ones it
+holds (`update_microbatches`). So DP=1 and DP=2 see the same mini-batch at every update.
+
 Position t predicts token t+1, so the loss mask of position t is "token t+1 was
 generated": target_mask[:, t] = response_mask[:, t+1] (the last position has no target).
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 
@@ -43,9 +45,22 @@ def make_microbatches(
     ]
 
 
-def split_updates(microbatches: Sequence[Microbatch], updates: int) -> list[list[Microbatch]]:
-    """Consecutive groups of micro-batches, one per optimizer step of the rollout batch."""
-    if len(microbatches) % updates != 0:
-        raise ValueError(f"{len(microbatches)} micro-batches are not divisible into {updates} updates")
-    per = len(microbatches) // updates
-    return [list(microbatches[i * per:(i + 1) * per]) for i in range(updates)]
+def update_rows(rollout_ids: torch.Tensor, updates: int) -> list[torch.Tensor]:
+    """This replica's row indices of each update: update u holds the global rollouts with
+    id % updates == u (in row order). A fixed set of global ids per update, so the
+    mini-batches do not depend on how the global batch is split over DP replicas."""
+    rows = [torch.nonzero(rollout_ids % updates == u).flatten() for u in range(updates)]
+    if len({r.numel() for r in rows}) > 1:
+        raise ValueError(f"rollout ids {rollout_ids.tolist()} do not split evenly into "
+                         f"{updates} updates")
+    return rows
+
+
+def update_microbatches(
+    token_ids: torch.Tensor, response_mask: torch.Tensor, rollout_ids: torch.Tensor,
+    updates: int, micro_batch_size: int,
+) -> list[list[Microbatch]]:
+    """This replica's micro-batches of each update (see `update_rows`)."""
+    return [make_microbatches(token_ids[rows], response_mask[rows], rollout_ids[rows],
+                              micro_batch_size)
+            for rows in update_rows(rollout_ids, updates)]

@@ -19,13 +19,14 @@ from tip_megatron import launch, parallel
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, validate_run
 from tip_megatron.distill.loss import DistillSpec
 from tip_megatron.distill.step import (
-    make_contexts, scoring_pass, student_pass, teacher_hidden_states, teacher_output_weight,
-    with_preselection,
+    make_contexts, scoring_pass, select_prepass, student_pass, teacher_hidden_states,
+    teacher_output_weight, with_preselection,
 )
 from tip_megatron.rollout.generate import GenerationConfig, generate
-from tip_megatron.tip import select_global
+from tip_megatron.tip import warn_ill_posed_budget
+from tip_megatron.tip.collectives import all_gather_varlen, all_reduce_sum
 from tip_megatron.train import checkpoint as ckpt
-from tip_megatron.train.batches import make_microbatches, split_updates
+from tip_megatron.train.batches import update_microbatches
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib, reduce_reports
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
 from tip_megatron.train.setup import build_models, load_run_tokenizer, prompt_source
@@ -101,10 +102,12 @@ def rollouts(run: Run, prompts: list[list[int]]):
                     seed=run.cfg.train.seed, step=run.step, row_offset=run.groups.dp_rank * rows)
 
 
-def microbatches(run: Run, out) -> list:
+def microbatches(run: Run, out) -> list[list]:
+    """This replica's micro-batches, one list per update (global rollout id % updates)."""
     rows = out.token_ids.shape[0]
     rollout_ids = run.groups.dp_rank * rows + torch.arange(rows, device=out.token_ids.device)
-    return make_microbatches(out.token_ids, out.response_mask, rollout_ids, run.cfg.train.micro_batch_size)
+    return update_microbatches(out.token_ids, out.response_mask, rollout_ids,
+                               run.cfg.train.updates_per_rollout, run.cfg.train.micro_batch_size)
 
 
 def _spec(run: Run) -> DistillSpec:
@@ -113,15 +116,60 @@ def _spec(run: Run) -> DistillSpec:
 
 
 def global_preselection(run: Run, mbs: list, contexts: list, shape: dict) -> list:
-    """Scope `global`: a forward-only scoring pass, then selection over the global batch;
-    the returned contexts carry both, so the student pass does not score again."""
-    if run.cfg.selection.scope != "global":
+    """Effective scope `global`: a forward-only scoring pass over `mbs` (with every DP
+    replica's: the global batch), then selection over it; the returned contexts carry
+    signals, masks and quadrant labels, so the student pass does not score again."""
+    if not run.cfg.selection.needs_prepass:
         return contexts
     signals = scoring_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
     if not run.groups.is_last_stage:
         return contexts
-    masks = select_global(run.cfg.selection, signals, run.groups.dp_group, step=run.step)
-    return with_preselection(contexts, signals, masks)
+    masks, labels = select_prepass(run.cfg.selection, signals, run.groups.dp_group, step=run.step)
+    return with_preselection(contexts, signals, masks, labels)
+
+
+def _regroup(items: list, sizes: list[int]) -> list[list]:
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [items[a:a + n] for a, n in zip(starts, sizes)]
+
+
+def run_updates(run: Run, mb_groups: list[list], contexts: list, shape: dict) -> list[tuple]:
+    """The optimizer updates of one rollout batch; (reports, metrics) per update.
+
+    Scope `global` with `selection.rescore_each_update` scores and selects each update's
+    mini-batch right before it (current weights); otherwise one pre-pass over the whole
+    rollout batch selects for every update."""
+    mbs = [mb for group in mb_groups for mb in group]
+    rescore = run.cfg.selection.rescore_each_update and len(mb_groups) > 1
+    if not rescore:
+        contexts = global_preselection(run, mbs, contexts, shape)
+    out = []
+    for mb_group, ctx_group in zip(mb_groups, _regroup(contexts, [len(g) for g in mb_groups])):
+        if rescore:
+            ctx_group = global_preselection(run, mb_group, ctx_group, shape)
+        out.append(update(run, mb_group, ctx_group, shape))
+    return out
+
+
+def check_budget(run: Run, mb_groups: list[list]) -> None:
+    """Warn once (rank 0) when floor(rho * m) per count group misses rho badly."""
+    cfg = run.cfg.selection
+    unit = cfg.count_unit
+    if unit is None:
+        return
+    per_row = [[mb.target_mask.sum(1).long() for mb in group] for group in mb_groups]
+    if unit == "rollout":
+        sizes = all_gather_varlen(torch.cat([m for g in per_row for m in g]), run.groups.dp_group)
+    elif unit == "microbatch":
+        sizes = all_gather_varlen(torch.stack([m.sum() for g in per_row for m in g]),
+                                  run.groups.dp_group)
+    else:  # one group per selection: each update's mini-batch, or the whole rollout batch
+        local = torch.stack([sum(m.sum() for m in g) for g in per_row])
+        if not (cfg.rescore_each_update and len(mb_groups) > 1):
+            local = local.sum().reshape(1)
+        sizes = all_reduce_sum(local, run.groups.dp_group)
+    if run.groups.rank == 0:
+        warn_ill_posed_budget(cfg, sizes)
 
 
 def update(run: Run, mbs: list, contexts: list, shape: dict) -> tuple[list, dict]:
@@ -159,21 +207,22 @@ def _should_skip(run: Run, metrics: dict) -> bool:
 def train_step(run: Run) -> dict:
     start = time.perf_counter()
     out = rollouts(run, run.prompts.next())
-    mbs = microbatches(run, out)
+    mb_groups = microbatches(run, out)
+    mbs = [mb for group in mb_groups for mb in group]
+    check_budget(run, mb_groups)
     shape = dict(seq_length=out.token_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
     hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
     t_weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
     contexts = make_contexts(run.groups, mbs, hidden, t_weight)
-    contexts = global_preselection(run, mbs, contexts, shape)
-    updates = []
-    for mb_group, ctx_group in zip(split_updates(mbs, run.cfg.train.updates_per_rollout),
-                                   split_updates(contexts, run.cfg.train.updates_per_rollout)):
-        updates.append(update(run, mb_group, ctx_group, shape)[1])
-    # Selection metrics of the first update (the freshest policy); loss averaged over updates.
-    metrics = dict(updates[0])
+    updates = run_updates(run, mb_groups, contexts, shape)
+    metrics = dict(updates[0][1])
     if len(updates) > 1 and "loss" in metrics:
-        metrics["loss_last_update"] = updates[-1]["loss"]
-        metrics["skipped"] = sum(u["skipped"] for u in updates)
+        # lr / grad_norm of the first update; loss and selection metrics over the whole
+        # rollout batch (every update's kept tokens), plus each update's own loss.
+        metrics.update(reduce_reports([r for rep, _ in updates for r in rep], run.groups.dp_group))
+        metrics["loss_updates"] = [m["loss"] for _, m in updates]
+        metrics["loss_last_update"] = updates[-1][1]["loss"]
+        metrics["skipped"] = sum(m["skipped"] for _, m in updates)
     tokens = float(out.response_mask.sum()) * run.groups.dp_size
     elapsed = time.perf_counter() - start
     metrics.update(tokens_per_s=tokens / elapsed, step_s=elapsed, peak_mem_mib=peak_memory_mib(),
