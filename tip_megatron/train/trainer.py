@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tip_megatron import launch, parallel
-from tip_megatron.config import RunConfig, config_to_dict, dump_config, validate_run
+from tip_megatron.config import RunConfig, config_to_dict, dump_config
 from tip_megatron.distill.loss import DistillSpec
 from tip_megatron.distill.step import (
     make_contexts, scoring_pass, student_pass, teacher_hidden_states, teacher_output_weight,
@@ -28,7 +28,8 @@ from tip_megatron.train import checkpoint as ckpt
 from tip_megatron.train.batches import make_microbatches, split_updates
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib, reduce_reports
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
-from tip_megatron.train.setup import build_models, load_run_tokenizer, prompt_source
+from tip_megatron.train.preflight import preflight
+from tip_megatron.train.setup import build_models, prompt_source
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,11 @@ class Run:
 
 # ------------------------------------------------------------------ set-up
 def setup(cfg: RunConfig) -> Run:
-    world = launch.rank_env().world_size
-    validate_run(cfg, world)
+    # Every check before the process group: each rank fails alone, no collective needed.
+    checked = preflight(cfg, launch.rank_env().world_size)
     groups = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
-    tokenizer = load_run_tokenizer(cfg)
-    models = build_models(cfg, groups)
-    if tokenizer.vocab_size > models.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the models' shared "
-                         f"vocabulary is {models.vocab_size}")
+    tokenizer = checked.tokenizer
+    models = build_models(cfg, groups, checked)
     ddp = wrap_ddp(models.student, groups, cfg.optim)
     total = cfg.train.steps * cfg.train.updates_per_rollout
     optimizer, scheduler = build_optimizer(ddp, groups, cfg.optim, total_steps=total)
