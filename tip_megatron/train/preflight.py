@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from tip_megatron.config import ModelSource, RunConfig, validate_run
+from tip_megatron.config import ModelSource, RunConfig, tensorboard_dir, validate_run
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.models.sources import builtin_model, source_arch
 
@@ -74,9 +74,15 @@ def check_paths(cfg: RunConfig) -> None:
         raise PreflightError(f"checkpoint.resume={resume!r}", "not a complete training checkpoint "
                              f"(no {CHECKPOINT_MARKER} file there)",
                              "auto, none, or a step_NNNNNN directory a run saved")
-    for key, path in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.jsonl", cfg.logging.jsonl)):
+    tb = tensorboard_dir(cfg)
+    if tb:
+        from tip_megatron.train.metrics import tensorboard_probe
+
+        tensorboard_probe(tb)
+    for key, path in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.jsonl", cfg.logging.jsonl),
+                      ("logging.tensorboard", tb)):
         if path:
-            _check_writable(key, Path(path), want_dir=key == "checkpoint.dir")
+            _check_writable(key, Path(path), want_dir=key != "logging.jsonl")
 
 
 def _check_source_files(src: ModelSource, who: str) -> None:
