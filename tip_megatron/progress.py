@@ -35,8 +35,9 @@ class Progress:
     """Counts items; shows a bar on a terminal, logs every 10% otherwise."""
 
     def __init__(self, total: int, desc: str, unit: str = "item", enabled: bool = True,
-                 tty: Optional[bool] = None) -> None:
+                 tty: Optional[bool] = None, log: Optional[logging.Logger] = None) -> None:
         self.total, self.desc, self.unit, self.done = int(total), desc, unit, 0
+        self._log = log or logger  # the caller's logger: its level settings apply
         self.enabled = enabled and self.total > 0
         self._every = max(1, self.total // 10)
         self._start = time.perf_counter()
@@ -56,7 +57,7 @@ class Progress:
             self._bar.update(n)
         elif self.done // self._every > before // self._every or self.done >= self.total:
             elapsed = time.perf_counter() - self._start
-            logger.info("%s: %d/%d %ss (%.0f%%, %s)", self.desc, self.done, self.total, self.unit,
+            self._log.info("%s: %d/%d %ss (%.0f%%, %s)", self.desc, self.done, self.total, self.unit,
                         100.0 * self.done / self.total, fmt_seconds(elapsed))
 
     def close(self) -> None:
