@@ -4,7 +4,8 @@
 
 Every default lives in the dataclasses below (one docstring per field); unknown keys,
 wrong types and bad values are `ValueError`s naming the dotted key and what is accepted.
-The effective config is printed at start and saved with every checkpoint
+The trainer logs a one-line summary at start and the full effective config at DEBUG,
+writes it to `<checkpoint.dir>/config.yaml` and saves it with every checkpoint
 (`config_to_dict` / `dump_config`).
 """
 from __future__ import annotations
@@ -367,5 +368,6 @@ __all__ = [
     "CheckpointConfig", "DataConfig", "LoggingConfig", "LossConfig",
     "ModelOptions", "ModelSource", "OptimConfig", "ParallelLayout", "QuadrantRule",
     "RunConfig", "SamplingConfig", "SelectionConfig", "TrainConfig", "config_keys",
-    "config_to_dict", "dump_config", "from_dict", "load_config", "parse_overrides", "validate_run",
+    "config_to_dict", "dump_config", "from_dict", "load_config", "logging_dir", "parse_overrides",
+    "tensorboard_dir", "validate_run",
 ]
