@@ -68,6 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if logging.getLogger().level > logging.DEBUG:  # megatron's INFO dumps whole configs
+        logging.getLogger("megatron").setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

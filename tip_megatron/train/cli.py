@@ -69,6 +69,7 @@ def _main_module() -> int:
     # Rank 0 is the one that prints progress: its INFO lines are the run's console.
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO dumps whole configs
     try:
         return worker(args.config, args.overrides)
     except ValueError as err:  # bad input: every rank stops, rank 0 says why in one line
