@@ -5,6 +5,7 @@ with one line from rank 0.
 """
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -20,7 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 #: a valid run on the quickstart's built-ins (16 positions, 4 heads, 2 layers, 14 tokens).
 GOOD = ["student.builtin=quickstart-student", "teacher.builtin=quickstart-teacher",
         "data.max_prompt_len=8", "rollout.max_new_tokens=4", "data.prompts_per_step=4"]
+#: CPU seconds (user + sys) the launcher may spend before it fails. CPU time, not wall
+#: time: the bound is about the work done (no megatron import, no torchrun, no weights),
+#: and CI machines shared by many jobs stretch wall time by 10x. Wall time is bounded
+#: separately (WALL_S) against hangs; `seconds` is printed for the record.
 LIMIT_S = 5.0
+WALL_S = 120.0
 
 
 def _hf_dir(root: Path, name: str, weights: bool = True, **config) -> str:
@@ -93,22 +99,25 @@ def _split(argv):
 
 
 def _launch(argv, extra=()):
-    """Run `tip-megatron [extra] train GOOD+argv`; returns (rc, stdout, stderr, seconds,
+    """Run `tip-megatron [extra] train GOOD+argv`; returns (rc, stdout, stderr, CPU seconds,
     children seen). The process tree is polled while it runs: torchrun would be a child."""
     overrides, opts = _split(argv)
     cmd = [sys.executable, "-m", "tip_megatron.cli", *extra, "train", *opts, *GOOD, *overrides]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    start = time.perf_counter()
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ps, children = psutil.Process(proc.pid), set()
-    while proc.poll() is None and time.perf_counter() - start < 60:
+    while proc.poll() is None and time.perf_counter() - start < WALL_S:
         try:
             children |= {c.pid for c in ps.children(recursive=True)}
         except psutil.NoSuchProcess:
             break
         time.sleep(0.01)
-    out, err = proc.communicate(timeout=60)
-    return proc.returncode, out, err, time.perf_counter() - start, children
+    out, err = proc.communicate(timeout=WALL_S)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child is reaped: counted
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(f"{argv}: {cpu:.2f} s CPU, {time.perf_counter() - start:.2f} s wall")
+    return proc.returncode, out, err, cpu, children
 
 
 def test_the_good_config_passes_preflight():
@@ -144,7 +153,7 @@ def test_launcher_prints_one_line_and_exits_2_before_any_rank(kind, tmp_path):
     lines = err.splitlines()
     assert rc == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], err
-    assert seconds < LIMIT_S, f"{kind}: {seconds:.1f} s"
+    assert seconds < LIMIT_S, f"{kind}: {seconds:.1f} s CPU"
     assert not children, f"{kind}: the launcher started a child process (torchrun?)"
     assert "torch.distributed" not in out + err and out == ""
 
@@ -165,13 +174,13 @@ def test_under_bare_torchrun_rank0_alone_prints_and_every_rank_fails(tmp_path):
            "-m", "tip_megatron.train", *GOOD, f"data.prompts=[{tmp_path / 'none.jsonl'}]"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     seconds = time.perf_counter() - start
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert text.count("error: data.prompts[0]=") == 1, text
     assert "Traceback" not in text.split("error: data.prompts[0]=")[0], text
-    assert seconds < 60, seconds  # no rank hangs in a collective
+    assert seconds < 240, seconds  # no rank hangs in a collective (their timeout is minutes)
 
 
 def test_preflight_error_text_has_the_three_parts():
