@@ -187,3 +187,13 @@ def test_preflight_error_text_has_the_three_parts():
     err = PreflightError("data.prompts[0]='x'", "empty file", "at least one prompt record")
     assert str(err) == "data.prompts[0]='x': empty file; at least one prompt record"
     assert isinstance(err, ValueError)
+
+
+def test_train_help_points_to_the_config_reference(capsys):
+    from tip_megatron import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "tip-megatron config doc, or docs/config.md" in out
+    assert "tip-megatron config show --config X [key=value ...]" in out
