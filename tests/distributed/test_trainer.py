@@ -198,6 +198,13 @@ def test_torchrun_tp2_pp2_saves_a_checkpoint(assets, tmp_path):
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[1:]) / 2 < losses[0], losses
     assert [p.name for p in ckpt_lib.list_checkpoints(ckdir)] == ["step_000003"]
+    # The console of a torchrun job: rank 0's INFO summary once, a progress line per step
+    # from the logging rank, a line for the checkpoint; the full config in config.yaml.
+    assert out.count(": run: student ckpt ") == 1, out[-4000:]
+    assert [f"step {i}/3 | " in out for i in (1, 2, 3)] == [True] * 3 and "ETA" in out
+    assert out.count("checkpoint saved: ") == 1 and f"{ckdir / 'step_000003'} (" in out
+    saved = load_config(str(ckdir / "config.yaml"))
+    assert (saved.parallel.tp, saved.parallel.pp, saved.checkpoint.dir) == (2, 2, str(ckdir))
 
 
 @pytest.mark.slow

@@ -108,7 +108,9 @@ def _update_losses(overrides):
     hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
     contexts = make_contexts(run.groups, mbs, hidden, teacher_output_weight(run.models.teacher))
     ups = trainer.run_updates(run, mb_groups, contexts, shape)
-    return [(m["loss"], m["mean_reverse_kl_kept"], m["num_response"]) for _, m in ups]
+    sizes = [sum(int(mb.target_mask.sum()) for mb in group) for group in mb_groups]
+    return [(m["loss"], m["mean_reverse_kl_kept"], m["num_response"], n)
+            for (_, m), n in zip(ups, sizes, strict=True)]
 
 
 @pytest.mark.parametrize("rescore", [True, False])
@@ -125,7 +127,9 @@ def test_rescore_each_update(assets, rescore):
         assert second[1] == pytest.approx(second[0], rel=1e-5)
     else:
         assert abs(second[1] - second[0]) > 1e-3 * abs(second[0])
-    assert first[2] == second[2] == 16 * 6 / 2
+    # each update's metrics count exactly its own mini-batch's response tokens
+    assert first[2] == first[3] and second[2] == second[3]
+    assert first[3] + second[3] > 0
 
 
 def test_ill_posed_budget_warns_once(assets):

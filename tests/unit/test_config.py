@@ -86,6 +86,9 @@ FROZEN_KEYS = [
     "logging.wandb",
     "logging.wandb_project",
     "logging.run_name",
+    "logging.tensorboard",
+    "logging.dump_tokens_every",
+    "logging.dump_tokens_max",
 ]
 
 

@@ -75,8 +75,6 @@ def test_docs_config_md_is_up_to_date():
         "`tip-megatron config doc --markdown > docs/config.md`")
 
 
-@pytest.mark.xfail(strict=False, reason="config.py fields without docstrings: the "
-                   "coordinator's follow-up after the config.py refactor adds them")
 def test_every_config_field_has_a_docstring():
     assert undocumented_keys(RunConfig) == []
 

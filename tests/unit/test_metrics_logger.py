@@ -1,8 +1,11 @@
-"""Metrics logging: JSONL written per step; wandb requested but absent is a warning only."""
+"""Metrics logging: JSONL written per step; wandb requested but absent is a warning only;
+TensorBoard event files read back with tensorboard's own reader."""
 import builtins
 import json
 
-from tip_megatron.train.metrics import MetricsLogger, _console_line
+import pytest
+
+from tip_megatron.train.metrics import MetricsLogger
 
 
 def test_jsonl_and_missing_wandb_never_crash(tmp_path, monkeypatch, caplog):
@@ -29,7 +32,42 @@ def test_inactive_rank_writes_nothing(tmp_path):
     assert not (tmp_path / "m.jsonl").exists()
 
 
-def test_console_line_names_the_quadrants():
-    line = _console_line(3, {"loss": 0.25, "kept_fraction": 0.5, "q1_fraction_all": 0.1,
-                             "q3_fraction_all": 0.2, "skipped": 1})
-    assert "Q1=0.10" in line and "Q3=0.20" in line and "SKIPPED" in line
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLogger(True, None, False, "p", None, {}, tensorboard=str(tmp_path / "tb"))
+    log.log(1, {"loss": 0.5, "kept_fraction": 0.25, "skipped": 0})
+    log.log(2, {"loss": 0.375, "kept_fraction": 0.5, "skipped": 1})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert loss == [(1, 0.5), (2, 0.375)]
+    assert [e.value for e in events.Scalars("kept_fraction")] == [0.25, 0.5]
+
+
+def test_missing_tensorboard_is_one_line_naming_the_package(monkeypatch, tmp_path):
+    import importlib.util
+
+    from tip_megatron.config import load_config
+    from tip_megatron.train.preflight import check_paths
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    cfg = load_config(None, [f"logging.tensorboard={tmp_path / 'tb'}"])
+    with pytest.raises(ValueError, match=r"^logging.tensorboard='.*': the `tensorboard` package is "
+                                         r"not installed; pip install tensorboard"):
+        check_paths(cfg)
+
+
+def test_tensorboard_true_means_checkpoint_dir_tb(tmp_path):
+    from tip_megatron.config import load_config, tensorboard_dir, validate_run
+
+    cfg = load_config(None, ["logging.tensorboard=true", f"checkpoint.dir={tmp_path}"])
+    assert tensorboard_dir(cfg) == f"{tmp_path}/tb"
+    bad = load_config(None, ["logging.tensorboard=true", "student.builtin=quickstart-student",
+                             "teacher.builtin=quickstart-teacher"])
+    with pytest.raises(ValueError, match="logging.tensorboard=true: writes to <checkpoint.dir>/tb"):
+        validate_run(bad, 1)

@@ -29,6 +29,7 @@ from tip_megatron.convert.mapping import Rule, expected_hf_shapes, global_rules,
 from tip_megatron.io_atomic import atomic_dir
 from tip_megatron.models import checkpoint as mckpt
 from tip_megatron.models.arch import ModelArch
+from tip_megatron.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -93,13 +94,16 @@ def _write_weights(ckpt: Path, arch: ModelArch, out: Path, dtype: torch.dtype, m
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = [(name, itemsize * math.prod(shapes[name])) for name in hf_tensor_order(arch)]
     writer = ShardedSafetensorsWriter(out, plan_shards(sizes, max_bytes))
+    bar = Progress(len(sizes), "converted", unit="tensor", log=logger)
     for rules in _read_groups(arch):
         full = mckpt.load_full_tensors(ckpt, [r.mcore for r in rules], arch, metadata)
         for rule in rules:
             _check_shape(rule, full[rule.mcore], shapes)
             for name, tensor in zip(rule.hf, rule.to_hf(arch, full[rule.mcore])):
                 writer.add(name, tensor.to(dtype))
+                bar.update()
         del full
+    bar.close()
     writer.finish()
 
 

@@ -58,13 +58,17 @@ class LazyFullState(Mapping):
     loader holds one full tensor at a time.
     """
 
-    def __init__(self, ckpt: HFCheckpoint) -> None:
+    def __init__(self, ckpt: HFCheckpoint, progress=None) -> None:
         self._ckpt = ckpt
         self._rules = {rule.mcore: rule for rule in all_rules(ckpt.arch)}
+        self._progress = progress  # a tip_megatron.progress.Progress, counting tensors
 
     def __getitem__(self, name: str) -> torch.Tensor:
         rule = self._rules[name]
-        return rule.to_full(self._ckpt.arch, [self._ckpt.get(n) for n in rule.hf])
+        full = rule.to_full(self._ckpt.arch, [self._ckpt.get(n) for n in rule.hf])
+        if self._progress is not None:
+            self._progress.update()
+        return full
 
     def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
         return name in self._rules
@@ -106,6 +110,7 @@ def import_rank(hf_dir: PathLike, out_dir: PathLike, options: ImportOptions, gro
     from tip_megatron.models.build import BuildOptions, build_model
     from tip_megatron.models.checkpoint import save_model_checkpoint
     from tip_megatron.models.state import load_full_state_dict
+    from tip_megatron.progress import Progress
 
     ckpt = HFCheckpoint(hf_dir, allow_pickle=options.allow_pickle)
     arch = ckpt.arch
@@ -119,7 +124,10 @@ def import_rank(hf_dir: PathLike, out_dir: PathLike, options: ImportOptions, gro
     build = BuildOptions(spec="local", params_dtype=resolve_dtype(options.dtype, ckpt.config),
                          init_weights=False)
     chunks = build_model(arch, groups, build)
-    load_full_state_dict(chunks, LazyFullState(ckpt), groups, arch)
+    bar = Progress(len(all_rules(arch)), "converted", unit="tensor", enabled=groups.rank == 0,
+                   log=logger)
+    load_full_state_dict(chunks, LazyFullState(ckpt, progress=bar), groups, arch)
+    bar.close()
     ckpt.close()
     source = dict(kind="hf", path=str(Path(hf_dir).absolute()), model_type=ckpt.config.get("model_type"))
     save_model_checkpoint(chunks, groups, arch, out_dir, tokenizer_dir=hf_dir,

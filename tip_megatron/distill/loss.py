@@ -95,6 +95,8 @@ class LossPathOutput:
     """[b*s] bool kept mask; None in the scoring pre-pass (nothing selected yet)."""
     metric_sums: Optional[dict] = None
     """Selection metric sums (see tip.metrics); None in the scoring pre-pass."""
+    labels: Optional[torch.Tensor] = None
+    """[b*s] int64 quadrant labels the metrics used; None in the scoring pre-pass."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ def make_output_processor(spec: DistillSpec):
         if kept is None:
             return LossPathOutput(hidden_states.new_zeros(()), signals)
         return LossPathOutput(kept_loss(hidden_flat, weight, ctx, kept, spec), signals, kept,
-                              selection_metric_sums(signals, kept, labels))
+                              selection_metric_sums(signals, kept, labels), labels)
 
     return output_processor
 
@@ -198,7 +200,7 @@ def loss_func(out: LossPathOutput):
     """megatron's loss contract: (loss_sum, num_tokens, report).
 
     The report's `distill` ([loss_sum, num_kept]) and `tip/*` entries are metrics
-    (reduced by train.metrics.reduce_reports); `kept_mask` and `signals` are the
+    (reduced by train.metrics.reduce_reports); `kept_mask`, `signals` and `quadrants` are the
     micro-batch's products, handed back through the schedule's return value.
     """
     if out.kept_mask is None:  # scoring pre-pass: no loss, only the signals
@@ -207,6 +209,6 @@ def loss_func(out: LossPathOutput):
     report = {"distill": torch.stack([out.loss_sum.detach().clone().double(),
                                       torch.tensor(float(num_kept), dtype=torch.float64,
                                                    device=out.loss_sum.device)]),
-              "kept_mask": out.kept_mask, "signals": out.signals}
+              "kept_mask": out.kept_mask, "signals": out.signals, "quadrants": out.labels}
     report.update({f"tip/{k}": v.detach() for k, v in out.metric_sums.items()})
     return out.loss_sum, torch.tensor(num_kept, dtype=torch.int, device=out.loss_sum.device), report

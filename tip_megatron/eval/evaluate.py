@@ -12,13 +12,13 @@ timeouts use SIGALRM: call it from the main thread).
 from __future__ import annotations
 
 import logging
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 from tip_megatron.eval.graders import Grade, GradeFn, get_grader
 from tip_megatron.eval.metrics import EvalSummary, PromptCounts, summarize
+from tip_megatron.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -41,38 +41,9 @@ class EvalResult:
     summary: EvalSummary
 
 
-class _Progress:
-    """tqdm on a terminal (when installed), else a log line at every 10%."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self._bar = total, 0, None
-        self._step = max(1, total // 10)
-        self.enabled = enabled and total > 0
-        if self.enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-                self._bar = tqdm(total=total, desc="grading", unit="sample")
-            except ImportError:
-                pass
-
-    def update(self) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(1)
-        elif self.done % self._step == 0 or self.done == self.total:
-            logger.info("graded %d / %d samples (%.0f%%)", self.done, self.total,
-                        100.0 * self.done / self.total)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 def grade_samples(samples: Sequence[Sample], grade: GradeFn, progress: bool = False) -> list[Grade]:
     """`grade(response, answer)` of every sample, in order."""
-    bar = _Progress(len(samples), progress)
+    bar = Progress(len(samples), "graded", unit="sample", enabled=progress, log=logger)
     out = []
     try:
         for s in samples:

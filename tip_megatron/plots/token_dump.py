@@ -12,8 +12,8 @@ Shapes: every column is `[n]` over the same n sampled response tokens.
 Format: `<run dir>/token_dumps/step_000010.npz`, a compressed NumPy archive (no pickle) of
 the seven columns below plus 0-d metadata arrays and `format_version`. NumPy only (no torch,
 no pyarrow) so any analysis environment reads it; ~9 bytes a token before compression.
-The trainer does not write dumps yet: it is meant to call `write_token_dump` every
-`logging.dump_tokens_every` steps.
+The trainer writes one every `logging.dump_tokens_every` steps (train/token_dumps.py:
+gathered over DP into one file per dump, uniformly capped at `logging.dump_tokens_max`).
 """
 from __future__ import annotations
 

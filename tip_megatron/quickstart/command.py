@@ -31,12 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rho", type=float, default=DEFAULTS["rho"], help="retention ratio (default 0.5)")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="OPD steps (default 120)")
     p.add_argument("--tp", type=int, default=DEFAULTS["tp"], help="tensor-parallel size (default 2)")
+    p.add_argument("--out", default="quickstart_run",
+                   help="metrics.jsonl, token dumps and plots go here (default ./quickstart_run)")
     p.add_argument("overrides", nargs="*", help="extra trainer key=value overrides")
 
 
 def main(args: argparse.Namespace) -> int:
     worker_args = ["--rule", args.rule, "--rho", str(args.rho), "--steps", str(args.steps),
-                   "--tp", str(args.tp), *args.overrides]
+                   "--tp", str(args.tp), "--out", args.out, *args.overrides]
     if launch.under_torchrun():
         return worker(args)
     return launch.run_local(args.tp, "tip_megatron.quickstart.command", worker_args)
@@ -54,6 +56,8 @@ def run_config(args: argparse.Namespace):
         f"selection.rule={args.rule}", f"selection.rho={rho}",
         "optim.lr=0.001", "optim.warmup_steps=10", "optim.min_lr=0.0001", "optim.clip_grad=1.0",
         f"train.steps={args.steps}", "train.micro_batch_size=64", "logging.log_every=10",
+        f"logging.jsonl={args.out}/metrics.jsonl",
+        f"logging.dump_tokens_every={max(1, args.steps // 2)}",
         *args.overrides,
     ])
 
@@ -71,6 +75,7 @@ def worker(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cfg = run_config(args)
     if int(os.environ.get("RANK", "0")) == 0:
+        _fresh_run_dir(args.out)
         print("[quickstart] set-up: teacher and student pre-training on the addition task "
               "(first run only, a few minutes; cached afterwards)", flush=True)
     state = trainer.setup(cfg)
@@ -86,8 +91,35 @@ def worker(args: argparse.Namespace) -> int:
     if state.log.active:
         print(summary(args, teacher, before, after, state.history, setup_s,
                       time.perf_counter() - start, peak_memory_mib()), flush=True)
+        _plots(args.out)
     parallel.destroy()
     return 0
+
+
+def _fresh_run_dir(run_dir: str) -> None:
+    """The metrics file is appended to and dumps are per step: start this run's empty."""
+    import shutil
+    from pathlib import Path
+
+    Path(run_dir, "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(Path(run_dir, "token_dumps"), ignore_errors=True)
+
+
+def _plots(run_dir: str) -> None:
+    """Learning curves and token scatters of this run (needs the plot extra)."""
+    from pathlib import Path
+
+    try:
+        from tip_megatron.plots.cli import write_run_plots
+        paths, notes = write_run_plots(Path(run_dir) / "metrics.jsonl",
+                                   sorted(Path(run_dir, "token_dumps").glob("step_*.npz")),
+                                   Path(run_dir) / "plots")
+    except ImportError:
+        print("[quickstart] plots: skipped (install the plot extra: pip install "
+              "'tip_megatron[plot]')", flush=True)
+        return
+    print("[quickstart] plots:\n" + "\n".join(f"  {p}" for p in paths)
+          + "".join(f"\n  ({note})" for note in notes), flush=True)
 
 
 def _acc(report: dict) -> str:

@@ -95,6 +95,7 @@ def generate_lines(args: argparse.Namespace) -> Optional[list[dict]]:
 
 def _generate_shard(args: argparse.Namespace, groups) -> list[dict]:
     """Samples of this DP rank's prompts (as output lines; empty off model-parallel rank 0)."""
+    from tip_megatron.progress import Progress
     from tip_megatron.rollout.generate import generate
 
     chunks, arch, tokenizer = _load(args, groups)
@@ -103,6 +104,8 @@ def _generate_shard(args: argparse.Namespace, groups) -> list[dict]:
     mine = list(range(groups.dp_rank, len(dataset), groups.dp_size))
     writer = groups.tp_rank == 0 and groups.pp_rank == 0
     lines: list[dict] = []
+    desc = "generated" if groups.dp_size == 1 else "generated (DP rank 0's share)"
+    bar = Progress(len(mine), desc, unit="prompt", enabled=groups.rank == 0, log=logger)
     for batch_no, start in enumerate(range(0, len(mine), args.batch_size)):
         indices = mine[start:start + args.batch_size]
         records = dataset.records(indices)
@@ -112,12 +115,12 @@ def _generate_shard(args: argparse.Namespace, groups) -> list[dict]:
                             seed=args.seed, step=batch_no, row_offset=row_offset)
         if writer:
             lines += _lines(rollouts, records, indices, tokenizer)
-        if groups.rank == 0:
-            logger.info("batch %d: %d prompts, %d samples", batch_no, len(indices), rollouts.num_rows)
-            if rollouts.logprob_gap is not None:
-                logger.info("batch %d: train/inference log-prob gap max %.3g mean %.3g over %d tokens",
-                            batch_no, rollouts.logprob_gap["max"], rollouts.logprob_gap["mean"],
-                            rollouts.logprob_gap["tokens"])
+        if groups.rank == 0 and rollouts.logprob_gap is not None:
+            logger.info("batch %d: train/inference log-prob gap max %.3g mean %.3g over %d tokens",
+                        batch_no, rollouts.logprob_gap["max"], rollouts.logprob_gap["mean"],
+                        rollouts.logprob_gap["tokens"])
+        bar.update(len(indices))
+    bar.close()
     return lines
 
 

@@ -7,13 +7,17 @@ ranks through torchrun itself (default: parallel.tp * parallel.pp).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tip_megatron import launch
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="on-policy distillation with TIP token selection")
+    p = subparsers.add_parser(
+        "train", help="on-policy distillation with TIP token selection",
+        epilog="Config keys (type, default, meaning): tip-megatron config doc, or docs/config.md; "
+               "the effective config: tip-megatron config show --config X [key=value ...]")
     add_arguments(p)
     p.set_defaults(func=main)
 
@@ -26,13 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tip_megatron.config import load_config, validate_run
+    from tip_megatron.config import load_config
+    from tip_megatron.train.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)  # errors surface before any launch
     if launch.under_torchrun():
         return worker(args.config, args.overrides)
     nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp
-    validate_run(cfg, nproc)  # a bad value stops here, before N ranks import megatron
+    preflight(cfg, nproc)  # a bad input stops here (one line, exit 2), before any rank starts
     worker_args = (["--config", args.config] if args.config else []) + list(args.overrides)
     return launch.run_local(nproc, "tip_megatron.train", worker_args)
 
@@ -54,11 +59,25 @@ def worker(config: str | None, overrides: list[str]) -> int:
 def _main_module() -> int:
     import logging
 
+    from tip_megatron.cli import DEBUG_ENV, error_line
+
     parser = argparse.ArgumentParser(prog="python -m tip_megatron.train")
     add_arguments(parser)
+    parser.add_argument("--debug", action="store_true", help="tracebacks for input errors")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return worker(args.config, args.overrides)
+    rank0 = launch.rank_env().rank == 0
+    # Rank 0 is the one that prints progress: its INFO lines are the run's console.
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO dumps whole configs
+    try:
+        return worker(args.config, args.overrides)
+    except ValueError as err:  # bad input: every rank stops, rank 0 says why in one line
+        if args.debug or os.environ.get(DEBUG_ENV):
+            raise
+        if rank0:
+            print(error_line(err), file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Step metrics: reduce over micro-batches and data-parallel ranks, then log.
 
-Console progress, a JSONL file (one object per step) and wandb (offline unless an API key
-is configured; never a crash when the package is absent — a warning, and the run goes on).
-Metrics live on the last pipeline stage; the rank that logs is its TP rank 0 / DP rank 0.
+A JSONL file (one object per step), wandb (offline unless an API key is configured; never
+a crash when the package is absent — a warning, and the run goes on) and TensorBoard event
+files (`logging.tensorboard`; the package is probed before launch by `tensorboard_probe`,
+so a missing one is a one-line error, not a crash mid-run). The console line is
+train/progress.py's. Metrics live on the last pipeline stage; the rank that logs is its
+TP rank 0 / DP rank 0.
 """
 from __future__ import annotations
 
@@ -51,10 +54,11 @@ class MetricsLogger:
     """Console + JSONL + optional wandb, active on one rank only."""
 
     def __init__(self, active: bool, jsonl: Optional[str], use_wandb: bool, project: str,
-                 run_name: Optional[str], config: dict) -> None:
+                 run_name: Optional[str], config: dict, tensorboard: Optional[str] = None) -> None:
         self.active = active
         self._file = None
         self._wandb = None
+        self._tb = None
         if not active:
             return
         if jsonl:
@@ -62,22 +66,43 @@ class MetricsLogger:
             self._file = open(jsonl, "a", encoding="utf-8")
         if use_wandb:
             self._wandb = _start_wandb(project, run_name, config)
+        if tensorboard:
+            tensorboard_probe(tensorboard)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=tensorboard)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.active:
             return
-        print(_console_line(step, metrics), flush=True)
         if self._file:
             self._file.write(json.dumps({"step": step, **metrics}) + "\n")
             self._file.flush()
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, global_step=step)
+            self._tb.flush()
 
     def close(self) -> None:
         if self._file:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def tensorboard_probe(where: str) -> None:
+    """ValueError (one line, naming the package) when `tensorboard` is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ValueError(f"logging.tensorboard={where!r}: the `tensorboard` package is not "
+                         "installed; pip install tensorboard (or 'tip_megatron[tensorboard]'), "
+                         "or set logging.tensorboard=null")
 
 
 def _start_wandb(project: str, run_name: Optional[str], config: dict):
@@ -90,12 +115,3 @@ def _start_wandb(project: str, run_name: Optional[str], config: dict):
     if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "offline"
     return wandb.init(project=project, name=run_name, config=config)
-
-
-def _console_line(step: int, m: dict) -> str:
-    quads = " ".join(f"Q{q}={m.get(f'q{q}_fraction_all', float('nan')):.2f}" for q in (1, 2, 3, 4))
-    skipped = " SKIPPED" if m.get("skipped") else ""
-    return (f"step {step:5d} | loss {m.get('loss', float('nan')):.4f} | kept "
-            f"{m.get('kept_fraction', float('nan')):.3f} | {quads} | "
-            f"{m.get('tokens_per_s', 0.0):8.1f} tok/s | mem {m.get('peak_mem_mib', 0.0):.0f} MiB"
-            f"{skipped}")

@@ -26,9 +26,13 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warm-up from 0 to `lr` over this many optimizer steps."""
     weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay, constant over the run."""
     adam_beta1: float = 0.9
+    """Adam's first-moment decay, in [0, 1)."""
     adam_beta2: float = 0.999
+    """Adam's second-moment decay, in [0, 1)."""
     adam_eps: float = 1e-8
+    """Adam's denominator epsilon (numerical safety)."""
     clip_grad: float = 1.0
     """Global grad-norm clip (0 disables)."""
     use_distributed_optimizer: bool = True

@@ -1,19 +1,22 @@
 """Set-up of a distillation run: models (student and teacher, same TP/PP grid, one padded
-vocabulary), tokenizer checks and the prompt source. Every check runs before the first step.
+vocabulary) and the prompt source. The checks (architectures, lengths, tokenizer) are in
+train/preflight.py, run before any process group exists.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
-from tip_megatron.config import ModelSource, RunConfig
+from tip_megatron.config import RunConfig
 from tip_megatron.models.arch import ModelArch, padded_vocab_size
 from tip_megatron.models.build import BuildOptions, build_model
-from tip_megatron.models.sources import builtin_model, load_source_weights, source_arch
-from tip_megatron.ops import check_vocab_compat
+from tip_megatron.models.sources import builtin_model, load_source_weights
 from tip_megatron.parallel import ParallelGroups
+# The checks live in preflight.py (the launcher runs them too); re-exported for callers.
+from tip_megatron.train.preflight import (  # noqa: F401
+    Checked, bundled_tokenizer, check_lengths, check_models, load_run_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,24 +31,14 @@ class Models:
     """The shared TRUE vocabulary (statistics and sampling never see ids beyond it)."""
 
 
-def check_lengths(cfg: RunConfig, arch: ModelArch, who: str) -> None:
-    longest = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
-    if longest > arch.max_position_embeddings:
-        raise ValueError(
-            f"rollouts of up to data.max_prompt_len + rollout.max_new_tokens = {longest} tokens "
-            f"exceed the {who}'s max_position_embeddings={arch.max_position_embeddings}; lower "
-            "one of them"
-        )
-
-
-def build_models(cfg: RunConfig, groups: ParallelGroups) -> Models:
+def build_models(cfg: RunConfig, groups: ParallelGroups, checked: Optional[Checked] = None) -> Models:
     """Student (trainable) and teacher (frozen) at this rank's layout, weights loaded.
-    Every architecture check runs before any weights are read (or a built-in is trained)."""
-    s_arch, t_arch = source_arch(cfg.student), source_arch(cfg.teacher)
-    vocab = check_vocab_compat(s_arch.vocab_size, t_arch.vocab_size, cfg.shared_vocab_size)
-    for arch, who in ((s_arch, "student"), (t_arch, "teacher")):
-        arch.validate_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
-        check_lengths(cfg, arch, who)
+    Every architecture check (`preflight.check_models`, or `checked` when the caller ran
+    preflight) runs before any weights are read (or a built-in is trained)."""
+    if checked is None:
+        s_arch, t_arch, vocab = check_models(cfg)
+    else:
+        s_arch, t_arch, vocab = checked.student_arch, checked.teacher_arch, checked.vocab_size
     # One padded size for both, so their vocabulary shards cover the same ids on every rank.
     padded = max(padded_vocab_size(a.vocab_size, cfg.parallel.tp) for a in (s_arch, t_arch))
     m = cfg.model
@@ -63,49 +56,7 @@ def build_models(cfg: RunConfig, groups: ParallelGroups) -> Models:
     return Models(student, teacher, s_arch, t_arch, vocab)
 
 
-# ------------------------------------------------------------------ tokenizer + prompts
-def load_run_tokenizer(cfg: RunConfig):
-    """The tokenizer of the run (`data.tokenizer`, else the student's bundled one); a
-    teacher that bundles a different one is refused."""
-    from tip_megatron.rollout.tokenizers import CharTokenizer, load_tokenizer
-
-    if cfg.data.tokenizer == "char":
-        return CharTokenizer()  # an explicit choice: no bundled tokenizer is consulted
-    if cfg.data.tokenizer:
-        tok, where = load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer
-    else:
-        bundled = bundled_tokenizer(cfg.student)
-        if bundled is None:
-            raise ValueError("no tokenizer: set data.tokenizer (a tokenizer directory or a "
-                             "SentencePiece .model), or use a student checkpoint that bundles one")
-        tok, where = bundled
-    teacher = bundled_tokenizer(cfg.teacher)
-    if teacher is not None and teacher[0].fingerprint() != tok.fingerprint():
-        raise ValueError(
-            f"teacher tokenizer ({teacher[1]}) differs from the run's tokenizer ({where}): "
-            "on-policy distillation needs one shared vocabulary (same token -> id map)"
-        )
-    return tok
-
-
-def bundled_tokenizer(src: ModelSource) -> Optional[tuple[Any, str]]:
-    """(tokenizer, where it came from) that ships with the source, or None."""
-    from tip_megatron.rollout.tokenizers import load_tokenizer
-
-    if src.builtin:
-        make = builtin_model(src.builtin).tokenizer
-        return (make(), f"builtin {src.builtin}") if make else None
-    path = None
-    if src.hf and any((Path(src.hf) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-        path = src.hf
-    if src.ckpt:
-        from tip_megatron.models.checkpoint import TOKENIZER_DIR
-
-        bundled = Path(src.ckpt) / TOKENIZER_DIR
-        path = str(bundled) if bundled.is_dir() else None
-    return (load_tokenizer(path), path) if path else None
-
-
+# ------------------------------------------------------------------ prompts
 class FilePrompts:
     """Prompts from JSONL/parquet files through the DP-sharded, resumable loader."""
 

@@ -10,13 +10,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from tip_megatron import launch, parallel
-from tip_megatron.config import RunConfig, config_to_dict, dump_config, validate_run
+from tip_megatron import launch, parallel, platform
+from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
 from tip_megatron.distill.loss import DistillSpec
 from tip_megatron.distill.step import (
     make_contexts, scoring_pass, select_prepass, student_pass, teacher_hidden_states,
@@ -29,7 +29,10 @@ from tip_megatron.train import checkpoint as ckpt
 from tip_megatron.train.batches import update_microbatches
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib, reduce_reports
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
-from tip_megatron.train.setup import build_models, load_run_tokenizer, prompt_source
+from tip_megatron.train.preflight import preflight
+from tip_megatron.train.progress import StageTimers, TrainProgress, config_summary, write_effective_config
+from tip_megatron.train.setup import build_models, prompt_source
+from tip_megatron.train.token_dumps import maybe_dump_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -47,31 +50,40 @@ class Run:
     log: MetricsLogger
     step: int = 0
     history: list = field(default_factory=list)
+    timers: StageTimers = field(default_factory=StageTimers)
+    progress: Optional[TrainProgress] = None
 
 
 # ------------------------------------------------------------------ set-up
 def setup(cfg: RunConfig) -> Run:
-    world = launch.rank_env().world_size
-    validate_run(cfg, world)
+    # Every check before the process group: each rank fails alone, no collective needed.
+    checked = preflight(cfg, launch.rank_env().world_size)
     groups = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
-    tokenizer = load_run_tokenizer(cfg)
-    models = build_models(cfg, groups)
-    if tokenizer.vocab_size > models.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the models' shared "
-                         f"vocabulary is {models.vocab_size}")
+    tokenizer = checked.tokenizer
+    models = build_models(cfg, groups, checked)
     ddp = wrap_ddp(models.student, groups, cfg.optim)
     total = cfg.train.steps * cfg.train.updates_per_rollout
     optimizer, scheduler = build_optimizer(ddp, groups, cfg.optim, total_steps=total)
     is_logger = groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0
     jsonl = cfg.logging.jsonl or (f"{cfg.checkpoint.dir}/metrics.jsonl" if cfg.checkpoint.dir else None)
     log = MetricsLogger(is_logger, jsonl, cfg.logging.wandb, cfg.logging.wandb_project,
-                        cfg.logging.run_name, config_to_dict(cfg))
+                        cfg.logging.run_name, config_to_dict(cfg), tensorboard=tensorboard_dir(cfg))
     run = Run(cfg, groups, models, ddp, optimizer, scheduler, tokenizer,
-              prompt_source(cfg, tokenizer, groups), log)
-    if groups.rank == 0:
-        print("effective config:\n" + dump_config(cfg), flush=True)
+              prompt_source(cfg, tokenizer, groups), log, timers=StageTimers(_sync()))
+    if groups.rank == 0:  # the full config: DEBUG log and <checkpoint.dir>/config.yaml
+        logger.info("%s", config_summary(cfg, groups.world_size))
+        logger.debug("effective config:\n%s", dump_config(cfg))
+        if cfg.checkpoint.dir:
+            logger.info("effective config written to %s",
+                        write_effective_config(cfg.checkpoint.dir, dump_config(cfg)))
     maybe_resume(run)
+    run.progress = TrainProgress(cfg.train.steps, start=run.step, active=is_logger)
     return run
+
+
+def _sync():
+    """Stage timers wait for the accelerator's queue (CUDA runs asynchronously)."""
+    return torch.cuda.synchronize if platform.default_backend().is_cuda else None
 
 
 def maybe_resume(run: Run) -> None:
@@ -121,7 +133,8 @@ def global_preselection(run: Run, mbs: list, contexts: list, shape: dict) -> lis
     signals, masks and quadrant labels, so the student pass does not score again."""
     if not run.cfg.selection.needs_prepass:
         return contexts
-    signals = scoring_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
+    with run.timers("student"):
+        signals = scoring_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
     if not run.groups.is_last_stage:
         return contexts
     masks, labels = select_prepass(run.cfg.selection, signals, run.groups.dp_group, step=run.step)
@@ -177,12 +190,14 @@ def update(run: Run, mbs: list, contexts: list, shape: dict) -> tuple[list, dict
     for chunk in run.ddp:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-    reports = student_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
+    with run.timers("student"):
+        reports = student_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
     metrics = reduce_reports(reports, run.groups.dp_group) if run.groups.is_last_stage else {}
     if _should_skip(run, metrics):
         return reports, dict(metrics, skipped=1)
-    _, grad_norm, _ = run.optimizer.step()
-    run.scheduler.step(increment=1)
+    with run.timers("optimizer"):
+        _, grad_norm, _ = run.optimizer.step()
+        run.scheduler.step(increment=1)
     return reports, dict(metrics, grad_norm=float(grad_norm or 0.0), skipped=0,
                          lr=run.optimizer.param_groups[0]["lr"])
 
@@ -206,15 +221,21 @@ def _should_skip(run: Run, metrics: dict) -> bool:
 
 def train_step(run: Run) -> dict:
     start = time.perf_counter()
-    out = rollouts(run, run.prompts.next())
+    run.timers.reset()
+    with run.timers("rollout"):
+        out = rollouts(run, run.prompts.next())
     mb_groups = microbatches(run, out)
     mbs = [mb for group in mb_groups for mb in group]
     check_budget(run, mb_groups)
     shape = dict(seq_length=out.token_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
-    hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
-    t_weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
-    contexts = make_contexts(run.groups, mbs, hidden, t_weight)
+    with run.timers("teacher"):
+        hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
+        t_weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
+        contexts = make_contexts(run.groups, mbs, hidden, t_weight)
     updates = run_updates(run, mb_groups, contexts, shape)
+    # Dumps follow the micro-batch order of the updates (each update's reports in turn).
+    maybe_dump_tokens(run.cfg, run.groups, run.step + 1, mbs,
+                      [r for rep, _ in updates for r in rep])  # step as logged
     metrics = dict(updates[0][1])
     if len(updates) > 1 and "loss" in metrics:
         # lr / grad_norm of the first update; loss and selection metrics over the whole
@@ -226,18 +247,21 @@ def train_step(run: Run) -> dict:
     tokens = float(out.response_mask.sum()) * run.groups.dp_size
     elapsed = time.perf_counter() - start
     metrics.update(tokens_per_s=tokens / elapsed, step_s=elapsed, peak_mem_mib=peak_memory_mib(),
-                   response_len=float(out.response_lengths.float().mean()))
+                   response_len=float(out.response_lengths.float().mean()), **run.timers.metrics())
     return metrics
 
 
 # ------------------------------------------------------------------ loop
 def save(run: Run) -> None:
     c = run.cfg.checkpoint
-    ckpt.save_checkpoint(
+    start = time.perf_counter()
+    path = ckpt.save_checkpoint(
         c.dir, run.step, run.ddp, run.optimizer, run.scheduler, run.groups,
         extra={"prompts": run.prompts.state_dict()}, config_yaml=dump_config(run.cfg),
         arch_json=json.dumps(run.models.student_arch.to_dict()), keep_last=c.keep_last,
     )
+    if run.progress is not None:
+        run.progress.checkpoint(path, time.perf_counter() - start)
 
 
 def run(cfg: RunConfig) -> list[dict]:
@@ -259,8 +283,13 @@ def loop(state: Run) -> None:
         state.step += 1
         if state.log.active:
             state.history.append(dict(step=state.step, **metrics))
-            if state.step % cfg.logging.log_every == 0:
+            logged = state.step % cfg.logging.log_every == 0
+            if logged:
                 state.log.log(state.step, metrics)
+            if state.progress is not None:
+                state.progress.step(state.step, metrics, logged)
         if c.dir and ((c.save_every and state.step % c.save_every == 0) or state.step == stop):
             save(state)
+    if state.progress is not None:
+        state.progress.close()
     state.log.close()

@@ -1,0 +1,249 @@
+"""Every check a run can make before a process group exists, in one function.
+
+    checked = preflight(cfg, world_size)     # ValueError naming the key or file
+
+`tip-megatron train` calls it in the launching process, before torchrun starts any rank;
+each rank calls it again before `init_process_group` (train/trainer.py `setup`), so a
+bare `torchrun -m tip_megatron.train` fails on every rank at once with no collective
+needed. Nothing here imports megatron or reads weights: the config tree
+(`config.validate_run`), every path, the models' architectures (`source_arch` reads only
+config.json / arch.json), the tokenizer, and how they fit the layout and the lengths.
+
+Errors are `PreflightError` (a ValueError) whose text is
+`<dotted.key or file>: <what is wrong>; <what is accepted>`; `tip_megatron.cli` prints
+`error: <text>` as one line and exits 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from tip_megatron.config import ModelSource, RunConfig, tensorboard_dir, validate_run
+from tip_megatron.models.arch import ModelArch
+from tip_megatron.models.sources import builtin_model, source_arch
+
+#: marker file of a complete training checkpoint (train/checkpoint.py's COMPLETE).
+CHECKPOINT_MARKER = "COMPLETE"
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+class PreflightError(ValueError):
+    """A bad run input: `where` (dotted key or file), what is wrong, what is accepted."""
+
+    def __init__(self, where: str, what: str, accepted: str = "") -> None:
+        self.where, self.what, self.accepted = where, what, accepted
+        super().__init__(f"{where}: {what}" + (f"; {accepted}" if accepted else ""))
+
+
+@dataclass
+class Checked:
+    """What preflight read, reused by the rank that called it (nothing is read twice)."""
+
+    student_arch: ModelArch
+    teacher_arch: ModelArch
+    vocab_size: int
+    """The shared TRUE vocabulary of student and teacher."""
+    tokenizer: Any = None
+    """The run's tokenizer (None when preflight ran with tokenizer=False)."""
+
+
+def preflight(cfg: RunConfig, world_size: int, *, tokenizer: bool = True) -> Checked:
+    """Config tree, paths, architectures vs layout and lengths, tokenizer; raises ValueError."""
+    validate_run(cfg, world_size)
+    check_paths(cfg)
+    s_arch, t_arch, vocab = check_models(cfg)
+    tok = check_tokenizer(cfg, vocab) if tokenizer else None
+    return Checked(s_arch, t_arch, vocab, tok)
+
+
+# ------------------------------------------------------------------ paths
+def check_paths(cfg: RunConfig) -> None:
+    """Model directories hold what their kind needs; inputs are readable, outputs writable."""
+    for who in ("student", "teacher"):
+        _check_source_files(getattr(cfg, who), who)
+    for i, path in enumerate(cfg.data.prompts):
+        _check_prompt_file(Path(path), f"data.prompts[{i}]", cfg.data)
+    if cfg.data.tokenizer and cfg.data.tokenizer != "char" and not Path(cfg.data.tokenizer).exists():
+        raise PreflightError(f"data.tokenizer={cfg.data.tokenizer!r}", "no such file or directory",
+                             "a tokenizer directory, a SentencePiece .model, char, or null")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not (Path(resume) / CHECKPOINT_MARKER).is_file():
+        raise PreflightError(f"checkpoint.resume={resume!r}", "not a complete training checkpoint "
+                             f"(no {CHECKPOINT_MARKER} file there)",
+                             "auto, none, or a step_NNNNNN directory a run saved")
+    tb = tensorboard_dir(cfg)
+    if tb:
+        from tip_megatron.train.metrics import tensorboard_probe
+
+        tensorboard_probe(tb)
+    for key, path in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.jsonl", cfg.logging.jsonl),
+                      ("logging.tensorboard", tb)):
+        if path:
+            _check_writable(key, Path(path), want_dir=key != "logging.jsonl")
+
+
+def _check_source_files(src: ModelSource, who: str) -> None:
+    if src.hf:
+        key, root = f"{who}.hf={src.hf!r}", Path(src.hf)
+        if not (root / "config.json").is_file():
+            raise PreflightError(key, "no config.json there", "an HF model directory "
+                                 "(config.json + model.safetensors)")
+        _read_json(root / "config.json", f"{who}.hf: {root / 'config.json'}")
+        if not any((root / name).is_file() for name in HF_WEIGHTS):
+            raise PreflightError(key, f"no {' or '.join(HF_WEIGHTS)} there",
+                                 "an HF model directory with safetensors weights")
+    if src.ckpt:
+        key, root = f"{who}.ckpt={src.ckpt!r}", Path(src.ckpt)
+        for name in ("meta.json", "arch.json"):
+            if not (root / name).is_file():
+                raise PreflightError(key, f"not a tip_megatron model checkpoint ({name} is missing)",
+                                     "a directory written by `tip-megatron convert hf-to-mcore`")
+            _read_json(root / name, f"{who}.ckpt: {root / name}")
+
+
+def _read_json(path: Path, where: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PreflightError(where, f"unreadable JSON ({err})", "a JSON object") from None
+    if not isinstance(data, dict):
+        raise PreflightError(where, f"top level is {type(data).__name__}", "a JSON object")
+    return data
+
+
+def _check_prompt_file(path: Path, key: str, data) -> None:
+    where = f"{key}={str(path)!r}"
+    if not path.is_file():
+        raise PreflightError(where, "no such file", "JSONL or parquet prompt files")
+    if not os.access(path, os.R_OK):
+        raise PreflightError(where, "not readable", "a file this user can read")
+    if path.stat().st_size == 0:
+        raise PreflightError(where, "empty file", "at least one prompt record")
+    if path.suffix not in (".jsonl", ".json"):
+        return  # parquet: its schema is read by the loader
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except ValueError:
+        raise PreflightError(where, f"first line is not JSON: {first[:60]!r}",
+                             "one JSON object per line") from None
+    fields = (data.prompt_field, data.messages_field)
+    if not isinstance(record, dict) or not any(f in record for f in fields):
+        raise PreflightError(where, f"first record has none of the fields {list(fields)}",
+                             "set data.prompt_field / data.messages_field to the file's field names")
+
+
+def _check_writable(key: str, path: Path, want_dir: bool) -> None:
+    if path.exists():
+        if want_dir != path.is_dir():
+            raise PreflightError(f"{key}={str(path)!r}", f"exists and is {'not ' if want_dir else ''}"
+                                 "a directory", "a directory path" if want_dir else "a file path")
+        return
+    parent = next(p for p in path.parents if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise PreflightError(f"{key}={str(path)!r}", f"cannot be created ({parent} is not "
+                             "writable)", "a path under a writable directory")
+
+
+# ------------------------------------------------------------------ architectures
+def _source_key(src: ModelSource, who: str) -> str:
+    kind = next(k for k in ("ckpt", "hf", "builtin") if getattr(src, k))
+    return f"{who}.{kind}={getattr(src, kind)!r}"
+
+
+def _arch(src: ModelSource, who: str) -> ModelArch:
+    try:
+        return source_arch(src)
+    except (ValueError, KeyError, OSError) as err:
+        what = f"missing config field {err}" if isinstance(err, KeyError) else str(err)
+        raise PreflightError(_source_key(src, who), what) from None
+
+
+def check_models(cfg: RunConfig) -> tuple[ModelArch, ModelArch, int]:
+    """(student arch, teacher arch, shared vocabulary): families, vocabularies, heads and
+    layers vs the layout, positions vs the longest rollout."""
+    from tip_megatron.ops import check_vocab_compat  # ops/ is cheap: no megatron
+
+    archs = {who: _arch(getattr(cfg, who), who) for who in ("student", "teacher")}
+    try:
+        vocab = check_vocab_compat(archs["student"].vocab_size, archs["teacher"].vocab_size,
+                                   cfg.shared_vocab_size)
+    except ValueError as err:
+        raise PreflightError("shared_vocab_size" if cfg.shared_vocab_size else "teacher", str(err)) from None
+    p = cfg.parallel
+    for who, arch in archs.items():
+        try:
+            arch.validate_parallel(p.tp, p.pp, p.vpp)
+        except ValueError as err:
+            raise PreflightError(f"parallel (tp={p.tp}, pp={p.pp}, vpp={p.vpp})",
+                                 f"the {who} ({_source_key(getattr(cfg, who), who)}) cannot be cut: {err}") from None
+        check_lengths(cfg, arch, who)
+    return archs["student"], archs["teacher"], vocab
+
+
+def check_lengths(cfg: RunConfig, arch: ModelArch, who: str) -> None:
+    longest = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+    if longest > arch.max_position_embeddings:
+        raise PreflightError(
+            "data.max_prompt_len + rollout.max_new_tokens",
+            f"rollouts of up to {cfg.data.max_prompt_len} + {cfg.rollout.max_new_tokens} = "
+            f"{longest} tokens exceed the {who}'s max_position_embeddings="
+            f"{arch.max_position_embeddings}", "lower one of them")
+
+
+# ------------------------------------------------------------------ tokenizer
+def check_tokenizer(cfg: RunConfig, vocab_size: int):
+    """The run's tokenizer, refused when it has ids beyond the models' shared vocabulary."""
+    tok = load_run_tokenizer(cfg)
+    if tok.vocab_size > vocab_size:
+        raise PreflightError("data.tokenizer", f"the tokenizer has {tok.vocab_size} tokens but the "
+                             f"models' shared vocabulary is {vocab_size}",
+                             f"a tokenizer of at most {vocab_size} tokens (the models' own)")
+    return tok
+
+
+def load_run_tokenizer(cfg: RunConfig):
+    """The tokenizer of the run (`data.tokenizer`, else the student's bundled one); a
+    teacher that bundles a different one is refused."""
+    from tip_megatron.rollout.tokenizers import CharTokenizer, load_tokenizer
+
+    if cfg.data.tokenizer == "char":
+        return CharTokenizer()  # an explicit choice: no bundled tokenizer is consulted
+    if cfg.data.tokenizer:
+        try:
+            tok, where = load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer
+        except (ValueError, OSError) as err:
+            raise PreflightError(f"data.tokenizer={cfg.data.tokenizer!r}", str(err)) from None
+    else:
+        bundled = bundled_tokenizer(cfg.student)
+        if bundled is None:
+            raise PreflightError("data.tokenizer", "not set and the student bundles no tokenizer",
+                                 "a tokenizer directory or a SentencePiece .model, or a student "
+                                 "checkpoint that bundles one")
+        tok, where = bundled
+    teacher = bundled_tokenizer(cfg.teacher)
+    if teacher is not None and teacher[0].fingerprint() != tok.fingerprint():
+        raise PreflightError(
+            "teacher", f"teacher tokenizer ({teacher[1]}) differs from the run's tokenizer "
+            f"({where})", "on-policy distillation needs one shared vocabulary (same token -> id map)")
+    return tok
+
+
+def bundled_tokenizer(src: ModelSource) -> Optional[tuple[Any, str]]:
+    """(tokenizer, where it came from) that ships with the source, or None."""
+    from tip_megatron.rollout.tokenizers import load_tokenizer
+
+    if src.builtin:
+        make = builtin_model(src.builtin).tokenizer
+        return (make(), f"builtin {src.builtin}") if make else None
+    path = None
+    if src.hf and any((Path(src.hf) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        path = src.hf
+    if src.ckpt:
+        bundled = Path(src.ckpt) / "tokenizer"  # models.checkpoint.TOKENIZER_DIR
+        path = str(bundled) if bundled.is_dir() else None
+    return (load_tokenizer(path), path) if path else None
