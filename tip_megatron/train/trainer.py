@@ -28,6 +28,7 @@ from tip_megatron.train import checkpoint as ckpt
 from tip_megatron.train.batches import make_microbatches, split_updates
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib, reduce_reports
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
+from tip_megatron.train.preemption import StopOnSignal
 from tip_megatron.train.setup import build_models, load_run_tokenizer, prompt_source
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ def loop(state: Run) -> None:
     stop = cfg.train.steps
     if cfg.train.exit_after_steps:
         stop = min(stop, state.step + cfg.train.exit_after_steps)
+    signalled = StopOnSignal.install(cfg.train.exit_signal)
     while state.step < stop:
         metrics = train_step(state)
         state.step += 1
@@ -212,6 +214,17 @@ def loop(state: Run) -> None:
             state.history.append(dict(step=state.step, **metrics))
             if state.step % cfg.logging.log_every == 0:
                 state.log.log(state.step, metrics)
-        if c.dir and ((c.save_every and state.step % c.save_every == 0) or state.step == stop):
+        preempted = signalled.requested(next(state.ddp[0].parameters()).device)
+        if c.dir and ((c.save_every and state.step % c.save_every == 0) or state.step == stop or preempted):
             save(state)
+        if preempted:
+            _report_stop(state, signalled)
+            break
+    signalled.close()
     state.log.close()
+
+
+def _report_stop(state: Run, signalled: StopOnSignal) -> None:
+    saved = str(ckpt.step_dir(state.cfg.checkpoint.dir, state.step)) if state.cfg.checkpoint.dir else None
+    if state.groups.rank == 0:
+        print(signalled.report(state.step, saved), flush=True)
