@@ -46,6 +46,25 @@ def parse_signals(names: Sequence[str], key: str = "train.exit_signal") -> tuple
     return tuple(dict.fromkeys(out))
 
 
+def start_saver_helpers(signals: Sequence[signal.Signals]) -> None:
+    """Start dist_checkpointing's results-queue manager (a spawned process, created once
+    per process on the first save) with `signals` ignored, which it inherits.
+
+    torchrun passes a SIGTERM on to each worker's whole process group, and Slurm's
+    `--signal` reaches every process of a step: a helper that died of that signal would
+    make the very save the signal asks for fail (a broken pipe to the manager). Ignoring
+    them there leaves the rank alone to decide; the helpers still die with the rank
+    (`launch.guard_rank_helpers`)."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
+    try:
+        get_write_results_queue()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 @dataclass
 class StopOnSignal:
     """Flag-setting handlers for `signals`; `requested()` agrees on the flag across ranks."""
@@ -55,10 +74,15 @@ class StopOnSignal:
     previous: dict = field(default_factory=dict)
 
     @classmethod
-    def install(cls, names: Sequence[str]) -> "StopOnSignal":
+    def install(cls, names: Sequence[str], saving: bool = False) -> "StopOnSignal":
+        """saving: the run will save when signalled; start the saver's helper processes now,
+        immune to the signals (`start_saver_helpers`)."""
         stop = cls(parse_signals(names))
-        if threading.current_thread() is threading.main_thread():  # else signal() raises
-            stop.previous = {s: signal.signal(s, stop._handle) for s in stop.signals}
+        if threading.current_thread() is not threading.main_thread():
+            return stop  # signal() works in the main thread only: no handlers
+        if saving and stop.signals:
+            start_saver_helpers(stop.signals)
+        stop.previous = {s: signal.signal(s, stop._handle) for s in stop.signals}
         return stop
 
     def _handle(self, signum: int, _frame: Any) -> None:

@@ -206,7 +206,7 @@ def loop(state: Run) -> None:
     stop = cfg.train.steps
     if cfg.train.exit_after_steps:
         stop = min(stop, state.step + cfg.train.exit_after_steps)
-    signalled = StopOnSignal.install(cfg.train.exit_signal)
+    signalled = StopOnSignal.install(cfg.train.exit_signal, saving=bool(c.dir))
     while state.step < stop:
         metrics = train_step(state)
         state.step += 1
