@@ -62,6 +62,10 @@ def free_port() -> int:
 #: Signals the launcher passes on to a local torchrun job (torchrun hands them to its
 #: workers, waits up to 30 s, then kills them).
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Signals the launcher passes straight to the ranks, torchrun being started immune to
+#: them (it would die of them: it handles only the ones above). Slurm's
+#: `--signal=USR1@120` asks for a checkpoint this way (`train.exit_signal`).
+RANK_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 #: prctl(2) option: orphaned descendants are re-parented to this process (Linux).
 _PR_SET_CHILD_SUBREAPER = 36
@@ -104,7 +108,8 @@ def supervise(cmd: Sequence[str], env: Optional[dict[str, str]] = None, grace_s:
 
     A terminal's Ctrl-C reaches only this process (the job has its own session), which
     forwards SIGINT / SIGTERM / SIGHUP to the job's process group; `grace_s` after the
-    first signal, or at a second one, every process of the job is SIGKILLed. torchrun
+    first signal, or at a second one, every process of the job is SIGKILLed. SIGUSR1 /
+    SIGUSR2 go to every process of the job but its leader, which ignores them. torchrun
     starts each worker in a session of its own, so the job is tracked as a process tree:
     this process becomes a child subreaper (orphans of the job are re-parented here, not to
     init) and kills and reaps whatever is left when the job's leader exits.
@@ -113,9 +118,11 @@ def supervise(cmd: Sequence[str], env: Optional[dict[str, str]] = None, grace_s:
 
     _become_subreaper()
     before = {p.pid for p in psutil.Process().children()}
+    immune = _install(signal.SIG_IGN, RANK_SIGNALS)  # inherited by the job: set before it starts
     proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
     forward = _Forwarder(proc.pid)
-    previous = _install(forward)
+    previous = {**_install(forward, FORWARDED_SIGNALS), **_install(forward.to_ranks, RANK_SIGNALS),
+                **immune}  # what was there before this call
     try:
         while proc.poll() is None:
             if forward.must_kill(grace_s):
@@ -142,16 +149,30 @@ class _Forwarder:
             self.first = time.monotonic()
             _signal_group(self.pgid, signum)
 
+    def to_ranks(self, signum: int, _frame: Any) -> None:
+        import psutil
+
+        try:
+            ranks = psutil.Process(self.pgid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for p in ranks:
+            try:
+                p.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
     def must_kill(self, grace_s: float) -> bool:
         return self.count > 1 or (self.count == 1 and time.monotonic() - self.first > grace_s)
 
 
-def _install(handler: Callable) -> dict:
+def _install(handler: Any, signals: Sequence[int]) -> dict:
+    """Set `handler` for `signals`; returns the previous handlers."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return {}  # signals are delivered to the main thread only: nothing to forward here
-    return {s: signal.signal(s, handler) for s in FORWARDED_SIGNALS}
+    return {s: signal.signal(s, handler) for s in signals}
 
 
 def _restore(previous: dict) -> None:

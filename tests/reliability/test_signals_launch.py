@@ -45,16 +45,21 @@ def _wait_for(path: Path, proc, timeout=60):
 _JOB = textwrap.dedent("""
     import json, os, signal, subprocess, sys, time
     out, mode = sys.argv[1], sys.argv[2]
-    worker = ("import signal, time\\n"
+    worker = ("import signal, sys, time\\n"
               "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
               "signal.signal(signal.SIGINT, signal.SIG_IGN)\\n"
+              "signal.signal(signal.SIGUSR1, lambda *_: sys.exit(0))\\n"
+              "open(sys.argv[1], 'w').close()\\n"
               "time.sleep(600)")
-    procs = [subprocess.Popen([sys.executable, "-c", worker], start_new_session=True) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", worker, f"{out}.ready{i}"], start_new_session=True)
+             for i in range(2)]
     with open(out + ".tmp", "w") as f:
         json.dump([os.getpid()] + [p.pid for p in procs], f)
     os.replace(out + ".tmp", out)
     if mode == "orphan":
         sys.exit(3)
+    if mode == "usr1":  # the workers stop on SIGUSR1; the leader (torchrun) must not see it
+        sys.exit(sum(p.wait() for p in procs))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     time.sleep(600)
@@ -100,6 +105,20 @@ def test_a_second_signal_kills_at_once(tmp_path):
     assert proc.poll() is None, "one signal within the grace period must not kill yet"
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
+    assert all(_gone(p) for p in pids)
+
+
+def test_sigusr1_to_the_launcher_goes_to_the_workers_only(tmp_path):
+    """SIGUSR1 (Slurm's early warning) reaches the workers, which stop; torchrun, which
+    would die of it, is started immune and sees its workers end well: exit code 0."""
+    proc, pids_file = _launcher(tmp_path, "usr1", grace_s=300.0)
+    pids = _wait_for(pids_file, proc)
+    for i in range(2):  # the workers have their handler
+        while not (tmp_path / f"pids.json.ready{i}").exists():
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "launcher returned 0" in out
     assert all(_gone(p) for p in pids)
 
 

@@ -1,8 +1,9 @@
 """Signals to real training jobs (slow tier: each test starts torchrun ranks).
 
-- SIGINT / SIGTERM to `tip-megatron train` started from a plain shell (it starts its own
-  torchrun job): it exits promptly, no process of the job is alive afterwards (every pid
-  of the tree collected while it ran), and the newest checkpoint loads and trains on.
+- SIGINT / SIGTERM / SIGUSR1 to `tip-megatron train` started from a plain shell (it starts
+  its own torchrun job): it exits promptly, no process of the job is alive afterwards
+  (every pid of the tree collected while it ran), and the newest checkpoint loads and
+  trains on; SIGTERM and SIGUSR1 (train.exit_signal) save at the next step first.
 - SIGUSR1 to one rank of a bare torchrun job (what Slurm's `--signal=USR1@120` does):
   every rank saves at the next step boundary and the job exits 0 saying so; resuming
   gives the losses of an uninterrupted run, bit for bit.
@@ -68,7 +69,7 @@ def _resume_rest(assets, ckdir) -> list[float]:
         assets, **{"train.steps": STEPS, "checkpoint.dir": ckdir}),)))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
 def test_signal_to_the_train_launcher_stops_every_rank(opd_assets, tmp_path, sig):
     ckdir, log = tmp_path / "ck", tmp_path / "log.txt"
     args = overrides(opd_assets, **{"train.steps": 400, "checkpoint.dir": ckdir,
@@ -89,8 +90,10 @@ def test_signal_to_the_train_launcher_stops_every_rank(opd_assets, tmp_path, sig
     assert all(gone(p) for p in seen), f"alive after the launcher returned: {[p for p in seen if not gone(p)]}"
     last = _steps_done(ckdir)
     assert last < 400, "the run ended before the signal"
-    if sig == signal.SIGTERM:  # in train.exit_signal: the ranks saved at a step boundary
-        assert re.search(rf"received SIGTERM: stopped after step {last}, saved checkpoint", text), text[-3000:]
+    if sig != signal.SIGINT:  # in train.exit_signal: the ranks saved at a step boundary
+        assert re.search(rf"received {sig.name}: stopped after step {last}, saved checkpoint", text), text[-3000:]
+    if sig == signal.SIGUSR1:  # passed to the ranks alone: torchrun saw them finish well
+        assert launcher.returncode == 0, text[-3000:]
     # the newest complete checkpoint loads and training continues from it
     more = losses_of(run_distributed(train, 1, args=(overrides(
         opd_assets, **{"train.steps": last + 1, "checkpoint.dir": ckdir}),)))
