@@ -6,10 +6,12 @@
 
 `rank_env()` is the only reader of torchrun's RANK / WORLD_SIZE / LOCAL_RANK variables.
 `run_local` starts a torchrun job (the launcher users run) for CLI commands started from a
-plain shell. `run_forked` forks ranks that inherit this process's imports (saving ~10 s of
-`import megatron.core` per rank on a small machine); checkpoint conversion and the
+plain shell; `supervise` forwards signals to it and returns only once none of its
+processes is alive. `run_forked` forks ranks that inherit this process's imports (saving
+~10 s of `import megatron.core` per rank on a small machine); checkpoint conversion and the
 multi-process tests use it. Forked ranks die with their parent (a killed parent leaves no
-rank behind) and are killed when the parent stops waiting for them.
+rank behind) and are killed when the parent stops waiting for them. `guard_rank_helpers`
+makes a rank's helper processes die with the rank. See docs/design_notes.md, "Signals".
 """
 from __future__ import annotations
 
@@ -313,9 +315,13 @@ def run_forked(
     for p in procs:
         p.start()
     outputs: dict[int, Any] = {}
+    # SIGTERM ends this process through `finally` (as Ctrl-C does), so the ranks are killed
+    # and reaped and atexit clean-up (multiprocessing managers) runs.
+    previous = _install(_exit_on_signal, (signal.SIGTERM, signal.SIGHUP))
     try:
         _collect(procs, results, outputs, timeout_s)
     finally:
+        _restore(previous)
         # Also on KeyboardInterrupt or any error here: no rank outlives this call.
         for p in procs:
             p.join(timeout=10 if len(outputs) == world_size else 0.5)
@@ -325,6 +331,10 @@ def run_forked(
                 p.join()
         results.close()
     return [outputs[r] for r in range(world_size)]
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _collect(procs: list, results: Any, outputs: dict[int, Any], timeout_s: float) -> None:

@@ -148,23 +148,32 @@ _RANKS = textwrap.dedent("""
         time.sleep(600)
 
     if __name__ == "__main__":
+        # the parent's own helper, as `convert` starts one before forking (preload_for_fork)
+        q = mp.get_context("spawn").Manager().Queue()
+        own = [p.pid for p in __import__("psutil").Process().children(recursive=True)]
+        with open(os.path.join(sys.argv[1], "parent.json"), "w") as f:
+            json.dump(own, f)
         launch.run_forked(rank, 2, args=(sys.argv[1],), timeout_s=600)
 """)
 
 
-def test_helpers_of_a_killed_rank_die_with_it(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_helpers_of_a_killed_rank_die_with_it(tmp_path, sig):
     """SIGKILL the parent of two forked ranks: the ranks die (PDEATHSIG) and so do their
     helper processes (a spawned multiprocessing manager and its resource tracker), which
-    would otherwise be re-parented to init and live on."""
+    would otherwise be re-parented to init and live on. SIGTERM: the parent also stops
+    its own helpers on the way out."""
     script = tmp_path / "ranks.py"
     script.write_text(_RANKS)
     parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=ENV)
     try:
         infos = [_wait_for(tmp_path / f"rank{r}.json", parent, timeout=120) for r in (0, 1)]
         pids = [i["rank"] for i in infos] + [h for i in infos for h in i["helpers"]]
+        if sig == signal.SIGTERM:
+            pids += json.loads((tmp_path / "parent.json").read_text())
         assert all(i["helpers"] for i in infos) and not any(_gone(p) for p in pids)
-        parent.send_signal(signal.SIGKILL)
-        parent.wait()
+        parent.send_signal(sig)
+        assert parent.wait(timeout=60) == (-9 if sig == signal.SIGKILL else 128 + sig)
         deadline = time.monotonic() + 30
         while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
