@@ -5,9 +5,9 @@
     tip-megatron generate --tp 2 --ckpt ... --out ...      # starts its 2 ranks itself
     torchrun --nproc-per-node 4 -m tip_megatron.cli generate --tp 2 --pp 2 --ckpt ... --out ...
 
-One process, or a torchrun world of tp * pp * dp processes (from a plain shell with
---tp/--pp > 1, the command starts tp * pp local ranks itself through torchrun) (DP replicas take prompts
-round-robin; rank 0 gathers and writes the file). Prompts are read by
+One process, or a torchrun world of tp * pp * dp processes (DP replicas take prompts
+round-robin; rank 0 gathers and writes the file); from a plain shell with --tp/--pp > 1
+the command starts tp * pp local ranks itself, through torchrun. Prompts are read by
 `rollout.data.PromptDataset` (docs/data.md); generation is `rollout.generate.generate`
 (docs/generate.md). Output lines, in prompt order then sample order:
     {"prompt_id", "prompt_index", "sample_index", "token_ids" (generated ids, the stop token
