@@ -148,9 +148,11 @@ _RANKS = textwrap.dedent("""
         time.sleep(600)
 
     if __name__ == "__main__":
-        # the parent's own helper, as `convert` starts one before forking (preload_for_fork)
-        q = mp.get_context("spawn").Manager().Queue()
-        own = [p.pid for p in __import__("psutil").Process().children(recursive=True)]
+        own = []
+        if sys.argv[2] == "parent-helper":
+            # the parent's own helper, as `convert` starts one before forking (preload_for_fork)
+            q = mp.get_context("spawn").Manager().Queue()
+            own = [p.pid for p in __import__("psutil").Process().children(recursive=True)]
         with open(os.path.join(sys.argv[1], "parent.json"), "w") as f:
             json.dump(own, f)
         launch.run_forked(rank, 2, args=(sys.argv[1],), timeout_s=600)
@@ -162,10 +164,12 @@ def test_helpers_of_a_killed_rank_die_with_it(tmp_path, sig):
     """SIGKILL the parent of two forked ranks: the ranks die (PDEATHSIG) and so do their
     helper processes (a spawned multiprocessing manager and its resource tracker), which
     would otherwise be re-parented to init and live on. SIGTERM: the parent also stops
-    its own helpers on the way out."""
+    its own helpers on the way out (a SIGKILLed parent cannot: not part of this test)."""
     script = tmp_path / "ranks.py"
     script.write_text(_RANKS)
-    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=ENV)
+    mode = "parent-helper" if sig == signal.SIGTERM else "ranks-only"
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path), mode], env=ENV)
+    pids = []
     try:
         infos = [_wait_for(tmp_path / f"rank{r}.json", parent, timeout=120) for r in (0, 1)]
         pids = [i["rank"] for i in infos] + [h for i in infos for h in i["helpers"]]
@@ -178,9 +182,11 @@ def test_helpers_of_a_killed_rank_die_with_it(tmp_path, sig):
         while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert all(_gone(p) for p in pids), [p for p in pids if not _gone(p)]
-    finally:
+    finally:  # hygiene after a failure: nothing of this test keeps running
         if parent.poll() is None:
             parent.kill()
+        for pid in (p for p in pids if not _gone(p)):
+            os.kill(pid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------ stop requests
