@@ -59,11 +59,17 @@ def error_line(err: BaseException) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)  # --help and usage errors exit here, before torch loads
+    args.argv = argv  # for commands that start their own ranks (launch.run_cli_ranks)
+    from tip_megatron import launch
+
+    if launch.under_torchrun():
+        launch.guard_rank_helpers()
     from tip_megatron.platform import quiet_third_party_warnings
 
     quiet_third_party_warnings()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

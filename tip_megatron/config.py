@@ -25,6 +25,7 @@ from tip_megatron.parallel import ParallelLayout
 from tip_megatron.rollout.generate import SamplingConfig
 from tip_megatron.tip import QuadrantRule, SelectionConfig
 from tip_megatron.train.optimizer import OptimConfig
+from tip_megatron.train.preemption import parse_signals
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,10 @@ class TrainConfig:
     exit_after_steps: Optional[int] = None
     """Stop this launch after N steps (saving first when checkpoint.dir is set); the
     learning-rate schedule still spans `steps`. For time-limited (e.g. Slurm) jobs."""
+    exit_signal: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    """Signals that make every rank save a checkpoint at the next step boundary (when
+    checkpoint.dir is set) and exit 0 (Slurm: SIGTERM at preemption / time limit, SIGUSR1
+    from `#SBATCH --signal=USR1@120`); [] keeps the default action (terminate)."""
 
 
 @dataclass(frozen=True)
@@ -350,6 +355,7 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
     _at_least("logging.dump_tokens_every", cfg.logging.dump_tokens_every, 0)
     _at_least("logging.dump_tokens_max", cfg.logging.dump_tokens_max, 1)
     _check_logging_dirs(cfg)
+    parse_signals(cfg.train.exit_signal, "train.exit_signal")
     cfg.optim.validate()
     cfg.model.validate()
     cfg.parallel.validate(world_size)

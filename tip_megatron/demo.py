@@ -11,20 +11,22 @@ import argparse
 import logging
 from functools import partial
 
-import torch
-
 from tip_megatron import launch
-from tip_megatron.models.arch import ModelArch
 
 logger = logging.getLogger(__name__)
 
-#: The demo's model: 4 Llama layers (2 per stage at PP=2), GQA, a vocabulary that is not
-#: a multiple of 128 so that TP padding is exercised.
-DEMO_ARCH = ModelArch(
-    family="llama", vocab_size=250, hidden_size=64, num_layers=4, num_attention_heads=8,
-    num_kv_heads=4, ffn_hidden_size=96, max_position_embeddings=64, rope_theta=10000.0,
-    rms_norm_eps=1e-6, tie_word_embeddings=False,
-)
+
+def demo_arch():
+    """The demo's model: 4 Llama layers (2 per stage at PP=2), GQA, a vocabulary that is
+    not a multiple of 128 so that TP padding is exercised. (A function: `tip-megatron
+    --help` imports this module and must not import torch.)"""
+    from tip_megatron.models.arch import ModelArch
+
+    return ModelArch(
+        family="llama", vocab_size=250, hidden_size=64, num_layers=4, num_attention_heads=8,
+        num_kv_heads=4, ffn_hidden_size=96, max_position_embeddings=64, rope_theta=10000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )
 
 
 def register(subparsers) -> None:
@@ -43,6 +45,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _steps(arch, groups, chunks, steps: int) -> list[tuple[float, float]]:
+    import torch
+
     from tip_megatron import pipeline
     from tip_megatron.models.lm import lm_batches, lm_forward_step
     from tip_megatron.train.optimizer import OptimConfig, build_optimizer, wrap_ddp
@@ -74,7 +78,7 @@ def _worker(tp: int, pp: int, steps: int) -> int:
     from tip_megatron.models import build_model
     from tip_megatron.models.build import resolve_spec
 
-    arch = DEMO_ARCH
+    arch = demo_arch()
     groups = parallel.initialize(parallel.ParallelLayout(tp=tp, pp=pp), seed=1234)
     chunks = build_model(arch, groups)
     history = _steps(arch, groups, chunks, steps)
@@ -103,4 +107,5 @@ if __name__ == "__main__":
     from tip_megatron.platform import quiet_third_party_warnings
 
     quiet_third_party_warnings()
+    launch.guard_rank_helpers()  # this rank's helper processes die with it
     sys.exit(_worker(ns.tp, ns.pp, ns.steps))

@@ -77,6 +77,7 @@ FROZEN_KEYS = [
     "train.micro_batch_size",
     "train.seed",
     "train.exit_after_steps",
+    "train.exit_signal",
     "checkpoint.dir",
     "checkpoint.save_every",
     "checkpoint.keep_last",

@@ -3,9 +3,21 @@
     hf_to_mcore(hf_dir, ckpt_dir, ImportOptions(tp=2, pp=2))   # -> model checkpoint
     mcore_to_hf(ckpt_dir, hf_dir)                              # -> safetensors + config
 """
-from tip_megatron.convert.exporter import mcore_to_hf
-from tip_megatron.convert.hf_io import HFCheckpoint
-from tip_megatron.convert.importer import ImportOptions, hf_to_mcore
-from tip_megatron.convert.mapping import full_to_hf, hf_to_full
+from __future__ import annotations
 
-__all__ = ["HFCheckpoint", "ImportOptions", "full_to_hf", "hf_to_full", "hf_to_mcore", "mcore_to_hf"]
+import importlib
+
+#: public name -> module that defines it. Imported on first use: `tip-megatron --help`
+#: imports `tip_megatron.convert.cli`, hence this package, and must not import torch.
+_EXPORTS = {
+    "mcore_to_hf": "exporter", "HFCheckpoint": "hf_io", "ImportOptions": "importer",
+    "hf_to_mcore": "importer", "full_to_hf": "mapping", "hf_to_full": "mapping",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"tip_megatron.convert.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

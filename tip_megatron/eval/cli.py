@@ -3,6 +3,7 @@
     tip-megatron eval --samples samples.jsonl --grader math --json summary.json
     tip-megatron eval --ckpt ckpt/qwen3-4b --prompts data/math500.jsonl --chat --n 16 \\
         --temperature 1.0 --max-new-tokens 8192 --json math500.json
+    tip-megatron eval --tp 2 --ckpt ... --prompts ...       # starts its 2 ranks itself
     torchrun --nproc-per-node 2 -m tip_megatron.cli eval --tp 2 --ckpt ... --prompts ...
 
 `--ckpt` generates through `tip-megatron generate`'s code (rollout.cli.generate_lines, same
@@ -16,8 +17,9 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
+from tip_megatron import launch
 from tip_megatron.rollout.cli import add_generation_arguments
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ def _run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else _beside(Path(args.samples), "")
     else:
         rows = _generated_rows(args)
+        if isinstance(rows, int):
+            return rows
         if rows is None:  # not rank 0: rank 0 grades
             return 0
         out = Path(args.out) if args.out else _beside(Path(args.prompts[0]), f".{Path(args.ckpt).name}")
@@ -110,9 +114,11 @@ def _sample_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _generated_rows(args: argparse.Namespace) -> Optional[list[dict]]:
+def _generated_rows(args: argparse.Namespace) -> Union[list[dict], int, None]:
+    """Generated rows on rank 0, None on other ranks; the exit code of the ranks started
+    here when this process started them (they grade)."""
     from tip_megatron.eval.files import check_benchmark
-    from tip_megatron.rollout.cli import generate_lines
+    from tip_megatron.rollout.cli import generate_lines, own_ranks, torchrun_argv
     from tip_megatron.rollout.data import PromptFields
 
     if not args.prompts:
@@ -125,6 +131,8 @@ def _generated_rows(args: argparse.Namespace) -> Optional[list[dict]]:
     fields = PromptFields(prompt=args.prompt_field, messages=args.messages_field,
                           answer=args.answer_field, id=args.id_field)
     check_benchmark(args.prompts, fields)
+    if own_ranks(args):  # the ranks started here run this whole command, grading included
+        return launch.run_cli_ranks(args.tp * args.pp, torchrun_argv(args.argv))
     return generate_lines(args)
 
 

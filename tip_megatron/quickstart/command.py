@@ -158,4 +158,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m tip_megatron.quickstart.command")
     add_arguments(parser)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    launch.guard_rank_helpers()  # this rank's helper processes die with it
     sys.exit(worker(parser.parse_args()))

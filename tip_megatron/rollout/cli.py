@@ -2,10 +2,12 @@
 
     tip-megatron generate --ckpt ckpt/qwen3 --prompts prompts.jsonl --out samples.jsonl \\
         --max-new-tokens 256 --temperature 0.7 --top-p 0.95 --n 4 --seed 1
+    tip-megatron generate --tp 2 --ckpt ... --out ...      # starts its 2 ranks itself
     torchrun --nproc-per-node 4 -m tip_megatron.cli generate --tp 2 --pp 2 --ckpt ... --out ...
 
 One process, or a torchrun world of tp * pp * dp processes (DP replicas take prompts
-round-robin; rank 0 gathers and writes the file). Prompts are read by
+round-robin; rank 0 gathers and writes the file); from a plain shell with --tp/--pp > 1
+the command starts tp * pp local ranks itself, through torchrun. Prompts are read by
 `rollout.data.PromptDataset` (docs/data.md); generation is `rollout.generate.generate`
 (docs/generate.md). Output lines, in prompt order then sample order:
     {"prompt_id", "prompt_index", "sample_index", "token_ids" (generated ids, the stop token
@@ -20,6 +22,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
+
+from tip_megatron import launch
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +74,30 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if own_ranks(args):
+        return launch.run_cli_ranks(args.tp * args.pp, torchrun_argv(args.argv))
     lines = generate_lines(args)
     if lines is not None:
         write_lines(Path(args.out), lines)
     return 0
 
 
+def own_ranks(args: argparse.Namespace) -> bool:
+    """Started from a plain shell with --tp/--pp > 1 (through `tip_megatron.cli.main`):
+    this process starts the tp * pp ranks itself, as `tip-megatron train` does."""
+    return launch.needs_own_ranks(args.tp * args.pp) and getattr(args, "argv", None) is not None
+
+
+def torchrun_argv(argv: list[str]) -> list[str]:
+    """`argv` with `--n` spelled `--num-samples`: torchrun would read a bare `--n` as an
+    abbreviation of its own options."""
+    return [("--num-samples" + a[3:]) if a == "--n" or a.startswith("--n=") else a for a in argv]
+
+
 def generate_lines(args: argparse.Namespace) -> Optional[list[dict]]:
     """Sample `args.prompts` from `args.ckpt` in this torchrun world: every output line in
     (prompt, sample) order on rank 0, None on the other ranks."""
-    from tip_megatron import launch, parallel
+    from tip_megatron import parallel
 
     world = launch.rank_env().world_size
     if world % (args.tp * args.pp) != 0:

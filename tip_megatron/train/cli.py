@@ -48,6 +48,7 @@ def worker(config: str | None, overrides: list[str]) -> int:
     from tip_megatron.platform import quiet_third_party_warnings
     from tip_megatron.train.trainer import run
 
+    launch.guard_rank_helpers()  # this rank's helper processes die with it
     quiet_third_party_warnings()
     try:
         run(load_config(config, overrides))

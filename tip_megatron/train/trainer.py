@@ -29,6 +29,7 @@ from tip_megatron.train import checkpoint as ckpt
 from tip_megatron.train.batches import update_microbatches
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib, reduce_reports
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
+from tip_megatron.train.preemption import StopOnSignal
 from tip_megatron.train.preflight import preflight
 from tip_megatron.train.progress import StageTimers, TrainProgress, config_summary, write_effective_config
 from tip_megatron.train.setup import build_models, prompt_source
@@ -278,6 +279,7 @@ def loop(state: Run) -> None:
     stop = cfg.train.steps
     if cfg.train.exit_after_steps:
         stop = min(stop, state.step + cfg.train.exit_after_steps)
+    signalled = StopOnSignal.install(cfg.train.exit_signal, saving=bool(c.dir))
     while state.step < stop:
         metrics = train_step(state)
         state.step += 1
@@ -288,8 +290,19 @@ def loop(state: Run) -> None:
                 state.log.log(state.step, metrics)
             if state.progress is not None:
                 state.progress.step(state.step, metrics, logged)
-        if c.dir and ((c.save_every and state.step % c.save_every == 0) or state.step == stop):
+        preempted = signalled.requested(next(state.ddp[0].parameters()).device)
+        if c.dir and ((c.save_every and state.step % c.save_every == 0) or state.step == stop or preempted):
             save(state)
+        if preempted:
+            _report_stop(state, signalled)
+            break
+    signalled.close()
     if state.progress is not None:
         state.progress.close()
     state.log.close()
+
+
+def _report_stop(state: Run, signalled: StopOnSignal) -> None:
+    saved = str(ckpt.step_dir(state.cfg.checkpoint.dir, state.step)) if state.cfg.checkpoint.dir else None
+    if state.groups.rank == 0:
+        print(signalled.report(state.step, saved), flush=True)
