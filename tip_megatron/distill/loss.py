@@ -30,6 +30,7 @@ import torch
 
 from tip_megatron.ops import fused_linear_reverse_kl, unfused_linear_reverse_kl, vocab_parallel_stats
 from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK
+from tip_megatron.ops.sequence_parallel import gather_sequence
 from tip_megatron.tip import (
     SelectionConfig, TokenSignals, quadrant_labels, select, selection_metric_sums,
 )
@@ -143,15 +144,34 @@ def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec
                         response_mask=target, rollout_ids=rollout)
 
 
-def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec):
-    """Sum of the reverse KL over kept positions, with grad to hidden and weight."""
+def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec,
+              *, sequence_parallel: bool = False):
+    """Sum of the reverse KL over kept positions, with grad to hidden and weight.
+
+    sequence_parallel: `hidden_flat` comes from `gather_sequence`, whose backward
+    reduce-scatters the hidden state's gradient; the loss op must not all-reduce it too.
+    """
     idx = kept.nonzero().squeeze(1)
     teacher_kept = _flat(ctx.teacher_hidden).index_select(0, idx)
     fn = fused_linear_reverse_kl if spec.loss.impl == "fused" else unfused_linear_reverse_kl
     kwargs = {"chunk_size": spec.loss.chunk_size} if spec.loss.impl == "fused" else {}
     loss_sum, _ = fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
-                     tp_group=spec.tp_group, vocab_size=spec.vocab_size, **kwargs)
+                     tp_group=spec.tp_group, vocab_size=spec.vocab_size,
+                     reduce_hidden_grad=not sequence_parallel, **kwargs)
     return loss_sum
+
+
+def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[torch.Tensor, bool]:
+    """([s, b, h] hidden states, whether they were gathered from sequence-parallel shards).
+
+    Under sequence parallelism megatron's output layer is tagged `sequence_parallel` and
+    receives [s/tp, b, h]; the loss path gathers the whole sequence on every TP rank
+    (scoring and the loss need every token against this rank's vocabulary shard), and the
+    gather's backward returns the gradient in the sequence-sharded layout.
+    """
+    if not getattr(output_layer, "sequence_parallel", False):
+        return hidden_states, False
+    return gather_sequence(hidden_states, tp_group), True
 
 
 def _signals_and_kept(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec):
@@ -171,19 +191,15 @@ def make_output_processor(spec: DistillSpec):
 
     def output_processor(*, hidden_states, output_layer, output_weight, context, **_: Any):
         ctx: MicrobatchContext = context
-        if getattr(output_layer, "sequence_parallel", False):
-            raise NotImplementedError(
-                "the TIP loss path does not support sequence parallelism yet; set "
-                "parallel.sequence_parallel=false"
-            )
         weight = output_weight if output_weight is not None else output_layer.weight
+        hidden_states, sp = full_sequence(hidden_states, output_layer, spec.tp_group)
         hidden_flat = _flat(hidden_states)
         signals, kept = _signals_and_kept(hidden_flat, weight, ctx, spec)
         if kept is None:
             return LossPathOutput(hidden_states.new_zeros(()), signals)
         labels = quadrant_labels(signals, spec.selection.quadrant_rule)
-        return LossPathOutput(kept_loss(hidden_flat, weight, ctx, kept, spec), signals, kept,
-                              selection_metric_sums(signals, kept, labels))
+        loss_sum = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp)
+        return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels))
 
     return output_processor
 

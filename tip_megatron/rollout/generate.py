@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from tip_megatron import platform
 from tip_megatron.models.arch import ModelArch
+from tip_megatron.models.sequence_parallel import sequence_parallel_off
 from tip_megatron.models.state import unwrap
 from tip_megatron.ops.sampling import vocab_parallel_sample
 from tip_megatron.parallel import ParallelGroups
@@ -166,9 +167,11 @@ def generate(
             raise ValueError(f"{name}={value!r}: must be an integer in [0, 2**32)")
     prompt_ids, pads = _left_pad(prompts, config.pad_id, device)
     total = prompt_ids.shape[1] + config.max_new_tokens
-    loop = _Decoder(chunks, groups, arch, config, seed, step, row_offset)
-    loop.prepare(total)
-    with _eval_mode(chunks), kv_cache.install(chunks, KVCache(total, config.use_kv_cache)) as cache:
+    # Sequence parallelism (training layout) is switched off while decoding: same weights.
+    with sequence_parallel_off(chunks), _eval_mode(chunks), \
+            kv_cache.install(chunks, KVCache(total, config.use_kv_cache)) as cache:
+        loop = _Decoder(chunks, groups, arch, config, seed, step, row_offset)
+        loop.prepare(total)
         loop.cache = cache
         tokens, logprobs, lengths, stopped = loop.run(prompt_ids, pads)
     for chunk in map(unwrap, chunks):
@@ -340,9 +343,6 @@ def _check_inputs(chunks, groups: ParallelGroups, arch: ModelArch,
                   prompts: Sequence[Sequence[int]], config: GenerationConfig) -> None:
     """Fail before any collective, with a message naming the offending value."""
     layout = groups.layout
-    if layout.sequence_parallel:
-        raise ValueError("generation does not support sequence_parallel=True (one new token per "
-                         "step cannot be split over TP ranks); build the model without it")
     if len(chunks) != (layout.vpp or 1):
         raise ValueError(f"got {len(chunks)} model chunks; layout vpp={layout.vpp} needs {layout.vpp or 1}")
     if not prompts or any(len(p) == 0 for p in prompts):

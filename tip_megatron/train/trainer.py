@@ -104,7 +104,9 @@ def rollouts(run: Run, prompts: list[list[int]]):
 def microbatches(run: Run, out) -> list:
     rows = out.token_ids.shape[0]
     rollout_ids = run.groups.dp_rank * rows + torch.arange(rows, device=out.token_ids.device)
-    return make_microbatches(out.token_ids, out.response_mask, rollout_ids, run.cfg.train.micro_batch_size)
+    layout = run.groups.layout
+    return make_microbatches(out.token_ids, out.response_mask, rollout_ids, run.cfg.train.micro_batch_size,
+                             seq_multiple=layout.tp if layout.sequence_parallel else 1)
 
 
 def _spec(run: Run) -> DistillSpec:
@@ -160,7 +162,7 @@ def train_step(run: Run) -> dict:
     start = time.perf_counter()
     out = rollouts(run, run.prompts.next())
     mbs = microbatches(run, out)
-    shape = dict(seq_length=out.token_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
+    shape = dict(seq_length=mbs[0].input_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
     hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
     t_weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
     contexts = make_contexts(run.groups, mbs, hidden, t_weight)
