@@ -6,6 +6,8 @@ itself pinned to TP=1 and to naive full-token OPD by test_distill_loss.py). Each
 checks that the output processor really received [s/tp, b, h] hidden states. Gradients
 come from megatron DDP after finalize_model_grads (the SUM over TP of the norms' partial
 gradients under SP: without it the norm gradients would be 1/tp of the truth).
+Decoding an SP-built model (SP switched off for the call) equals decoding the SP-off
+build, and a 2-step trainer run with SP equals the run without.
 One launch per world size; each runs every body of its layouts.
 """
 import contextlib
@@ -125,8 +127,36 @@ def _compare(tp, pp, num_mb, cases):
 CASES = [("fused", SOFT_OR), ("unfused", SOFT_OR)]
 
 
+def _sp_flags(chunks) -> list[bool]:
+    names = ("sequence_parallel", "reduce_scatter_embeddings")
+    return [getattr(m, f) for m in chunks[0].modules() for f in names if hasattr(m, f)]
+
+
+def _generation(tp):
+    """Decoding an SP-built student (SP switched off inside `generate`) gives the tokens
+    and log-probs of the SP-off build, for both layer implementations; the flags are back
+    on afterwards, so training after a rollout still runs with SP."""
+    from tip_megatron.rollout.generate import GenerationConfig, generate
+
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    out, runs = [], {}
+    for sp in (False, True):
+        g, student, _ = _models(parallel.ParallelLayout(tp=tp, sequence_parallel=sp))
+        before = _sp_flags(student)
+        for impl in ("megatron", "functional"):
+            cfg = GenerationConfig(n=2, max_new_tokens=5, layer_impl=impl)
+            runs[sp, impl] = generate(student, g, STUDENT, prompts, cfg, seed=3)
+        if _sp_flags(student) != before or (sp and not any(before)):
+            out.append(f"generation: SP flags {before} became {_sp_flags(student)}")
+    for impl in ("megatron", "functional"):
+        off, on = runs[False, impl], runs[True, impl]
+        if not (torch.equal(off.token_ids, on.token_ids) and torch.allclose(off.logprobs, on.logprobs)):
+            out.append(f"generation ({impl}): SP build decodes differently")
+    return out
+
+
 def _world2():
-    return _compare(2, 1, 1, CASES + [("fused", GLOBAL)])
+    return _generation(2) + _compare(2, 1, 1, CASES + [("fused", GLOBAL)])
 
 
 def _world4():
@@ -137,3 +167,51 @@ def _world4():
 def test_sequence_parallel_equals_sp_off(world, body):
     failures = [f for rank_failures in run_distributed(body, world, timeout_s=600) for f in rank_failures]
     assert not failures, "\n".join(sorted(set(failures)))
+
+
+def _make_model(out, family, hidden, layers, seed):
+    from tip_megatron.models.checkpoint import save_model_checkpoint
+
+    arch = tiny_arch(family, hidden_size=hidden, num_layers=layers, max_position_embeddings=64)
+    g = parallel.initialize(parallel.ParallelLayout(), seed=seed)
+    chunks = build_model(arch, g)
+    load_full_state_dict(chunks, init_full_state(chunks, g, arch, seed), g, arch)
+    save_model_checkpoint(chunks, g, arch, out)
+
+
+def _train_both(root):
+    """Student/teacher checkpoints, then 2 OPD steps at TP=2 without and with SP."""
+    from tip_megatron.config import load_config
+    from tip_megatron.train.trainer import run
+
+    _make_model(f"{root}/student", "llama", 64, 2, 1)
+    _make_model(f"{root}/teacher", "llama", 96, 4, 2)
+    base = {"student.ckpt": f"{root}/student", "teacher.ckpt": f"{root}/teacher",
+            "data.prompts": f"[{root}/prompts.jsonl]", "data.tokenizer": "char",
+            "data.prompts_per_step": 8, "data.max_prompt_len": 16, "rollout.max_new_tokens": 5,
+            "selection.rule": "soft_or", "selection.rho": 0.5, "optim.lr": 0.003,
+            "optim.warmup_steps": 0, "train.steps": 2, "train.micro_batch_size": 2,
+            "logging.log_every": 1, "parallel.tp": 2}
+    hist = {}
+    for sp in (False, True):
+        overrides = [f"{k}={v}" for k, v in {**base, "parallel.sequence_parallel": sp}.items()]
+        hist[sp] = run(load_config(None, overrides))
+    return hist
+
+
+def test_trainer_with_sequence_parallel_equals_sp_off(tmp_path):
+    """Rollouts (decoded with SP off inside), sequences padded to a multiple of tp, the
+    TIP loss and two optimizer steps: SP gives the SP-off run's curve."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for _ in range(32):
+            a, b = rng.randint(0, 999), rng.randint(0, 99)  # odd and even prompt lengths
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    (hist,) = [h for h in run_distributed(_train_both, 2, args=(str(tmp_path),), timeout_s=600) if h[False]]
+    assert len(hist[False]) == len(hist[True]) == 2
+    for key in ("loss", "kept_fraction", "grad_norm", "response_len"):
+        off, on = [m[key] for m in hist[False]], [m[key] for m in hist[True]]
+        assert on == pytest.approx(off, rel=1e-5), key

@@ -55,14 +55,20 @@ def local_block_spec(arch: Any, config: Any, vp_stage: Optional[int], pp_rank: i
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=LocalRMSNorm)
 
 
+#: Module attributes megatron-core 0.19 derives from config.sequence_parallel at
+#: construction and reads in forward.
+_SP_MODULE_FLAGS = ("sequence_parallel", "reduce_scatter_embeddings")
+
+
 @contextlib.contextmanager
 def sequence_parallel_off(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Run these (possibly wrapped) chunks with sequence parallelism off, restored after.
 
     Decoding feeds one new token per step, which cannot be split over TP ranks, and the
     weights are the same with SP on or off. megatron reads the flag at forward time from
-    the shared TransformerConfig (embedding scatter, block) and from each tensor-parallel
-    linear's own `sequence_parallel` attribute (set from the config at construction);
+    the shared TransformerConfig (embedding scatter, block) and from module attributes set
+    from it at construction (`_SP_MODULE_FLAGS`: each tensor-parallel linear's
+    `sequence_parallel`, the word embedding's `reduce_scatter_embeddings`);
     megatron's GPTModel flips the output layer's attribute the same way for inference.
     Parameters' `sequence_parallel` tags (gradient reduction) are left alone. Forward
     only: the linears' backward flags (allreduce_dgrad) still assume SP.
@@ -72,13 +78,14 @@ def sequence_parallel_off(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
         for module in chunk.modules():
             config = getattr(module, "config", None)
             if getattr(config, "sequence_parallel", False):
-                saved.append((config, config.sequence_parallel))
+                saved.append((config, "sequence_parallel"))
                 config.sequence_parallel = False
-            if getattr(module, "sequence_parallel", None) is True:
-                saved.append((module, True))
-                module.sequence_parallel = False
+            for name in _SP_MODULE_FLAGS:
+                if getattr(module, name, None) is True:
+                    saved.append((module, name))
+                    setattr(module, name, False)
     try:
         yield
     finally:
-        for owner, value in reversed(saved):
-            owner.sequence_parallel = value
+        for owner, name in reversed(saved):
+            setattr(owner, name, True)
