@@ -86,7 +86,8 @@ def _run(tp, pp, num_mb, sp, impl, selection):
     hidden = teacher_hidden_states(teacher, g, mbs, **shape)
     assert all(tuple(h.shape[:2]) == (SEQ, ROWS // num_mb) for h in hidden), "teacher not gathered"
     contexts = make_contexts(g, mbs, hidden, teacher_output_weight(teacher) if g.is_last_stage else None)
-    spec = DistillSpec(selection, LossConfig(impl=impl, chunk_size=7), STUDENT.vocab_size, g.tp_group)
+    spec = DistillSpec(selection, LossConfig(impl=impl, chunk_size=7, score_chunk_size=5),
+                       STUDENT.vocab_size, g.tp_group)
     with _spy_gathers() as gathered:  # the student's gathers only (scoring and loss)
         if selection.scope == "global":
             signals = scoring_pass(ddp, g, mbs, contexts, spec, **shape)

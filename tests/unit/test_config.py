@@ -60,6 +60,7 @@ FROZEN_KEYS = [
     "selection.keep_quadrants",
     "loss.impl",
     "loss.chunk_size",
+    "loss.score_chunk_size",
     "optim.lr",
     "optim.min_lr",
     "optim.warmup_steps",

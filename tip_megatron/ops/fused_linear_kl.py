@@ -5,8 +5,9 @@ this rank's output-weight shard (column-parallel: rows = vocab); [c, w] = one ch
 logits over the shard's true-vocab columns; [k] = per-token KL.
 
 Fused path (Liger-style). For each chunk of c tokens the forward computes both logit
-chunks, the KL (two [c]-sized collectives, see `reverse_kl`), the logit gradient
-g = w_i * p_s (log p_s - log p_t - KL), and immediately
+chunks (two [c, w] buffers for the whole call), the KL (two [c]-sized collectives, see
+`reverse_kl`), the logit gradient g = w_i * p_s (log p_s - log p_t - KL) into the teacher
+chunk's buffer, and immediately
     grad_hidden[chunk] = g @ W          ([c, h], this rank's partial)
     grad_weight       += g^T @ hidden   ([V/tp, h], accumulated in fp32)
 then drops the chunk. Backward only scales the stored gradients by the scalar upstream
@@ -86,11 +87,15 @@ def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: t
     grad_weight = (torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
                    if need_grad[1] else None)
     rows = min(chunk, hidden.shape[0])
-    # Reused per chunk: both logit chunks, the logit gradient, and an fp32 workspace for
-    # the elementwise KL math, which runs in smaller cache-sized blocks of `inner` tokens.
+    # Reused per chunk: both logit chunks (the second then takes the logit gradient) and an
+    # fp32 workspace for the elementwise KL math, run in cache-sized blocks of `inner` tokens.
     logits = [torch.empty((rows, valid_width), dtype=x.dtype, device=x.device)
               for x in (hidden, teacher_hidden)]
-    grad_logits = torch.empty((rows, valid_width), dtype=weight.dtype, device=weight.device)
+    # The logit gradient overwrites the teacher chunk: the gradient reads each teacher row
+    # block before writing it, and nothing reads the teacher logits after. Two [c, w]
+    # buffers instead of three (a different dtype needs its own buffer).
+    grad_logits = (logits[1] if teacher_hidden.dtype == weight.dtype else
+                   torch.empty((rows, valid_width), dtype=weight.dtype, device=weight.device))
     inner = chunk_tokens(valid_width, None, hidden.device)
     work = Workspace(min(inner, rows), valid_width, logits[0], count=2)
     for sl in token_chunks(hidden.shape[0], chunk):
