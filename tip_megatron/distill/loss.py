@@ -1,10 +1,11 @@
 """The TIP loss path at the student's output layer (last pipeline stage).
 
-Shapes: hidden [s, b, h] (megatron layout) -> flattened [b*s, h] (batch-major, matching
-the [b, s] masks); k = kept tokens; V/tp = this rank's vocabulary shard.
+Shapes: hidden [s, b, h] (megatron layout; [s/tp, b, h] under sequence parallelism,
+gathered first by `full_sequence`) -> flattened [b*s, h] (batch-major, matching the [b, s]
+masks); k = kept tokens; V/tp = this rank's vocabulary shard.
 
 Per micro-batch, inside `GPTModel.forward(..., output_processor=...)`:
-  a. score (no grad, chunked): student and teacher logit shards of the response positions
+  a. score (no grad, in chunks of `score_chunk_size`): student and teacher logit shards of the response positions
      -> entropy, reverse KL, forward KL through vocab-parallel all-reduces; only [tokens]
      statistics survive. Skipped under scope `global`: the scoring pre-pass already
      computed the signals, and the micro-batch's `Preselection` carries them here;
