@@ -359,8 +359,6 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
     cfg.optim.validate()
     cfg.model.validate()
     cfg.parallel.validate(world_size)
-    if cfg.parallel.sequence_parallel:
-        raise ValueError("parallel.sequence_parallel=true: not yet supported by the TIP loss path")
     _check_batch(cfg, cfg.parallel.dp(world_size))
     _check_prompt_source(cfg)
 

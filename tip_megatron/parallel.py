@@ -36,7 +36,8 @@ class ParallelLayout:
     vpp: Optional[int] = None
     """Virtual pipeline stages per rank (interleaved 1F1B schedule); None disables it."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (GPU only; needs TP > 1)."""
+    """Megatron sequence parallelism (needs TP > 1): activations outside the TP regions
+    are split over the sequence; the TIP loss path gathers them at the output layer."""
     cp: int = 1
     """Context-parallel size. Only 1: TIP selection under context parallelism is not
     implemented (see docs/design_notes.md, "Context parallelism")."""
@@ -175,12 +176,6 @@ def initialize(
     if dist.is_initialized():
         world = dist.get_world_size()
     layout.validate(world)
-    device = platform.default_backend()
-    if layout.sequence_parallel and not device.is_cuda:
-        raise ValueError(
-            "parallel.sequence_parallel=True is supported on GPU only (megatron's local "
-            "layer spec refuses it without TE/apex norms); set it to false on CPU"
-        )
     platform.apply_cpu_compat()
     rank, world = init_torch_distributed(timeout_minutes)
 
@@ -212,7 +207,8 @@ def initialize(
     if rank == 0:
         logger.info(
             "parallel layout: world=%d tp=%d pp=%d dp=%d vpp=%s backend=%s",
-            world, layout.tp, layout.pp, layout.dp(world), layout.vpp, device.backend,
+            world, layout.tp, layout.pp, layout.dp(world), layout.vpp,
+            platform.default_backend().backend,
         )
     return groups
 

@@ -80,7 +80,9 @@ class BenchConfig:
     response: int
     prompt: int
     chunk: int
-    """LossConfig.chunk_size: tokens per chunk of the scoring and of the fused loss."""
+    """LossConfig.chunk_size: tokens per chunk of the fused loss."""
+    score_chunks: tuple[int, ...]
+    """LossConfig.score_chunk_size values: the engine rows run once per value."""
     iters: int
     warmup: int
     reference_rows: str
@@ -96,6 +98,8 @@ class Row:
     mode: str
     rule: str
     rho: float
+    score_chunk: Optional[int] = None
+    """The engine modes' scoring chunk; None for the reference (it scores from its logits)."""
 
 
 # ------------------------------------------------------------------ reference loss path
@@ -220,7 +224,9 @@ class Bench:
         cfg = self.cfg
         impl = "fused" if row.mode == "fused" else "unfused"
         spec = DistillSpec(SelectionConfig(rule=row.rule, rho=row.rho, seed=cfg.seed, scope="rollout"),
-                           LossConfig(impl=impl, chunk_size=cfg.chunk), cfg.vocab,
+                           LossConfig(impl=impl, chunk_size=cfg.chunk,
+                                      score_chunk_size=row.score_chunk or cfg.score_chunks[0]),
+                           cfg.vocab,
                            self.groups.tp_group, step=self.step_index)
         ctx = MicrobatchContext(teacher_hidden=self.teacher_hidden,
                                 teacher_weight=self.teacher_weight,
@@ -290,25 +296,28 @@ def estimated_gib(cfg: BenchConfig, row: Row) -> float:
         kl_rows = n if cfg.reference_rows == "all" else kept
         big = (2 * n + 7 * kl_rows) * per_row  # measured: ~2 [N, V] + ~7 [k, V] fp32
     elif row.mode == "unfused":
-        big = max(2 * cfg.chunk, 3 * kept) * per_row
+        big = max(2 * (row.score_chunk or cfg.chunk), 3 * kept) * per_row
     else:
-        big = 4 * min(cfg.chunk, n) * per_row
+        big = max(2 * (row.score_chunk or cfg.chunk), 3 * min(cfg.chunk, n)) * per_row
     resident = cfg.vocab * (2 * cfg.hidden * 16 + cfg.teacher_hidden * 4)
     return (big + resident) / 2**30
 
 
 # ------------------------------------------------------------------ driver
-def bench_rows(modes=MODES, rules=RULES, rhos=RHOS) -> list[Row]:
-    """`all` at rho 1.0; every other rule at each rho < 1 (at 1.0 it equals `all`)."""
+def bench_rows(modes=MODES, rules=RULES, rhos=RHOS, score_chunks=(None,)) -> list[Row]:
+    """`all` at rho 1.0; every other rule at each rho < 1 (at 1.0 it equals `all`); the
+    engine modes once per scoring chunk."""
     rows = []
     for mode in modes:
-        rows += [Row(mode, "all", 1.0)] if "all" in rules and 1.0 in rhos else []
-        rows += [Row(mode, r, rho) for r in rules if r != "all" for rho in rhos if rho < 1.0]
+        for sc in (score_chunks if mode != "reference" else (None,)):
+            rows += [Row(mode, "all", 1.0, sc)] if "all" in rules and 1.0 in rhos else []
+            rows += [Row(mode, r, rho, sc) for r in rules if r != "all" for rho in rhos if rho < 1.0]
     return rows
 
 
 def _result(row: Row, note: str = "") -> dict[str, Any]:
-    return {"mode": row.mode, "rule": row.rule, "rho": row.rho, "kept_tokens": None,
+    return {"mode": row.mode, "rule": row.rule, "rho": row.rho, "score_chunk": row.score_chunk,
+            "kept_tokens": None,
             "loss_path_peak_mib": None, "step_peak_mib": None, "step_ms_median": None,
             "note": note}
 
@@ -348,13 +357,14 @@ def run(cfg: BenchConfig, rows: list[Row], log: Callable[[str], None] = print) -
 
 
 def format_table(rows: list[dict], header: bool = True) -> str:
-    head = (f"{'mode':<10}{'rule':<16}{'rho':>5}{'kept':>8}{'loss_path_MiB':>15}"
+    head = (f"{'mode':<10}{'rule':<16}{'rho':>5}{'score_c':>8}{'kept':>8}{'loss_path_MiB':>15}"
             f"{'step_MiB':>10}{'step_ms':>10}  note")
     lines = [head, "-" * len(head)] if header else []
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         lines.append(f"{r['mode']:<10}{r['rule']:<16}{r['rho']:>5.2f}"
-                     f"{fmt(r['kept_tokens'], 'd'):>8}{fmt(r['loss_path_peak_mib'], '.1f'):>15}"
+                     f"{fmt(r.get('score_chunk'), 'd'):>8}{fmt(r['kept_tokens'], 'd'):>8}"
+                     f"{fmt(r['loss_path_peak_mib'], '.1f'):>15}"
                      f"{fmt(r['step_peak_mib'], '.1f'):>10}{fmt(r['step_ms_median'], '.0f'):>10}"
                      f"  {r['note']}")
     return "\n".join(lines)
@@ -379,13 +389,13 @@ def _target(text: str, ratios: dict[str, float], limit: float, higher_ok: bool =
             f"worst {worst} {ratios[worst]:.3f} [{listed}]")
 
 
-def fused_budget_mib(cfg: BenchConfig, kept: int) -> float:
+def fused_budget_mib(cfg: BenchConfig, kept: int, score_chunk: int) -> float:
     """Analytic budget of the fused loss path: one chunk's transient, the larger of the
-    scoring chunk (student + teacher logits, [c, V] each) and the fused chunk (at most four
+    scoring chunk (student + teacher logits, [c_s, V] each) and the fused chunk (at most four
     [min(c, k), V] fp32 buffers: both logit chunks, the logit gradient, KL workspace), plus
     the output weight's fp32 gradient ([V, h], accumulator + scaled copy) and the [k, h]
     hidden gradient (x2). An upper bound, independent of how the op splits its buffers."""
-    chunk = 4 * cfg.vocab * max(2 * cfg.chunk, 4 * min(cfg.chunk, kept))
+    chunk = 4 * cfg.vocab * max(2 * score_chunk, 4 * min(cfg.chunk, kept))
     return (chunk + 8 * cfg.vocab * cfg.hidden + 8 * kept * cfg.hidden) / 2**20
 
 
@@ -393,9 +403,12 @@ def _label(r: dict) -> str:
     return f"{r['rule']}@{r['rho']}"
 
 
-def check_targets(rows: list[dict], cfg: BenchConfig) -> list[str]:
-    """One line per target of issue 4 with every ratio it covers; never adjusts a number."""
+def check_targets(rows: list[dict], cfg: BenchConfig, score_chunk: Optional[int] = None) -> list[str]:
+    """One line per target of issue 4 with every ratio it covers; never adjusts a number.
+    Engine rows at `score_chunk` (default: the first one run) against the reference rows."""
     lp, sp = "loss_path_peak_mib", "step_peak_mib"
+    score_chunk = score_chunk or cfg.score_chunks[0]
+    rows = [r for r in rows if r["mode"] == "reference" or r.get("score_chunk") == score_chunk]
     got = [r for r in rows if r[sp] is not None]
     by_mode = {m: [r for r in got if r["mode"] == m] for m in MODES}
     ref = lambda r: _get(rows, "reference", r["rule"], r["rho"])  # noqa: E731
@@ -406,7 +419,7 @@ def check_targets(rows: list[dict], cfg: BenchConfig) -> list[str]:
                   for r in by_mode["unfused"] if base and r["rho"] == rho}
         out.append(_target(f"unfused loss path at rho={rho} / at rho=1.0", ratios, limit))
     out.append(_target("fused loss path / analytic chunk+[V,h]+[k,h] budget (fused_budget_mib)",
-                       {_label(r): r[lp] / fused_budget_mib(cfg, r["kept_tokens"])
+                       {_label(r): r[lp] / fused_budget_mib(cfg, r["kept_tokens"], score_chunk)
                         for r in by_mode["fused"]}, 1.0))
     flat = [r[lp] for r in by_mode["fused"] if r["kept_tokens"] >= cfg.chunk]
     out.append(_target(f"fused loss path max/min over rows with kept >= chunk {cfg.chunk}",
@@ -464,7 +477,8 @@ def describe(cfg: BenchConfig) -> list[str]:
         f"machine: {machine(torch.get_num_threads())}",
         f"tokens: {cfg.rollouts} x ({cfg.prompt} prompt + {cfg.response} response) in one "
         f"micro-batch; V {cfg.vocab}, student h {cfg.hidden} x {cfg.layers} layers, teacher h "
-        f"{cfg.teacher_hidden}, chunk_size {cfg.chunk}",
+        f"{cfg.teacher_hidden}, chunk_size {cfg.chunk}, score_chunk_size (score_c) "
+        f"{' / '.join(map(str, cfg.score_chunks))}",
         "loss_path_MiB: peak live tensor bytes from the output processor's entry to the gradient "
         "of its input hidden states (torch.profiler profile_memory; relative to the window start)",
         "step_MiB: peak live tensor bytes over one whole step (zero grads, fwd+bwd, AdamW) above "
@@ -483,7 +497,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         teacher_hidden=pick(args.teacher_hidden, 256, 512), layers=args.layers, heads=args.heads,
         ffn=pick(args.ffn, 384, 768), rollouts=pick(args.rollouts, 2, 4),
         response=pick(args.response, 256, 2048), prompt=pick(args.prompt, 16, 64),
-        chunk=pick(args.chunk, 128, LossConfig().chunk_size), iters=pick(args.iters, 3, 2),
+        chunk=pick(args.chunk, 128, LossConfig().chunk_size),
+        score_chunks=tuple(args.score_chunk or [LossConfig().score_chunk_size]),
+        iters=pick(args.iters, 3, 2),
         warmup=pick(args.warmup, 1, 0), reference_rows=args.reference_rows)
 
 
@@ -494,6 +510,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     for name in ("vocab", "hidden", "teacher-hidden", "ffn", "rollouts", "response", "prompt",
                  "chunk", "iters", "warmup"):
         p.add_argument(f"--{name}", type=int, default=None)
+    p.add_argument("--score-chunk", type=int, nargs="+", default=None,
+                   help="loss.score_chunk_size value(s); engine rows run once per value "
+                        f"(default {LossConfig().score_chunk_size}); targets use the first")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -517,12 +536,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     platform.quiet_third_party_warnings()
     cfg = config_from_args(args)
     print(f"config: {json.dumps(asdict(cfg))}", flush=True)
-    rows = run(cfg, bench_rows(args.modes, args.rules, args.rhos),
+    rows = run(cfg, bench_rows(args.modes, args.rules, args.rhos, cfg.score_chunks),
                log=lambda line: print(line, flush=True))
     notes = describe(cfg)
-    targets = check_targets(rows, cfg)
-    print("\n" + "\n".join(notes) + "\n\n" + format_table(rows) + "\n\ntargets (issue 4):\n"
-          + "\n".join(targets))
+    targets = []
+    for sc in cfg.score_chunks:
+        targets += [f"targets (issues 4 and 14) at score_chunk_size={sc}:"] + check_targets(rows, cfg, sc)
+    print("\n" + "\n".join(notes) + "\n\n" + format_table(rows) + "\n\n" + "\n".join(targets))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": machine(torch.get_num_threads()),

@@ -61,6 +61,7 @@ FROZEN_KEYS = [
     "selection.keep_quadrants",
     "loss.impl",
     "loss.chunk_size",
+    "loss.score_chunk_size",
     "optim.lr",
     "optim.min_lr",
     "optim.warmup_steps",
@@ -176,7 +177,7 @@ BAD_RUNS = [
      "global batch of 6 rollouts .* not divisible by dp x updates_per_rollout x micro_batch_size"),
     (["data.prompts=[]"], 1, "data.prompts is empty: name prompt files"),
     (["optim.lr=0"], 1, "optim.lr=0.0: must be > 0"),
-    (["parallel.sequence_parallel=true", "parallel.tp=2"], 2, "parallel.sequence_parallel=true: not yet"),
+    (["parallel.sequence_parallel=true", "parallel.tp=1"], 2, "parallel.sequence_parallel=True needs parallel.tp >= 2"),
 ]
 
 

@@ -1,10 +1,11 @@
 """The TIP loss path at the student's output layer (last pipeline stage).
 
-Shapes: hidden [s, b, h] (megatron layout) -> flattened [b*s, h] (batch-major, matching
-the [b, s] masks); k = kept tokens; V/tp = this rank's vocabulary shard.
+Shapes: hidden [s, b, h] (megatron layout; [s/tp, b, h] under sequence parallelism,
+gathered first by `full_sequence`) -> flattened [b*s, h] (batch-major, matching the [b, s]
+masks); k = kept tokens; V/tp = this rank's vocabulary shard.
 
 Per micro-batch, inside `GPTModel.forward(..., output_processor=...)`:
-  a. score (no grad, chunked): student and teacher logit shards of the response positions
+  a. score (no grad, in chunks of `score_chunk_size`): student and teacher logit shards of the response positions
      -> entropy, reverse KL, forward KL through vocab-parallel all-reduces; only [tokens]
      statistics survive. Skipped under scope `global`: the scoring pre-pass already
      computed the signals, and the micro-batch's `Preselection` carries them here;
@@ -30,11 +31,15 @@ import torch
 
 from tip_megatron.ops import fused_linear_reverse_kl, unfused_linear_reverse_kl, vocab_parallel_stats
 from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK
+from tip_megatron.ops.sequence_parallel import gather_sequence
 from tip_megatron.tip import (
     SelectionConfig, TokenSignals, select, selection_labels, selection_metric_sums,
 )
 
 LOSS_IMPLS = ("fused", "unfused")
+#: Default tokens per scoring chunk: at V = 151,936 fp32 the two logit chunks take 297 MiB,
+#: under the kept-token loss of rho >= 0.1 at 2,048 response tokens (measured 4 x 512 table).
+DEFAULT_SCORE_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -45,13 +50,19 @@ class LossConfig:
     """`fused`: chunked output layer + reverse KL with the gradient computed in the forward
     (nothing [k, V/tp] kept for backward); `unfused`: ordinary autograd on the kept tokens."""
     chunk_size: int = DEFAULT_FUSED_CHUNK
-    """Tokens per chunk in scoring and in the fused loss."""
+    """Tokens per chunk of the fused loss (two [chunk, V/tp] logit buffers)."""
+    score_chunk_size: int = DEFAULT_SCORE_CHUNK
+    """Tokens per chunk of the no-grad scoring (student + teacher [chunk, V/tp] logits).
+    Scoring sees every response token whatever rho is, so this chunk is the loss path's
+    memory floor at small rho (docs/selection_memory.md)."""
 
     def __post_init__(self) -> None:
         if self.impl not in LOSS_IMPLS:
             raise ValueError(f"loss.impl={self.impl!r}: accepted values are {list(LOSS_IMPLS)}")
-        if self.chunk_size < 1:
-            raise ValueError(f"loss.chunk_size={self.chunk_size}: must be >= 1")
+        for name in ("chunk_size", "score_chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"loss.{name}={value!r}: must be an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -121,8 +132,9 @@ def _flat(hidden: torch.Tensor) -> torch.Tensor:
 def score_tokens(hidden_flat, weight, teacher_flat, teacher_weight, positions, spec: DistillSpec):
     """(entropy_norm, reverse_kl, forward_kl) [n] for the rows `positions` (chunked)."""
     parts = []
-    for start in range(0, positions.numel(), spec.loss.chunk_size):
-        idx = positions[start:start + spec.loss.chunk_size]
+    chunk = spec.loss.score_chunk_size
+    for start in range(0, positions.numel(), chunk):
+        idx = positions[start:start + chunk]
         stats = vocab_parallel_stats(
             hidden_flat[idx] @ weight.t(), teacher_flat[idx] @ teacher_weight.t(),
             tp_group=spec.tp_group, vocab_size=spec.vocab_size,
@@ -148,15 +160,34 @@ def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec
                         response_mask=target, rollout_ids=rollout)
 
 
-def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec):
-    """Sum of the reverse KL over kept positions, with grad to hidden and weight."""
+def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec,
+              *, sequence_parallel: bool = False):
+    """Sum of the reverse KL over kept positions, with grad to hidden and weight.
+
+    sequence_parallel: `hidden_flat` comes from `gather_sequence`, whose backward
+    reduce-scatters the hidden state's gradient; the loss op must not all-reduce it too.
+    """
     idx = kept.nonzero().squeeze(1)
     teacher_kept = _flat(ctx.teacher_hidden).index_select(0, idx)
     fn = fused_linear_reverse_kl if spec.loss.impl == "fused" else unfused_linear_reverse_kl
     kwargs = {"chunk_size": spec.loss.chunk_size} if spec.loss.impl == "fused" else {}
     loss_sum, _ = fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
-                     tp_group=spec.tp_group, vocab_size=spec.vocab_size, **kwargs)
+                     tp_group=spec.tp_group, vocab_size=spec.vocab_size,
+                     reduce_hidden_grad=not sequence_parallel, **kwargs)
     return loss_sum
+
+
+def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[torch.Tensor, bool]:
+    """([s, b, h] hidden states, whether they were gathered from sequence-parallel shards).
+
+    Under sequence parallelism megatron's output layer is tagged `sequence_parallel` and
+    receives [s/tp, b, h]; the loss path gathers the whole sequence on every TP rank
+    (scoring and the loss need every token against this rank's vocabulary shard), and the
+    gather's backward returns the gradient in the sequence-sharded layout.
+    """
+    if not getattr(output_layer, "sequence_parallel", False):
+        return hidden_states, False
+    return gather_sequence(hidden_states, tp_group), True
 
 
 def _signals_and_kept(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec):
@@ -180,18 +211,15 @@ def make_output_processor(spec: DistillSpec):
 
     def output_processor(*, hidden_states, output_layer, output_weight, context, **_: Any):
         ctx: MicrobatchContext = context
-        if getattr(output_layer, "sequence_parallel", False):
-            raise NotImplementedError(
-                "the TIP loss path does not support sequence parallelism yet; set "
-                "parallel.sequence_parallel=false"
-            )
         weight = output_weight if output_weight is not None else output_layer.weight
+        hidden_states, sp = full_sequence(hidden_states, output_layer, spec.tp_group)
         hidden_flat = _flat(hidden_states)
         signals, kept, labels = _signals_and_kept(hidden_flat, weight, ctx, spec)
         if kept is None:
             return LossPathOutput(hidden_states.new_zeros(()), signals)
-        return LossPathOutput(kept_loss(hidden_flat, weight, ctx, kept, spec), signals, kept,
-                              selection_metric_sums(signals, kept, labels), labels)
+        loss_sum = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp)
+        return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels),
+                              labels)
 
     return output_processor
 

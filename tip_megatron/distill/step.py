@@ -16,7 +16,7 @@ import torch
 
 from tip_megatron import pipeline
 from tip_megatron.distill.loss import (
-    DistillSpec, MicrobatchContext, Preselection, loss_func, make_output_processor,
+    DistillSpec, MicrobatchContext, Preselection, full_sequence, loss_func, make_output_processor,
 )
 from tip_megatron.models.state import unwrap
 from tip_megatron.parallel import ParallelGroups
@@ -37,8 +37,10 @@ class Microbatch:
     """[b] int64 global rollout ids."""
 
 
-def _hidden_only(*, hidden_states, **_):
-    return hidden_states
+def _hidden_only(tp_group, *, hidden_states, output_layer, **_):
+    """The teacher's final hidden states, [s, b, h_t]: gathered over TP under sequence
+    parallelism (forward-only, so stashed already gathered, as the loss path reads them)."""
+    return full_sequence(hidden_states, output_layer, tp_group)[0]
 
 
 def _stash(store: list, hidden: torch.Tensor):
@@ -47,9 +49,9 @@ def _stash(store: list, hidden: torch.Tensor):
     return zero, torch.zeros((), dtype=torch.int), {}
 
 
-def _teacher_step(store: list, data_iterator, model):
+def _teacher_step(store: list, tp_group, data_iterator, model):
     mb: Microbatch = next(data_iterator)
-    out = model(mb.input_ids, mb.position_ids, None, output_processor=_hidden_only)
+    out = model(mb.input_ids, mb.position_ids, None, output_processor=partial(_hidden_only, tp_group))
     return out, partial(_stash, store)
 
 
@@ -62,7 +64,7 @@ def teacher_hidden_states(
     (an empty list on other stages)."""
     store: list[torch.Tensor] = []
     pipeline.forward_backward(
-        partial(_teacher_step, store), teacher_chunks, list(microbatches), groups,
+        partial(_teacher_step, store, groups.tp_group), teacher_chunks, list(microbatches), groups,
         seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True,
     )
     return store

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from tip_megatron import platform
 from tip_megatron.models.arch import ModelArch, RopeScaling
+from tip_megatron.models.sequence_parallel import local_block_spec
 from tip_megatron.parallel import ParallelGroups
 
 logger = logging.getLogger(__name__)
@@ -135,15 +136,15 @@ def transformer_config(arch: ModelArch, groups: ParallelGroups, options: BuildOp
     )
 
 
-def layer_spec(arch: ModelArch, spec: str):
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+def layer_spec(arch: ModelArch, spec: str, config, vp_stage: Optional[int], pp_rank: int):
+    """TE: megatron's TE layer spec (its norms handle sequence parallelism). Local:
+    megatron's local spec with `LocalRMSNorm` norms, whose weights carry the
+    `sequence_parallel` tag that finalize_model_grads needs (models/sequence_parallel.py)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     if spec == "te":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    return local_block_spec(arch, config, vp_stage, pp_rank)
 
 
 def check_rope_scaling(arch: ModelArch) -> None:
@@ -196,7 +197,8 @@ def build_model(
         last = groups.is_last_stage and vp_stage == num_chunks - 1
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(arch, spec),
+            transformer_layer_spec=layer_spec(arch, spec, config, vp_stage if layout.vpp else None,
+                                              groups.pp_rank),
             vocab_size=vocab,
             max_sequence_length=seq_length,
             pre_process=first,

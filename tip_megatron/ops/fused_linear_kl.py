@@ -5,8 +5,9 @@ this rank's output-weight shard (column-parallel: rows = vocab); [c, w] = one ch
 logits over the shard's true-vocab columns; [k] = per-token KL.
 
 Fused path (Liger-style). For each chunk of c tokens the forward computes both logit
-chunks, the KL (two [c]-sized collectives, see `reverse_kl`), the logit gradient
-g = w_i * p_s (log p_s - log p_t - KL), and immediately
+chunks (two [c, w] buffers for the whole call), the KL (two [c]-sized collectives, see
+`reverse_kl`), the logit gradient g = w_i * p_s (log p_s - log p_t - KL) into the teacher
+chunk's buffer, and immediately
     grad_hidden[chunk] = g @ W          ([c, h], this rank's partial)
     grad_weight       += g^T @ hidden   ([V/tp, h], accumulated in fp32)
 then drops the chunk. Backward only scales the stored gradients by the scalar upstream
@@ -15,7 +16,10 @@ across TP and feeds every shard, so its gradient is the sum of the shards' parti
 megatron's ColumnParallelLinear does the same through `copy_to_tensor_model_parallel_region`
 (identity forward, all-reduce backward). Callers must therefore pass the TP-replicated
 hidden state and must NOT wrap it in that region again (that would reduce twice).
-Sequence parallelism (reduce-scatter instead of all-reduce) is not handled here.
+Sequence parallelism: the caller gathers the sequence-sharded hidden state with
+`ops.sequence_parallel.gather_sequence`, whose backward reduce-scatters the partials; it
+passes `reduce_hidden_grad=False`, so both paths hand back this rank's partial unreduced
+(reducing here too would count every shard tp times).
 """
 from __future__ import annotations
 
@@ -83,11 +87,15 @@ def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: t
     grad_weight = (torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
                    if need_grad[1] else None)
     rows = min(chunk, hidden.shape[0])
-    # Reused per chunk: both logit chunks, the logit gradient, and an fp32 workspace for
-    # the elementwise KL math, which runs in smaller cache-sized blocks of `inner` tokens.
+    # Reused per chunk: both logit chunks (the second then takes the logit gradient) and an
+    # fp32 workspace for the elementwise KL math, run in cache-sized blocks of `inner` tokens.
     logits = [torch.empty((rows, valid_width), dtype=x.dtype, device=x.device)
               for x in (hidden, teacher_hidden)]
-    grad_logits = torch.empty((rows, valid_width), dtype=weight.dtype, device=weight.device)
+    # The logit gradient overwrites the teacher chunk: the gradient reads each teacher row
+    # block before writing it, and nothing reads the teacher logits after. Two [c, w]
+    # buffers instead of three (a different dtype needs its own buffer).
+    grad_logits = (logits[1] if teacher_hidden.dtype == weight.dtype else
+                   torch.empty((rows, valid_width), dtype=weight.dtype, device=weight.device))
     inner = chunk_tokens(valid_width, None, hidden.device)
     work = Workspace(min(inner, rows), valid_width, logits[0], count=2)
     for sl in token_chunks(hidden.shape[0], chunk):
@@ -120,13 +128,15 @@ class _FusedLinearReverseKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                 teacher_weight: torch.Tensor, scale: torch.Tensor, tp_group: Any, valid_width: int,
-                chunk: int, need_grad: tuple[bool, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk: int, need_grad: tuple[bool, bool],
+                reduce_hidden_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         kl, grad_hidden, grad_weight = _fused_forward(
             hidden, weight, teacher_hidden, teacher_weight, scale, tp_group,
             valid_width, chunk, need_grad,
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.tp_group, ctx.weight_dtype = tp_group, weight.dtype
+        ctx.reduce_hidden_grad = reduce_hidden_grad
         ctx.mark_non_differentiable(kl)
         return (kl * scale).sum(), kl
 
@@ -136,11 +146,11 @@ class _FusedLinearReverseKL(torch.autograd.Function):
         # grad_loss is a scalar, identical on every TP rank (the loss is replicated).
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-            if grad_hidden.numel() > 0:
+            if grad_hidden.numel() > 0 and ctx.reduce_hidden_grad:
                 all_reduce_(grad_hidden, SUM, ctx.tp_group)  # == ColumnParallelLinear input grad
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def fused_linear_reverse_kl(
@@ -153,6 +163,7 @@ def fused_linear_reverse_kl(
     vocab_size: int,
     chunk_size: int = DEFAULT_FUSED_CHUNK,
     token_weights: Optional[torch.Tensor] = None,
+    reduce_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_i token_weights[i] * KL(P_S || P_T)[i], with P_S = softmax(hidden @ weight^T) sharded.
 
@@ -165,6 +176,9 @@ def fused_linear_reverse_kl(
         vocab_size: TRUE vocabulary size; rows >= it of either weight are never used.
         chunk_size: tokens per chunk; memory ~ a few [chunk, V/tp] fp32 temporaries.
         token_weights: [k] weights of the per-token KL (default 1); no grad.
+        reduce_hidden_grad: True: all-reduce hidden's gradient over tp_group (hidden is
+            TP-replicated). False: return this rank's partial; the caller reduces it (the
+            reduce-scatter of `gather_sequence` under sequence parallelism).
     Returns:
         (loss_sum, per_token_kl): a differentiable fp32 scalar and the detached [k] KL.
         Gradients are computed in the forward (when grad is enabled and hidden or weight
@@ -180,7 +194,7 @@ def fused_linear_reverse_kl(
     need_grad = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     return _FusedLinearReverseKL.apply(
         hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), scale, tp_group,
-        shard.valid_width, chunk, need_grad,
+        shard.valid_width, chunk, need_grad, reduce_hidden_grad,
     )
 
 
@@ -194,12 +208,15 @@ def unfused_linear_reverse_kl(
     vocab_size: int,
     chunk_size: Optional[int] = None,
     token_weights: Optional[torch.Tensor] = None,
+    reduce_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `fused_linear_reverse_kl`, from ordinary autograd: the full
     [k, V/tp] student logits are materialized and kept for backward. The reference for
     the fused path and a benchmark row; `chunk_size` only bounds the KL's fp32 chunks."""
     _check_inputs(hidden, weight, teacher_hidden, teacher_weight, token_weights)
-    student = _CopyToTensorParallel.apply(hidden, tp_group) @ weight.t()
+    # The copy-to-TP region is the all-reduce of hidden's gradient; without it each rank
+    # keeps its partial for the caller's reduce-scatter (sequence parallelism).
+    student = (_CopyToTensorParallel.apply(hidden, tp_group) if reduce_hidden_grad else hidden) @ weight.t()
     with torch.no_grad():
         teacher = teacher_hidden @ teacher_weight.t()
     kl = vocab_parallel_reverse_kl(

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from tip_megatron import platform
 from tip_megatron.models.arch import ModelArch
+from tip_megatron.models.sequence_parallel import sequence_parallel_off
 from tip_megatron.models.state import unwrap
 from tip_megatron.ops.sampling import vocab_parallel_sample
 from tip_megatron.parallel import ParallelGroups
@@ -205,10 +206,12 @@ def generate(
 def _generate_static(chunks, groups, arch, prompts, config, seed, step, row_offset, device) -> Rollouts:
     prompt_ids, pads = _left_pad(prompts, config.pad_id, device)
     total = prompt_ids.shape[1] + config.max_new_tokens
-    loop = _Decoder(chunks, groups, arch, config, seed, step, row_offset)
-    loop.prepare(total)
-    begin = time.perf_counter()
-    with _eval_mode(chunks), kv_cache.install(chunks, KVCache(total, config.use_kv_cache)) as cache:
+    # Sequence parallelism (training layout) is switched off while decoding: same weights.
+    with sequence_parallel_off(chunks), _eval_mode(chunks), \
+            kv_cache.install(chunks, KVCache(total, config.use_kv_cache)) as cache:
+        loop = _Decoder(chunks, groups, arch, config, seed, step, row_offset)
+        loop.prepare(total)
+        begin = time.perf_counter()
         loop.cache = cache
         tokens, logprobs, lengths, stopped = loop.run(prompt_ids, pads)
         kv_bytes = cache.num_bytes
@@ -232,7 +235,9 @@ def _generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_off
     impl = decode.resolve_layer_impl(chunks, config.layer_impl)
     tables = [decode.rope_table(chunk, max_len) for chunk in units]
     begin = time.perf_counter()
-    with _eval_mode(chunks), kv_cache.install(chunks, SlotCache(capacity, max_len)) as cache:
+    # Sequence parallelism (training layout) is switched off while decoding: same weights.
+    with sequence_parallel_off(chunks), _eval_mode(chunks), \
+            kv_cache.install(chunks, SlotCache(capacity, max_len)) as cache:
         engine = DynamicDecoder(units, groups, arch, config, seed, step, row_offset, impl, tables, cache)
         tokens, logprobs, lengths, stopped = engine.run(prompts, device)
     prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long,
@@ -402,9 +407,6 @@ def _check_inputs(chunks, groups: ParallelGroups, arch: ModelArch,
                   prompts: Sequence[Sequence[int]], config: GenerationConfig) -> None:
     """Fail before any collective, with a message naming the offending value."""
     layout = groups.layout
-    if layout.sequence_parallel:
-        raise ValueError("generation does not support sequence_parallel=True (one new token per "
-                         "step cannot be split over TP ranks); build the model without it")
     if len(chunks) != (layout.vpp or 1):
         raise ValueError(f"got {len(chunks)} model chunks; layout vpp={layout.vpp} needs {layout.vpp or 1}")
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -26,12 +26,22 @@ def target_mask(response_mask: torch.Tensor) -> torch.Tensor:
 
 def make_microbatches(
     token_ids: torch.Tensor, response_mask: torch.Tensor, rollout_ids: torch.Tensor,
-    micro_batch_size: int,
+    micro_batch_size: int, seq_multiple: int = 1,
 ) -> list[Microbatch]:
-    """Cut this rank's rollouts into micro-batches of `micro_batch_size` rows."""
+    """Cut this rank's rollouts into micro-batches of `micro_batch_size` rows.
+
+    `seq_multiple`: right-pad the length to a multiple of it (sequence parallelism splits
+    the sequence over TP ranks); padded positions are in no loss, and causal attention
+    keeps them from changing any earlier position.
+    """
     rows, seq = token_ids.shape
     if rows % micro_batch_size != 0:
         raise ValueError(f"{rows} rollouts are not divisible by micro_batch_size={micro_batch_size}")
+    extra = -seq % seq_multiple
+    if extra:
+        token_ids = torch.nn.functional.pad(token_ids, (0, extra))
+        response_mask = torch.nn.functional.pad(response_mask, (0, extra))
+        seq += extra
     targets = target_mask(response_mask)
     positions = torch.arange(seq, device=token_ids.device).expand(rows, seq)
     return [
@@ -58,9 +68,9 @@ def update_rows(rollout_ids: torch.Tensor, updates: int) -> list[torch.Tensor]:
 
 def update_microbatches(
     token_ids: torch.Tensor, response_mask: torch.Tensor, rollout_ids: torch.Tensor,
-    updates: int, micro_batch_size: int,
+    updates: int, micro_batch_size: int, seq_multiple: int = 1,
 ) -> list[list[Microbatch]]:
     """This replica's micro-batches of each update (see `update_rows`)."""
     return [make_microbatches(token_ids[rows], response_mask[rows], rollout_ids[rows],
-                              micro_batch_size)
+                              micro_batch_size, seq_multiple=seq_multiple)
             for rows in update_rows(rollout_ids, updates)]

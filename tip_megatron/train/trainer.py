@@ -119,8 +119,10 @@ def microbatches(run: Run, out) -> list[list]:
     """This replica's micro-batches, one list per update (global rollout id % updates)."""
     rows = out.token_ids.shape[0]
     rollout_ids = run.groups.dp_rank * rows + torch.arange(rows, device=out.token_ids.device)
+    layout = run.groups.layout
     return update_microbatches(out.token_ids, out.response_mask, rollout_ids,
-                               run.cfg.train.updates_per_rollout, run.cfg.train.micro_batch_size)
+                               run.cfg.train.updates_per_rollout, run.cfg.train.micro_batch_size,
+                               seq_multiple=layout.tp if layout.sequence_parallel else 1)
 
 
 def _spec(run: Run) -> DistillSpec:
@@ -228,7 +230,8 @@ def train_step(run: Run) -> dict:
     mb_groups = microbatches(run, out)
     mbs = [mb for group in mb_groups for mb in group]
     check_budget(run, mb_groups)
-    shape = dict(seq_length=out.token_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
+    # The micro-batch length, not the rollouts': sequence parallelism pads it to a multiple of tp.
+    shape = dict(seq_length=mbs[0].input_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
     with run.timers("teacher"):
         hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
         t_weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
