@@ -232,12 +232,12 @@ def _generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_off
         raise ValueError(f"max_batch_tokens={config.max_batch_tokens} holds {capacity} rows of "
                          f"{max_len} positions; it must hold n={config.n}: >= {config.n * max_len} (or 0)")
     units = [unwrap(c) for c in chunks]
-    impl = decode.resolve_layer_impl(chunks, config.layer_impl)
-    tables = [decode.rope_table(chunk, max_len) for chunk in units]
     begin = time.perf_counter()
     # Sequence parallelism (training layout) is switched off while decoding: same weights.
     with sequence_parallel_off(chunks), _eval_mode(chunks), \
             kv_cache.install(chunks, SlotCache(capacity, max_len)) as cache:
+        impl = decode.resolve_layer_impl(chunks, config.layer_impl)
+        tables = [decode.rope_table(chunk, max_len) for chunk in units]
         engine = DynamicDecoder(units, groups, arch, config, seed, step, row_offset, impl, tables, cache)
         tokens, logprobs, lengths, stopped = engine.run(prompts, device)
     prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long,
