@@ -59,6 +59,9 @@ class DataConfig:
     """Global prompts per step (divided over data-parallel ranks)."""
     seed: int = 1234
     """Shuffle seed."""
+    allow_tokenizer_override: bool = False
+    """Accept a `data.tokenizer` that differs from the one bundled with the student (its
+    token ids would not mean what the student learned); off: such a run is refused."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ class TrainConfig:
     exit_after_steps: Optional[int] = None
     """Stop this launch after N steps (saving first when checkpoint.dir is set); the
     learning-rate schedule still spans `steps`. For time-limited (e.g. Slurm) jobs."""
+    max_skipped_steps: int = 5
+    """Stop the run after this many consecutive skipped updates (non-finite loss, grad or
+    TIP signals); the checkpoints on disk stay the last good ones."""
 
 
 @dataclass(frozen=True)
@@ -268,6 +274,7 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
                 "data.prompts_per_step", "data.max_prompt_len", "logging.log_every"):
         section, name = key.split(".")
         _at_least(key, getattr(getattr(cfg, section), name), 1)
+    _at_least("train.max_skipped_steps", cfg.train.max_skipped_steps, 1)
     _at_least("checkpoint.save_every", cfg.checkpoint.save_every, 0)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
     cfg.optim.validate()
