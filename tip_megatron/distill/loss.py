@@ -128,19 +128,23 @@ def score_tokens(hidden_flat, weight, teacher_flat, teacher_weight, positions, s
     return tuple(torch.cat(parts, dim=1).float())
 
 
-def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec) -> TokenSignals:
-    """Signals over all [b*s] positions; statistics are computed for target positions only."""
+def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec):
+    """(signals over all [b*s] positions, whether every statistic was finite); statistics
+    are computed for target positions only."""
     target = ctx.target_mask.reshape(-1).to(hidden_flat.device)
     positions = target.nonzero().squeeze(1)
     teacher_flat = _flat(ctx.teacher_hidden)
     ent, rkl, fkl = score_tokens(hidden_flat, weight, teacher_flat, ctx.teacher_weight, positions, spec)
     full = [torch.zeros(target.numel(), dtype=torch.float32, device=target.device) for _ in range(3)]
+    finite = all(bool(torch.isfinite(x).all()) for x in (ent, rkl, fkl))
     for dest, src in zip(full, (ent, rkl, fkl)):
-        dest[positions] = src.clamp_min(0.0)  # KL and entropy >= 0; clamp fp32 rounding
+        # KL and entropy >= 0 (clamps fp32 rounding); non-finite values (diverged weights)
+        # become 0 so selection runs, and `finite` makes the loss NaN (output_processor).
+        dest[positions] = torch.nan_to_num(src, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
     seq = ctx.target_mask.shape[1]
     rollout = ctx.rollout_ids.to(target.device).repeat_interleave(seq)
     return TokenSignals(entropy_norm=full[0].clamp_max(1.0), reverse_kl=full[1], forward_kl=full[2],
-                        response_mask=target, rollout_ids=rollout)
+                        response_mask=target, rollout_ids=rollout), finite
 
 
 def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec):
@@ -155,15 +159,16 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
 
 
 def _signals_and_kept(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec):
-    """(signals, kept mask or None): the pre-pass's when given, else scored (and selected) here."""
+    """(signals, kept mask or None, finite): the pre-pass's when given, else scored (and
+    selected) here."""
     if ctx.preselection is not None:
         if spec.score_only:
             raise ValueError("the scoring pre-pass got micro-batches that were already scored")
-        return ctx.preselection.signals, ctx.preselection.kept_mask
-    signals = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
+        return ctx.preselection.signals, ctx.preselection.kept_mask, True
+    signals, finite = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
     if spec.score_only:
-        return signals, None
-    return signals, select(spec.selection, signals, step=spec.step)
+        return signals, None, finite
+    return signals, select(spec.selection, signals, step=spec.step), finite
 
 
 def make_output_processor(spec: DistillSpec):
@@ -178,12 +183,14 @@ def make_output_processor(spec: DistillSpec):
             )
         weight = output_weight if output_weight is not None else output_layer.weight
         hidden_flat = _flat(hidden_states)
-        signals, kept = _signals_and_kept(hidden_flat, weight, ctx, spec)
+        signals, kept, finite = _signals_and_kept(hidden_flat, weight, ctx, spec)
         if kept is None:
             return LossPathOutput(hidden_states.new_zeros(()), signals)
         labels = quadrant_labels(signals, spec.selection.quadrant_rule)
-        return LossPathOutput(kept_loss(hidden_flat, weight, ctx, kept, spec), signals, kept,
-                              selection_metric_sums(signals, kept, labels))
+        loss_sum = kept_loss(hidden_flat, weight, ctx, kept, spec)
+        if not finite:  # the trainer skips an update whose loss is not finite, on every rank
+            loss_sum = loss_sum + float("nan")
+        return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels))
 
     return output_processor
 
