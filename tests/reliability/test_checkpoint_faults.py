@@ -56,8 +56,9 @@ def _cut_metadata(path):
     return meta
 
 
-@pytest.mark.parametrize("damage", [_truncate_distcp, _empty_state, _cut_metadata],
-                         ids=["distcp", "state", "metadata"])
+@pytest.mark.parametrize("damage", [
+    _truncate_distcp, pytest.param(_empty_state, marks=pytest.mark.slow),
+    pytest.param(_cut_metadata, marks=pytest.mark.slow)], ids=["distcp", "state", "metadata"])
 def test_damaged_newest_falls_back_to_the_previous(assets, saved, tmp_path, damage):
     ckdir = _copy(saved, tmp_path)
     bad_file = damage(ckdir / "step_000003")
