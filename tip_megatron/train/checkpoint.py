@@ -34,6 +34,7 @@ import logging
 import os
 import random
 import re
+import resource
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -57,6 +58,8 @@ _STEP_RE = re.compile(r"^step_(\d{6,})$")
 COMPLETE = manifest.COMPLETE
 _DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
               errno.EFBIG: "file size limit exceeded (ulimit -f)"}
+#: Less free space than this after a failed save: the disk is taken to be full.
+_LOW_SPACE_BYTES = 64 << 20
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -145,22 +148,49 @@ def save_checkpoint(
     # Other steps' temp directories are left by crashed saves: removed first.
     with disk_errors_named(final), atomic_dir(final, group=dist.group.WORLD, subdirs=("dist", "rng"),
                                               stale=(".step_*.tmp-*",)) as tmp:
+        # dist_checkpointing raises on every rank when any rank's write failed.
         dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(tmp / "dist"))
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.get_rank()}.pt")
-        if dist.get_rank() == 0:
-            state = {"step": step, "scheduler": scheduler.state_dict(), "layout": _layout_key(groups),
-                     "world_size": groups.world_size, **extra}
-            torch.save(state, tmp / "state.pt")
-            (tmp / "config.yaml").write_text(config_yaml)
-            (tmp / "arch.json").write_text(arch_json)
-        dist.barrier()  # every rank's files are closed before they are measured
-        if dist.get_rank() == 0:
-            manifest.write_manifest(tmp)
-            (tmp / COMPLETE).write_text(json.dumps({"step": step}))
+        _on_every_rank(lambda: _write_small_files(tmp, step, scheduler, groups, extra,
+                                                  config_yaml, arch_json))
+        _on_every_rank(lambda: _write_manifest(tmp, step))
     if dist.get_rank() == 0:
         _prune(Path(root), keep_last)
     dist.barrier()
     return final
+
+
+def _write_small_files(tmp: Path, step: int, scheduler: Any, groups: ParallelGroups, extra: dict,
+                       config_yaml: str, arch_json: str) -> None:
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.get_rank()}.pt")
+    if dist.get_rank() == 0:
+        state = {"step": step, "scheduler": scheduler.state_dict(), "layout": _layout_key(groups),
+                 "world_size": groups.world_size, **extra}
+        torch.save(state, tmp / "state.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "arch.json").write_text(arch_json)
+
+
+def _write_manifest(tmp: Path, step: int) -> None:
+    if dist.get_rank() == 0:  # every rank's files are closed (`_on_every_rank` barriers)
+        manifest.write_manifest(tmp)
+        (tmp / COMPLETE).write_text(json.dumps({"step": step}))
+
+
+def _on_every_rank(write) -> None:
+    """Run `write` here; if it fails on any rank, raise on every rank (no rank is left
+    waiting at the next barrier for one that failed)."""
+    error = None
+    try:
+        write()
+    except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+        error = err
+    flag = torch.tensor([float(error is not None)])
+    if dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if flag.item():
+        raise RuntimeError("another rank failed to write its checkpoint files (see its log)")
 
 
 def nonfinite_parameters(chunks: Sequence) -> str:
@@ -173,18 +203,44 @@ def nonfinite_parameters(chunks: Sequence) -> str:
     return f"{int(flag.item())} parameter tensor(s) hold NaN or inf" if flag.item() else ""
 
 
+class CheckpointNotSaved(OSError):
+    """A save failed for lack of space (or a file-size limit): the message says so."""
+
+
 @contextlib.contextmanager
 def disk_errors_named(target: Path) -> Iterator[None]:
-    """A full disk (ENOSPC, EDQUOT) or a file-size limit (EFBIG, SIGXFSZ ignored) during a
-    save becomes one OSError saying so and naming the checkpoint being written."""
+    """A save that fails on a full disk (ENOSPC, EDQUOT) or a file-size limit (EFBIG,
+    `ulimit -f`) becomes one CheckpointNotSaved saying so and naming the checkpoint.
+    dist_checkpointing's writer workers report a failure without its errno ("Worker
+    failure ... starting worker 0"), so the disk and the limit are also probed."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in _DISK_FULL:
+    except BaseException as err:  # torch DCP's CheckpointException is a BaseException
+        why = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else _disk_full_reason(err, target.parent)
+        if why is None:
             raise
-        raise OSError(err.errno, f"checkpoint {target} not saved: {_DISK_FULL[err.errno]} "
-                      f"({err.filename or target}); the previous checkpoints are intact; free "
-                      "space (or raise the limit) and resume") from err
+        raise CheckpointNotSaved(
+            errno.ENOSPC, f"checkpoint {target} not saved: {why}; the previous checkpoints are "
+            "intact (partial files in its .tmp- directory beside it are removed by the next "
+            "save); free space or raise the limit, then resume") from err
+
+
+def _disk_full_reason(err: BaseException, where: Path) -> Optional[str]:
+    cause: Optional[BaseException] = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
+            return f"{_DISK_FULL[cause.errno]} ({cause.filename or where})"
+        cause = cause.__cause__ or cause.__context__
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return f"{_DISK_FULL[errno.EFBIG]}: files are limited to {soft} bytes in {where}"
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return None
+    if free < _LOW_SPACE_BYTES:
+        return f"{_DISK_FULL[errno.ENOSPC]} ({free // 2**20} MiB free on the filesystem of {where})"
+    return None
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -62,20 +62,21 @@ def build_models(cfg: RunConfig, groups: ParallelGroups) -> Models:
 
 # ------------------------------------------------------------------ tokenizer + prompts
 def load_run_tokenizer(cfg: RunConfig):
-    """The tokenizer of the run (`data.tokenizer`, else the student's bundled one); a
-    teacher that bundles a different one is refused."""
+    """The tokenizer of the run (`data.tokenizer`, else the student's bundled one). A
+    `data.tokenizer` that differs from the student's bundled one is refused unless
+    `data.allow_tokenizer_override=true`; a teacher that bundles a different one always is."""
     from tip_megatron.rollout.tokenizers import CharTokenizer, load_tokenizer
 
-    if cfg.data.tokenizer == "char":
-        return CharTokenizer()  # an explicit choice: no bundled tokenizer is consulted
+    student = bundled_tokenizer(cfg.student)
     if cfg.data.tokenizer:
-        tok, where = load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer
+        where = cfg.data.tokenizer
+        tok = CharTokenizer() if where == "char" else load_tokenizer(where)
+        _check_override(cfg, tok, where, student)
+    elif student is None:
+        raise ValueError("no tokenizer: set data.tokenizer (a tokenizer directory or a "
+                         "SentencePiece .model), or use a student checkpoint that bundles one")
     else:
-        bundled = bundled_tokenizer(cfg.student)
-        if bundled is None:
-            raise ValueError("no tokenizer: set data.tokenizer (a tokenizer directory or a "
-                             "SentencePiece .model), or use a student checkpoint that bundles one")
-        tok, where = bundled
+        tok, where = student
     teacher = bundled_tokenizer(cfg.teacher)
     if teacher is not None and teacher[0].fingerprint() != tok.fingerprint():
         raise ValueError(
@@ -83,6 +84,18 @@ def load_run_tokenizer(cfg: RunConfig):
             "on-policy distillation needs one shared vocabulary (same token -> id map)"
         )
     return tok
+
+
+def _check_override(cfg: RunConfig, tok: Any, where: str, student: Optional[tuple[Any, str]]) -> None:
+    if student is None or student[0].fingerprint() == tok.fingerprint():
+        return
+    if not cfg.data.allow_tokenizer_override:
+        raise ValueError(
+            f"data.tokenizer={where!r} differs from the student's bundled tokenizer ({student[1]}): "
+            "its token ids would not mean what the student learned; accepted: data.tokenizer=null "
+            "(the bundled one), the same tokenizer, or data.allow_tokenizer_override=true")
+    logger.warning("data.tokenizer=%r differs from the student's bundled tokenizer (%s): "
+                   "used anyway (data.allow_tokenizer_override=true)", where, student[1])
 
 
 def bundled_tokenizer(src: ModelSource) -> Optional[tuple[Any, str]]:

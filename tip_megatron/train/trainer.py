@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 #: Exit code of a run stopped by `train.max_skipped_steps` consecutive skips.
 EXIT_DIVERGED = 3
+#: Exit code of a run whose checkpoint could not be written (disk full, file-size limit).
+EXIT_NOT_SAVED = 4
 
 
 @dataclass
@@ -269,11 +271,11 @@ def run(cfg: RunConfig) -> list[dict]:
     state = setup(cfg)
     try:
         loop(state)
-    except TrainingDiverged as err:
+    except (TrainingDiverged, ckpt.CheckpointNotSaved) as err:
         state.log.close()
         if state.groups.rank == 0:
-            print(f"tip-megatron train: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_DIVERGED) from err
+            print(f"tip-megatron train: {err.args[-1]}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_NOT_SAVED) from err
     return state.history
 
 
