@@ -109,5 +109,6 @@ def _check_loadable(root: Path) -> list[str]:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure means: not loadable
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            problems.append(f"{path}: not loadable with torch.load(weights_only=True): {first}")
+            problems.append(f"{path}: not loadable with torch.load(weights_only=True) (damaged, "
+                            f"crafted, or written before checkpoints held plain types): {first}")
     return problems
