@@ -198,12 +198,14 @@ def _count_skip(run: Run, reason: str) -> None:
                        step, reason, run.skip_streak, limit)
     if run.skip_streak >= limit:
         first = step - run.skip_streak + 1
+        cause = (f"a learning rate too high for this model (optim.lr={run.cfg.optim.lr:g}) or bad "
+                 "data in those steps' prompts" if reason != _SKIP_REASONS[1] else
+                 "a selection that keeps no token (selection.rule, selection.rho) or empty responses")
         raise TrainingDiverged(
             f"stopped at step {step}: {run.skip_streak} consecutive updates skipped since step "
-            f"{first} ({reason}); likely cause: a learning rate too high for this model "
-            f"(optim.lr={run.cfg.optim.lr:g}) or bad data in those steps' prompts; the "
-            "checkpoints on disk were saved before the divergence (resume from the newest "
-            "with a lower optim.lr, or raise train.max_skipped_steps)")
+            f"{first} ({reason}); likely cause: {cause}; the checkpoints on disk were saved "
+            "before it (a resume keeps their learning-rate schedule: change optim.lr in a fresh "
+            "run), or raise train.max_skipped_steps")
 
 
 def train_step(run: Run) -> dict:
