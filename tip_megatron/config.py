@@ -111,6 +111,9 @@ class DataConfig:
     """Global prompts per step (divided over data-parallel ranks)."""
     seed: int = 1234
     """Shuffle seed."""
+    allow_tokenizer_override: bool = False
+    """Accept a `data.tokenizer` that differs from the one bundled with the student (its
+    token ids would not mean what the student learned); off: such a run is refused."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,9 @@ class TrainConfig:
     """Signals that make every rank save a checkpoint at the next step boundary (when
     checkpoint.dir is set) and exit 0 (Slurm: SIGTERM at preemption / time limit, SIGUSR1
     from `#SBATCH --signal=USR1@120`); [] keeps the default action (terminate)."""
+    max_skipped_steps: int = 5
+    """Stop the run after this many consecutive skipped updates (non-finite loss, grad or
+    TIP signals); the checkpoints on disk stay the last good ones."""
 
 
 @dataclass(frozen=True)
@@ -350,6 +356,7 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
                 "data.prompts_per_step", "data.max_prompt_len", "logging.log_every"):
         section, name = key.split(".")
         _at_least(key, getattr(getattr(cfg, section), name), 1)
+    _at_least("train.max_skipped_steps", cfg.train.max_skipped_steps, 1)
     _at_least("checkpoint.save_every", cfg.checkpoint.save_every, 0)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
     _at_least("logging.dump_tokens_every", cfg.logging.dump_tokens_every, 0)

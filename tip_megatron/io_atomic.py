@@ -18,6 +18,10 @@ checkpoints, HF exports). What it guarantees:
   a crash between the two renames leaves it there, and the next write puts it back first.
 - Collective when `group` is given: rank 0 of the group creates, renames and cleans up;
   barriers keep the other ranks from writing too early or returning too soon.
+
+`check_replaceable(out, sources=...)` is what an `--overwrite` may replace: nothing that
+resolves to (or contains, or lies inside) a source, and no non-empty directory without the
+`WRITTEN_BY` marker that the converters write (a user's folder is never deleted).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -37,6 +41,40 @@ from tip_megatron import launch
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+#: Marker file in every directory the converters write: `--overwrite` replaces only those.
+WRITTEN_BY = ".written_by_tip_megatron"
+
+
+def write_marker(directory: Path, kind: str) -> None:
+    (Path(directory) / WRITTEN_BY).write_text(f"{kind}\n")
+
+
+def check_replaceable(
+    target: str | os.PathLike, *, overwrite: bool, sources: Sequence[str | os.PathLike] = (),
+    option: str = "--out", legacy_ours: Optional[Callable[[Path], bool]] = None,
+) -> None:
+    """Raise (one line naming the path) unless `target` may be written: a new path, or with
+    `overwrite` a directory this tool wrote (the `WRITTEN_BY` marker, or one of the files
+    `also_ours` that mark older outputs) or an empty one; never a path that is, contains
+    or lies inside one of `sources` (compared resolved: symlinks and relative paths)."""
+    out = Path(target).resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if out == s or s.is_relative_to(out) or out.is_relative_to(s):
+            raise ValueError(f"{option} {target} is the source {src} or overlaps it (resolved: {out} "
+                             f"vs {s}); accepted: an output path outside the source")
+    if not out.exists() and not Path(target).is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"output {target} exists; pass overwrite (--overwrite) to replace it")
+    if not out.is_dir():
+        raise ValueError(f"{option} {target} is a file, not a directory this tool wrote: refused "
+                         "(delete it yourself or pick another path)")
+    ours = (out / WRITTEN_BY).is_file() or (legacy_ours is not None and legacy_ours(out))
+    if not ours and any(out.iterdir()):
+        raise ValueError(f"{option} {target} is not a directory tip_megatron wrote (no {WRITTEN_BY} "
+                         "marker) and holds files: refused; accepted: a new path, an empty "
+                         "directory, or an output of tip-megatron convert")
 
 
 @contextlib.contextmanager

@@ -73,6 +73,11 @@ def test_tp_must_divide_heads_and_kv_heads():
     with pytest.raises(ValueError, match="num_kv_heads=2"):
         arch.validate_parallel(tp=3, pp=1)
     arch.validate_parallel(tp=2, pp=1)
+    # every tp listed as accepted is accepted (heads 6 allow 3 and 6, kv heads 2 refuse them)
+    with pytest.raises(ValueError, match=r"accepted tp: \[1, 2\]$"):
+        arch.validate_parallel(tp=6, pp=1)
+    for tp in arch.accepted_tp():
+        arch.validate_parallel(tp=tp, pp=1)
 
 
 def test_pp_larger_than_layers():

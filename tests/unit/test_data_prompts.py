@@ -99,7 +99,7 @@ def test_overlong_truncate_left_and_skip_are_counted(tmp_path):
     ds = PromptDataset(path, TOK, max_prompt_len=4, overlong="skip")
     assert len(ds) == 1 and ds[0].prompt_id == "p.jsonl:2"
     assert (ds.stats["num_skipped"], ds.stats["num_truncated"]) == (2, 0)
-    with pytest.raises(ValueError, match="no prompts left.*max_prompt_len"):
+    with pytest.raises(ValueError, match="no prompts left.*overlong='skip' dropped every prompt.*max_prompt_len"):
         PromptDataset(path, TOK, max_prompt_len=1, overlong="skip")
     with pytest.raises(ValueError, match="overlong='drop'.*truncate_left"):
         PromptDataset(path, TOK, max_prompt_len=1, overlong="drop")
@@ -129,8 +129,9 @@ def test_missing_file_and_unknown_extension(tmp_path):
     with pytest.raises(ValueError, match="p.csv.*accepted"):
         PromptDataset(tmp_path / "p.csv", TOK)
     write_jsonl(tmp_path / "empty.jsonl", [""])
-    with pytest.raises(ValueError, match="no prompts left"):
+    with pytest.raises(ValueError, match=r"no prompts in .*empty.jsonl: the file\(s\) hold no rows") as err:
         PromptDataset(tmp_path / "empty.jsonl", TOK)
+    assert "overlong" not in str(err.value)  # nothing was dropped: the hint would mislead
 
 
 def test_multiple_files_and_file_change_detected(tmp_path):

@@ -165,7 +165,7 @@ def test_shape_and_vocab_errors_are_actionable():
 def test_check_vocab_compat():
     assert check_vocab_compat(151936, 151936) == 151936
     assert check_vocab_compat(151936, 152064, shared_vocab=151665) == 151665
-    with pytest.raises(ValueError, match="set shared_vocab=N"):
+    with pytest.raises(ValueError, match="set shared_vocab_size=N"):
         check_vocab_compat(151936, 152064)
-    with pytest.raises(ValueError, match="shared_vocab=152000"):
+    with pytest.raises(ValueError, match="shared_vocab_size=152000"):
         check_vocab_compat(151936, 152064, shared_vocab=152000)

@@ -26,7 +26,7 @@ from tip_megatron.convert.hf_io import (
 )
 from tip_megatron.convert.importer import DTYPES
 from tip_megatron.convert.mapping import Rule, expected_hf_shapes, global_rules, layer_rules
-from tip_megatron.io_atomic import atomic_dir
+from tip_megatron.io_atomic import atomic_dir, check_replaceable, write_marker
 from tip_megatron.models import checkpoint as mckpt
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.progress import Progress
@@ -52,6 +52,7 @@ def mcore_to_hf(
         with _world_of_one():
             _write_weights(ckpt, arch, tmp, DTYPES[out_dtype_name], parse_size(max_shard_size))
         _write_json(tmp / "config.json", hf_config(arch, out_dtype_name))
+        write_marker(tmp, "HF export")
         if (ckpt / mckpt.TOKENIZER_DIR).is_dir():
             mckpt.copy_hf_side_files(ckpt / mckpt.TOKENIZER_DIR, tmp)
     logger.info("wrote HF checkpoint %s (%s, %s)", out, arch.family, out_dtype_name)
@@ -67,8 +68,7 @@ def check_export(
     dtype_name = dtype or meta.get("params_dtype", "float32")
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype {dtype_name!r} is not supported; accepted: {sorted(DTYPES)}")
-    if Path(out_dir).exists() and not overwrite:
-        raise FileExistsError(f"output {out_dir} exists; pass overwrite (--overwrite) to replace it")
+    check_replaceable(out_dir, overwrite=overwrite, sources=[ckpt_dir], option="--out")
     return arch, dtype_name
 
 

@@ -106,9 +106,7 @@ class HFCheckpoint:
             if self.is_pickle:
                 self._handles[file] = _torch_load(file)
             else:
-                from safetensors import safe_open
-
-                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+                self._handles[file] = safe_open_named(file)
         return self._handles[file]
 
     def _shape_from_file(self, name: str) -> tuple[int, ...]:
@@ -130,7 +128,14 @@ def _read_config(path: Path) -> dict:
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: an HF checkpoint needs its config.json")
-    return json.loads(file.read_text())
+    return _read_json(file)
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except ValueError as err:
+        raise ValueError(f"{file}: not valid JSON ({err}); it may be truncated or corrupt") from None
 
 
 def _weight_files(path: Path, allow_pickle: bool) -> tuple[dict[str, Path], bool]:
@@ -138,10 +143,7 @@ def _weight_files(path: Path, allow_pickle: bool) -> tuple[dict[str, Path], bool
     if (path / SAFE_INDEX).is_file():
         return _from_index(path, SAFE_INDEX), False
     if (path / SAFE_SINGLE).is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path / SAFE_SINGLE), framework="pt") as f:
-            return {name: path / SAFE_SINGLE for name in f.keys()}, False
+        return {name: path / SAFE_SINGLE for name in safe_open_named(path / SAFE_SINGLE).keys()}, False
     pickled = [n for n in (BIN_INDEX, BIN_SINGLE) if (path / n).is_file()]
     if not pickled:
         raise FileNotFoundError(f"no weights in {path}: expected {SAFE_SINGLE} or {SAFE_INDEX}")
@@ -156,8 +158,20 @@ def _weight_files(path: Path, allow_pickle: bool) -> tuple[dict[str, Path], bool
     return {name: path / BIN_SINGLE for name in _torch_load(path / BIN_SINGLE)}, True
 
 
+def safe_open_named(file: Path):
+    """safetensors' `safe_open`; a truncated or corrupt file is a ValueError naming it
+    (safetensors checks at open that the header parses and covers the whole file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise ValueError(f"{file}: not a readable safetensors file ({err}); it may be truncated "
+                         "or corrupt: download or export it again") from None
+
+
 def _from_index(path: Path, index_name: str) -> dict[str, Path]:
-    index = json.loads((path / index_name).read_text())
+    index = _read_json(path / index_name)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{path / index_name} has no 'weight_map'")

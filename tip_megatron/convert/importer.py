@@ -24,7 +24,9 @@ import torch
 from tip_megatron import launch
 from tip_megatron.convert.hf_io import HFCheckpoint, PathLike
 from tip_megatron.convert.mapping import all_rules
+from tip_megatron.io_atomic import check_replaceable
 from tip_megatron.models.arch import ModelArch
+from tip_megatron.models.checkpoint import is_model_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +100,8 @@ def check_import(hf_dir: PathLike, out_dir: PathLike, options: ImportOptions) ->
     arch.validate_parallel(options.tp, options.pp)
     check_rope_scaling(arch)
     resolve_dtype(options.dtype, ckpt.config)
-    if Path(out_dir).exists() and not options.overwrite:
-        raise FileExistsError(f"output {out_dir} exists; pass overwrite (--overwrite) to replace it")
+    check_replaceable(out_dir, overwrite=options.overwrite, sources=[hf_dir],
+                      legacy_ours=is_model_checkpoint)
     return arch
 
 

@@ -145,19 +145,23 @@ def score_tokens(hidden_flat, weight, teacher_flat, teacher_weight, positions, s
     return tuple(torch.cat(parts, dim=1).float())
 
 
-def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec) -> TokenSignals:
-    """Signals over all [b*s] positions; statistics are computed for target positions only."""
+def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec):
+    """(signals over all [b*s] positions, whether every statistic was finite); statistics
+    are computed for target positions only."""
     target = ctx.target_mask.reshape(-1).to(hidden_flat.device)
     positions = target.nonzero().squeeze(1)
     teacher_flat = _flat(ctx.teacher_hidden)
     ent, rkl, fkl = score_tokens(hidden_flat, weight, teacher_flat, ctx.teacher_weight, positions, spec)
     full = [torch.zeros(target.numel(), dtype=torch.float32, device=target.device) for _ in range(3)]
+    finite = all(bool(torch.isfinite(x).all()) for x in (ent, rkl, fkl))
     for dest, src in zip(full, (ent, rkl, fkl)):
-        dest[positions] = src.clamp_min(0.0)  # KL and entropy >= 0; clamp fp32 rounding
+        # KL and entropy >= 0 (clamps fp32 rounding); non-finite values (diverged weights)
+        # become 0 so selection runs, and `finite` makes the loss NaN (output_processor).
+        dest[positions] = torch.nan_to_num(src, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
     seq = ctx.target_mask.shape[1]
     rollout = ctx.rollout_ids.to(target.device).repeat_interleave(seq)
     return TokenSignals(entropy_norm=full[0].clamp_max(1.0), reverse_kl=full[1], forward_kl=full[2],
-                        response_mask=target, rollout_ids=rollout)
+                        response_mask=target, rollout_ids=rollout), finite
 
 
 def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec,
@@ -191,19 +195,19 @@ def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[
 
 
 def _signals_and_kept(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec):
-    """(signals, kept mask or None, labels): the pre-pass's when given, else scored (and
-    selected, labeled) here."""
+    """(signals, kept mask or None, labels, finite): the pre-pass's when given, else scored
+    (and selected, labeled) here."""
     pre = ctx.preselection
     if pre is not None:
         if spec.score_only:
             raise ValueError("the scoring pre-pass got micro-batches that were already scored")
         labels = pre.labels if pre.labels is not None else selection_labels(spec.selection, pre.signals)
-        return pre.signals, pre.kept_mask, labels
-    signals = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
+        return pre.signals, pre.kept_mask, labels, True
+    signals, finite = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
     if spec.score_only:
-        return signals, None, None
+        return signals, None, None, finite
     kept = select(spec.selection, signals, step=spec.step)
-    return signals, kept, selection_labels(spec.selection, signals)
+    return signals, kept, selection_labels(spec.selection, signals), finite
 
 
 def make_output_processor(spec: DistillSpec):
@@ -214,10 +218,12 @@ def make_output_processor(spec: DistillSpec):
         weight = output_weight if output_weight is not None else output_layer.weight
         hidden_states, sp = full_sequence(hidden_states, output_layer, spec.tp_group)
         hidden_flat = _flat(hidden_states)
-        signals, kept, labels = _signals_and_kept(hidden_flat, weight, ctx, spec)
+        signals, kept, labels, finite = _signals_and_kept(hidden_flat, weight, ctx, spec)
         if kept is None:
             return LossPathOutput(hidden_states.new_zeros(()), signals)
         loss_sum = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp)
+        if not finite:  # the trainer skips an update whose loss is not finite, on every rank
+            loss_sum = loss_sum + float("nan")
         return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels),
                               labels)
 

@@ -96,21 +96,14 @@ class ModelArch:
 
     def validate_parallel(self, tp: int, pp: int, vpp: Optional[int] = None) -> None:
         """Raise ValueError (before any process group exists) if the layout cannot cut it."""
-        if self.num_attention_heads % tp != 0:
-            raise ValueError(
-                f"tensor parallel size {tp} does not divide num_attention_heads="
-                f"{self.num_attention_heads}; accepted tp: {_divisors(self.num_attention_heads)}"
-            )
-        if self.num_kv_heads % tp != 0:
-            raise ValueError(
-                f"tensor parallel size {tp} does not divide num_kv_heads={self.num_kv_heads} "
-                f"(GQA key/value heads are split, not replicated); accepted tp: "
-                f"{_divisors(self.num_kv_heads)}"
-            )
-        if self.ffn_hidden_size % tp != 0:
-            raise ValueError(
-                f"tensor parallel size {tp} does not divide ffn_hidden_size={self.ffn_hidden_size}"
-            )
+        accepted = self.accepted_tp()
+        for name, size, why in (("num_attention_heads", self.num_attention_heads, ""),
+                                ("num_kv_heads", self.num_kv_heads,
+                                 " (GQA key/value heads are split, not replicated)"),
+                                ("ffn_hidden_size", self.ffn_hidden_size, "")):
+            if size % tp != 0:
+                raise ValueError(f"tensor parallel size {tp} does not divide {name}={size}{why}; "
+                                 f"accepted tp: {accepted}")
         stages = pp * (vpp or 1)
         if stages > self.num_layers:
             raise ValueError(
@@ -122,6 +115,11 @@ class ModelArch:
                 f"num_layers={self.num_layers} is not divisible by pp*vpp = {stages}; accepted "
                 f"pp*vpp: {_divisors(self.num_layers)}"
             )
+
+    def accepted_tp(self) -> list[int]:
+        """TP sizes that divide the attention heads, the KV heads and the FFN width."""
+        return [t for t in _divisors(self.num_attention_heads)
+                if self.num_kv_heads % t == 0 and self.ffn_hidden_size % t == 0]
 
     def padded_vocab_size(self, tp: int, divisible_by: int = 128) -> int:
         """Vocabulary rows after Megatron's padding: a multiple of divisible_by * tp."""

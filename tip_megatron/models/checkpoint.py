@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from tip_megatron import platform
-from tip_megatron.io_atomic import atomic_dir
+from tip_megatron.io_atomic import atomic_dir, check_replaceable, write_marker
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.models.state import TE_TO_LOCAL, chunk_key, unwrap
 from tip_megatron.parallel import ParallelGroups
@@ -76,14 +76,16 @@ def save_model_checkpoint(
 
     tokenizer_dir: an HF directory whose tokenizer files are copied into `tokenizer/`.
     meta: extra JSON-serializable fields for meta.json (e.g. `source`).
-    overwrite: replace an existing checkpoint at out_dir (else FileExistsError).
+    overwrite: replace an existing checkpoint at out_dir (else FileExistsError); only a
+    directory this tool wrote, never `tokenizer_dir` (`io_atomic.check_replaceable`).
     """
     out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"checkpoint directory {out} exists; pass overwrite=True to replace it")
+    sources = [tokenizer_dir] if tokenizer_dir is not None else []
+    check_replaceable(out, overwrite=overwrite, sources=sources, legacy_ours=is_model_checkpoint)
     with atomic_dir(out, group=_world_group(), subdirs=(MODEL_DIR,)) as tmp:
         _dist_checkpointing().save(sharded_state_dict(chunks), str(tmp / MODEL_DIR))
         if groups.rank == 0:
+            write_marker(tmp, "model checkpoint")
             _write_json(tmp / ARCH_FILE, arch.to_dict())
             _write_json(tmp / META_FILE, _meta(chunks, groups, meta))
             if tokenizer_dir is not None:
@@ -215,6 +217,14 @@ def read_meta(ckpt_dir: PathLike) -> dict:
             f"supported; accepted: {FORMAT!r} version {FORMAT_VERSION}"
         )
     return meta
+
+
+def is_model_checkpoint(ckpt_dir: PathLike) -> bool:
+    """Whether ckpt_dir holds a model checkpoint's meta.json (of any readable version)."""
+    try:
+        return json.loads((Path(ckpt_dir) / META_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def arch_differences(a: ModelArch, b: ModelArch) -> list[str]:

@@ -63,14 +63,14 @@ def check_vocab_compat(
         if student_vocab != teacher_vocab:
             raise ValueError(
                 f"student vocab size {student_vocab} != teacher vocab size {teacher_vocab}: "
-                "if both tokenizers agree on the first N tokens, set shared_vocab=N (at most "
+                "if both tokenizers agree on the first N tokens, set shared_vocab_size=N (at most "
                 f"{min(student_vocab, teacher_vocab)}); otherwise this teacher cannot be "
                 "distilled into this student"
             )
         return student_vocab
     if not isinstance(shared_vocab, int) or not 2 <= shared_vocab <= min(student_vocab, teacher_vocab):
         raise ValueError(
-            f"shared_vocab={shared_vocab!r}: must be an integer in [2, "
+            f"shared_vocab_size={shared_vocab!r}: must be an integer in [2, "
             f"{min(student_vocab, teacher_vocab)}] (student {student_vocab}, teacher {teacher_vocab})"
         )
     return shared_vocab

@@ -136,9 +136,13 @@ class PromptDataset:
                                                  for a in (starts, lines, locs))
         self.stats.update(num_kept=len(self._files), num_tokens=len(self._tokens))
         where = ", ".join(map(str, self.paths))
+        if not self.stats["num_rows"]:
+            raise ValueError(f"no prompts in {where}: the file(s) hold no rows; accepted: JSONL "
+                             "with one JSON object per line, or parquet, with at least one row")
         if not len(self._files):
-            raise ValueError(f"no prompts left in {where} (stats: {self.stats}); with "
-                             f"overlong='skip' raise max_prompt_len (now {self.max_prompt_len})")
+            raise ValueError(f"no prompts left in {where} (stats: {self.stats}): overlong='skip' "
+                             f"dropped every prompt; raise max_prompt_len (now {self.max_prompt_len}) "
+                             "or use overlong='truncate_left'")
         changed = self.stats["num_skipped"] or self.stats["num_truncated"]
         (logger.warning if changed else logger.info)("prompts from %s: %s", where, self.stats)
 

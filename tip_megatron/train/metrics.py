@@ -59,10 +59,11 @@ class MetricsLogger:
         self._file = None
         self._wandb = None
         self._tb = None
+        self._path = Path(jsonl) if jsonl else None
         if not active:
             return
         if jsonl:
-            Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
+            self._path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(jsonl, "a", encoding="utf-8")
         if use_wandb:
             self._wandb = _start_wandb(project, run_name, config)
@@ -86,6 +87,27 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, global_step=step)
             self._tb.flush()
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the JSONL lines of steps after `step` (a resumed run logs them again, so
+        each step appears once), and a torn last line. The file is rewritten beside itself
+        and renamed over the old one (a crash leaves the old or the new file, whole).
+        Returns the number of lines dropped."""
+        if not (self.active and self._file):
+            return 0
+        self._file.close()
+        lines = self._path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        dropped = len(lines) - len(kept)
+        if dropped:
+            tmp = self._path.with_name(f".{self._path.name}.tmp-{os.getpid()}")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path)
+        self._file = open(self._path, "a", encoding="utf-8")
+        return dropped
+
     def close(self) -> None:
         if self._file:
             self._file.close()
@@ -103,6 +125,13 @@ def tensorboard_probe(where: str) -> None:
         raise ValueError(f"logging.tensorboard={where!r}: the `tensorboard` package is not "
                          "installed; pip install tensorboard (or 'tip_megatron[tensorboard]'), "
                          "or set logging.tensorboard=null")
+
+
+def _step_of(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _start_wandb(project: str, run_name: Optional[str], config: dict):

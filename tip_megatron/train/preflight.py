@@ -211,13 +211,13 @@ def load_run_tokenizer(cfg: RunConfig):
     teacher that bundles a different one is refused."""
     from tip_megatron.rollout.tokenizers import CharTokenizer, load_tokenizer
 
-    if cfg.data.tokenizer == "char":
-        return CharTokenizer()  # an explicit choice: no bundled tokenizer is consulted
     if cfg.data.tokenizer:
         try:
-            tok, where = load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer
+            where = cfg.data.tokenizer
+            tok = CharTokenizer() if where == "char" else load_tokenizer(where)
         except (ValueError, OSError) as err:
             raise PreflightError(f"data.tokenizer={cfg.data.tokenizer!r}", str(err)) from None
+        _check_override(cfg, tok, where, bundled_tokenizer(cfg.student))
     else:
         bundled = bundled_tokenizer(cfg.student)
         if bundled is None:
@@ -231,6 +231,21 @@ def load_run_tokenizer(cfg: RunConfig):
             "teacher", f"teacher tokenizer ({teacher[1]}) differs from the run's tokenizer "
             f"({where})", "on-policy distillation needs one shared vocabulary (same token -> id map)")
     return tok
+
+
+def _check_override(cfg: RunConfig, tok: Any, where: str, student: Optional[tuple[Any, str]]) -> None:
+    """A `data.tokenizer` that differs from the student's bundled one is refused unless
+    `data.allow_tokenizer_override=true` (then a warning)."""
+    if student is None or student[0].fingerprint() == tok.fingerprint():
+        return
+    if not cfg.data.allow_tokenizer_override:
+        raise PreflightError(
+            f"data.tokenizer={where!r}", f"differs from the student's bundled tokenizer ({student[1]}): "
+            "its token ids would not mean what the student learned",
+            "data.tokenizer=null (the bundled one), the same tokenizer, or "
+            "data.allow_tokenizer_override=true")
+    logger.warning("data.tokenizer=%r differs from the student's bundled tokenizer (%s): "
+                   "used anyway (data.allow_tokenizer_override=true)", where, student[1])
 
 
 def bundled_tokenizer(src: ModelSource) -> Optional[tuple[Any, str]]:

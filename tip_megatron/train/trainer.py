@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -37,6 +38,11 @@ from tip_megatron.train.token_dumps import maybe_dump_tokens
 
 logger = logging.getLogger(__name__)
 
+#: Exit code of a run stopped by `train.max_skipped_steps` consecutive skips.
+EXIT_DIVERGED = 3
+#: Exit code of a run whose checkpoint could not be written (disk full, file-size limit).
+EXIT_NOT_SAVED = 4
+
 
 @dataclass
 class Run:
@@ -53,6 +59,16 @@ class Run:
     history: list = field(default_factory=list)
     timers: StageTimers = field(default_factory=StageTimers)
     progress: Optional[TrainProgress] = None
+    skip_streak: int = 0
+    """Consecutive skipped updates (non-finite loss/grad/signals or nothing kept)."""
+    num_skipped: int = 0
+    """Skipped updates in this launch."""
+    last_update: Any = None
+    """(micro-batches, contexts, shape) of the last update: `save` checks the new weights on them."""
+
+
+class TrainingDiverged(RuntimeError):
+    """`train.max_skipped_steps` consecutive updates were skipped: the run stops."""
 
 
 # ------------------------------------------------------------------ set-up
@@ -91,15 +107,19 @@ def maybe_resume(run: Run) -> None:
     cfg = run.cfg.checkpoint
     if cfg.resume == "none":
         return
-    path = ckpt.latest_checkpoint(cfg.dir) if cfg.resume == "auto" and cfg.dir else None
+    path = ckpt.find_resumable(cfg.dir) if cfg.resume == "auto" and cfg.dir else None
     if cfg.resume not in ("auto", "none"):
         path = cfg.resume
+        ckpt.check_resumable(path)
+    if path is not None:
+        state = ckpt.load_checkpoint(path, run.ddp, run.optimizer, run.scheduler, run.groups,
+                                     expect_arch=run.models.student_arch)
+        run.step = int(state["step"])
+        run.prompts.load_state_dict(state["prompts"])
+    # Steps after the checkpoint were logged by the interrupted launch: logged again now.
+    run.log.truncate_after(run.step)
     if path is None:
         return
-    state = ckpt.load_checkpoint(path, run.ddp, run.optimizer, run.scheduler, run.groups,
-                                 expect_arch=run.models.student_arch)
-    run.step = int(state["step"])
-    run.prompts.load_state_dict(state["prompts"])
     if run.groups.rank == 0:
         print(f"resumed from {path} at step {run.step}", flush=True)
 
@@ -189,37 +209,69 @@ def check_budget(run: Run, mb_groups: list[list]) -> None:
 
 
 def update(run: Run, mbs: list, contexts: list, shape: dict) -> tuple[list, dict]:
-    """Student pass with the TIP loss on these micro-batches, then one optimizer step."""
+    """Student pass with the TIP loss on these micro-batches, then one optimizer step
+    (skipped on every rank alike when `_should_skip` says so)."""
     for chunk in run.ddp:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
     with run.timers("student"):
         reports = student_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
     metrics = reduce_reports(reports, run.groups.dp_group) if run.groups.is_last_stage else {}
-    if _should_skip(run, metrics):
-        return reports, dict(metrics, skipped=1)
+    run.last_update = (mbs[:1], contexts[:1], shape)
+    reason = _should_skip(run, metrics)
+    if reason:
+        _count_skip(run, reason)
+        return reports, dict(metrics, skipped=1, skipped_total=run.num_skipped)
+    run.skip_streak = 0
     with run.timers("optimizer"):
         _, grad_norm, _ = run.optimizer.step()
         run.scheduler.step(increment=1)
     return reports, dict(metrics, grad_norm=float(grad_norm or 0.0), skipped=0,
-                         lr=run.optimizer.param_groups[0]["lr"])
+                         skipped_total=run.num_skipped, lr=run.optimizer.param_groups[0]["lr"])
 
 
-def _should_skip(run: Run, metrics: dict) -> bool:
-    """Skip the update (on every rank alike) on a non-finite loss or gradient, or when no
-    token was kept in the whole global batch."""
-    bad = 0.0
+_SKIP_REASONS = {1: "nothing kept in the global batch", 2: "non-finite gradient",
+                 3: "non-finite loss or TIP signals"}
+
+
+def _should_skip(run: Run, metrics: dict) -> str:
+    """Why the update must be skipped ('' = apply it), the same on every rank: a
+    non-finite loss or TIP signals (the loss path turns non-finite signals into a NaN
+    loss, see distill.loss), a non-finite gradient, or no token kept in the global batch.
+    One MAX all-reduce of a reason code over the world: no rank steps alone."""
+    code = 0
     if run.groups.is_last_stage:
-        bad = float(not torch.isfinite(torch.tensor(metrics["loss_sum"])) or metrics["num_kept"] == 0)
-    for p in (p for c in run.ddp for p in c.parameters() if getattr(p, "main_grad", None) is not None):
-        if not torch.isfinite(p.main_grad).all():
-            bad = 1.0
-            break
-    flag = torch.tensor([bad], device=next(run.ddp[0].parameters()).device)
+        if not torch.isfinite(torch.tensor(metrics["loss_sum"])):
+            code = 3
+        elif metrics["num_kept"] == 0:
+            code = 1
+    if code < 2 and any(not torch.isfinite(p.main_grad).all() for c in run.ddp for p in c.parameters()
+                        if getattr(p, "main_grad", None) is not None):
+        code = 2
+    flag = torch.tensor([float(code)], device=next(run.ddp[0].parameters()).device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() > 0 and run.groups.rank == 0:
-        logger.warning("step %d: non-finite loss/grad or nothing kept: update skipped", run.step)
-    return flag.item() > 0
+    return _SKIP_REASONS.get(int(flag.item()), "")
+
+
+def _count_skip(run: Run, reason: str) -> None:
+    """Count a skipped update; after `train.max_skipped_steps` in a row the run stops (every
+    rank raises alike: the counts are equal everywhere)."""
+    run.skip_streak += 1
+    run.num_skipped += 1
+    step, limit = run.step + 1, run.cfg.train.max_skipped_steps
+    if run.groups.rank == 0:
+        logger.warning("step %d: update skipped (%s); %d in a row (train.max_skipped_steps=%d)",
+                       step, reason, run.skip_streak, limit)
+    if run.skip_streak >= limit:
+        first = step - run.skip_streak + 1
+        cause = (f"a learning rate too high for this model (optim.lr={run.cfg.optim.lr:g}) or bad "
+                 "data in those steps' prompts" if reason != _SKIP_REASONS[1] else
+                 "a selection that keeps no token (selection.rule, selection.rho) or empty responses")
+        raise TrainingDiverged(
+            f"stopped at step {step}: {run.skip_streak} consecutive updates skipped since step "
+            f"{first} ({reason}); likely cause: {cause}; the checkpoints on disk were saved "
+            "before it (a resume keeps their learning-rate schedule: change optim.lr in a fresh "
+            "run), or raise train.max_skipped_steps")
 
 
 def train_step(run: Run) -> dict:
@@ -257,7 +309,16 @@ def train_step(run: Run) -> dict:
 
 # ------------------------------------------------------------------ loop
 def save(run: Run) -> None:
+    """Save a checkpoint unless the weights are suspect: the last update was skipped, or
+    the weights it produced give a non-finite loss on its own first micro-batch (an update
+    to finite but huge weights, e.g. optim.lr=1e10, only shows in the next forward)."""
     c = run.cfg.checkpoint
+    why = "the last update was skipped" if run.skip_streak else _check_new_weights(run)
+    if why:
+        if run.groups.rank == 0:
+            logger.warning("step %d: checkpoint not saved (%s); the checkpoints under %s are "
+                           "unchanged", run.step, why, c.dir)
+        return
     start = time.perf_counter()
     path = ckpt.save_checkpoint(
         c.dir, run.step, run.ddp, run.optimizer, run.scheduler, run.groups,
@@ -268,10 +329,32 @@ def save(run: Run) -> None:
         run.progress.checkpoint(path, time.perf_counter() - start)
 
 
+def _check_new_weights(run: Run) -> str:
+    """'' when the current weights are finite and give a finite loss (forward only) on
+    the last update's first micro-batch; else why not. Collective."""
+    bad = ckpt.nonfinite_parameters(run.ddp)
+    if bad or run.last_update is None:
+        return bad
+    mbs, contexts, shape = run.last_update
+    reports = student_pass(run.ddp, run.groups, mbs, contexts, _spec(run), forward_only=True, **shape)
+    code = 0.0
+    if run.groups.is_last_stage:
+        code = float(not torch.isfinite(torch.tensor(reduce_reports(reports, run.groups.dp_group)["loss_sum"])))
+    flag = torch.tensor([code], device=next(run.ddp[0].parameters()).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return "the new weights give a non-finite loss (diverged)" if flag.item() else ""
+
+
 def run(cfg: RunConfig) -> list[dict]:
     """Train; returns the per-step metrics of the logging rank (empty elsewhere)."""
     state = setup(cfg)
-    loop(state)
+    try:
+        loop(state)
+    except (TrainingDiverged, ckpt.CheckpointNotSaved) as err:
+        state.log.close()
+        if state.groups.rank == 0:
+            print(f"tip-megatron train: {err.args[-1]}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_NOT_SAVED) from err
     return state.history
 
 

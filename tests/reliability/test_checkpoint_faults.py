@@ -1,0 +1,159 @@
+"""Damaged training checkpoints: resume=auto falls back to the newest good one (warning
+naming the bad file, the damaged one renamed, never deleted); an explicit damaged
+resume=PATH is an error naming the file; a pickle payload in state.pt is refused without
+running; state.pt / rng files are plain (weights_only=True)."""
+import json
+import pickle
+import shutil
+import zlib
+
+import pytest
+import torch
+
+from _reliability_assets import make_assets, overrides, train_capturing, tree_hashes
+from tip_megatron.testing.distributed import run_distributed
+from tip_megatron.train import checkpoint as ckpt_lib
+from tip_megatron.train import manifest
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("faults"))
+
+
+@pytest.fixture(scope="module")
+def saved(assets, tmp_path_factory):
+    """Three checkpoints (every step) and the losses of the uninterrupted run."""
+    ckdir = tmp_path_factory.mktemp("saved") / "ck"
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "train.steps": 3, "checkpoint.dir": ckdir, "checkpoint.save_every": 1,
+        "checkpoint.keep_last": 0}),))[0]
+    assert out["error"] is None, out
+    assert [p.name for p in ckpt_lib.list_checkpoints(ckdir)] == [f"step_00000{i}" for i in (1, 2, 3)]
+    return ckdir, [h["loss"] for h in out["history"]]
+
+
+def _copy(saved, tmp_path):
+    dst = tmp_path / "ck"
+    shutil.copytree(saved[0], dst)
+    return dst
+
+
+def _truncate_distcp(path):
+    shard = sorted((path / "dist").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return shard
+
+
+def _empty_state(path):
+    (path / "state.pt").write_bytes(b"")
+    return path / "state.pt"
+
+
+def _cut_metadata(path):
+    meta = path / "dist" / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:-7])
+    return meta
+
+
+@pytest.mark.parametrize("damage", [
+    _truncate_distcp, pytest.param(_empty_state, marks=pytest.mark.slow),
+    pytest.param(_cut_metadata, marks=pytest.mark.slow)], ids=["distcp", "state", "metadata"])
+def test_damaged_newest_falls_back_to_the_previous(assets, saved, tmp_path, damage):
+    ckdir = _copy(saved, tmp_path)
+    bad_file = damage(ckdir / "step_000003")
+    before = tree_hashes(ckdir)
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "train.steps": 3, "checkpoint.dir": ckdir, "checkpoint.keep_last": 0}),))[0]
+    assert out["error"] is None, out
+    # resumed from step 2: one step run, with the uninterrupted run's loss at step 3
+    assert [h["step"] for h in out["history"]] == [3]
+    assert out["history"][0]["loss"] == saved[1][2]
+    warning = next(w for w in out["warnings"] if "damaged" in w)
+    assert str(bad_file) in warning and "step_000003.damaged" in warning and "not deleted" in warning
+    # the damaged checkpoint is kept, byte for byte, beside the new step 3; older ones untouched
+    after = tree_hashes(ckdir)
+    for rel, digest in before.items():
+        if rel == "metrics.jsonl":
+            continue
+        moved = rel.replace("step_000003", "step_000003.damaged", 1)
+        assert after[moved] == digest, rel
+    assert (ckdir / "step_000003" / manifest.COMPLETE).is_file()
+    # metrics.jsonl holds each step once: step 3 of the first launch replaced by this one's
+    lines = [json.loads(x) for x in (ckdir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+
+
+def test_explicit_damaged_resume_is_an_error_naming_the_file(assets, saved, tmp_path):
+    ckdir = _copy(saved, tmp_path)
+    bad_file = _truncate_distcp(ckdir / "step_000003")
+    before = tree_hashes(ckdir)
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "train.steps": 4, "checkpoint.dir": ckdir, "checkpoint.resume": ckdir / "step_000003"}),))[0]
+    kind, message, _ = out["error"]
+    assert kind == "ValueError"
+    assert "checkpoint.resume=" in message and str(bad_file) in message and "truncated" in message
+    assert "accepted: a complete checkpoint" in message
+    assert tree_hashes(ckdir) == before
+
+
+class _Payload:
+    """Unpickling this runs `open(marker, 'w')`: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_payload_in_state_pt_is_refused_and_not_run(assets, saved, tmp_path):
+    ckdir = _copy(saved, tmp_path)
+    step = ckdir / "step_000003"
+    marker = tmp_path / "payload_ran"
+    state = torch.load(step / "state.pt", weights_only=True)
+    state["evil"] = _Payload(str(marker))
+    torch.save(state, step / "state.pt")
+    # The attacker rewrites the manifest too: only weights_only=True stands in the way.
+    files = json.loads((step / manifest.MANIFEST).read_text())
+    data = (step / "state.pt").read_bytes()
+    files["files"]["state.pt"] = {"size": len(data), "crc32": f"{zlib.crc32(data):08x}", "crc_of": "all"}
+    (step / manifest.MANIFEST).write_text(json.dumps(files))
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(step / "state.pt", weights_only=True)
+    assert not marker.exists()
+    before = tree_hashes(ckdir)
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "train.steps": 4, "checkpoint.dir": ckdir, "checkpoint.resume": step}),))[0]
+    kind, message, _ = out["error"]
+    assert kind == "ValueError" and str(step / "state.pt") in message and "weights_only=True" in message
+    assert not marker.exists(), "the payload ran"
+    assert tree_hashes(ckdir) == before
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "train.steps": 3, "checkpoint.dir": ckdir}),))[0]
+    assert out["error"] is None and [h["step"] for h in out["history"]] == [3]
+    assert not marker.exists()
+
+
+def test_saved_files_are_plain_and_the_manifest_matches(saved):
+    step = saved[0] / "step_000002"
+    assert manifest.verify(step) == []
+    state = torch.load(step / "state.pt", weights_only=True)
+    rng = torch.load(step / "rng" / "rank_0.pt", weights_only=True)
+    assert state["step"] == 2 and isinstance(rng["torch"], torch.Tensor)
+    recorded = json.loads((step / manifest.MANIFEST).read_text())["files"]
+    on_disk = {str(p.relative_to(step)) for p in step.rglob("*") if p.is_file()}
+    assert set(recorded) == on_disk - {manifest.MANIFEST, manifest.COMPLETE}
+    assert all(recorded[k]["size"] == (step / k).stat().st_size for k in recorded)
+
+
+def test_all_damaged_is_an_error_not_a_fresh_start(assets, saved, tmp_path):
+    ckdir = _copy(saved, tmp_path)
+    for step in ckpt_lib.list_checkpoints(ckdir):
+        _empty_state(step)
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "train.steps": 4, "checkpoint.dir": ckdir}),))[0]
+    kind, message, _ = out["error"]
+    assert kind == "ValueError" and "no checkpoint under" in message and "checkpoint.resume=none" in message
+    assert sorted(p.name for p in ckdir.iterdir() if p.is_dir()) == [
+        f"step_00000{i}.damaged" for i in (1, 2, 3)]

@@ -1,0 +1,133 @@
+"""Converter safety: `--overwrite` replaces only a directory tip_megatron wrote, never the
+source (also through a symlink or a relative path), by swapping a complete new directory
+in; truncated or corrupt safetensors name the file; killing the command stops its ranks."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _reliability_assets import tree_hashes
+from tip_megatron import cli
+from tip_megatron.io_atomic import WRITTEN_BY
+from tip_megatron.models.checkpoint import is_model_checkpoint
+from tip_megatron.testing.hf_models import tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "tiny"
+    tiny_hf_model("llama").save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(hf_dir, tmp_path_factory):
+    """A model checkpoint and its HF export, both written by the converters."""
+    root = tmp_path_factory.mktemp("conv")
+    assert cli.main(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(root / "ck")]) == 0
+    assert cli.main(["convert", "mcore-to-hf", "--ckpt", str(root / "ck"), "--out", str(root / "hf")]) == 0
+    return root
+
+
+def _convert(capsys, *argv):
+    capsys.readouterr()  # drop what came before (HF's save progress bars)
+    rc = cli.main(["convert", *map(str, argv)])
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err
+
+
+def _foreign(tmp_path):
+    folder = tmp_path / "my_files"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    (folder / "data").mkdir()
+    (folder / "data" / "results.csv").write_text("1,2,3\n")
+    return folder
+
+
+@pytest.mark.parametrize("direction", ["hf-to-mcore", "mcore-to-hf"])
+def test_overwrite_refuses_a_foreign_folder(hf_dir, converted, tmp_path, capsys, direction):
+    folder = _foreign(tmp_path)
+    before = tree_hashes(folder)
+    src = ["--hf", hf_dir] if direction == "hf-to-mcore" else ["--ckpt", converted / "ck"]
+    rc, err = _convert(capsys, direction, *src, "--out", folder, "--overwrite")
+    assert rc == 2 and len(err) == 1, err
+    assert str(folder) in err[0] and "not a directory tip_megatron wrote" in err[0]
+    assert "accepted: a new path, an empty directory, or an output of tip-megatron convert" in err[0]
+    assert tree_hashes(folder) == before
+
+
+def test_overwrite_refuses_the_source_however_named(hf_dir, converted, tmp_path, capsys):
+    link = tmp_path / "link_to_source"
+    link.symlink_to(hf_dir)
+    relative = os.path.relpath(hf_dir / ".." / hf_dir.name)
+    before = tree_hashes(hf_dir)
+    cases = [("hf-to-mcore", "--hf", hf_dir, hf_dir), ("hf-to-mcore", "--hf", hf_dir, link),
+             ("hf-to-mcore", "--hf", hf_dir, relative), ("hf-to-mcore", "--hf", hf_dir, hf_dir.parent),
+             ("mcore-to-hf", "--ckpt", converted / "ck", converted / "ck" / "..")]
+    for direction, flag, src, out in cases:
+        rc, err = _convert(capsys, direction, flag, src, "--out", out, "--overwrite")
+        assert rc == 2 and len(err) == 1, (out, err)
+        assert f"--out {out} is the source" in err[0] and "accepted: an output path outside the source" in err[0]
+    assert tree_hashes(hf_dir) == before
+    assert is_model_checkpoint(converted / "ck")
+
+
+def test_overwrite_replaces_our_own_outputs(hf_dir, converted, capsys):
+    for out in (converted / "ck", converted / "hf"):
+        assert (out / WRITTEN_BY).is_file()
+    (converted / "hf" / "stale.bin").write_text("from an older export")
+    rc, _ = _convert(capsys, "mcore-to-hf", "--ckpt", converted / "ck", "--out", converted / "hf", "--overwrite")
+    assert rc == 0 and not (converted / "hf" / "stale.bin").exists()
+    rc, _ = _convert(capsys, "hf-to-mcore", "--hf", hf_dir, "--out", converted / "ck", "--overwrite")
+    assert rc == 0 and is_model_checkpoint(converted / "ck")
+
+
+def test_truncated_safetensors_names_the_file(hf_dir, tmp_path, capsys):
+    single = tmp_path / "single"
+    tiny_hf_model("llama").save_pretrained(single, safe_serialization=True)
+    weights = single / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    rc, err = _convert(capsys, "hf-to-mcore", "--hf", single, "--out", tmp_path / "out1")
+    assert rc == 2 and len(err) == 1 and str(weights) in err[0] and "truncated or corrupt" in err[0], err
+    sharded = tmp_path / "sharded"
+    tiny_hf_model("llama").save_pretrained(sharded, safe_serialization=True, max_shard_size="100KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    shards[1].write_bytes(shards[1].read_bytes()[:100])
+    rc, err = _convert(capsys, "hf-to-mcore", "--hf", sharded, "--out", tmp_path / "out2")
+    assert rc == 2 and len(err) == 1 and str(shards[1]) in err[0], err
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+
+
+@pytest.mark.slow
+def test_killing_convert_stops_its_ranks_and_keeps_the_old_output(hf_dir, converted, tmp_path):
+    """SIGTERM to `convert hf-to-mcore --tp 2` while its ranks run: every process it
+    started is gone within seconds, and --out is the previous checkpoint, unchanged."""
+    import psutil
+
+    out = converted / "ck"
+    before = tree_hashes(out)
+    cmd = [sys.executable, "-m", "tip_megatron.cli", "convert", "hf-to-mcore", "--hf", str(hf_dir),
+           "--out", str(out), "--tp", "2", "--overwrite"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 120
+    ranks = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        ranks = [c for c in parent.children() if "python" in c.name().lower()]
+        if len(ranks) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "conversion ended before its ranks were seen: " + proc.stderr.read()[-2000:]
+    family = parent.children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(family, timeout=15)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    assert tree_hashes(out) == before
