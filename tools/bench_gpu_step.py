@@ -181,7 +181,9 @@ class StepBench:
 
     def processor(self, row: Row, inputs: tuple) -> tuple[Callable, MicrobatchContext]:
         mb, t_hidden, t_weight = inputs
-        spec = DistillSpec(SelectionConfig(rule=row.rule, rho=row.rho, seed=self.cfg.seed),
+        # One micro-batch is the whole batch here: the batch-scoped rules select over it.
+        scope = "rollout" if row.rule.startswith("soft_or") else "microbatch"
+        spec = DistillSpec(SelectionConfig(rule=row.rule, rho=row.rho, seed=self.cfg.seed, scope=scope),
                            LossConfig(impl="fused", chunk_size=self.cfg.chunk), self.cfg.vocab,
                            self.groups.tp_group, step=self.step_index)
         ctx = MicrobatchContext(teacher_hidden=t_hidden, teacher_weight=t_weight,

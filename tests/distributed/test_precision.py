@@ -100,7 +100,7 @@ def _opd_run(overrides, rollouts=None, want_grads=False, steps=STEPS):
         out = SimpleNamespace(token_ids=out.token_ids.to(device),
                               response_mask=out.response_mask.to(device))
         used.append(SimpleNamespace(token_ids=out.token_ids.cpu(), response_mask=out.response_mask.cpu()))
-        mbs = trainer.microbatches(run, out)
+        mbs = [mb for group in trainer.microbatches(run, out) for mb in group]  # one update
         shape = dict(seq_length=out.token_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
         hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
         contexts = make_contexts(run.groups, mbs, hidden, teacher_output_weight(run.models.teacher))

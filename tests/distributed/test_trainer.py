@@ -277,5 +277,7 @@ def test_several_updates_per_rollout(assets):
     # batch's first update: optimizer steps 1 and 3
     assert hist[0]["lr"] == pytest.approx(0.003 * 1 / 4)
     assert hist[1]["lr"] == pytest.approx(0.003 * 3 / 4)
-    assert hist[0]["num_response"] == 16 * 6  # selection metrics over both updates' rollouts
+    # selection metrics over both updates' rollouts: more than one update's 8 rollouts x 6
+    # new tokens can hold (rows may stop early)
+    assert 8 * 6 < hist[0]["num_response"] <= 16 * 6
     assert all(len(h["loss_updates"]) == 2 for h in hist)

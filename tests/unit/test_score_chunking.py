@@ -32,7 +32,8 @@ def test_scoring_chunks_equal_the_float64_reference(score_chunk):
     hidden, weight, ctx = _inputs()
     spec = DistillSpec(SelectionConfig(), LossConfig(score_chunk_size=score_chunk), VOCAB, None)
     flat = hidden.transpose(0, 1).reshape(-1, H)
-    signals = build_signals(flat, weight, ctx, spec)
+    signals, finite = build_signals(flat, weight, ctx, spec)
+    assert finite
     teacher_flat = ctx.teacher_hidden.transpose(0, 1).reshape(-1, HT)
     want = ref.stats((flat @ weight.t()).double(), (teacher_flat @ ctx.teacher_weight.t()).double(), VOCAB)
     target = ctx.target_mask.reshape(-1)

@@ -87,13 +87,15 @@ def setup(cfg: RunConfig) -> Run:
                         cfg.logging.run_name, config_to_dict(cfg), tensorboard=tensorboard_dir(cfg))
     run = Run(cfg, groups, models, ddp, optimizer, scheduler, tokenizer,
               prompt_source(cfg, tokenizer, groups), log, timers=StageTimers(_sync()))
-    if groups.rank == 0:  # the full config: DEBUG log and <checkpoint.dir>/config.yaml
+    if groups.rank == 0:
         logger.info("%s", config_summary(cfg, groups.world_size))
         logger.debug("effective config:\n%s", dump_config(cfg))
-        if cfg.checkpoint.dir:
-            logger.info("effective config written to %s",
-                        write_effective_config(cfg.checkpoint.dir, dump_config(cfg)))
     maybe_resume(run)
+    # The full config of this launch in <checkpoint.dir>/config.yaml, written only once the
+    # resume succeeded: a launch that fails at set-up leaves the run directory as it was.
+    if groups.rank == 0 and cfg.checkpoint.dir:
+        logger.info("effective config written to %s",
+                    write_effective_config(cfg.checkpoint.dir, dump_config(cfg)))
     run.progress = TrainProgress(cfg.train.steps, start=run.step, active=is_logger)
     return run
 
