@@ -16,6 +16,7 @@ Errors are `PreflightError` (a ValueError) whose text is
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any, Optional
 from tip_megatron.config import ModelSource, RunConfig, tensorboard_dir, validate_run
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.models.sources import builtin_model, source_arch
+
+logger = logging.getLogger(__name__)
 
 #: marker file of a complete training checkpoint (train/checkpoint.py's COMPLETE).
 CHECKPOINT_MARKER = "COMPLETE"
