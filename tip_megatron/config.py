@@ -51,6 +51,11 @@ class DataConfig:
     answer_field: str = "answer"
     apply_chat_template: bool = False
     """Render plain prompts through the tokenizer's chat template too."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the chat template (e.g. {enable_thinking: false} for Qwen3);
+    also used by validation (`eval`)."""
+    system_prompt: Optional[str] = None
+    """A system message put first in every chat-rendered prompt that has none."""
     max_prompt_len: int = 2048
     """Longer prompts are handled by `overlong` (the paper: prompts up to 2048)."""
     overlong: str = "truncate_left"
@@ -87,6 +92,36 @@ class CheckpointConfig:
     """Keep the newest K checkpoints (0: keep all)."""
     resume: str = "auto"
     """auto (newest in dir if any), none, or a checkpoint path."""
+    export_hf_every: int = 0
+    """Also write an HF export (`<dir>/hf/step_000010/`, loads in transformers) at every
+    N-th step that saves a checkpoint (0: off; `tip-megatron convert mcore-to-hf` on a step
+    directory does it at any time)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Validation during training: the student samples a benchmark in-engine at the
+    training layout and is graded (logged as eval/mean_at_k, eval/pass_at_k)."""
+
+    every: int = 0
+    """Validate every N steps (0: off)."""
+    prompts: tuple[str, ...] = ()
+    """Benchmark files (JSONL / parquet: prompt or messages, and answer)."""
+    n: int = 4
+    """Samples per prompt (the k of mean@k)."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy)."""
+    max_new_tokens: int = 256
+    grader: str = "math"
+    """A registered grader (`tip_megatron.eval.GRADERS`: math, exact, regex, ...)."""
+    grader_options: dict[str, Any] = field(default_factory=dict)
+    """Grader options (regex: {pattern: ...})."""
+    pass_k: Optional[int] = None
+    """k of pass@k (null: n)."""
+    batch_size: int = 16
+    """Prompts per generate call (per data-parallel rank)."""
+    seed: int = 4321
+    """Sampling seed of validation (its noise never touches the training streams)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +155,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -145,6 +181,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
                              f"got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{key}={value!r}: expected a mapping with string keys, "
+                             "e.g. {enable_thinking: false}")
+        return dict(value)
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
@@ -270,6 +311,8 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
         _at_least(key, getattr(getattr(cfg, section), name), 1)
     _at_least("checkpoint.save_every", cfg.checkpoint.save_every, 0)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
+    _at_least("checkpoint.export_hf_every", cfg.checkpoint.export_hf_every, 0)
+    _check_eval(cfg.eval)
     cfg.optim.validate()
     cfg.parallel.validate(world_size)
     if cfg.parallel.sequence_parallel:
@@ -295,6 +338,26 @@ def _check_batch(cfg: RunConfig, dp: int) -> None:
         )
 
 
+def _check_eval(e: EvalConfig) -> None:
+    _at_least("eval.every", e.every, 0)
+    if not e.every:
+        return
+    if not e.prompts:
+        raise ValueError("eval.every > 0 needs eval.prompts (benchmark JSONL/parquet files "
+                         "with prompt or messages, and answer)")
+    for key in ("n", "max_new_tokens", "batch_size"):
+        _at_least(f"eval.{key}", getattr(e, key), 1)
+    SamplingConfig(n=e.n, max_new_tokens=e.max_new_tokens, temperature=e.temperature).validate("eval.")
+    if e.pass_k is not None and not 1 <= e.pass_k <= e.n:
+        raise ValueError(f"eval.pass_k={e.pass_k}: must be in [1, eval.n={e.n}]")
+    from tip_megatron.eval.graders import get_grader
+
+    try:
+        get_grader(e.grader, e.grader_options)
+    except (ValueError, ImportError) as err:
+        raise ValueError(f"eval.grader: {err}") from None
+
+
 def _check_prompt_source(cfg: RunConfig) -> None:
     if cfg.data.prompts:
         return
@@ -304,7 +367,7 @@ def _check_prompt_source(cfg: RunConfig) -> None:
 
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "LoggingConfig", "LossConfig",
+    "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "LossConfig",
     "ModelOptions", "ModelSource", "OptimConfig", "ParallelLayout", "QuadrantRule",
     "RunConfig", "SamplingConfig", "SelectionConfig", "TrainConfig", "config_keys",
     "config_to_dict", "dump_config", "from_dict", "load_config", "parse_overrides", "validate_run",

@@ -95,11 +95,11 @@ def bundled_tokenizer(src: ModelSource) -> Optional[tuple[Any, str]]:
     path = None
     if src.hf and any((Path(src.hf) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         path = src.hf
-    if src.ckpt:
-        from tip_megatron.models.checkpoint import TOKENIZER_DIR
+    if src.ckpt:  # a model checkpoint or a training step / run directory
+        from tip_megatron.models.checkpoint import model_files
 
-        bundled = Path(src.ckpt) / TOKENIZER_DIR
-        path = str(bundled) if bundled.is_dir() else None
+        bundled = model_files(src.ckpt).tokenizer_dir
+        path = str(bundled) if bundled is not None else None
     return (load_tokenizer(path), path) if path else None
 
 
@@ -113,7 +113,9 @@ class FilePrompts:
                               answer=cfg.data.answer_field)
         dataset = PromptDataset(list(cfg.data.prompts), tokenizer, fields=fields,
                                 apply_chat_template=cfg.data.apply_chat_template,
-                                max_prompt_len=cfg.data.max_prompt_len, overlong=cfg.data.overlong)
+                                max_prompt_len=cfg.data.max_prompt_len, overlong=cfg.data.overlong,
+                                chat_template_kwargs=cfg.data.chat_template_kwargs,
+                                system_prompt=cfg.data.system_prompt)
         self.stats = dataset.stats
         self.loader = PromptLoader(dataset, prompts_per_rank=cfg.data.prompts_per_step // groups.dp_size,
                                    dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=cfg.data.seed)
