@@ -312,7 +312,7 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
     _at_least("checkpoint.save_every", cfg.checkpoint.save_every, 0)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
     _at_least("checkpoint.export_hf_every", cfg.checkpoint.export_hf_every, 0)
-    _check_eval(cfg.eval)
+    _check_eval(cfg.eval, cfg.logging.log_every)
     cfg.optim.validate()
     cfg.parallel.validate(world_size)
     if cfg.parallel.sequence_parallel:
@@ -338,10 +338,13 @@ def _check_batch(cfg: RunConfig, dp: int) -> None:
         )
 
 
-def _check_eval(e: EvalConfig) -> None:
+def _check_eval(e: EvalConfig, log_every: int) -> None:
     _at_least("eval.every", e.every, 0)
     if not e.every:
         return
+    if e.every % log_every:
+        raise ValueError(f"eval.every={e.every} must be a multiple of logging.log_every={log_every} "
+                         "(validation metrics are logged with their step)")
     if not e.prompts:
         raise ValueError("eval.every > 0 needs eval.prompts (benchmark JSONL/parquet files "
                          "with prompt or messages, and answer)")

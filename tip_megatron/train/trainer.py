@@ -24,7 +24,7 @@ from tip_megatron.distill.step import (
 )
 from tip_megatron.rollout.generate import GenerationConfig, generate
 from tip_megatron.tip import select_global
-from tip_megatron.train import checkpoint as ckpt
+from tip_megatron.train import checkpoint as ckpt, export, validation
 from tip_megatron.train.batches import make_microbatches, split_updates
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib, reduce_reports
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
@@ -46,6 +46,7 @@ class Run:
     log: MetricsLogger
     step: int = 0
     history: list = field(default_factory=list)
+    validation: Any = None  # train.validation.Validation (eval.every > 0)
 
 
 # ------------------------------------------------------------------ set-up
@@ -67,6 +68,7 @@ def setup(cfg: RunConfig) -> Run:
                         cfg.logging.run_name, config_to_dict(cfg))
     run = Run(cfg, groups, models, ddp, optimizer, scheduler, tokenizer,
               prompt_source(cfg, tokenizer, groups), log)
+    run.validation = validation.setup_validation(cfg, tokenizer, models.student_arch)
     if groups.rank == 0:
         print("effective config:\n" + dump_config(cfg), flush=True)
     maybe_resume(run)
@@ -189,6 +191,7 @@ def save(run: Run) -> None:
         extra={"prompts": run.prompts.state_dict()}, config_yaml=dump_config(run.cfg),
         arch_json=json.dumps(run.models.student_arch.to_dict()), keep_last=c.keep_last,
     )
+    export.after_save(run)  # model_meta/ once; HF export every checkpoint.export_hf_every
 
 
 def run(cfg: RunConfig) -> list[dict]:
@@ -208,6 +211,7 @@ def loop(state: Run) -> None:
     while state.step < stop:
         metrics = train_step(state)
         state.step += 1
+        metrics.update(validation.maybe_validate(state))
         if state.log.active:
             state.history.append(dict(step=state.step, **metrics))
             if state.step % cfg.logging.log_every == 0:
