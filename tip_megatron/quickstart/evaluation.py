@@ -39,6 +39,8 @@ class AdditionBenchmark:
     """The hold-out set as the eval path reads a benchmark (`len`, `records`), in memory."""
 
     prompts: torch.Tensor  # [n, 8]
+    student_rule: bool = False
+    """Answers by the student data's rule (`task.student_rule`) instead of the true sums."""
 
     def __len__(self) -> int:
         return self.prompts.shape[0]
@@ -46,7 +48,7 @@ class AdditionBenchmark:
     def records(self, indices: Sequence[int]) -> list[PromptRecord]:
         rows = self.prompts[list(indices)]
         a, b = task.decode_prompts(rows)
-        answers = task.encode_answers(a + b)
+        answers = task.encode_answers(task.student_rule(a, b) if self.student_rule else a + b)
         tok = task.tokenizer()
         return [PromptRecord(prompt_id=str(i), token_ids=rows[k].tolist(),
                              answer=tok.decode(answers[k].tolist()), text=tok.decode(rows[k].tolist()))
@@ -58,9 +60,11 @@ SPEC = ValidationSpec(n=1, temperature=0.0, max_new_tokens=task.ANSWER_LEN, grad
                       batch_size=1024)
 
 
-def evaluate(chunks, groups, arch, n: int = 2000) -> dict:
+def evaluate(chunks, groups, arch, n: int = 2000, student_rule: bool = False) -> dict:
     """Greedy exact match on `n` hold-out problems: overall (`exact`) and per case (`A`,
-    `B`, `clean`; NaN when a case is absent), and `n` (collective; the same on every rank)."""
+    `B`, `clean`; NaN when a case is absent), and `n` (collective; the same on every rank).
+    student_rule: also `student_rule`, the agreement with the student data's most likely
+    answer (a second pass graded against those answers)."""
     bench = AdditionBenchmark(task.eval_set(n))
     result = evaluate_in_engine(chunks, groups, arch, task.tokenizer(), bench, SPEC)
     a, b = task.decode_prompts(bench.prompts)
@@ -70,4 +74,8 @@ def evaluate(chunks, groups, arch, n: int = 2000) -> dict:
     for i, name in enumerate(task.CASES):
         mask = cases == i
         report[name] = correct[mask].mean().item() if mask.any() else float("nan")
+    if student_rule:
+        rule = evaluate_in_engine(chunks, groups, arch, task.tokenizer(),
+                                  AdditionBenchmark(bench.prompts, student_rule=True), SPEC)
+        report["student_rule"] = rule.summary.mean_at_k
     return report
