@@ -56,3 +56,20 @@ def test_neither_kind_is_one_line_naming_what_is_accepted(tmp_path, layout, caps
     assert main(["convert", "mcore-to-hf", "--ckpt", str(target), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err
+
+
+def test_generate_refuses_neither_kind_in_one_line(tmp_path, capsys):
+    (tmp_path / "bench.jsonl").write_text('{"prompt": "1+1?"}\n')
+    (tmp_path / "x").mkdir()
+    argv = ["generate", "--ckpt", str(tmp_path / "x"), "--prompts", str(tmp_path / "bench.jsonl"),
+            "--out", str(tmp_path / "s.jsonl"), "--chat-template-kwargs", '{"enable_thinking": false}']
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is neither a tip_megatron model checkpoint" in err
+
+
+def test_chat_template_kwargs_flag_must_be_a_json_object(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--ckpt", str(tmp_path), "--prompts", "p.jsonl", "--out", "o.jsonl",
+              "--chat-template-kwargs", "[1]"])
+    assert "expected a JSON object" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,7 +71,13 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    lines = generate_lines(args)
+    try:
+        lines = generate_lines(args)
+    except (ValueError, FileNotFoundError) as err:
+        logger.debug("generate failed", exc_info=True)
+        # Every rank says it: under torchrun the first rank to exit gets the others killed.
+        print(f"tip-megatron generate: error: {err}", file=sys.stderr)
+        return 2
     if lines is not None:
         write_lines(Path(args.out), lines)
     return 0
