@@ -4,7 +4,8 @@ A TP=2 launch trains 2 steps from an imported tiny HF Qwen2 (checkpoints every s
 validation every step, an HF export at step 2), a second one trains the same 2 steps
 without validation: the losses must be equal (validation touches no training RNG stream or data
 cursor). One TP=1 launch loads the step directory (and the run directory, which resolves
-to it) into a freshly built engine model and runs `tip-megatron generate` on it. In the
+to it) into a freshly built engine model, runs `tip-megatron generate` on it, and trains a
+step with `student.ckpt=<run dir>`, `teacher.ckpt=<step dir>`. In the
 test process: `mcore-to-hf` on the step directory; transformers' logits of the export
 equal the engine's logits of the trained weights (fp32, 1e-4) and differ from the initial
 model's; AutoTokenizer loads the export; `checkpoint.export_hf_every` wrote the same.
@@ -99,8 +100,9 @@ def _keep(arch, logits):
     return logits.sum() * 0.0, torch.tensor(1, dtype=torch.int), {"logits": logits[..., :arch.vocab_size].clone()}
 
 
-def _engine_logits_and_generate(sources, input_ids, generate_argv):
-    """TP=1: logits of each source (built fresh, weights from the source), then generate."""
+def _engine_logits_and_generate(sources, input_ids, generate_argv, train_overrides):
+    """TP=1: logits of each source (built fresh, weights from the source), generate, then
+    a training run whose student and teacher are training checkpoints."""
     from tip_megatron import parallel, pipeline
     from tip_megatron.cli import main
     from tip_megatron.models import BuildOptions, build_model
@@ -120,7 +122,8 @@ def _engine_logits_and_generate(sources, input_ids, generate_argv):
         logits.append(reports[0]["logits"])
     parallel.destroy()
     assert not dist.is_initialized()
-    return logits, main(generate_argv)
+    rc = main(generate_argv)
+    return logits, rc, _train(train_overrides)
 
 
 def test_trained_step_exports_to_transformers_and_samples(work, tmp_path):
@@ -151,10 +154,16 @@ def test_trained_step_exports_to_transformers_and_samples(work, tmp_path):
     samples = tmp_path / "samples.jsonl"
     gen_argv = ["generate", "--ckpt", str(step), "--prompts", str(work / "bench.jsonl"),
                 "--out", str(samples), "--max-new-tokens", "4", "--greedy"]
-    (engine, engine_run_dir), rc = run_distributed(
-        _engine_logits_and_generate, 1, args=([step, run_dir], input_ids, gen_argv), timeout_s=300)[0]
+    # student.ckpt / teacher.ckpt: a run directory and a step directory; the tokenizer is
+    # the one the run recorded (no data.tokenizer)
+    from_steps = _overrides(work, **{"student.ckpt": run_dir, "teacher.ckpt": step,
+                                     "train.steps": 1, "parallel.tp": 1})
+    (engine, engine_run_dir), rc, history = run_distributed(
+        _engine_logits_and_generate, 1, args=([step, run_dir], input_ids, gen_argv, from_steps),
+        timeout_s=300)[0]
     assert rc == 0 and len(samples.read_text().splitlines()) == len(ROWS)
     assert torch.equal(engine, engine_run_dir)
+    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["loss"]))
 
     out = tmp_path / "hf_out"
     assert main(["convert", "mcore-to-hf", "--ckpt", str(step), "--out", str(out)]) == 0

@@ -92,7 +92,7 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     good = tmp_path / "s.jsonl"
     _write_samples(good)
     _bad(tmp_path, capsys, ["eval", "--samples", str(good), "--grader", "mathh"],
-         "grader 'mathh' is not registered", "'exact', 'math', 'regex'")
+         "grader 'mathh' is not registered", "'exact', 'math', ", "'regex'")
     _bad(tmp_path, capsys, ["eval", "--samples", str(good), "--pass-k", "5"],
          "--pass-k 5", "samples per prompt = 4")
     _bad(tmp_path, capsys, ["eval", "--samples", str(tmp_path / "missing.jsonl")],
