@@ -103,6 +103,11 @@ class DataConfig:
     """Record field holding the reference answer (kept for evaluation; not used in training)."""
     apply_chat_template: bool = False
     """Render plain prompts through the tokenizer's chat template too."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the chat template (e.g. {enable_thinking: false} for Qwen3);
+    also used by validation (`eval`)."""
+    system_prompt: Optional[str] = None
+    """A system message put first in every chat-rendered prompt that has none."""
     max_prompt_len: int = 2048
     """Longer prompts are handled by `overlong` (the paper: prompts up to 2048)."""
     overlong: str = "truncate_left"
@@ -153,6 +158,36 @@ class CheckpointConfig:
     """Keep the newest K checkpoints (0: keep all)."""
     resume: str = "auto"
     """auto (newest in dir if any), none, or a checkpoint path."""
+    export_hf_every: int = 0
+    """Also write an HF export (`<dir>/hf/step_000010/`, loads in transformers) at every
+    N-th step that saves a checkpoint (0: off; `tip-megatron convert mcore-to-hf` on a step
+    directory does it at any time)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Validation during training: the student samples a benchmark in-engine at the
+    training layout and is graded (logged as eval/mean_at_k, eval/pass_at_k)."""
+
+    every: int = 0
+    """Validate every N steps (0: off)."""
+    prompts: tuple[str, ...] = ()
+    """Benchmark files (JSONL / parquet: prompt or messages, and answer)."""
+    n: int = 4
+    """Samples per prompt (the k of mean@k)."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy)."""
+    max_new_tokens: int = 256
+    grader: str = "math"
+    """A registered grader (`tip_megatron.eval.GRADERS`: math, exact, regex, ...)."""
+    grader_options: dict[str, Any] = field(default_factory=dict)
+    """Grader options (regex: {pattern: ...})."""
+    pass_k: Optional[int] = None
+    """k of pass@k (null: n)."""
+    batch_size: int = 16
+    """Prompts per generate call (per data-parallel rank)."""
+    seed: int = 4321
+    """Sampling seed of validation (its noise never touches the training streams)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +235,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -233,6 +269,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
                              f"got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{key}={value!r}: expected a mapping with string keys, "
+                             "e.g. {enable_thinking: false}")
+        return dict(value)
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
@@ -363,6 +404,8 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
     _at_least("logging.dump_tokens_max", cfg.logging.dump_tokens_max, 1)
     _check_logging_dirs(cfg)
     parse_signals(cfg.train.exit_signal, "train.exit_signal")
+    _at_least("checkpoint.export_hf_every", cfg.checkpoint.export_hf_every, 0)
+    _check_eval(cfg.eval, cfg.logging.log_every)
     cfg.optim.validate()
     cfg.model.validate()
     cfg.parallel.validate(world_size)
@@ -412,6 +455,29 @@ def _check_logging_dirs(cfg: RunConfig) -> None:
                          "under checkpoint.dir (or logging.jsonl's directory); set one of them")
 
 
+def _check_eval(e: EvalConfig, log_every: int) -> None:
+    _at_least("eval.every", e.every, 0)
+    if not e.every:
+        return
+    if e.every % log_every:
+        raise ValueError(f"eval.every={e.every} must be a multiple of logging.log_every={log_every} "
+                         "(validation metrics are logged with their step)")
+    if not e.prompts:
+        raise ValueError("eval.every > 0 needs eval.prompts (benchmark JSONL/parquet files "
+                         "with prompt or messages, and answer)")
+    for key in ("n", "max_new_tokens", "batch_size"):
+        _at_least(f"eval.{key}", getattr(e, key), 1)
+    SamplingConfig(n=e.n, max_new_tokens=e.max_new_tokens, temperature=e.temperature).validate("eval.")
+    if e.pass_k is not None and not 1 <= e.pass_k <= e.n:
+        raise ValueError(f"eval.pass_k={e.pass_k}: must be in [1, eval.n={e.n}]")
+    from tip_megatron.eval.graders import get_grader
+
+    try:
+        get_grader(e.grader, e.grader_options)
+    except (ValueError, ImportError) as err:
+        raise ValueError(f"eval.grader: {err}") from None
+
+
 def _check_prompt_source(cfg: RunConfig) -> None:
     if cfg.data.prompts:
         return
@@ -421,7 +487,7 @@ def _check_prompt_source(cfg: RunConfig) -> None:
 
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "LoggingConfig", "LossConfig",
+    "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "LossConfig",
     "ModelOptions", "ModelSource", "OptimConfig", "ParallelLayout", "QuadrantRule",
     "RunConfig", "SamplingConfig", "SelectionConfig", "TrainConfig", "config_keys",
     "config_to_dict", "dump_config", "from_dict", "load_config", "logging_dir", "parse_overrides",

@@ -281,7 +281,7 @@ def test_cli_round_trip(converted, tmp_path, capsys):
     assert main(["convert", "hf-to-mcore", "--hf", str(src), "--out", str(tmp_path / "x"), "--tp", "4"]) == 2
     assert "does not divide num_kv_heads=2" in capsys.readouterr().err
     assert main(["convert", "mcore-to-hf", "--ckpt", str(src), "--out", str(tmp_path / "y")]) == 2
-    assert "is not a tip_megatron model checkpoint" in capsys.readouterr().err
+    assert "is neither a tip_megatron model checkpoint" in capsys.readouterr().err
     assert main(["convert", "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(back)]) == 0
     assert (back / "tokenizer_config.json").is_file()
     original, exported = load_file(src / "model.safetensors"), load_file(back / "model.safetensors")

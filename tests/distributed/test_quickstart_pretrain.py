@@ -2,7 +2,9 @@
 
 One launch covers: a short SFT at TP=2 (loss falls), the cache (written once, atomically,
 then loaded instead of retraining), and greedy decoding of the cached weights at TP=2,
-TP=1 x DP=2 and PP=2 giving the same answers. The full recipes (minutes) are the `slow` test.
+TP=1 x DP=2 and PP=2 giving the same answers; the quickstart's accuracy report (the eval
+path: generation engine + the registered addition grader) equals `task.accuracy_report`
+of those answers (tensor arithmetic on the token ids) at every layout. The full recipes (minutes) are the `slow` test.
 """
 import os
 from dataclasses import replace
@@ -33,7 +35,8 @@ def _smoke(cache_dir: str) -> dict:
     from tip_megatron.models import build_model
     from tip_megatron.models.state import load_full_state_dict
     from tip_megatron.quickstart import pretrain, task
-    from tip_megatron.quickstart.greedy import greedy_answers
+    from tip_megatron.quickstart.evaluation import evaluate
+    from tip_megatron.rollout.generate import GenerationConfig, generate
 
     LAYOUTS = _layouts()
 
@@ -44,19 +47,22 @@ def _smoke(cache_dir: str) -> dict:
     t_full, s_full, t_arch, _, info = pretrain.pretrained_models(cache_dir, g, **kw)
     t_again, s_again, _, _, info_again = pretrain.pretrained_models(cache_dir, g, **kw)
     prompts = task.eval_set(48)
-    answers = {}
+    answers, reports = {}, {}
+    greedy = GenerationConfig(n=1, max_new_tokens=task.ANSWER_LEN, temperature=0.0, pad_id=13)
     for name, layout in LAYOUTS.items():
         g = parallel.initialize(layout)
         chunks = build_model(t_arch, g)
         load_full_state_dict(chunks, t_full, g, t_arch)
-        answers[name] = greedy_answers(chunks, g, t_arch, prompts, batch_size=32)
+        out = generate(chunks, g, t_arch, prompts.tolist(), greedy, seed=0)
+        answers[name] = out.token_ids[:, task.PROMPT_LEN:].cpu()
+        reports[name] = (evaluate(chunks, g, t_arch, 48), task.accuracy_report(prompts, answers[name]))
     # The same recipes at PP=2, into a fresh cache: trains through the 1F1B schedule from
     # the same initial weights (init_full_state is layout-independent).
     g = parallel.initialize(LAYOUTS["pp2"])
     *_, info_pp2 = pretrain.pretrained_models(os.path.join(cache_dir, "pp2"), g, **kw)
     same = all(torch.equal(a, b) for a, b in ((t_full, t_again), (s_full, s_again)) for a, b in
                zip(a.values(), b.values()))
-    return dict(info=info, info_again=info_again, info_pp2=info_pp2, same=same, answers=answers,
+    return dict(info=info, info_again=info_again, info_pp2=info_pp2, same=same, answers=answers, reports=reports,
                 files=sorted(f for f in os.listdir(cache_dir) if f != "pp2"))
 
 
@@ -96,6 +102,8 @@ def test_greedy_decoding_is_the_same_at_tp2_tp1_and_pp2(smoke):
     for rank in smoke:
         for layout, answers in rank["answers"].items():
             assert torch.equal(answers, reference), layout
+        for layout, (report, direct) in rank["reports"].items():
+            assert report == pytest.approx({k: direct[k] for k in report}, nan_ok=True), layout
 
 
 def _full_recipes(cache_dir: str) -> dict:

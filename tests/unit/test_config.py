@@ -38,6 +38,8 @@ FROZEN_KEYS = [
     "data.messages_field",
     "data.answer_field",
     "data.apply_chat_template",
+    "data.chat_template_kwargs",
+    "data.system_prompt",
     "data.max_prompt_len",
     "data.overlong",
     "data.prompts_per_step",
@@ -85,6 +87,17 @@ FROZEN_KEYS = [
     "checkpoint.save_every",
     "checkpoint.keep_last",
     "checkpoint.resume",
+    "checkpoint.export_hf_every",
+    "eval.every",
+    "eval.prompts",
+    "eval.n",
+    "eval.temperature",
+    "eval.max_new_tokens",
+    "eval.grader",
+    "eval.grader_options",
+    "eval.pass_k",
+    "eval.batch_size",
+    "eval.seed",
     "logging.log_every",
     "logging.jsonl",
     "logging.wandb",
@@ -180,6 +193,16 @@ BAD_RUNS = [
     (["data.prompts=[]"], 1, "data.prompts is empty: name prompt files"),
     (["optim.lr=0"], 1, "optim.lr=0.0: must be > 0"),
     (["parallel.sequence_parallel=true", "parallel.tp=1"], 2, "parallel.sequence_parallel=True needs parallel.tp >= 2"),
+    (["checkpoint.export_hf_every=-1"], 1, "checkpoint.export_hf_every=-1: must be >= 0"),
+    (["eval.every=2"], 1, r"eval.every > 0 needs eval.prompts"),
+    (["eval.every=3", "logging.log_every=2", "eval.prompts=[b.jsonl]"], 1,
+     "eval.every=3 must be a multiple of logging.log_every=2"),
+    (["eval.every=1", "eval.prompts=[b.jsonl]", "eval.temperature=-1"], 1, "eval.temperature=-1.0: must be"),
+    (["eval.every=1", "eval.prompts=[b.jsonl]", "eval.n=0"], 1, "eval.n=0: must be >= 1"),
+    (["eval.every=1", "eval.prompts=[b.jsonl]", "eval.n=2", "eval.pass_k=3"], 1,
+     r"eval.pass_k=3: must be in \[1, eval.n=2\]"),
+    (["eval.every=1", "eval.prompts=[b.jsonl]", "eval.grader=nope"], 1,
+     "eval.grader: grader 'nope' is not registered; registered graders: "),
 ]
 
 
@@ -190,6 +213,13 @@ def test_validate_run_names_the_key(sources, overrides, world, message):
     with pytest.raises(ValueError, match="^" + message) as err:
         validate_run(cfg, world_size=world)
     assert "\n" not in str(err.value)
+
+
+def test_chat_template_kwargs_is_a_mapping():
+    cfg = load_config(None, ["data.chat_template_kwargs={enable_thinking: false}"])
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(ValueError, match="^data.chat_template_kwargs='x': expected a mapping"):
+        load_config(None, ["data.chat_template_kwargs=x"])
 
 
 def test_the_run_config_rollout_section_is_the_engine_config():

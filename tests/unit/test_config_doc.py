@@ -53,7 +53,7 @@ def test_sections_of_an_arbitrary_dataclass_tree():
 def _leaf_defaults(tree, prefix=""):
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and prefix + k not in config_keys():  # a section, not a mapping option
             out.update(_leaf_defaults(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v

@@ -169,7 +169,7 @@ def test_size_parsing_and_planning():
 
 
 def test_model_checkpoint_metadata_helpers(tmp_path):
-    with pytest.raises(ValueError, match="not a tip_megatron model checkpoint"):
+    with pytest.raises(ValueError, match="neither a tip_megatron model checkpoint"):
         mckpt.read_arch(tmp_path)
     (tmp_path / "meta.json").write_text(json.dumps({"format": "other", "format_version": 1}))
     with pytest.raises(ValueError, match="format 'other'"):

@@ -92,7 +92,7 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     good = tmp_path / "s.jsonl"
     _write_samples(good)
     _bad(tmp_path, capsys, ["eval", "--samples", str(good), "--grader", "mathh"],
-         "grader 'mathh' is not registered", "'exact', 'math', 'regex'")
+         "grader 'mathh' is not registered", "'exact', 'math', ", "'regex'")
     _bad(tmp_path, capsys, ["eval", "--samples", str(good), "--pass-k", "5"],
          "--pass-k 5", "samples per prompt = 4")
     _bad(tmp_path, capsys, ["eval", "--samples", str(tmp_path / "missing.jsonl")],
@@ -128,6 +128,7 @@ def test_bad_checkpoint_through_the_console(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = [x for x in proc.stderr.splitlines() if "error" in x.lower() or "Traceback" in x]
-    assert lines == [f"tip-megatron eval: error: {tmp_path / 'notackpt'} is not a tip_megatron "
-                     "model checkpoint (meta.json is missing); create one with `tip-megatron "
-                     "convert hf-to-mcore`"], proc.stderr
+    assert lines == [f"tip-megatron eval: error: {tmp_path / 'notackpt'} is neither a tip_megatron "
+                     "model checkpoint (meta.json is missing) nor a training checkpoint (a "
+                     "step_NNNNNN directory with COMPLETE, or a run directory holding them); "
+                     "create a model checkpoint with `tip-megatron convert hf-to-mcore`"], proc.stderr

@@ -171,3 +171,34 @@ def test_load_tokenizer_errors_name_path_and_accepted(tmp_path):
     (tmp_path / "badhf" / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="badhf"):
         load_tokenizer(tmp_path / "badhf")
+
+
+THINK_TEMPLATE = (CHATML + "{% if enable_thinking is defined and not enable_thinking %}"
+                  "<think>\n\n</think>\n\n{% endif %}")
+
+
+def test_chat_template_kwargs_and_system_prompt_reach_the_template(tmp_path):
+    """data.chat_template_kwargs / --chat-template-kwargs reach the template's variables
+    (Qwen3's enable_thinking), and a system prompt is put first where a row has none; the
+    reference is transformers' own rendering of the same conversation."""
+    from tip_megatron.rollout.data import PromptDataset
+
+    d = build_hf_dir(tmp_path / "think", chat_template=THINK_TEMPLATE)
+    tok = load_tokenizer(d)
+    rows = [{"prompt": "hello world"}, {"messages": MESSAGES}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain = PromptDataset(tmp_path / "p.jsonl", tok, apply_chat_template=True)
+    ds = PromptDataset(tmp_path / "p.jsonl", tok, apply_chat_template=True,
+                       chat_template_kwargs={"enable_thinking": False}, system_prompt="reason")
+
+    def reference(messages, **kw):
+        text = tok.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kw)
+        return tok.encode(text)
+
+    user = [{"role": "user", "content": "hello world"}]
+    assert plain.token_ids(0) == reference(user)
+    assert ds.token_ids(0) == reference([{"role": "system", "content": "reason"}, *user],
+                                        enable_thinking=False)
+    assert ds.token_ids(1) == reference(MESSAGES, enable_thinking=False)  # its own system kept
+    assert "<think>" in tok.decode(ds.token_ids(1)) and "<think>" not in tok.decode(plain.token_ids(1))
+    assert tok.apply_chat_template(MESSAGES, enable_thinking=False) == ds.token_ids(1)

@@ -41,7 +41,9 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     imp.set_defaults(func=_hf_to_mcore)
 
     exp = sub.add_parser("mcore-to-hf", help="model checkpoint -> HF checkpoint")
-    exp.add_argument("--ckpt", required=True, help="model checkpoint directory")
+    exp.add_argument("--ckpt", required=True,
+                     help="model checkpoint, training step directory (<run>/step_000200) "
+                     "or run directory (its newest complete step)")
     exp.add_argument("--out", required=True, help="HF directory to write")
     exp.add_argument("--dtype", choices=_DTYPES, default=None,
                      help="dtype of the HF weights (default: the checkpoint's params_dtype)")

@@ -42,19 +42,21 @@ def mcore_to_hf(
     max_shard_size: Union[int, str] = "5GB",
     overwrite: bool = False,
 ) -> Path:
-    """Write the model checkpoint at ckpt_dir as an HF checkpoint at out_dir.
+    """Write the model checkpoint (or training checkpoint: a step or run directory) at
+    ckpt_dir as an HF checkpoint at out_dir.
 
     dtype: float32 | bfloat16 | float16; None keeps the checkpoint's params_dtype.
     """
-    ckpt, out = Path(ckpt_dir), Path(out_dir).absolute()
+    files, out = mckpt.model_files(ckpt_dir), Path(out_dir).absolute()
+    ckpt = files.path
     arch, out_dtype_name = check_export(ckpt, out, dtype=dtype, overwrite=overwrite)
     with atomic_dir(out) as tmp:  # this process alone
         with _world_of_one():
             _write_weights(ckpt, arch, tmp, DTYPES[out_dtype_name], parse_size(max_shard_size))
-        _write_json(tmp / "config.json", hf_config(arch, out_dtype_name))
+        _write_json(tmp / "config.json", hf_config(arch, out_dtype_name, files.hf_config))
         write_marker(tmp, "HF export")
-        if (ckpt / mckpt.TOKENIZER_DIR).is_dir():
-            mckpt.copy_hf_side_files(ckpt / mckpt.TOKENIZER_DIR, tmp)
+        if files.tokenizer_dir is not None:
+            mckpt.copy_hf_side_files(files.tokenizer_dir, tmp)
     logger.info("wrote HF checkpoint %s (%s, %s)", out, arch.family, out_dtype_name)
     return out
 
@@ -62,9 +64,10 @@ def mcore_to_hf(
 def check_export(
     ckpt_dir: PathLike, out_dir: PathLike, *, dtype: Optional[str] = None, overwrite: bool = False
 ) -> tuple[ModelArch, str]:
-    """Checks before any work: a model checkpoint, a known dtype, a free output path.
-    Returns the checkpoint's arch and the output dtype name."""
-    arch, meta = mckpt.read_arch(ckpt_dir), mckpt.read_meta(ckpt_dir)
+    """Checks before any work: a model or training checkpoint, a known dtype, a free output
+    path. Returns the checkpoint's arch and the output dtype name."""
+    files = mckpt.model_files(ckpt_dir)
+    arch, meta = files.arch(), files.meta
     dtype_name = dtype or meta.get("params_dtype", "float32")
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype {dtype_name!r} is not supported; accepted: {sorted(DTYPES)}")
@@ -72,9 +75,10 @@ def check_export(
     return arch, dtype_name
 
 
-def hf_config(arch: ModelArch, dtype_name: str) -> dict:
-    """config.json: ModelArch.to_hf_config() (carried fields included) with the dtype written."""
-    config = arch.to_hf_config()
+def hf_config(arch: ModelArch, dtype_name: str, start: Optional[dict] = None) -> dict:
+    """config.json: the HF config a training run started from (`start`), else
+    ModelArch.to_hf_config() (carried fields included), with the dtype written."""
+    config = dict(start) if start is not None else arch.to_hf_config()
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     for key in keys:
         config[key] = dtype_name

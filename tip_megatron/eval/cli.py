@@ -39,7 +39,8 @@ def register(subparsers) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--samples", help="JSONL written by tip-megatron generate (no model needed)")
-    source.add_argument("--ckpt", help="model checkpoint: generate from --prompts, then grade")
+    source.add_argument("--ckpt", help="model checkpoint, training step or run directory: "
+                        "generate from --prompts, then grade")
     p.add_argument("--prompts", nargs="+", help="with --ckpt: benchmark files (prompt or messages, answer)")
     p.add_argument("--answers", nargs="+",
                    help="with --samples: prompt files to take missing answers from, joined by prompt_id")

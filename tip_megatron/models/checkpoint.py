@@ -19,6 +19,12 @@ different TP, or a size shared with a teacher) loads it anyway: megatron marks t
 tensors `allow_shape_mismatch`, zero-fills the model's rows and reads the rows both sizes
 share. Rows past `vocab_size` are padding on both sides, so nothing real is lost.
 
+A training step directory (`<run>/step_000200`, see train/checkpoint.py) holds the model
+under the same keys in its `dist/` (beside the optimizer's), its `arch.json`, and finds the
+tokenizer and HF config in `<run>/model_meta/`. `model_files(path)` resolves either kind
+(and a run directory to its newest complete step); every reader here goes through it, so
+both kinds load, export and sample alike.
+
 Saving goes through `io_atomic.atomic_dir` (a temp directory beside the target, fsynced,
 renamed into place once complete): an interrupted save never damages an existing
 checkpoint. Loads are strict: a key the model has and the checkpoint lacks, or the reverse,
@@ -34,6 +40,7 @@ import logging
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -146,22 +153,26 @@ def load_model_checkpoint(
     architecture is a ValueError naming the differing fields. Without it the chunks'
     megatron config is checked against the checkpoint's arch. Returns the checkpoint's arch.
     """
-    ckpt = Path(ckpt_dir)
-    arch = read_arch(ckpt)
+    files = model_files(ckpt_dir)
+    ckpt, arch = files.path, files.arch()
     if expect_arch is not None:
         _raise_on_mismatch(arch_differences(arch, expect_arch), ckpt, "the expected architecture")
     _raise_on_mismatch(_chunk_differences(arch, chunks), ckpt, "the model being loaded")
-    # Tensors load in place (in the model's dtype, cast from the stored one).
-    load_chunks(chunks, load_sharded_strict(sharded_state_dict(chunks), ckpt / MODEL_DIR))
+    # Tensors load in place (in the model's dtype, cast from the stored one); a training
+    # checkpoint's optimizer state is stored beside the model and not read.
+    ignored = ("optimizer.",) if files.kind == "training" else ()
+    load_chunks(chunks, load_sharded_strict(sharded_state_dict(chunks), files.weights,
+                                            ignore_stored=ignored))
     if groups.rank == 0:
         logger.info("loaded model checkpoint %s (%s, %d layers)", ckpt, arch.family, arch.num_layers)
     return arch
 
 
-def load_sharded_strict(sharded: dict, directory: PathLike) -> dict:
+def load_sharded_strict(sharded: dict, directory: PathLike, ignore_stored: tuple[str, ...] = ()) -> dict:
     """dist_checkpointing.load of `sharded` from `directory` (collective), refusing any key
     mismatch with one ValueError, the same on every rank, naming the keys: "missing" (the
-    model asks for them, the checkpoint lacks them) and "unexpected" (stored, not asked for).
+    model asks for them, the checkpoint lacks them) and "unexpected" (stored, not asked for,
+    except keys starting with one of `ignore_stored`).
     """
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
@@ -172,6 +183,7 @@ def load_sharded_strict(sharded: dict, directory: PathLike) -> dict:
         loaded, stored_only, asked_only = _dist_checkpointing().load(
             sharded, str(directory), strict=StrictHandling.RETURN_ALL)
     asked_only = _union_over_ranks(asked_only)
+    stored_only = {k for k in stored_only if not k.startswith(ignore_stored)} if ignore_stored else stored_only
     if stored_only or asked_only:
         raise ValueError(
             f"checkpoint {directory} does not match the model's keys: "
@@ -197,9 +209,51 @@ def _union_over_ranks(keys: set) -> set:
 
 
 def read_arch(ckpt_dir: PathLike) -> ModelArch:
-    """The ModelArch a model checkpoint was saved with."""
-    read_meta(ckpt_dir)  # validates the format first
-    return ModelArch.from_dict(json.loads((Path(ckpt_dir) / ARCH_FILE).read_text()))
+    """The ModelArch a model checkpoint (or a training checkpoint) was saved with."""
+    return model_files(ckpt_dir).arch()
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a model's parts are, in a model checkpoint or a training step directory."""
+
+    path: Path
+    """The model checkpoint, or the training step directory (a run directory resolved)."""
+    kind: str
+    """`model` (tip-megatron convert / save_model_checkpoint) or `training` (a step)."""
+    weights: Path
+    """The dist_checkpointing directory: `model/`, or the step's `dist/`."""
+    meta: dict
+    """meta.json (training: `<run>/model_meta/meta.json`, empty when the run predates it)."""
+    tokenizer_dir: Optional[Path]
+    hf_config: Optional[dict]
+    """The HF config the run started from (training kind), else None."""
+
+    def arch(self) -> ModelArch:
+        return ModelArch.from_dict(json.loads((self.path / ARCH_FILE).read_text()))
+
+
+def model_files(path: PathLike) -> ModelFiles:
+    """Resolve a model checkpoint, a training step directory or a run directory (its newest
+    complete step); anything else is a one-line ValueError."""
+    from tip_megatron.train.checkpoint import MODEL_META, resolve_step
+
+    p = Path(path)
+    if (p / META_FILE).is_file():
+        tok = p / TOKENIZER_DIR
+        return ModelFiles(p, "model", p / MODEL_DIR, read_meta(p), tok if tok.is_dir() else None, None)
+    step = resolve_step(p) if p.is_dir() else None
+    if step is None:
+        raise ValueError(
+            f"{path} is neither a tip_megatron model checkpoint ({META_FILE} is missing) nor a "
+            "training checkpoint (a step_NNNNNN directory with COMPLETE, or a run directory "
+            "holding them); create a model checkpoint with `tip-megatron convert hf-to-mcore`")
+    run_meta = step.parent / MODEL_META
+    meta_file, hf_file, tok = (run_meta / "meta.json", run_meta / "hf_config.json",
+                               run_meta / TOKENIZER_DIR)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    hf_config = json.loads(hf_file.read_text()) if hf_file.is_file() else None
+    return ModelFiles(step, "training", step / "dist", meta, tok if tok.is_dir() else None, hf_config)
 
 
 def read_meta(ckpt_dir: PathLike) -> dict:
@@ -274,7 +328,7 @@ def stored_key(full_name: str) -> tuple[str, Optional[int]]:
 
 def stored_metadata(ckpt_dir: PathLike) -> dict:
     """dist_checkpointing key -> ShardedTensor metadata (global_shape, dtype), no data read."""
-    return _dist_checkpointing().load_tensors_metadata(str(Path(ckpt_dir) / MODEL_DIR))
+    return _dist_checkpointing().load_tensors_metadata(str(model_files(ckpt_dir).weights))
 
 
 def load_full_tensors(
@@ -304,7 +358,7 @@ def load_full_tensors(
             request[name] = ShardedTensor.from_rank_offsets(key, data, (0, layer, shape[0]), replica_id=0)
     # A partial read by design: the access-integrity check wants the whole tensor covered.
     with _quiet_dcp_load():
-        loaded = _dist_checkpointing().load(request, str(Path(ckpt_dir) / MODEL_DIR),
+        loaded = _dist_checkpointing().load(request, str(model_files(ckpt_dir).weights),
                                             validate_access_integrity=False)
     out = {}
     for name in names:

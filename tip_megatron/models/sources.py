@@ -34,7 +34,9 @@ class ModelSource:
     """Where a model's weights come from (exactly one of the three)."""
 
     ckpt: Optional[str] = None
-    """A tip_megatron model checkpoint directory (e.g. from `tip-megatron convert hf-to-mcore`)."""
+    """A tip_megatron model checkpoint directory (e.g. from `tip-megatron convert hf-to-mcore`),
+    a training step directory (`<run>/step_000200`) or a run directory (its newest complete
+    step): `models.checkpoint.model_files` resolves all three."""
     hf: Optional[str] = None
     """An HF model directory (config.json + safetensors), converted in memory at start."""
     builtin: Optional[str] = None

@@ -1,5 +1,5 @@
 """The quickstart's pieces: the embedded addition task, pre-training of a tiny teacher and
-student with the engine's own stack (cached), greedy accuracy evaluation, and the
+student with the engine's own stack (cached), accuracy through the engine's eval path, and the
 built-in model sources `quickstart-teacher` / `quickstart-student` (`builtin_models.py`,
 found by `tip_megatron.models.sources`; the trainer never imports this package).
 
@@ -24,8 +24,8 @@ def __getattr__(name: str):
         from tip_megatron.quickstart import pretrain
 
         return getattr(pretrain, name)
-    if name in ("evaluate", "greedy_answers"):
-        from tip_megatron.quickstart import greedy
+    if name == "evaluate":
+        from tip_megatron.quickstart import evaluation
 
-        return getattr(greedy, name)
+        return evaluation.evaluate
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -65,7 +65,7 @@ def run_config(args: argparse.Namespace):
 def worker(args: argparse.Namespace) -> int:
     from tip_megatron import parallel
     from tip_megatron.platform import quiet_third_party_warnings
-    from tip_megatron.quickstart.greedy import evaluate
+    from tip_megatron.quickstart.evaluation import evaluate
     from tip_megatron.train import trainer
     from tip_megatron.train.metrics import peak_memory_mib
 

@@ -35,7 +35,7 @@ from tip_megatron.models.lm import lm_loss
 from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict
 from tip_megatron.parallel import ParallelGroups
 from tip_megatron.quickstart import task
-from tip_megatron.quickstart.greedy import evaluate
+from tip_megatron.quickstart.evaluation import evaluate
 from tip_megatron.train.optimizer import OptimConfig, build_optimizer, wrap_ddp
 
 logger = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def pretrained_model(
     start = time.perf_counter()
     chunks, losses = sft(arch, groups, recipe)
     seconds = time.perf_counter() - start
-    accuracy = evaluate(chunks, groups, arch, eval_size)
+    accuracy = evaluate(chunks, groups, arch, eval_size, student_rule=True)
     full = gather_full_state_dict(chunks, groups, arch)
     info = dict(name=name, arch=arch.to_dict(), recipe=asdict(recipe), accuracy=accuracy,
                 train_seconds=round(seconds, 1), first_loss=losses[0], final_loss=losses[-1],

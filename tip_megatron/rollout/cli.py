@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,7 +39,8 @@ def register(subparsers) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="model checkpoint directory (tip-megatron convert)")
+    p.add_argument("--ckpt", required=True, help="model checkpoint (tip-megatron convert), training step "
+                   "directory (<run>/step_000200) or run directory (its newest step)")
     p.add_argument("--prompts", required=True, nargs="+", help="prompt files (.jsonl / .parquet)")
     p.add_argument("--out", required=True, help="JSONL file to write, one line per sample")
     add_generation_arguments(p)
@@ -69,6 +71,9 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV positions of the decode batch (default 0: all rows of a batch at once)")
     p.add_argument("--check-logprobs", action="store_true",
                    help="rerun each batch through the training forward and log the log-prob gap")
+    p.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help='extra chat template variables, e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--system-prompt", help="system message put first in chat prompts that have none")
     for field in ("prompt", "messages", "answer", "id"):
         p.add_argument(f"--{field}-field", default=field, help=f"name of the {field} field (default {field})")
 
@@ -76,7 +81,13 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if own_ranks(args):
         return launch.run_cli_ranks(args.tp * args.pp, torchrun_argv(args.argv))
-    lines = generate_lines(args)
+    try:
+        lines = generate_lines(args)
+    except (ValueError, FileNotFoundError) as err:
+        logger.debug("generate failed", exc_info=True)
+        # Every rank says it: under torchrun the first rank to exit gets the others killed.
+        print(f"tip-megatron generate: error: {err}", file=sys.stderr)
+        return 2
     if lines is not None:
         write_lines(Path(args.out), lines)
     return 0
@@ -144,19 +155,21 @@ def _generate_shard(args: argparse.Namespace, groups) -> list[dict]:
 
 def _load(args: argparse.Namespace, groups):
     from tip_megatron.models import BuildOptions, build_model
-    from tip_megatron.models.checkpoint import TOKENIZER_DIR, load_model_checkpoint, read_arch
+    from tip_megatron.models.checkpoint import load_model_checkpoint, model_files
     from tip_megatron.rollout.tokenizers import load_tokenizer
 
-    arch = read_arch(args.ckpt)
-    tokenizer_path = args.tokenizer or Path(args.ckpt) / TOKENIZER_DIR
-    if not Path(tokenizer_path).exists():
-        raise ValueError(f"checkpoint {args.ckpt} holds no {TOKENIZER_DIR}/ directory; pass --tokenizer")
+    files = model_files(args.ckpt)  # a model checkpoint, a training step or run directory
+    arch = files.arch()
+    tokenizer_path = args.tokenizer or files.tokenizer_dir
+    if tokenizer_path is None or not Path(tokenizer_path).exists():
+        raise ValueError(f"checkpoint {args.ckpt} bundles no tokenizer (tokenizer/, or a "
+                         "run's model_meta/tokenizer/); pass --tokenizer")
     tokenizer = load_tokenizer(tokenizer_path, chat_fallback=False)
     if tokenizer.vocab_size > arch.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model "
                          f"only {arch.vocab_size}: wrong --tokenizer for {args.ckpt}?")
     chunks = build_model(arch, groups, BuildOptions(init_weights=False))
-    load_model_checkpoint(chunks, groups, args.ckpt, expect_arch=arch)
+    load_model_checkpoint(chunks, groups, files.path, expect_arch=arch)
     return chunks, arch, tokenizer
 
 
@@ -181,7 +194,20 @@ def _dataset(args: argparse.Namespace, tokenizer, arch):
     fields = PromptFields(prompt=args.prompt_field, messages=args.messages_field,
                           answer=args.answer_field, id=args.id_field)
     return PromptDataset(args.prompts, tokenizer, fields=fields, apply_chat_template=args.chat,
-                         max_prompt_len=limit, overlong=args.overlong)
+                         max_prompt_len=limit, overlong=args.overlong,
+                         chat_template_kwargs=args.chat_template_kwargs,
+                         system_prompt=args.system_prompt)
+
+
+def _json_object(text: str) -> dict:
+    """--chat-template-kwargs: a JSON object (argparse turns the ValueError into one line)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"enable_thinking\": false}}', got {text!r}")
+    return value
 
 
 def _lines(rollouts, records, indices: list[int], tokenizer) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import zlib
 from array import array
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -91,6 +91,8 @@ class PromptDataset:
         apply_chat_template: bool = False,
         max_prompt_len: int | None = None,
         overlong: str = "truncate_left",
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        system_prompt: str | None = None,
     ):
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong={overlong!r}: accepted values are {OVERLONG_POLICIES}")
@@ -102,6 +104,10 @@ class PromptDataset:
             raise ValueError("PromptDataset needs at least one prompt file")
         self.tokenizer, self.fields = tokenizer, fields
         self.apply_chat_template = apply_chat_template
+        # Chat-rendered rows only: the template's extra variables (`enable_thinking`) and a
+        # system message put first where a row has none.
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.system_prompt = system_prompt
         self.max_prompt_len, self.overlong = max_prompt_len, overlong
         self._sources = [open_source(p, fields) for p in self.paths]
         self.stats = dict.fromkeys(("num_rows", "num_kept", "num_truncated", "num_skipped",
@@ -151,9 +157,11 @@ class PromptDataset:
         is_chat = [r.messages is not None or self.apply_chat_template for r in rows]
         chat = [k for k, c in enumerate(is_chat) if c]
         plain = [k for k, c in enumerate(is_chat) if not c]
-        conversations = [rows[k].messages or [{"role": "user", "content": rows[k].text}]
+        conversations = [self._with_system(rows[k].messages or [{"role": "user", "content": rows[k].text}])
                          for k in chat]
-        encoded = _encode_located(tok.apply_chat_template_batch, tok.apply_chat_template,
+        kw = self.chat_template_kwargs
+        encoded = _encode_located(partial(tok.apply_chat_template_batch, **kw),
+                                  partial(tok.apply_chat_template, **kw),
                                   conversations, [wheres[k] for k in chat])
         for k, ids in zip(chat, encoded):
             out[k] = ids
@@ -165,6 +173,11 @@ class PromptDataset:
         for k, ids in zip(plain, encoded):
             out[k] = ids
         return out
+
+    def _with_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.system_prompt is None or (messages and messages[0].get("role") == "system"):
+            return messages
+        return [{"role": "system", "content": self.system_prompt}, *messages]
 
     def _fit(self, ids: list[int]) -> list[int] | None:
         n, limit = len(ids), self.max_prompt_len

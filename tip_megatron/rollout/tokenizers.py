@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 __all__ = [
     "ACCEPTED_TOKENIZER_PATHS",
@@ -52,10 +52,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str: ...
 
-    def apply_chat_template(self, messages: Sequence[Message]) -> list[int]: ...
+    def apply_chat_template(self, messages: Sequence[Message], **template_kwargs: Any) -> list[int]: ...
 
     def apply_chat_template_batch(
-        self, conversations: Sequence[Sequence[Message]]
+        self, conversations: Sequence[Sequence[Message]], **template_kwargs: Any
     ) -> list[list[int]]: ...
 
     def fingerprint(self) -> str: ...
@@ -95,13 +95,15 @@ class _Base:
     ) -> list[list[int]]:
         return [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
 
-    def apply_chat_template(self, messages: Sequence[Message]) -> list[int]:
+    def apply_chat_template(self, messages: Sequence[Message], **template_kwargs: Any) -> list[int]:
         raise NotImplementedError
 
     def apply_chat_template_batch(
-        self, conversations: Sequence[Sequence[Message]]
+        self, conversations: Sequence[Sequence[Message]], **template_kwargs: Any
     ) -> list[list[int]]:
-        return [self.apply_chat_template(m) for m in conversations]
+        """`template_kwargs` are the template's extra variables (`enable_thinking=False`);
+        the plain fallback format has none and ignores them."""
+        return [self.apply_chat_template(m, **template_kwargs) for m in conversations]
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -168,11 +170,11 @@ class HFTokenizer(_Base):
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[Message]) -> list[int]:
-        return self.apply_chat_template_batch([messages])[0]
+    def apply_chat_template(self, messages: Sequence[Message], **template_kwargs: Any) -> list[int]:
+        return self.apply_chat_template_batch([messages], **template_kwargs)[0]
 
     def apply_chat_template_batch(
-        self, conversations: Sequence[Sequence[Message]]
+        self, conversations: Sequence[Sequence[Message]], **template_kwargs: Any
     ) -> list[list[int]]:
         if not getattr(self.hf, "chat_template", None):
             return [self._fallback_chat(m, "has no chat template") for m in conversations]
@@ -180,7 +182,8 @@ class HFTokenizer(_Base):
         # this is what transformers does for tokenize=True (whose return type changed in
         # 5.x). Encoding the batch at once lets the Rust tokenizer use all cores.
         texts = [self.hf.apply_chat_template([dict(m) for m in messages],
-                                             add_generation_prompt=True, tokenize=False)
+                                             add_generation_prompt=True, tokenize=False,
+                                             **template_kwargs)
                  for messages in conversations]
         return self.encode_batch(texts, add_special_tokens=False)
 
@@ -241,7 +244,7 @@ class SentencePieceTokenizer(_Base):
             ids = [i for i in ids if i not in special]
         return self.sp.decode(ids)
 
-    def apply_chat_template(self, messages: Sequence[Message]) -> list[int]:
+    def apply_chat_template(self, messages: Sequence[Message], **template_kwargs: Any) -> list[int]:
         return self._fallback_chat(messages, "is a SentencePiece model without a chat template")
 
     def _vocab(self) -> Mapping[str, int]:
@@ -288,7 +291,7 @@ class CharTokenizer(_Base):
                 raise ValueError(f"CharTokenizer: id {i} outside [0, {self.vocab_size})")
         return "".join(out)
 
-    def apply_chat_template(self, messages: Sequence[Message]) -> list[int]:
+    def apply_chat_template(self, messages: Sequence[Message], **template_kwargs: Any) -> list[int]:
         raise ValueError("CharTokenizer has no chat format; use plain prompts")
 
     def _vocab(self) -> Mapping[str, int]:

@@ -9,6 +9,9 @@ Layout of `<dir>/step_000010/`:
     arch.json      the student architecture
     MANIFEST.json  size and CRC32 of every file above (`train.manifest`)
     COMPLETE       marker, written last: a directory without it is not a checkpoint
+and, once per run, `<dir>/model_meta/` (tokenizer/, hf_config.json, meta.json: what the run
+started from), so a step directory is a model source (`models.checkpoint.model_files`):
+its model keys in dist/ are those of a model checkpoint's model/.
 
 Atomicity (`io_atomic.atomic_dir`): every rank writes into `.step_000010.tmp-<nonce>/`; after
 a barrier rank 0 records the manifest and the marker, the files are fsynced and rank 0
@@ -79,6 +82,42 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def resolve_step(path: str | Path) -> Optional[Path]:
+    """A training step directory as given, or a run directory's newest complete step;
+    None when `path` is neither (a run directory with no complete step is a ValueError)."""
+    p = Path(path)
+    if _STEP_RE.match(p.name) and (p / COMPLETE).is_file():
+        return p
+    if not p.is_dir() or not any(_STEP_RE.match(c.name) for c in p.iterdir()):
+        return None
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise ValueError(f"run directory {p} holds no complete checkpoint (step_* without "
+                         f"{COMPLETE}); pass a complete step directory")
+    return latest
+
+
+#: `<checkpoint.dir>/model_meta/`: what the run started from, written once (rank 0) so that
+#: every step exports and samples on its own: tokenizer/, hf_config.json, meta.json.
+MODEL_META = "model_meta"
+
+
+def write_model_meta(root: str | Path, *, hf_config: dict, meta: dict,
+                     tokenizer_dir: Optional[str | Path]) -> Optional[Path]:
+    """Write `<root>/model_meta/` unless it exists (this process alone, atomically)."""
+    from tip_megatron.models.checkpoint import copy_hf_side_files
+
+    out = Path(root) / MODEL_META
+    if out.is_dir():
+        return None
+    with atomic_dir(out) as tmp:
+        (tmp / "hf_config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if tokenizer_dir is not None:
+            copy_hf_side_files(tokenizer_dir, tmp / "tokenizer")
+    return out
 
 
 def _rng_state() -> dict:

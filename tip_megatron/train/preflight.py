@@ -262,6 +262,9 @@ def bundled_tokenizer(src: ModelSource) -> Optional[tuple[Any, str]]:
     if src.hf and any((Path(src.hf) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         path = src.hf
     if src.ckpt:
-        bundled = Path(src.ckpt) / "tokenizer"  # models.checkpoint.TOKENIZER_DIR
-        path = str(bundled) if bundled.is_dir() else None
+        # a model checkpoint, or a training step / run directory (its model_meta/tokenizer)
+        from tip_megatron.models.checkpoint import model_files
+
+        bundled = model_files(src.ckpt).tokenizer_dir
+        path = str(bundled) if bundled is not None else None
     return (load_tokenizer(path), path) if path else None

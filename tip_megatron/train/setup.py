@@ -67,7 +67,9 @@ class FilePrompts:
                               answer=cfg.data.answer_field)
         dataset = PromptDataset(list(cfg.data.prompts), tokenizer, fields=fields,
                                 apply_chat_template=cfg.data.apply_chat_template,
-                                max_prompt_len=cfg.data.max_prompt_len, overlong=cfg.data.overlong)
+                                max_prompt_len=cfg.data.max_prompt_len, overlong=cfg.data.overlong,
+                                chat_template_kwargs=cfg.data.chat_template_kwargs,
+                                system_prompt=cfg.data.system_prompt)
         self.stats = dataset.stats
         self.loader = PromptLoader(dataset, prompts_per_rank=cfg.data.prompts_per_step // groups.dp_size,
                                    dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=cfg.data.seed)

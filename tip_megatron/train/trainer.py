@@ -26,7 +26,7 @@ from tip_megatron.distill.step import (
 from tip_megatron.rollout.generate import GenerationConfig, generate
 from tip_megatron.tip import warn_ill_posed_budget
 from tip_megatron.tip.collectives import all_gather_varlen, all_reduce_sum
-from tip_megatron.train import checkpoint as ckpt
+from tip_megatron.train import checkpoint as ckpt, export, validation
 from tip_megatron.train.batches import update_microbatches
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib, reduce_reports
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
@@ -58,6 +58,7 @@ class Run:
     step: int = 0
     history: list = field(default_factory=list)
     timers: StageTimers = field(default_factory=StageTimers)
+    validation: Any = None  # train.validation.Validation (eval.every > 0)
     progress: Optional[TrainProgress] = None
     skip_streak: int = 0
     """Consecutive skipped updates (non-finite loss/grad/signals or nothing kept)."""
@@ -87,6 +88,7 @@ def setup(cfg: RunConfig) -> Run:
                         cfg.logging.run_name, config_to_dict(cfg), tensorboard=tensorboard_dir(cfg))
     run = Run(cfg, groups, models, ddp, optimizer, scheduler, tokenizer,
               prompt_source(cfg, tokenizer, groups), log, timers=StageTimers(_sync()))
+    run.validation = validation.setup_validation(cfg, tokenizer, models.student_arch)
     if groups.rank == 0:
         logger.info("%s", config_summary(cfg, groups.world_size))
         logger.debug("effective config:\n%s", dump_config(cfg))
@@ -329,6 +331,7 @@ def save(run: Run) -> None:
     )
     if run.progress is not None:
         run.progress.checkpoint(path, time.perf_counter() - start)
+    export.after_save(run)  # model_meta/ once; HF export every checkpoint.export_hf_every
 
 
 def _check_new_weights(run: Run) -> str:
@@ -371,6 +374,7 @@ def loop(state: Run) -> None:
     while state.step < stop:
         metrics = train_step(state)
         state.step += 1
+        metrics.update(validation.maybe_validate(state))
         if state.log.active:
             state.history.append(dict(step=state.step, **metrics))
             logged = state.step % cfg.logging.log_every == 0

@@ -1,0 +1,81 @@
+"""The quickstart's accuracy, through the engine's eval path (`train.validation`).
+
+    report = evaluate(chunks, groups, arch)      # {"exact", "A", "B", "clean", "n"}
+
+The hold-out problems are a benchmark (prompt `abc+def=`, answer the sum written units
+first, e.g. `2850`), sampled greedily (temperature 0, 4 new tokens) by the generation
+engine and graded by the registered `quickstart-addition` grader: exact match of the 4
+answer characters. The per-defect columns come from the per-prompt counts the eval path
+returns, grouped by `task.case_of`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from tip_megatron.eval import Grade, GRADERS, register_grader
+from tip_megatron.quickstart import task
+from tip_megatron.rollout.sources import PromptRecord
+from tip_megatron.train.validation import ValidationSpec, evaluate_in_engine
+
+GRADER = "quickstart-addition"
+
+
+def grade_addition(response: str, answer: str) -> Grade:
+    """Exact match of the 4 answer digits (units first); anything else is unparsed."""
+    text = response.strip()
+    parsed = len(text) == task.ANSWER_LEN and text.isdigit()
+    return Grade(correct=parsed and text == answer, unparsed=not parsed, extracted=text or None)
+
+
+if GRADER not in GRADERS:
+    register_grader(GRADER, lambda: grade_addition)
+
+
+@dataclass(frozen=True)
+class AdditionBenchmark:
+    """The hold-out set as the eval path reads a benchmark (`len`, `records`), in memory."""
+
+    prompts: torch.Tensor  # [n, 8]
+    student_rule: bool = False
+    """Answers by the student data's rule (`task.student_rule`) instead of the true sums."""
+
+    def __len__(self) -> int:
+        return self.prompts.shape[0]
+
+    def records(self, indices: Sequence[int]) -> list[PromptRecord]:
+        rows = self.prompts[list(indices)]
+        a, b = task.decode_prompts(rows)
+        answers = task.encode_answers(task.student_rule(a, b) if self.student_rule else a + b)
+        tok = task.tokenizer()
+        return [PromptRecord(prompt_id=str(i), token_ids=rows[k].tolist(),
+                             answer=tok.decode(answers[k].tolist()), text=tok.decode(rows[k].tolist()))
+                for k, i in enumerate(indices)]
+
+
+#: Greedy, the task's 4 answer tokens, one sample per prompt: mean@1 is exact-match accuracy.
+SPEC = ValidationSpec(n=1, temperature=0.0, max_new_tokens=task.ANSWER_LEN, grader=GRADER,
+                      batch_size=1024)
+
+
+def evaluate(chunks, groups, arch, n: int = 2000, student_rule: bool = False) -> dict:
+    """Greedy exact match on `n` hold-out problems: overall (`exact`) and per case (`A`,
+    `B`, `clean`; NaN when a case is absent), and `n` (collective; the same on every rank).
+    student_rule: also `student_rule`, the agreement with the student data's most likely
+    answer (a second pass graded against those answers)."""
+    bench = AdditionBenchmark(task.eval_set(n))
+    result = evaluate_in_engine(chunks, groups, arch, task.tokenizer(), bench, SPEC)
+    a, b = task.decode_prompts(bench.prompts)
+    cases = task.case_index(a, b)
+    correct = torch.tensor([float(c.num_correct) for c in result.counts])
+    report = {"exact": result.summary.mean_at_k, "n": len(bench)}
+    for i, name in enumerate(task.CASES):
+        mask = cases == i
+        report[name] = correct[mask].mean().item() if mask.any() else float("nan")
+    if student_rule:
+        rule = evaluate_in_engine(chunks, groups, arch, task.tokenizer(),
+                                  AdditionBenchmark(bench.prompts, student_rule=True), SPEC)
+        report["student_rule"] = rule.summary.mean_at_k
+    return report
