@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 #: marker file of a complete training checkpoint (train/checkpoint.py's COMPLETE).
 CHECKPOINT_MARKER = "COMPLETE"
+_STEP_RE = re.compile(r"^step_(\d{6,})$")  # train/checkpoint.py's step directories
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -100,11 +102,27 @@ def _check_source_files(src: ModelSource, who: str) -> None:
                                  "an HF model directory with safetensors weights")
     if src.ckpt:
         key, root = f"{who}.ckpt={src.ckpt!r}", Path(src.ckpt)
-        for name in ("meta.json", "arch.json"):
-            if not (root / name).is_file():
-                raise PreflightError(key, f"not a tip_megatron model checkpoint ({name} is missing)",
-                                     "a directory written by `tip-megatron convert hf-to-mcore`")
-            _read_json(root / name, f"{who}.ckpt: {root / name}")
+        step = None if (root / "meta.json").is_file() else _training_step(root)
+        names = ("meta.json", "arch.json") if step is None else ("arch.json",)
+        for name in names:
+            where = (step or root) / name
+            if not where.is_file():
+                raise PreflightError(key, f"not a tip_megatron model checkpoint ({name} is missing) "
+                                     "nor a training checkpoint", "a directory written by `tip-megatron "
+                                     "convert hf-to-mcore`, a step_NNNNNN directory a run saved, or "
+                                     "its run directory (the newest complete step)")
+            _read_json(where, f"{who}.ckpt: {where}")
+
+
+def _training_step(root: Path) -> Optional[Path]:
+    """A complete training step directory as given, a run directory's newest one, or None
+    (train.checkpoint.resolve_step without its imports)."""
+    if _STEP_RE.match(root.name) and (root / CHECKPOINT_MARKER).is_file():
+        return root
+    if not root.is_dir():
+        return None
+    steps = [p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / CHECKPOINT_MARKER).is_file()]
+    return max(steps, key=lambda p: int(p.name[5:])) if steps else None
 
 
 def _read_json(path: Path, where: str) -> dict:
