@@ -75,3 +75,18 @@ def test_jsd_bf16_close_to_float64():
 def test_loss_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LossConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd"])
+def test_fused_keeps_nothing_vocab_sized_for_backward(name):
+    """What autograd saves is the [k, h] hidden gradient and the [V/tp, h] weight gradient:
+    the gradients are computed in the forward, chunk by chunk, as for reverse_kl."""
+    hidden, weight, th, tw, tok_w = _inputs()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t,
+                                                  lambda t: t):
+        loss, _ = fused_linear_reverse_kl(h, w, th, tw, tp_group=None, vocab_size=VOCAB,
+                                          token_weights=tok_w, chunk_size=3,
+                                          divergence=Divergence(name, 0.4))
+    assert sorted(saved) == sorted([(K, H), (WIDTH, H)])
