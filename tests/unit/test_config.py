@@ -65,6 +65,8 @@ FROZEN_KEYS = [
     "loss.impl",
     "loss.chunk_size",
     "loss.score_chunk_size",
+    "loss.divergence",
+    "loss.jsd_beta",
     "optim.lr",
     "optim.min_lr",
     "optim.warmup_steps",
@@ -130,6 +132,8 @@ def test_every_field_has_a_docstring_or_is_self_explanatory():
     ("selection.rule=bogus", "registered rules are"),
     ("selection.rho=1.5", "selection.rho=1.5: must be in \\(0, 1\\]"),
     ("loss.impl=magic", "loss.impl='magic'"),
+    ("loss.divergence=kl", r"loss.divergence='kl': accepted values are \['reverse_kl', 'forward_kl', 'jsd'\]"),
+    ("loss.jsd_beta=1.0", r"loss.jsd_beta=1.0: must be in the open interval \(0, 1\)"),
     ("notakeyvalue", "expected key=value"),
 ])
 def test_bad_values_name_the_key(override, message):

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 
 from tip_megatron.ops import fused_linear_reverse_kl, unfused_linear_reverse_kl, vocab_parallel_stats
+from tip_megatron.ops.divergences import Divergence
 from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK
 from tip_megatron.ops.sequence_parallel import gather_sequence
 from tip_megatron.tip import (
@@ -55,10 +56,19 @@ class LossConfig:
     """Tokens per chunk of the no-grad scoring (student + teacher [chunk, V/tp] logits).
     Scoring sees every response token whatever rho is, so this chunk is the loss path's
     memory floor at small rho (docs/selection_memory.md)."""
+    divergence: str = "reverse_kl"
+    """What the kept tokens learn from (docs/ops.md): `reverse_kl` KL(P_S||P_T) (the paper),
+    `forward_kl` KL(P_T||P_S), `jsd` generalized JSD of GKD. Selection signals do not change."""
+    jsd_beta: float = 0.5
+    """`jsd` only: teacher weight in M = beta P_T + (1 - beta) P_S; in (0, 1)."""
 
     def __post_init__(self) -> None:
         if self.impl not in LOSS_IMPLS:
             raise ValueError(f"loss.impl={self.impl!r}: accepted values are {list(LOSS_IMPLS)}")
+        Divergence(self.divergence, self.jsd_beta)  # one-line errors for both keys
+        if self.impl == "unfused" and self.divergence != "reverse_kl":
+            raise ValueError(f"loss.impl='unfused' supports loss.divergence='reverse_kl' only; "
+                             f"got {self.divergence!r} (use loss.impl='fused')")
         for name in ("chunk_size", "score_chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -174,7 +184,9 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
     idx = kept.nonzero().squeeze(1)
     teacher_kept = _flat(ctx.teacher_hidden).index_select(0, idx)
     fn = fused_linear_reverse_kl if spec.loss.impl == "fused" else unfused_linear_reverse_kl
-    kwargs = {"chunk_size": spec.loss.chunk_size} if spec.loss.impl == "fused" else {}
+    kwargs = ({"chunk_size": spec.loss.chunk_size,
+               "divergence": Divergence(spec.loss.divergence, spec.loss.jsd_beta)}
+              if spec.loss.impl == "fused" else {})
     loss_sum, _ = fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
                      tp_group=spec.tp_group, vocab_size=spec.vocab_size,
                      reduce_hidden_grad=not sequence_parallel, **kwargs)

@@ -28,11 +28,8 @@ from typing import Any, Optional
 import torch
 
 from tip_megatron.ops._shard import SUM, Workspace, all_reduce_, chunk_tokens, token_chunks, vocab_shard
-from tip_megatron.ops.reverse_kl import (
-    reverse_kl_forward,
-    reverse_kl_grad,
-    vocab_parallel_reverse_kl,
-)
+from tip_megatron.ops.divergences import REVERSE_KL, Divergence
+from tip_megatron.ops.reverse_kl import vocab_parallel_reverse_kl
 
 #: Default tokens per chunk of the fused path.
 DEFAULT_FUSED_CHUNK = 1024
@@ -77,8 +74,9 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: to
 
 def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                    teacher_weight: torch.Tensor, scale: torch.Tensor, tp_group: Any,
-                   valid_width: int, chunk: int, need_grad: tuple[bool, bool]) -> tuple:
-    """(kl [k], grad_hidden [k, h] or None, grad_weight [V/tp, h] fp32 or None);
+                   valid_width: int, chunk: int, need_grad: tuple[bool, bool],
+                   divergence: Divergence = REVERSE_KL) -> tuple:
+    """(divergence [k], grad_hidden [k, h] or None, grad_weight [V/tp, h] fp32 or None);
     `need_grad` = (hidden, weight) flags: a gradient nobody needs is not computed."""
     w_s, w_t = weight[:valid_width], teacher_weight[:valid_width]  # padding rows: no logits
     kl = torch.empty(hidden.shape[0], dtype=scale.dtype, device=hidden.device)
@@ -97,15 +95,15 @@ def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: t
     grad_logits = (logits[1] if teacher_hidden.dtype == weight.dtype else
                    torch.empty((rows, valid_width), dtype=weight.dtype, device=weight.device))
     inner = chunk_tokens(valid_width, None, hidden.device)
-    work = Workspace(min(inner, rows), valid_width, logits[0], count=2)
+    work = Workspace(min(inner, rows), valid_width, logits[0], count=divergence.buffers)
     for sl in token_chunks(hidden.shape[0], chunk):
         count = sl.stop - sl.start
         student = torch.matmul(hidden[sl], w_s.t(), out=logits[0][:count])
         teacher = torch.matmul(teacher_hidden[sl], w_t.t(), out=logits[1][:count])
-        state = reverse_kl_forward(student, teacher, tp_group, inner, work)
+        state = divergence.forward(student, teacher, tp_group, inner, work)
         kl[sl] = state.kl
         if any(need_grad):
-            g = reverse_kl_grad(student, teacher, state, scale[sl], valid_width, inner,
+            g = divergence.grad(student, teacher, state, scale[sl], valid_width, inner,
                                 out=grad_logits[:count], work=work)
             if grad_hidden is not None:
                 torch.matmul(g, w_s, out=grad_hidden[sl])
@@ -129,10 +127,10 @@ class _FusedLinearReverseKL(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                 teacher_weight: torch.Tensor, scale: torch.Tensor, tp_group: Any, valid_width: int,
                 chunk: int, need_grad: tuple[bool, bool],
-                reduce_hidden_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                reduce_hidden_grad: bool, divergence: Divergence) -> tuple[torch.Tensor, torch.Tensor]:
         kl, grad_hidden, grad_weight = _fused_forward(
             hidden, weight, teacher_hidden, teacher_weight, scale, tp_group,
-            valid_width, chunk, need_grad,
+            valid_width, chunk, need_grad, divergence,
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.tp_group, ctx.weight_dtype = tp_group, weight.dtype
@@ -150,7 +148,7 @@ class _FusedLinearReverseKL(torch.autograd.Function):
                 all_reduce_(grad_hidden, SUM, ctx.tp_group)  # == ColumnParallelLinear input grad
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_reverse_kl(
@@ -164,8 +162,9 @@ def fused_linear_reverse_kl(
     chunk_size: int = DEFAULT_FUSED_CHUNK,
     token_weights: Optional[torch.Tensor] = None,
     reduce_hidden_grad: bool = True,
+    divergence: Divergence = REVERSE_KL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """sum_i token_weights[i] * KL(P_S || P_T)[i], with P_S = softmax(hidden @ weight^T) sharded.
+    """sum_i token_weights[i] * D[i], D = KL(P_S || P_T) or `divergence` (ops.divergences), with P_S = softmax(hidden @ weight^T) sharded.
 
     Args:
         hidden: [k, h] student hidden states of the tokens in the loss, TP-replicated.
@@ -179,6 +178,7 @@ def fused_linear_reverse_kl(
         reduce_hidden_grad: True: all-reduce hidden's gradient over tp_group (hidden is
             TP-replicated). False: return this rank's partial; the caller reduces it (the
             reduce-scatter of `gather_sequence` under sequence parallelism).
+        divergence: which divergence D is (default: the reverse KL of the paper).
     Returns:
         (loss_sum, per_token_kl): a differentiable fp32 scalar and the detached [k] KL.
         Gradients are computed in the forward (when grad is enabled and hidden or weight
@@ -194,7 +194,7 @@ def fused_linear_reverse_kl(
     need_grad = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     return _FusedLinearReverseKL.apply(
         hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), scale, tp_group,
-        shard.valid_width, chunk, need_grad, reduce_hidden_grad,
+        shard.valid_width, chunk, need_grad, reduce_hidden_grad, divergence,
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -43,7 +43,7 @@ class KLState:
     kl: torch.Tensor
 
     def rows(self, sl: slice) -> "KLState":
-        return KLState(*(getattr(self, f)[sl] for f in self.__dataclass_fields__))
+        return type(self)(*(getattr(self, f)[sl] for f in self.__dataclass_fields__))
 
 
 def reverse_kl_forward(
@@ -90,17 +90,18 @@ def reverse_kl_grad_chunk(
 def reverse_kl_grad(
     student: torch.Tensor, teacher: torch.Tensor, state: KLState, scale: torch.Tensor,
     valid_width: int, chunk: int, out: Optional[torch.Tensor] = None,
-    work: Optional[Workspace] = None,
+    work: Optional[Workspace] = None, chunk_grad: Callable = reverse_kl_grad_chunk,
 ) -> torch.Tensor:
     """[tokens, V/tp] gradient of sum_i scale_i KL_i, in the student's dtype (or into
-    `out`, any float dtype); padded columns get exactly zero. Chunked like the forward."""
+    `out`, any float dtype); padded columns get exactly zero. Chunked like the forward.
+    `chunk_grad` (same contract as `reverse_kl_grad_chunk`) selects the divergence."""
     grad = torch.empty_like(student) if out is None else out
     grad[:, valid_width:] = 0.0
     work = work or Workspace(min(chunk, student.shape[0]), valid_width, student, count=2)
     direct = grad.dtype == compute_dtype(student)  # write straight into the result
     for sl in token_chunks(student.shape[0], chunk):
         rows = grad[sl, :valid_width]
-        value = reverse_kl_grad_chunk(student[sl, :valid_width], teacher[sl, :valid_width],
+        value = chunk_grad(student[sl, :valid_width], teacher[sl, :valid_width],
                                       state.rows(sl), scale[sl], work, rows if direct else None)
         if not direct:
             rows.copy_(value)

@@ -85,3 +85,35 @@ def sampling_probs(
         index = (cum < top_p).sum(dim=-1, keepdim=True).clamp(max=vocab_size - 1)
         z = torch.where(z >= ordered.gather(1, index), z, -math.inf)
     return z.softmax(dim=-1)
+
+
+def divergence(student: torch.Tensor, teacher: torch.Tensor, vocab_size: int, name: str,
+               beta: float = 0.5) -> torch.Tensor:
+    """[tokens] float64 `name` divergence (ops.divergences), differentiable w.r.t. `student`
+    by autograd (finite logits): the textbook formulas, the JSD's mixture M built from
+    probabilities (no log-space tricks)."""
+    ls = log_softmax(student, vocab_size)
+    lt = log_softmax(teacher.detach(), vocab_size)
+    kl = lambda lp, lq: (lp.exp() * (lp - lq)).sum(dim=-1)  # noqa: E731
+    if name == "reverse_kl":
+        return kl(ls, lt)
+    if name == "forward_kl":
+        return kl(lt, ls)
+    if name == "jsd":
+        log_m = (beta * lt.exp() + (1.0 - beta) * ls.exp()).log()
+        return beta * kl(lt, log_m) + (1.0 - beta) * kl(ls, log_m)
+    raise ValueError(f"unknown divergence {name!r}")
+
+
+def linear_divergence(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                      teacher_weight: torch.Tensor, token_weights: torch.Tensor, vocab_size: int,
+                      name: str, beta: float = 0.5) -> tuple[torch.Tensor, ...]:
+    """float64 (loss_sum, per-token divergence, grad_hidden, grad_weight) of the fused
+    output-layer loss, on the full [V_pad, h] weights, by autograd."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    per_token = divergence(h @ w.t(), teacher_hidden.double() @ teacher_weight.double().t(),
+                           vocab_size, name, beta)
+    loss = (per_token * token_weights.double()).sum()
+    loss.backward()
+    return loss.detach(), per_token.detach(), h.grad, w.grad
