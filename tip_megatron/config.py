@@ -178,6 +178,7 @@ class EvalConfig:
     temperature: float = 1.0
     """Sampling temperature (0 = greedy)."""
     max_new_tokens: int = 256
+    """Response length limit of a validation sample (the paper evaluates up to 8192)."""
     grader: str = "math"
     """A registered grader (`tip_megatron.eval.GRADERS`: math, exact, regex, ...)."""
     grader_options: dict[str, Any] = field(default_factory=dict)
