@@ -214,6 +214,11 @@ class LoggingConfig:
     `tip-megatron plot` draws them."""
     dump_tokens_max: int = 20000
     """At most this many tokens per dump (a uniform sample of the step's response tokens)."""
+    logprob_gap_every: int = 0
+    """Every N steps, rerun the step's rollouts through the training forward (one extra
+    forward) and log `rollout/logprob_gap_max` / `rollout/logprob_gap_mean`: |log-prob of
+    each sampled response token under the sampler - under the training forward|, over all
+    response tokens (kept or not), at the rollout's temperature/top-k/top-p (0: off)."""
 
 
 @dataclass(frozen=True)
@@ -402,6 +407,7 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
     _at_least("checkpoint.save_every", cfg.checkpoint.save_every, 0)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
     _at_least("logging.dump_tokens_every", cfg.logging.dump_tokens_every, 0)
+    _at_least("logging.logprob_gap_every", cfg.logging.logprob_gap_every, 0)
     _at_least("logging.dump_tokens_max", cfg.logging.dump_tokens_max, 1)
     _check_logging_dirs(cfg)
     parse_signals(cfg.train.exit_signal, "train.exit_signal")

@@ -4,7 +4,8 @@ fp32 local spec on CUDA: greedy == HF transformers on the same GPU, both layer
 implementations, both engines, KV cache == recompute; sampled with stop ids, the dynamic
 engine under a batch budget == the static engine. bf16: runs, finite, reproducible under a seed.
 Transformer Engine spec (when importable): `auto` falls back to megatron's layers and the
-greedy tokens equal HF's.
+greedy tokens equal HF's. CUDA graph of the decode step (local spec, static engine):
+the same tokens as the eager step (fp32), greedy == HF. Not yet run on a GPU.
 """
 import pytest
 import torch
@@ -60,11 +61,21 @@ def _gpu_checks(spec):
                          "spread_static": dict(temperature=1.0, n=3, stop_ids=tuple(range(2, 250, 9)),
                                                engine="static"),
                          "sampled": dict(temperature=1.0, top_p=0.9, n=2),
-                         "sampled_again": dict(temperature=1.0, top_p=0.9, n=2)}.items():
+                         "sampled_again": dict(temperature=1.0, top_p=0.9, n=2),
+                         **_graph_cases(spec)}.items():
             r = run(**kw)
             res[name] = ([r.response(i) for i in range(r.num_rows)], r.logprobs.float().cpu())
         out[str(dtype)] = res
     return out
+
+
+def _graph_cases(spec):
+    """The CUDA-graph decode step (functional layers only: the local spec)."""
+    if spec != "local":
+        return {}
+    return {"greedy_graph": dict(temperature=0.0, engine="static", cuda_graph=True),
+            "spread_graph": dict(temperature=1.0, n=3, stop_ids=tuple(range(2, 250, 9)),
+                                 engine="static", cuda_graph=True)}
 
 
 def _check(out, fp32_impl):
@@ -75,6 +86,10 @@ def _check(out, fp32_impl):
     # The dynamic engine (compaction, admission under a 4-row budget) == the static engine.
     assert fp32["spread"][0] == fp32["spread_static"][0]
     torch.testing.assert_close(fp32["spread"][1], fp32["spread_static"][1], atol=1e-4, rtol=0)
+    if "greedy_graph" in fp32:  # CUDA graph replay == eager: same tokens, log-probs to rounding
+        assert fp32["greedy_graph"][0] == out["ref"]
+        assert fp32["spread_graph"][0] == fp32["spread_static"][0]
+        torch.testing.assert_close(fp32["spread_graph"][1], fp32["spread_static"][1], atol=1e-4, rtol=0)
     bf16 = out[str(torch.bfloat16)]
     assert bf16["sampled"][0] == bf16["sampled_again"][0]
     assert torch.isfinite(bf16["sampled"][1]).all()

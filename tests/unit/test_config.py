@@ -108,6 +108,7 @@ FROZEN_KEYS = [
     "logging.tensorboard",
     "logging.dump_tokens_every",
     "logging.dump_tokens_max",
+    "logging.logprob_gap_every",
 ]
 
 

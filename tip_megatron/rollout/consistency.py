@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tip_megatron import platform
 from tip_megatron.models.state import unwrap
 from tip_megatron.ops.sampling import vocab_parallel_logprob
 
@@ -94,3 +95,17 @@ def _training_forward(chunks, groups, arch, token_ids: torch.Tensor):
         if not last:
             dist.send(out.to(dtype).contiguous(), group=groups.pp_group, group_dst=(rank + 1) % pp)
     return out if groups.is_last_stage else None
+
+
+def gap_metrics(gap: dict, dp_group: Any) -> dict:
+    """The trainer's metrics from this replica's `logprob_gap` {"max", "mean", "tokens"}:
+    max and token-weighted mean over every data-parallel replica's response tokens."""
+    device = platform.current_device()
+    top = torch.tensor([gap["max"]], dtype=torch.float64, device=device)
+    sums = torch.tensor([gap["mean"] * gap["tokens"], gap["tokens"]], dtype=torch.float64, device=device)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=dp_group)
+        dist.all_reduce(sums, group=dp_group)
+    return {"rollout/logprob_gap_max": float(top[0]),
+            "rollout/logprob_gap_mean": float(sums[0] / sums[1]) if sums[1] > 0 else 0.0,
+            "rollout/logprob_gap_tokens": int(sums[1])}

@@ -28,7 +28,7 @@ from tip_megatron.models.sequence_parallel import sequence_parallel_off
 from tip_megatron.models.state import unwrap
 from tip_megatron.ops.sampling import vocab_parallel_sample
 from tip_megatron.parallel import ParallelGroups
-from tip_megatron.rollout import decode, kv_cache
+from tip_megatron.rollout import cuda_graph, decode, kv_cache
 from tip_megatron.rollout.batching import DynamicDecoder
 from tip_megatron.rollout.kv_cache import KVCache, SlotCache
 
@@ -93,6 +93,10 @@ class GenerationConfig(SamplingConfig):
     check_logprobs: bool = False
     """Rerun the rollouts through the training forward and report the largest and mean gap
     of the sampled tokens' log-probs (`Rollouts.logprob_gap`; rollout/consistency.py)."""
+    cuda_graph: bool = False
+    """Capture the decode step's forward in a CUDA graph and replay it (CUDA only; the
+    static engine with the KV cache, pipeline size 1, functional layers; not yet run on
+    a GPU: rollout/cuda_graph.py)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,6 +106,9 @@ class GenerationConfig(SamplingConfig):
             raise ValueError(f"max_batch_tokens={self.max_batch_tokens!r}: must be an integer >= 0 (0 = all rows)")
         if self.layer_impl not in decode.LAYER_IMPLS:
             raise ValueError(f"layer_impl={self.layer_impl!r}: accepted values are {decode.LAYER_IMPLS}")
+        if self.cuda_graph and (self.engine != "static" or not self.use_kv_cache):
+            raise ValueError(f"cuda_graph=True needs engine='static' and use_kv_cache=True "
+                             f"(got engine={self.engine!r}, use_kv_cache={self.use_kv_cache})")
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
     @classmethod
@@ -190,6 +197,9 @@ def generate(
         # The sampler key packs seed and (step, position) into 64 bits.
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
             raise ValueError(f"{name}={value!r}: must be an integer in [0, 2**32)")
+    if config.cuda_graph:
+        cuda_graph.check_supported(config, device, groups.pp_size,
+                                   decode.resolve_layer_impl(chunks, config.layer_impl))
     if config.engine == "dynamic" and config.use_kv_cache:
         rollouts = _generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_offset, device)
     else:
@@ -208,11 +218,13 @@ def _generate_static(chunks, groups, arch, prompts, config, seed, step, row_offs
     total = prompt_ids.shape[1] + config.max_new_tokens
     # Sequence parallelism (training layout) is switched off while decoding: same weights.
     with sequence_parallel_off(chunks), _eval_mode(chunks), \
-            kv_cache.install(chunks, KVCache(total, config.use_kv_cache)) as cache:
+            kv_cache.install(chunks, _cache_type(config)(total, config.use_kv_cache)) as cache:
         loop = _Decoder(chunks, groups, arch, config, seed, step, row_offset)
         loop.prepare(total)
         begin = time.perf_counter()
         loop.cache = cache
+        if config.cuda_graph:
+            loop.graphed = cuda_graph.GraphedStep(loop.step_logits, cache, capture=device.type == "cuda")
         tokens, logprobs, lengths, stopped = loop.run(prompt_ids, pads)
         kv_bytes = cache.num_bytes
     out = _pack(tokens, logprobs, pads.repeat_interleave(config.n), prompt_ids.shape[1],
@@ -268,6 +280,7 @@ class _Decoder:
         self.impl = decode.resolve_layer_impl(chunks, config.layer_impl)
         self.tables: list[torch.Tensor] = []
         self.row_steps = 0
+        self.graphed: Optional[cuda_graph.GraphedStep] = None
 
     def prepare(self, max_len: int) -> None:
         """RoPE tables for every chunk (megatron caches them per length)."""
@@ -338,12 +351,23 @@ class _Decoder:
         """Run cache columns [start, start + sq) of every row through this rank's chunks;
         the last stage returns the logit shard of the last column, others None."""
         sq = tokens.shape[1]
-        self.cache.set_window(start, _attention_mask(pads, start, sq))
+        allowed = _attention_mask(pads, start, sq)
         positions = (torch.arange(start, start + sq, device=tokens.device)[None, :]
                      - pads[:, None]).clamp(min=0)
+        if self.graphed is not None and sq == 1:  # decode steps replay the captured forward
+            return self.graphed(tokens, positions, cuda_graph.full_length_mask(allowed, self.cache.max_len),
+                                start)
+        self.cache.set_window(start, allowed)
+        return self.step_logits(tokens, positions)
+
+    def step_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> Optional[torch.Tensor]:
         hidden = decode.pipeline_forward(self.chunks, self.impl, self.tables, self.groups, tokens,
                                          positions, self.arch.hidden_size)
         return decode.last_token_logits(self.chunks[-1], hidden) if self.last else None
+
+
+def _cache_type(config: GenerationConfig) -> type:
+    return cuda_graph.GraphKVCache if config.cuda_graph else KVCache
 
 
 def _attention_mask(pads: torch.Tensor, start: int, sq: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from tip_megatron.distill.step import (
     make_contexts, scoring_pass, select_prepass, student_pass, teacher_hidden_states,
     teacher_output_weight, with_preselection,
 )
+from tip_megatron.rollout.consistency import gap_metrics
 from tip_megatron.rollout.generate import GenerationConfig, generate
 from tip_megatron.tip import warn_ill_posed_budget
 from tip_megatron.tip.collectives import all_gather_varlen, all_reduce_sum
@@ -131,7 +132,9 @@ def maybe_resume(run: Run) -> None:
 # ------------------------------------------------------------------ one step
 def rollouts(run: Run, prompts: list[list[int]]):
     r = run.cfg.rollout
-    gen = GenerationConfig.from_sampling(r, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id)
+    every = run.cfg.logging.logprob_gap_every  # one extra forward on those steps (as logged)
+    gen = GenerationConfig.from_sampling(r, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id,
+                                         check_logprobs=bool(every) and (run.step + 1) % every == 0)
     # This replica holds rows [dp_rank * rows, (dp_rank + 1) * rows) of the global batch
     # (the prompt loader hands out consecutive slices), so any DP size draws the same samples.
     rows = len(prompts) * r.n
@@ -308,6 +311,8 @@ def train_step(run: Run) -> dict:
     elapsed = time.perf_counter() - start
     metrics.update(tokens_per_s=tokens / elapsed, step_s=elapsed, peak_mem_mib=peak_memory_mib(),
                    response_len=float(out.response_lengths.float().mean()), **run.timers.metrics())
+    if out.logprob_gap is not None:
+        metrics.update(gap_metrics(out.logprob_gap, run.groups.dp_group))
     return metrics
 
 
