@@ -91,9 +91,27 @@ def worker(args: argparse.Namespace) -> int:
     if state.log.active:
         print(summary(args, teacher, before, after, state.history, setup_s,
                       time.perf_counter() - start, peak_memory_mib()), flush=True)
+        write_result(args, cfg, teacher, before, after, state.history)
         _plots(args.out)
     parallel.destroy()
     return 0
+
+
+RESULT_FILE = "result.json"
+
+
+def write_result(args, cfg, teacher: dict, before: dict, after: dict, history: list) -> None:
+    """`<out>/result.json`: the accuracies this run printed (the study command reads it)."""
+    import json
+    from pathlib import Path
+
+    result = {"rule": args.rule, "rho": cfg.selection.rho, "steps": args.steps, "tp": args.tp,
+              "train_seed": cfg.train.seed, "data_seed": cfg.data.seed,
+              "prompts_per_step": cfg.data.prompts_per_step,
+              "samples_per_prompt": cfg.rollout.n,
+              "teacher": teacher, "before": before, "after": after,
+              "final_loss": history[-1]["loss"] if history else None}
+    Path(args.out, RESULT_FILE).write_text(json.dumps(result, indent=1))
 
 
 def _fresh_run_dir(run_dir: str) -> None:
@@ -102,6 +120,7 @@ def _fresh_run_dir(run_dir: str) -> None:
     from pathlib import Path
 
     Path(run_dir, "metrics.jsonl").unlink(missing_ok=True)
+    Path(run_dir, RESULT_FILE).unlink(missing_ok=True)
     shutil.rmtree(Path(run_dir, "token_dumps"), ignore_errors=True)
 
 
