@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES = (
     "tip_megatron.config_cli",
     "tip_megatron.plots.cli",
     "tip_megatron.eval.cli",
+    "tip_megatron.study",
 )
 
 

@@ -245,7 +245,8 @@ _IMPORTS = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["generate", "--help"],
-                                  ["eval", "--help"], ["convert", "hf-to-mcore", "--help"]])
+                                  ["eval", "--help"], ["convert", "hf-to-mcore", "--help"],
+                                  ["study", "--help"]])
 def test_help_imports_nothing_heavy(argv):
     """In a fresh interpreter: `tip-megatron ... --help` prints the usage and leaves torch,
     megatron and transformers unimported (they take seconds; help must not)."""

@@ -1,0 +1,105 @@
+"""`tip-megatron study`: run each (rule, seed) cell of a grid, then write the report.
+
+Each cell is one quickstart run (`tip_megatron.quickstart.command`, its own torchrun job
+started by `launch.run_local`, which returns only once every rank has exited: no orphans,
+and a crash in one cell cannot corrupt the next one's process state). The quickstart's
+built-in teacher and student are read from the on-disk cache, so they are pre-trained once
+for the whole grid. Seeds vary the rollouts' prompts, sampling and sampled selection
+(`train.seed`, `data.seed`, `selection.seed`); the starting models are the same cached ones.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from tip_megatron import launch
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: a rule at a budget, one seed."""
+
+    rule: str
+    rho: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return rule_label(self.rule, self.rho)
+
+
+def rule_label(rule: str, rho: float) -> str:
+    return "all" if rule == "all" else f"{rule}@{rho:g}"
+
+
+def parse_rule(spec: str) -> tuple[str, float]:
+    """`all` -> ("all", 1.0); `random@0.1` -> ("random", 0.1)."""
+    name, _, rho = spec.partition("@")
+    if name == "all" and not rho:
+        return "all", 1.0
+    try:
+        value = float(rho)
+    except ValueError:
+        value = float("nan")
+    if not name or not 0.0 < value <= 1.0:
+        raise ValueError(f"--rules {spec!r}: expected RULE@RHO with 0 < RHO <= 1 "
+                         "(e.g. random@0.1), or 'all'")
+    return name, value
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("study", help="grid of TIP rules x seeds on the embedded task")
+    p.add_argument("--rules", nargs="+", required=True,
+                   help="rules to compare: 'all' or RULE@RHO (e.g. random@0.1 soft_or@0.5)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per rule (default 3)")
+    p.add_argument("--steps", type=int, default=None, help="OPD steps (default: the quickstart's)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the quickstart's)")
+    p.add_argument("--config", default=None,
+                   help="not supported yet: the study runs the embedded task only")
+    p.add_argument("--out", default="study_run", help="report and per-run dirs (default ./study_run)")
+    p.add_argument("overrides", nargs="*", help="extra trainer key=value overrides for every run")
+    p.set_defaults(func=main)
+
+
+def cells(rules: list[str], seeds: int) -> list[Cell]:
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: must be >= 1")
+    parsed = [parse_rule(r) for r in rules]
+    return [Cell(rule, rho, seed) for rule, rho in parsed for seed in range(seeds)]
+
+
+def run_dir(out: Path, cell: Cell) -> Path:
+    return out / "runs" / cell.name / f"seed_{cell.seed}"
+
+
+def run_cell(cell: Cell, out: Path, steps: int, tp: int, overrides: list[str]) -> int:
+    seed = 1234 + cell.seed
+    args = ["--rule", cell.rule, "--rho", str(cell.rho), "--steps", str(steps), "--tp", str(tp),
+            "--out", str(run_dir(out, cell)),
+            f"train.seed={seed}", f"data.seed={seed}", f"selection.seed={cell.seed}",
+            "logging.log_every=1", *overrides]  # every step: the loss curves
+    return launch.run_local(tp, "tip_megatron.quickstart.command", args)
+
+
+def main(args: argparse.Namespace) -> int:
+    from tip_megatron.quickstart.command import DEFAULTS
+
+    if args.config is not None:
+        raise ValueError(f"--config {args.config}: the study runs the embedded quickstart task "
+                         "only for now; pass trainer overrides as key=value instead")
+    grid = cells(args.rules, args.seeds)
+    steps, tp = args.steps or DEFAULTS["steps"], args.tp or DEFAULTS["tp"]
+    out = Path(args.out)
+    for i, cell in enumerate(grid, 1):
+        print(f"[study] run {i}/{len(grid)}: {cell.name} seed {cell.seed}", flush=True)
+        rc = run_cell(cell, out, steps, tp, list(args.overrides))
+        if rc != 0:
+            print(f"error: study run {cell.name} seed {cell.seed} failed (exit {rc}); "
+                  f"its output is in {run_dir(out, cell)}", flush=True)
+            return rc
+    from tip_megatron.study.report import write_report
+
+    for path in write_report(out, [(c.name, run_dir(out, c)) for c in grid]):
+        print(f"[study] wrote {path}", flush=True)
+    return 0

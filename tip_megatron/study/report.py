@@ -1,0 +1,147 @@
+"""The study's report: accuracy table (mean ± std over seeds), kept shares, curves.
+
+Inputs are each run's own files, nothing recomputed: `result.json` (the quickstart's
+greedy accuracy before/after, `quickstart.greedy.evaluate`), `metrics.jsonl` (loss per
+logged step) and `token_dumps/step_*.npz` (per-token kept flag and quadrant). The planted
+case of a dumped token is found from its rollout id: the embedded task's prompts of a step
+are a pure function of (data seed, step) (`builtin_models.SyntheticPrompts`), and a
+rollout id is the prompt's index in the step's global batch times `rollout.n`.
+
+Outputs in the study dir: `study.md`, `study.json`, `plots/{loss,accuracy}.png`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tip_megatron.plots.curves import read_metrics
+from tip_megatron.plots.token_dump import read_token_dump
+from tip_megatron.quickstart import task
+
+ACC_KEYS = ("exact", "A", "B", "clean")
+
+
+def _mean_std(values: Sequence[float]) -> dict:
+    vals = [float(v) for v in values if not math.isnan(float(v))]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "n": len(vals)}
+
+
+def dump_cases(result: dict, step: int, rollout_id: np.ndarray) -> np.ndarray:
+    """Planted case index (task.CASES) of each dumped token of `step` (1-based)."""
+    gen = torch.Generator().manual_seed(int(result["data_seed"]) * 1_000_003 + step - 1)
+    prompts = task.sample_prompts(int(result["prompts_per_step"]), gen)
+    a, b = task.decode_prompts(prompts)
+    cases = task.case_index(a, b).numpy()
+    return cases[rollout_id // int(result["samples_per_prompt"])]
+
+
+def kept_shares(run: Path, result: dict) -> dict:
+    """Share of each quadrant's / planted case's tokens kept, over all of a run's dumps."""
+    kept_q, tot_q = np.zeros(5), np.zeros(5)
+    kept_c, tot_c = np.zeros(len(task.CASES)), np.zeros(len(task.CASES))
+    for path in sorted((run / "token_dumps").glob("step_*.npz")):
+        d = read_token_dump(path)
+        np.add.at(tot_q, d.quadrant.astype(int), 1)
+        np.add.at(kept_q, d.quadrant.astype(int), d.kept.astype(float))
+        cases = dump_cases(result, int(d.step), d.rollout_id)
+        np.add.at(tot_c, cases, 1)
+        np.add.at(kept_c, cases, d.kept.astype(float))
+    share = lambda k, t: float(k / t) if t else float("nan")  # noqa: E731
+    out = {f"Q{q}": share(kept_q[q], tot_q[q]) for q in (1, 2, 3, 4)}
+    out.update({name: share(kept_c[i], tot_c[i]) for i, name in enumerate(task.CASES)})
+    return out
+
+
+def load_run(run: Path) -> dict:
+    result = json.loads((run / "result.json").read_text())
+    records = read_metrics(run / "metrics.jsonl")
+    loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    return {"dir": str(run), "result": result, "loss": loss, "kept": kept_shares(run, result)}
+
+
+def aggregate(runs: Sequence[tuple[str, Path]]) -> dict:
+    """{rule label: {"runs": [...], "after"/"before": {key: mean/std}, "kept": {...}}}."""
+    by_rule: dict[str, list[dict]] = {}
+    for label, path in runs:
+        by_rule.setdefault(label, []).append(load_run(Path(path)))
+    table = {}
+    for label, rs in by_rule.items():
+        kept_keys = rs[0]["kept"].keys()
+        table[label] = {
+            "runs": rs,
+            "before": {k: _mean_std([r["result"]["before"][k] for r in rs]) for k in ACC_KEYS},
+            "after": {k: _mean_std([r["result"]["after"][k] for r in rs]) for k in ACC_KEYS},
+            "final_loss": _mean_std([r["result"]["final_loss"] for r in rs]),
+            "kept": {k: _mean_std([r["kept"][k] for r in rs]) for k in kept_keys},
+        }
+    return table
+
+
+def _pct(stat: dict) -> str:
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def markdown(table: dict) -> str:
+    first = next(iter(table.values()))["runs"][0]["result"]
+    lines = [f"Embedded addition task, {first['steps']} OPD steps, TP={first['tp']}; "
+             "greedy exact match (%) on the held-out problems after OPD, mean ± std over seeds.",
+             "", "| rule | seeds | exact | A (carry dropped) | B (thousands guessed) | clean | final loss |",
+             "|---|---|---|---|---|---|---|"]
+    for label, row in table.items():
+        a = row["after"]
+        lines.append(f"| {label} | {a['exact']['n']} | {_pct(a['exact'])} | {_pct(a['A'])} | "
+                     f"{_pct(a['B'])} | {_pct(a['clean'])} | {row['final_loss']['mean']:.4f} |")
+    before = first["before"]
+    lines += ["", f"Student before OPD: {100 * before['exact']:.1f}% (A {100 * before['A']:.1f}%, "
+              f"B {100 * before['B']:.1f}%, clean {100 * before['clean']:.1f}%).", "",
+              "Share of tokens kept (%), over the run's token dumps, per quadrant and planted case:",
+              "", "| rule | Q1 | Q2 | Q3 | Q4 | A | B | clean |", "|---|---|---|---|---|---|---|---|"]
+    for label, row in table.items():
+        k = row["kept"]
+        lines.append("| " + " | ".join([label] + [_pct(k[c]) for c in
+                                                  ("Q1", "Q2", "Q3", "Q4", "A", "B", "clean")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, runs: Sequence[tuple[str, Path]]) -> list[Path]:
+    table = aggregate(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / "study.md", out / "study.json"
+    md.write_text(markdown(table))
+    js.write_text(json.dumps(table, indent=1))
+    return [md, js, *plots(table, out / "plots")]
+
+
+def plots(table: dict, out_dir: Path) -> list[Path]:
+    """Mean loss per step, and accuracy before -> after, one line per rule."""
+    from matplotlib.figure import Figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loss_fig, acc_fig = Figure(figsize=(8, 4.5), dpi=100), Figure(figsize=(8, 4.5), dpi=100)
+    lax, aax = loss_fig.subplots(), acc_fig.subplots()
+    for label, row in table.items():
+        steps = [s for s, _ in row["runs"][0]["loss"]]
+        mean = [statistics.fmean(v for _, v in col) for col in zip(*(r["loss"] for r in row["runs"]))]
+        lax.plot(steps[:len(mean)], mean, label=label)
+        ys = [row["before"]["exact"]["mean"], row["after"]["exact"]["mean"]]
+        aax.plot([0, row["runs"][0]["result"]["steps"]], [100 * y for y in ys], marker="o", label=label)
+    lax.set(title="OPD loss (mean over seeds)", xlabel="step", ylabel="loss (nats / kept token)")
+    aax.set(title="held-out exact match, before and after OPD (mean over seeds)",
+            xlabel="step", ylabel="exact match (%)")
+    paths = []
+    for fig, name in ((loss_fig, "loss"), (acc_fig, "accuracy")):
+        fig.axes[0].legend()
+        fig.axes[0].grid(alpha=0.3)
+        path = out_dir / f"{name}.png"
+        fig.savefig(path)
+        paths.append(path)
+    return paths
