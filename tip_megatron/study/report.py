@@ -1,7 +1,7 @@
 """The study's report: accuracy table (mean ± std over seeds), kept shares, curves.
 
 Inputs are each run's own files, nothing recomputed: `result.json` (the quickstart's
-greedy accuracy before/after, `quickstart.greedy.evaluate`), `metrics.jsonl` (loss per
+greedy accuracy before/after, through the eval path in `quickstart.evaluation`), `metrics.jsonl` (loss per
 logged step) and `token_dumps/step_*.npz` (per-token kept flag and quadrant). The planted
 case of a dumped token is found from its rollout id: the embedded task's prompts of a step
 are a pure function of (data seed, step) (`builtin_models.SyntheticPrompts`), and a
