@@ -591,3 +591,19 @@ def apply_cpu_compat() -> bool:
         logger.info("megatron-core CPU compatibility applied (%d redirects)",
                     len(MEGATRON_CUDA_ASSUMPTIONS))
     return True
+
+
+def stop_checkpoint_writer_helpers() -> None:
+    """Kill this process's multiprocessing helpers (dist_checkpointing's results-queue
+    manager, a spawned process megatron caches in `filesystem_async._results_queue`) and
+    drop megatron's cached queue, so that a later save in this process starts a new one.
+    Used by the converter's parent process, which must not leave the manager behind."""
+    import multiprocessing
+    import sys
+
+    for helper in multiprocessing.active_children():
+        helper.kill()
+        helper.join(timeout=5)
+    module = sys.modules.get("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    if module is not None:
+        module._results_queue = None

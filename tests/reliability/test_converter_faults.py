@@ -120,7 +120,9 @@ def test_killing_convert_stops_its_ranks_and_keeps_the_old_output(hf_dir, conver
     deadline = time.monotonic() + 120
     ranks = []
     while time.monotonic() < deadline and proc.poll() is None:
-        ranks = [c for c in parent.children() if "python" in c.name().lower()]
+        # forked ranks share the parent's command line (the writer queue's spawned manager and
+        # resource tracker, started before the fork, do not): wait for the ranks themselves
+        ranks = [c for c in parent.children() if c.cmdline() == parent.cmdline()]
         if len(ranks) >= 2:
             break
         time.sleep(0.02)

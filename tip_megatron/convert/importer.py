@@ -13,6 +13,7 @@ largest full tensor (HF source, merged/padded full tensor, shard).
 """
 from __future__ import annotations
 
+
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from tip_megatron import launch
+from tip_megatron import launch, platform
 from tip_megatron.convert.hf_io import HFCheckpoint, PathLike
 from tip_megatron.convert.mapping import all_rules
 from tip_megatron.io_atomic import check_replaceable
@@ -150,8 +151,13 @@ def hf_to_mcore(hf_dir: PathLike, out_dir: PathLike, options: ImportOptions = Im
         import_rank(hf_dir, out_dir, options)
     else:
         preload_for_fork()
-        launch.run_forked(import_rank, world, args=(hf_dir, out_dir, options),
-                          timeout_s=options.timeout_s, env={"TIP_MEGATRON_DEVICE": "cpu"})
+        try:
+            launch.run_forked(import_rank, world, args=(hf_dir, out_dir, options),
+                              timeout_s=options.timeout_s, env={"TIP_MEGATRON_DEVICE": "cpu"})
+        finally:
+            # The writer queue's spawned manager belongs to this process, not to a rank: stop
+            # it (however the conversion ends, a SIGTERM included), or it outlives the command.
+            platform.stop_checkpoint_writer_helpers()
     return Path(out_dir)
 
 
