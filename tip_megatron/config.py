@@ -404,6 +404,10 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
         section, name = key.split(".")
         _at_least(key, getattr(getattr(cfg, section), name), 1)
     _at_least("train.max_skipped_steps", cfg.train.max_skipped_steps, 1)
+    if cfg.train.exit_after_steps is not None:  # 0 or less would end the launch at once, unsaved
+        _at_least("train.exit_after_steps", cfg.train.exit_after_steps, 1)
+    for key in ("train.seed", "data.seed"):
+        _check_seed(key, getattr(getattr(cfg, key.split(".")[0]), "seed"))
     _at_least("checkpoint.save_every", cfg.checkpoint.save_every, 0)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
     _at_least("logging.dump_tokens_every", cfg.logging.dump_tokens_every, 0)
@@ -418,6 +422,12 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
     cfg.parallel.validate(world_size)
     _check_batch(cfg, cfg.parallel.dp(world_size))
     _check_prompt_source(cfg)
+
+
+def _check_seed(key: str, value: int) -> None:
+    # numpy's global seed (parallel.set_seeds) and the sampler's key take 32-bit seeds.
+    if not 0 <= value < 2**32:
+        raise ValueError(f"{key}={value!r}: must be an integer in [0, 2**32)")
 
 
 def _check_batch(cfg: RunConfig, dp: int) -> None:
@@ -474,6 +484,7 @@ def _check_eval(e: EvalConfig, log_every: int) -> None:
                          "with prompt or messages, and answer)")
     for key in ("n", "max_new_tokens", "batch_size"):
         _at_least(f"eval.{key}", getattr(e, key), 1)
+    _check_seed("eval.seed", e.seed)
     SamplingConfig(n=e.n, max_new_tokens=e.max_new_tokens, temperature=e.temperature).validate("eval.")
     if e.pass_k is not None and not 1 <= e.pass_k <= e.n:
         raise ValueError(f"eval.pass_k={e.pass_k}: must be in [1, eval.n={e.n}]")

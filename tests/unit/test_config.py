@@ -199,6 +199,14 @@ BAD_RUNS = [
     (["optim.lr=0"], 1, "optim.lr=0.0: must be > 0"),
     (["parallel.sequence_parallel=true", "parallel.tp=1"], 2, "parallel.sequence_parallel=True needs parallel.tp >= 2"),
     (["checkpoint.export_hf_every=-1"], 1, "checkpoint.export_hf_every=-1: must be >= 0"),
+    # Accepted before: a launch that stopped at once, saving nothing, with exit code 0.
+    (["train.exit_after_steps=0"], 1, "train.exit_after_steps=0: must be >= 1"),
+    (["train.exit_after_steps=-1"], 1, "train.exit_after_steps=-1: must be >= 1"),
+    # Accepted before, then refused without the key by numpy / the sampler after set-up.
+    (["train.seed=-1"], 1, r"train.seed=-1: must be an integer in \[0, 2\*\*32\)"),
+    (["data.seed=4294967296"], 1, r"data.seed=4294967296: must be an integer in \[0, 2\*\*32\)"),
+    (["eval.every=1", "eval.prompts=[b.jsonl]", "eval.seed=-5"], 1,
+     r"eval.seed=-5: must be an integer in \[0, 2\*\*32\)"),
     (["eval.every=2"], 1, r"eval.every > 0 needs eval.prompts"),
     (["eval.every=3", "logging.log_every=2", "eval.prompts=[b.jsonl]"], 1,
      "eval.every=3 must be a multiple of logging.log_every=2"),
