@@ -196,7 +196,14 @@ BAD_RUNS = [
     (["data.prompts_per_step=6", "train.micro_batch_size=4"], 1,
      "global batch of 6 rollouts .* not divisible by dp x updates_per_rollout x micro_batch_size"),
     (["data.prompts=[]"], 1, "data.prompts is empty: name prompt files"),
-    (["optim.lr=0"], 1, "optim.lr=0.0: must be > 0"),
+    (["optim.lr=0"], 1, "optim.lr=0.0: must be a finite number > 0"),
+    # Accepted before (or refused naming optim.min_lr): each makes the weights NaN or inf.
+    (["optim.lr=.nan"], 1, "optim.lr=nan: must be a finite number > 0"),
+    (["optim.lr=.inf"], 1, "optim.lr=inf: must be a finite number > 0"),
+    (["optim.adam_eps=0"], 1, "optim.adam_eps=0.0: must be a finite number > 0"),
+    (["optim.adam_eps=-1e-8"], 1, "optim.adam_eps=-1e-08: must be a finite number > 0"),
+    (["optim.weight_decay=-0.1"], 1, "optim.weight_decay=-0.1: must be a finite number >= 0"),
+    (["optim.clip_grad=.nan"], 1, r"optim.clip_grad=nan: must be a finite number >= 0 \(0 disables\)"),
     (["parallel.sequence_parallel=true", "parallel.tp=1"], 2, "parallel.sequence_parallel=True needs parallel.tp >= 2"),
     (["checkpoint.export_hf_every=-1"], 1, "checkpoint.export_hf_every=-1: must be >= 0"),
     # Accepted before: a launch that stopped at once, saving nothing, with exit code 0.

@@ -6,6 +6,7 @@ learning-rate schedule with warm-up.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -43,14 +44,20 @@ class OptimConfig:
     """Overlap the DP grad reduce-scatter with backward (GPU; off on CPU/gloo)."""
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr}: must be > 0")
+        # NaN fails every comparison: each check is written so that NaN (and inf) is refused.
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"optim.lr={self.lr}: must be a finite number > 0")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"optim.min_lr={self.min_lr}: must be in [0, optim.lr={self.lr}]")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
-        if self.clip_grad < 0:
-            raise ValueError(f"optim.clip_grad={self.clip_grad}: must be >= 0 (0 disables)")
+        if not 0 <= self.clip_grad < math.inf:
+            raise ValueError(f"optim.clip_grad={self.clip_grad}: must be a finite number >= 0 (0 disables)")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"optim.weight_decay={self.weight_decay}: must be a finite number >= 0")
+        # eps = 0 turns a parameter that never got a gradient (m = v = 0) into 0/0 = NaN.
+        if not 0 < self.adam_eps < math.inf:
+            raise ValueError(f"optim.adam_eps={self.adam_eps}: must be a finite number > 0")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"optim.{name}={getattr(self, name)}: must be in [0, 1)")
