@@ -16,6 +16,8 @@ checkpoints, HF exports). What it guarantees:
   one `renameat2(RENAME_EXCHANGE)`, then the old one is deleted. Where the filesystem
   cannot exchange (e.g. NFS), the old directory is first renamed to `.<name>.old-<nonce>`;
   a crash between the two renames leaves it there, and the next write puts it back first.
+  A target that is a symlink is replaced by the new directory; the link goes, the directory
+  it pointed to is left as it was.
 - Collective when `group` is given: rank 0 of the group creates, renames and cleans up;
   barriers keep the other ranks from writing too early or returning too soon.
 
@@ -119,13 +121,26 @@ def replace_dir(tmp: Path, final: Path, nonce: str = "") -> None:
         fsync_dir(final.parent)
     elif _exchange(tmp, final):
         fsync_dir(final.parent)
-        shutil.rmtree(tmp)  # now the previous directory
+        _remove(tmp)  # now the previous directory
     else:
         old = final.parent / f".{final.name}.old-{nonce or uuid.uuid4().hex[:8]}"
         os.replace(final, old)
         os.replace(tmp, final)
         fsync_dir(final.parent)
-        shutil.rmtree(old)
+        _remove(old)
+
+
+def _remove(path: Path, ignore_errors: bool = False) -> None:
+    """Delete a replaced directory; a symlink is unlinked, never followed (rmtree refuses
+    a link, and what it points to is not ours)."""
+    if path.is_symlink():
+        try:
+            path.unlink()
+        except OSError:
+            if not ignore_errors:
+                raise
+    else:
+        shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 def fsync_tree(root: Path) -> None:
@@ -170,10 +185,10 @@ def _recover_or_clean(final: Path, stale: Sequence[str]) -> None:
     if olds and not final.exists():
         os.replace(olds.pop(), final)
     for path in olds + list(final.parent.glob(f".{final.name}.tmp-*")):
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path, ignore_errors=True)
     for pattern in stale:
         for path in final.parent.glob(pattern):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path, ignore_errors=True)
 
 
 def _shared_nonce(group: Optional[Any]) -> str:

@@ -51,6 +51,19 @@ def test_a_failed_write_keeps_the_old_directory(tmp_path, swap):
     assert (target / "COMPLETE").read_text() == "next" and _leftovers(tmp_path) == []
 
 
+def test_a_symlinked_target_is_replaced_and_its_directory_left_alone(tmp_path, swap):
+    """Before: the swap succeeded, then rmtree refused the old entry (a symlink): the write
+    raised although the new directory was in place, and a `.tmp-` link stayed behind."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "COMPLETE").write_text("theirs")
+    target = tmp_path / "ckpt"
+    target.symlink_to(tmp_path / "elsewhere")
+    _write(target, "new")
+    assert not target.is_symlink() and (target / "COMPLETE").read_text() == "new"
+    assert (tmp_path / "elsewhere" / "COMPLETE").read_text() == "theirs"
+    assert _leftovers(tmp_path) == []
+
+
 def test_a_crash_between_the_two_renames_is_undone(tmp_path):
     """Only the old directory exists (renamed aside, the new one never moved in): the next
     write puts it back before anything else, so a failure then leaves it in place."""
