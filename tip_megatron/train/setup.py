@@ -75,7 +75,10 @@ class FilePrompts:
                                    dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=cfg.data.seed)
 
     def next(self) -> list[list[int]]:
-        return [r.token_ids for r in next(self.loader)]
+        # Token ids only, from memory: reading the records back (`next(self.loader)`) would
+        # re-read the files every step and stop the run if one was edited since set-up.
+        dataset = self.loader.dataset
+        return [dataset.token_ids(i) for i in next(self.loader.sampler)]
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
