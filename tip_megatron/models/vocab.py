@@ -6,12 +6,14 @@ must never receive probability mass. Shapes: logits [..., V/tp].
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from tip_megatron.groups import group_rank
 
 
 def shard_vocab_range(shard_width: int, tp_group) -> tuple[int, int]:
-    """[start, end) of the global vocabulary ids held by this TP rank."""
-    rank = dist.get_rank(tp_group) if dist.is_initialized() else 0
+    """[start, end) of the global vocabulary ids held by this TP rank (tp_group None:
+    unsharded, as in `ops`; not the world's rank, which would shift a DP rank's columns)."""
+    rank = group_rank(tp_group)
     return rank * shard_width, (rank + 1) * shard_width
 
 
