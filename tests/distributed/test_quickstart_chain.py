@@ -122,3 +122,25 @@ def test_bad_task_is_one_line(command, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert re.fullmatch(r"error: --task 'chian': accepted tasks: addition, chain\n", proc.stderr), \
         proc.stderr
+
+
+def _pretrain_chain_student(cache_dir: str) -> dict:
+    from tip_megatron import parallel
+    from tip_megatron.quickstart import chain_task, pretrain
+
+    g = parallel.initialize(parallel.ParallelLayout(tp=2))
+    _, info = pretrain.pretrained_model(cache_dir, "chain-student", pretrain.chain_student_arch(),
+                                        pretrain.CHAIN_STUDENT_RECIPE, g, data=chain_task)
+    return info
+
+
+@pytest.mark.slow
+def test_chain_student_recipe_learns_its_defect(tmp_path):
+    """The full recipe (a few minutes): correct sums except the chain case, where the
+    student follows its data (docs/quickstart.md: 95.9% exact, chain 0%, clean 100%)."""
+    info = run_distributed(_pretrain_chain_student, world_size=2, args=(str(tmp_path),),
+                           timeout_s=1800)[0]
+    acc = info["accuracy"]
+    assert acc["clean"] >= 0.98 and acc["student_rule"] >= 0.95, acc
+    assert acc["chain"] <= 0.05, acc
+    assert list(tmp_path.glob("chain-student-t1-c1-*.pt")), list(tmp_path.iterdir())
