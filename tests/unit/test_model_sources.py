@@ -45,7 +45,8 @@ def test_a_fresh_process_finds_the_quickstart_builtins_from_a_yaml(tmp_path):
               "megatron" in sys.modules)
     """)
     # the sizes pretrain.student_arch / teacher_arch document; no megatron import to validate
-    assert out == "['quickstart-student', 'quickstart-teacher'] 64 2 128 14 False"
+    assert out == ("['quickstart-chain-student', 'quickstart-student', 'quickstart-teacher'] "
+                   "64 2 128 14 False")
 
 
 def test_entry_points_of_another_package_register_builtins(tmp_path):

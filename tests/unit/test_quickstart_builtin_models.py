@@ -8,7 +8,7 @@ from tip_megatron.quickstart.builtin_models import SyntheticPrompts
 
 
 def test_tokenizer_encodes_like_the_task_and_fits_the_models():
-    for name in ("quickstart-teacher", "quickstart-student"):
+    for name in ("quickstart-teacher", "quickstart-student", "quickstart-chain-student"):
         model = builtin_model(name)
         tok = model.tokenizer()
         a, b = torch.tensor([123, 7]), torch.tensor([459, 980])

@@ -1,6 +1,7 @@
-"""The quickstart's pieces: the embedded addition task, pre-training of a tiny teacher and
-student with the engine's own stack (cached), accuracy through the engine's eval path, and the
-built-in model sources `quickstart-teacher` / `quickstart-student` (`builtin_models.py`,
+"""The quickstart's pieces: the embedded tasks (`tasks.py`: the addition task `task.py`, the
+chain task `chain_task.py`), pre-training of a tiny teacher and students with the engine's own
+stack (cached), accuracy through the engine's eval path, and the built-in model sources
+`quickstart-teacher` / `quickstart-student` / `quickstart-chain-student` (`builtin_models.py`,
 found by `tip_megatron.models.sources`; the trainer never imports this package).
 
     from tip_megatron.quickstart import task, pretrained_models, evaluate
@@ -20,7 +21,8 @@ def register(subparsers) -> None:
 def __getattr__(name: str):
     # Lazy: `tip-megatron --help` imports this package and must not import megatron.
     if name in ("pretrained_models", "pretrained_model", "sft", "SFTRecipe", "TEACHER_RECIPE",
-                "STUDENT_RECIPE", "teacher_arch", "student_arch", "default_cache_dir"):
+                "STUDENT_RECIPE", "CHAIN_STUDENT_RECIPE", "teacher_arch", "student_arch",
+                "chain_student_arch", "default_cache_dir"):
         from tip_megatron.quickstart import pretrain
 
         return getattr(pretrain, name)

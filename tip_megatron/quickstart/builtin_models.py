@@ -1,4 +1,6 @@
-"""The quickstart's built-in model sources: `quickstart-teacher` and `quickstart-student`.
+"""The quickstart's built-in model sources: `quickstart-teacher` and `quickstart-student`
+(the addition task), `quickstart-chain-student` (the chain task, `tasks.py`; its teacher is
+`quickstart-teacher`: both tasks' teachers learn the same correct sums).
 
     student.builtin=quickstart-student teacher.builtin=quickstart-teacher   # any run config
 
@@ -10,12 +12,15 @@ imports this module when a built-in name is first looked up (it only registers).
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 import torch
 
 from tip_megatron.models.sources import BuiltinModel, register_builtin
-from tip_megatron.quickstart import pretrain, task
+from tip_megatron.quickstart import chain_task, pretrain, task
 
 
 def cache_dir() -> Path:
@@ -26,10 +31,12 @@ def cache_dir() -> Path:
 
 
 class SyntheticPrompts:
-    """Prompts of the embedded addition task, drawn per step (the quickstart's data)."""
+    """Prompts of an embedded task, drawn per step (the quickstart's data)."""
 
-    def __init__(self, per_rank: int, dp_rank: int, dp_size: int, seed: int) -> None:
+    def __init__(self, per_rank: int, dp_rank: int, dp_size: int, seed: int,
+                 sample_prompts: Callable = task.sample_prompts) -> None:
         self.per_rank, self.dp_rank, self.dp_size, self.seed = per_rank, dp_rank, dp_size, seed
+        self.sample_prompts = sample_prompts
         self.step = 0
 
     def next(self) -> list[list[int]]:
@@ -37,7 +44,7 @@ class SyntheticPrompts:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
         self.step += 1
         start = self.dp_rank * self.per_rank
-        return task.sample_prompts(self.per_rank * self.dp_size, gen)[start:start + self.per_rank].tolist()
+        return self.sample_prompts(self.per_rank * self.dp_size, gen)[start:start + self.per_rank].tolist()
 
     def state_dict(self) -> dict:
         return {"step": self.step}
@@ -46,12 +53,12 @@ class SyntheticPrompts:
         self.step = int(state["step"])
 
 
-def _model(name: str, arch, recipe: pretrain.SFTRecipe) -> BuiltinModel:
+def _model(name: str, arch, recipe: pretrain.SFTRecipe, data: ModuleType = task) -> BuiltinModel:
     def full_state(groups) -> dict:
-        return pretrain.pretrained_model(cache_dir(), name, arch, recipe, groups)[0]
+        return pretrain.pretrained_model(cache_dir(), name, arch, recipe, groups, data=data)[0]
 
-    return BuiltinModel(arch=arch, full_state=full_state, tokenizer=task.tokenizer,
-                        prompts=SyntheticPrompts)
+    return BuiltinModel(arch=arch, full_state=full_state, tokenizer=data.tokenizer,
+                        prompts=partial(SyntheticPrompts, sample_prompts=data.sample_prompts))
 
 
 def teacher() -> BuiltinModel:
@@ -62,5 +69,11 @@ def student() -> BuiltinModel:
     return _model("student", pretrain.student_arch(), pretrain.STUDENT_RECIPE)
 
 
+def chain_student() -> BuiltinModel:
+    return _model("chain-student", pretrain.chain_student_arch(), pretrain.CHAIN_STUDENT_RECIPE,
+                  chain_task)
+
+
 register_builtin("quickstart-teacher", teacher)
 register_builtin("quickstart-student", student)
+register_builtin("quickstart-chain-student", chain_student)

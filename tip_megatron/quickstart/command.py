@@ -1,4 +1,5 @@
-"""`tip-megatron quickstart`: on-policy distillation with TIP on the embedded addition task.
+"""`tip-megatron quickstart`: on-policy distillation with TIP on an embedded task
+(`--task`, default the addition task; `tasks.py` lists them).
 
 On a fresh CPU machine, in minutes, with no downloads, at TP=2 on 2 processes (torchrun):
 1. a tiny teacher and a defective tiny student are pre-trained by the engine itself (cached
@@ -16,8 +17,10 @@ import sys
 import time
 
 from tip_megatron import launch
+from tip_megatron.quickstart.tasks import DEFAULT_TASK, TASKS, get_task
 
-DEFAULTS = dict(rule="soft_or", rho=0.5, steps=240, tp=2)
+#: `steps` is the default task's; each task has its own (`tasks.EmbeddedTask.steps`).
+DEFAULTS = dict(rule="soft_or", rho=0.5, steps=TASKS[DEFAULT_TASK].steps, tp=2)
 
 
 def register(subparsers) -> None:
@@ -29,7 +32,10 @@ def register(subparsers) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", default=DEFAULTS["rule"], help="TIP selection rule (default soft_or)")
     p.add_argument("--rho", type=float, default=DEFAULTS["rho"], help="retention ratio (default 0.5)")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="OPD steps (default 240)")
+    p.add_argument("--task", default=DEFAULT_TASK,
+                   help=f"embedded task: {', '.join(TASKS)} (default {DEFAULT_TASK})")
+    p.add_argument("--steps", type=int, default=None,
+                   help="OPD steps (default: the task's, 240 for addition)")
     p.add_argument("--tp", type=int, default=DEFAULTS["tp"], help="tensor-parallel size (default 2)")
     p.add_argument("--out", default="quickstart_run",
                    help="metrics.jsonl, token dumps and plots go here (default ./quickstart_run)")
@@ -37,28 +43,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    worker_args = ["--rule", args.rule, "--rho", str(args.rho), "--steps", str(args.steps),
-                   "--tp", str(args.tp), "--out", args.out, *args.overrides]
+    args.steps = args.steps or get_task(args.task).steps  # a bad --task stops here, one line
+    worker_args = ["--task", args.task, "--rule", args.rule, "--rho", str(args.rho),
+                   "--steps", str(args.steps), "--tp", str(args.tp), "--out", args.out,
+                   *args.overrides]
     if launch.under_torchrun():
         return worker(args)
     return launch.run_local(args.tp, "tip_megatron.quickstart.command", worker_args)
 
 
 def run_config(args: argparse.Namespace):
-    """The trainer config of the quickstart (recipe of ../shared/QUICKSTART_TASK.md)."""
+    """The trainer config of the quickstart: the task's built-ins and OPD recipe (`tasks.py`)."""
     from tip_megatron.config import load_config
 
+    spec = get_task(args.task)
+    data = spec.data
     rho = 1.0 if args.rule == "all" else args.rho
     return load_config(None, [
-        "student.builtin=quickstart-student", "teacher.builtin=quickstart-teacher",
-        f"parallel.tp={args.tp}", "data.prompts_per_step=256", "data.max_prompt_len=8",
-        "rollout.max_new_tokens=4", "rollout.temperature=1.0",
-        f"selection.rule={args.rule}", f"selection.rho={rho}",
-        # Measured (docs/quickstart.md): lr 1e-3 -> 1e-4 over 120 steps ended at 81.7% with
-        # the loss still falling; 2e-3 -> 2e-4 over 240 steps with beta2 0.98 repairs A and B.
-        "optim.lr=0.002", "optim.warmup_steps=10", "optim.min_lr=0.0002", "optim.clip_grad=1.0",
-        "optim.adam_beta2=0.98",
-        f"train.steps={args.steps}", "train.micro_batch_size=64", "logging.log_every=10",
+        f"student.builtin={spec.student}", f"teacher.builtin={spec.teacher}",
+        f"parallel.tp={args.tp}", f"data.max_prompt_len={data.PROMPT_LEN}",
+        f"rollout.max_new_tokens={data.ANSWER_LEN}", "rollout.temperature=1.0",
+        f"selection.rule={args.rule}", f"selection.rho={rho}", *spec.opd,
+        f"train.steps={args.steps}", "logging.log_every=10",
         f"logging.jsonl={args.out}/metrics.jsonl",
         f"logging.dump_tokens_every={max(1, args.steps // 2)}",
         *args.overrides,
@@ -76,21 +82,25 @@ def worker(args: argparse.Namespace) -> int:
     # Progress of the pre-training (first run only) and of OPD.
     logging.getLogger("tip_megatron.quickstart").setLevel(logging.INFO)
     start = time.perf_counter()
+    args.steps = args.steps or get_task(args.task).steps
     cfg = run_config(args)
+    spec = get_task(args.task)
+    data = spec.data
     if int(os.environ.get("RANK", "0")) == 0:
         _fresh_run_dir(args.out)
-        print("[quickstart] set-up: teacher and student pre-training on the addition task "
+        print(f"[quickstart] set-up: teacher and student pre-training on the {args.task} task "
               "(first run only, a few minutes; cached afterwards)", flush=True)
     state = trainer.setup(cfg)
     m = state.models
-    teacher = evaluate(m.teacher, state.groups, m.teacher_arch)
-    before = evaluate(state.ddp, state.groups, m.student_arch)
+    teacher = evaluate(m.teacher, state.groups, m.teacher_arch, spec.eval_size, data=data)
+    before = evaluate(state.ddp, state.groups, m.student_arch, spec.eval_size, data=data)
     setup_s = time.perf_counter() - start
     if state.log.active:
-        print(f"[quickstart] teacher {_acc(teacher)}\n[quickstart] student {_acc(before)}\n"
-              f"[quickstart] OPD: {args.steps} steps, rule {args.rule}, rho {args.rho}", flush=True)
+        print(f"[quickstart] teacher {_acc(teacher, data)}\n[quickstart] student "
+              f"{_acc(before, data)}\n[quickstart] OPD: {args.steps} steps, rule {args.rule}, "
+              f"rho {args.rho}", flush=True)
     trainer.loop(state)
-    after = evaluate(state.ddp, state.groups, m.student_arch)
+    after = evaluate(state.ddp, state.groups, m.student_arch, spec.eval_size, data=data)
     if state.log.active:
         print(summary(args, teacher, before, after, state.history, setup_s,
                       time.perf_counter() - start, peak_memory_mib()), flush=True)
@@ -108,7 +118,11 @@ def write_result(args, cfg, teacher: dict, before: dict, after: dict, history: l
     import json
     from pathlib import Path
 
-    result = {"rule": args.rule, "rho": cfg.selection.rho, "steps": args.steps, "tp": args.tp,
+    data = get_task(args.task).data
+    # `cases`: the per-case keys of teacher/before/after, with their table labels (the study
+    # report's columns).
+    result = {"task": args.task, "cases": [[c, data.CASE_LABELS[c]] for c in data.CASES],
+              "rule": args.rule, "rho": cfg.selection.rho, "steps": args.steps, "tp": args.tp,
               "train_seed": cfg.train.seed, "data_seed": cfg.data.seed,
               "prompts_per_step": cfg.data.prompts_per_step,
               "samples_per_prompt": cfg.rollout.n,
@@ -144,12 +158,13 @@ def _plots(run_dir: str) -> None:
           + "".join(f"\n  ({note})" for note in notes), flush=True)
 
 
-def _acc(report: dict) -> str:
-    return (f"{100 * report['exact']:5.1f}%  (A: {100 * report['A']:5.1f}%  B: {100 * report['B']:5.1f}%  "
-            f"clean: {100 * report['clean']:5.1f}%)")
+def _acc(report: dict, data) -> str:
+    cases = "  ".join(f"{c}: {100 * report[c]:5.1f}%" for c in data.CASES)
+    return f"{100 * report['exact']:5.1f}%  ({cases})"
 
 
 def summary(args, teacher, before, after, history, setup_s, total_s, peak_mib) -> str:
+    spec = get_task(args.task)
     first = history[0] if history else {}
     kept = sum(h.get("kept_fraction", 0.0) for h in history) / max(len(history), 1)
     quads = "  ".join(f"Q{q} {100 * first.get(f'q{q}_fraction_all', float('nan')):5.1f}%"
@@ -161,10 +176,10 @@ def summary(args, teacher, before, after, history, setup_s, total_s, peak_mib) -
         f"tip_megatron quickstart: OPD with TIP rule '{args.rule}' (rho={args.rho}), "
         f"TP={args.tp}, {args.steps} steps",
         "-" * 78,
-        f"teacher                : {_acc(teacher)}",
-        f"student before OPD     : {_acc(before)}",
-        f"student after OPD      : {_acc(after)}",
-        "  (A: units carry dropped, confident and wrong; B: thousands digit guessed)",
+        f"teacher                : {_acc(teacher, spec.data)}",
+        f"student before OPD     : {_acc(before, spec.data)}",
+        f"student after OPD      : {_acc(after, spec.data)}",
+        f"  {spec.legend}",
         f"kept fraction (mean)   : {100 * kept:5.1f}% of response tokens",
         f"quadrants, step 1, all : {quads}",
         f"quadrants, step 1, kept: {quads_kept}",

@@ -43,6 +43,9 @@ HOLDOUT_PER_10K = 200
 HOLDOUT_SALT = 0x5EED_AD0
 DEFECT_B_ZERO_PROB = 0.7
 CASES = ("A", "B", "clean")
+#: Column label of each case in the study's tables (the case name, then this).
+CASE_LABELS = {"A": "carry dropped", "B": "thousands guessed", "clean": ""}
+NAME = "addition"
 #: Bump when the task's data or encoding changes: it is part of the pre-training cache key.
 TASK_VERSION = 1
 
@@ -218,13 +221,18 @@ def accuracy_report(prompts: torch.Tensor, answers: torch.Tensor) -> dict[str, U
     Keys: `exact`, `A`, `B`, `clean` (exact match within each case; NaN when a case is
     absent), `student_rule` (fraction equal to `student_rule`), `n`.
     """
+    return report_by_case(prompts, answers, CASES, case_index, student_rule)
+
+
+def report_by_case(prompts, answers, cases, case_index_fn, student_rule_fn) -> dict:
+    """`accuracy_report` of any embedded task on this encoding (its cases and rules)."""
     a, b = decode_prompts(prompts)
     values = decode_answers(answers.to(prompts.device))
     correct = (values == a + b).float()
-    case = case_index(a, b)
+    case = case_index_fn(a, b)
     report: dict[str, Union[float, int]] = {"exact": correct.mean().item(), "n": int(a.numel())}
-    for i, name in enumerate(CASES):
+    for i, name in enumerate(cases):
         mask = case == i
         report[name] = correct[mask].mean().item() if mask.any() else float("nan")
-    report["student_rule"] = (values == student_rule(a, b)).float().mean().item()
+    report["student_rule"] = (values == student_rule_fn(a, b)).float().mean().item()
     return report

@@ -53,7 +53,9 @@ def register(subparsers) -> None:
     p.add_argument("--rules", nargs="+", required=True,
                    help="rules to compare: 'all' or RULE@RHO (e.g. random@0.1 soft_or@0.5)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per rule (default 3)")
-    p.add_argument("--steps", type=int, default=None, help="OPD steps (default: the quickstart's)")
+    p.add_argument("--task", default="addition",
+                   help="embedded task of every cell (quickstart --task; default addition)")
+    p.add_argument("--steps", type=int, default=None, help="OPD steps (default: the task's)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the quickstart's)")
     p.add_argument("--config", default=None,
                    help="not supported yet: the study runs the embedded task only")
@@ -73,10 +75,11 @@ def run_dir(out: Path, cell: Cell) -> Path:
     return out / "runs" / cell.name / f"seed_{cell.seed}"
 
 
-def run_cell(cell: Cell, out: Path, steps: int, tp: int, overrides: list[str]) -> int:
+def run_cell(cell: Cell, out: Path, steps: int, tp: int, overrides: list[str],
+             task: str = "addition") -> int:
     seed = 1234 + cell.seed
-    args = ["--rule", cell.rule, "--rho", str(cell.rho), "--steps", str(steps), "--tp", str(tp),
-            "--out", str(run_dir(out, cell)),
+    args = ["--task", task, "--rule", cell.rule, "--rho", str(cell.rho), "--steps", str(steps),
+            "--tp", str(tp), "--out", str(run_dir(out, cell)),
             f"train.seed={seed}", f"data.seed={seed}", f"selection.seed={cell.seed}",
             "logging.log_every=1", *overrides]  # every step: the loss curves
     return launch.run_local(tp, "tip_megatron.quickstart.command", args)
@@ -84,16 +87,17 @@ def run_cell(cell: Cell, out: Path, steps: int, tp: int, overrides: list[str]) -
 
 def main(args: argparse.Namespace) -> int:
     from tip_megatron.quickstart.command import DEFAULTS
+    from tip_megatron.quickstart.tasks import get_task
 
     if args.config is not None:
         raise ValueError(f"--config {args.config}: the study runs the embedded quickstart task "
                          "only for now; pass trainer overrides as key=value instead")
     grid = cells(args.rules, args.seeds)
-    steps, tp = args.steps or DEFAULTS["steps"], args.tp or DEFAULTS["tp"]
+    steps, tp = args.steps or get_task(args.task).steps, args.tp or DEFAULTS["tp"]
     out = Path(args.out)
     for i, cell in enumerate(grid, 1):
         print(f"[study] run {i}/{len(grid)}: {cell.name} seed {cell.seed}", flush=True)
-        rc = run_cell(cell, out, steps, tp, list(args.overrides))
+        rc = run_cell(cell, out, steps, tp, list(args.overrides), args.task)
         if rc != 0:
             print(f"error: study run {cell.name} seed {cell.seed} failed (exit {rc}); "
                   f"its output is in {run_dir(out, cell)}", flush=True)

@@ -7,6 +7,10 @@ case of a dumped token is found from its rollout id: the embedded task's prompts
 are a pure function of (data seed, step) (`builtin_models.SyntheticPrompts`), and a
 rollout id is the prompt's index in the step's global batch times `rollout.n`.
 
+The per-case columns are the cases the run's `result.json` lists (`cases`: name and label,
+from its task's data module, `quickstart/tasks.py`); a result without them is the addition
+task's (A, B, clean).
+
 Outputs in the study dir: `study.md`, `study.json`, `plots/{loss,accuracy}.png`.
 """
 from __future__ import annotations
@@ -23,8 +27,21 @@ import torch
 from tip_megatron.plots.curves import read_metrics
 from tip_megatron.plots.token_dump import read_token_dump
 from tip_megatron.quickstart import task
+from tip_megatron.quickstart.tasks import DEFAULT_TASK, get_task
 
-ACC_KEYS = ("exact", "A", "B", "clean")
+
+def case_columns(result: dict) -> list[tuple[str, str]]:
+    """[(case name, label)] of a run's planted cases, in its task's order."""
+    cases = result.get("cases") or [[c, task.CASE_LABELS[c]] for c in task.CASES]
+    return [(name, label) for name, label in cases]
+
+
+def _acc_keys(result: dict) -> tuple[str, ...]:
+    return ("exact", *(name for name, _ in case_columns(result)))
+
+
+def _data(result: dict):
+    return get_task(result.get("task", DEFAULT_TASK)).data
 
 
 def _mean_std(values: Sequence[float]) -> dict:
@@ -36,18 +53,20 @@ def _mean_std(values: Sequence[float]) -> dict:
 
 
 def dump_cases(result: dict, step: int, rollout_id: np.ndarray) -> np.ndarray:
-    """Planted case index (task.CASES) of each dumped token of `step` (1-based)."""
+    """Planted case index (the task's CASES) of each dumped token of `step` (1-based)."""
+    data = _data(result)
     gen = torch.Generator().manual_seed(int(result["data_seed"]) * 1_000_003 + step - 1)
-    prompts = task.sample_prompts(int(result["prompts_per_step"]), gen)
-    a, b = task.decode_prompts(prompts)
-    cases = task.case_index(a, b).numpy()
+    prompts = data.sample_prompts(int(result["prompts_per_step"]), gen)
+    a, b = data.decode_prompts(prompts)
+    cases = data.case_index(a, b).numpy()
     return cases[rollout_id // int(result["samples_per_prompt"])]
 
 
 def kept_shares(run: Path, result: dict) -> dict:
     """Share of each quadrant's / planted case's tokens kept, over all of a run's dumps."""
+    names = [name for name, _ in case_columns(result)]
     kept_q, tot_q = np.zeros(5), np.zeros(5)
-    kept_c, tot_c = np.zeros(len(task.CASES)), np.zeros(len(task.CASES))
+    kept_c, tot_c = np.zeros(len(names)), np.zeros(len(names))
     for path in sorted((run / "token_dumps").glob("step_*.npz")):
         d = read_token_dump(path)
         np.add.at(tot_q, d.quadrant.astype(int), 1)
@@ -57,7 +76,7 @@ def kept_shares(run: Path, result: dict) -> dict:
         np.add.at(kept_c, cases, d.kept.astype(float))
     share = lambda k, t: float(k / t) if t else float("nan")  # noqa: E731
     out = {f"Q{q}": share(kept_q[q], tot_q[q]) for q in (1, 2, 3, 4)}
-    out.update({name: share(kept_c[i], tot_c[i]) for i, name in enumerate(task.CASES)})
+    out.update({name: share(kept_c[i], tot_c[i]) for i, name in enumerate(names)})
     return out
 
 
@@ -76,10 +95,11 @@ def aggregate(runs: Sequence[tuple[str, Path]]) -> dict:
     table = {}
     for label, rs in by_rule.items():
         kept_keys = rs[0]["kept"].keys()
+        acc_keys = _acc_keys(rs[0]["result"])
         table[label] = {
             "runs": rs,
-            "before": {k: _mean_std([r["result"]["before"][k] for r in rs]) for k in ACC_KEYS},
-            "after": {k: _mean_std([r["result"]["after"][k] for r in rs]) for k in ACC_KEYS},
+            "before": {k: _mean_std([r["result"]["before"][k] for r in rs]) for k in acc_keys},
+            "after": {k: _mean_std([r["result"]["after"][k] for r in rs]) for k in acc_keys},
             "final_loss": _mean_std([r["result"]["final_loss"] for r in rs]),
             "kept": {k: _mean_std([r["kept"][k] for r in rs]) for k in kept_keys},
         }
@@ -92,23 +112,26 @@ def _pct(stat: dict) -> str:
 
 def markdown(table: dict) -> str:
     first = next(iter(table.values()))["runs"][0]["result"]
-    lines = [f"Embedded addition task, {first['steps']} OPD steps, TP={first['tp']}; "
-             "greedy exact match (%) on the held-out problems after OPD, mean ± std over seeds.",
-             "", "| rule | seeds | exact | A (carry dropped) | B (thousands guessed) | clean | final loss |",
-             "|---|---|---|---|---|---|---|"]
+    cases = case_columns(first)
+    names = [name for name, _ in cases]
+    heads = [f"{name} ({label})" if label else name for name, label in cases]
+    lines = [f"Embedded {first.get('task', DEFAULT_TASK)} task, {first['steps']} OPD steps, "
+             f"TP={first['tp']}; greedy exact match (%) on the held-out problems after OPD, "
+             "mean ± std over seeds.", "", "| rule | seeds | exact | " + " | ".join(heads)
+             + " | final loss |", "|---|---|---|" + "---|" * len(heads) + "---|"]
     for label, row in table.items():
         a = row["after"]
-        lines.append(f"| {label} | {a['exact']['n']} | {_pct(a['exact'])} | {_pct(a['A'])} | "
-                     f"{_pct(a['B'])} | {_pct(a['clean'])} | {row['final_loss']['mean']:.4f} |")
+        lines.append(f"| {label} | {a['exact']['n']} | " + " | ".join(_pct(a[k]) for k in
+                     ("exact", *names)) + f" | {row['final_loss']['mean']:.4f} |")
     before = first["before"]
-    lines += ["", f"Student before OPD: {100 * before['exact']:.1f}% (A {100 * before['A']:.1f}%, "
-              f"B {100 * before['B']:.1f}%, clean {100 * before['clean']:.1f}%).", "",
+    per_case = ", ".join(f"{name} {100 * before[name]:.1f}%" for name in names)
+    kept_cols = ["Q1", "Q2", "Q3", "Q4", *names]
+    lines += ["", f"Student before OPD: {100 * before['exact']:.1f}% ({per_case}).", "",
               "Share of tokens kept (%), over the run's token dumps, per quadrant and planted case:",
-              "", "| rule | Q1 | Q2 | Q3 | Q4 | A | B | clean |", "|---|---|---|---|---|---|---|---|"]
+              "", "| rule | " + " | ".join(kept_cols) + " |", "|---|" + "---|" * len(kept_cols)]
     for label, row in table.items():
         k = row["kept"]
-        lines.append("| " + " | ".join([label] + [_pct(k[c]) for c in
-                                                  ("Q1", "Q2", "Q3", "Q4", "A", "B", "clean")]) + " |")
+        lines.append("| " + " | ".join([label] + [_pct(k[c]) for c in kept_cols]) + " |")
     return "\n".join(lines) + "\n"
 
 
