@@ -194,7 +194,9 @@ def _layout_body(overrides_per_layout: list) -> list:
     return results
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+# TP1 and PP2 (+ VPP) in the default tier; TP2 (+ SP) and DP2 (minutes on 2 cores) with --slow.
+@pytest.mark.parametrize("name", ["tp1", "pp2", pytest.param("tp2", marks=pytest.mark.slow),
+                                  pytest.param("dp2", marks=pytest.mark.slow)])
 def test_generation_prepass_equals_recompute(assets, name):
     world, layouts = LAYOUTS[name]
     per_rank = run_distributed(_layout_body, world, args=([_overrides(assets, **o) for o in layouts],))
