@@ -421,6 +421,7 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
     cfg.model.validate()
     cfg.parallel.validate(world_size)
     _check_batch(cfg, cfg.parallel.dp(world_size))
+    _check_prepass_source(cfg)
     _check_prompt_source(cfg)
 
 
@@ -445,6 +446,17 @@ def _check_batch(cfg: RunConfig, dp: int) -> None:
             f"dp x updates_per_rollout x micro_batch_size = {dp} x {cfg.train.updates_per_rollout} "
             f"x {cfg.train.micro_batch_size}"
         )
+
+
+def _check_prepass_source(cfg: RunConfig) -> None:
+    """Hidden states from generation hold the policy that sampled the rollouts: they cannot
+    re-score an update whose weights moved."""
+    sel, updates = cfg.selection, cfg.train.updates_per_rollout
+    if sel.prepass_from_generation and updates > 1 and sel.rescore_each_update:
+        raise ValueError(f"selection.prepass_source=generation scores with the rollout policy, but "
+                         f"train.updates_per_rollout={updates} with selection.rescore_each_update=true "
+                         "re-scores every update with its current weights; set "
+                         "selection.prepass_source=recompute or selection.rescore_each_update=false")
 
 
 def logging_dir(cfg: RunConfig) -> Optional[str]:

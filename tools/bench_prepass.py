@@ -1,19 +1,26 @@
 """Benchmark: cost of the scoring pre-pass (selection over the global batch) next to the
-training pass, and the part of it a student forward accounts for (issue 15).
+training pass, from both sources side by side (`selection.prepass_source`, issue 15).
 
-    python tools/bench_prepass.py            # ~1-2 min on 2 CPU cores
+    python tools/bench_prepass.py            # ~2-3 min on 2 CPU cores
     python tools/bench_prepass.py --vocab 32768 --hidden 512 --json runs/prepass.json
 
-One process (TP = PP = DP = 1), random student and teacher from `build_model`, megatron's
-schedule, rule q3 at rho 0.2 over the global batch (scope auto). Stages, timed separately,
-repetitions interleaved round-robin (load on a shared machine hits every stage alike),
-medians reported:
-  teacher    teacher forward-only pass (final hidden states kept)
-  prepass    `scoring_pass`: student forward-only + no-grad scoring at the output layer
-  trunk      student forward-only with the output layer skipped: the part of the pre-pass
-             that kept generation hidden states would save (the scoring itself stays)
-  select     `select_prepass` over the global batch
-  train      `student_pass` with the pre-pass's masks: forward + backward, loss on kept tokens
+One process (TP = PP = DP = 1), random student and teacher from `build_model`, rollouts
+sampled by the generation engine (dynamic, KV cache; `--prompt` random prompt tokens, then
+`--seq - --prompt` new tokens, no stop id), megatron's schedule, rule q3 at rho 0.2 over
+the global batch (scope auto). Stages, timed separately, repetitions interleaved
+round-robin (load on a shared machine hits every stage alike; the two generation stages
+swap places every round), medians reported:
+  generate       the rollouts, hidden states not kept
+  generate_keep  the same rollouts with `keep_hidden=True` (what `generation` costs there)
+  teacher        teacher forward-only pass (final hidden states kept)
+  prepass        source `recompute`: `scoring_pass`, student forward-only + no-grad scoring
+  prepass_gen    source `generation`: `response_rows` + `scoring_from_generation`, the same
+                 no-grad scoring on the engine's kept hidden states (no student forward)
+  trunk          student forward-only with the output layer skipped (what `generation` saves)
+  select         `select_prepass` over the global batch
+  train          `student_pass` with the pre-pass's masks: forward + backward on kept tokens
+The JSON also holds the largest signal difference between the two sources and whether
+their kept masks are identical.
 """
 from __future__ import annotations
 
@@ -30,14 +37,16 @@ def _stages(args):
     from tip_megatron import parallel, pipeline
     from tip_megatron.distill.loss import DistillSpec, LossConfig
     from tip_megatron.distill.step import (
-        Microbatch, make_contexts, scoring_pass, select_prepass, student_pass,
+        make_contexts, scoring_from_generation, scoring_pass, select_prepass, student_pass,
         teacher_hidden_states, teacher_output_weight, with_preselection,
     )
     from tip_megatron.models import build_model
     from tip_megatron.models.init import init_full_state
     from tip_megatron.models.state import load_full_state_dict
+    from tip_megatron.rollout.generate import GenerationConfig, generate
     from tip_megatron.testing.models import tiny_arch
     from tip_megatron.tip import SelectionConfig
+    from tip_megatron.train.batches import make_microbatches, response_rows
     from tip_megatron.train.optimizer import OptimConfig, wrap_ddp
 
     g = parallel.initialize(parallel.ParallelLayout(), seed=0)
@@ -52,12 +61,15 @@ def _stages(args):
     ddp = wrap_ddp(student, g, OptimConfig(use_distributed_optimizer=False))
     gen = torch.Generator().manual_seed(0)
     rows, seq, mbs = args.rows, args.seq, args.micro_batch_size
-    ids = torch.randint(0, args.vocab, (rows, seq), generator=gen)
-    target = torch.zeros(rows, seq, dtype=torch.bool)
-    target[:, args.prompt - 1:seq - 1] = True
-    pos = torch.arange(seq).expand(rows, seq)
-    batches = [Microbatch(ids[i:i + mbs], pos[i:i + mbs].contiguous(), target[i:i + mbs],
-                          torch.arange(i, i + mbs)) for i in range(0, rows, mbs)]
+    prompts = torch.randint(0, args.vocab, (rows, args.prompt), generator=gen).tolist()
+    sampling = dict(max_new_tokens=seq - args.prompt, temperature=1.0)
+
+    def rollouts(keep: bool):
+        return generate(ddp, g, s_arch, prompts, GenerationConfig(**sampling, keep_hidden=keep), seed=0)
+
+    out = rollouts(True)
+    batches = make_microbatches(out.token_ids, out.response_mask, torch.arange(rows), mbs)
+    seq = out.token_ids.shape[1]
     shape = dict(seq_length=seq, micro_batch_size=mbs)
     sel = SelectionConfig(rule="q3", rho=0.2)
     spec = DistillSpec(sel, LossConfig(), args.vocab, g.tp_group)
@@ -71,11 +83,19 @@ def _stages(args):
 
     def run(stage):
         t0 = time.perf_counter()
-        if stage == "teacher":
+        if stage in ("generate", "generate_keep"):
+            kept = rollouts(stage == "generate_keep")
+            if kept.response_hidden is not None:
+                state["rollouts"] = kept
+        elif stage == "teacher":
             state["hidden"] = teacher_hidden_states(teacher, g, batches, **shape)
         elif stage == "prepass":
             ctx = make_contexts(g, batches, state["hidden"], teacher_output_weight(teacher))
             state["ctx"], state["signals"] = ctx, scoring_pass(ddp, g, batches, ctx, spec, **shape)
+        elif stage == "prepass_gen":
+            r = state["rollouts"]
+            state["signals_gen"] = scoring_from_generation(
+                ddp, g, state["ctx"], spec, r.response_hidden, response_rows(r.response_lengths, batches, 0))
         elif stage == "trunk":
             with torch.no_grad():
                 pipeline.forward_backward(trunk, ddp, batches, g, forward_only=True, **shape)
@@ -88,14 +108,23 @@ def _stages(args):
             student_pass(ddp, g, batches, ctx, spec, **shape)
         return time.perf_counter() - t0
 
-    order = ("teacher", "prepass", "trunk", "select", "train")
+    order = ("generate", "generate_keep", "teacher", "prepass", "prepass_gen", "trunk", "select", "train")
     times = {s: [] for s in order}
     for rep in range(args.reps + 1):
-        for stage in order:
+        # The two generation stages swap places every round: neither always runs first.
+        swapped = ("generate_keep", "generate") + order[2:]
+        for stage in (swapped if rep % 2 else order):
             dt = run(stage)
             if rep:  # the first round warms up
                 times[stage].append(dt)
-    return {s: statistics.median(v) * 1e3 for s, v in times.items()}
+    masks_gen, _ = select_prepass(sel, state["signals_gen"], None, step=0)
+    diff = max(float((getattr(a, f) - getattr(b, f)).abs().max()) for a, b in zip(state["signals"], state["signals_gen"])
+               for f in ("entropy_norm", "reverse_kl", "forward_kl"))
+    agree = dict(max_signal_diff=diff, masks_identical=all(
+        torch.equal(a, b) for a, b in zip(state["sel"][0], masks_gen)),
+        response_tokens=int(out.response_mask.sum()),
+        kept_hidden_bytes=out.response_hidden.numel() * out.response_hidden.element_size())
+    return {s: statistics.median(v) * 1e3 for s, v in times.items()}, agree
 
 
 def main() -> None:
@@ -112,13 +141,20 @@ def main() -> None:
     args = p.parse_args()
     from tip_megatron.launch import run_forked
 
-    ms = run_forked(_stages, 1, args=(args,), timeout_s=1800)[0]
-    out = dict(vars(args), ms=ms, prepass_over_train=ms["prepass"] / ms["train"],
-               trunk_share_of_prepass=ms["trunk"] / ms["prepass"])
+    ms, agree = run_forked(_stages, 1, args=(args,), timeout_s=1800)[0]
+    out = dict(vars(args), ms=ms, **agree, prepass_over_train=ms["prepass"] / ms["train"],
+               prepass_gen_over_train=ms["prepass_gen"] / ms["train"],
+               trunk_share_of_prepass=ms["trunk"] / ms["prepass"],
+               keep_overhead=ms["generate_keep"] / ms["generate"] - 1)
     for stage, v in ms.items():
-        print(f"{stage:8s} {v:9.1f} ms")
-    print(f"pre-pass / training pass: {out['prepass_over_train']:.2f}; student trunk forward "
-          f"is {out['trunk_share_of_prepass']:.0%} of the pre-pass")
+        print(f"{stage:14s} {v:9.1f} ms")
+    print(f"pre-pass / training pass: recompute {out['prepass_over_train']:.2f}, generation "
+          f"{out['prepass_gen_over_train']:.2f}; student trunk forward is "
+          f"{out['trunk_share_of_prepass']:.0%} of the recomputing pre-pass; keeping hidden states "
+          f"costs generation {out['keep_overhead']:+.1%}")
+    print(f"sources agree: max signal diff {agree['max_signal_diff']:.2e}, kept masks identical: "
+          f"{agree['masks_identical']}; kept hidden states {agree['kept_hidden_bytes'] / 2**20:.1f} MiB "
+          f"for {agree['response_tokens']} response tokens")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

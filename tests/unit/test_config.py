@@ -56,6 +56,7 @@ FROZEN_KEYS = [
     "selection.scope",
     "selection.min_keep",
     "selection.rescore_each_update",
+    "selection.prepass_source",
     "selection.quadrant_rule.kind",
     "selection.quadrant_rule.entropy_threshold",
     "selection.quadrant_rule.div_threshold_nats",

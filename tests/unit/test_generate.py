@@ -203,7 +203,7 @@ def test_config_validation_names_the_field(field, value):
 def test_config_fields_are_deliberate():
     assert set(GenerationConfig.__dataclass_fields__) == {
         "max_new_tokens", "temperature", "top_k", "top_p", "n", "stop_ids", "pad_id", "use_kv_cache",
-        "layer_impl", "engine", "max_batch_tokens", "check_logprobs", "cuda_graph"}
+        "layer_impl", "engine", "max_batch_tokens", "check_logprobs", "cuda_graph", "keep_hidden"}
 
 
 def test_attention_mask_left_padding():

@@ -139,14 +139,23 @@ def _flat(hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_tokens(hidden_flat, weight, teacher_flat, teacher_weight, positions, spec: DistillSpec):
-    """(entropy_norm, reverse_kl, forward_kl) [n] for the rows `positions` (chunked)."""
+def score_tokens(hidden_flat, weight, teacher_flat, teacher_weight, positions, spec: DistillSpec,
+                 *, student_rows=None):
+    """(entropy_norm, reverse_kl, forward_kl) [n] for the rows `positions` (chunked).
+
+    student_rows: [n] rows of `hidden_flat` holding the student's hidden state at each of
+    `positions` (default: `positions` themselves). The generation engine's kept hidden
+    states ([response tokens, h], `Rollouts.response_hidden`) are read this way, one
+    chunk at a time: nothing of the micro-batch's size is copied."""
     parts = []
     chunk = spec.loss.score_chunk_size
+    rows = positions if student_rows is None else student_rows.to(hidden_flat.device)
+    if rows.numel() != positions.numel():
+        raise ValueError(f"{rows.numel()} student rows for {positions.numel()} scored positions")
     for start in range(0, positions.numel(), chunk):
         idx = positions[start:start + chunk]
         stats = vocab_parallel_stats(
-            hidden_flat[idx] @ weight.t(), teacher_flat[idx] @ teacher_weight.t(),
+            hidden_flat[rows[start:start + chunk]] @ weight.t(), teacher_flat[idx] @ teacher_weight.t(),
             tp_group=spec.tp_group, vocab_size=spec.vocab_size,
         )
         parts.append(torch.stack([stats.student_entropy_norm, stats.reverse_kl, stats.forward_kl]))
@@ -155,13 +164,14 @@ def score_tokens(hidden_flat, weight, teacher_flat, teacher_weight, positions, s
     return tuple(torch.cat(parts, dim=1).float())
 
 
-def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec):
+def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec, *, student_rows=None):
     """(signals over all [b*s] positions, whether every statistic was finite); statistics
-    are computed for target positions only."""
+    are computed for target positions only (`student_rows`: see `score_tokens`)."""
     target = ctx.target_mask.reshape(-1).to(hidden_flat.device)
     positions = target.nonzero().squeeze(1)
     teacher_flat = _flat(ctx.teacher_hidden)
-    ent, rkl, fkl = score_tokens(hidden_flat, weight, teacher_flat, ctx.teacher_weight, positions, spec)
+    ent, rkl, fkl = score_tokens(hidden_flat, weight, teacher_flat, ctx.teacher_weight, positions, spec,
+                                 student_rows=student_rows)
     full = [torch.zeros(target.numel(), dtype=torch.float32, device=target.device) for _ in range(3)]
     finite = all(bool(torch.isfinite(x).all()) for x in (ent, rkl, fkl))
     for dest, src in zip(full, (ent, rkl, fkl)):

@@ -16,7 +16,8 @@ import torch
 
 from tip_megatron import pipeline
 from tip_megatron.distill.loss import (
-    DistillSpec, MicrobatchContext, Preselection, full_sequence, loss_func, make_output_processor,
+    DistillSpec, MicrobatchContext, Preselection, build_signals, full_sequence, loss_func,
+    make_output_processor,
 )
 from tip_megatron.models.state import unwrap
 from tip_megatron.parallel import ParallelGroups
@@ -72,9 +73,14 @@ def teacher_hidden_states(
 
 def teacher_output_weight(teacher_chunks: Sequence[torch.nn.Module]) -> torch.Tensor:
     """[V/tp, h_t] output-weight shard of the teacher's last chunk (tied or not)."""
-    last = unwrap(teacher_chunks[-1])
+    return output_weight(teacher_chunks)
+
+
+def output_weight(chunks: Sequence[torch.nn.Module]) -> torch.Tensor:
+    """[V/tp, h] output-weight shard of the last chunk (tied or not), detached."""
+    last = unwrap(chunks[-1])
     if not last.post_process:
-        raise ValueError("teacher_output_weight: this rank holds no teacher output layer")
+        raise ValueError("output_weight: this rank holds no output layer (not the last pipeline stage)")
     if last.share_embeddings_and_output_weights:
         return last.shared_embedding_or_output_weight().detach()
     return last.output_layer.weight.detach()
@@ -116,6 +122,30 @@ def scoring_pass(
                            replace(spec, score_only=True), seq_length=seq_length,
                            micro_batch_size=micro_batch_size, forward_only=True)
     return [r["signals"] for r in reports]
+
+
+@torch.no_grad()
+def scoring_from_generation(
+    student_chunks: Sequence[torch.nn.Module], groups: ParallelGroups,
+    contexts: Sequence[MicrobatchContext | None], spec: DistillSpec,
+    response_hidden: torch.Tensor | None, student_rows: Sequence[torch.Tensor],
+) -> list[TokenSignals]:
+    """The scoring pre-pass without a student forward (`selection.prepass_source=generation`):
+    the same no-grad vocab-parallel scoring as `scoring_pass`, on the student's final hidden
+    states the generation engine kept (`Rollouts.response_hidden` [response tokens, h]),
+    against the teacher hidden states of `contexts`. `student_rows[i]`: the rows of
+    `response_hidden` at micro-batch i's target positions, in order
+    (`train.batches.response_rows`). Last stage only (an empty list elsewhere)."""
+    if not groups.is_last_stage:
+        return []
+    if response_hidden is None:
+        raise ValueError("selection.prepass_source=generation: the rollouts carry no hidden states "
+                         "(generate with keep_hidden=True)")
+    if len(student_rows) != len(contexts):
+        raise ValueError(f"{len(student_rows)} row sets for {len(contexts)} micro-batches")
+    weight = output_weight(student_chunks)
+    return [build_signals(response_hidden, weight, ctx, spec, student_rows=rows)[0]
+            for ctx, rows in zip(contexts, student_rows)]
 
 
 def select_prepass(

@@ -29,9 +29,12 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from tip_megatron.models.sequence_parallel import sequence_parallel_off
+from tip_megatron.models.state import unwrap
 from tip_megatron.ops.sampling import vocab_parallel_sample
-from tip_megatron.rollout import decode
+from tip_megatron.rollout import decode, kv_cache
 from tip_megatron.rollout.kv_cache import SlotCache
+from tip_megatron.rollout.types import Rollouts
 
 
 @dataclass
@@ -59,6 +62,7 @@ class DynamicDecoder:
         self.last = groups.is_last_stage
         self.stats = EngineStats(capacity_rows=cache.capacity)
         self.stop_ids: Optional[torch.Tensor] = None
+        self.recorder = decode.HiddenRecorder(config.max_new_tokens) if config.keep_hidden else None
 
     def run(self, prompts: Sequence[Sequence[int]], device) -> tuple:
         cfg, n, cap = self.config, self.config.n, self.cache.capacity
@@ -112,6 +116,7 @@ class DynamicDecoder:
         hidden = decode.pipeline_forward(self.chunks, self.impl, self.tables, self.groups, ids,
                                          positions, self.arch.hidden_size)
         logits = decode.last_token_logits(self.chunks[-1], hidden, lens - 1) if self.last else None
+        first_hidden = self._final(hidden, lens - 1)
         if n > 1:  # the shared prefill: copy each prompt's KV rows to its n slots
             src = start + torch.arange(m, device=device).repeat_interleave(n)
             self.cache.move_rows(src, start + torch.arange(m * n, device=device), sq)
@@ -121,6 +126,8 @@ class DynamicDecoder:
         self.slot["row"][slots] = (prompt_index[:, None] * n + torch.arange(n, device=device)).flatten()
         self.slot["prompt_len"][slots] = lens.repeat_interleave(n)
         self.slot["new"][slots] = 0
+        if first_hidden is not None:  # the last prompt position predicts every sample's token 0
+            self._keep(slots, first_hidden.repeat_interleave(n, dim=0))
         self._sample_and_record(logits, slots)
         self.stats.prefill_s += time.perf_counter() - begin
         self.stats.num_prefills += 1
@@ -136,10 +143,23 @@ class DynamicDecoder:
                                          self.slot["next"][slots, None], columns[:, None],
                                          self.arch.hidden_size)
         logits = decode.last_token_logits(self.chunks[-1], hidden) if self.last else None
+        final = self._final(hidden, None)
+        if final is not None:
+            self._keep(slots, final)
         self._sample_and_record(logits, slots)
         self.stats.decode_s += time.perf_counter() - begin
         self.stats.num_decode_steps += 1
         self.stats.row_steps += live
+
+    def _final(self, hidden, index) -> Optional[torch.Tensor]:
+        """[rows, h] the output layer's input of this forward, when hidden states are kept."""
+        if self.recorder is None or not self.last:
+            return None
+        return decode.last_hidden(hidden, index)
+
+    def _keep(self, slots: slice, final: torch.Tensor) -> None:
+        """`final` [rows, h] predicted the next token of the rows in `slots`: token `new`."""
+        self.recorder.record(self.slot["row"][slots], self.slot["new"][slots], final)
 
     def _sample_and_record(self, logits: Optional[torch.Tensor], slots: slice) -> None:
         """Draw the next token of every row in `slots` (keyed by row identity and count),
@@ -182,3 +202,36 @@ class DynamicDecoder:
                 state[holes] = state[movers]
             self.done[holes] = False
         return keep
+
+
+def generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_offset, device) -> Rollouts:
+    """The dynamic engine's `generate` (rollout/generate.py checks the inputs)."""
+    max_len = max(map(len, prompts)) + config.max_new_tokens
+    rows = len(prompts) * config.n
+    capacity = rows if config.max_batch_tokens == 0 else min(rows, config.max_batch_tokens // max_len)
+    if capacity < config.n:
+        raise ValueError(f"max_batch_tokens={config.max_batch_tokens} holds {capacity} rows of "
+                         f"{max_len} positions; it must hold n={config.n}: >= {config.n * max_len} (or 0)")
+    units = [unwrap(c) for c in chunks]
+    begin = time.perf_counter()
+    # Sequence parallelism (training layout) is switched off while decoding: same weights.
+    with sequence_parallel_off(chunks), decode.eval_mode(chunks), \
+            kv_cache.install(chunks, SlotCache(capacity, max_len)) as cache:
+        impl = decode.resolve_layer_impl(chunks, config.layer_impl)
+        tables = [decode.rope_table(chunk, max_len) for chunk in units]
+        engine = DynamicDecoder(units, groups, arch, config, seed, step, row_offset, impl, tables, cache)
+        tokens, logprobs, lengths, stopped = engine.run(prompts, device)
+    prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long,
+                                  device=device).repeat_interleave(config.n)
+    width = int((prompt_lengths + lengths).max())
+    cols = torch.arange(width, device=device)[None, :]
+    response = (cols >= prompt_lengths[:, None]) & (cols < (prompt_lengths + lengths)[:, None])
+    index = torch.arange(rows, device=device)
+    stats = dict(engine="dynamic", seconds=time.perf_counter() - begin, **vars(engine.stats))
+    hidden = engine.recorder.packed(lengths) if engine.recorder is not None and engine.last else None
+    return Rollouts(token_ids=torch.where(cols < (prompt_lengths + lengths)[:, None], tokens[:, :width],
+                                          config.pad_id),
+                    response_mask=response, logprobs=torch.where(response, logprobs[:, :width], 0.0),
+                    prompt_lengths=prompt_lengths, response_lengths=lengths, stopped=stopped,
+                    prompt_index=index // config.n, sample_index=index % config.n, stats=stats,
+                    response_hidden=hidden)

@@ -1,7 +1,8 @@
 """Forward of one pipeline chunk over a decoding window, and the last-token logit shard.
 
 Shapes: tokens / positions [B, sq], hidden [sq, B, h], RoPE table [max_len, d],
-cos / sin [sq, B, 1, d] (per-row positions), logits [B, V/tp].
+cos / sin [sq, B, 1, d] (per-row positions), logits [B, V/tp], kept hidden states
+[response tokens, h] (`HiddenRecorder`).
 
 Two implementations of the transformer layers, chosen by `GenerationConfig.layer_impl`:
 - `megatron`: `chunk.decoder(...)`, megatron's own TransformerBlock (any layer spec: local,
@@ -22,7 +23,8 @@ Two implementations of the transformer layers, chosen by `GenerationConfig.layer
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -112,13 +114,69 @@ def chunk_forward(chunk, impl: str, tokens: torch.Tensor, positions: torch.Tenso
     return norm(hidden) if norm is not None else hidden
 
 
+def last_hidden(hidden: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, h]: the last column of `hidden` [sq, B, h], or column `index[r]` of row r
+    (right-padded prefill): what the output layer reads to sample each row's next token."""
+    if index is None:
+        return hidden[-1]
+    return hidden[index, torch.arange(hidden.shape[1], device=hidden.device)]
+
+
 def last_token_logits(chunk, hidden: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[B, V/tp] logit shard of the last column, or of column `index[r]` of row r (right-padded
-    prefill); no vocabulary gather."""
+    """[B, V/tp] logit shard of `last_hidden(hidden, index)`; no vocabulary gather."""
     weight = chunk.shared_embedding_or_output_weight() if chunk.share_embeddings_and_output_weights else None
-    last = hidden[-1:] if index is None else hidden[index, torch.arange(hidden.shape[1], device=hidden.device)][None]
-    logits, _ = chunk.output_layer(last, weight=weight, runtime_gather_output=False)
+    logits, _ = chunk.output_layer(last_hidden(hidden, index)[None], weight=weight,
+                                   runtime_gather_output=False)
     return logits[0]
+
+
+class HiddenRecorder:
+    """The student's final hidden states (after the final norm: the output layer's input)
+    at every position that predicts a response token, on the last pipeline stage
+    (`GenerationConfig.keep_hidden`, for `selection.prepass_source=generation`).
+
+    Memory: only the recorded [k, h] rows, in the compute dtype (no padding to
+    max_new_tokens); `packed` copies them once into one [response tokens, h] tensor.
+    """
+
+    def __init__(self, max_new_tokens: int):
+        self.max_new_tokens = max_new_tokens
+        self.parts: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []
+
+    def record(self, rows: torch.Tensor, new: torch.Tensor, hidden: torch.Tensor) -> None:
+        """hidden[i] [h] predicted response token `new[i]` (0 = the first) of row `rows[i]`."""
+        # A copy: a slice of the prefill's [sq, B, h] would keep the whole tensor alive.
+        self.parts.append(hidden.detach().clone())
+        self.keys.append(rows.long() * self.max_new_tokens + new.long())
+
+    def packed(self, lengths: torch.Tensor) -> torch.Tensor:
+        """[sum(lengths), h], row-major (row 0's tokens 0..len-1, then row 1's, ...): the
+        order of the training micro-batches' target positions, row by row."""
+        keys, hidden = torch.cat(self.keys), torch.cat(self.parts)
+        self.parts, self.keys = [], []
+        order = torch.argsort(keys)
+        keys = keys[order]
+        rows, new = keys // self.max_new_tokens, keys % self.max_new_tokens
+        wanted = new < lengths.to(keys.device)[rows]
+        num = int(lengths.sum())
+        if int(wanted.sum()) != num or bool((keys[1:] == keys[:-1]).any()):
+            raise RuntimeError(f"generation recorded {int(wanted.sum())} hidden states for {num} "
+                               "response tokens (an engine bookkeeping error)")
+        return hidden[order[wanted]]
+
+
+@contextlib.contextmanager
+def eval_mode(chunks) -> Iterator[None]:
+    """Eval mode for the call; every module's own training flag restored afterwards."""
+    modes = [(m, m.training) for c in chunks for m in c.modules()]
+    try:
+        for chunk in chunks:
+            chunk.eval()
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def pipeline_forward(chunks, impl: str, tables, groups, tokens: torch.Tensor, positions: torch.Tensor,

@@ -41,6 +41,8 @@ PAPER_SCOPES: dict[str, str] = {}
 COUNTED_PER_ROLLOUT: set[str] = set()
 """Rules whose Ranking counts per rollout whatever the scope (Soft-OR, Soft-OR-bottom)."""
 AUTO_SCOPE = "auto"
+PREPASS_SOURCES = ("recompute", "generation")
+"""Where the scoring pre-pass reads the student's hidden states (`SelectionConfig.prepass_source`)."""
 
 
 def register_rule(
@@ -90,6 +92,16 @@ class SelectionConfig:
     each update's mini-batch (global across DP) with the current weights, right before that
     update (same total cost as one pre-pass over the rollout batch). False: one pre-pass
     over the whole rollout batch before the first update; later updates reuse its masks."""
+    prepass_source: str = "recompute"
+    """Where the scoring pre-pass of an effective scope `global` gets the student's final
+    hidden states: `recompute` (a forward-only student pass over the rollouts, the training
+    pass's own forward code; any number of updates) or `generation` (the ones the generation
+    engine computed while sampling: same weights, no second student forward; kept on the
+    last pipeline stage, [response tokens, h] per DP rank in the compute dtype, released
+    once scored). `generation` needs the masks chosen with the rollout's own policy: it is
+    refused with train.updates_per_rollout > 1 and rescore_each_update=true. Signals differ
+    from `recompute` by kernel rounding only (docs/tip.md). With an effective scope that has
+    no pre-pass (`rollout`, `microbatch`) it does nothing: nothing is kept."""
     quadrant_rule: QuadrantRule = field(default_factory=QuadrantRule)
     """How quadrants are labeled (rule `quadrants` and the metrics)."""
     keep_quadrants: tuple[int, ...] = (1, 3)
@@ -110,6 +122,9 @@ class SelectionConfig:
         if not isinstance(self.rescore_each_update, bool):
             raise ValueError(f"selection.rescore_each_update={self.rescore_each_update!r}: "
                              "must be true or false")
+        if self.prepass_source not in PREPASS_SOURCES:
+            raise ValueError(f"selection.prepass_source={self.prepass_source!r}: accepted values are "
+                             f"{list(PREPASS_SOURCES)}")
         if not _is_int(self.seed):
             raise ValueError(f"selection.seed={self.seed!r}: must be an integer")
         if not _is_int(self.min_keep) or self.min_keep < 0:
@@ -137,6 +152,12 @@ class SelectionConfig:
     def needs_prepass(self) -> bool:
         """Whether the step needs the scoring pre-pass (effective scope `global`)."""
         return self.effective_scope == "global"
+
+    @property
+    def prepass_from_generation(self) -> bool:
+        """Whether the pre-pass scores the generation engine's hidden states (then the
+        rollouts must keep them)."""
+        return self.needs_prepass and self.prepass_source == "generation"
 
 
 @dataclass(frozen=True)

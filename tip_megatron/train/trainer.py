@@ -20,15 +20,15 @@ from tip_megatron import launch, parallel, platform
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
 from tip_megatron.distill.loss import DistillSpec
 from tip_megatron.distill.step import (
-    make_contexts, scoring_pass, select_prepass, student_pass, teacher_hidden_states,
-    teacher_output_weight, with_preselection,
+    make_contexts, scoring_from_generation, scoring_pass, select_prepass, student_pass,
+    teacher_hidden_states, teacher_output_weight, with_preselection,
 )
 from tip_megatron.rollout.consistency import gap_metrics
 from tip_megatron.rollout.generate import GenerationConfig, generate
 from tip_megatron.tip import warn_ill_posed_budget
 from tip_megatron.tip.collectives import all_gather_varlen, all_reduce_sum
 from tip_megatron.train import checkpoint as ckpt, export, validation
-from tip_megatron.train.batches import update_microbatches
+from tip_megatron.train.batches import response_rows, update_microbatches
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib, reduce_reports
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
 from tip_megatron.train.preemption import StopOnSignal
@@ -134,7 +134,8 @@ def rollouts(run: Run, prompts: list[list[int]]):
     r = run.cfg.rollout
     every = run.cfg.logging.logprob_gap_every  # one extra forward on those steps (as logged)
     gen = GenerationConfig.from_sampling(r, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id,
-                                         check_logprobs=bool(every) and (run.step + 1) % every == 0)
+                                         check_logprobs=bool(every) and (run.step + 1) % every == 0,
+                                         keep_hidden=run.cfg.selection.prepass_from_generation)
     # This replica holds rows [dp_rank * rows, (dp_rank + 1) * rows) of the global batch
     # (the prompt loader hands out consecutive slices), so any DP size draws the same samples.
     rows = len(prompts) * r.n
@@ -157,18 +158,34 @@ def _spec(run: Run) -> DistillSpec:
                        run.groups.tp_group, step=run.step)
 
 
-def global_preselection(run: Run, mbs: list, contexts: list, shape: dict) -> list:
-    """Effective scope `global`: a forward-only scoring pass over `mbs` (with every DP
-    replica's: the global batch), then selection over it; the returned contexts carry
-    signals, masks and quadrant labels, so the student pass does not score again."""
+def global_preselection(run: Run, mbs: list, contexts: list, shape: dict, rollouts=None) -> list:
+    """Effective scope `global`: score `mbs` (with every DP replica's: the global batch),
+    then select over it; the returned contexts carry signals, masks and quadrant labels, so
+    the student pass does not score again. Scored by a forward-only student pass, or, with
+    `selection.prepass_source=generation`, from the hidden states the generation engine
+    kept in `rollouts` (released here: the training pass does not need them)."""
     if not run.cfg.selection.needs_prepass:
         return contexts
     with run.timers("student"):
-        signals = scoring_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
+        if run.cfg.selection.prepass_from_generation:
+            signals = _generation_signals(run, mbs, contexts, rollouts)
+        else:
+            signals = scoring_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
     if not run.groups.is_last_stage:
         return contexts
     masks, labels = select_prepass(run.cfg.selection, signals, run.groups.dp_group, step=run.step)
     return with_preselection(contexts, signals, masks, labels)
+
+
+def _generation_signals(run: Run, mbs: list, contexts: list, rollouts) -> list:
+    """The pre-pass's signals from `rollouts.response_hidden` (last stage; [] elsewhere)."""
+    if not run.groups.is_last_stage:
+        return []
+    if rollouts is None or rollouts.response_hidden is None:
+        raise ValueError("selection.prepass_source=generation: these rollouts kept no hidden states")
+    rows = response_rows(rollouts.response_lengths, mbs, first_rollout_id=run.groups.dp_rank * rollouts.num_rows)
+    hidden, rollouts.response_hidden = rollouts.response_hidden, None
+    return scoring_from_generation(run.ddp, run.groups, contexts, _spec(run), hidden, rows)
 
 
 def _regroup(items: list, sizes: list[int]) -> list[list]:
@@ -176,16 +193,17 @@ def _regroup(items: list, sizes: list[int]) -> list[list]:
     return [items[a:a + n] for a, n in zip(starts, sizes)]
 
 
-def run_updates(run: Run, mb_groups: list[list], contexts: list, shape: dict) -> list[tuple]:
+def run_updates(run: Run, mb_groups: list[list], contexts: list, shape: dict,
+                rollouts=None) -> list[tuple]:
     """The optimizer updates of one rollout batch; (reports, metrics) per update.
 
     Scope `global` with `selection.rescore_each_update` scores and selects each update's
     mini-batch right before it (current weights); otherwise one pre-pass over the whole
-    rollout batch selects for every update."""
+    rollout batch selects for every update (`rollouts`: read by the `generation` source)."""
     mbs = [mb for group in mb_groups for mb in group]
     rescore = run.cfg.selection.rescore_each_update and len(mb_groups) > 1
     if not rescore:
-        contexts = global_preselection(run, mbs, contexts, shape)
+        contexts = global_preselection(run, mbs, contexts, shape, rollouts)
     out = []
     for mb_group, ctx_group in zip(mb_groups, _regroup(contexts, [len(g) for g in mb_groups])):
         if rescore:
@@ -295,7 +313,7 @@ def train_step(run: Run) -> dict:
         hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
         t_weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
         contexts = make_contexts(run.groups, mbs, hidden, t_weight)
-    updates = run_updates(run, mb_groups, contexts, shape)
+    updates = run_updates(run, mb_groups, contexts, shape, out)
     # Dumps follow the micro-batch order of the updates (each update's reports in turn).
     maybe_dump_tokens(run.cfg, run.groups, run.step + 1, mbs,
                       [r for rep, _ in updates for r in rep])  # step as logged
