@@ -31,14 +31,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rho", type=float, default=DEFAULTS["rho"], help="retention ratio (default 0.5)")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="OPD steps (default 240)")
     p.add_argument("--tp", type=int, default=DEFAULTS["tp"], help="tensor-parallel size (default 2)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="held-out exact match every N steps, logged to metrics.jsonl (default: "
+                        "steps/8, a multiple of logging.log_every; 0: only before and after)")
     p.add_argument("--out", default="quickstart_run",
                    help="metrics.jsonl, token dumps and plots go here (default ./quickstart_run)")
     p.add_argument("overrides", nargs="*", help="extra trainer key=value overrides")
 
 
 def main(args: argparse.Namespace) -> int:
+    every = [] if args.eval_every is None else ["--eval-every", str(args.eval_every)]
     worker_args = ["--rule", args.rule, "--rho", str(args.rho), "--steps", str(args.steps),
-                   "--tp", str(args.tp), "--out", args.out, *args.overrides]
+                   "--tp", str(args.tp), "--out", args.out, *every, *args.overrides]
+    eval_every(args, run_config(args))  # a bad --eval-every stops here, before any rank starts
     if launch.under_torchrun():
         return worker(args)
     return launch.run_local(args.tp, "tip_megatron.quickstart.command", worker_args)
@@ -65,10 +70,22 @@ def run_config(args: argparse.Namespace):
     ])
 
 
+def eval_every(args: argparse.Namespace, cfg) -> int:
+    """Steps between mid-run evaluations: --eval-every, else steps/8 rounded down to a
+    multiple of logging.log_every (the trainer logs validation with its step's line)."""
+    log_every = cfg.logging.log_every
+    if args.eval_every is None:
+        return max(log_every, args.steps // 8 // log_every * log_every)
+    if args.eval_every < 0 or args.eval_every % log_every:
+        raise ValueError(f"--eval-every {args.eval_every}: must be 0 (off) or a multiple of "
+                         f"logging.log_every={log_every} (validation is logged with its step)")
+    return args.eval_every
+
+
 def worker(args: argparse.Namespace) -> int:
     from tip_megatron import parallel
     from tip_megatron.platform import quiet_third_party_warnings
-    from tip_megatron.quickstart.evaluation import evaluate
+    from tip_megatron.quickstart.evaluation import MidRunValidation, evaluate
     from tip_megatron.train import trainer
     from tip_megatron.train.metrics import peak_memory_mib
 
@@ -89,6 +106,9 @@ def worker(args: argparse.Namespace) -> int:
     if state.log.active:
         print(f"[quickstart] teacher {_acc(teacher)}\n[quickstart] student {_acc(before)}\n"
               f"[quickstart] OPD: {args.steps} steps, rule {args.rule}, rho {args.rho}", flush=True)
+    every = eval_every(args, cfg)
+    if every:  # greedy exact match during OPD, logged as eval/mean_at_k (the study's curves)
+        state.validation = MidRunValidation(every)
     trainer.loop(state)
     after = evaluate(state.ddp, state.groups, m.student_arch)
     if state.log.active:
@@ -149,6 +169,12 @@ def _acc(report: dict) -> str:
             f"clean: {100 * report['clean']:5.1f}%)")
 
 
+def _during(history: list) -> list[str]:
+    """One line: the mid-run exact match, when there was any."""
+    points = [f"{100 * h['eval/mean_at_k']:.1f}%@{h['step']}" for h in history if "eval/mean_at_k" in h]
+    return [f"exact match during OPD : {'  '.join(points)}"] if points else []
+
+
 def summary(args, teacher, before, after, history, setup_s, total_s, peak_mib) -> str:
     first = history[0] if history else {}
     kept = sum(h.get("kept_fraction", 0.0) for h in history) / max(len(history), 1)
@@ -165,6 +191,7 @@ def summary(args, teacher, before, after, history, setup_s, total_s, peak_mib) -
         f"student before OPD     : {_acc(before)}",
         f"student after OPD      : {_acc(after)}",
         "  (A: units carry dropped, confident and wrong; B: thousands digit guessed)",
+        *_during(history),
         f"kept fraction (mean)   : {100 * kept:5.1f}% of response tokens",
         f"quadrants, step 1, all : {quads}",
         f"quadrants, step 1, kept: {quads_kept}",

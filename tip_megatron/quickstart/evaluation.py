@@ -1,6 +1,7 @@
 """The quickstart's accuracy, through the engine's eval path (`train.validation`).
 
     report = evaluate(chunks, groups, arch)      # {"exact", "A", "B", "clean", "n"}
+    state.validation = MidRunValidation(every=30)  # the trainer logs eval/* every 30 steps
 
 The hold-out problems are a benchmark (prompt `abc+def=`, answer the sum written units
 first, e.g. `2850`), sampled greedily (temperature 0, 4 new tokens) by the generation
@@ -79,3 +80,22 @@ def evaluate(chunks, groups, arch, n: int = 2000, student_rule: bool = False) ->
                                   AdditionBenchmark(bench.prompts, student_rule=True), SPEC)
         report["student_rule"] = rule.summary.mean_at_k
     return report
+
+
+def eval_metrics(report: dict) -> dict[str, float]:
+    """An `evaluate` report as the trainer logs validation: `eval/mean_at_k` (greedy, one
+    sample: the exact match) and `eval/<case>` per planted case."""
+    return {"eval/mean_at_k": report["exact"], **{f"eval/{c}": report[c] for c in task.CASES}}
+
+
+@dataclass(frozen=True)
+class MidRunValidation:
+    """The trainer's validation hook (`Run.validation`) on the hold-out problems: every
+    `every` steps, `evaluate` on the current student, logged with the step (`eval_metrics`).
+    Greedy decoding reads no random stream, so the training run is unchanged by it."""
+
+    every: int
+    n: int = 2000
+
+    def __call__(self, run) -> dict[str, float]:
+        return eval_metrics(evaluate(run.ddp, run.groups, run.models.student_arch, n=self.n))
