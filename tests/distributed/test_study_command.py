@@ -108,6 +108,24 @@ def test_kept_shares_from_the_dumps(study_dir):
                 assert 0.25 < table[label]["kept"][c]["mean"] < 0.75, (c, table[label]["kept"])
 
 
+def test_accuracy_curves_hold_the_mid_run_points(study_dir):
+    """Before OPD at step 0, then the quickstart's evaluation every step (steps/8 < 1: every
+    log step); the last point, logged in the loop, equals the after-OPD evaluation that
+    runs after the loop on the same final weights."""
+    table = json.loads((study_dir / "study.json").read_text())
+    for label in RULES:
+        for s, run in enumerate(table[label]["runs"]):
+            records = [json.loads(line) for line in
+                       (study_dir / "runs" / label / f"seed_{s}" / "metrics.jsonl").open()]
+            mid = [[r["step"], r["eval/mean_at_k"]] for r in records if "eval/mean_at_k" in r]
+            assert [m[0] for m in mid] == [1, 2]
+            result = run["result"]
+            assert run["accuracy"] == [[0, result["before"]["exact"]], *mid]
+            assert mid[-1][1] == result["after"]["exact"]
+            assert {k: records[-1][f"eval/{k}"] for k in ("A", "B", "clean")} == \
+                {k: result["after"][k] for k in ("A", "B", "clean")}
+
+
 def test_plots_are_non_blank_pngs(study_dir):
     from matplotlib.image import imread
 

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="OPD steps (default: the task's, 240 for addition)")
     p.add_argument("--tp", type=int, default=DEFAULTS["tp"], help="tensor-parallel size (default 2)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="held-out exact match every N steps, logged to metrics.jsonl (default: "
+                        "steps/8, a multiple of logging.log_every; 0: only before and after)")
     p.add_argument("--out", default="quickstart_run",
                    help="metrics.jsonl, token dumps and plots go here (default ./quickstart_run)")
     p.add_argument("overrides", nargs="*", help="extra trainer key=value overrides")
@@ -44,9 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     args.steps = args.steps or get_task(args.task).steps  # a bad --task stops here, one line
+    every = [] if args.eval_every is None else ["--eval-every", str(args.eval_every)]
     worker_args = ["--task", args.task, "--rule", args.rule, "--rho", str(args.rho),
                    "--steps", str(args.steps), "--tp", str(args.tp), "--out", args.out,
-                   *args.overrides]
+                   *every, *args.overrides]
+    eval_every(args, run_config(args))  # a bad --eval-every stops here, before any rank starts
     if launch.under_torchrun():
         return worker(args)
     return launch.run_local(args.tp, "tip_megatron.quickstart.command", worker_args)
@@ -71,10 +76,22 @@ def run_config(args: argparse.Namespace):
     ])
 
 
+def eval_every(args: argparse.Namespace, cfg) -> int:
+    """Steps between mid-run evaluations: --eval-every, else steps/8 rounded down to a
+    multiple of logging.log_every (the trainer logs validation with its step's line)."""
+    log_every = cfg.logging.log_every
+    if args.eval_every is None:
+        return max(log_every, args.steps // 8 // log_every * log_every)
+    if args.eval_every < 0 or args.eval_every % log_every:
+        raise ValueError(f"--eval-every {args.eval_every}: must be 0 (off) or a multiple of "
+                         f"logging.log_every={log_every} (validation is logged with its step)")
+    return args.eval_every
+
+
 def worker(args: argparse.Namespace) -> int:
     from tip_megatron import parallel
     from tip_megatron.platform import quiet_third_party_warnings
-    from tip_megatron.quickstart.evaluation import evaluate
+    from tip_megatron.quickstart.evaluation import MidRunValidation, evaluate
     from tip_megatron.train import trainer
     from tip_megatron.train.metrics import peak_memory_mib
 
@@ -99,6 +116,11 @@ def worker(args: argparse.Namespace) -> int:
         print(f"[quickstart] teacher {_acc(teacher, data)}\n[quickstart] student "
               f"{_acc(before, data)}\n[quickstart] OPD: {args.steps} steps, rule {args.rule}, "
               f"rho {args.rho}", flush=True)
+    every = eval_every(args, cfg)
+    # Greedy exact match during OPD, logged as eval/mean_at_k (the study's curves); an
+    # explicit eval.every (the config's own validation, e.g. of a benchmark file) wins.
+    if every and not cfg.eval.every:
+        state.validation = MidRunValidation(every, n=spec.eval_size, data=data)
     trainer.loop(state)
     after = evaluate(state.ddp, state.groups, m.student_arch, spec.eval_size, data=data)
     if state.log.active:
@@ -163,6 +185,12 @@ def _acc(report: dict, data) -> str:
     return f"{100 * report['exact']:5.1f}%  ({cases})"
 
 
+def _during(history: list) -> list[str]:
+    """One line: the mid-run exact match, when there was any."""
+    points = [f"{100 * h['eval/mean_at_k']:.1f}%@{h['step']}" for h in history if "eval/mean_at_k" in h]
+    return [f"exact match during OPD : {'  '.join(points)}"] if points else []
+
+
 def summary(args, teacher, before, after, history, setup_s, total_s, peak_mib) -> str:
     spec = get_task(args.task)
     first = history[0] if history else {}
@@ -180,6 +208,7 @@ def summary(args, teacher, before, after, history, setup_s, total_s, peak_mib) -
         f"student before OPD     : {_acc(before, spec.data)}",
         f"student after OPD      : {_acc(after, spec.data)}",
         f"  {spec.legend}",
+        *_during(history),
         f"kept fraction (mean)   : {100 * kept:5.1f}% of response tokens",
         f"quadrants, step 1, all : {quads}",
         f"quadrants, step 1, kept: {quads_kept}",

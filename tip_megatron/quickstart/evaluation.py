@@ -2,6 +2,7 @@
 
     report = evaluate(chunks, groups, arch)      # {"exact", "A", "B", "clean", "n"}
     report = evaluate(chunks, groups, arch, data=chain_task)   # {"exact", "chain", "clean", "n"}
+    state.validation = MidRunValidation(every=30)  # the trainer logs eval/* every 30 steps
 
 The hold-out problems are a benchmark (prompt `abc+def=`, answer the sum written units
 first, e.g. `2850`), sampled greedily (temperature 0, 4 new tokens) by the generation
@@ -106,3 +107,24 @@ def write_benchmark(path, n: int, data: ModuleType = task, case=None) -> int:
     Path(path).write_text("".join(json.dumps({"prompt": r.text, "answer": r.answer}) + "\n"
                                   for r in records))
     return len(records)
+
+
+def eval_metrics(report: dict, data: ModuleType = task) -> dict[str, float]:
+    """An `evaluate` report as the trainer logs validation: `eval/mean_at_k` (greedy, one
+    sample: the exact match) and `eval/<case>` per planted case of the task."""
+    return {"eval/mean_at_k": report["exact"], **{f"eval/{c}": report[c] for c in data.CASES}}
+
+
+@dataclass(frozen=True)
+class MidRunValidation:
+    """The trainer's validation hook (`Run.validation`) on the hold-out problems: every
+    `every` steps, `evaluate` on the current student, logged with the step (`eval_metrics`).
+    Greedy decoding reads no random stream, so the training run is unchanged by it."""
+
+    every: int
+    n: int = 2000
+    data: ModuleType = task
+
+    def __call__(self, run) -> dict[str, float]:
+        report = evaluate(run.ddp, run.groups, run.models.student_arch, n=self.n, data=self.data)
+        return eval_metrics(report, self.data)

@@ -1,5 +1,8 @@
 """`tip-megatron study`: run each (rule, seed) cell of a grid, then write the report.
 
+With `--config`, each cell is a training run of that config (study/config_study.py); the
+rest of this module is the embedded task's study.
+
 Each cell is one quickstart run (`tip_megatron.quickstart.command`, its own torchrun job
 started by `launch.run_local`, which returns only once every rank has exited: no orphans,
 and a crash in one cell cannot corrupt the next one's process state). The quickstart's
@@ -49,16 +52,22 @@ def parse_rule(spec: str) -> tuple[str, float]:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("study", help="grid of TIP rules x seeds on the embedded task")
+    p = subparsers.add_parser("study", help="grid of TIP rules x seeds (the embedded task, or --config)")
     p.add_argument("--rules", nargs="+", required=True,
                    help="rules to compare: 'all' or RULE@RHO (e.g. random@0.1 soft_or@0.5)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per rule (default 3)")
-    p.add_argument("--task", default="addition",
-                   help="embedded task of every cell (quickstart --task; default addition)")
-    p.add_argument("--steps", type=int, default=None, help="OPD steps (default: the task's)")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the quickstart's)")
+    p.add_argument("--task", default=None,
+                   help="embedded task of every cell (quickstart --task; default addition); "
+                        "not with --config")
+    p.add_argument("--steps", type=int, default=None,
+                   help="OPD steps (default: the task's; with --config: train.steps)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel size (default: the quickstart's; with --config: parallel.tp)")
     p.add_argument("--config", default=None,
-                   help="not supported yet: the study runs the embedded task only")
+                   help="a training run config: each cell is a train run of it, accuracy from its "
+                        "eval.* validation (docs/study.md); default: the embedded task")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="with --config: local ranks per cell (default tp*pp, as train)")
     p.add_argument("--out", default="study_run", help="report and per-run dirs (default ./study_run)")
     p.add_argument("overrides", nargs="*", help="extra trainer key=value overrides for every run")
     p.set_defaults(func=main)
@@ -87,11 +96,17 @@ def run_cell(cell: Cell, out: Path, steps: int, tp: int, overrides: list[str],
 
 def main(args: argparse.Namespace) -> int:
     from tip_megatron.quickstart.command import DEFAULTS
-    from tip_megatron.quickstart.tasks import get_task
+    from tip_megatron.quickstart.tasks import DEFAULT_TASK, get_task
 
     if args.config is not None:
-        raise ValueError(f"--config {args.config}: the study runs the embedded quickstart task "
-                         "only for now; pass trainer overrides as key=value instead")
+        from tip_megatron.study import config_study
+
+        if args.task is not None:
+            raise ValueError(f"--task {args.task}: picks an embedded task; with --config the "
+                             "cells train the config's own models and data (drop one of them)")
+
+        return config_study.main(args)
+    args.task = args.task or DEFAULT_TASK
     grid = cells(args.rules, args.seeds)
     steps, tp = args.steps or get_task(args.task).steps, args.tp or DEFAULTS["tp"]
     out = Path(args.out)

@@ -2,7 +2,8 @@
 
 Inputs are each run's own files, nothing recomputed: `result.json` (the quickstart's
 greedy accuracy before/after, through the eval path in `quickstart.evaluation`), `metrics.jsonl` (loss per
-logged step) and `token_dumps/step_*.npz` (per-token kept flag and quadrant). The planted
+logged step, and the mid-run exact match `eval/mean_at_k` every few steps) and
+`token_dumps/step_*.npz` (per-token kept flag and quadrant). The planted
 case of a dumped token is found from its rollout id: the embedded task's prompts of a step
 are a pure function of (data seed, step) (`builtin_models.SyntheticPrompts`), and a
 rollout id is the prompt's index in the step's global batch times `rollout.n`.
@@ -80,11 +81,20 @@ def kept_shares(run: Path, result: dict) -> dict:
     return out
 
 
+def accuracy_curve(result: dict, records: Sequence[dict]) -> list[tuple[int, float]]:
+    """Exact match per step: before OPD at step 0, the mid-run evaluations, and after OPD
+    at the last step when no mid-run evaluation fell on it (the same weights, the same eval)."""
+    mid = [(r["step"], r["eval/mean_at_k"]) for r in records if "eval/mean_at_k" in r]
+    end = [] if mid and mid[-1][0] == result["steps"] else [(result["steps"], result["after"]["exact"])]
+    return [(0, result["before"]["exact"]), *mid, *end]
+
+
 def load_run(run: Path) -> dict:
     result = json.loads((run / "result.json").read_text())
     records = read_metrics(run / "metrics.jsonl")
     loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    return {"dir": str(run), "result": result, "loss": loss, "kept": kept_shares(run, result)}
+    return {"dir": str(run), "result": result, "loss": loss,
+            "accuracy": accuracy_curve(result, records), "kept": kept_shares(run, result)}
 
 
 def aggregate(runs: Sequence[tuple[str, Path]]) -> dict:
@@ -145,26 +155,13 @@ def write_report(out: Path, runs: Sequence[tuple[str, Path]]) -> list[Path]:
 
 
 def plots(table: dict, out_dir: Path) -> list[Path]:
-    """Mean loss per step, and accuracy before -> after, one line per rule."""
-    from matplotlib.figure import Figure
+    """Mean loss per step, and exact match per step (before, during, after OPD), one line
+    per rule."""
+    from tip_megatron.study.curves import curve_png, seed_mean
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    loss_fig, acc_fig = Figure(figsize=(8, 4.5), dpi=100), Figure(figsize=(8, 4.5), dpi=100)
-    lax, aax = loss_fig.subplots(), acc_fig.subplots()
-    for label, row in table.items():
-        steps = [s for s, _ in row["runs"][0]["loss"]]
-        mean = [statistics.fmean(v for _, v in col) for col in zip(*(r["loss"] for r in row["runs"]))]
-        lax.plot(steps[:len(mean)], mean, label=label)
-        ys = [row["before"]["exact"]["mean"], row["after"]["exact"]["mean"]]
-        aax.plot([0, row["runs"][0]["result"]["steps"]], [100 * y for y in ys], marker="o", label=label)
-    lax.set(title="OPD loss (mean over seeds)", xlabel="step", ylabel="loss (nats / kept token)")
-    aax.set(title="held-out exact match, before and after OPD (mean over seeds)",
-            xlabel="step", ylabel="exact match (%)")
-    paths = []
-    for fig, name in ((loss_fig, "loss"), (acc_fig, "accuracy")):
-        fig.axes[0].legend()
-        fig.axes[0].grid(alpha=0.3)
-        path = out_dir / f"{name}.png"
-        fig.savefig(path)
-        paths.append(path)
-    return paths
+    loss = {label: seed_mean([r["loss"] for r in row["runs"]]) for label, row in table.items()}
+    acc = {label: seed_mean([r["accuracy"] for r in row["runs"]]) for label, row in table.items()}
+    return [curve_png(out_dir / "loss.png", "OPD loss (mean over seeds)",
+                      "loss (nats / kept token)", loss),
+            curve_png(out_dir / "accuracy.png", "held-out exact match during OPD (mean over seeds)",
+                      "exact match (%)", acc, scale=100)]

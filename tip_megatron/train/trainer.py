@@ -59,7 +59,9 @@ class Run:
     step: int = 0
     history: list = field(default_factory=list)
     timers: StageTimers = field(default_factory=StageTimers)
-    validation: Any = None  # train.validation.Validation (eval.every > 0)
+    validation: Any = None
+    """train.validation.Validation (eval.every > 0), or any object with `every` and
+    `__call__(run) -> metrics` (the quickstart's in-memory benchmark)."""
     progress: Optional[TrainProgress] = None
     skip_streak: int = 0
     """Consecutive skipped updates (non-finite loss/grad/signals or nothing kept)."""

@@ -121,9 +121,22 @@ def _gather_counts(counts: list[PromptCounts], groups) -> list[PromptCounts]:
 # ------------------------------------------------------------------ the trainer's hook
 @dataclass
 class Validation:
+    """The config's benchmark (`eval.*`). Any object with `every` and `__call__(run) ->
+    metrics` can stand in `Run.validation` (the quickstart's in-memory benchmark does)."""
+
     every: int
     spec: ValidationSpec
     dataset: Any
+
+    def __call__(self, run) -> dict[str, float]:
+        result = evaluate_in_engine(run.ddp, run.groups, run.models.student_arch, run.tokenizer,
+                                    self.dataset, self.spec, step=run.step)
+        s = result.summary
+        if run.log.active:
+            print(f"eval  {run.step:5d} | mean@{s.samples_per_prompt} {100 * s.mean_at_k:6.2f}% | "
+                  f"pass@{s.k} {100 * s.pass_at_k:6.2f}% | unparsed {s.num_unparsed} | "
+                  f"{s.num_prompts} prompts, grader {s.grader}", flush=True)
+        return result.metrics()
 
 
 def setup_validation(cfg, tokenizer, arch) -> Optional[Validation]:
@@ -140,16 +153,10 @@ def setup_validation(cfg, tokenizer, arch) -> Optional[Validation]:
 
 
 def maybe_validate(run) -> dict[str, float]:
-    """Validate the student when `run.step` is a multiple of eval.every: the metrics to log
-    with this step (eval/mean_at_k, eval/pass_at_k, eval/num_unparsed), else {}."""
+    """Validate the student when `run.step` is a multiple of `run.validation.every`: the
+    metrics to log with this step (eval/mean_at_k, eval/pass_at_k, eval/num_unparsed for
+    the config's benchmark), else {}. Collective: every rank calls it."""
     val = run.validation
     if val is None or run.step % val.every != 0:
         return {}
-    result = evaluate_in_engine(run.ddp, run.groups, run.models.student_arch, run.tokenizer,
-                                val.dataset, val.spec, step=run.step)
-    s = result.summary
-    if run.log.active:
-        print(f"eval  {run.step:5d} | mean@{s.samples_per_prompt} {100 * s.mean_at_k:6.2f}% | "
-              f"pass@{s.k} {100 * s.pass_at_k:6.2f}% | unparsed {s.num_unparsed} | "
-              f"{s.num_prompts} prompts, grader {s.grader}", flush=True)
-    return result.metrics()
+    return val(run)
