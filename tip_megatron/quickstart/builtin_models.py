@@ -25,6 +25,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TIP_MEGATRON_CACHE", Path.home() / ".cache" / "tip_megatron"))
 
 
+def set_up_line() -> str:
+    """What the quickstart's set-up will do: pre-train the built-ins not in the cache yet
+    (the test `pretrained_model` applies: the file exists), or read them from it."""
+    missing = [name for name, arch, recipe in (
+        ("teacher", pretrain.teacher_arch(), pretrain.TEACHER_RECIPE),
+        ("student", pretrain.student_arch(), pretrain.STUDENT_RECIPE))
+        if not pretrain.cache_path(cache_dir(), name, arch, recipe).is_file()]
+    if not missing:
+        return f"[quickstart] set-up: teacher and student read from the cache {cache_dir()}"
+    return (f"[quickstart] set-up: {' and '.join(missing)} pre-training on the addition task "
+            f"(first run only, a few minutes; cached afterwards in {cache_dir()})")
+
+
 class SyntheticPrompts:
     """Prompts of the embedded addition task, drawn per step (the quickstart's data)."""
 

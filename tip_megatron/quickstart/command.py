@@ -68,6 +68,7 @@ def run_config(args: argparse.Namespace):
 def worker(args: argparse.Namespace) -> int:
     from tip_megatron import parallel
     from tip_megatron.platform import quiet_third_party_warnings
+    from tip_megatron.quickstart import builtin_models
     from tip_megatron.quickstart.evaluation import evaluate
     from tip_megatron.train import trainer
     from tip_megatron.train.metrics import peak_memory_mib
@@ -79,8 +80,7 @@ def worker(args: argparse.Namespace) -> int:
     cfg = run_config(args)
     if int(os.environ.get("RANK", "0")) == 0:
         _fresh_run_dir(args.out)
-        print("[quickstart] set-up: teacher and student pre-training on the addition task "
-              "(first run only, a few minutes; cached afterwards)", flush=True)
+        print(builtin_models.set_up_line(), flush=True)
     state = trainer.setup(cfg)
     m = state.models
     teacher = evaluate(m.teacher, state.groups, m.teacher_arch)
