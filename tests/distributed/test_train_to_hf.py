@@ -4,11 +4,13 @@ A TP=2 launch trains 2 steps from an imported tiny HF Qwen2 (checkpoints every s
 validation every step, an HF export at step 2), a second one trains the same 2 steps
 without validation: the losses must be equal (validation touches no training RNG stream or data
 cursor). One TP=1 launch loads the step directory (and the run directory, which resolves
-to it) into a freshly built engine model, runs `tip-megatron generate` on it, and trains a
-step with `student.ckpt=<run dir>`, `teacher.ckpt=<step dir>`. In the
+to it) into a freshly built engine model, runs `tip-megatron generate` on it, and trains 2
+steps with `student.ckpt=<run dir>`, `teacher.ckpt=<step dir>`. In the
 test process: `mcore-to-hf` on the step directory; transformers' logits of the export
 equal the engine's logits of the trained weights (fp32, 1e-4) and differ from the initial
-model's; AutoTokenizer loads the export; `checkpoint.export_hf_every` wrote the same.
+model's; AutoTokenizer loads the export; `checkpoint.export_hf_every` wrote the same. The
+TP=1 training saves and exports at both steps with keep_last=1: only the newest step and
+export remain (an export being written and a folder of the user's untouched).
 
 A tiny random model answers nothing right, so validation grades with a grader registered
 here (forked ranks inherit it): correct iff the response has an even number of characters.
@@ -130,14 +132,24 @@ def test_trained_step_exports_to_transformers_and_samples(work, tmp_path):
                 "--out", str(samples), "--max-new-tokens", "4", "--greedy"]
     # student.ckpt / teacher.ckpt: a run directory and a step directory; the tokenizer is
     # the one the run recorded (no data.tokenizer)
+    # ... and 2 steps of it, with an HF export at each and keep_last=1: both kinds pruned
+    pruned = tmp_path / "pruned"
+    (pruned / "hf" / ".step_000009.tmp-test").mkdir(parents=True)  # an export being written
+    (pruned / "hf" / "step_000000").mkdir()  # a folder of the user's (no marker)
     from_steps = _overrides(work, **{"student.ckpt": run_dir, "teacher.ckpt": step,
-                                     "train.steps": 1, "parallel.tp": 1})
+                                     "train.steps": 2, "parallel.tp": 1, "checkpoint.dir": pruned,
+                                     "checkpoint.save_every": 1, "checkpoint.export_hf_every": 1,
+                                     "checkpoint.keep_last": 1})
     (engine, engine_run_dir), rc, history = run_distributed(
         _engine_logits_and_generate, 1, args=([step, run_dir], input_ids, gen_argv, from_steps),
         timeout_s=300)[0]
     assert rc == 0 and len(samples.read_text().splitlines()) == len(ROWS)
     assert torch.equal(engine, engine_run_dir)
-    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["loss"]))
+    assert len(history) == 2 and torch.isfinite(torch.tensor(history[-1]["loss"]))
+    assert sorted(p.name for p in pruned.glob("step_*")) == ["step_000002"]
+    assert sorted(p.name for p in (pruned / "hf").iterdir()) == [
+        ".step_000009.tmp-test", "step_000000", "step_000002"]
+    assert (pruned / "hf" / "step_000002" / "config.json").is_file()
 
     out = tmp_path / "hf_out"
     assert main(["convert", "mcore-to-hf", "--ckpt", str(step), "--out", str(out)]) == 0
