@@ -155,7 +155,8 @@ class CheckpointConfig:
     save_every: int = 0
     """Save every N steps (0: only at the end, when dir is set)."""
     keep_last: int = 3
-    """Keep the newest K checkpoints (0: keep all)."""
+    """Keep the newest K checkpoints, and the newest K HF exports (`export_hf_every`) (0:
+    keep all)."""
     resume: str = "auto"
     """auto (newest in dir if any), none, or a checkpoint path."""
     export_hf_every: int = 0

@@ -15,6 +15,7 @@ makes a rank's helper processes die with the rank. See docs/design_notes.md, "Si
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import multiprocessing as mp
@@ -27,7 +28,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 #: prctl(2) option: the signal a process gets when its parent exits (Linux).
 _PR_SET_PDEATHSIG = 1
@@ -312,25 +313,39 @@ def run_forked(
     child_args = (fn, world_size, port, tuple(args), dict(env or {}), results, os.getpid())
     procs = [ctx.Process(target=_child, args=(rank, *child_args), daemon=False)
              for rank in range(world_size)]
-    for p in procs:
-        p.start()
     outputs: dict[int, Any] = {}
-    # SIGTERM ends this process through `finally` (as Ctrl-C does), so the ranks are killed
-    # and reaped and atexit clean-up (multiprocessing managers) runs.
-    previous = _install(_exit_on_signal, (signal.SIGTERM, signal.SIGHUP))
     try:
-        _collect(procs, results, outputs, timeout_s)
+        # SIGTERM ends this process through `finally` (as Ctrl-C does), so the ranks are
+        # killed and reaped and atexit clean-up (multiprocessing managers) runs; from
+        # before the first fork, or a rank started alone would wait for its peers and
+        # multiprocessing's atexit would wait for it.
+        with exit_on_signals():
+            for p in procs:
+                p.start()
+            _collect(procs, results, outputs, timeout_s)
     finally:
-        _restore(previous)
         # Also on KeyboardInterrupt or any error here: no rank outlives this call.
-        for p in procs:
+        started = [p for p in procs if p.pid is not None]
+        for p in started:
             p.join(timeout=10 if len(outputs) == world_size else 0.5)
-        for p in procs:
+        for p in started:
             if p.is_alive():
                 p.kill()
                 p.join()
         results.close()
     return [outputs[r] for r in range(world_size)]
+
+
+@contextlib.contextmanager
+def exit_on_signals(signals: Sequence[int] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """Within the block `signals` raise SystemExit(128 + signum), as Ctrl-C raises
+    KeyboardInterrupt, so `finally` clauses and atexit clean-up run (the default action
+    kills the process without either). Main thread only; elsewhere a no-op."""
+    previous = _install(_exit_on_signal, signals)
+    try:
+        yield
+    finally:
+        _restore(previous)
 
 
 def _exit_on_signal(signum: int, _frame: Any) -> None:

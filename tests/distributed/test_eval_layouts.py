@@ -12,6 +12,7 @@ import json
 import pytest
 
 from tip_megatron.eval import GRADERS, Grade, register_grader
+from tip_megatron.testing.assets import cli_main, imported_hf_model, write_jsonl
 from tip_megatron.testing.distributed import run_distributed
 
 pytest.importorskip("transformers")
@@ -29,38 +30,12 @@ if PARITY not in GRADERS:
     register_grader(PARITY, lambda: lambda text, answer: Grade(len(text) % 2 == 0, False, str(len(text))))
 
 
-def _tokenizer(directory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    raw.train_from_iterator(CORPUS, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>",
-                            pad_token="<|endoftext|>").save_pretrained(str(directory))
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from tip_megatron.convert import ImportOptions, hf_to_mcore
-    from tip_megatron.testing.hf_models import tiny_hf_model
-
     work = tmp_path_factory.mktemp("eval_cli")
-    tiny_hf_model("qwen2", seed=5).save_pretrained(work / "hf")
-    _tokenizer(work / "hf")
-    hf_to_mcore(work / "hf", work / "ckpt", ImportOptions())
-    (work / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    imported_hf_model(work / "hf", work / "ckpt", seed=5, corpus=CORPUS)
+    write_jsonl(work / "bench.jsonl", ROWS)
     return work
-
-
-def _cli(argv):
-    from tip_megatron.cli import main
-
-    return main(argv)
 
 
 def _eval(work, world, tag, *extra):
@@ -68,7 +43,7 @@ def _eval(work, world, tag, *extra):
             "--n", str(N), "--temperature", "1.0", "--max-new-tokens", str(NEW), "--seed", "7",
             "--batch-size", "2", "--json", str(work / f"{tag}.json"), "--pass-k", "2",
             "--grader", PARITY, *extra]
-    assert run_distributed(_cli, world, args=(argv,)) == [0] * world
+    assert run_distributed(cli_main, world, args=(argv,)) == [0] * world
     return json.loads((work / f"{tag}.json").read_text())
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from tip_megatron.testing.assets import cli_main, imported_hf_model, write_jsonl
 from tip_megatron.testing.distributed import run_distributed
 
 transformers = pytest.importorskip("transformers")
@@ -20,33 +21,13 @@ ROWS = [{"prompt": "hello world", "answer": "42"}, {"prompt": "the quick brown f
 NEW = 8
 
 
-def _tokenizer(directory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    raw.train_from_iterator(CORPUS, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>",
-                            pad_token="<|endoftext|>").save_pretrained(str(directory))
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from tip_megatron.convert import ImportOptions, hf_to_mcore
-    from tip_megatron.testing.hf_models import tiny_hf_model
     from tip_megatron.rollout.tokenizers import load_tokenizer
 
     work = tmp_path_factory.mktemp("generate_cli")
-    hf = tiny_hf_model("qwen2", seed=3)
-    hf.save_pretrained(work / "hf")
-    _tokenizer(work / "hf")
-    hf_to_mcore(work / "hf", work / "ckpt", ImportOptions())
-    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    hf = imported_hf_model(work / "hf", work / "ckpt", seed=3, corpus=CORPUS)
+    write_jsonl(work / "prompts.jsonl", ROWS)
     tok = load_tokenizer(work / "ckpt" / "tokenizer")
     expected = []
     with torch.no_grad():
@@ -60,16 +41,10 @@ def setup(tmp_path_factory):
     return work, expected
 
 
-def _cli(argv):
-    from tip_megatron.cli import main
-
-    return main(argv)
-
-
 def _run(work, world, name, *extra):
     argv = ["generate", "--ckpt", str(work / "ckpt"), "--prompts", str(work / "prompts.jsonl"),
             "--out", str(work / name), "--max-new-tokens", str(NEW), "--batch-size", "2", *extra]
-    assert run_distributed(_cli, world, args=(argv,)) == [0] * world
+    assert run_distributed(cli_main, world, args=(argv,)) == [0] * world
     return [json.loads(line) for line in (work / name).read_text().splitlines()]
 
 

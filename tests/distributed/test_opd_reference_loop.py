@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tip_megatron.config import load_config
+from tip_megatron.testing.assets import tiny_run_overrides
 from tip_megatron.testing.distributed import run_distributed
 
 STEPS, LR, MIN_LR, WARMUP, WD, CLIP = 20, 3e-3, 3e-4, 3, 0.01, 0.5
@@ -99,15 +100,10 @@ def _both(overrides, rho):
 
 @pytest.mark.parametrize("rule,rho", [("all", 1.0), ("q3", 0.2)])
 def test_engine_equals_plain_pytorch_loop(opd_assets, rule, rho):
-    overrides = [f"{k}={v}" for k, v in {
-        "student.ckpt": opd_assets / "student", "teacher.ckpt": opd_assets / "teacher",
-        "data.prompts": f"[{opd_assets / 'prompts.jsonl'}]", "data.tokenizer": "char",
-        "data.prompts_per_step": 8, "data.max_prompt_len": 16, "rollout.max_new_tokens": 6,
-        "selection.rule": rule, "selection.rho": rho, "train.steps": STEPS,
-        "train.micro_batch_size": 2, "optim.lr": LR, "optim.min_lr": MIN_LR,
-        "optim.warmup_steps": WARMUP, "optim.weight_decay": WD, "optim.clip_grad": CLIP,
-        "logging.log_every": 1,
-    }.items()]
+    overrides = tiny_run_overrides(opd_assets, **{
+        "data.prompts_per_step": 8, "selection.rule": rule, "selection.rho": rho,
+        "train.steps": STEPS, "optim.lr": LR, "optim.min_lr": MIN_LR, "optim.warmup_steps": WARMUP,
+        "optim.weight_decay": WD, "optim.clip_grad": CLIP})
     engine, plain = run_distributed(_both, 1, args=(overrides, rho), timeout_s=900)[0]
     assert len(engine) == len(plain) == STEPS
     assert plain[-1] < plain[0]  # the loop learns: the comparison is not between constants

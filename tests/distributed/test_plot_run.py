@@ -2,18 +2,14 @@
 entropy vs reverse-KL scatter from a token dump written by the dump writer.
 """
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
 
-from tip_megatron import cli, parallel
-from tip_megatron.config import load_config
-from tip_megatron.models import build_model
-from tip_megatron.models.checkpoint import save_model_checkpoint
+from tip_megatron import cli
+from tip_megatron.testing.assets import opd_assets, tiny_run_overrides, train_history
 from tip_megatron.testing.distributed import run_distributed
-from tip_megatron.testing.models import tiny_arch
 
 matplotlib = pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
 from matplotlib.image import imread  # noqa: E402
@@ -24,42 +20,14 @@ from tip_megatron.plots.scatter import token_scatter_figure  # noqa: E402
 STEPS = 4
 
 
-def _make_model(out, hidden, layers, seed):
-    from tip_megatron.models.state import load_full_state_dict
-    from tip_megatron.models.init import init_full_state
-
-    arch = tiny_arch("llama", hidden_size=hidden, num_layers=layers, max_position_embeddings=64)
-    g = parallel.initialize(parallel.ParallelLayout(), seed=seed)
-    chunks = build_model(arch, g)
-    load_full_state_dict(chunks, init_full_state(chunks, g, arch, seed), g, arch)
-    save_model_checkpoint(chunks, g, arch, out)
-
-
-def _train(overrides):
-    from tip_megatron.train.trainer import run
-
-    return run(load_config(None, overrides))
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("plotrun")
-    run_distributed(_make_model, 1, args=(str(root / "student"), 64, 2, 1))
-    run_distributed(_make_model, 1, args=(str(root / "teacher"), 96, 2, 2))
-    rng = random.Random(0)
-    with open(root / "prompts.jsonl", "w") as f:
-        for _ in range(32):
-            a, b = rng.randint(0, 999), rng.randint(0, 999)
-            f.write(json.dumps({"prompt": f"{a:03d}+{b:03d}=", "answer": str(a + b)}) + "\n")
-    overrides = {
-        "student.ckpt": root / "student", "teacher.ckpt": root / "teacher",
-        "data.prompts": f"[{root / 'prompts.jsonl'}]", "data.tokenizer": "char",
-        "data.prompts_per_step": 8, "data.max_prompt_len": 16, "rollout.max_new_tokens": 6,
-        "selection.rule": "soft_or", "selection.rho": 0.5, "optim.lr": 0.003,
-        "optim.warmup_steps": 0, "train.steps": STEPS, "train.micro_batch_size": 4,
-        "logging.jsonl": root / "run" / "metrics.jsonl",
-    }
-    (history,) = [h for h in run_distributed(_train, 1, args=([f"{k}={v}" for k, v in overrides.items()],)) if h]
+    opd_assets(root, teacher_layers=2, num_prompts=32)
+    overrides = tiny_run_overrides(root, **{
+        "data.prompts_per_step": 8, "train.steps": STEPS, "train.micro_batch_size": 4,
+        "logging.jsonl": root / "run" / "metrics.jsonl"})
+    (history,) = [h for h in run_distributed(train_history, 1, args=(overrides,)) if h]
     assert len(history) == STEPS
     return root / "run"
 

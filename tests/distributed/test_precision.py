@@ -5,14 +5,13 @@ megatron's optimizer) on tiny random Llamas. Rollouts are the fp32 student's, ge
 once and replayed in every run, so the runs differ only in the precision (or recompute)
 under test. Measured numbers are recorded in docs/precision.md.
 """
-import json
-import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tip_megatron.config import load_config
+from tip_megatron.testing.assets import opd_assets, tiny_run_overrides
 from tip_megatron.testing.distributed import run_distributed
 
 STEPS = 5
@@ -21,50 +20,15 @@ LOSS_REL_TOL = 0.02
 KEPT_AGREEMENT_MIN = 0.9
 
 
-def _make_model(out, hidden, layers, seed):
-    from tip_megatron import parallel
-    from tip_megatron.models import build_model
-    from tip_megatron.models.checkpoint import save_model_checkpoint
-    from tip_megatron.models.state import load_full_state_dict
-    from tip_megatron.quickstart.pretrain import init_full_state
-    from tip_megatron.testing.models import tiny_arch
-
-    arch = tiny_arch("llama", hidden_size=hidden, num_layers=layers, max_position_embeddings=64)
-    g = parallel.initialize(parallel.ParallelLayout(), seed=seed)
-    chunks = build_model(arch, g)
-    load_full_state_dict(chunks, init_full_state(chunks, g, arch, seed), g, arch)
-    save_model_checkpoint(chunks, g, arch, out)
-
-
-def _make_assets(root):
-    _make_model(str(root / "student"), 64, 2, 1)
-    _make_model(str(root / "teacher"), 96, 3, 2)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("precision")
-    # On the CPU always: checkpoints are device-independent, and on a GPU machine a forked
-    # child must not touch CUDA (tests/gpu reuses this fixture).
-    run_distributed(_make_assets, 1, args=(root,), env={"TIP_MEGATRON_DEVICE": "cpu"})
-    rng = random.Random(0)
-    with open(root / "prompts.jsonl", "w") as f:
-        for _ in range(64):
-            a, b = rng.randint(0, 999), rng.randint(0, 999)
-            f.write(json.dumps({"prompt": f"{a:03d}+{b:03d}=", "answer": str(a + b)}) + "\n")
-    return root
+    # Made on the CPU (tests/gpu reuses this fixture; see opd_assets).
+    return opd_assets(tmp_path_factory.mktemp("precision"), teacher_layers=3)
 
 
 def _overrides(assets, **extra):
-    base = {
-        "student.ckpt": assets / "student", "teacher.ckpt": assets / "teacher",
-        "data.prompts": f"[{assets / 'prompts.jsonl'}]", "data.tokenizer": "char",
-        "data.prompts_per_step": 8, "data.max_prompt_len": 16, "rollout.max_new_tokens": 12,
-        "selection.rule": "soft_or", "selection.rho": 0.5, "optim.lr": 0.003,
-        "train.steps": STEPS, "train.micro_batch_size": 4,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_run_overrides(assets, **{"data.prompts_per_step": 8, "rollout.max_new_tokens": 12,
+                                         "train.steps": STEPS, "train.micro_batch_size": 4, **extra})
 
 
 def _student_update(run, mbs, contexts, shape, want_grads):

@@ -13,34 +13,14 @@ import os
 import subprocess
 import sys
 
-import torch
-
 from tip_megatron.launch import free_port
+from tip_megatron.testing.assets import fill_quickstart_cache
 from tip_megatron.testing.distributed import run_distributed
-
-
-def _fill_cache(cache_dir: str) -> list[str]:
-    from tip_megatron import parallel
-    from tip_megatron.models import build_model
-    from tip_megatron.models.init import init_full_state
-    from tip_megatron.quickstart import pretrain
-
-    g = parallel.initialize(parallel.ParallelLayout())
-    written = []
-    for seed, (name, arch, recipe) in enumerate((
-            ("teacher", pretrain.teacher_arch(), pretrain.TEACHER_RECIPE),
-            ("student", pretrain.student_arch(), pretrain.STUDENT_RECIPE))):
-        full = init_full_state(build_model(arch, g), g, arch, seed)
-        path = pretrain.cache_path(cache_dir, name, arch, recipe)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(dict(state_dict=full, info=dict(name=name, random=True)), path)
-        written.append(path.name)
-    return written
 
 
 def test_torchrun_worker_trains_on_the_builtins_from_a_yaml(tmp_path):
     cache = tmp_path / "cache"
-    written = run_distributed(_fill_cache, 1, args=(str(cache),))[0]
+    written = run_distributed(fill_quickstart_cache, 1, args=(str(cache),))[0]
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     (tmp_path / "run.yaml").write_text(
         "student: {builtin: quickstart-student}\nteacher: {builtin: quickstart-teacher}\n"

@@ -25,6 +25,7 @@ from tip_megatron.distill.step import (
 from tip_megatron.models import build_model
 from tip_megatron.models.init import init_full_state
 from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict
+from tip_megatron.testing.assets import model_checkpoint, tiny_run_overrides, train_history
 from tip_megatron.testing.distributed import run_distributed
 from tip_megatron.testing.models import tiny_arch
 from tip_megatron.tip import SelectionConfig, select_global
@@ -170,34 +171,13 @@ def test_sequence_parallel_equals_sp_off(world, body):
     assert not failures, "\n".join(sorted(set(failures)))
 
 
-def _make_model(out, family, hidden, layers, seed):
-    from tip_megatron.models.checkpoint import save_model_checkpoint
-
-    arch = tiny_arch(family, hidden_size=hidden, num_layers=layers, max_position_embeddings=64)
-    g = parallel.initialize(parallel.ParallelLayout(), seed=seed)
-    chunks = build_model(arch, g)
-    load_full_state_dict(chunks, init_full_state(chunks, g, arch, seed), g, arch)
-    save_model_checkpoint(chunks, g, arch, out)
-
-
 def _train_both(root):
     """Student/teacher checkpoints, then 2 OPD steps at TP=2 without and with SP."""
-    from tip_megatron.config import load_config
-    from tip_megatron.train.trainer import run
-
-    _make_model(f"{root}/student", "llama", 64, 2, 1)
-    _make_model(f"{root}/teacher", "llama", 96, 4, 2)
-    base = {"student.ckpt": f"{root}/student", "teacher.ckpt": f"{root}/teacher",
-            "data.prompts": f"[{root}/prompts.jsonl]", "data.tokenizer": "char",
-            "data.prompts_per_step": 8, "data.max_prompt_len": 16, "rollout.max_new_tokens": 5,
-            "selection.rule": "soft_or", "selection.rho": 0.5, "optim.lr": 0.003,
-            "optim.warmup_steps": 0, "train.steps": 2, "train.micro_batch_size": 2,
-            "logging.log_every": 1, "parallel.tp": 2}
-    hist = {}
-    for sp in (False, True):
-        overrides = [f"{k}={v}" for k, v in {**base, "parallel.sequence_parallel": sp}.items()]
-        hist[sp] = run(load_config(None, overrides))
-    return hist
+    model_checkpoint(f"{root}/student", 64, 2, 1)
+    model_checkpoint(f"{root}/teacher", 96, 4, 2)
+    return {sp: train_history(tiny_run_overrides(root, **{
+        "data.prompts_per_step": 8, "rollout.max_new_tokens": 5, "train.steps": 2,
+        "parallel.tp": 2, "parallel.sequence_parallel": sp})) for sp in (False, True)}
 
 
 def test_trainer_with_sequence_parallel_equals_sp_off(tmp_path):

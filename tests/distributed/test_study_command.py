@@ -14,38 +14,19 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
+from tip_megatron.testing.assets import fill_quickstart_cache
 from tip_megatron.testing.distributed import run_distributed
 
 RULES = ("all", "random@0.5")
 SEEDS = 2
 
 
-def _fill_cache(cache_dir: str) -> list[str]:
-    from tip_megatron import parallel
-    from tip_megatron.models import build_model
-    from tip_megatron.models.init import init_full_state
-    from tip_megatron.quickstart import pretrain
-
-    g = parallel.initialize(parallel.ParallelLayout())
-    written = []
-    for seed, (name, arch, recipe) in enumerate((
-            ("teacher", pretrain.teacher_arch(), pretrain.TEACHER_RECIPE),
-            ("student", pretrain.student_arch(), pretrain.STUDENT_RECIPE))):
-        full = init_full_state(build_model(arch, g), g, arch, seed)
-        path = pretrain.cache_path(cache_dir, name, arch, recipe)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(dict(state_dict=full, info=dict(name=name, random=True)), path)
-        written.append(path.name)
-    return written
-
-
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
     cache = tmp / "cache"
-    run_distributed(_fill_cache, 1, args=(str(cache),))
+    run_distributed(fill_quickstart_cache, 1, args=(str(cache),))
     env = dict(os.environ, TIP_MEGATRON_CACHE=str(cache), OMP_NUM_THREADS="1")
     out = tmp / "study"
     proc = subprocess.run([sys.executable, "-m", "tip_megatron.cli", "study", "--rules", *RULES,

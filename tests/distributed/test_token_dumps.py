@@ -3,65 +3,30 @@ masks the run used (its logged kept and quadrant fractions, recomputed from the 
 rollout the Soft-OR count floor(rho * m)), the quadrant labels follow the thresholds, the
 cap samples uniformly, and `tip-megatron plot` draws the scatter of the dump.
 """
-import json
-import random
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from tip_megatron import cli, parallel
-from tip_megatron.config import load_config
-from tip_megatron.models import build_model
-from tip_megatron.models.checkpoint import save_model_checkpoint
+from tip_megatron import cli
 from tip_megatron.plots.token_dump import dump_path, read_token_dump
+from tip_megatron.testing.assets import opd_assets, tiny_run_overrides, train_history
 from tip_megatron.testing.distributed import run_distributed
-from tip_megatron.testing.models import tiny_arch
 
 STEPS, RHO = 3, 0.5
 
 
-def _make_model(out, hidden, layers, seed):
-    from tip_megatron.models.init import init_full_state
-    from tip_megatron.models.state import load_full_state_dict
-
-    arch = tiny_arch("llama", hidden_size=hidden, num_layers=layers, max_position_embeddings=64)
-    g = parallel.initialize(parallel.ParallelLayout(), seed=seed)
-    chunks = build_model(arch, g)
-    load_full_state_dict(chunks, init_full_state(chunks, g, arch, seed), g, arch)
-    save_model_checkpoint(chunks, g, arch, out)
-
-
-def _train(overrides):
-    from tip_megatron.train.trainer import run
-
-    return run(load_config(None, overrides))
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dumps")
-    run_distributed(_make_model, 1, args=(str(root / "student"), 64, 2, 1))
-    run_distributed(_make_model, 1, args=(str(root / "teacher"), 96, 2, 2))
-    rng = random.Random(0)
-    with open(root / "prompts.jsonl", "w") as f:
-        for _ in range(32):
-            a, b = rng.randint(0, 999), rng.randint(0, 999)
-            f.write(json.dumps({"prompt": f"{a:03d}+{b:03d}=", "answer": str(a + b)}) + "\n")
-    return root
+    return opd_assets(tmp_path_factory.mktemp("dumps"), teacher_layers=2, num_prompts=32)
 
 
 def _run(assets, run_dir, world, **extra):
-    overrides = {
-        "student.ckpt": assets / "student", "teacher.ckpt": assets / "teacher",
-        "data.prompts": f"[{assets / 'prompts.jsonl'}]", "data.tokenizer": "char",
-        "data.prompts_per_step": 8, "data.max_prompt_len": 16, "rollout.max_new_tokens": 6,
-        "rollout.n": 2, "selection.rule": "soft_or", "selection.rho": RHO, "optim.lr": 0.003,
-        "optim.warmup_steps": 0, "train.steps": STEPS, "train.micro_batch_size": 4,
-        "logging.jsonl": run_dir / "metrics.jsonl", "logging.dump_tokens_every": 1, **extra,
-    }
-    (history,) = [h for h in run_distributed(_train, world, args=(
-        [f"{k}={v}" for k, v in overrides.items()],)) if h]
+    overrides = tiny_run_overrides(assets, **{
+        "data.prompts_per_step": 8, "rollout.n": 2, "selection.rho": RHO, "train.steps": STEPS,
+        "train.micro_batch_size": 4, "logging.jsonl": run_dir / "metrics.jsonl",
+        "logging.dump_tokens_every": 1, **extra})
+    (history,) = [h for h in run_distributed(train_history, world, args=(overrides,)) if h]
     return {h["step"]: h for h in history}
 
 

@@ -4,11 +4,13 @@ A TP=2 launch trains 2 steps from an imported tiny HF Qwen2 (checkpoints every s
 validation every step, an HF export at step 2), a second one trains the same 2 steps
 without validation: the losses must be equal (validation touches no training RNG stream or data
 cursor). One TP=1 launch loads the step directory (and the run directory, which resolves
-to it) into a freshly built engine model, runs `tip-megatron generate` on it, and trains a
-step with `student.ckpt=<run dir>`, `teacher.ckpt=<step dir>`. In the
+to it) into a freshly built engine model, runs `tip-megatron generate` on it, and trains 2
+steps with `student.ckpt=<run dir>`, `teacher.ckpt=<step dir>`. In the
 test process: `mcore-to-hf` on the step directory; transformers' logits of the export
 equal the engine's logits of the trained weights (fp32, 1e-4) and differ from the initial
-model's; AutoTokenizer loads the export; `checkpoint.export_hf_every` wrote the same.
+model's; AutoTokenizer loads the export; `checkpoint.export_hf_every` wrote the same. The
+TP=1 training saves and exports at both steps with keep_last=1: only the newest step and
+export remain (an export being written and a folder of the user's untouched).
 
 A tiny random model answers nothing right, so validation grades with a grader registered
 here (forked ranks inherit it): correct iff the response has an even number of characters.
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from tip_megatron.eval import GRADERS, Grade, register_grader
+from tip_megatron.testing.assets import imported_hf_model, train_history, write_jsonl
 from tip_megatron.testing.distributed import run_distributed
 
 pytest.importorskip("transformers")
@@ -38,32 +41,12 @@ if PARITY not in GRADERS:
     register_grader(PARITY, lambda: lambda text, answer: Grade(len(text) % 2 == 0, False, str(len(text))))
 
 
-def _tokenizer(directory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    raw.train_from_iterator(CORPUS, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>",
-                            pad_token="<|endoftext|>").save_pretrained(str(directory))
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from tip_megatron.convert import ImportOptions, hf_to_mcore
-    from tip_megatron.testing.hf_models import tiny_hf_model
-
     work = tmp_path_factory.mktemp("train_to_hf")
     for name, seed in (("student", 5), ("teacher", 6)):
-        tiny_hf_model("qwen2", seed=seed).save_pretrained(work / f"hf_{name}")
-        _tokenizer(work / f"hf_{name}")
-        hf_to_mcore(work / f"hf_{name}", work / name, ImportOptions())
-    (work / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+        imported_hf_model(work / f"hf_{name}", work / name, seed=seed, corpus=CORPUS)
+    write_jsonl(work / "bench.jsonl", ROWS)
     return work
 
 
@@ -76,13 +59,6 @@ def _overrides(work, **extra):
             "parallel.tp": 2}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
-
-
-def _train(overrides):
-    from tip_megatron.config import load_config
-    from tip_megatron.train.trainer import run
-
-    return run(load_config(None, overrides))
 
 
 def _history(results):
@@ -123,7 +99,7 @@ def _engine_logits_and_generate(sources, input_ids, generate_argv, train_overrid
     parallel.destroy()
     assert not dist.is_initialized()
     rc = main(generate_argv)
-    return logits, rc, _train(train_overrides)
+    return logits, rc, train_history(train_overrides)
 
 
 def test_trained_step_exports_to_transformers_and_samples(work, tmp_path):
@@ -138,8 +114,8 @@ def test_trained_step_exports_to_transformers_and_samples(work, tmp_path):
         "checkpoint.dir": run_dir, "checkpoint.save_every": 1, "checkpoint.export_hf_every": 2,
         "eval.every": 1, "eval.prompts": f"[{work / 'bench.jsonl'}]", "eval.n": 3,
         "eval.max_new_tokens": 5, "eval.grader": PARITY, "eval.temperature": 1.0})
-    with_eval = _history(run_distributed(_train, 2, args=(evaluated,), timeout_s=300))
-    without_eval = _history(run_distributed(_train, 2, args=(_overrides(work),), timeout_s=300))
+    with_eval = _history(run_distributed(train_history, 2, args=(evaluated,), timeout_s=300))
+    without_eval = _history(run_distributed(train_history, 2, args=(_overrides(work),), timeout_s=300))
     assert [h["loss"] for h in with_eval] == [h["loss"] for h in without_eval]
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged if "eval/mean_at_k" in m] == [1, 2]
@@ -156,14 +132,24 @@ def test_trained_step_exports_to_transformers_and_samples(work, tmp_path):
                 "--out", str(samples), "--max-new-tokens", "4", "--greedy"]
     # student.ckpt / teacher.ckpt: a run directory and a step directory; the tokenizer is
     # the one the run recorded (no data.tokenizer)
+    # ... and 2 steps of it, with an HF export at each and keep_last=1: both kinds pruned
+    pruned = tmp_path / "pruned"
+    (pruned / "hf" / ".step_000009.tmp-test").mkdir(parents=True)  # an export being written
+    (pruned / "hf" / "step_000000").mkdir()  # a folder of the user's (no marker)
     from_steps = _overrides(work, **{"student.ckpt": run_dir, "teacher.ckpt": step,
-                                     "train.steps": 1, "parallel.tp": 1})
+                                     "train.steps": 2, "parallel.tp": 1, "checkpoint.dir": pruned,
+                                     "checkpoint.save_every": 1, "checkpoint.export_hf_every": 1,
+                                     "checkpoint.keep_last": 1})
     (engine, engine_run_dir), rc, history = run_distributed(
         _engine_logits_and_generate, 1, args=([step, run_dir], input_ids, gen_argv, from_steps),
         timeout_s=300)[0]
     assert rc == 0 and len(samples.read_text().splitlines()) == len(ROWS)
     assert torch.equal(engine, engine_run_dir)
-    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["loss"]))
+    assert len(history) == 2 and torch.isfinite(torch.tensor(history[-1]["loss"]))
+    assert sorted(p.name for p in pruned.glob("step_*")) == ["step_000002"]
+    assert sorted(p.name for p in (pruned / "hf").iterdir()) == [
+        ".step_000009.tmp-test", "step_000000", "step_000002"]
+    assert (pruned / "hf" / "step_000002" / "config.json").is_file()
 
     out = tmp_path / "hf_out"
     assert main(["convert", "mcore-to-hf", "--ckpt", str(step), "--out", str(out)]) == 0

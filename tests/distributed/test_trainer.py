@@ -5,70 +5,25 @@ and depth), a JSONL of addition prompts, the character tokenizer.
 """
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tip_megatron import parallel
 from tip_megatron.config import load_config
-from tip_megatron.models import build_model
-from tip_megatron.models.checkpoint import save_model_checkpoint
+from tip_megatron.testing.assets import char_spm_model, opd_assets
+from tip_megatron.testing.assets import tiny_run_overrides as _overrides
+from tip_megatron.testing.assets import train_history as _train
 from tip_megatron.testing.distributed import DistributedTestError, free_port, run_distributed
-from tip_megatron.testing.models import tiny_arch
 from tip_megatron.train import checkpoint as ckpt_lib
-
-
-def _make_model(out, family, hidden, layers, seed, max_pos):
-    """A random model at PyTorch-default scales: its token distributions are far from
-    uniform, so entropies and KLs differ between tokens (megatron's N(0, 0.02) init leaves
-    a tiny model near-uniform, every token nearly tied, and top-k selection ill-posed)."""
-    from tip_megatron.models.state import load_full_state_dict
-    from tip_megatron.models.init import init_full_state
-
-    arch = tiny_arch(family, hidden_size=hidden, num_layers=layers, max_position_embeddings=max_pos)
-    g = parallel.initialize(parallel.ParallelLayout(), seed=seed)
-    chunks = build_model(arch, g)
-    load_full_state_dict(chunks, init_full_state(chunks, g, arch, seed), g, arch)
-    save_model_checkpoint(chunks, g, arch, out)
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("opd")
-    run_distributed(_make_model, 1, args=(str(root / "student"), "llama", 64, 2, 1, 64))
-    run_distributed(_make_model, 1, args=(str(root / "teacher"), "llama", 96, 4, 2, 64))
-    run_distributed(_make_model, 1, args=(str(root / "other"), "qwen3", 64, 2, 3, 64))
-    rng = random.Random(0)
-    with open(root / "prompts.jsonl", "w") as f:
-        for _ in range(64):
-            a, b = rng.randint(0, 999), rng.randint(0, 999)
-            f.write(json.dumps({"prompt": f"{a:03d}+{b:03d}=", "answer": str(a + b)}) + "\n")
-    return root
-
-
-def _overrides(assets, **extra):
-    base = {
-        "student.ckpt": assets / "student", "teacher.ckpt": assets / "teacher",
-        "data.prompts": f"[{assets / 'prompts.jsonl'}]", "data.tokenizer": "char",
-        "data.prompts_per_step": 16, "data.max_prompt_len": 16,
-        "rollout.max_new_tokens": 6, "selection.rule": "soft_or", "selection.rho": 0.5,
-        "optim.lr": 0.003, "optim.warmup_steps": 0, "train.steps": 3, "train.micro_batch_size": 2,
-        "logging.log_every": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _train(overrides):
-    from tip_megatron.train.trainer import run
-
-    return run(load_config(None, overrides))
+    return opd_assets(tmp_path_factory.mktemp("opd"), teacher_layers=4, other=True)
 
 
 def _losses(results):
@@ -120,7 +75,7 @@ def test_tokenizer_mismatch_is_refused(assets, tmp_path):
     from tip_megatron.rollout.tokenizers import CharTokenizer  # noqa: F401
 
     tok_a, tok_b = tmp_path / "a.model", tmp_path / "b.model"
-    _spm(tok_a, "0123456789+= abc"), _spm(tok_b, "0123456789+= xyz")
+    char_spm_model(tok_a, "0123456789+= abc"), char_spm_model(tok_b, "0123456789+= xyz")
     student = _copy_ckpt_with_tokenizer(assets / "student", tmp_path / "s", tok_a)
     teacher = _copy_ckpt_with_tokenizer(assets / "teacher", tmp_path / "t", tok_b)
     with pytest.raises(DistributedTestError, match="teacher tokenizer .* differs"):
@@ -134,19 +89,6 @@ def test_checkpoint_of_another_architecture_is_refused(assets, tmp_path):
     with pytest.raises(DistributedTestError, match="different architecture"):
         run_distributed(_train, 1, args=(_overrides(assets, **{
             "train.steps": 2, "checkpoint.dir": ckdir, "student.ckpt": assets / "other"}),))
-
-
-def _spm(path, chars):
-    import io
-
-    import sentencepiece as spm
-
-    text = "\n".join(chars[i:] + chars[:i] for i in range(len(chars))) * 20
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=model,
-                                   vocab_size=len(set(chars)) + 4, model_type="char",
-                                   character_coverage=1.0)
-    Path(path).write_bytes(model.getvalue())
 
 
 def _copy_ckpt_with_tokenizer(src, dst, spm_model):

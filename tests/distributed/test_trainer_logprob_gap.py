@@ -1,39 +1,32 @@
 """The trainer's train/inference log-prob gap metric (`logging.logprob_gap_every`) on a
 tiny CPU run: on the chosen steps, metrics.jsonl carries `rollout/logprob_gap_max` and
 `rollout/logprob_gap_mean` within fp32 rounding (<= 1e-5), measured over every response
-token of the global batch (kept by the selection rule or not); other steps carry none."""
+token of the global batch (kept by the selection rule or not); other steps carry none. Also
+under TP=2 with sequence parallelism (gloo)."""
 import json
 
 import pytest
 
-from tip_megatron.config import load_config
+from tip_megatron.testing.assets import tiny_run_overrides, train_history
 from tip_megatron.testing.distributed import run_distributed
 
 STEPS, EVERY = 3, 2
 
 
-def _train(overrides):
-    from tip_megatron.train.trainer import run
-
-    return run(load_config(None, overrides))
-
-
-def _overrides(assets, run_dir, rule, rho):
-    base = {
-        "student.ckpt": assets / "student", "teacher.ckpt": assets / "teacher",
-        "data.prompts": f"[{assets / 'prompts.jsonl'}]", "data.tokenizer": "char",
-        "data.prompts_per_step": 8, "data.max_prompt_len": 16, "rollout.max_new_tokens": 6,
-        "rollout.n": 2, "selection.rule": rule, "selection.rho": rho, "optim.lr": 0.003,
-        "optim.warmup_steps": 0, "train.steps": STEPS, "train.micro_batch_size": 4,
-        "logging.log_every": 1, "logging.logprob_gap_every": EVERY,
-        "logging.jsonl": run_dir / "metrics.jsonl",
-    }
-    return [f"{k}={v}" for k, v in base.items()]
+def _overrides(assets, run_dir, rule, rho, layout):
+    return tiny_run_overrides(assets, **{
+        "data.prompts_per_step": 8, "rollout.n": 2, "selection.rule": rule, "selection.rho": rho,
+        "train.steps": STEPS, "train.micro_batch_size": 4, "logging.logprob_gap_every": EVERY,
+        "logging.jsonl": run_dir / "metrics.jsonl", **layout})
 
 
-@pytest.mark.parametrize("world,rule,rho", [(1, "all", 1.0), (2, "soft_or", 0.5)])
-def test_gap_metric_in_metrics_jsonl(opd_assets, tmp_path, world, rule, rho):
-    run_distributed(_train, world, args=(_overrides(opd_assets, tmp_path, rule, rho),))
+@pytest.mark.parametrize("world,rule,rho,layout", [
+    (1, "all", 1.0, {}), (2, "soft_or", 0.5, {}),
+    # sequence parallelism: the training forward of the check runs with SP as the trainer's
+    (2, "all", 1.0, {"parallel.tp": 2, "parallel.sequence_parallel": True, "rollout.max_new_tokens": 5})],
+    ids=["tp1", "dp2", "tp2_sp"])
+def test_gap_metric_in_metrics_jsonl(opd_assets, tmp_path, world, rule, rho, layout):
+    run_distributed(train_history, world, args=(_overrides(opd_assets, tmp_path, rule, rho, layout),))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for row in rows:

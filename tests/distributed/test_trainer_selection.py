@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tip_megatron.config import load_config
+from tip_megatron.testing.assets import tiny_run_overrides
 from tip_megatron.testing.distributed import run_distributed
 from tip_megatron.train.batches import update_rows
 
@@ -20,15 +21,9 @@ def assets(opd_assets):
 
 
 def _overrides(assets, **extra):
-    base = {
-        "student.ckpt": assets / "student", "teacher.ckpt": assets / "teacher",
-        "data.prompts": f"[{assets / 'prompts.jsonl'}]", "data.tokenizer": "char",
-        "data.prompts_per_step": 16, "data.max_prompt_len": 16, "rollout.max_new_tokens": 6,
-        "optim.lr": 0.003, "optim.warmup_steps": 0, "train.steps": 2,
-        "train.micro_batch_size": 2, "logging.log_every": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    """The tiny run, 2 steps; the rule is the test's (config defaults: all tokens, rho 1)."""
+    return tiny_run_overrides(assets, **{"selection.rule": "all", "selection.rho": 1.0,
+                                         "train.steps": 2, **extra})
 
 
 def _train(overrides):

@@ -1,6 +1,5 @@
-"""Helpers of the reliability tests: tiny model checkpoints, the trainer overrides of a
-tiny run (as tests/distributed/test_trainer.py), process-tree helpers that check "gone"
-by pid."""
+"""Helpers of the reliability tests: a training rank body that returns the losses, process-
+tree helpers that check "gone" by pid (the assets: tip_megatron.testing.assets)."""
 import os
 import signal
 import subprocess
@@ -10,43 +9,14 @@ import time
 import psutil
 import pytest
 
+from tip_megatron.testing.assets import train_history
+
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-
-
-def make_model(out, hidden, layers, seed):
-    from tip_megatron import parallel
-    from tip_megatron.models import build_model
-    from tip_megatron.models.checkpoint import save_model_checkpoint
-    from tip_megatron.models.init import init_full_state
-    from tip_megatron.models.state import load_full_state_dict
-    from tip_megatron.testing.models import tiny_arch
-
-    arch = tiny_arch("llama", hidden_size=hidden, num_layers=layers, max_position_embeddings=64)
-    g = parallel.initialize(parallel.ParallelLayout(), seed=seed)
-    chunks = build_model(arch, g)
-    load_full_state_dict(chunks, init_full_state(chunks, g, arch, seed), g, arch)
-    save_model_checkpoint(chunks, g, arch, out)
-
-
-def overrides(assets, **extra) -> list[str]:
-    base = {
-        "student.ckpt": assets / "student", "teacher.ckpt": assets / "teacher",
-        "data.prompts": f"[{assets / 'prompts.jsonl'}]", "data.tokenizer": "char",
-        "data.prompts_per_step": 16, "data.max_prompt_len": 16,
-        "rollout.max_new_tokens": 6, "selection.rule": "soft_or", "selection.rho": 0.5,
-        "optim.lr": 0.003, "optim.warmup_steps": 0, "train.steps": 3, "train.micro_batch_size": 2,
-        "logging.log_every": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 def train(overrides_list):
     """Run the trainer in this (forked) rank; the logging rank returns its losses."""
-    from tip_megatron.config import load_config
-    from tip_megatron.train.trainer import run
-
-    return [m["loss"] for m in run(load_config(None, overrides_list))]
+    return [m["loss"] for m in train_history(overrides_list)]
 
 
 def losses_of(results) -> list[float]:

@@ -1,6 +1,5 @@
 """Bad input and a full disk: each case asserts the exit code (or the error), the message
 (naming the key / file and what is accepted) and that nothing saved changed."""
-import io
 import json
 import os
 import resource
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from _reliability_assets import make_assets, overrides, train_capturing, tree_hashes
+from tip_megatron.testing.assets import char_spm_model
 from tip_megatron.testing.distributed import run_distributed
 from tip_megatron.train import checkpoint as ckpt_lib
 from tip_megatron.train import manifest
@@ -23,22 +23,11 @@ def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.mktemp("bad_input"))
 
 
-def _spm(path, chars):
-    import sentencepiece as spm
-
-    text = "\n".join(chars[i:] + chars[:i] for i in range(len(chars))) * 20
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=model,
-                                   vocab_size=len(set(chars)) + 4, model_type="char",
-                                   character_coverage=1.0)
-    Path(path).write_bytes(model.getvalue())
-
-
 def test_tokenizer_differing_from_the_students_is_refused_unless_allowed(assets, tmp_path):
     student = tmp_path / "student"
     shutil.copytree(assets / "student", student)
     (student / "tokenizer").mkdir()
-    _spm(student / "tokenizer" / "tokenizer.model", "0123456789+= abc")
+    char_spm_model(student / "tokenizer" / "tokenizer.model", "0123456789+= abc")
     before = tree_hashes(student)
     out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
         "student.ckpt": student, "train.steps": 1}),))[0]

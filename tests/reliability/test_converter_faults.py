@@ -104,32 +104,99 @@ def test_truncated_safetensors_names_the_file(hf_dir, tmp_path, capsys):
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
 
 
+def _cmdline(proc) -> list[str]:
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _start_and_wait_for(cmd, when):
+    """Start the conversion in a session of its own and wait for the kill point: its two
+    ranks running, or (before_fork) the writer queue's manager serving (a listening socket)
+    with no rank forked yet. Returns (proc, its processes then), or None when the ranks
+    came first (the second window is a fraction of a second on a loaded machine)."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]),
+                                     PYTHONFAULTHANDLER="1"), start_new_session=True)
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        # forked ranks share the parent's command line; the manager (and the resource
+        # tracker) are multiprocessing's own interpreters, started before the fork
+        children = parent.children()
+        ranks = [c for c in children if _cmdline(c) == parent.cmdline()]
+        if when == "ranks_running" and len(ranks) >= 2:
+            return proc, parent.children(recursive=True)
+        managers = _managers(children)
+        if when == "before_fork" and ranks and any(r.pid > m.pid for r in ranks for m in managers):
+            proc.send_signal(signal.SIGTERM)  # missed: end this one cleanly, try again
+            proc.wait(timeout=60)
+            return None
+        if when == "before_fork" and not ranks and any(_serving(m) for m in managers):
+            return proc, parent.children(recursive=True)
+        time.sleep(0.005)
+    pytest.fail("conversion ended before the kill point: " + (proc.stderr.read()[-2000:] if proc.poll() is not None else "timeout"))
+
+
+def _managers(children):
+    return [c for c in children if "--multiprocessing-fork" in _cmdline(c)]
+
+
+def _serving(proc) -> bool:
+    import psutil
+
+    try:
+        return bool(proc.net_connections(kind="unix"))
+    except psutil.Error:
+        return False
+
+
 @pytest.mark.slow
-def test_killing_convert_stops_its_ranks_and_keeps_the_old_output(hf_dir, converted, tmp_path):
-    """SIGTERM to `convert hf-to-mcore --tp 2` while its ranks run: every process it
-    started is gone within seconds, and --out is the previous checkpoint, unchanged."""
+@pytest.mark.parametrize("when", ["ranks_running", "before_fork"])
+def test_killing_convert_stops_its_ranks_and_keeps_the_old_output(hf_dir, converted, tmp_path, when):
+    """SIGTERM to `convert hf-to-mcore --tp 2` while its ranks run, or before they are
+    forked (in `preload_for_fork`: the writer queue's spawned manager serving, its resource
+    tracker running): the command exits through its clean-up (128 + SIGTERM), every
+    process it started and every process of its session is gone within seconds, and
+    --out is the previous checkpoint, unchanged."""
     import psutil
 
     out = converted / "ck"
     before = tree_hashes(out)
     cmd = [sys.executable, "-m", "tip_megatron.cli", "convert", "hf-to-mcore", "--hf", str(hf_dir),
            "--out", str(out), "--tp", "2", "--overwrite"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
-    parent = psutil.Process(proc.pid)
-    deadline = time.monotonic() + 120
-    ranks = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        # forked ranks share the parent's command line (the writer queue's spawned manager and
-        # resource tracker, started before the fork, do not): wait for the ranks themselves
-        ranks = [c for c in parent.children() if c.cmdline() == parent.cmdline()]
-        if len(ranks) >= 2:
+    for _ in range(3):
+        started = _start_and_wait_for(cmd, when)
+        if started:
             break
-        time.sleep(0.02)
-    assert proc.poll() is None, "conversion ended before its ranks were seen: " + proc.stderr.read()[-2000:]
-    family = parent.children(recursive=True)
+    else:
+        pytest.fail("the ranks were forked before the kill point in 3 tries")
+    proc, family = started
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # where it hangs (faulthandler), then clean up
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(timeout=10)
+        for p in family:
+            if p.is_running():
+                p.kill()
+        pytest.fail(f"still running 30 s after SIGTERM:\n{proc.stderr.read()[-4000:]}")
     gone, alive = psutil.wait_procs(family, timeout=15)
-    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    assert not alive, [(p.pid, _cmdline(p)) for p in alive]
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read()[-2000:]
+    session = [p.pid for p in psutil.process_iter() if _sid(p.pid) == proc.pid]
+    assert not session, [(pid, _cmdline(psutil.Process(pid))) for pid in session]
     assert tree_hashes(out) == before
+
+
+def _sid(pid: int) -> int:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return -1

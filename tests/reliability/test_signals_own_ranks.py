@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tip_megatron.testing.assets import cli_main, imported_hf_model, write_jsonl
 from tip_megatron.testing.distributed import run_distributed
 
 from signal_helpers import ENV, gone, tree
@@ -23,38 +24,12 @@ ROWS = [{"prompt": "hello world", "answer": "42"}, {"prompt": "the quick brown f
         {"prompt": "what is", "answer": "46"}]
 
 
-def _tokenizer(directory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    raw.train_from_iterator(CORPUS, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>",
-                            pad_token="<|endoftext|>").save_pretrained(str(directory))
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from tip_megatron.convert import ImportOptions, hf_to_mcore
-    from tip_megatron.testing.hf_models import tiny_hf_model
-
     work = tmp_path_factory.mktemp("own_ranks")
-    tiny_hf_model("qwen2", seed=3).save_pretrained(work / "hf")
-    _tokenizer(work / "hf")
-    hf_to_mcore(work / "hf", work / "ckpt", ImportOptions())
-    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    imported_hf_model(work / "hf", work / "ckpt", seed=3, corpus=CORPUS)
+    write_jsonl(work / "prompts.jsonl", ROWS)
     return work
-
-
-def _cli(argv):
-    from tip_megatron.cli import main
-
-    return main(argv)
 
 
 def _plain_shell(argv):
@@ -83,7 +58,7 @@ def _generate_argv(work, out):
 def test_generate_tp2_from_a_plain_shell(work):
     _, seen = _plain_shell(_generate_argv(work, work / "shell.jsonl"))
     assert len(seen) >= 4, "expected the command, torchrun and two ranks"
-    assert run_distributed(_cli, 2, args=(_generate_argv(work, work / "forked.jsonl"),)) == [0, 0]
+    assert run_distributed(cli_main, 2, args=(_generate_argv(work, work / "forked.jsonl"),)) == [0, 0]
     shell = [json.loads(line) for line in (work / "shell.jsonl").read_text().splitlines()]
     forked = [json.loads(line) for line in (work / "forked.jsonl").read_text().splitlines()]
     assert [(x["prompt_index"], x["sample_index"]) for x in shell] == [(p, s) for p in range(3) for s in range(2)]
@@ -99,7 +74,7 @@ def test_eval_tp2_from_a_plain_shell(work):
 
     out, _ = _plain_shell(argv("shell"))
     assert "mean@2" in out
-    assert run_distributed(_cli, 2, args=(argv("forked"),)) == [0, 0]
+    assert run_distributed(cli_main, 2, args=(argv("forked"),)) == [0, 0]
     shell = json.loads((work / "shell.json").read_text())
     assert shell == json.loads((work / "forked.json").read_text())
     assert shell["num_samples"] == 6

@@ -20,9 +20,10 @@ import psutil
 import pytest
 
 from tip_megatron.testing.distributed import free_port, run_distributed
+from tip_megatron.testing.assets import tiny_run_overrides as overrides
 from tip_megatron.train import checkpoint as ckpt_lib
 
-from signal_helpers import gone, kill_leftovers, losses_of, overrides, spawn, train, wait_until
+from signal_helpers import gone, kill_leftovers, losses_of, spawn, train, wait_until
 
 pytestmark = pytest.mark.slow
 

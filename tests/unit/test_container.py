@@ -156,15 +156,56 @@ def test_slurm_script_command_line(tmp_path, image):
                          text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     args = out.stdout.splitlines()
-    torchrun = args.index("torchrun")
+    torchrun, shell = args.index("torchrun"), args.index("bash")
+    assert args[shell:torchrun] == ["bash", "-c", 'trap "" USR1; exec "$@"', "immune-to-usr1"]
     assert args[torchrun:] == [
         "torchrun", "--nnodes", "2", "--nproc_per_node", "8", "--rdzv-backend", "c10d",
         "--rdzv-endpoint", "node-a:29500", "--rdzv-id", "77", "-m", "tip_megatron.train",
         "--config", "run.yaml", "train.steps=5"]
-    container = args[1:torchrun]
+    container = args[1:shell]
     if image is None:
         assert container == []
     else:
         assert container == [f"--container-image={image}",
                              f"--container-mounts={tmp_path}:{tmp_path},/shared:/shared",
                              f"--container-workdir={tmp_path}", "--no-container-mount-home"]
+
+
+def test_slurm_early_signal_reaches_the_ranks_and_spares_torchrun(tmp_path):
+    """`#SBATCH --signal=SIG@LEAD` (every process of the step, LEAD s before the time limit)
+    names a signal the ranks stop and save on (train.exit_signal) and that torchrun would
+    die of (not one it forwards with its 30 s limit); the srun line starts torchrun with
+    it ignored (a real bash; stand-in srun runs the task, stand-in torchrun reports)."""
+    import re
+    import signal
+
+    from tip_megatron import launch
+    from tip_megatron.config import TrainConfig
+    from tip_megatron.train.preemption import parse_signals
+
+    script = (ROOT / "examples" / "launch_slurm.sbatch").read_text()
+    directives = re.findall(r"^#SBATCH --signal=(.*)$", script, re.M)
+    assert len(directives) == 1, directives
+    found = re.fullmatch(r"([A-Z0-9]+)@(\d+)", directives[0])  # no B: (the batch shell only)
+    assert found, directives[0]
+    sig = parse_signals([found.group(1)])[0]
+    assert sig in parse_signals(TrainConfig().exit_signal)
+    assert sig in launch.RANK_SIGNALS and sig not in launch.FORWARDED_SIGNALS
+    assert int(found.group(2)) > 60  # Slurm may signal up to 60 s early: the lead is more
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\n'\n")
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "torchrun").write_text(
+        f"#!{sys.executable}\nimport signal\n"
+        "print(*sorted(s.name for s in signal.Signals if signal.getsignal(s) is signal.SIG_IGN))\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-a",
+               SLURM_NNODES="1", SLURM_JOB_ID="7")
+    env.pop("CONTAINER_IMAGE", None)
+    out = subprocess.run(["bash", str(ROOT / "examples" / "launch_slurm.sbatch"), "run.yaml"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    ignored = out.stdout.split()
+    assert sig.name in ignored and "SIGTERM" not in ignored, ignored

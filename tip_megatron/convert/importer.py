@@ -150,14 +150,17 @@ def hf_to_mcore(hf_dir: PathLike, out_dir: PathLike, options: ImportOptions = Im
                              f"launch with --nproc-per-node {world}, or run without torchrun")
         import_rank(hf_dir, out_dir, options)
     else:
-        preload_for_fork()
-        try:
-            launch.run_forked(import_rank, world, args=(hf_dir, out_dir, options),
-                              timeout_s=options.timeout_s, env={"TIP_MEGATRON_DEVICE": "cpu"})
-        finally:
-            # The writer queue's spawned manager belongs to this process, not to a rank: stop
-            # it (however the conversion ends, a SIGTERM included), or it outlives the command.
-            platform.stop_checkpoint_writer_helpers()
+        # The writer queue's spawned manager (preload_for_fork starts it) belongs to this
+        # process, not to a rank: stop it however the conversion ends, or it outlives the
+        # command. A SIGTERM raises SystemExit from before the manager exists, so that the
+        # `finally` runs for one that lands before the ranks are forked too.
+        with launch.exit_on_signals():
+            try:
+                preload_for_fork()
+                launch.run_forked(import_rank, world, args=(hf_dir, out_dir, options),
+                                  timeout_s=options.timeout_s, env={"TIP_MEGATRON_DEVICE": "cpu"})
+            finally:
+                platform.stop_checkpoint_writer_helpers()
     return Path(out_dir)
 
 

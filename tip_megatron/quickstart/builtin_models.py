@@ -30,6 +30,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TIP_MEGATRON_CACHE", Path.home() / ".cache" / "tip_megatron"))
 
 
+def _cache_entry(builtin: str):
+    """(cache name, arch, recipe, data module) of a built-in model, as `_model` caches it."""
+    return {"quickstart-teacher": ("teacher", pretrain.teacher_arch(), pretrain.TEACHER_RECIPE, task),
+            "quickstart-student": ("student", pretrain.student_arch(), pretrain.STUDENT_RECIPE, task),
+            "quickstart-chain-student": ("chain-student", pretrain.chain_student_arch(),
+                                         pretrain.CHAIN_STUDENT_RECIPE, chain_task)}[builtin]
+
+
+def set_up_line(teacher: str = "quickstart-teacher", student: str = "quickstart-student",
+                task_name: str = "addition") -> str:
+    """What the quickstart's set-up will do: pre-train the built-ins (names as in
+    `tasks.py`) not in the cache yet (the test `pretrained_model` applies: the file
+    exists), or read them from it."""
+    missing = [role for role, builtin in (("teacher", teacher), ("student", student))
+               if not pretrain.cache_path(cache_dir(), *_cache_entry(builtin)).is_file()]
+    if not missing:
+        return f"[quickstart] set-up: teacher and student read from the cache {cache_dir()}"
+    return (f"[quickstart] set-up: {' and '.join(missing)} pre-training on the {task_name} task "
+            f"(first run only, a few minutes; cached afterwards in {cache_dir()})")
+
+
 class SyntheticPrompts:
     """Prompts of an embedded task, drawn per step (the quickstart's data)."""
 
@@ -62,16 +83,15 @@ def _model(name: str, arch, recipe: pretrain.SFTRecipe, data: ModuleType = task)
 
 
 def teacher() -> BuiltinModel:
-    return _model("teacher", pretrain.teacher_arch(), pretrain.TEACHER_RECIPE)
+    return _model(*_cache_entry("quickstart-teacher"))
 
 
 def student() -> BuiltinModel:
-    return _model("student", pretrain.student_arch(), pretrain.STUDENT_RECIPE)
+    return _model(*_cache_entry("quickstart-student"))
 
 
 def chain_student() -> BuiltinModel:
-    return _model("chain-student", pretrain.chain_student_arch(), pretrain.CHAIN_STUDENT_RECIPE,
-                  chain_task)
+    return _model(*_cache_entry("quickstart-chain-student"))
 
 
 register_builtin("quickstart-teacher", teacher)

@@ -91,6 +91,7 @@ def eval_every(args: argparse.Namespace, cfg) -> int:
 def worker(args: argparse.Namespace) -> int:
     from tip_megatron import parallel
     from tip_megatron.platform import quiet_third_party_warnings
+    from tip_megatron.quickstart import builtin_models
     from tip_megatron.quickstart.evaluation import MidRunValidation, evaluate
     from tip_megatron.train import trainer
     from tip_megatron.train.metrics import peak_memory_mib
@@ -105,8 +106,7 @@ def worker(args: argparse.Namespace) -> int:
     data = spec.data
     if int(os.environ.get("RANK", "0")) == 0:
         _fresh_run_dir(args.out)
-        print(f"[quickstart] set-up: teacher and student pre-training on the {args.task} task "
-              "(first run only, a few minutes; cached afterwards)", flush=True)
+        print(builtin_models.set_up_line(spec.teacher, spec.student, args.task), flush=True)
     state = trainer.setup(cfg)
     m = state.models
     teacher = evaluate(m.teacher, state.groups, m.teacher_arch, spec.eval_size, data=data)

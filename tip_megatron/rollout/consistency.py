@@ -78,9 +78,15 @@ def logprob_gap(chunks, groups, arch, rollouts, config) -> dict:
 
 def _training_forward(chunks, groups, arch, token_ids: torch.Tensor):
     """[b, L, V/tp] logits of GPTModel.forward over `token_ids` [b, L] through the pipeline
-    stages (last stage; None elsewhere)."""
-    b, length = token_ids.shape
-    positions = torch.arange(length, device=token_ids.device)[None, :].expand(b, length)
+    stages (last stage; None elsewhere), with sequence parallelism when the model has it
+    on, as the trainer runs it: the sequence is padded at the end to a multiple of tp (the
+    causal mask keeps the first L positions as they are) and stages pass [L/tp, b, h]."""
+    length = token_ids.shape[1]
+    sp = bool(chunks[0].config.sequence_parallel)
+    if sp and length % groups.tp_size:
+        token_ids = torch.nn.functional.pad(token_ids, (0, groups.tp_size - length % groups.tp_size))
+    b, padded = token_ids.shape
+    positions = torch.arange(padded, device=token_ids.device)[None, :].expand(b, padded)
     pp, rank = groups.pp_size, groups.pp_rank
     dtype = chunks[0].config.params_dtype
     out = None
@@ -88,13 +94,14 @@ def _training_forward(chunks, groups, arch, token_ids: torch.Tensor):
         first = groups.is_first_stage and v == 0
         last = groups.is_last_stage and v == len(chunks) - 1
         if not first:
-            received = torch.empty((length, b, arch.hidden_size), dtype=dtype, device=token_ids.device)
+            shape = (padded // groups.tp_size if sp else padded, b, arch.hidden_size)
+            received = torch.empty(shape, dtype=dtype, device=token_ids.device)
             dist.recv(received, group=groups.pp_group, group_src=(rank - 1) % pp)
             chunk.set_input_tensor(received)
         out = chunk(token_ids, positions, None)
         if not last:
             dist.send(out.to(dtype).contiguous(), group=groups.pp_group, group_dst=(rank + 1) % pp)
-    return out if groups.is_last_stage else None
+    return out[:, :length] if groups.is_last_stage else None
 
 
 def gap_metrics(gap: dict, dp_group: Any) -> dict:

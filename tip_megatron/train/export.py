@@ -4,7 +4,8 @@
     model_meta/tokenizer/       the run's tokenizer files (HF directory), when it has one
     model_meta/hf_config.json   the HF config the student started from
     model_meta/meta.json        params_dtype, padded_vocab_size, the student source
-    hf/step_000010/             `tip-megatron convert mcore-to-hf` of step_000010
+    hf/step_000010/             `tip-megatron convert mcore-to-hf` of step_000010 (the newest
+                                `checkpoint.keep_last` exports are kept, like the steps)
 
 The weights are never copied: a step's `dist/` holds the model under a model checkpoint's
 keys (`models.checkpoint.model_files` reads both kinds).
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +23,14 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from tip_megatron.io_atomic import WRITTEN_BY
 from tip_megatron.models.state import unwrap
 from tip_megatron.train import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
+
+#: A complete export's name; one being written is `.step_N.tmp-<nonce>` (io_atomic.atomic_dir).
+_EXPORT_RE = re.compile(r"^step_(\d{6,})$")
 
 
 def run_tokenizer_dir(cfg) -> Optional[Path]:
@@ -69,6 +76,7 @@ def after_save(run) -> None:
                               meta=meta, tokenizer_dir=run_tokenizer_dir(run.cfg))
         if c.export_hf_every and run.step % c.export_hf_every == 0:
             export_hf(ckpt.step_dir(c.dir, run.step), Path(c.dir) / "hf" / f"step_{run.step:06d}")
+            prune_hf_exports(Path(c.dir) / "hf", c.keep_last)
     dist.barrier()
 
 
@@ -82,3 +90,19 @@ def export_hf(step: Path, out: Path) -> None:
         raise RuntimeError(f"HF export of {step} failed (exit {done.returncode}): "
                            f"{done.stderr.strip().splitlines()[-1:] or ''}")
     logger.info("exported %s to %s", step, out)
+
+
+def prune_hf_exports(hf_root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete HF exports under `hf_root` (0: keep
+    all), the rule `checkpoint.keep_last` applies to the steps. Never touched: an export
+    being written (a hidden temp directory until it is complete), a directory without
+    the exporter's marker (not ours). Returns the deleted paths, oldest first."""
+    if keep_last <= 0 or not hf_root.is_dir():
+        return []
+    found = sorted((p for p in hf_root.iterdir()
+                    if _EXPORT_RE.match(p.name) and (p / WRITTEN_BY).is_file()),
+                   key=lambda p: int(_EXPORT_RE.match(p.name).group(1)))
+    old = found[:-keep_last]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
