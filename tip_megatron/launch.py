@@ -320,6 +320,7 @@ def run_forked(
         # before the first fork, or a rank started alone would wait for its peers and
         # multiprocessing's atexit would wait for it.
         with exit_on_signals():
+            exit_if_signalled()  # one that landed before this call, its exception swallowed
             for p in procs:
                 p.start()
             _collect(procs, results, outputs, timeout_s)
@@ -340,16 +341,38 @@ def run_forked(
 def exit_on_signals(signals: Sequence[int] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
     """Within the block `signals` raise SystemExit(128 + signum), as Ctrl-C raises
     KeyboardInterrupt, so `finally` clauses and atexit clean-up run (the default action
-    kills the process without either). Main thread only; elsewhere a no-op."""
+    kills the process without either). Main thread only; elsewhere a no-op.
+
+    A handler's exception is lost when the signal lands while a finalizer or weakref
+    callback runs (Python prints "Exception ignored" and goes on), so the signal is also
+    recorded: `exit_if_signalled` (called where the block waits) and the block's end raise
+    it again."""
     previous = _install(_exit_on_signal, signals)
     try:
         yield
+    except SystemExit:
+        _pending_signals.clear()  # delivered
+        raise
     finally:
         _restore(previous)
+    exit_if_signalled()
+
+
+_pending_signals: list[int] = []
 
 
 def _exit_on_signal(signum: int, _frame: Any) -> None:
+    _pending_signals.append(signum)
     raise SystemExit(128 + signum)
+
+
+def exit_if_signalled() -> None:
+    """Raise SystemExit(128 + signum) for a signal `exit_on_signals` caught whose exception
+    was swallowed; a no-op otherwise."""
+    if _pending_signals:
+        signum = _pending_signals[0]
+        _pending_signals.clear()
+        raise SystemExit(128 + signum)
 
 
 def _collect(procs: list, results: Any, outputs: dict[int, Any], timeout_s: float) -> None:
@@ -359,6 +382,7 @@ def _collect(procs: list, results: Any, outputs: dict[int, Any], timeout_s: floa
         if remaining <= 0:
             missing = sorted(set(range(len(procs))) - set(outputs))
             raise RankFailure(f"ranks {missing} did not finish within {timeout_s:.0f} s")
+        exit_if_signalled()
         try:
             rank, ok, value = results.get(timeout=min(remaining, 1.0))
         except queue.Empty:
