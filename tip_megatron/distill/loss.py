@@ -86,6 +86,9 @@ class Preselection:
     labels: Optional[torch.Tensor] = None
     """[b*s] int64 quadrant labels under the global statistics (needed by a `quantile`
     quadrant rule; None: labels are computed at the output layer, fixed rule only)."""
+    finite: bool = True
+    """Whether every statistic the pre-pass scored was finite (`build_signals`); False makes
+    the loss NaN, so the trainer skips the update as it does when the loss path scores."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ class LossPathOutput:
     """Selection metric sums (see tip.metrics); None in the scoring pre-pass."""
     labels: Optional[torch.Tensor] = None
     """[b*s] int64 quadrant labels the metrics used; None in the scoring pre-pass."""
+    finite: bool = True
+    """Whether the statistics scored here were finite (read by the pre-pass's caller)."""
 
 
 @dataclass(frozen=True)
@@ -224,7 +229,7 @@ def _signals_and_kept(hidden_flat, weight, ctx: MicrobatchContext, spec: Distill
         if spec.score_only:
             raise ValueError("the scoring pre-pass got micro-batches that were already scored")
         labels = pre.labels if pre.labels is not None else selection_labels(spec.selection, pre.signals)
-        return pre.signals, pre.kept_mask, labels, True
+        return pre.signals, pre.kept_mask, labels, pre.finite
     signals, finite = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
     if spec.score_only:
         return signals, None, None, finite
@@ -242,7 +247,7 @@ def make_output_processor(spec: DistillSpec):
         hidden_flat = _flat(hidden_states)
         signals, kept, labels, finite = _signals_and_kept(hidden_flat, weight, ctx, spec)
         if kept is None:
-            return LossPathOutput(hidden_states.new_zeros(()), signals)
+            return LossPathOutput(hidden_states.new_zeros(()), signals, finite=finite)
         loss_sum = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp)
         if not finite:  # the trainer skips an update whose loss is not finite, on every rank
             loss_sum = loss_sum + float("nan")
@@ -260,7 +265,8 @@ def loss_func(out: LossPathOutput):
     micro-batch's products, handed back through the schedule's return value.
     """
     if out.kept_mask is None:  # scoring pre-pass: no loss, only the signals
-        return out.loss_sum, torch.zeros((), dtype=torch.int), {"signals": out.signals}
+        return out.loss_sum, torch.zeros((), dtype=torch.int), {"signals": out.signals,
+                                                                 "finite": out.finite}
     num_kept = int(out.kept_mask.sum())
     report = {"distill": torch.stack([out.loss_sum.detach().clone().double(),
                                       torch.tensor(float(num_kept), dtype=torch.float64,

@@ -20,7 +20,7 @@ from tip_megatron import launch, parallel, platform
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
 from tip_megatron.distill.loss import DistillSpec
 from tip_megatron.distill.step import (
-    make_contexts, scoring_from_generation, scoring_pass, select_prepass, student_pass,
+    Scored, make_contexts, scoring_from_generation, scoring_pass, select_prepass, student_pass,
     teacher_hidden_states, teacher_output_weight, with_preselection,
 )
 from tip_megatron.rollout.consistency import gap_metrics
@@ -168,19 +168,20 @@ def global_preselection(run: Run, mbs: list, contexts: list, shape: dict, rollou
         return contexts
     with run.timers("student"):
         if run.cfg.selection.prepass_from_generation:
-            signals = _generation_signals(run, mbs, contexts, rollouts)
+            scored = _generation_signals(run, mbs, contexts, rollouts)
         else:
-            signals = scoring_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
+            scored = scoring_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
     if not run.groups.is_last_stage:
         return contexts
-    masks, labels = select_prepass(run.cfg.selection, signals, run.groups.dp_group, step=run.step)
-    return with_preselection(contexts, signals, masks, labels)
+    masks, labels = select_prepass(run.cfg.selection, scored.signals, run.groups.dp_group, step=run.step)
+    # scored.finite: a non-finite statistic makes the loss NaN, so `_should_skip` skips it
+    return with_preselection(contexts, scored.signals, masks, labels, scored.finite)
 
 
-def _generation_signals(run: Run, mbs: list, contexts: list, rollouts) -> list:
-    """The pre-pass's signals from `rollouts.response_hidden` (last stage; [] elsewhere)."""
+def _generation_signals(run: Run, mbs: list, contexts: list, rollouts) -> Scored:
+    """The pre-pass's signals from `rollouts.response_hidden` (last stage; empty elsewhere)."""
     if not run.groups.is_last_stage:
-        return []
+        return Scored([], [])
     if rollouts is None or rollouts.response_hidden is None:
         raise ValueError("selection.prepass_source=generation: these rollouts kept no hidden states")
     rows = response_rows(rollouts.response_lengths, mbs, first_rollout_id=run.groups.dp_rank * rollouts.num_rows)

@@ -1,0 +1,75 @@
+"""A non-finite TIP signal skips the update under every scope: one teacher hidden state
+set to inf makes that micro-batch's statistics non-finite; the loss path turns that into a
+NaN loss and `_should_skip` skips the update on every rank. Scope `global` (q3, div_topk,
+random, the entropy rules) scores in a pre-pass, whose `finite` flag must reach the loss:
+checked through the real `train_step` for scope `rollout` (the reference behaviour), and
+scope `global` with both pre-pass sources, at DP=1 and DP=2 (the inf on one replica only).
+
+Tiny random models (CPU, gloo), character tokenizer, addition prompts.
+"""
+import pytest
+import torch
+
+from tip_megatron.config import load_config
+from tip_megatron.testing.distributed import run_distributed
+
+
+def _overrides(assets, **extra):
+    base = {
+        "student.ckpt": assets / "student", "teacher.ckpt": assets / "teacher",
+        "data.prompts": f"[{assets / 'prompts.jsonl'}]", "data.tokenizer": "char",
+        "data.prompts_per_step": 4, "data.max_prompt_len": 16, "rollout.max_new_tokens": 4,
+        "selection.rule": "div_topk", "selection.rho": 0.5,
+        "optim.lr": 0.003, "optim.warmup_steps": 0, "train.steps": 4,
+        "train.micro_batch_size": 2, "train.max_skipped_steps": 3, "logging.log_every": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _step_with_inf(overrides, poison_rank):
+    """Rank body: one clean step, then one with an inf in a teacher hidden state at a
+    response position of the first micro-batch (on DP rank `poison_rank` only); returns
+    (metrics of both steps, whether the weights changed in each, skip counters)."""
+    from tip_megatron.train import trainer
+
+    run = trainer.setup(load_config(None, overrides))
+    real = trainer.teacher_hidden_states
+    poison = {"on": False}
+
+    def teacher_with_inf(*args, **kwargs):
+        hidden = real(*args, **kwargs)
+        if poison["on"] and run.groups.dp_rank == poison_rank:
+            mb = args[2][0]
+            b, t = mb.target_mask.nonzero()[0].tolist()
+            hidden[0][t, b, 0] = float("inf")  # [s, b, h]
+        return hidden
+
+    trainer.teacher_hidden_states = teacher_with_inf
+    out = []
+    try:
+        for step in range(2):
+            poison["on"] = step == 1
+            before = [p.detach().clone() for c in run.ddp for p in c.parameters()]
+            metrics = trainer.train_step(run)
+            run.step += 1
+            after = [p.detach() for c in run.ddp for p in c.parameters()]
+            changed = any(not torch.equal(a, b) for a, b in zip(before, after))
+            out.append((metrics["loss_sum"], metrics["skipped"], changed))
+    finally:
+        trainer.teacher_hidden_states = real
+    return out, run.num_skipped, run.skip_streak
+
+
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["dp1", "dp2"])
+@pytest.mark.parametrize("scope,source", [
+    ("rollout", "recompute"), ("global", "recompute"), ("global", "generation")])
+def test_inf_teacher_hidden_state_skips_the_update(opd_assets, world, scope, source):
+    overrides = _overrides(opd_assets, **{"selection.scope": scope, "selection.prepass_source": source})
+    results = run_distributed(_step_with_inf, world, args=(overrides, world - 1))
+    for steps, num_skipped, streak in results:  # every rank alike
+        (loss0, skipped0, changed0), (loss1, skipped1, changed1) = steps
+        assert torch.isfinite(torch.tensor(loss0)) and skipped0 == 0 and changed0
+        assert not torch.isfinite(torch.tensor(loss1)), (scope, source, loss1)
+        assert skipped1 == 1 and not changed1
+        assert (num_skipped, streak) == (1, 1)  # counted toward train.max_skipped_steps
