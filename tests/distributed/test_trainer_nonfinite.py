@@ -73,3 +73,49 @@ def test_inf_teacher_hidden_state_skips_the_update(opd_assets, world, scope, sou
         assert not torch.isfinite(torch.tensor(loss1)), (scope, source, loss1)
         assert skipped1 == 1 and not changed1
         assert (num_skipped, streak) == (1, 1)  # counted toward train.max_skipped_steps
+
+
+def _signalled_after_a_skipped_update(overrides):
+    """Rank body: `loop` with checkpoints every step; step 2's teacher pass gets an inf (so
+    its update is skipped and its save refused) and the exit signal arrives during it.
+    Returns what rank 0 printed."""
+    import contextlib
+    import io
+    import os
+    import signal
+
+    from tip_megatron.train import trainer
+
+    run = trainer.setup(load_config(None, overrides))
+    real = trainer.teacher_hidden_states
+
+    def teacher_with_inf(*args, **kwargs):
+        hidden = real(*args, **kwargs)
+        if run.step == 1:
+            hidden[0][:, :, 0] = float("inf")
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return hidden
+
+    trainer.teacher_hidden_states = teacher_with_inf
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            trainer.loop(run)
+    finally:
+        trainer.teacher_hidden_states = real
+    return printed.getvalue(), run.step, run.num_skipped
+
+
+@pytest.mark.parametrize("scope", ["rollout", "global"])
+def test_stop_report_after_a_skipped_update_names_the_checkpoint_on_disk(opd_assets, tmp_path, scope):
+    ckdir = tmp_path / "ck"
+    overrides = _overrides(opd_assets, **{"selection.scope": scope, "checkpoint.dir": ckdir,
+                                          "checkpoint.save_every": 1, "train.exit_signal": "[SIGUSR1]"})
+    printed, step, num_skipped = run_distributed(_signalled_after_a_skipped_update, 1, args=(overrides,))[0]
+    assert (step, num_skipped) == (2, 1)
+    lines = [x for x in printed.splitlines() if x.startswith("received SIGUSR1")]
+    assert len(lines) == 1, printed
+    newest = ckdir / "step_000001"
+    assert [p.name for p in ckdir.iterdir() if p.name.startswith("step_")] == [newest.name]
+    assert lines[0] == ("received SIGUSR1: stopped after step 2, nothing saved (the last update was "
+                        f"skipped); newest checkpoint: {newest}; exiting 0")

@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -67,6 +68,8 @@ class Run:
     """Skipped updates in this launch."""
     last_update: Any = None
     """(micro-batches, contexts, shape) of the last update: `save` checks the new weights on them."""
+    save_refused: str = ""
+    """Why the last `save` wrote nothing ('' = it saved)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -336,17 +339,19 @@ def train_step(run: Run) -> dict:
 
 
 # ------------------------------------------------------------------ loop
-def save(run: Run) -> None:
+def save(run: Run) -> Optional[Path]:
     """Save a checkpoint unless the weights are suspect: the last update was skipped, or
     the weights it produced give a non-finite loss on its own first micro-batch (an update
-    to finite but huge weights, e.g. optim.lr=1e10, only shows in the next forward)."""
+    to finite but huge weights, e.g. optim.lr=1e10, only shows in the next forward).
+    Returns the saved step directory, or None when refused (`run.save_refused` says why)."""
     c = run.cfg.checkpoint
     why = "the last update was skipped" if run.skip_streak else _check_new_weights(run)
+    run.save_refused = why
     if why:
         if run.groups.rank == 0:
             logger.warning("step %d: checkpoint not saved (%s); the checkpoints under %s are "
                            "unchanged", run.step, why, c.dir)
-        return
+        return None
     start = time.perf_counter()
     path = ckpt.save_checkpoint(
         c.dir, run.step, run.ddp, run.optimizer, run.scheduler, run.groups,
@@ -356,6 +361,7 @@ def save(run: Run) -> None:
     if run.progress is not None:
         run.progress.checkpoint(path, time.perf_counter() - start)
     export.after_save(run)  # model_meta/ once; HF export every checkpoint.export_hf_every
+    return Path(path)
 
 
 def _check_new_weights(run: Run) -> str:
@@ -407,10 +413,11 @@ def loop(state: Run) -> None:
             if state.progress is not None:
                 state.progress.step(state.step, metrics, logged)
         preempted = signalled.requested(next(state.ddp[0].parameters()).device)
+        saved = None
         if c.dir and ((c.save_every and state.step % c.save_every == 0) or state.step == stop or preempted):
-            save(state)
+            saved = save(state)
         if preempted:
-            _report_stop(state, signalled)
+            _report_stop(state, signalled, saved)
             break
     signalled.close()
     if state.progress is not None:
@@ -418,7 +425,14 @@ def loop(state: Run) -> None:
     state.log.close()
 
 
-def _report_stop(state: Run, signalled: StopOnSignal) -> None:
-    saved = str(ckpt.step_dir(state.cfg.checkpoint.dir, state.step)) if state.cfg.checkpoint.dir else None
-    if state.groups.rank == 0:
-        print(signalled.report(state.step, saved), flush=True)
+def _report_stop(state: Run, signalled: StopOnSignal, saved: Optional[Path]) -> None:
+    """Rank 0 prints the checkpoint `save` wrote, or why it wrote none and the newest one."""
+    if state.groups.rank != 0:
+        return
+    root = state.cfg.checkpoint.dir
+    if saved is not None or not root:
+        print(signalled.report(state.step, str(saved) if saved else None), flush=True)
+        return
+    newest = ckpt.latest_checkpoint(root)
+    print(signalled.report(state.step, None, not_saved=state.save_refused,
+                           newest=str(newest) if newest else None), flush=True)
