@@ -191,7 +191,8 @@ def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec
 
 def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec,
               *, sequence_parallel: bool = False):
-    """Sum of the reverse KL over kept positions, with grad to hidden and weight.
+    """(sum of `loss.divergence` over kept positions, with grad to hidden and weight; the
+    detached [num kept] per-token divergence, for the metrics' `q*_loss_share`).
 
     sequence_parallel: `hidden_flat` comes from `gather_sequence`, whose backward
     reduce-scatters the hidden state's gradient; the loss op must not all-reduce it too.
@@ -202,10 +203,9 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
     kwargs = ({"chunk_size": spec.loss.chunk_size,
                "divergence": Divergence(spec.loss.divergence, spec.loss.jsd_beta)}
               if spec.loss.impl == "fused" else {})
-    loss_sum, _ = fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
-                     tp_group=spec.tp_group, vocab_size=spec.vocab_size,
-                     reduce_hidden_grad=not sequence_parallel, **kwargs)
-    return loss_sum
+    return fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
+              tp_group=spec.tp_group, vocab_size=spec.vocab_size,
+              reduce_hidden_grad=not sequence_parallel, **kwargs)
 
 
 def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[torch.Tensor, bool]:
@@ -248,10 +248,10 @@ def make_output_processor(spec: DistillSpec):
         signals, kept, labels, finite = _signals_and_kept(hidden_flat, weight, ctx, spec)
         if kept is None:
             return LossPathOutput(hidden_states.new_zeros(()), signals, finite=finite)
-        loss_sum = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp)
+        loss_sum, token_loss = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp)
         if not finite:  # the trainer skips an update whose loss is not finite, on every rank
             loss_sum = loss_sum + float("nan")
-        return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels),
+        return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels, token_loss),
                               labels)
 
     return output_processor
