@@ -5,6 +5,10 @@ random, the entropy rules) scores in a pre-pass, whose `finite` flag must reach 
 checked through the real `train_step` for scope `rollout` (the reference behaviour), and
 scope `global` with both pre-pass sources, at DP=1 and DP=2 (the inf on one replica only).
 
+Also what the trainer reports around such a step: the stop line after a skipped update
+(a refused save names the newest checkpoint on disk, no directory that does not exist),
+and the step's throughput and response length over every DP replica.
+
 Tiny random models (CPU, gloo), character tokenizer, addition prompts.
 """
 import pytest
@@ -119,3 +123,37 @@ def test_stop_report_after_a_skipped_update_names_the_checkpoint_on_disk(opd_ass
     assert [p.name for p in ckdir.iterdir() if p.name.startswith("step_")] == [newest.name]
     assert lines[0] == ("received SIGUSR1: stopped after step 2, nothing saved (the last update was "
                         f"skipped); newest checkpoint: {newest}; exiting 0")
+
+
+def _step_metrics_and_rollouts(overrides):
+    """Rank body: one real train_step; (its metrics, this replica's response lengths)."""
+    from tip_megatron.train import trainer
+
+    run = trainer.setup(load_config(None, overrides))
+    real, seen = trainer.rollouts, []
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out.response_lengths.clone())
+        return out
+
+    trainer.rollouts = recording
+    try:
+        metrics = trainer.train_step(run)
+    finally:
+        trainer.rollouts = real
+    return metrics, seen[0].tolist()
+
+
+def test_throughput_and_response_len_count_every_replica(opd_assets):
+    """DP=2: `response_len` is the mean over both replicas' rollouts, `tokens_per_s` their
+    summed response tokens over the step time (not rank 0's alone, not x dp_size)."""
+    overrides = _overrides(opd_assets, **{"rollout.max_new_tokens": 12, "rollout.n": 2,
+                                          "data.prompts_per_step": 8, "selection.rule": "soft_or"})
+    results = run_distributed(_step_metrics_and_rollouts, 2, args=(overrides,))
+    lengths = [lens for _, lens in results]
+    assert sum(lengths[0]) != sum(lengths[1]), lengths  # the replicas' responses differ
+    every = lengths[0] + lengths[1]
+    for metrics, _ in results:  # every rank computes the same values
+        assert metrics["response_len"] == pytest.approx(sum(every) / len(every), rel=1e-12)
+        assert metrics["tokens_per_s"] * metrics["step_s"] == pytest.approx(sum(every), rel=1e-9)

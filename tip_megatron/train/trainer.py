@@ -329,13 +329,24 @@ def train_step(run: Run) -> dict:
         metrics["loss_updates"] = [m["loss"] for _, m in updates]
         metrics["loss_last_update"] = updates[-1][1]["loss"]
         metrics["skipped"] = sum(m["skipped"] for _, m in updates)
-    tokens = float(out.response_mask.sum()) * run.groups.dp_size
+    tokens, rows = _global_response_counts(run, out)
     elapsed = time.perf_counter() - start
     metrics.update(tokens_per_s=tokens / elapsed, step_s=elapsed, peak_mem_mib=peak_memory_mib(),
-                   response_len=float(out.response_lengths.float().mean()), **run.timers.metrics())
+                   response_len=tokens / rows, **run.timers.metrics())
     if out.logprob_gap is not None:
         metrics.update(gap_metrics(out.logprob_gap, run.groups.dp_group))
     return metrics
+
+
+def _global_response_counts(run: Run, out) -> tuple[float, float]:
+    """(response tokens, rollouts) of the global batch: summed over the DP replicas, whose
+    response lengths differ (one tiny all-reduce on every rank: the logging rank need not
+    be on the last stage, where the metric reduction runs)."""
+    local = torch.stack([out.response_lengths.sum().double(),
+                         torch.tensor(float(out.response_lengths.numel()), dtype=torch.float64,
+                                      device=out.response_lengths.device)])
+    tokens, rows = all_reduce_sum(local, run.groups.dp_group).tolist()
+    return tokens, rows
 
 
 # ------------------------------------------------------------------ loop
