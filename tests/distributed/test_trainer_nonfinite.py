@@ -16,6 +16,7 @@ import torch
 
 from tip_megatron.config import load_config
 from tip_megatron.testing.distributed import run_distributed
+from tip_megatron.train.checkpoint import latest_checkpoint
 
 
 def _overrides(assets, **extra):
@@ -79,10 +80,10 @@ def test_inf_teacher_hidden_state_skips_the_update(opd_assets, world, scope, sou
         assert (num_skipped, streak) == (1, 1)  # counted toward train.max_skipped_steps
 
 
-def _signalled_after_a_skipped_update(overrides):
-    """Rank body: `loop` with checkpoints every step; step 2's teacher pass gets an inf (so
-    its update is skipped and its save refused) and the exit signal arrives during it.
-    Returns what rank 0 printed."""
+def _signalled_in_step_2(overrides, poisoned):
+    """Rank body: `loop` with checkpoints every step; the exit signal arrives during step
+    2, whose teacher pass gets an inf when `poisoned` (so its update is skipped and its
+    save refused). Returns what rank 0 printed."""
     import contextlib
     import io
     import os
@@ -96,7 +97,8 @@ def _signalled_after_a_skipped_update(overrides):
     def teacher_with_inf(*args, **kwargs):
         hidden = real(*args, **kwargs)
         if run.step == 1:
-            hidden[0][:, :, 0] = float("inf")
+            if poisoned:
+                hidden[0][:, :, 0] = float("inf")
             os.kill(os.getpid(), signal.SIGUSR1)
         return hidden
 
@@ -115,7 +117,7 @@ def test_stop_report_after_a_skipped_update_names_the_checkpoint_on_disk(opd_ass
     ckdir = tmp_path / "ck"
     overrides = _overrides(opd_assets, **{"selection.scope": scope, "checkpoint.dir": ckdir,
                                           "checkpoint.save_every": 1, "train.exit_signal": "[SIGUSR1]"})
-    printed, step, num_skipped = run_distributed(_signalled_after_a_skipped_update, 1, args=(overrides,))[0]
+    printed, step, num_skipped = run_distributed(_signalled_in_step_2, 1, args=(overrides, True))[0]
     assert (step, num_skipped) == (2, 1)
     lines = [x for x in printed.splitlines() if x.startswith("received SIGUSR1")]
     assert len(lines) == 1, printed
@@ -157,3 +159,16 @@ def test_throughput_and_response_len_count_every_replica(opd_assets):
     for metrics, _ in results:  # every rank computes the same values
         assert metrics["response_len"] == pytest.approx(sum(every) / len(every), rel=1e-12)
         assert metrics["tokens_per_s"] * metrics["step_s"] == pytest.approx(sum(every), rel=1e-9)
+
+
+def test_stop_report_after_a_good_update_names_the_saved_checkpoint(opd_assets, tmp_path):
+    ckdir = tmp_path / "ck"
+    overrides = _overrides(opd_assets, **{"checkpoint.dir": ckdir, "checkpoint.save_every": 1,
+                                          "train.exit_signal": "[SIGUSR1]"})
+    printed, step, num_skipped = run_distributed(_signalled_in_step_2, 1, args=(overrides, False))[0]
+    assert (step, num_skipped) == (2, 0)
+    lines = [x for x in printed.splitlines() if x.startswith("received SIGUSR1")]
+    saved = ckdir / "step_000002"
+    assert lines == [f"received SIGUSR1: stopped after step 2, saved checkpoint {saved}; continue "
+                     "with checkpoint.resume=auto; exiting 0"], printed
+    assert latest_checkpoint(ckdir) == saved  # complete, on disk
