@@ -160,9 +160,10 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto (newest in dir if any), none, or a checkpoint path."""
     export_hf_every: int = 0
-    """Also write an HF export (`<dir>/hf/step_000010/`, loads in transformers) at every
-    N-th step that saves a checkpoint (0: off; `tip-megatron convert mcore-to-hf` on a step
-    directory does it at any time)."""
+    """Also write an HF export (`<dir>/hf/step_000010/`, loads in transformers) of each
+    checkpoint saved at a step that is a multiple of N (step % N == 0; a step that saves
+    nothing exports nothing, so save_every should divide N) (0: off; `tip-megatron convert
+    mcore-to-hf` on a step directory does it at any time)."""
 
 
 @dataclass(frozen=True)

@@ -91,11 +91,11 @@ def _stages(args):
             state["hidden"] = teacher_hidden_states(teacher, g, batches, **shape)
         elif stage == "prepass":
             ctx = make_contexts(g, batches, state["hidden"], teacher_output_weight(teacher))
-            state["ctx"], state["signals"] = ctx, scoring_pass(ddp, g, batches, ctx, spec, **shape)
+            state["ctx"], state["signals"] = ctx, scoring_pass(ddp, g, batches, ctx, spec, **shape).signals
         elif stage == "prepass_gen":
             r = state["rollouts"]
             state["signals_gen"] = scoring_from_generation(
-                ddp, g, state["ctx"], spec, r.response_hidden, response_rows(r.response_lengths, batches, 0))
+                ddp, g, state["ctx"], spec, r.response_hidden, response_rows(r.response_lengths, batches, 0)).signals
         elif stage == "trunk":
             with torch.no_grad():
                 pipeline.forward_backward(trunk, ddp, batches, g, forward_only=True, **shape)

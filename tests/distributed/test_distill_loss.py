@@ -89,7 +89,7 @@ def _tip(layout, s_full, t_full, selection, impl, empty_rows=()):
     spec = DistillSpec(selection, LossConfig(impl=impl, chunk_size=7), STUDENT.vocab_size, g.tp_group)
     calls = _count_stats_calls()
     if selection.needs_prepass:
-        signals = scoring_pass(ddp, g, mbs, contexts, spec, **shape)
+        signals = scoring_pass(ddp, g, mbs, contexts, spec, **shape).signals
         if g.is_last_stage:
             masks, labels = select_prepass(selection, signals, g.dp_group, step=spec.step)
             contexts = with_preselection(contexts, signals, masks, labels)

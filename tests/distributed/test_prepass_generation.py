@@ -134,8 +134,8 @@ def _one_batch(run, rule: dict) -> dict:
     hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
     weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
     contexts = make_contexts(run.groups, mbs, hidden, weight)
-    recomputed = scoring_pass(run.ddp, run.groups, mbs, contexts, trainer._spec(run), **shape)
-    generated = trainer._generation_signals(run, mbs, contexts, out)
+    recomputed = scoring_pass(run.ddp, run.groups, mbs, contexts, trainer._spec(run), **shape).signals
+    generated = trainer._generation_signals(run, mbs, contexts, out).signals
     if not run.groups.is_last_stage:
         return {}
     assert out.response_hidden is None  # released once scored

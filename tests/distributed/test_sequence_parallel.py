@@ -91,7 +91,7 @@ def _run(tp, pp, num_mb, sp, impl, selection):
                        STUDENT.vocab_size, g.tp_group)
     with _spy_gathers() as gathered:  # the student's gathers only (scoring and loss)
         if selection.scope == "global":
-            signals = scoring_pass(ddp, g, mbs, contexts, spec, **shape)
+            signals = scoring_pass(ddp, g, mbs, contexts, spec, **shape).signals
             if g.is_last_stage:
                 contexts = with_preselection(contexts, signals, select_global(selection, signals, g.dp_group))
         reports = student_pass(ddp, g, mbs, contexts, spec, **shape)

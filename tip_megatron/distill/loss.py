@@ -86,6 +86,9 @@ class Preselection:
     labels: Optional[torch.Tensor] = None
     """[b*s] int64 quadrant labels under the global statistics (needed by a `quantile`
     quadrant rule; None: labels are computed at the output layer, fixed rule only)."""
+    finite: bool = True
+    """Whether every statistic the pre-pass scored was finite (`build_signals`); False makes
+    the loss NaN, so the trainer skips the update as it does when the loss path scores."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ class LossPathOutput:
     """Selection metric sums (see tip.metrics); None in the scoring pre-pass."""
     labels: Optional[torch.Tensor] = None
     """[b*s] int64 quadrant labels the metrics used; None in the scoring pre-pass."""
+    finite: bool = True
+    """Whether the statistics scored here were finite (read by the pre-pass's caller)."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,8 @@ def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec
 
 def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec,
               *, sequence_parallel: bool = False):
-    """Sum of the reverse KL over kept positions, with grad to hidden and weight.
+    """(sum of `loss.divergence` over kept positions, with grad to hidden and weight; the
+    detached [num kept] per-token divergence, for the metrics' `q*_loss_share`).
 
     sequence_parallel: `hidden_flat` comes from `gather_sequence`, whose backward
     reduce-scatters the hidden state's gradient; the loss op must not all-reduce it too.
@@ -197,10 +203,9 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
     kwargs = ({"chunk_size": spec.loss.chunk_size,
                "divergence": Divergence(spec.loss.divergence, spec.loss.jsd_beta)}
               if spec.loss.impl == "fused" else {})
-    loss_sum, _ = fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
-                     tp_group=spec.tp_group, vocab_size=spec.vocab_size,
-                     reduce_hidden_grad=not sequence_parallel, **kwargs)
-    return loss_sum
+    return fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
+              tp_group=spec.tp_group, vocab_size=spec.vocab_size,
+              reduce_hidden_grad=not sequence_parallel, **kwargs)
 
 
 def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[torch.Tensor, bool]:
@@ -224,7 +229,7 @@ def _signals_and_kept(hidden_flat, weight, ctx: MicrobatchContext, spec: Distill
         if spec.score_only:
             raise ValueError("the scoring pre-pass got micro-batches that were already scored")
         labels = pre.labels if pre.labels is not None else selection_labels(spec.selection, pre.signals)
-        return pre.signals, pre.kept_mask, labels, True
+        return pre.signals, pre.kept_mask, labels, pre.finite
     signals, finite = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
     if spec.score_only:
         return signals, None, None, finite
@@ -242,11 +247,11 @@ def make_output_processor(spec: DistillSpec):
         hidden_flat = _flat(hidden_states)
         signals, kept, labels, finite = _signals_and_kept(hidden_flat, weight, ctx, spec)
         if kept is None:
-            return LossPathOutput(hidden_states.new_zeros(()), signals)
-        loss_sum = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp)
+            return LossPathOutput(hidden_states.new_zeros(()), signals, finite=finite)
+        loss_sum, token_loss = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp)
         if not finite:  # the trainer skips an update whose loss is not finite, on every rank
             loss_sum = loss_sum + float("nan")
-        return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels),
+        return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels, token_loss),
                               labels)
 
     return output_processor
@@ -260,7 +265,8 @@ def loss_func(out: LossPathOutput):
     micro-batch's products, handed back through the schedule's return value.
     """
     if out.kept_mask is None:  # scoring pre-pass: no loss, only the signals
-        return out.loss_sum, torch.zeros((), dtype=torch.int), {"signals": out.signals}
+        return out.loss_sum, torch.zeros((), dtype=torch.int), {"signals": out.signals,
+                                                                 "finite": out.finite}
     num_kept = int(out.kept_mask.sum())
     report = {"distill": torch.stack([out.loss_sum.detach().clone().double(),
                                       torch.tensor(float(num_kept), dtype=torch.float64,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -36,6 +36,15 @@ class Microbatch:
     """[b, s] bool: the token at t+1 is a response token (position t is in the loss)."""
     rollout_ids: torch.Tensor
     """[b] int64 global rollout ids."""
+
+
+class Scored(NamedTuple):
+    """The scoring pre-pass's output for this rank's micro-batches (last stage)."""
+
+    signals: list[TokenSignals]
+    """Per micro-batch signals (non-finite statistics zeroed, see `build_signals`)."""
+    finite: list[bool]
+    """Per micro-batch: whether every scored statistic was finite (`with_preselection`)."""
 
 
 def _hidden_only(tp_group, *, hidden_states, output_layer, **_):
@@ -115,13 +124,13 @@ def scoring_pass(
     student_chunks: Sequence[torch.nn.Module], groups: ParallelGroups,
     microbatches: Sequence[Microbatch], contexts: Sequence[MicrobatchContext | None],
     spec: DistillSpec, *, seq_length: int, micro_batch_size: int,
-) -> list[TokenSignals]:
+) -> Scored:
     """Forward-only scoring pre-pass (scope `global`): this rank's micro-batch signals on
-    the last stage (an empty list on other stages). Nothing is selected or learned."""
+    the last stage (empty lists on other stages). Nothing is selected or learned."""
     reports = student_pass(student_chunks, groups, microbatches, contexts,
                            replace(spec, score_only=True), seq_length=seq_length,
                            micro_batch_size=micro_batch_size, forward_only=True)
-    return [r["signals"] for r in reports]
+    return Scored([r["signals"] for r in reports], [bool(r["finite"]) for r in reports])
 
 
 @torch.no_grad()
@@ -129,7 +138,7 @@ def scoring_from_generation(
     student_chunks: Sequence[torch.nn.Module], groups: ParallelGroups,
     contexts: Sequence[MicrobatchContext | None], spec: DistillSpec,
     response_hidden: torch.Tensor | None, student_rows: Sequence[torch.Tensor],
-) -> list[TokenSignals]:
+) -> Scored:
     """The scoring pre-pass without a student forward (`selection.prepass_source=generation`):
     the same no-grad vocab-parallel scoring as `scoring_pass`, on the student's final hidden
     states the generation engine kept (`Rollouts.response_hidden` [response tokens, h]),
@@ -137,15 +146,16 @@ def scoring_from_generation(
     `response_hidden` at micro-batch i's target positions, in order
     (`train.batches.response_rows`). Last stage only (an empty list elsewhere)."""
     if not groups.is_last_stage:
-        return []
+        return Scored([], [])
     if response_hidden is None:
         raise ValueError("selection.prepass_source=generation: the rollouts carry no hidden states "
                          "(generate with keep_hidden=True)")
     if len(student_rows) != len(contexts):
         raise ValueError(f"{len(student_rows)} row sets for {len(contexts)} micro-batches")
     weight = output_weight(student_chunks)
-    return [build_signals(response_hidden, weight, ctx, spec, student_rows=rows)[0]
-            for ctx, rows in zip(contexts, student_rows)]
+    scored = [build_signals(response_hidden, weight, ctx, spec, student_rows=rows)
+              for ctx, rows in zip(contexts, student_rows)]
+    return Scored([s for s, _ in scored], [f for _, f in scored])
 
 
 def select_prepass(
@@ -161,14 +171,18 @@ def select_prepass(
 def with_preselection(
     contexts: Sequence[MicrobatchContext], signals: Sequence[TokenSignals],
     kept_masks: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None = None,
+    finite: Sequence[bool] | None = None,
 ) -> list[MicrobatchContext]:
     """New contexts carrying the pre-pass's signals, kept masks (and quadrant labels): the
-    student pass then neither scores nor selects again."""
+    student pass then neither scores nor selects again. `finite` (`Scored.finite`; None:
+    all finite) marks micro-batches whose scored statistics were not finite: their loss is
+    NaN, so the update is skipped as when the loss path scores itself."""
     if not len(contexts) == len(signals) == len(kept_masks):
         raise ValueError(f"{len(contexts)} contexts, {len(signals)} signals, {len(kept_masks)} kept masks")
     labels = [None] * len(contexts) if labels is None else labels
-    return [replace(c, preselection=Preselection(s, m, q))
-            for c, s, m, q in zip(contexts, signals, kept_masks, labels)]
+    finite = [True] * len(contexts) if finite is None else finite
+    return [replace(c, preselection=Preselection(s, m, q, bool(f)))
+            for c, s, m, q, f in zip(contexts, signals, kept_masks, labels, finite)]
 
 
 def make_contexts(

@@ -6,8 +6,9 @@ Shapes: inputs `[tokens]`; sums are 0-dim float64 tensors keyed by `METRIC_SUM_K
     sums = sum_metric_sums([selection_metric_sums(s, kept, labels) for ...])
     report = finalize(all_reduce_metric_sums(sums, dp_group))
 
-The loss of a token is its reverse KL if kept, else 0; `q*_loss_share` splits the step's
-loss sum by quadrant.
+The loss of a token is the divergence the loss trains (`loss.divergence`: the reverse KL,
+the forward KL or the JSD; the loss op's per-token values, `token_loss`) if kept, else 0;
+`q*_loss_share` splits the step's loss sum by quadrant (the shares sum to 1).
 """
 from __future__ import annotations
 
@@ -31,9 +32,13 @@ METRIC_SUM_KEYS = (
 
 
 def selection_metric_sums(
-    signals: TokenSignals, kept_mask: torch.Tensor, labels: torch.Tensor
+    signals: TokenSignals, kept_mask: torch.Tensor, labels: torch.Tensor,
+    token_loss: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
-    """Sums and counts of one micro-batch; `labels` from `quadrant_labels`. Nothing kept is fine."""
+    """Sums and counts of one micro-batch; `labels` from `quadrant_labels`. Nothing kept is fine.
+
+    token_loss: [num kept] per-token loss of the kept tokens in token order (the loss op's
+    second output); None: the reverse KL of `signals` (the loss under `reverse_kl`)."""
     resp = signals.response_mask
     if kept_mask.shape != resp.shape or kept_mask.dtype != torch.bool:
         raise ValueError(f"kept_mask: must be a bool [tokens] tensor like response_mask, "
@@ -49,10 +54,23 @@ def selection_metric_sums(
         for name, attr in _SIGNALS:
             values = getattr(signals, attr).double()
             sums[f"sum_{name}_{part}"] = torch.where(mask, values, 0.0).sum()
-    rkl = signals.reverse_kl.double()
+    loss = _token_loss(signals, kept_mask, token_loss)
     for q, quadrant in zip(_Q, QUADRANTS):
-        sums[f"loss_{q}"] = torch.where(kept_mask & (labels == int(quadrant)), rkl, 0.0).sum()
+        sums[f"loss_{q}"] = torch.where(kept_mask & (labels == int(quadrant)), loss, 0.0).sum()
     return {k: sums[k].double() for k in METRIC_SUM_KEYS}
+
+
+def _token_loss(signals: TokenSignals, kept_mask: torch.Tensor, token_loss) -> torch.Tensor:
+    """[tokens] float64 loss of each token (0 where not kept)."""
+    if token_loss is None:
+        return signals.reverse_kl.double()
+    num_kept = int(kept_mask.sum())
+    if token_loss.dim() != 1 or token_loss.numel() != num_kept:
+        raise ValueError(f"token_loss: must be a 1-D tensor of the {num_kept} kept tokens' "
+                         f"losses, got shape {tuple(token_loss.shape)}")
+    full = torch.zeros(kept_mask.numel(), dtype=torch.float64, device=kept_mask.device)
+    full[kept_mask] = token_loss.detach().double().to(kept_mask.device)
+    return full
 
 
 def sum_metric_sums(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -80,10 +98,11 @@ def finalize(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     n_all, n_kept = sums["num_response"], sums["num_kept"]
     out = {"num_response": float(n_all), "num_kept": float(n_kept),
            "kept_fraction": _ratio(n_kept, n_all)}
+    loss_kept = sum(sums[f"loss_{q}"] for q in _Q)  # every kept token has one quadrant
     for q in _Q:
         out[f"{q}_fraction_all"] = _ratio(sums[f"num_{q}_all"], n_all)
         out[f"{q}_fraction_kept"] = _ratio(sums[f"num_{q}_kept"], n_kept)
-        out[f"{q}_loss_share"] = _ratio(sums[f"loss_{q}"], sums["sum_reverse_kl_kept"])
+        out[f"{q}_loss_share"] = _ratio(sums[f"loss_{q}"], loss_kept)
     for name, _ in _SIGNALS:
         out[f"mean_{name}_all"] = _ratio(sums[f"sum_{name}_all"], n_all)
         out[f"mean_{name}_kept"] = _ratio(sums[f"sum_{name}_kept"], n_kept)

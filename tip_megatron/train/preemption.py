@@ -104,11 +104,17 @@ class StopOnSignal:
             self.received = signal.Signals(int(flag.item()))  # another rank's signal
         return bool(flag.item())
 
-    def report(self, step: int, saved: Optional[str]) -> str:
-        """The line a stopping run prints (rank 0)."""
+    def report(self, step: int, saved: Optional[str], not_saved: str = "checkpoint.dir is not set",
+               newest: Optional[str] = None) -> str:
+        """The line a stopping run prints (rank 0): the checkpoint saved now, or why none
+        was (`not_saved`) and the newest one on disk (`newest`, None: there is none)."""
         name = self.received.name if self.received is not None else "a signal"
-        where = (f"saved checkpoint {saved}; continue with checkpoint.resume=auto" if saved
-                 else "nothing saved (checkpoint.dir is not set)")
+        if saved:
+            where = f"saved checkpoint {saved}; continue with checkpoint.resume=auto"
+        elif newest:
+            where = f"nothing saved ({not_saved}); newest checkpoint: {newest}"
+        else:
+            where = f"nothing saved ({not_saved}); no checkpoint on disk"
         return f"received {name}: stopped after step {step}, {where}; exiting 0"
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -20,7 +21,7 @@ from tip_megatron import launch, parallel, platform
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
 from tip_megatron.distill.loss import DistillSpec
 from tip_megatron.distill.step import (
-    make_contexts, scoring_from_generation, scoring_pass, select_prepass, student_pass,
+    Scored, make_contexts, scoring_from_generation, scoring_pass, select_prepass, student_pass,
     teacher_hidden_states, teacher_output_weight, with_preselection,
 )
 from tip_megatron.rollout.consistency import gap_metrics
@@ -69,6 +70,8 @@ class Run:
     """Skipped updates in this launch."""
     last_update: Any = None
     """(micro-batches, contexts, shape) of the last update: `save` checks the new weights on them."""
+    save_refused: str = ""
+    """Why the last `save` wrote nothing ('' = it saved)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -170,19 +173,20 @@ def global_preselection(run: Run, mbs: list, contexts: list, shape: dict, rollou
         return contexts
     with run.timers("student"):
         if run.cfg.selection.prepass_from_generation:
-            signals = _generation_signals(run, mbs, contexts, rollouts)
+            scored = _generation_signals(run, mbs, contexts, rollouts)
         else:
-            signals = scoring_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
+            scored = scoring_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
     if not run.groups.is_last_stage:
         return contexts
-    masks, labels = select_prepass(run.cfg.selection, signals, run.groups.dp_group, step=run.step)
-    return with_preselection(contexts, signals, masks, labels)
+    masks, labels = select_prepass(run.cfg.selection, scored.signals, run.groups.dp_group, step=run.step)
+    # scored.finite: a non-finite statistic makes the loss NaN, so `_should_skip` skips it
+    return with_preselection(contexts, scored.signals, masks, labels, scored.finite)
 
 
-def _generation_signals(run: Run, mbs: list, contexts: list, rollouts) -> list:
-    """The pre-pass's signals from `rollouts.response_hidden` (last stage; [] elsewhere)."""
+def _generation_signals(run: Run, mbs: list, contexts: list, rollouts) -> Scored:
+    """The pre-pass's signals from `rollouts.response_hidden` (last stage; empty elsewhere)."""
     if not run.groups.is_last_stage:
-        return []
+        return Scored([], [])
     if rollouts is None or rollouts.response_hidden is None:
         raise ValueError("selection.prepass_source=generation: these rollouts kept no hidden states")
     rows = response_rows(rollouts.response_lengths, mbs, first_rollout_id=run.groups.dp_rank * rollouts.num_rows)
@@ -327,27 +331,40 @@ def train_step(run: Run) -> dict:
         metrics["loss_updates"] = [m["loss"] for _, m in updates]
         metrics["loss_last_update"] = updates[-1][1]["loss"]
         metrics["skipped"] = sum(m["skipped"] for _, m in updates)
-    tokens = float(out.response_mask.sum()) * run.groups.dp_size
+    tokens, rows = _global_response_counts(run, out)
     elapsed = time.perf_counter() - start
     metrics.update(tokens_per_s=tokens / elapsed, step_s=elapsed, peak_mem_mib=peak_memory_mib(),
-                   response_len=float(out.response_lengths.float().mean()), **run.timers.metrics())
+                   response_len=tokens / rows, **run.timers.metrics())
     if out.logprob_gap is not None:
         metrics.update(gap_metrics(out.logprob_gap, run.groups.dp_group))
     return metrics
 
 
+def _global_response_counts(run: Run, out) -> tuple[float, float]:
+    """(response tokens, rollouts) of the global batch: summed over the DP replicas, whose
+    response lengths differ (one tiny all-reduce on every rank: the logging rank need not
+    be on the last stage, where the metric reduction runs)."""
+    local = torch.stack([out.response_lengths.sum().double(),
+                         torch.tensor(float(out.response_lengths.numel()), dtype=torch.float64,
+                                      device=out.response_lengths.device)])
+    tokens, rows = all_reduce_sum(local, run.groups.dp_group).tolist()
+    return tokens, rows
+
+
 # ------------------------------------------------------------------ loop
-def save(run: Run) -> None:
+def save(run: Run) -> Optional[Path]:
     """Save a checkpoint unless the weights are suspect: the last update was skipped, or
     the weights it produced give a non-finite loss on its own first micro-batch (an update
-    to finite but huge weights, e.g. optim.lr=1e10, only shows in the next forward)."""
+    to finite but huge weights, e.g. optim.lr=1e10, only shows in the next forward).
+    Returns the saved step directory, or None when refused (`run.save_refused` says why)."""
     c = run.cfg.checkpoint
     why = "the last update was skipped" if run.skip_streak else _check_new_weights(run)
+    run.save_refused = why
     if why:
         if run.groups.rank == 0:
             logger.warning("step %d: checkpoint not saved (%s); the checkpoints under %s are "
                            "unchanged", run.step, why, c.dir)
-        return
+        return None
     start = time.perf_counter()
     path = ckpt.save_checkpoint(
         c.dir, run.step, run.ddp, run.optimizer, run.scheduler, run.groups,
@@ -357,6 +374,7 @@ def save(run: Run) -> None:
     if run.progress is not None:
         run.progress.checkpoint(path, time.perf_counter() - start)
     export.after_save(run)  # model_meta/ once; HF export every checkpoint.export_hf_every
+    return Path(path)
 
 
 def _check_new_weights(run: Run) -> str:
@@ -408,10 +426,11 @@ def loop(state: Run) -> None:
             if state.progress is not None:
                 state.progress.step(state.step, metrics, logged)
         preempted = signalled.requested(next(state.ddp[0].parameters()).device)
+        saved = None
         if c.dir and ((c.save_every and state.step % c.save_every == 0) or state.step == stop or preempted):
-            save(state)
+            saved = save(state)
         if preempted:
-            _report_stop(state, signalled)
+            _report_stop(state, signalled, saved)
             break
     signalled.close()
     if state.progress is not None:
@@ -419,7 +438,14 @@ def loop(state: Run) -> None:
     state.log.close()
 
 
-def _report_stop(state: Run, signalled: StopOnSignal) -> None:
-    saved = str(ckpt.step_dir(state.cfg.checkpoint.dir, state.step)) if state.cfg.checkpoint.dir else None
-    if state.groups.rank == 0:
-        print(signalled.report(state.step, saved), flush=True)
+def _report_stop(state: Run, signalled: StopOnSignal, saved: Optional[Path]) -> None:
+    """Rank 0 prints the checkpoint `save` wrote, or why it wrote none and the newest one."""
+    if state.groups.rank != 0:
+        return
+    root = state.cfg.checkpoint.dir
+    if saved is not None or not root:
+        print(signalled.report(state.step, str(saved) if saved else None), flush=True)
+        return
+    newest = ckpt.latest_checkpoint(root)
+    print(signalled.report(state.step, None, not_saved=state.save_refused,
+                           newest=str(newest) if newest else None), flush=True)
