@@ -74,6 +74,8 @@ def _cases(tmp: Path) -> dict:
         "prompt field": ([f"data.prompts=[{tmp / 'wrong_field.jsonl'}]"],
                          "first record has none of the fields ['prompt', 'messages']"),
         "tokenizer path": (["data.tokenizer=/nonexistent/tok"], "data.tokenizer='/nonexistent/tok'"),
+        "no chat template": (["data.apply_chat_template=true", f"data.prompts=[{tmp / 'good.jsonl'}]"],
+                             "data.apply_chat_template=true: "),
         "heads vs tp": (["parallel.tp=3"], "does not divide num_attention_heads=4; accepted tp: [1, 2, 4]"),
         "layers vs pp": (["parallel.pp=4"], "pipeline stages pp*vpp = 4 exceed num_layers=2"),
         "positions": (["rollout.max_new_tokens=12"], "20 tokens exceed the student's max_position_embeddings=16"),
@@ -142,7 +144,7 @@ def test_each_kind_is_refused_in_process(tmp_path):
 
 LAUNCHED = ["unknown key", "wrong type", "config file", "model path", "hf without config.json",
             "unsupported family", "ckpt without meta", "vocab mismatch", "prompt file missing",
-            "prompt field", "heads vs tp", "layers vs pp", "positions", "world vs layout",
+            "prompt field", "no chat template", "heads vs tp", "layers vs pp", "positions", "world vs layout",
             "prompts vs dp"]
 
 

@@ -224,7 +224,21 @@ def check_tokenizer(cfg: RunConfig, vocab_size: int):
         raise PreflightError("data.tokenizer", f"the tokenizer has {tok.vocab_size} tokens but the "
                              f"models' shared vocabulary is {vocab_size}",
                              f"a tokenizer of at most {vocab_size} tokens (the models' own)")
+    if cfg.data.apply_chat_template and (cfg.data.prompts or cfg.eval.prompts):
+        _check_chat_template(tok)
     return tok
+
+
+def _check_chat_template(tok) -> None:
+    """Prompt files rendered through the chat template: render one message now, so a
+    tokenizer without a template stops here rather than on every rank at the first batch."""
+    try:
+        tok.apply_chat_template([{"role": "user", "content": "1+1="}])
+    except ValueError as err:
+        raise PreflightError("data.apply_chat_template=true", str(err).split(";")[0],
+                             "a tokenizer with a chat template (tokenizer_config.json "
+                             "chat_template), or data.apply_chat_template=false for plain "
+                             "prompts") from None
 
 
 def load_run_tokenizer(cfg: RunConfig):
