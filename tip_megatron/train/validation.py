@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch.distributed as dist
 
+from tip_megatron.config import EvalConfig
 from tip_megatron.eval import PromptCounts, Sample, count_prompts, get_grader, grade_samples, summarize
 from tip_megatron.eval.metrics import EvalSummary
 
@@ -30,14 +31,15 @@ logger = logging.getLogger(__name__)
 class ValidationSpec:
     """How to sample and grade (the run config's `eval` section minus `every`/`prompts`)."""
 
-    n: int = 4
-    temperature: float = 1.0
-    max_new_tokens: int = 256
-    grader: str = "math"
+    # The defaults are the config's (`EvalConfig`, documented there), so the two cannot drift.
+    n: int = EvalConfig.n
+    temperature: float = EvalConfig.temperature
+    max_new_tokens: int = EvalConfig.max_new_tokens
+    grader: str = EvalConfig.grader
     grader_options: Mapping[str, Any] = field(default_factory=dict)
-    pass_k: Optional[int] = None
-    batch_size: int = 16
-    seed: int = 4321
+    pass_k: Optional[int] = EvalConfig.pass_k
+    batch_size: int = EvalConfig.batch_size
+    seed: int = EvalConfig.seed
 
     @classmethod
     def from_config(cls, e) -> "ValidationSpec":
