@@ -58,5 +58,14 @@ setup(
         # the Dockerfile installs this, never `te`.
         "gpu": [*_HF, *_PLOT, "wandb"],
     },
-    entry_points={"console_scripts": ["tip-megatron=tip_megatron.cli:main"]},
+    entry_points={
+        "console_scripts": ["tip-megatron=tip_megatron.apps.cli:main"],
+        # The built-in model sources (`student.builtin=...`): the model-source registry
+        # finds providers only through this group, so it never imports an application.
+        "tip_megatron.builtin_models": [
+            "quickstart-teacher = tip_megatron.apps.quickstart.builtin_models:teacher",
+            "quickstart-student = tip_megatron.apps.quickstart.builtin_models:student",
+            "quickstart-chain-student = tip_megatron.apps.quickstart.builtin_models:chain_student",
+        ],
+    },
 )

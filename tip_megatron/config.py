@@ -11,6 +11,7 @@ writes it to `<checkpoint.dir>/config.yaml` and saves it with every checkpoint
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,12 +21,58 @@ from typing import Any, Optional, Sequence, Union
 import yaml
 
 from tip_megatron.distill.loss import LossConfig
-from tip_megatron.models.sources import ModelSource, builtin_model
-from tip_megatron.parallel import ParallelLayout
+from tip_megatron.checkpoint.sources import ModelSource, builtin_model
+from tip_megatron.runtime.parallel import ParallelLayout
 from tip_megatron.rollout.generate import SamplingConfig
 from tip_megatron.tip import QuadrantRule, SelectionConfig
-from tip_megatron.train.optimizer import OptimConfig
-from tip_megatron.train.preemption import parse_signals
+from tip_megatron.runtime.signals import parse_signals
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + cosine schedule. Defaults follow the TIP paper's student runs (lr 1e-6)."""
+
+    lr: float = 1e-6
+    """Peak learning rate (after warm-up)."""
+    min_lr: float = 0.0
+    """Floor of the cosine decay."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to `lr` over this many optimizer steps."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay, constant over the run."""
+    adam_beta1: float = 0.9
+    """Adam's first-moment decay, in [0, 1)."""
+    adam_beta2: float = 0.999
+    """Adam's second-moment decay, in [0, 1)."""
+    adam_eps: float = 1e-8
+    """Adam's denominator epsilon (numerical safety)."""
+    clip_grad: float = 1.0
+    """Global grad-norm clip (0 disables)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (megatron's distributed optimizer)."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and all-reduce grads in fp32 even when params are bf16."""
+    overlap_grad_reduce: bool = False
+    """Overlap the DP grad reduce-scatter with backward (GPU; off on CPU/gloo)."""
+
+    def validate(self) -> None:
+        # NaN fails every comparison: each check is written so that NaN (and inf) is refused.
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"optim.lr={self.lr}: must be a finite number > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr}: must be in [0, optim.lr={self.lr}]")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
+        if not 0 <= self.clip_grad < math.inf:
+            raise ValueError(f"optim.clip_grad={self.clip_grad}: must be a finite number >= 0 (0 disables)")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"optim.weight_decay={self.weight_decay}: must be a finite number >= 0")
+        # eps = 0 turns a parameter that never got a gradient (m = v = 0) into 0/0 = NaN.
+        if not 0 < self.adam_eps < math.inf:
+            raise ValueError(f"optim.adam_eps={self.adam_eps}: must be a finite number > 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name}={getattr(self, name)}: must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -55,11 +102,11 @@ class ModelOptions:
 
     def validate(self) -> None:
         """Values, then (when FP8 is asked for) whether this machine can run it."""
-        from tip_megatron import platform
+        from tip_megatron.runtime.optional import FP8_RECIPE_MIN_CAPABILITY, check_fp8
 
         choices = {"spec": ("auto", "local", "te"), "dtype": ("auto", "bf16", "fp32"),
                    "fp8": (None, "hybrid", "e4m3"), "teacher_fp8": (None, "hybrid", "e4m3"),
-                   "fp8_recipe": tuple(platform.FP8_RECIPE_MIN_CAPABILITY),
+                   "fp8_recipe": tuple(FP8_RECIPE_MIN_CAPABILITY),
                    "fp8_amax_compute_algo": ("most_recent", "max"),
                    "recompute_granularity": (None, "selective", "full")}
         for name, accepted in choices.items():
@@ -74,7 +121,7 @@ class ModelOptions:
             if self.spec == "local":
                 raise ValueError(f"model.{name}={getattr(self, name)!r} needs the Transformer "
                                  "Engine layer spec: set model.spec=te or auto")
-            platform.check_fp8(self.fp8_recipe, f"model.{name}")
+            check_fp8(self.fp8_recipe, f"model.{name}")
 
     @property
     def params_dtype(self) -> Optional["torch.dtype"]:

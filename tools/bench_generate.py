@@ -100,8 +100,8 @@ def _hf_model(family: str, cfg: dict):
 
 
 def _engine(hf, tp: int = 1):
-    from tip_megatron import parallel
-    from tip_megatron.convert.mapping import all_rules
+    from tip_megatron.runtime import parallel
+    from tip_megatron.checkpoint.hf.mapping import all_rules
     from tip_megatron.models import BuildOptions, build_model
     from tip_megatron.models.arch import ModelArch
     from tip_megatron.models.state import load_full_state_dict
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
             results[(name, "hf", 1)] = _hf(hf, w, cfg)
         for system in ("static", "dynamic", "dynamic_budget"):
             results[(name, system, 1)] = _ours(engine, w, system, cfg)
-    from tip_megatron import parallel
+    from tip_megatron.runtime import parallel
 
     parallel.destroy()
     if not args.no_tp2:

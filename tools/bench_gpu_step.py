@@ -134,14 +134,15 @@ class StepBench:
     """The student (bf16 on GPU), its optimizer and the step's inputs."""
 
     def __init__(self, cfg: StepConfig) -> None:
-        from tip_megatron import parallel, platform
+        from tip_megatron.runtime import parallel
+        from tip_megatron.runtime.device import current_device
         from tip_megatron.models import build_model
         from tip_megatron.models.arch import ModelArch
         from tip_megatron.models.build import BuildOptions
 
         self.cfg = cfg
         self.groups = parallel.initialize(parallel.ParallelLayout(), seed=cfg.seed)
-        self.device = platform.current_device()
+        self.device = current_device()
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         longest = cfg.prompt + max(cfg.responses)
         self.arch = ModelArch(family="qwen3", vocab_size=cfg.vocab, hidden_size=cfg.hidden,
@@ -194,7 +195,7 @@ class StepBench:
 
     def fwd_bwd(self, row: Optional[Row], inputs: tuple) -> int:
         """Zero grads, then the schedule's fwd + bwd; row None = a trivial loss."""
-        from tip_megatron import pipeline
+        from tip_megatron.runtime import pipeline
 
         for chunk in self.ddp:
             chunk.zero_grad_buffer()
@@ -373,11 +374,11 @@ def config_from_args(args: argparse.Namespace) -> StepConfig:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    from tip_megatron import platform
+    from tip_megatron.runtime.device import default_backend, quiet_third_party_warnings
 
-    platform.quiet_third_party_warnings()
+    quiet_third_party_warnings()
     args = parse_args(argv)
-    if not args.tiny and not platform.default_backend().is_cuda:
+    if not args.tiny and not default_backend().is_cuda:
         raise SystemExit("bench_gpu_step: the Qwen3-4B shape needs a CUDA GPU; use --tiny on the CPU")
     result = run(config_from_args(args), log=lambda line: print(line, flush=True))
     table = markdown(result)

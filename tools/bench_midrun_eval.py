@@ -26,8 +26,8 @@ RUN_STEPS = 240  # the quickstart's default: 8 mid-run evaluations (every 30 ste
 
 
 def _measure(tp: int, steps: int, evals: int, out: str) -> dict:
-    from tip_megatron.quickstart.command import run_config
-    from tip_megatron.quickstart.evaluation import evaluate
+    from tip_megatron.apps.quickstart.command import run_config
+    from tip_megatron.apps.quickstart.evaluation import evaluate
     from tip_megatron.train import trainer
 
     args = SimpleNamespace(rule="soft_or", rho=0.5, steps=RUN_STEPS, tp=tp, out=out, overrides=[])

@@ -34,7 +34,7 @@ import torch
 
 
 def _stages(args):
-    from tip_megatron import parallel, pipeline
+    from tip_megatron.runtime import parallel, pipeline
     from tip_megatron.distill.loss import DistillSpec, LossConfig
     from tip_megatron.distill.step import (
         make_contexts, scoring_from_generation, scoring_pass, select_prepass, student_pass,
@@ -139,7 +139,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    from tip_megatron.launch import run_forked
+    from tip_megatron.runtime.processes import run_forked
 
     ms, agree = run_forked(_stages, 1, args=(args,), timeout_s=1800)[0]
     out = dict(vars(args), ms=ms, **agree, prepass_over_train=ms["prepass"] / ms["train"],

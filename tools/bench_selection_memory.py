@@ -183,7 +183,7 @@ class Bench:
     """The student (DDP + AdamW), one micro-batch and the teacher's inputs, built once."""
 
     def __init__(self, cfg: BenchConfig) -> None:
-        from tip_megatron import parallel
+        from tip_megatron.runtime import parallel
         from tip_megatron.models import build_model
         from tip_megatron.models.arch import ModelArch
         from tip_megatron.models.build import BuildOptions
@@ -238,7 +238,7 @@ class Bench:
 
     def step(self, row: Row) -> int:
         """One training step for `row`; returns the number of kept tokens."""
-        from tip_megatron import pipeline
+        from tip_megatron.runtime import pipeline
 
         for chunk in self.ddp:
             chunk.zero_grad_buffer()
@@ -531,9 +531,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     # The profiler replay counts CPU allocator events: this benchmark runs on the CPU.
     os.environ["TIP_MEGATRON_DEVICE"] = "cpu"
-    from tip_megatron import platform
+    from tip_megatron.runtime.device import quiet_third_party_warnings
 
-    platform.quiet_third_party_warnings()
+    quiet_third_party_warnings()
     cfg = config_from_args(args)
     print(f"config: {json.dumps(asdict(cfg))}", flush=True)
     rows = run(cfg, bench_rows(args.modes, args.rules, args.rhos, cfg.score_chunks),

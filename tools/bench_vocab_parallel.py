@@ -181,9 +181,9 @@ def _step_fn(case: Case, x: dict[str, torch.Tensor], group: Any) -> Callable[[],
 def _setup(case: Case) -> Any:
     """The TP group (= the world of this benchmark). megatron's CE gets the group
     explicitly, so its global parallel state is not needed, only the CPU redirects."""
-    from tip_megatron import platform as tip_platform
 
-    tip_platform.apply_cpu_compat()
+    from tip_megatron.runtime.megatron_compat import apply_cpu_compat  # the benchmark alone needs it
+    apply_cpu_compat()
     dist.init_process_group("gloo")
     return dist.group.WORLD
 

@@ -7,7 +7,7 @@ See docs/convert.md.
 """
 import sys
 
-from tip_megatron.convert.cli import main
+from tip_megatron.apps.convert_cmd import main
 
 if __name__ == "__main__":  # dist_checkpointing's writer spawns a process: keep the guard
     sys.exit(main())

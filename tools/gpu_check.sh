@@ -52,11 +52,12 @@ if [ -d wheels ]; then
 fi
 python - <<'PY' | tee "$OUT/env.txt" || exit 1
 import sys, torch, triton, megatron.core, tip_megatron
-from tip_megatron import platform
+from tip_megatron.runtime.device import cuda_capability
+from tip_megatron.runtime.optional import optional_deps
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
-      "gpus", torch.cuda.device_count(), "capability", platform.cuda_capability())
+      "gpus", torch.cuda.device_count(), "capability", cuda_capability())
 print("megatron-core", megatron.core.__version__, "triton", triton.__version__,
-      "optional deps", platform.optional_deps())
+      "optional deps", optional_deps())
 PY
 echo "install+env seconds=$(( $(date +%s) - start_all ))" | tee -a "$OUT/summary.txt"
 

@@ -6,12 +6,12 @@ from functools import partial
 
 import pytest
 
-from tip_megatron import parallel, pipeline
+from tip_megatron.runtime import parallel, pipeline
 from tip_megatron.models import build_model
 from tip_megatron.models.lm import lm_batches, lm_forward_step
 from tip_megatron.testing.distributed import run_distributed
 from tip_megatron.testing.models import tiny_arch
-from tip_megatron.train import checkpoint as ckpt_lib
+from tip_megatron.checkpoint import training as ckpt_lib
 from tip_megatron.train.optimizer import OptimConfig, build_optimizer, wrap_ddp
 
 

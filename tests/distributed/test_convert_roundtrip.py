@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tip_megatron import parallel, pipeline
-from tip_megatron.convert import ImportOptions, mcore_to_hf
-from tip_megatron.convert.hf_io import HFCheckpoint
-from tip_megatron.convert.importer import LazyFullState, import_rank, preload_for_fork
+from tip_megatron.runtime import parallel, pipeline
+from tip_megatron.checkpoint.hf import ImportOptions, mcore_to_hf
+from tip_megatron.checkpoint.hf.hf_io import HFCheckpoint
+from tip_megatron.checkpoint.hf.importer import LazyFullState, import_rank, preload_for_fork
 from tip_megatron.testing.hf_models import LLAMA3_ROPE, hf_logits, tiny_hf_model
 from tip_megatron.models import BuildOptions, ModelArch, build_model
-from tip_megatron.models.checkpoint import (
+from tip_megatron.checkpoint.model import (
     load_model_checkpoint, read_meta, save_model_checkpoint, stored_key, stored_metadata,
 )
 from tip_megatron.models.state import gather_full_state_dict
@@ -100,7 +100,7 @@ def _convert_and_run(layout, workdir, previous, input_ids):
 def _checkpoint_errors(workdir, groups):
     """Loading into another architecture, refusing to overwrite, and a save that fails
     half way leaving the existing checkpoint intact. Returns {case: message}."""
-    import tip_megatron.models.checkpoint as mckpt
+    import tip_megatron.checkpoint.model as mckpt
 
     ckpt = _ckpt(workdir, "qwen3", (1, 1))
     arch = ModelArch.from_hf_config(workdir / "hf" / "qwen3")
@@ -269,7 +269,7 @@ def test_cli_round_trip(converted, tmp_path, capsys):
     """The user path: `tip-megatron convert hf-to-mcore` (spawning 2 ranks itself) and back."""
     from safetensors.torch import load_file
 
-    from tip_megatron.cli import main
+    from tip_megatron.apps.cli import main
 
     src = converted[0] / "hf" / "qwen2_tied"
     (src / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')

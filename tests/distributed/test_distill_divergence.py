@@ -6,7 +6,7 @@ keeps (selection signals are the paper's statistics whatever the loss is).
 import pytest
 import torch
 
-from tip_megatron import parallel
+from tip_megatron.runtime import parallel
 from tip_megatron.distill.loss import DistillSpec, LossConfig
 from tip_megatron.distill.step import (
     Microbatch, make_contexts, student_pass, teacher_hidden_states, teacher_output_weight,

@@ -17,7 +17,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from tip_megatron import parallel
+from tip_megatron.runtime import parallel
 from tip_megatron.distill.loss import DistillSpec, LossConfig
 from tip_megatron.distill import loss as loss_module
 from tip_megatron.distill.step import (
@@ -30,7 +30,8 @@ from tip_megatron.models.init import init_full_state
 from tip_megatron.testing.distributed import run_distributed
 from tip_megatron.testing.models import tiny_arch
 from tip_megatron.tip import SelectionConfig
-from tip_megatron.train.optimizer import OptimConfig, wrap_ddp
+from tip_megatron.config import OptimConfig
+from tip_megatron.train.optimizer import wrap_ddp
 
 ROWS, SEQ = 8, 12
 STUDENT = tiny_arch("qwen3")

@@ -23,7 +23,7 @@ NEW = 8
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from tip_megatron.rollout.tokenizers import load_tokenizer
+    from tip_megatron.data.tokenizers import load_tokenizer
 
     work = tmp_path_factory.mktemp("generate_cli")
     hf = imported_hf_model(work / "hf", work / "ckpt", seed=3, corpus=CORPUS)
@@ -62,7 +62,7 @@ def test_greedy_matches_transformers_one_process_and_dp2(setup):
 
 
 def test_sampled_under_tp2(setup):
-    from tip_megatron.rollout.tokenizers import load_tokenizer
+    from tip_megatron.data.tokenizers import load_tokenizer
 
     work, _ = setup
     lines = _run(work, 2, "sampled.jsonl", "--tp", "2", "--n", "2", "--temperature", "0.8",

@@ -49,7 +49,7 @@ def _hf_model(family: str):
 
 def _hf_to_full(hf, arch):
     """HF state dict -> the engine's full naming, through the converter's name tables."""
-    from tip_megatron.convert.mapping import rules_of
+    from tip_megatron.checkpoint.hf.mapping import rules_of
 
     sd = hf.state_dict()
     full = {}
@@ -87,7 +87,7 @@ def models():
 
 
 def _generate_all(models, layouts, families):
-    from tip_megatron import parallel
+    from tip_megatron.runtime import parallel
     from tip_megatron.models import BuildOptions, build_model
     from tip_megatron.models.state import load_full_state_dict
     from tip_megatron.rollout.generate import GenerationConfig, generate

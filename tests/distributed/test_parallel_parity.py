@@ -11,7 +11,7 @@ from functools import partial
 import pytest
 import torch
 
-from tip_megatron import parallel, pipeline
+from tip_megatron.runtime import parallel, pipeline
 from tip_megatron.models import build_model
 from tip_megatron.models.lm import lm_batches, lm_forward_step
 from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from tip_megatron import cli
+from tip_megatron.apps import cli
 from tip_megatron.testing.assets import opd_assets, tiny_run_overrides, train_history
 from tip_megatron.testing.distributed import run_distributed
 
 matplotlib = pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
 from matplotlib.image import imread  # noqa: E402
 
-from tip_megatron.plots import curves, token_dump  # noqa: E402
-from tip_megatron.plots.scatter import token_scatter_figure  # noqa: E402
+from tip_megatron.apps.plots import curves
+from tip_megatron.train import dump_file as token_dump  # noqa: E402
+from tip_megatron.apps.plots.scatter import token_scatter_figure  # noqa: E402
 
 STEPS = 4
 
@@ -143,7 +144,7 @@ def test_without_matplotlib_one_line_naming_the_extra(tmp_path):
     import sys
 
     code = ("import sys; sys.modules['matplotlib'] = None\n"  # as if not installed
-            "from tip_megatron import cli; sys.exit(cli.main(['plot', sys.argv[1]]))\n")
+            "from tip_megatron.apps import cli; sys.exit(cli.main(['plot', sys.argv[1]]))\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2

@@ -50,12 +50,12 @@ def _student_update(run, mbs, contexts, shape, want_grads):
 def _opd_run(overrides, rollouts=None, want_grads=False, steps=STEPS):
     """`steps` trainer steps (with `rollouts` replayed when given): per-step losses, kept
     masks, the rollouts used, and (want_grads) the first step's main grads; all on the CPU."""
-    from tip_megatron import platform
+    from tip_megatron.runtime.device import current_device
     from tip_megatron.distill.step import make_contexts, teacher_hidden_states, teacher_output_weight
     from tip_megatron.train import trainer
 
     run = trainer.setup(load_config(None, overrides))
-    device = platform.current_device()
+    device = current_device()
     dtype = next(run.ddp[0].parameters()).dtype
     attention_calls = _count_core_attention_calls(run.ddp)
     losses, kept, used, grads = [], [], [], None

@@ -41,9 +41,9 @@ def assets(opd_assets):
 
 
 def _make_student4(out):
-    from tip_megatron import parallel
+    from tip_megatron.runtime import parallel
     from tip_megatron.models import build_model
-    from tip_megatron.models.checkpoint import save_model_checkpoint
+    from tip_megatron.checkpoint.model import save_model_checkpoint
     from tip_megatron.models.init import init_full_state
     from tip_megatron.models.state import load_full_state_dict
     from tip_megatron.testing.models import tiny_arch

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from tip_megatron.launch import free_port
+from tip_megatron.runtime.env import free_port
 from tip_megatron.testing.assets import fill_quickstart_cache
 from tip_megatron.testing.distributed import run_distributed
 

@@ -19,10 +19,10 @@ from tip_megatron.testing.distributed import run_distributed
 
 
 def _fill_cache(cache_dir: str) -> list[str]:
-    from tip_megatron import parallel
+    from tip_megatron.runtime import parallel
     from tip_megatron.models import build_model
     from tip_megatron.models.init import init_full_state
-    from tip_megatron.quickstart import chain_task, pretrain, task
+    from tip_megatron.apps.quickstart import chain_task, pretrain, task
 
     g = parallel.initialize(parallel.ParallelLayout())
     written = []
@@ -46,7 +46,7 @@ def study(tmp_path_factory):
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     env = dict(os.environ, TIP_MEGATRON_CACHE=str(cache), OMP_NUM_THREADS="1")
     out = tmp / "study"
-    proc = subprocess.run([sys.executable, "-m", "tip_megatron.cli", "study", "--task", "chain",
+    proc = subprocess.run([sys.executable, "-m", "tip_megatron.apps.cli", "study", "--task", "chain",
                            "--rules", "random@0.5", "--seeds", "1", "--steps", "2", "--tp", "2",
                            "--out", str(out), "train.micro_batch_size=8"],
                           env=env, capture_output=True, text=True, timeout=900)
@@ -91,7 +91,7 @@ def test_report_has_the_chain_columns_and_the_runs_numbers(study):
 
 
 def test_kept_share_per_case_from_the_dumps(study):
-    from tip_megatron.quickstart import task
+    from tip_megatron.apps.quickstart import task
 
     out, _ = study
     run = out / "runs" / "random@0.5" / "seed_0"
@@ -116,7 +116,7 @@ def test_kept_share_per_case_from_the_dumps(study):
 @pytest.mark.parametrize("command", ["quickstart", "study"])
 def test_bad_task_is_one_line(command, tmp_path):
     extra = ["--rules", "all"] if command == "study" else []
-    proc = subprocess.run([sys.executable, "-m", "tip_megatron.cli", command, "--task", "chian",
+    proc = subprocess.run([sys.executable, "-m", "tip_megatron.apps.cli", command, "--task", "chian",
                            *extra, "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -125,8 +125,8 @@ def test_bad_task_is_one_line(command, tmp_path):
 
 
 def _pretrain_chain_student(cache_dir: str) -> dict:
-    from tip_megatron import parallel
-    from tip_megatron.quickstart import chain_task, pretrain
+    from tip_megatron.runtime import parallel
+    from tip_megatron.apps.quickstart import chain_task, pretrain
 
     g = parallel.initialize(parallel.ParallelLayout(tp=2))
     _, info = pretrain.pretrained_model(cache_dir, "chain-student", pretrain.chain_student_arch(),

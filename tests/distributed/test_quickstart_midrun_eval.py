@@ -23,7 +23,7 @@ KEYS = ("A", "B", "clean")
 
 
 def _quickstart(out, every):
-    cmd = [sys.executable, "-m", "tip_megatron.cli", "quickstart", "--steps", "2", "--tp", "1",
+    cmd = [sys.executable, "-m", "tip_megatron.apps.cli", "quickstart", "--steps", "2", "--tp", "1",
            "--eval-every", str(every), "--out", str(out), "logging.log_every=1",
            "optim.warmup_steps=0", f"checkpoint.dir={out / 'ck'}", "checkpoint.save_every=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -32,11 +32,11 @@ def _quickstart(out, every):
 
 
 def _evaluate_steps(ck):
-    from tip_megatron import parallel
+    from tip_megatron.runtime import parallel
     from tip_megatron.models import build_model
-    from tip_megatron.models.sources import ModelSource, load_source_weights
-    from tip_megatron.quickstart import pretrain
-    from tip_megatron.quickstart.evaluation import evaluate
+    from tip_megatron.checkpoint.sources import ModelSource, load_source_weights
+    from tip_megatron.apps.quickstart import pretrain
+    from tip_megatron.apps.quickstart.evaluation import evaluate
 
     groups = parallel.initialize(parallel.ParallelLayout())
     arch = pretrain.student_arch()

@@ -18,7 +18,7 @@ SMOKE_STEPS = 30
 
 
 def _layouts():
-    from tip_megatron.parallel import ParallelLayout
+    from tip_megatron.runtime.parallel import ParallelLayout
 
     return {"tp2": ParallelLayout(tp=2), "tp1_dp2": ParallelLayout(tp=1),
             "pp2": ParallelLayout(pp=2)}
@@ -27,15 +27,15 @@ def _layouts():
 @pytest.fixture(scope="module", autouse=True)
 def _megatron_imported_before_fork():
     import megatron.core.parallel_state  # noqa: F401
-    import tip_megatron.quickstart.pretrain  # noqa: F401
+    import tip_megatron.apps.quickstart.pretrain  # noqa: F401
 
 
 def _smoke(cache_dir: str) -> dict:
-    from tip_megatron import parallel
+    from tip_megatron.runtime import parallel
     from tip_megatron.models import build_model
     from tip_megatron.models.state import load_full_state_dict
-    from tip_megatron.quickstart import pretrain, task
-    from tip_megatron.quickstart.evaluation import evaluate
+    from tip_megatron.apps.quickstart import pretrain, task
+    from tip_megatron.apps.quickstart.evaluation import evaluate
     from tip_megatron.rollout.generate import GenerationConfig, generate
 
     LAYOUTS = _layouts()
@@ -107,8 +107,8 @@ def test_greedy_decoding_is_the_same_at_tp2_tp1_and_pp2(smoke):
 
 
 def _full_recipes(cache_dir: str) -> dict:
-    from tip_megatron import parallel
-    from tip_megatron.quickstart import pretrain
+    from tip_megatron.runtime import parallel
+    from tip_megatron.apps.quickstart import pretrain
 
     g = parallel.initialize(parallel.ParallelLayout(tp=2))
     *_, info = pretrain.pretrained_models(cache_dir, g)

@@ -7,10 +7,10 @@ from tip_megatron.testing.distributed import run_distributed
 
 
 def _lines_and_cached(cache_dir: str) -> tuple[str, list[bool], str, str, str]:
-    from tip_megatron import parallel
-    from tip_megatron.quickstart import pretrain
-    from tip_megatron.quickstart.builtin_models import cache_dir as builtin_cache_dir
-    from tip_megatron.quickstart.builtin_models import set_up_line
+    from tip_megatron.runtime import parallel
+    from tip_megatron.apps.quickstart import pretrain
+    from tip_megatron.apps.quickstart.builtin_models import cache_dir as builtin_cache_dir
+    from tip_megatron.apps.quickstart.builtin_models import set_up_line
 
     empty = set_up_line()
     fill_quickstart_cache(cache_dir)

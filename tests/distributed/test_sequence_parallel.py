@@ -15,7 +15,7 @@ import contextlib
 import pytest
 import torch
 
-from tip_megatron import parallel
+from tip_megatron.runtime import parallel
 from tip_megatron.distill import loss as loss_module
 from tip_megatron.distill.loss import DistillSpec, LossConfig
 from tip_megatron.distill.step import (

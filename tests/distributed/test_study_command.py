@@ -29,7 +29,7 @@ def study_dir(tmp_path_factory):
     run_distributed(fill_quickstart_cache, 1, args=(str(cache),))
     env = dict(os.environ, TIP_MEGATRON_CACHE=str(cache), OMP_NUM_THREADS="1")
     out = tmp / "study"
-    proc = subprocess.run([sys.executable, "-m", "tip_megatron.cli", "study", "--rules", *RULES,
+    proc = subprocess.run([sys.executable, "-m", "tip_megatron.apps.cli", "study", "--rules", *RULES,
                            "--seeds", str(SEEDS), "--steps", "2", "--tp", "1", "--out", str(out),
                            "data.prompts_per_step=32", "train.micro_batch_size=16"],
                           env=env, capture_output=True, text=True, timeout=900)
@@ -117,7 +117,7 @@ def test_plots_are_non_blank_pngs(study_dir):
 
 
 def test_bad_rule_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tip_megatron.cli", "study", "--rules", "q3@2",
+    proc = subprocess.run([sys.executable, "-m", "tip_megatron.apps.cli", "study", "--rules", "q3@2",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert re.fullmatch(r"error: --rules 'q3@2': .*\n", proc.stderr), proc.stderr

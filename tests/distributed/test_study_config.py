@@ -52,15 +52,15 @@ def _config(assets, tmp):
 
 
 def _study(config, out, *extra):
-    return subprocess.run([sys.executable, "-m", "tip_megatron.cli", "study", "--rules", *RULES,
+    return subprocess.run([sys.executable, "-m", "tip_megatron.apps.cli", "study", "--rules", *RULES,
                            "--seeds", str(SEEDS), "--config", str(config), "--out", str(out), *extra],
                           capture_output=True, text=True, timeout=1800)
 
 
 def _make_model(out, hidden, layers, seed):
-    from tip_megatron import parallel
+    from tip_megatron.runtime import parallel
     from tip_megatron.models import build_model
-    from tip_megatron.models.checkpoint import save_model_checkpoint
+    from tip_megatron.checkpoint.model import save_model_checkpoint
     from tip_megatron.models.init import init_full_state
     from tip_megatron.models.state import load_full_state_dict
     from tip_megatron.testing.models import tiny_arch
@@ -90,11 +90,11 @@ def study(tmp_path_factory):
 
 def _recompute(step_dir, rows):
     """Mean@N of the weights saved in `step_dir`, sampled as the validation at that step."""
-    from tip_megatron import parallel
+    from tip_megatron.runtime import parallel
     from tip_megatron.models import build_model
-    from tip_megatron.models.sources import ModelSource, load_source_weights, source_arch
+    from tip_megatron.checkpoint.sources import ModelSource, load_source_weights, source_arch
     from tip_megatron.rollout.generate import GenerationConfig, generate
-    from tip_megatron.rollout.tokenizers import CharTokenizer
+    from tip_megatron.data.tokenizers import CharTokenizer
 
     src = ModelSource(ckpt=str(step_dir))
     arch = source_arch(src)
@@ -140,7 +140,7 @@ def test_table_equals_recomputed_final_accuracy(study):
 
 
 def test_kept_shares_from_dumps_and_from_metrics(study):
-    from tip_megatron.study.config_report import kept_from_metrics
+    from tip_megatron.apps.study.config_report import kept_from_metrics
 
     out, _, _ = study
     table = json.loads((out / "study.json").read_text())

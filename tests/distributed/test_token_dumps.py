@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tip_megatron import cli
-from tip_megatron.plots.token_dump import dump_path, read_token_dump
+from tip_megatron.apps import cli
+from tip_megatron.train.dump_file import dump_path, read_token_dump
 from tip_megatron.testing.assets import opd_assets, tiny_run_overrides, train_history
 from tip_megatron.testing.distributed import run_distributed
 

@@ -79,10 +79,10 @@ def _keep(arch, logits):
 def _engine_logits_and_generate(sources, input_ids, generate_argv, train_overrides):
     """TP=1: logits of each source (built fresh, weights from the source), generate, then
     a training run whose student and teacher are training checkpoints."""
-    from tip_megatron import parallel, pipeline
-    from tip_megatron.cli import main
+    from tip_megatron.runtime import parallel, pipeline
+    from tip_megatron.apps.cli import main
     from tip_megatron.models import BuildOptions, build_model
-    from tip_megatron.models.sources import ModelSource, load_source_weights, source_arch
+    from tip_megatron.checkpoint.sources import ModelSource, load_source_weights, source_arch
 
     groups = parallel.initialize(parallel.ParallelLayout())
     logits = []
@@ -105,8 +105,8 @@ def _engine_logits_and_generate(sources, input_ids, generate_argv, train_overrid
 def test_trained_step_exports_to_transformers_and_samples(work, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tip_megatron.cli import main
-    from tip_megatron.models.checkpoint import model_files
+    from tip_megatron.apps.cli import main
+    from tip_megatron.checkpoint.model import model_files
     from tip_megatron.testing.hf_models import hf_logits
 
     run_dir = tmp_path / "run"

@@ -18,7 +18,7 @@ from tip_megatron.testing.assets import char_spm_model, opd_assets
 from tip_megatron.testing.assets import tiny_run_overrides as _overrides
 from tip_megatron.testing.assets import train_history as _train
 from tip_megatron.testing.distributed import DistributedTestError, free_port, run_distributed
-from tip_megatron.train import checkpoint as ckpt_lib
+from tip_megatron.checkpoint.layout import list_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_tp1_resume_equals_uninterrupted(assets, tmp_path):
     ckdir = tmp_path / "ck"
     first, _ = _losses(run_distributed(_train, 1, args=(_overrides(
         assets, **{"train.steps": 4, "train.exit_after_steps": 2, "checkpoint.dir": ckdir}),)))
-    assert [p.name for p in ckpt_lib.list_checkpoints(ckdir)] == ["step_000002"]
+    assert [p.name for p in list_checkpoints(ckdir)] == ["step_000002"]
     rest, _ = _losses(run_distributed(_train, 1, args=(_overrides(
         assets, **{"train.steps": 4, "checkpoint.dir": ckdir}),)))
     assert first + rest == straight, (first, rest, straight)
@@ -72,7 +72,7 @@ def test_bad_input_fails_before_the_first_step(assets, override, message):
 
 
 def test_tokenizer_mismatch_is_refused(assets, tmp_path):
-    from tip_megatron.rollout.tokenizers import CharTokenizer  # noqa: F401
+    from tip_megatron.data.tokenizers import CharTokenizer  # noqa: F401
 
     tok_a, tok_b = tmp_path / "a.model", tmp_path / "b.model"
     char_spm_model(tok_a, "0123456789+= abc"), char_spm_model(tok_b, "0123456789+= xyz")
@@ -139,7 +139,7 @@ def test_torchrun_tp2_pp2_saves_a_checkpoint(assets, tmp_path):
     losses = [m["loss"] for m in lines]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[1:]) / 2 < losses[0], losses
-    assert [p.name for p in ckpt_lib.list_checkpoints(ckdir)] == ["step_000003"]
+    assert [p.name for p in list_checkpoints(ckdir)] == ["step_000003"]
     # The console of a torchrun job: rank 0's INFO summary once, a progress line per step
     # from the logging rank, a line for the checkpoint; the full config in config.yaml.
     assert out.count(": run: student ckpt ") == 1, out[-4000:]
@@ -176,7 +176,7 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(assets, tmp_path):
             pytest.fail("training ended before the second save: " + (tmp_path / "log.txt").read_text()[-3000:])
         time.sleep(0.05)
     _kill_tree(proc)  # the agent, its worker and the saver processes: a crash, no clean-up
-    complete = ckpt_lib.list_checkpoints(ckdir)
+    complete = list_checkpoints(ckdir)
     assert complete and complete[0].name == "step_000001"
     # the last complete checkpoint loads and resumes
     last = int(complete[-1].name.split("_")[1])

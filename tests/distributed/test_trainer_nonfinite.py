@@ -16,7 +16,7 @@ import torch
 
 from tip_megatron.config import load_config
 from tip_megatron.testing.distributed import run_distributed
-from tip_megatron.train.checkpoint import latest_checkpoint
+from tip_megatron.checkpoint.layout import latest_checkpoint
 
 
 def _overrides(assets, **extra):

@@ -29,8 +29,8 @@ def _hf_model():
 
 
 def _gpu_checks(spec):
-    from tip_megatron import parallel
-    from tip_megatron.convert.mapping import all_rules
+    from tip_megatron.runtime import parallel
+    from tip_megatron.checkpoint.hf.mapping import all_rules
     from tip_megatron.models import BuildOptions, build_model
     from tip_megatron.models.arch import ModelArch
     from tip_megatron.models.state import load_full_state_dict

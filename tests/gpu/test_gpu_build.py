@@ -6,7 +6,7 @@ transformer_engine importable (NGC container); the local-spec bf16 test needs on
 import pytest
 import torch
 
-from tip_megatron import parallel, platform
+from tip_megatron.runtime import parallel
 from tip_megatron.models import BuildOptions, build_model
 from tip_megatron.models.lm import lm_batches
 from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict
@@ -53,7 +53,7 @@ def test_te_spec_bf16_forward_backward():
 def _tp2_cuda_parity(full):
     from functools import partial
 
-    from tip_megatron import pipeline
+    from tip_megatron.runtime import pipeline
     from tip_megatron.models.lm import lm_forward_step
     from tip_megatron.train.optimizer import OptimConfig, wrap_ddp
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 
 from test_precision import _kept_agreement, _opd_run, _overrides, assets  # noqa: E402,F401
 
-from tip_megatron import platform  # noqa: E402
+from tip_megatron.runtime.optional import check_fp8
 from tip_megatron.testing.distributed import run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -27,7 +27,7 @@ FP8_RECIPE = "tensorwise"
 
 def _fp8_usable() -> bool:
     try:
-        platform.check_fp8(FP8_RECIPE, "test")
+        check_fp8(FP8_RECIPE, "test")
     except RuntimeError:
         return False
     return True
@@ -57,7 +57,7 @@ def test_opd_step_on_cuda_matches_cpu_fp32(assets):  # noqa: F811
 
 
 def _te_fp8_vs_bf16():
-    from tip_megatron import parallel
+    from tip_megatron.runtime import parallel
     from tip_megatron.models import BuildOptions, build_model
     from tip_megatron.models.lm import lm_loss
     from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict

@@ -14,8 +14,9 @@ import pytest
 from _reliability_assets import make_assets, overrides, train_capturing, tree_hashes
 from tip_megatron.testing.assets import char_spm_model
 from tip_megatron.testing.distributed import run_distributed
-from tip_megatron.train import checkpoint as ckpt_lib
-from tip_megatron.train import manifest
+from tip_megatron.checkpoint import training as ckpt_lib
+from tip_megatron.checkpoint import manifest
+from tip_megatron.checkpoint.layout import list_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_file_size_limit_during_a_save_says_so_and_keeps_the_previous(assets, tm
     assert len(lines) == 1, proc.stderr[-3000:]
     assert f"checkpoint {ckdir / 'step_000002'} not saved: file size limit exceeded" in lines[0]
     assert "the previous checkpoints are intact" in lines[0]
-    assert [p.name for p in ckpt_lib.list_checkpoints(ckdir)] == ["step_000001"]
+    assert [p.name for p in list_checkpoints(ckdir)] == ["step_000001"]
     assert tree_hashes(ckdir / "step_000001") == before and manifest.verify(ckdir / "step_000001") == []
 
 

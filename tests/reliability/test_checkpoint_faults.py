@@ -12,8 +12,8 @@ import torch
 
 from _reliability_assets import make_assets, overrides, train_capturing, tree_hashes
 from tip_megatron.testing.distributed import run_distributed
-from tip_megatron.train import checkpoint as ckpt_lib
-from tip_megatron.train import manifest
+from tip_megatron.checkpoint import manifest
+from tip_megatron.checkpoint.layout import COMPLETE, MANIFEST, list_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def saved(assets, tmp_path_factory):
         "train.steps": 3, "checkpoint.dir": ckdir, "checkpoint.save_every": 1,
         "checkpoint.keep_last": 0}),))[0]
     assert out["error"] is None, out
-    assert [p.name for p in ckpt_lib.list_checkpoints(ckdir)] == [f"step_00000{i}" for i in (1, 2, 3)]
+    assert [p.name for p in list_checkpoints(ckdir)] == [f"step_00000{i}" for i in (1, 2, 3)]
     return ckdir, [h["loss"] for h in out["history"]]
 
 
@@ -78,7 +78,7 @@ def test_damaged_newest_falls_back_to_the_previous(assets, saved, tmp_path, dama
             continue
         moved = rel.replace("step_000003", "step_000003.damaged", 1)
         assert after[moved] == digest, rel
-    assert (ckdir / "step_000003" / manifest.COMPLETE).is_file()
+    assert (ckdir / "step_000003" / COMPLETE).is_file()
     # metrics.jsonl holds each step once: step 3 of the first launch replaced by this one's
     lines = [json.loads(x) for x in (ckdir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
@@ -115,10 +115,10 @@ def test_pickle_payload_in_state_pt_is_refused_and_not_run(assets, saved, tmp_pa
     state["evil"] = _Payload(str(marker))
     torch.save(state, step / "state.pt")
     # The attacker rewrites the manifest too: only weights_only=True stands in the way.
-    files = json.loads((step / manifest.MANIFEST).read_text())
+    files = json.loads((step / MANIFEST).read_text())
     data = (step / "state.pt").read_bytes()
     files["files"]["state.pt"] = {"size": len(data), "crc32": f"{zlib.crc32(data):08x}", "crc_of": "all"}
-    (step / manifest.MANIFEST).write_text(json.dumps(files))
+    (step / MANIFEST).write_text(json.dumps(files))
     with pytest.raises(pickle.UnpicklingError):
         torch.load(step / "state.pt", weights_only=True)
     assert not marker.exists()
@@ -141,15 +141,15 @@ def test_saved_files_are_plain_and_the_manifest_matches(saved):
     state = torch.load(step / "state.pt", weights_only=True)
     rng = torch.load(step / "rng" / "rank_0.pt", weights_only=True)
     assert state["step"] == 2 and isinstance(rng["torch"], torch.Tensor)
-    recorded = json.loads((step / manifest.MANIFEST).read_text())["files"]
+    recorded = json.loads((step / MANIFEST).read_text())["files"]
     on_disk = {str(p.relative_to(step)) for p in step.rglob("*") if p.is_file()}
-    assert set(recorded) == on_disk - {manifest.MANIFEST, manifest.COMPLETE}
+    assert set(recorded) == on_disk - {MANIFEST, COMPLETE}
     assert all(recorded[k]["size"] == (step / k).stat().st_size for k in recorded)
 
 
 def test_all_damaged_is_an_error_not_a_fresh_start(assets, saved, tmp_path):
     ckdir = _copy(saved, tmp_path)
-    for step in ckpt_lib.list_checkpoints(ckdir):
+    for step in list_checkpoints(ckdir):
         _empty_state(step)
     out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
         "train.steps": 4, "checkpoint.dir": ckdir}),))[0]

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from _reliability_assets import tree_hashes
-from tip_megatron import cli
-from tip_megatron.io_atomic import WRITTEN_BY
-from tip_megatron.models.checkpoint import is_model_checkpoint
+from tip_megatron.apps import cli
+from tip_megatron.runtime.atomic import WRITTEN_BY
+from tip_megatron.checkpoint.model import is_model_checkpoint
 from tip_megatron.testing.hf_models import tiny_hf_model
 
 
@@ -168,7 +168,7 @@ def test_killing_convert_stops_its_ranks_and_keeps_the_old_output(hf_dir, conver
 
     out = converted / "ck"
     before = tree_hashes(out)
-    cmd = [sys.executable, "-m", "tip_megatron.cli", "convert", "hf-to-mcore", "--hf", str(hf_dir),
+    cmd = [sys.executable, "-m", "tip_megatron.apps.cli", "convert", "hf-to-mcore", "--hf", str(hf_dir),
            "--out", str(out), "--tp", "2", "--overwrite"]
     for _ in range(3):
         started = _start_and_wait_for(cmd, when)

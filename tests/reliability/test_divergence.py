@@ -10,8 +10,9 @@ import pytest
 from _reliability_assets import make_assets, overrides, train_capturing, tree_hashes
 from tip_megatron.config import load_config
 from tip_megatron.testing.distributed import run_distributed
-from tip_megatron.train import checkpoint as ckpt_lib
-from tip_megatron.train import manifest
+from tip_megatron.checkpoint import training as ckpt_lib
+from tip_megatron.checkpoint import manifest
+from tip_megatron.checkpoint.layout import list_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_lr_1e10_skips_then_stops_and_saves_nothing_bad(assets, tmp_path, world,
     for step in (3, 4):
         assert any(f"step {step}: update skipped (non-finite loss or TIP signals)" in w for w in warnings)
     # only the good checkpoint is on disk; it verifies, loads and holds finite weights
-    assert [p.name for p in ckpt_lib.list_checkpoints(ckdir)] == ["step_000001"]
+    assert [p.name for p in list_checkpoints(ckdir)] == ["step_000001"]
     assert manifest.verify(ckdir / "step_000001") == []
     before = tree_hashes(ckdir / "step_000001")
     step, bad = run_distributed(_resume_and_check, world, args=(_diverging(assets, ckdir, **layout),))[0]

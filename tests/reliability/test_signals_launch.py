@@ -1,5 +1,5 @@
 """Signals and process trees without a model: the launcher's forwarding and kill of a
-whole job (`launch.supervise`), a rank's helper processes dying with it, the ranks'
+whole job (`supervise`), a rank's helper processes dying with it, the ranks'
 agreement on a stop request (`train.preemption`), and `--help` importing nothing heavy.
 
 Every process involved is real; "gone" is checked by pid (a zombie counts as gone).
@@ -16,8 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tip_megatron import launch
-from tip_megatron.train.preemption import StopOnSignal, parse_signals
+from tip_megatron.runtime.processes import run_forked
+from tip_megatron.runtime.signals import parse_signals
+from tip_megatron.train.preemption import StopOnSignal
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 
@@ -67,8 +68,10 @@ _JOB = textwrap.dedent("""
 
 _LAUNCHER = textwrap.dedent("""
     import sys
-    from tip_megatron import launch
-    rc = launch.supervise([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]],
+    from tip_megatron.apps.launch import supervise
+    from tip_megatron.runtime.env import rank_env
+    from tip_megatron.runtime.processes import run_forked
+    rc = supervise([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]],
                           grace_s=float(sys.argv[4]))
     print("launcher returned", rc, flush=True)
     sys.exit(rc)
@@ -135,13 +138,15 @@ def test_orphaned_workers_do_not_outlive_the_launcher(tmp_path):
 # ------------------------------------------------------------------ a rank's helpers
 _RANKS = textwrap.dedent("""
     import json, multiprocessing as mp, os, sys, time
-    from tip_megatron import launch
+    from tip_megatron.apps.launch import supervise
+    from tip_megatron.runtime.env import rank_env
+    from tip_megatron.runtime.processes import run_forked
 
     def rank(out_dir):
         # what dist_checkpointing does in every rank: a spawned multiprocessing manager
         q = mp.get_context("spawn").Manager().Queue()
         helpers = [p.pid for p in __import__("psutil").Process().children(recursive=True)]
-        path = os.path.join(out_dir, f"rank{launch.rank_env().rank}.json")
+        path = os.path.join(out_dir, f"rank{rank_env().rank}.json")
         with open(path + ".tmp", "w") as f:
             json.dump({"rank": os.getpid(), "helpers": helpers}, f)
         os.replace(path + ".tmp", path)
@@ -155,7 +160,7 @@ _RANKS = textwrap.dedent("""
             own = [p.pid for p in __import__("psutil").Process().children(recursive=True)]
         with open(os.path.join(sys.argv[1], "parent.json"), "w") as f:
             json.dump(own, f)
-        launch.run_forked(rank, 2, args=(sys.argv[1],), timeout_s=600)
+        run_forked(rank, 2, args=(sys.argv[1],), timeout_s=600)
 """)
 
 
@@ -207,7 +212,7 @@ def _stop_agreement(signalling_rank: int) -> list:
 
 
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step():
-    results = launch.run_forked(_stop_agreement, 3, args=(2,), timeout_s=120)
+    results = run_forked(_stop_agreement, 3, args=(2,), timeout_s=120)
     assert results == [[False, True, "SIGUSR1"]] * 3
 
 
@@ -233,7 +238,7 @@ _HEAVY = ("torch", "megatron", "transformers", "numpy", "safetensors")
 
 _IMPORTS = textwrap.dedent("""
     import json, sys
-    from tip_megatron.cli import main
+    from tip_megatron.apps.cli import main
     try:
         main(sys.argv[1:])
     except SystemExit as e:

@@ -34,7 +34,7 @@ def work(tmp_path_factory):
 
 def _plain_shell(argv):
     """`tip-megatron ARGV` as a user types it; returns its output and every pid it had."""
-    proc = subprocess.Popen([sys.executable, "-m", "tip_megatron.cli", *argv], env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "tip_megatron.apps.cli", *argv], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = set()
     while True:

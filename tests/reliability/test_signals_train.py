@@ -21,7 +21,7 @@ import pytest
 
 from tip_megatron.testing.distributed import free_port, run_distributed
 from tip_megatron.testing.assets import tiny_run_overrides as overrides
-from tip_megatron.train import checkpoint as ckpt_lib
+from tip_megatron.checkpoint.layout import list_checkpoints
 
 from signal_helpers import gone, kill_leftovers, losses_of, spawn, train, wait_until
 
@@ -31,7 +31,7 @@ STEPS = 8
 
 
 def _steps_done(ckdir) -> int:
-    found = ckpt_lib.list_checkpoints(ckdir)
+    found = list_checkpoints(ckdir)
     return int(found[-1].name.split("_")[1]) if found else 0
 
 
@@ -75,7 +75,7 @@ def test_signal_to_the_train_launcher_stops_every_rank(opd_assets, tmp_path, sig
     ckdir, log = tmp_path / "ck", tmp_path / "log.txt"
     args = overrides(opd_assets, **{"train.steps": 400, "checkpoint.dir": ckdir,
                                     "checkpoint.save_every": 1, "checkpoint.keep_last": 0})
-    launcher = spawn([sys.executable, "-m", "tip_megatron.cli", "train", "--nproc", "2", *args], log)
+    launcher = spawn([sys.executable, "-m", "tip_megatron.apps.cli", "train", "--nproc", "2", *args], log)
     seen: set[int] = set()
     try:
         wait_until(lambda: _steps_done(ckdir) >= 2, launcher, 600, seen, "a second checkpoint", log)
@@ -113,7 +113,7 @@ def test_sigusr1_to_one_rank_saves_everywhere_and_resumes_exactly(opd_assets, tm
         kill_leftovers({p for p in seen if not gone(p)})
     text = log.read_text()
     assert agent.returncode == 0, text[-3000:]
-    saved = ckpt_lib.list_checkpoints(ckdir)
+    saved = list_checkpoints(ckdir)
     assert len(saved) == 1, saved
     step = int(saved[0].name.split("_")[1])
     assert 2 <= step < STEPS, f"stopped at step {step}"

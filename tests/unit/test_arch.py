@@ -2,7 +2,7 @@
 import pytest
 
 from tip_megatron.models.arch import ModelArch, RopeScaling, padded_vocab_size
-from tip_megatron.parallel import ParallelLayout
+from tip_megatron.runtime.parallel import ParallelLayout
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,9 +9,9 @@ from typing import Optional
 import pytest
 import yaml
 
-from tip_megatron import cli
+from tip_megatron.apps import cli
 from tip_megatron.config import RunConfig, config_keys, config_to_dict, load_config
-from tip_megatron.config_cli import config_sections, field_docstrings, reference_markdown, \
+from tip_megatron.apps.config_cmd import config_sections, field_docstrings, reference_markdown, \
     undocumented_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +107,7 @@ def test_config_show_bad_key_is_one_line_and_exit_2(capsys):
 
 def test_registering_config_and_plot_commands_imports_neither_torch_nor_matplotlib():
     code = ("import argparse, sys\n"
-            "import tip_megatron.config_cli as c, tip_megatron.plots.cli as p\n"
+            "import tip_megatron.apps.config_cmd as c, tip_megatron.apps.plots.cli as p\n"
             "sub = argparse.ArgumentParser().add_subparsers()\n"
             "c.register(sub); p.register(sub)\n"
             "print(sorted(m for m in ('torch', 'matplotlib', 'yaml') if m in sys.modules))\n")

@@ -179,9 +179,9 @@ def test_slurm_early_signal_reaches_the_ranks_and_spares_torchrun(tmp_path):
     import re
     import signal
 
-    from tip_megatron import launch
+    from tip_megatron.apps.launch import FORWARDED_SIGNALS, RANK_SIGNALS
     from tip_megatron.config import TrainConfig
-    from tip_megatron.train.preemption import parse_signals
+    from tip_megatron.runtime.signals import parse_signals
 
     script = (ROOT / "examples" / "launch_slurm.sbatch").read_text()
     directives = re.findall(r"^#SBATCH --signal=(.*)$", script, re.M)
@@ -190,7 +190,7 @@ def test_slurm_early_signal_reaches_the_ranks_and_spares_torchrun(tmp_path):
     assert found, directives[0]
     sig = parse_signals([found.group(1)])[0]
     assert sig in parse_signals(TrainConfig().exit_signal)
-    assert sig in launch.RANK_SIGNALS and sig not in launch.FORWARDED_SIGNALS
+    assert sig in RANK_SIGNALS and sig not in FORWARDED_SIGNALS
     assert int(found.group(2)) > 60  # Slurm may signal up to 60 s early: the lead is more
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -6,14 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tip_megatron.convert.exporter import hf_config
-from tip_megatron.convert.hf_io import (
+from tip_megatron.checkpoint.hf.exporter import hf_config
+from tip_megatron.checkpoint.hf.hf_io import (
     HFCheckpoint, ShardedSafetensorsWriter, hf_tensor_order, parse_size, plan_shards,
 )
-from tip_megatron.convert.importer import ImportOptions, LazyFullState, check_import, resolve_dtype
-from tip_megatron.convert.mapping import expected_hf_shapes
+from tip_megatron.checkpoint.hf.importer import ImportOptions, LazyFullState, check_import, resolve_dtype
+from tip_megatron.checkpoint.hf.mapping import expected_hf_shapes
 from tip_megatron.testing.hf_models import LLAMA3_ROPE, tiny_hf_model
-from tip_megatron.models import checkpoint as mckpt
+from tip_megatron.checkpoint import model as mckpt
 from tip_megatron.testing.models import tiny_arch
 
 
@@ -192,7 +192,7 @@ def test_export_config_carries_fields(hf_dirs):
 
 
 def test_cli_registers_convert():
-    from tip_megatron.cli import build_parser
+    from tip_megatron.apps.cli import build_parser
 
     args = build_parser().parse_args(["convert", "hf-to-mcore", "--hf", "a", "--out", "b", "--tp", "2"])
     assert (args.tp, args.pp, args.dtype, args.allow_pickle) == (2, 1, None, False) and callable(args.func)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tip_megatron.convert.mapping import (
+from tip_megatron.checkpoint.hf.mapping import (
     all_rules, expected_hf_shapes, full_to_hf, hf_to_full, mcore_rule, merge_qkv, split_qkv,
 )
 from tip_megatron.models.arch import ModelArch

@@ -4,8 +4,8 @@ import string
 
 import pytest
 
-from tip_megatron.rollout.data import PromptDataset, PromptFields, PromptRecord
-from tip_megatron.rollout.tokenizers import CharTokenizer
+from tip_megatron.data.prompts import PromptDataset, PromptFields, PromptRecord
+from tip_megatron.data.tokenizers import CharTokenizer
 
 
 class ChatCharTokenizer(CharTokenizer):
@@ -150,7 +150,7 @@ def test_hf_tokenizer_chat_dataset(tmp_path):
     pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from tip_megatron.rollout.tokenizers import load_tokenizer
+    from tip_megatron.data.tokenizers import load_tokenizer
 
     words = ["<|im_start|>", "<|im_end|>", "user", "assistant", "hello", "world", "\n", "[UNK]"]
     raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))

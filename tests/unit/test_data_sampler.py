@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from tip_megatron.rollout.data import PromptDataset, PromptLoader, PromptSampler
-from tip_megatron.rollout.tokenizers import CharTokenizer
+from tip_megatron.data.prompts import PromptDataset
+from tip_megatron.data.sampler import PromptLoader, PromptSampler
+from tip_megatron.data.tokenizers import CharTokenizer
 
 
 def take(it, n):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tip_megatron.cli import main
+from tip_megatron.apps.cli import main
 from tip_megatron.eval.metrics import pass_at_k
 
 pytest.importorskip("math_verify")
@@ -123,7 +123,7 @@ def test_bad_checkpoint_through_the_console(tmp_path):
     bench = tmp_path / "bench.jsonl"
     bench.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
     (tmp_path / "notackpt").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "tip_megatron.cli", "eval", "--ckpt",
+    proc = subprocess.run([sys.executable, "-m", "tip_megatron.apps.cli", "eval", "--ckpt",
                            str(tmp_path / "notackpt"), "--prompts", str(bench)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr

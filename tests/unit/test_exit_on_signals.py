@@ -1,18 +1,18 @@
-"""`launch.exit_on_signals`: SIGTERM inside the block exits through `finally` clauses, also
+"""`exit_on_signals`: SIGTERM inside the block exits through `finally` clauses, also
 when the handler's SystemExit is swallowed because the signal landed in a finalizer."""
 import os
 import signal
 
 import pytest
 
-from tip_megatron import launch
+from tip_megatron.runtime.signals import exit_if_signalled, exit_on_signals
 
 
 def test_sigterm_raises_system_exit_and_restores_the_handler():
     before = signal.getsignal(signal.SIGTERM)
     cleaned = []
     with pytest.raises(SystemExit) as exc:
-        with launch.exit_on_signals():
+        with exit_on_signals():
             try:
                 os.kill(os.getpid(), signal.SIGTERM)
                 for _ in range(1000):  # the handler runs at the next bytecode check
@@ -37,18 +37,18 @@ _SWALLOWED = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 def test_a_signal_whose_exception_a_finalizer_swallowed_still_exits():
     reached = []
     with pytest.raises(SystemExit) as exc:
-        with launch.exit_on_signals():
+        with exit_on_signals():
             _SignalsInFinalizer()  # dropped at once
             reached.append(True)  # the block went on: Python ignored the exception
-            launch.exit_if_signalled()  # where a waiting loop checks
+            exit_if_signalled()  # where a waiting loop checks
             reached.append("after")
     assert reached == [True] and exc.value.code == 128 + signal.SIGTERM
-    launch.exit_if_signalled()  # delivered once: nothing pending any more
+    exit_if_signalled()  # delivered once: nothing pending any more
 
 
 @_SWALLOWED
 def test_the_block_end_raises_a_swallowed_signal():
     with pytest.raises(SystemExit) as exc:
-        with launch.exit_on_signals():
+        with exit_on_signals():
             _SignalsInFinalizer()
     assert exc.value.code == 128 + signal.SIGTERM

@@ -8,7 +8,10 @@ HF parity and TP/PP layouts: tests/distributed/test_generate.py.
 import pytest
 import torch
 
-from tip_megatron.rollout.generate import GenerationConfig, _attention_mask, _left_pad, _pack
+from tip_megatron.rollout.generate import GenerationConfig
+from tip_megatron.rollout.static import attention_mask as _attention_mask
+from tip_megatron.rollout.static import left_pad as _left_pad
+from tip_megatron.rollout.static import pack as _pack
 from tip_megatron.testing.distributed import run_distributed
 from tip_megatron.testing.models import tiny_arch
 
@@ -19,7 +22,7 @@ STOPS = tuple(range(1, 250, 12))  # 21 of 250 ids: a near-uniform random model s
 
 
 def _checks(arch):
-    from tip_megatron import parallel
+    from tip_megatron.runtime import parallel
     from tip_megatron.models import build_model
     from tip_megatron.rollout.generate import generate
     from tip_megatron.rollout.kv_cache import CachedCoreAttention

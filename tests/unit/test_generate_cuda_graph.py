@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tip_megatron.rollout.cuda_graph import full_length_mask
-from tip_megatron.rollout.generate import GenerationConfig, _attention_mask
+from tip_megatron.rollout.generate import GenerationConfig
+from tip_megatron.rollout.static import attention_mask as _attention_mask
 from tip_megatron.testing.distributed import run_distributed
 from tip_megatron.testing.models import tiny_arch
 
@@ -16,13 +17,14 @@ STOPS = tuple(range(1, 250, 12))
 
 
 def _checks(arch):
-    from tip_megatron import parallel, platform
+    from tip_megatron.runtime import parallel
+    from tip_megatron.runtime.device import current_device
     from tip_megatron.models import build_model
     from tip_megatron.rollout.generate import _generate_static, generate
 
     g = parallel.initialize(parallel.ParallelLayout(1, 1), seed=7)
     chunks = build_model(arch, g)
-    device = platform.current_device()
+    device = current_device()
     out = {}
     for name, kw in {"greedy": dict(temperature=0.0),
                      "spread": dict(temperature=1.0, n=4, stop_ids=STOPS, top_p=0.9)}.items():

@@ -3,8 +3,10 @@ import threading
 
 import pytest
 
-from tip_megatron import io_atomic, launch
-from tip_megatron.io_atomic import atomic_dir
+from tip_megatron.runtime import atomic as io_atomic
+from tip_megatron.runtime.env import rank_env
+from tip_megatron.runtime.processes import run_forked
+from tip_megatron.runtime.atomic import atomic_dir
 
 
 def _write(target, text, **kwargs):
@@ -112,7 +114,7 @@ def _ranks_write(target):
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    rank = launch.rank_env().rank
+    rank = rank_env().rank
     with atomic_dir(target, group=dist.group.WORLD, subdirs=("ranks",)) as tmp:
         (tmp / "ranks" / f"{rank}.txt").write_text(str(rank))
     return sorted(p.name for p in (target / "ranks").iterdir())
@@ -121,6 +123,6 @@ def _ranks_write(target):
 def test_every_rank_writes_into_one_directory(tmp_path):
     target = tmp_path / "ckpt"
     _write(target, "old")
-    results = launch.run_forked(_ranks_write, 3, args=(target,), timeout_s=120)
+    results = run_forked(_ranks_write, 3, args=(target,), timeout_s=120)
     assert results == [["0.txt", "1.txt", "2.txt"]] * 3  # renamed before any rank returns
     assert not (target / "COMPLETE").exists() and _leftovers(tmp_path) == []

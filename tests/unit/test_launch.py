@@ -1,4 +1,4 @@
-"""tip_megatron.launch: forked ranks see a torchrun environment, report failures, and do
+"""tip_megatron.apps.launch: forked ranks see a torchrun environment, report failures, and do
 not outlive a killed parent."""
 import os
 import signal
@@ -10,48 +10,50 @@ import time
 import psutil
 import pytest
 
-from tip_megatron import launch
+from tip_megatron.runtime.env import RankEnv, rank_env, under_torchrun
+from tip_megatron.runtime.processes import RankFailure, run_forked
 
 
 def _where_am_i():
-    return launch.under_torchrun(), launch.rank_env()
+    return under_torchrun(), rank_env()
 
 
 def _fail_on_rank_one():
-    if launch.rank_env().rank == 1:
+    if rank_env().rank == 1:
         raise ValueError("rank one refuses")
     return "ok"
 
 
 def test_forked_ranks_get_the_torchrun_environment():
-    results = launch.run_forked(_where_am_i, 3)
-    assert results == [(True, launch.RankEnv(rank=r, world_size=3, local_rank=r)) for r in range(3)]
+    results = run_forked(_where_am_i, 3)
+    assert results == [(True, RankEnv(rank=r, world_size=3, local_rank=r)) for r in range(3)]
 
 
 def test_rank_env_outside_torchrun(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    assert not launch.under_torchrun()
-    assert launch.rank_env() == launch.RankEnv(rank=0, world_size=1, local_rank=0)
+    assert not under_torchrun()
+    assert rank_env() == RankEnv(rank=0, world_size=1, local_rank=0)
 
 
 def test_a_failing_rank_raises_with_its_traceback():
-    with pytest.raises(launch.RankFailure, match=r"(?s)rank 1 failed:.*ValueError: rank one refuses"):
-        launch.run_forked(_fail_on_rank_one, 2, timeout_s=60)
+    with pytest.raises(RankFailure, match=r"(?s)rank 1 failed:.*ValueError: rank one refuses"):
+        run_forked(_fail_on_rank_one, 2, timeout_s=60)
 
 
 _PARENT = textwrap.dedent("""
     import os, sys, time
-    from tip_megatron import launch
+    from tip_megatron.runtime.env import RankEnv, rank_env, under_torchrun
+    from tip_megatron.runtime.processes import RankFailure, run_forked
 
     def sleeper(out_dir):
-        path = os.path.join(out_dir, f"rank{launch.rank_env().rank}.pid")
+        path = os.path.join(out_dir, f"rank{rank_env().rank}.pid")
         with open(path + ".tmp", "w") as f:
             f.write(str(os.getpid()))
         os.replace(path + ".tmp", path)
         time.sleep(600)
 
-    launch.run_forked(sleeper, 2, args=(sys.argv[1],), timeout_s=600)
+    run_forked(sleeper, 2, args=(sys.argv[1],), timeout_s=600)
 """)
 
 

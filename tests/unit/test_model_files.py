@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from tip_megatron.cli import main
-from tip_megatron.models.checkpoint import model_files
+from tip_megatron.apps.cli import main
+from tip_megatron.checkpoint.model import model_files
 from tip_megatron.testing.models import tiny_arch
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tip_megatron.models import sources
+from tip_megatron.checkpoint import sources
 from tip_megatron.models.arch import ModelArch
 
 ROOT = Path(__file__).parents[2]
@@ -36,9 +36,9 @@ def test_a_fresh_process_finds_the_quickstart_builtins_from_a_yaml(tmp_path):
         import sys
         from tip_megatron.config import load_config, validate_run
         cfg = load_config({str(tmp_path / 'run.yaml')!r})
-        assert "tip_megatron.quickstart" not in sys.modules  # parsing needs no provider
+        assert "tip_megatron.apps.quickstart" not in sys.modules  # parsing needs no provider
         validate_run(cfg, world_size=1)
-        from tip_megatron.models.sources import builtin_model, builtin_names
+        from tip_megatron.checkpoint.sources import builtin_model, builtin_names
         s = builtin_model("quickstart-student")
         print(builtin_names(), s.arch.hidden_size, s.arch.num_layers,
               builtin_model("quickstart-teacher").arch.hidden_size, s.tokenizer().vocab_size,
@@ -59,7 +59,7 @@ def test_entry_points_of_another_package_register_builtins(tmp_path):
         "[tip_megatron.builtin_models]\ntiny-x = tiny_models:provide\n")
     (tmp_path / "tiny_models.py").write_text(textwrap.dedent(f"""
         from tip_megatron.models.arch import ModelArch
-        from tip_megatron.models.sources import BuiltinModel
+        from tip_megatron.checkpoint.sources import BuiltinModel
         CALLS = []
         def provide():
             CALLS.append(1)
@@ -68,7 +68,7 @@ def test_entry_points_of_another_package_register_builtins(tmp_path):
     out = _fresh_python("""
         import sys
         from tip_megatron.config import ModelSource
-        from tip_megatron.models.sources import builtin_model, builtin_names, source_arch
+        from tip_megatron.checkpoint.sources import builtin_model, builtin_names, source_arch
         ModelSource(builtin="tiny-x").validate("teacher")
         assert "tiny_models" not in sys.modules  # resolved on first use only
         arch = source_arch(ModelSource(builtin="tiny-x"))

@@ -1,4 +1,4 @@
-"""The CPU redirects of megatron-core's CUDA assumptions (tip_megatron.platform).
+"""The CPU redirects of megatron-core's CUDA assumptions (tip_megatron.runtime.megatron_compat).
 
 Each redirect has two checks: the assumption is still in megatron's source (if megatron
 changes underneath, this fails and names the redirect to revisit), and megatron's own
@@ -10,7 +10,10 @@ import inspect
 import pytest
 import torch
 
-from tip_megatron import platform
+from tip_megatron.runtime import megatron_compat
+from tip_megatron.runtime.device import Device, default_backend
+from tip_megatron.runtime.megatron_compat import MEGATRON_CUDA_ASSUMPTIONS, apply_cpu_compat
+from tip_megatron.runtime.optional import optional_deps, require
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU redirects apply only without CUDA")
 
@@ -64,7 +67,7 @@ def _source(module_name, qualname):
 
 
 def test_every_redirect_has_a_site_check():
-    assert set(_SITES) == set(platform.MEGATRON_CUDA_ASSUMPTIONS)
+    assert set(_SITES) == set(MEGATRON_CUDA_ASSUMPTIONS)
 
 
 @pytest.mark.parametrize("redirect,module,qualname,fragment",
@@ -72,14 +75,14 @@ def test_every_redirect_has_a_site_check():
 def test_megatron_still_assumes_cuda_here(redirect, module, qualname, fragment):
     assert fragment in _source(module, qualname), (
         f"megatron-core changed {module}.{qualname}: the '{redirect}' redirect in "
-        "tip_megatron/platform.py may be stale or unnecessary"
+        "tip_megatron/runtime/megatron_compat.py may be stale or unnecessary"
     )
 
 
 @pytest.fixture(scope="module")
 def compat():
-    assert platform.apply_cpu_compat() is True
-    return platform
+    assert apply_cpu_compat() is True
+    return megatron_compat
 
 
 def test_idempotent_and_torch_untouched(compat):
@@ -159,21 +162,21 @@ def test_clip_grads_type_string_and_device_literal(compat):
 
 
 def test_cpu_compat_not_applied_with_cuda(monkeypatch):
-    monkeypatch.setattr(platform, "default_backend", lambda: platform.Device("cuda", "nccl"))
-    assert platform.apply_cpu_compat() is False
+    monkeypatch.setattr(megatron_compat, "default_backend", lambda: Device("cuda", "nccl"))
+    assert apply_cpu_compat() is False
 
 
 def test_backend_choice_and_env_override(monkeypatch):
-    assert platform.default_backend() == platform.Device("cpu", "gloo")
+    assert default_backend() == Device("cpu", "gloo")
     monkeypatch.setenv("TIP_MEGATRON_DEVICE", "tpu")
     with pytest.raises(ValueError, match="TIP_MEGATRON_DEVICE='tpu'.*'cpu' and 'cuda'"):
-        platform.default_backend()
+        default_backend()
 
 
 def test_optional_dependency_errors_name_the_package():
-    deps = platform.optional_deps()
+    deps = optional_deps()
     assert deps.te_usable is False and deps.apex is False
     with pytest.raises(RuntimeError, match="Transformer Engine layer spec needs transformer_engine"):
-        platform.require("transformer_engine", "the Transformer Engine layer spec")
+        require("transformer_engine", "the Transformer Engine layer spec")
     with pytest.raises(RuntimeError, match="never `pip install apex`"):
-        platform.require("apex", "fused Adam")
+        require("apex", "fused Adam")

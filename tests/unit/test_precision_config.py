@@ -7,11 +7,14 @@ the real config path (`load_config` + `validate_run`).
 import pytest
 import torch
 
-from tip_megatron import platform
+from tip_megatron.models import build
+from tip_megatron.runtime import megatron_compat, optional
+from tip_megatron.runtime.device import Device
+from tip_megatron.runtime.optional import OptionalDeps
 from tip_megatron.config import ModelOptions, load_config, validate_run
 
-TE_GPU = platform.OptionalDeps(transformer_engine=True, apex=False, wandb=False, cuda=True)
-NO_TE = platform.OptionalDeps(transformer_engine=False, apex=False, wandb=False, cuda=True)
+TE_GPU = OptionalDeps(transformer_engine=True, apex=False, wandb=False, cuda=True)
+NO_TE = OptionalDeps(transformer_engine=False, apex=False, wandb=False, cuda=True)
 
 
 def _validate(*overrides):
@@ -22,8 +25,15 @@ def _validate(*overrides):
 
 
 def _machine(monkeypatch, deps, capability):
-    monkeypatch.setattr(platform, "optional_deps", lambda: deps)
-    monkeypatch.setattr(platform, "cuda_capability", lambda: capability)
+    # patched where they are looked up: the probes' own module and the model builder
+    for module in (optional, build):
+        monkeypatch.setattr(module, "optional_deps", lambda: deps)
+    monkeypatch.setattr(optional, "cuda_capability", lambda: capability)
+
+
+def _backend(monkeypatch, device):
+    for module in (build, megatron_compat):
+        monkeypatch.setattr(module, "default_backend", lambda: device)
 
 
 def test_dtype_maps_to_torch():
@@ -99,7 +109,7 @@ def test_build_refuses_fp8_through_the_same_check(monkeypatch):
     from tip_megatron.models.build import BuildOptions, transformer_config
 
     _machine(monkeypatch, TE_GPU, (8, 0))
-    monkeypatch.setattr(platform, "default_backend", lambda: platform.Device("cpu", "gloo"))
+    _backend(monkeypatch, Device("cpu", "gloo"))
     with pytest.raises(RuntimeError, match="model.fp8: fp8 recipe 'delayed' needs compute capability sm_89"):
         transformer_config(None, None, BuildOptions(spec="te", fp8="hybrid"))
 
@@ -110,18 +120,18 @@ def test_gpu_fusions_follow_the_kernels_present(monkeypatch):
     from types import SimpleNamespace
 
     from tip_megatron.models.build import BuildOptions, transformer_config
-    from tip_megatron.parallel import ParallelLayout
+    from tip_megatron.runtime.parallel import ParallelLayout
     from tip_megatron.testing.models import tiny_arch
 
-    monkeypatch.setattr(platform, "default_backend", lambda: platform.Device("cuda", "nccl"))
+    _backend(monkeypatch, Device("cuda", "nccl"))
     groups = SimpleNamespace(layout=ParallelLayout())
-    bare = platform.OptionalDeps(transformer_engine=False, apex=False, wandb=False, cuda=True)
-    monkeypatch.setattr(platform, "optional_deps", lambda: bare)
+    bare = OptionalDeps(transformer_engine=False, apex=False, wandb=False, cuda=True)
+    monkeypatch.setattr(build, "optional_deps", lambda: bare)
     cfg = transformer_config(tiny_arch(), groups, BuildOptions(spec="local"))
     assert cfg.params_dtype == torch.bfloat16 and cfg.bias_dropout_fusion
     assert not cfg.masked_softmax_fusion and not cfg.persist_layer_norm
-    ngc = platform.OptionalDeps(transformer_engine=True, apex=True, wandb=False, cuda=True,
+    ngc = OptionalDeps(transformer_engine=True, apex=True, wandb=False, cuda=True,
                                 softmax_kernels=True)
-    monkeypatch.setattr(platform, "optional_deps", lambda: ngc)
+    monkeypatch.setattr(build, "optional_deps", lambda: ngc)
     cfg = transformer_config(tiny_arch(), groups, BuildOptions(spec="local"))
     assert cfg.masked_softmax_fusion and cfg.persist_layer_norm

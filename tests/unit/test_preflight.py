@@ -104,7 +104,7 @@ def _launch(argv, extra=()):
     """Run `tip-megatron [extra] train GOOD+argv`; returns (rc, stdout, stderr, CPU seconds,
     children seen). The process tree is polled while it runs: torchrun would be a child."""
     overrides, opts = _split(argv)
-    cmd = [sys.executable, "-m", "tip_megatron.cli", *extra, "train", *opts, *GOOD, *overrides]
+    cmd = [sys.executable, "-m", "tip_megatron.apps.cli", *extra, "train", *opts, *GOOD, *overrides]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -169,7 +169,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_under_bare_torchrun_rank0_alone_prints_and_every_rank_fails(tmp_path):
     """2 ranks, a bad prompt file: each rank runs preflight before init_process_group, so
     none waits for another; rank 0 prints the line once."""
-    from tip_megatron.launch import free_port
+    from tip_megatron.runtime.env import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -192,7 +192,7 @@ def test_preflight_error_text_has_the_three_parts():
 
 
 def test_train_help_points_to_the_config_reference(capsys):
-    from tip_megatron import cli
+    from tip_megatron.apps import cli
 
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])

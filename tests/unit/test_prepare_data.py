@@ -81,8 +81,8 @@ def test_math500_and_aime_layouts(tmp_path):
 
 
 def test_outputs_load_in_the_engine(tmp_path):
-    from tip_megatron.rollout.data import PromptDataset
-    from tip_megatron.rollout.tokenizers import CharTokenizer
+    from tip_megatron.data.prompts import PromptDataset
+    from tip_megatron.data.tokenizers import CharTokenizer
 
     class Chat(CharTokenizer):  # a char tokenizer with a trivial chat template
         def apply_chat_template(self, messages):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tip_megatron.config import RunConfig, from_dict, load_config
-from tip_megatron.progress import Progress, fmt_seconds
+from tip_megatron.runtime.progress import Progress, fmt_seconds
 from tip_megatron.train.progress import (
     STAGES, StageTimers, TrainProgress, config_summary, step_line, write_effective_config,
 )
@@ -94,7 +94,7 @@ def test_summary_is_one_line_and_the_effective_config_round_trips(tmp_path):
 
 
 def test_item_progress_logs_every_tenth_off_a_terminal(caplog):
-    caplog.set_level(logging.INFO, logger="tip_megatron.progress")
+    caplog.set_level(logging.INFO, logger="tip_megatron.runtime.progress")
     bar = Progress(total=25, desc="converting", unit="tensor", tty=False)
     for _ in range(25):
         bar.update()

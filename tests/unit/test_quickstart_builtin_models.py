@@ -2,9 +2,9 @@
 and the embedded prompt source (DP-invariant, resumable, never the hold-out)."""
 import torch
 
-from tip_megatron.models.sources import builtin_model
-from tip_megatron.quickstart import task
-from tip_megatron.quickstart.builtin_models import SyntheticPrompts
+from tip_megatron.checkpoint.sources import builtin_model
+from tip_megatron.apps.quickstart import task
+from tip_megatron.apps.quickstart.builtin_models import SyntheticPrompts
 
 
 def test_tokenizer_encodes_like_the_task_and_fits_the_models():

@@ -1,4 +1,4 @@
-"""The chain task (`quickstart/chain_task.py`) against a plain-Python reference: column
+"""The chain task (`apps/quickstart/chain_task.py`) against a plain-Python reference: column
 addition digit by digit, with the carry that runs from the units through a tens sum of 9
 dropped at the hundreds; its rate over every problem; the shared encoding and hold-out; the
 grader; the task registry."""
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tip_megatron.quickstart import chain_task, task
-from tip_megatron.quickstart.evaluation import grade_addition, write_benchmark
-from tip_megatron.quickstart.tasks import TASKS, get_task
+from tip_megatron.apps.quickstart import chain_task, task
+from tip_megatron.apps.quickstart.evaluation import grade_addition, write_benchmark
+from tip_megatron.apps.quickstart.tasks import TASKS, get_task
 
 
 def _column_sum(a: int, b: int, chain_dropped: bool) -> tuple[int, bool]:

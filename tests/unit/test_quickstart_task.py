@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tip_megatron.quickstart import task
+from tip_megatron.apps.quickstart import task
 
 
 def _gen(seed: int = 0) -> torch.Generator:

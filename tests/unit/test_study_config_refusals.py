@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tip_megatron.cli import main
+from tip_megatron.apps.cli import main
 
 CONFIG = """\
 student: {ckpt: /nonexistent/student}
@@ -33,7 +33,7 @@ def test_refused_in_one_line_before_any_run(tmp_path, capsys, extra, message):
 
 
 def test_default_eval_every_ends_on_the_last_step():
-    from tip_megatron.study.config_study import default_eval_every
+    from tip_megatron.apps.study.config_study import default_eval_every
 
     assert default_eval_every(240) == 30
     for steps in range(1, 200):

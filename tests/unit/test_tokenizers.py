@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tip_megatron.rollout.tokenizers import (
+from tip_megatron.data.tokenizers import (
     CharTokenizer,
     HFTokenizer,
     SentencePieceTokenizer,
@@ -181,7 +181,7 @@ def test_chat_template_kwargs_and_system_prompt_reach_the_template(tmp_path):
     """data.chat_template_kwargs / --chat-template-kwargs reach the template's variables
     (Qwen3's enable_thinking), and a system prompt is put first where a row has none; the
     reference is transformers' own rendering of the same conversation."""
-    from tip_megatron.rollout.data import PromptDataset
+    from tip_megatron.data.prompts import PromptDataset
 
     d = build_hf_dir(tmp_path / "think", chat_template=THINK_TEMPLATE)
     tok = load_tokenizer(d)

@@ -3,8 +3,9 @@ import json
 from types import SimpleNamespace
 
 from tip_megatron.config import load_config
-from tip_megatron.rollout.data import PromptDataset, PromptLoader
-from tip_megatron.rollout.tokenizers import CharTokenizer
+from tip_megatron.data.prompts import PromptDataset
+from tip_megatron.data.sampler import PromptLoader
+from tip_megatron.data.tokenizers import CharTokenizer
 from tip_megatron.train.setup import FilePrompts
 
 

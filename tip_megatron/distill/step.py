@@ -14,13 +14,13 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from tip_megatron import pipeline
+from tip_megatron.runtime import pipeline
 from tip_megatron.distill.loss import (
     DistillSpec, MicrobatchContext, Preselection, build_signals, full_sequence, loss_func,
     make_output_processor,
 )
 from tip_megatron.models.state import unwrap
-from tip_megatron.parallel import ParallelGroups
+from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.tip import (
     SelectionConfig, TokenSignals, select_global_with_stats, selection_labels,
 )

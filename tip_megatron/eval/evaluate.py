@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from tip_megatron.eval.graders import Grade, GradeFn, get_grader
 from tip_megatron.eval.metrics import EvalSummary, PromptCounts, summarize
-from tip_megatron.progress import Progress
+from tip_megatron.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,12 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from tip_megatron import platform
+from tip_megatron.runtime.device import current_device, default_backend
+from tip_megatron.runtime.megatron_compat import apply_cpu_compat, megatron_config_overrides
+from tip_megatron.runtime.optional import check_fp8, optional_deps, require
 from tip_megatron.models.arch import ModelArch, RopeScaling
 from tip_megatron.models.sequence_parallel import local_block_spec
-from tip_megatron.parallel import ParallelGroups
+from tip_megatron.runtime.parallel import ParallelGroups
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +66,9 @@ def resolve_spec(spec: str) -> str:
     if spec not in ("auto", "local", "te"):
         raise ValueError(f"model spec {spec!r}: accepted values are 'auto', 'local', 'te'")
     if spec == "te":
-        platform.require("transformer_engine", "the Transformer Engine layer spec")
+        require("transformer_engine", "the Transformer Engine layer spec")
         return "te"
-    if spec == "auto" and platform.optional_deps().te_usable:
+    if spec == "auto" and optional_deps().te_usable:
         return "te"
     return "local"
 
@@ -75,13 +77,13 @@ def transformer_config(arch: ModelArch, groups: ParallelGroups, options: BuildOp
     """Megatron TransformerConfig for `arch` under this process's layout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    on_gpu = platform.default_backend().is_cuda
-    deps = platform.optional_deps()
+    on_gpu = default_backend().is_cuda
+    deps = optional_deps()
     dtype = options.params_dtype or (torch.bfloat16 if on_gpu else torch.float32)
     if options.fp8:
         if resolve_spec(options.spec) != "te":
             raise ValueError("model.fp8 needs the Transformer Engine spec (model.spec=te) on a GPU")
-        platform.check_fp8(options.fp8_recipe, "model.fp8")
+        check_fp8(options.fp8_recipe, "model.fp8")
     layout = groups.layout
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -132,7 +134,7 @@ def transformer_config(arch: ModelArch, groups: ParallelGroups, options: BuildOp
         recompute_granularity=options.recompute_granularity,
         recompute_method="uniform" if options.recompute_granularity == "full" else None,
         recompute_num_layers=1 if options.recompute_granularity == "full" else None,
-        **platform.megatron_config_overrides(),
+        **megatron_config_overrides(),
     )
 
 
@@ -180,7 +182,7 @@ def build_model(
     layout = groups.layout
     arch.validate_parallel(layout.tp, layout.pp, layout.vpp)
     check_rope_scaling(arch)
-    platform.apply_cpu_compat()
+    apply_cpu_compat()
     spec = resolve_spec(options.spec)
     config = transformer_config(arch, groups, options)
     vocab = options.padded_vocab_size or arch.padded_vocab_size(layout.tp)
@@ -216,7 +218,7 @@ def build_model(
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
-        chunks.append(model.to(platform.current_device()))
+        chunks.append(model.to(current_device()))
     if groups.rank == 0:
         logger.info(
             "built %s (%s spec%s): %d layers, hidden %d, vocab %d padded to %d, %d chunk(s)",

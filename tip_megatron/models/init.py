@@ -12,7 +12,7 @@ import torch
 
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.models.state import gather_full_state_dict
-from tip_megatron.parallel import ParallelGroups
+from tip_megatron.runtime.parallel import ParallelGroups
 
 
 @torch.no_grad()

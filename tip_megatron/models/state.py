@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from tip_megatron.models.arch import ModelArch
-from tip_megatron.parallel import ParallelGroups
+from tip_megatron.runtime.parallel import ParallelGroups
 
 #: Transformer Engine fuses the norms into the following linear: TE name -> local name.
 TE_TO_LOCAL = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tip_megatron.groups import group_rank
+from tip_megatron.runtime.groups import group_rank
 
 
 def shard_vocab_range(shard_width: int, tp_group) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from tip_megatron.groups import group_rank, group_size
+from tip_megatron.runtime.groups import group_rank, group_size
 
 #: Default work per chunk: tokens per chunk = max(1, CHUNK_ELEMENTS // shard width).
 #: On CPU, 2^20 elements (4 MiB per fp32 buffer) keeps a chunk in cache across the several

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tip_megatron.groups import group_size
+from tip_megatron.runtime.groups import group_size
 
 
 def _gather_first_dim(tensor: torch.Tensor, tp_group: Any) -> torch.Tensor:

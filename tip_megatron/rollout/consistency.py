@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tip_megatron import platform
+from tip_megatron.runtime.device import current_device
 from tip_megatron.models.state import unwrap
 from tip_megatron.ops.sampling import vocab_parallel_logprob
 
@@ -107,7 +107,7 @@ def _training_forward(chunks, groups, arch, token_ids: torch.Tensor):
 def gap_metrics(gap: dict, dp_group: Any) -> dict:
     """The trainer's metrics from this replica's `logprob_gap` {"max", "mean", "tokens"}:
     max and token-weighted mean over every data-parallel replica's response tokens."""
-    device = platform.current_device()
+    device = current_device()
     top = torch.tensor([gap["max"]], dtype=torch.float64, device=device)
     sums = torch.tensor([gap["mean"] * gap["tokens"], gap["tokens"]], dtype=torch.float64, device=device)
     if dp_group is not None and dist.get_world_size(dp_group) > 1:

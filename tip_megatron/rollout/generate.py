@@ -21,17 +21,13 @@ from typing import Sequence
 
 import torch
 
-from tip_megatron import platform
+from tip_megatron.runtime.device import current_device
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.models.state import unwrap
-from tip_megatron.parallel import ParallelGroups
+from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.rollout import cuda_graph, decode
 from tip_megatron.rollout.batching import generate_dynamic
-# The static engine's helpers keep their former names here (tests read them from here).
-from tip_megatron.rollout.static import attention_mask as _attention_mask  # noqa: F401
-from tip_megatron.rollout.static import generate_static as _generate_static
-from tip_megatron.rollout.static import left_pad as _left_pad  # noqa: F401
-from tip_megatron.rollout.static import pack as _pack  # noqa: F401
+from tip_megatron.rollout.static import generate_static
 from tip_megatron.rollout.types import ENGINES, GenerationConfig, Rollouts, SamplingConfig
 
 __all__ = ["ENGINES", "GenerationConfig", "Rollouts", "SamplingConfig", "generate"]
@@ -61,7 +57,7 @@ def generate(
             pass `dp_rank * rows_per_rank`, so DP=2 draws exactly what DP=1 draws; callers
             with unrelated batches pass offsets that do not overlap.
     """
-    device = platform.current_device()
+    device = current_device()
     _check_inputs(chunks, groups, arch, prompts, config)
     for name, value in (("seed", seed), ("step", step)):
         # The sampler key packs seed and (step, position) into 64 bits.
@@ -73,7 +69,7 @@ def generate(
     if config.engine == "dynamic" and config.use_kv_cache:
         rollouts = generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_offset, device)
     else:
-        rollouts = _generate_static(chunks, groups, arch, prompts, config, seed, step, row_offset, device)
+        rollouts = generate_static(chunks, groups, arch, prompts, config, seed, step, row_offset, device)
     for chunk in map(unwrap, chunks):
         chunk.set_input_tensor(None)  # drop the last received activation
     if config.check_logprobs:

@@ -17,7 +17,7 @@ from tip_megatron.models.arch import ModelArch
 from tip_megatron.models.sequence_parallel import sequence_parallel_off
 from tip_megatron.models.state import unwrap
 from tip_megatron.ops.sampling import vocab_parallel_sample
-from tip_megatron.parallel import ParallelGroups
+from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.rollout import cuda_graph, decode, kv_cache
 from tip_megatron.rollout.kv_cache import KVCache
 from tip_megatron.rollout.types import GenerationConfig, Rollouts

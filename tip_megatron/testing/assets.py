@@ -24,9 +24,9 @@ def model_checkpoint(out, hidden: int, layers: int, seed: int, family: str = "ll
     """Rank body: save a random tiny model at PyTorch-default scales to `out` (megatron's
     N(0, 0.02) init leaves a tiny model near-uniform, every token nearly tied, and top-k
     selection ill-posed)."""
-    from tip_megatron import parallel
+    from tip_megatron.runtime import parallel
     from tip_megatron.models import build_model
-    from tip_megatron.models.checkpoint import save_model_checkpoint
+    from tip_megatron.checkpoint.model import save_model_checkpoint
     from tip_megatron.models.init import init_full_state
     from tip_megatron.models.state import load_full_state_dict
     from tip_megatron.testing.models import tiny_arch
@@ -94,7 +94,7 @@ def train_history(overrides: list[str]) -> list[dict]:
 
 def cli_main(argv: list[str]) -> int:
     """Rank body: `tip-megatron ARGV` in this (forked) rank; its exit code."""
-    from tip_megatron.cli import main
+    from tip_megatron.apps.cli import main
 
     return main(argv)
 
@@ -125,7 +125,7 @@ def bpe_tokenizer(directory, corpus: list[str]) -> None:
 def imported_hf_model(hf_dir, ckpt_dir, *, seed: int, corpus: list[str], family: str = "qwen2"):
     """A tiny random HF model with a BPE tokenizer saved to `hf_dir`, imported to the
     engine's format in `ckpt_dir` (`convert hf-to-mcore`); returns the HF model."""
-    from tip_megatron.convert import ImportOptions, hf_to_mcore
+    from tip_megatron.checkpoint.hf import ImportOptions, hf_to_mcore
     from tip_megatron.testing.hf_models import tiny_hf_model
 
     model = tiny_hf_model(family, seed=seed)
@@ -152,10 +152,10 @@ def fill_quickstart_cache(cache_dir: str) -> list[str]:
     `cache_dir`, where pre-training would put them; returns the file names written."""
     import torch
 
-    from tip_megatron import parallel
+    from tip_megatron.runtime import parallel
     from tip_megatron.models import build_model
     from tip_megatron.models.init import init_full_state
-    from tip_megatron.quickstart import pretrain
+    from tip_megatron.apps.quickstart import pretrain
 
     g = parallel.initialize(parallel.ParallelLayout())
     written = []

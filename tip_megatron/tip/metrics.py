@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tip_megatron.tip.collectives import all_reduce_sum
+from tip_megatron.runtime.collectives import all_reduce_sum
 from tip_megatron.tip.quadrants import QUADRANTS
 from tip_megatron.tip.signals import TokenSignals
 

@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tip_megatron.groups import group_rank
-from tip_megatron.tip.collectives import all_gather_varlen, all_reduce_sum
+from tip_megatron.runtime.groups import group_rank
+from tip_megatron.runtime.collectives import all_gather_varlen, all_reduce_sum
 from tip_megatron.tip.signals import TokenSignals, response_index, response_order
 
 RHO_MAX_DENOMINATOR = 10**6

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tip_megatron.tip.collectives import all_gather_varlen, all_reduce_min_max
+from tip_megatron.runtime.collectives import all_gather_varlen, all_reduce_min_max
 from tip_megatron.tip.signals import TokenSignals
 
 SCOPES = ("rollout", "microbatch", "global")

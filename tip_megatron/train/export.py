@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import subprocess
 import sys
@@ -23,14 +22,13 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from tip_megatron.io_atomic import WRITTEN_BY
+from tip_megatron.runtime.atomic import WRITTEN_BY
 from tip_megatron.models.state import unwrap
-from tip_megatron.train import checkpoint as ckpt
+from tip_megatron.checkpoint import training as ckpt
+from tip_megatron.checkpoint.layout import STEP_RE, step_dir
 
 logger = logging.getLogger(__name__)
 
-#: A complete export's name; one being written is `.step_N.tmp-<nonce>` (io_atomic.atomic_dir).
-_EXPORT_RE = re.compile(r"^step_(\d{6,})$")
 
 
 def run_tokenizer_dir(cfg) -> Optional[Path]:
@@ -44,7 +42,7 @@ def run_tokenizer_dir(cfg) -> Optional[Path]:
     if cfg.student.hf:
         return Path(cfg.student.hf)
     if cfg.student.ckpt:
-        from tip_megatron.models.checkpoint import model_files
+        from tip_megatron.checkpoint.model import model_files
 
         return model_files(cfg.student.ckpt).tokenizer_dir
     return None
@@ -56,7 +54,7 @@ def start_hf_config(cfg, arch) -> dict:
     if cfg.student.hf and (Path(cfg.student.hf) / "config.json").is_file():
         return json.loads((Path(cfg.student.hf) / "config.json").read_text())
     if cfg.student.ckpt:
-        from tip_megatron.models.checkpoint import model_files
+        from tip_megatron.checkpoint.model import model_files
 
         recorded = model_files(cfg.student.ckpt).hf_config
         if recorded is not None:
@@ -75,7 +73,7 @@ def after_save(run) -> None:
         ckpt.write_model_meta(c.dir, hf_config=start_hf_config(run.cfg, run.models.student_arch),
                               meta=meta, tokenizer_dir=run_tokenizer_dir(run.cfg))
         if c.export_hf_every and run.step % c.export_hf_every == 0:
-            export_hf(ckpt.step_dir(c.dir, run.step), Path(c.dir) / "hf" / f"step_{run.step:06d}")
+            export_hf(step_dir(c.dir, run.step), Path(c.dir) / "hf" / f"step_{run.step:06d}")
             prune_hf_exports(Path(c.dir) / "hf", c.keep_last)
     dist.barrier()
 
@@ -83,7 +81,7 @@ def after_save(run) -> None:
 def export_hf(step: Path, out: Path) -> None:
     """`tip-megatron convert mcore-to-hf` in a child process: the exporter reads through a
     private torch.distributed world of one, which this (multi-rank) process cannot host."""
-    cmd = [sys.executable, "-m", "tip_megatron.cli", "convert", "mcore-to-hf",
+    cmd = [sys.executable, "-m", "tip_megatron.apps.cli", "convert", "mcore-to-hf",
            "--ckpt", str(step), "--out", str(out), "--overwrite"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -100,8 +98,8 @@ def prune_hf_exports(hf_root: Path, keep_last: int) -> list[Path]:
     if keep_last <= 0 or not hf_root.is_dir():
         return []
     found = sorted((p for p in hf_root.iterdir()
-                    if _EXPORT_RE.match(p.name) and (p / WRITTEN_BY).is_file()),
-                   key=lambda p: int(_EXPORT_RE.match(p.name).group(1)))
+                    if STEP_RE.match(p.name) and (p / WRITTEN_BY).is_file()),
+                   key=lambda p: int(STEP_RE.match(p.name).group(1)))
     old = found[:-keep_last]
     for path in old:
         shutil.rmtree(path, ignore_errors=True)

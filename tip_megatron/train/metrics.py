@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tip_megatron import platform
+from tip_megatron.runtime.device import default_backend
 from tip_megatron.tip import all_reduce_metric_sums, finalize, sum_metric_sums
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def reduce_reports(reports: Sequence[dict], dp_group) -> dict:
 
 def peak_memory_mib() -> float:
     """Peak GPU memory allocated (CUDA) or the process's peak RSS (CPU), MiB."""
-    if platform.default_backend().is_cuda:
+    if default_backend().is_cuda:
         return torch.cuda.max_memory_allocated() / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20

@@ -6,61 +6,13 @@ learning-rate schedule with warm-up.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from tip_megatron import platform
-from tip_megatron.parallel import ParallelGroups
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW + cosine schedule. Defaults follow the TIP paper's student runs (lr 1e-6)."""
-
-    lr: float = 1e-6
-    """Peak learning rate (after warm-up)."""
-    min_lr: float = 0.0
-    """Floor of the cosine decay."""
-    warmup_steps: int = 0
-    """Linear warm-up from 0 to `lr` over this many optimizer steps."""
-    weight_decay: float = 0.0
-    """Decoupled (AdamW) weight decay, constant over the run."""
-    adam_beta1: float = 0.9
-    """Adam's first-moment decay, in [0, 1)."""
-    adam_beta2: float = 0.999
-    """Adam's second-moment decay, in [0, 1)."""
-    adam_eps: float = 1e-8
-    """Adam's denominator epsilon (numerical safety)."""
-    clip_grad: float = 1.0
-    """Global grad-norm clip (0 disables)."""
-    use_distributed_optimizer: bool = True
-    """Shard optimizer state over data-parallel ranks (megatron's distributed optimizer)."""
-    grad_reduce_in_fp32: bool = True
-    """Accumulate and all-reduce grads in fp32 even when params are bf16."""
-    overlap_grad_reduce: bool = False
-    """Overlap the DP grad reduce-scatter with backward (GPU; off on CPU/gloo)."""
-
-    def validate(self) -> None:
-        # NaN fails every comparison: each check is written so that NaN (and inf) is refused.
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"optim.lr={self.lr}: must be a finite number > 0")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr={self.min_lr}: must be in [0, optim.lr={self.lr}]")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
-        if not 0 <= self.clip_grad < math.inf:
-            raise ValueError(f"optim.clip_grad={self.clip_grad}: must be a finite number >= 0 (0 disables)")
-        if not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"optim.weight_decay={self.weight_decay}: must be a finite number >= 0")
-        # eps = 0 turns a parameter that never got a gradient (m = v = 0) into 0/0 = NaN.
-        if not 0 < self.adam_eps < math.inf:
-            raise ValueError(f"optim.adam_eps={self.adam_eps}: must be a finite number > 0")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"optim.{name}={getattr(self, name)}: must be in [0, 1)")
+from tip_megatron.config import OptimConfig
+from tip_megatron.runtime.device import default_backend
+from tip_megatron.runtime.parallel import ParallelGroups
 
 
 def _model_config(chunk: torch.nn.Module):
@@ -71,7 +23,7 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], groups: ParallelGroups, cfg: Opt
     """Wrap each chunk in megatron's DistributedDataParallel (contiguous grad buffers)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    overlap = cfg.overlap_grad_reduce and platform.default_backend().is_cuda
+    overlap = cfg.overlap_grad_reduce and default_backend().is_cuda
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
         overlap_grad_reduce=overlap,

@@ -19,31 +19,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from tip_megatron.runtime.signals import parse_signals
+
 logger = logging.getLogger(__name__)
 
 #: Signals a process cannot catch (and so cannot ask to save).
-_UNCATCHABLE = ("SIGKILL", "SIGSTOP")
-
-
-def signal_names() -> list[str]:
-    """Names accepted by `train.exit_signal`."""
-    return sorted(s.name for s in signal.Signals if s.name not in _UNCATCHABLE
-                  and not s.name.startswith("SIG_") and s.name.startswith("SIG"))
-
-
-def parse_signals(names: Sequence[str], key: str = "train.exit_signal") -> tuple[signal.Signals, ...]:
-    """Signal names -> signals; an unknown or uncatchable name is a one-line ValueError."""
-    accepted = signal_names()
-    out = []
-    for name in names:
-        upper = str(name).upper()
-        upper = upper if upper.startswith("SIG") else "SIG" + upper
-        if upper not in accepted:
-            raise ValueError(f"{key}: {name!r} is not a signal a process can catch; accepted: "
-                             "names such as SIGTERM, SIGUSR1, SIGUSR2, SIGHUP, SIGINT (any "
-                             "catchable signal of this OS but SIGKILL/SIGSTOP), or [] to disable")
-        out.append(signal.Signals[upper])
-    return tuple(dict.fromkeys(out))
 
 
 def start_saver_helpers(signals: Sequence[signal.Signals]) -> None:

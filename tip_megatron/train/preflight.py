@@ -10,7 +10,7 @@ needed. Nothing here imports megatron or reads weights: the config tree
 config.json / arch.json), the tokenizer, and how they fit the layout and the lengths.
 
 Errors are `PreflightError` (a ValueError) whose text is
-`<dotted.key or file>: <what is wrong>; <what is accepted>`; `tip_megatron.cli` prints
+`<dotted.key or file>: <what is wrong>; <what is accepted>`; `tip_megatron.apps.cli` prints
 `error: <text>` as one line and exits 2.
 """
 from __future__ import annotations
@@ -18,20 +18,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from tip_megatron.config import ModelSource, RunConfig, tensorboard_dir, validate_run
 from tip_megatron.models.arch import ModelArch
-from tip_megatron.models.sources import builtin_model, source_arch
+from tip_megatron.checkpoint.sources import builtin_model, source_arch
+from tip_megatron.checkpoint.layout import COMPLETE, resolve_step
 
 logger = logging.getLogger(__name__)
 
-#: marker file of a complete training checkpoint (train/checkpoint.py's COMPLETE).
-CHECKPOINT_MARKER = "COMPLETE"
-_STEP_RE = re.compile(r"^step_(\d{6,})$")  # train/checkpoint.py's step directories
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -75,9 +72,9 @@ def check_paths(cfg: RunConfig) -> None:
         raise PreflightError(f"data.tokenizer={cfg.data.tokenizer!r}", "no such file or directory",
                              "a tokenizer directory, a SentencePiece .model, char, or null")
     resume = cfg.checkpoint.resume
-    if resume not in ("auto", "none") and not (Path(resume) / CHECKPOINT_MARKER).is_file():
+    if resume not in ("auto", "none") and not (Path(resume) / COMPLETE).is_file():
         raise PreflightError(f"checkpoint.resume={resume!r}", "not a complete training checkpoint "
-                             f"(no {CHECKPOINT_MARKER} file there)",
+                             f"(no {COMPLETE} file there)",
                              "auto, none, or a step_NNNNNN directory a run saved")
     tb = tensorboard_dir(cfg)
     if tb:
@@ -102,7 +99,7 @@ def _check_source_files(src: ModelSource, who: str) -> None:
                                  "an HF model directory with safetensors weights")
     if src.ckpt:
         key, root = f"{who}.ckpt={src.ckpt!r}", Path(src.ckpt)
-        step = None if (root / "meta.json").is_file() else _training_step(root)
+        step = None if (root / "meta.json").is_file() else resolve_step(root)
         names = ("meta.json", "arch.json") if step is None else ("arch.json",)
         for name in names:
             where = (step or root) / name
@@ -112,17 +109,6 @@ def _check_source_files(src: ModelSource, who: str) -> None:
                                      "convert hf-to-mcore`, a step_NNNNNN directory a run saved, or "
                                      "its run directory (the newest complete step)")
             _read_json(where, f"{who}.ckpt: {where}")
-
-
-def _training_step(root: Path) -> Optional[Path]:
-    """A complete training step directory as given, a run directory's newest one, or None
-    (train.checkpoint.resolve_step without its imports)."""
-    if _STEP_RE.match(root.name) and (root / CHECKPOINT_MARKER).is_file():
-        return root
-    if not root.is_dir():
-        return None
-    steps = [p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / CHECKPOINT_MARKER).is_file()]
-    return max(steps, key=lambda p: int(p.name[5:])) if steps else None
 
 
 def _read_json(path: Path, where: str) -> dict:
@@ -244,7 +230,7 @@ def _check_chat_template(tok) -> None:
 def load_run_tokenizer(cfg: RunConfig):
     """The tokenizer of the run (`data.tokenizer`, else the student's bundled one); a
     teacher that bundles a different one is refused."""
-    from tip_megatron.rollout.tokenizers import CharTokenizer, load_tokenizer
+    from tip_megatron.data.tokenizers import CharTokenizer, load_tokenizer
 
     if cfg.data.tokenizer:
         try:
@@ -285,7 +271,7 @@ def _check_override(cfg: RunConfig, tok: Any, where: str, student: Optional[tupl
 
 def bundled_tokenizer(src: ModelSource) -> Optional[tuple[Any, str]]:
     """(tokenizer, where it came from) that ships with the source, or None."""
-    from tip_megatron.rollout.tokenizers import load_tokenizer
+    from tip_megatron.data.tokenizers import load_tokenizer
 
     if src.builtin:
         make = builtin_model(src.builtin).tokenizer
@@ -295,7 +281,7 @@ def bundled_tokenizer(src: ModelSource) -> Optional[tuple[Any, str]]:
         path = src.hf
     if src.ckpt:
         # a model checkpoint, or a training step / run directory (its model_meta/tokenizer)
-        from tip_megatron.models.checkpoint import model_files
+        from tip_megatron.checkpoint.model import model_files
 
         bundled = model_files(src.ckpt).tokenizer_dir
         path = str(bundled) if bundled is not None else None

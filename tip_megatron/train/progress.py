@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from tip_megatron.progress import fmt_seconds
+from tip_megatron.runtime.progress import fmt_seconds
 
 #: the stages of one step, in order: rollout generation, teacher forward, student
 #: forward+backward (scoring pre-pass included), optimizer step.

@@ -5,7 +5,7 @@
 The signals and kept masks come from the student pass's reports (distill/step.py: one
 report per micro-batch on the last pipeline stage, `signals` over its [b*s] tokens and the
 `kept_mask` the loss used). Gathered over DP to the logging rank (last stage, TP rank 0,
-DP rank 0), which writes ONE file per dump with plots/token_dump.py's writer: signals are
+DP rank 0), which writes ONE file per dump with train/dump_file.py's writer: signals are
 identical on the TP ranks of a stage, so only DP shards differ. The sample is uniform over
 the global batch's response tokens: every DP rank draws the same global indices
 (`capped_sample(N, cap, seed=step)`) and sends only the rows that fall in its own range,
@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 
 from tip_megatron.config import RunConfig, logging_dir
-from tip_megatron.plots.token_dump import TokenDump, capped_sample, dump_path, write_token_dump
-from tip_megatron.tip.collectives import all_gather_varlen
+from tip_megatron.train.dump_file import TokenDump, capped_sample, dump_path, write_token_dump
+from tip_megatron.runtime.collectives import all_gather_varlen
 
 #: float columns travel as float64 (exact for the int columns too) in one gathered tensor.
 _COLUMNS = ("entropy_norm", "reverse_kl", "forward_kl", "kept", "quadrant", "rollout_id", "position")

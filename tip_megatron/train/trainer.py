@@ -17,7 +17,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from tip_megatron import launch, parallel, platform
+from tip_megatron.runtime import parallel
+from tip_megatron.runtime.device import default_backend
+from tip_megatron.runtime.env import rank_env
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
 from tip_megatron.distill.loss import DistillSpec
 from tip_megatron.distill.step import (
@@ -27,8 +29,9 @@ from tip_megatron.distill.step import (
 from tip_megatron.rollout.consistency import gap_metrics
 from tip_megatron.rollout.generate import GenerationConfig, generate
 from tip_megatron.tip import warn_ill_posed_budget
-from tip_megatron.tip.collectives import all_gather_varlen, all_reduce_sum
-from tip_megatron.train import checkpoint as ckpt, export, validation
+from tip_megatron.runtime.collectives import all_gather_varlen, all_reduce_sum
+from tip_megatron.checkpoint import training as ckpt
+from tip_megatron.train import export, validation
 from tip_megatron.train.batches import response_rows, update_microbatches
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib, reduce_reports
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
@@ -37,6 +40,7 @@ from tip_megatron.train.preflight import preflight
 from tip_megatron.train.progress import StageTimers, TrainProgress, config_summary, write_effective_config
 from tip_megatron.train.setup import build_models, prompt_source
 from tip_megatron.train.token_dumps import maybe_dump_tokens
+from tip_megatron.checkpoint.layout import latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ class TrainingDiverged(RuntimeError):
 # ------------------------------------------------------------------ set-up
 def setup(cfg: RunConfig) -> Run:
     # Every check before the process group: each rank fails alone, no collective needed.
-    checked = preflight(cfg, launch.rank_env().world_size)
+    checked = preflight(cfg, rank_env().world_size)
     groups = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
     tokenizer = checked.tokenizer
     models = build_models(cfg, groups, checked)
@@ -110,7 +114,7 @@ def setup(cfg: RunConfig) -> Run:
 
 def _sync():
     """Stage timers wait for the accelerator's queue (CUDA runs asynchronously)."""
-    return torch.cuda.synchronize if platform.default_backend().is_cuda else None
+    return torch.cuda.synchronize if default_backend().is_cuda else None
 
 
 def maybe_resume(run: Run) -> None:
@@ -446,6 +450,6 @@ def _report_stop(state: Run, signalled: StopOnSignal, saved: Optional[Path]) -> 
     if saved is not None or not root:
         print(signalled.report(state.step, str(saved) if saved else None), flush=True)
         return
-    newest = ckpt.latest_checkpoint(root)
+    newest = latest_checkpoint(root)
     print(signalled.report(state.step, None, not_saved=state.save_refused,
                            newest=str(newest) if newest else None), flush=True)

@@ -64,7 +64,7 @@ def load_benchmark(paths: Sequence[str], tokenizer, data, max_prompt_len: int):
     """The benchmark as a PromptDataset, rendered like the training prompts (`data`'s
     fields, chat template, its kwargs and system prompt); every row needs an answer."""
     from tip_megatron.eval.files import check_benchmark
-    from tip_megatron.rollout.data import PromptDataset, PromptFields
+    from tip_megatron.data.prompts import PromptDataset, PromptFields
 
     fields = PromptFields(prompt=data.prompt_field, messages=data.messages_field,
                           answer=data.answer_field)

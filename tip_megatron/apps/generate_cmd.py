@@ -1,0 +1,253 @@
+"""`tip-megatron generate`: sample from a model checkpoint, one JSON line per sample.
+
+    tip-megatron generate --ckpt ckpt/qwen3 --prompts prompts.jsonl --out samples.jsonl \\
+        --max-new-tokens 256 --temperature 0.7 --top-p 0.95 --n 4 --seed 1
+    tip-megatron generate --tp 2 --ckpt ... --out ...      # starts its 2 ranks itself
+    torchrun --nproc-per-node 4 -m tip_megatron.apps.cli generate --tp 2 --pp 2 --ckpt ... --out ...
+
+One process, or a torchrun world of tp * pp * dp processes (DP replicas take prompts
+round-robin; rank 0 gathers and writes the file); from a plain shell with --tp/--pp > 1
+the command starts tp * pp local ranks itself, through torchrun. Prompts are read by
+`rollout.data.PromptDataset` (docs/data.md); generation is `rollout.generate.generate`
+(docs/generate.md). Output lines, in prompt order then sample order:
+    {"prompt_id", "prompt_index", "sample_index", "token_ids" (generated ids, the stop token
+     included), "text" (decoded without special tokens), "finish_reason" ("stop" |
+     "length"), "num_prompt_tokens", "answer" (when the prompt row has one)}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from tip_megatron.apps.launch import needs_own_ranks, run_cli_ranks
+from tip_megatron.runtime.env import rank_env
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="sample continuations of prompts from a model checkpoint",
+        description="Generate with the in-engine KV-cached sampler (TP/PP under torchrun).",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="model checkpoint (tip-megatron convert), training step "
+                   "directory (<run>/step_000200) or run directory (its newest step)")
+    p.add_argument("--prompts", required=True, nargs="+", help="prompt files (.jsonl / .parquet)")
+    p.add_argument("--out", required=True, help="JSONL file to write, one line per sample")
+    add_generation_arguments(p)
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option but --ckpt, --prompts and --out (shared with `tip-megatron eval`)."""
+    p.add_argument("--tokenizer", help="tokenizer path (default: the checkpoint's tokenizer/)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="per sample (default 256)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
+    # --num-samples: torchrun reads a bare --n as an abbreviation of its own options.
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=1,
+                   help="samples per prompt (--num-samples under torchrun)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per DP rank)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--max-prompt-len", type=int,
+                   help="longest prompt in tokens (default: max_position_embeddings - max_new_tokens)")
+    p.add_argument("--overlong", choices=("truncate_left", "skip"), default="truncate_left",
+                   help="what to do with longer prompts (default truncate_left; docs/data.md)")
+    p.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
+    p.add_argument("--max-batch-tokens", type=int, default=0,
+                   help="KV positions of the decode batch (default 0: all rows of a batch at once)")
+    p.add_argument("--check-logprobs", action="store_true",
+                   help="rerun each batch through the training forward and log the log-prob gap")
+    p.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help='extra chat template variables, e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--system-prompt", help="system message put first in chat prompts that have none")
+    for field in ("prompt", "messages", "answer", "id"):
+        p.add_argument(f"--{field}-field", default=field, help=f"name of the {field} field (default {field})")
+
+
+def run(args: argparse.Namespace) -> int:
+    if own_ranks(args):
+        return run_cli_ranks(args.tp * args.pp, torchrun_argv(args.argv))
+    try:
+        lines = generate_lines(args)
+    except (ValueError, FileNotFoundError) as err:
+        logger.debug("generate failed", exc_info=True)
+        # Every rank says it: under torchrun the first rank to exit gets the others killed.
+        print(f"tip-megatron generate: error: {err}", file=sys.stderr)
+        return 2
+    if lines is not None:
+        write_lines(Path(args.out), lines)
+    return 0
+
+
+def own_ranks(args: argparse.Namespace) -> bool:
+    """Started from a plain shell with --tp/--pp > 1 (through `tip_megatron.apps.cli.main`):
+    this process starts the tp * pp ranks itself, as `tip-megatron train` does."""
+    return needs_own_ranks(args.tp * args.pp) and getattr(args, "argv", None) is not None
+
+
+def torchrun_argv(argv: list[str]) -> list[str]:
+    """`argv` with `--n` spelled `--num-samples`: torchrun would read a bare `--n` as an
+    abbreviation of its own options."""
+    return [("--num-samples" + a[3:]) if a == "--n" or a.startswith("--n=") else a for a in argv]
+
+
+def generate_lines(args: argparse.Namespace) -> Optional[list[dict]]:
+    """Sample `args.prompts` from `args.ckpt` in this torchrun world: every output line in
+    (prompt, sample) order on rank 0, None on the other ranks."""
+    from tip_megatron.runtime import parallel
+
+    world = rank_env().world_size
+    if world % (args.tp * args.pp) != 0:
+        raise ValueError(f"--tp {args.tp} --pp {args.pp} needs a multiple of {args.tp * args.pp} "
+                         f"processes, got {world}: launch with torchrun --nproc-per-node "
+                         f"{args.tp * args.pp}")
+    groups = parallel.initialize(parallel.ParallelLayout(tp=args.tp, pp=args.pp), seed=args.seed)
+    try:
+        return _gather(_generate_shard(args, groups), groups)
+    finally:
+        parallel.destroy()
+
+
+def _generate_shard(args: argparse.Namespace, groups) -> list[dict]:
+    """Samples of this DP rank's prompts (as output lines; empty off model-parallel rank 0)."""
+    from tip_megatron.runtime.progress import Progress
+    from tip_megatron.rollout.generate import generate
+
+    chunks, arch, tokenizer = _load(args, groups)
+    config = _config(args, tokenizer)
+    dataset = _dataset(args, tokenizer, arch)
+    mine = list(range(groups.dp_rank, len(dataset), groups.dp_size))
+    writer = groups.tp_rank == 0 and groups.pp_rank == 0
+    lines: list[dict] = []
+    desc = "generated" if groups.dp_size == 1 else "generated (DP rank 0's share)"
+    bar = Progress(len(mine), desc, unit="prompt", enabled=groups.rank == 0, log=logger)
+    for batch_no, start in enumerate(range(0, len(mine), args.batch_size)):
+        indices = mine[start:start + args.batch_size]
+        records = dataset.records(indices)
+        # Non-overlapping noise rows for every (batch, DP replica).
+        row_offset = (batch_no * groups.dp_size + groups.dp_rank) * args.batch_size * config.n
+        rollouts = generate(chunks, groups, arch, [r.token_ids for r in records], config,
+                            seed=args.seed, step=batch_no, row_offset=row_offset)
+        if writer:
+            lines += _lines(rollouts, records, indices, tokenizer)
+        if groups.rank == 0 and rollouts.logprob_gap is not None:
+            logger.info("batch %d: train/inference log-prob gap max %.3g mean %.3g over %d tokens",
+                        batch_no, rollouts.logprob_gap["max"], rollouts.logprob_gap["mean"],
+                        rollouts.logprob_gap["tokens"])
+        bar.update(len(indices))
+    bar.close()
+    return lines
+
+
+def _load(args: argparse.Namespace, groups):
+    from tip_megatron.models import BuildOptions, build_model
+    from tip_megatron.checkpoint.model import load_model_checkpoint, model_files
+    from tip_megatron.data.tokenizers import load_tokenizer
+
+    files = model_files(args.ckpt)  # a model checkpoint, a training step or run directory
+    arch = files.arch()
+    tokenizer_path = args.tokenizer or files.tokenizer_dir
+    if tokenizer_path is None or not Path(tokenizer_path).exists():
+        raise ValueError(f"checkpoint {args.ckpt} bundles no tokenizer (tokenizer/, or a "
+                         "run's model_meta/tokenizer/); pass --tokenizer")
+    tokenizer = load_tokenizer(tokenizer_path, chat_fallback=False)
+    if tokenizer.vocab_size > arch.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model "
+                         f"only {arch.vocab_size}: wrong --tokenizer for {args.ckpt}?")
+    chunks = build_model(arch, groups, BuildOptions(init_weights=False))
+    load_model_checkpoint(chunks, groups, files.path, expect_arch=arch)
+    return chunks, arch, tokenizer
+
+
+def _config(args: argparse.Namespace, tokenizer):
+    from tip_megatron.rollout.generate import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k, top_p=args.top_p, n=args.n, stop_ids=tuple(tokenizer.stop_ids),
+        pad_id=tokenizer.pad_id, max_batch_tokens=args.max_batch_tokens,
+        check_logprobs=args.check_logprobs,
+    )
+
+
+def _dataset(args: argparse.Namespace, tokenizer, arch):
+    from tip_megatron.data.prompts import PromptDataset, PromptFields
+
+    limit = args.max_prompt_len or arch.max_position_embeddings - args.max_new_tokens
+    if limit < 1 or limit + args.max_new_tokens > arch.max_position_embeddings:
+        raise ValueError(f"--max-prompt-len {limit} + --max-new-tokens {args.max_new_tokens} must "
+                         f"fit max_position_embeddings={arch.max_position_embeddings}")
+    fields = PromptFields(prompt=args.prompt_field, messages=args.messages_field,
+                          answer=args.answer_field, id=args.id_field)
+    return PromptDataset(args.prompts, tokenizer, fields=fields, apply_chat_template=args.chat,
+                         max_prompt_len=limit, overlong=args.overlong,
+                         chat_template_kwargs=args.chat_template_kwargs,
+                         system_prompt=args.system_prompt)
+
+
+def _json_object(text: str) -> dict:
+    """--chat-template-kwargs: a JSON object (argparse turns the ValueError into one line)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"enable_thinking\": false}}', got {text!r}")
+    return value
+
+
+def _lines(rollouts, records, indices: list[int], tokenizer) -> list[dict[str, Any]]:
+    out = []
+    for row in range(rollouts.num_rows):
+        k = int(rollouts.prompt_index[row])
+        ids = rollouts.response(row)
+        line = dict(prompt_id=records[k].prompt_id, prompt_index=indices[k],
+                    sample_index=int(rollouts.sample_index[row]), token_ids=ids,
+                    text=tokenizer.decode(ids, skip_special_tokens=True),
+                    finish_reason="stop" if bool(rollouts.stopped[row]) else "length",
+                    num_prompt_tokens=int(rollouts.prompt_lengths[row]))
+        if records[k].answer is not None:
+            line["answer"] = records[k].answer
+        out.append(line)
+    return out
+
+
+def _gather(lines: list[dict], groups) -> Optional[list[dict]]:
+    """Every DP replica's lines on rank 0, in (prompt, sample) order; None elsewhere."""
+    import torch.distributed as dist
+
+    gathered: Optional[list] = [None] * groups.world_size if groups.rank == 0 else None
+    if groups.world_size > 1:
+        dist.gather_object(lines, gathered, dst=0)
+    else:
+        gathered = [lines]
+    if groups.rank != 0:
+        return None
+    return sorted((line for part in gathered for line in part),
+                  key=lambda line: (line["prompt_index"], line["sample_index"]))
+
+
+def write_lines(path: Path, merged: list[dict]) -> None:
+    """Written to a temporary file and renamed, so a failed run leaves no partial output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for line in merged:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    logger.info("wrote %d samples to %s", len(merged), path)

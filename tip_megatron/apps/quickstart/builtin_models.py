@@ -1,0 +1,95 @@
+"""The quickstart's built-in model sources: `quickstart-teacher` and `quickstart-student`
+(the addition task), `quickstart-chain-student` (the chain task, `tasks.py`; its teacher is
+`quickstart-teacher`: both tasks' teachers learn the same correct sums).
+
+    student.builtin=quickstart-student teacher.builtin=quickstart-teacher   # any run config
+
+Each provides its architecture, its weights (pre-trained on the addition task by the
+engine itself the first time, then read from the cache), the task's character tokenizer
+and, for a run without `data.prompts`, the task's prompts. setup.py declares the three
+providers as `tip_megatron.builtin_models` entry points; `tip_megatron.checkpoint.sources`
+imports this module only when one of these names is first used.
+"""
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from tip_megatron.checkpoint.sources import BuiltinModel
+from tip_megatron.apps.quickstart import chain_task, pretrain, task
+
+
+def cache_dir() -> Path:
+    """Where the trainer's built-ins are cached: `$TIP_MEGATRON_CACHE`, else
+    `~/.cache/tip_megatron` (the location the README names; `pretrain.default_cache_dir`,
+    the Python API's default, adds `/quickstart`)."""
+    return Path(os.environ.get("TIP_MEGATRON_CACHE", Path.home() / ".cache" / "tip_megatron"))
+
+
+def _cache_entry(builtin: str):
+    """(cache name, arch, recipe, data module) of a built-in model, as `_model` caches it."""
+    return {"quickstart-teacher": ("teacher", pretrain.teacher_arch(), pretrain.TEACHER_RECIPE, task),
+            "quickstart-student": ("student", pretrain.student_arch(), pretrain.STUDENT_RECIPE, task),
+            "quickstart-chain-student": ("chain-student", pretrain.chain_student_arch(),
+                                         pretrain.CHAIN_STUDENT_RECIPE, chain_task)}[builtin]
+
+
+def set_up_line(teacher: str = "quickstart-teacher", student: str = "quickstart-student",
+                task_name: str = "addition") -> str:
+    """What the quickstart's set-up will do: pre-train the built-ins (names as in
+    `tasks.py`) not in the cache yet (the test `pretrained_model` applies: the file
+    exists), or read them from it."""
+    missing = [role for role, builtin in (("teacher", teacher), ("student", student))
+               if not pretrain.cache_path(cache_dir(), *_cache_entry(builtin)).is_file()]
+    if not missing:
+        return f"[quickstart] set-up: teacher and student read from the cache {cache_dir()}"
+    return (f"[quickstart] set-up: {' and '.join(missing)} pre-training on the {task_name} task "
+            f"(first run only, a few minutes; cached afterwards in {cache_dir()})")
+
+
+class SyntheticPrompts:
+    """Prompts of an embedded task, drawn per step (the quickstart's data)."""
+
+    def __init__(self, per_rank: int, dp_rank: int, dp_size: int, seed: int,
+                 sample_prompts: Callable = task.sample_prompts) -> None:
+        self.per_rank, self.dp_rank, self.dp_size, self.seed = per_rank, dp_rank, dp_size, seed
+        self.sample_prompts = sample_prompts
+        self.step = 0
+
+    def next(self) -> list[list[int]]:
+        """This replica's consecutive slice of the step's global batch (DP-invariant)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        self.step += 1
+        start = self.dp_rank * self.per_rank
+        return self.sample_prompts(self.per_rank * self.dp_size, gen)[start:start + self.per_rank].tolist()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def _model(name: str, arch, recipe: pretrain.SFTRecipe, data: ModuleType = task) -> BuiltinModel:
+    def full_state(groups) -> dict:
+        return pretrain.pretrained_model(cache_dir(), name, arch, recipe, groups, data=data)[0]
+
+    return BuiltinModel(arch=arch, full_state=full_state, tokenizer=data.tokenizer,
+                        prompts=partial(SyntheticPrompts, sample_prompts=data.sample_prompts))
+
+
+def teacher() -> BuiltinModel:
+    return _model(*_cache_entry("quickstart-teacher"))
+
+
+def student() -> BuiltinModel:
+    return _model(*_cache_entry("quickstart-student"))
+
+
+def chain_student() -> BuiltinModel:
+    return _model(*_cache_entry("quickstart-chain-student"))

@@ -1,0 +1,230 @@
+"""`tip-megatron quickstart`: on-policy distillation with TIP on an embedded task
+(`--task`, default the addition task; `tasks.py` lists them).
+
+On a fresh CPU machine, in minutes, with no downloads, at TP=2 on 2 processes (torchrun):
+1. a tiny teacher and a defective tiny student are pre-trained by the engine itself (cached
+   after the first run);
+2. OPD with a TIP rule (default: Soft-OR, 50% of tokens kept) through the real trainer;
+3. a summary: teacher vs student accuracy before/after (per planted defect), kept fraction,
+   quadrant fractions of the student's tokens, peak memory, time.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from tip_megatron.apps.launch import run_local
+from tip_megatron.runtime.env import under_torchrun
+from tip_megatron.runtime.processes import guard_rank_helpers
+from tip_megatron.apps.quickstart.tasks import DEFAULT_TASK, TASKS, get_task
+
+#: `steps` is the default task's; each task has its own (`tasks.EmbeddedTask.steps`).
+DEFAULTS = dict(rule="soft_or", rho=0.5, steps=TASKS[DEFAULT_TASK].steps, tp=2)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("quickstart", help="OPD + TIP on an embedded task (CPU, minutes)")
+    add_arguments(p)
+    p.set_defaults(func=main)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rule", default=DEFAULTS["rule"], help="TIP selection rule (default soft_or)")
+    p.add_argument("--rho", type=float, default=DEFAULTS["rho"], help="retention ratio (default 0.5)")
+    p.add_argument("--task", default=DEFAULT_TASK,
+                   help=f"embedded task: {', '.join(TASKS)} (default {DEFAULT_TASK})")
+    p.add_argument("--steps", type=int, default=None,
+                   help="OPD steps (default: the task's, 240 for addition)")
+    p.add_argument("--tp", type=int, default=DEFAULTS["tp"], help="tensor-parallel size (default 2)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="held-out exact match every N steps, logged to metrics.jsonl (default: "
+                        "steps/8, a multiple of logging.log_every; 0: only before and after)")
+    p.add_argument("--out", default="quickstart_run",
+                   help="metrics.jsonl, token dumps and plots go here (default ./quickstart_run)")
+    p.add_argument("overrides", nargs="*", help="extra trainer key=value overrides")
+
+
+def main(args: argparse.Namespace) -> int:
+    args.steps = args.steps or get_task(args.task).steps  # a bad --task stops here, one line
+    every = [] if args.eval_every is None else ["--eval-every", str(args.eval_every)]
+    worker_args = ["--task", args.task, "--rule", args.rule, "--rho", str(args.rho),
+                   "--steps", str(args.steps), "--tp", str(args.tp), "--out", args.out,
+                   *every, *args.overrides]
+    eval_every(args, run_config(args))  # a bad --eval-every stops here, before any rank starts
+    if under_torchrun():
+        return worker(args)
+    return run_local(args.tp, "tip_megatron.apps.quickstart.command", worker_args)
+
+
+def run_config(args: argparse.Namespace):
+    """The trainer config of the quickstart: the task's built-ins and OPD recipe (`tasks.py`)."""
+    from tip_megatron.config import load_config
+
+    spec = get_task(args.task)
+    data = spec.data
+    rho = 1.0 if args.rule == "all" else args.rho
+    return load_config(None, [
+        f"student.builtin={spec.student}", f"teacher.builtin={spec.teacher}",
+        f"parallel.tp={args.tp}", f"data.max_prompt_len={data.PROMPT_LEN}",
+        f"rollout.max_new_tokens={data.ANSWER_LEN}", "rollout.temperature=1.0",
+        f"selection.rule={args.rule}", f"selection.rho={rho}", *spec.opd,
+        f"train.steps={args.steps}", "logging.log_every=10",
+        f"logging.jsonl={args.out}/metrics.jsonl",
+        f"logging.dump_tokens_every={max(1, args.steps // 2)}",
+        *args.overrides,
+    ])
+
+
+def eval_every(args: argparse.Namespace, cfg) -> int:
+    """Steps between mid-run evaluations: --eval-every, else steps/8 rounded down to a
+    multiple of logging.log_every (the trainer logs validation with its step's line)."""
+    log_every = cfg.logging.log_every
+    if args.eval_every is None:
+        return max(log_every, args.steps // 8 // log_every * log_every)
+    if args.eval_every < 0 or args.eval_every % log_every:
+        raise ValueError(f"--eval-every {args.eval_every}: must be 0 (off) or a multiple of "
+                         f"logging.log_every={log_every} (validation is logged with its step)")
+    return args.eval_every
+
+
+def worker(args: argparse.Namespace) -> int:
+    from tip_megatron.runtime import parallel
+    from tip_megatron.runtime.device import quiet_third_party_warnings
+    from tip_megatron.apps.quickstart import builtin_models
+    from tip_megatron.apps.quickstart.evaluation import MidRunValidation, evaluate
+    from tip_megatron.train import trainer
+    from tip_megatron.train.metrics import peak_memory_mib
+
+    quiet_third_party_warnings()
+    # Progress of the pre-training (first run only) and of OPD.
+    logging.getLogger("tip_megatron.apps.quickstart").setLevel(logging.INFO)
+    start = time.perf_counter()
+    args.steps = args.steps or get_task(args.task).steps
+    cfg = run_config(args)
+    spec = get_task(args.task)
+    data = spec.data
+    if int(os.environ.get("RANK", "0")) == 0:
+        _fresh_run_dir(args.out)
+        print(builtin_models.set_up_line(spec.teacher, spec.student, args.task), flush=True)
+    state = trainer.setup(cfg)
+    m = state.models
+    teacher = evaluate(m.teacher, state.groups, m.teacher_arch, spec.eval_size, data=data)
+    before = evaluate(state.ddp, state.groups, m.student_arch, spec.eval_size, data=data)
+    setup_s = time.perf_counter() - start
+    if state.log.active:
+        print(f"[quickstart] teacher {_acc(teacher, data)}\n[quickstart] student "
+              f"{_acc(before, data)}\n[quickstart] OPD: {args.steps} steps, rule {args.rule}, "
+              f"rho {args.rho}", flush=True)
+    every = eval_every(args, cfg)
+    # Greedy exact match during OPD, logged as eval/mean_at_k (the study's curves); an
+    # explicit eval.every (the config's own validation, e.g. of a benchmark file) wins.
+    if every and not cfg.eval.every:
+        state.validation = MidRunValidation(every, n=spec.eval_size, data=data)
+    trainer.loop(state)
+    after = evaluate(state.ddp, state.groups, m.student_arch, spec.eval_size, data=data)
+    if state.log.active:
+        print(summary(args, teacher, before, after, state.history, setup_s,
+                      time.perf_counter() - start, peak_memory_mib()), flush=True)
+        write_result(args, cfg, teacher, before, after, state.history)
+        _plots(args.out)
+    parallel.destroy()
+    return 0
+
+
+RESULT_FILE = "result.json"
+
+
+def write_result(args, cfg, teacher: dict, before: dict, after: dict, history: list) -> None:
+    """`<out>/result.json`: the accuracies this run printed (the study command reads it)."""
+    import json
+    from pathlib import Path
+
+    data = get_task(args.task).data
+    # `cases`: the per-case keys of teacher/before/after, with their table labels (the study
+    # report's columns).
+    result = {"task": args.task, "cases": [[c, data.CASE_LABELS[c]] for c in data.CASES],
+              "rule": args.rule, "rho": cfg.selection.rho, "steps": args.steps, "tp": args.tp,
+              "train_seed": cfg.train.seed, "data_seed": cfg.data.seed,
+              "prompts_per_step": cfg.data.prompts_per_step,
+              "samples_per_prompt": cfg.rollout.n,
+              "teacher": teacher, "before": before, "after": after,
+              "final_loss": history[-1]["loss"] if history else None}
+    Path(args.out, RESULT_FILE).write_text(json.dumps(result, indent=1))
+
+
+def _fresh_run_dir(run_dir: str) -> None:
+    """The metrics file is appended to and dumps are per step: start this run's empty."""
+    import shutil
+    from pathlib import Path
+
+    Path(run_dir, "metrics.jsonl").unlink(missing_ok=True)
+    Path(run_dir, RESULT_FILE).unlink(missing_ok=True)
+    shutil.rmtree(Path(run_dir, "token_dumps"), ignore_errors=True)
+
+
+def _plots(run_dir: str) -> None:
+    """Learning curves and token scatters of this run (needs the plot extra)."""
+    from pathlib import Path
+
+    try:
+        from tip_megatron.apps.plots.cli import write_run_plots
+        paths, notes = write_run_plots(Path(run_dir) / "metrics.jsonl",
+                                   sorted(Path(run_dir, "token_dumps").glob("step_*.npz")),
+                                   Path(run_dir) / "plots")
+    except ImportError:
+        print("[quickstart] plots: skipped (install the plot extra: pip install "
+              "'tip_megatron[plot]')", flush=True)
+        return
+    print("[quickstart] plots:\n" + "\n".join(f"  {p}" for p in paths)
+          + "".join(f"\n  ({note})" for note in notes), flush=True)
+
+
+def _acc(report: dict, data) -> str:
+    cases = "  ".join(f"{c}: {100 * report[c]:5.1f}%" for c in data.CASES)
+    return f"{100 * report['exact']:5.1f}%  ({cases})"
+
+
+def _during(history: list) -> list[str]:
+    """One line: the mid-run exact match, when there was any."""
+    points = [f"{100 * h['eval/mean_at_k']:.1f}%@{h['step']}" for h in history if "eval/mean_at_k" in h]
+    return [f"exact match during OPD : {'  '.join(points)}"] if points else []
+
+
+def summary(args, teacher, before, after, history, setup_s, total_s, peak_mib) -> str:
+    spec = get_task(args.task)
+    first = history[0] if history else {}
+    kept = sum(h.get("kept_fraction", 0.0) for h in history) / max(len(history), 1)
+    quads = "  ".join(f"Q{q} {100 * first.get(f'q{q}_fraction_all', float('nan')):5.1f}%"
+                      for q in (1, 2, 3, 4))
+    quads_kept = "  ".join(f"Q{q} {100 * first.get(f'q{q}_fraction_kept', float('nan')):5.1f}%"
+                           for q in (1, 2, 3, 4))
+    lines = [
+        "", "=" * 78,
+        f"tip_megatron quickstart: OPD with TIP rule '{args.rule}' (rho={args.rho}), "
+        f"TP={args.tp}, {args.steps} steps",
+        "-" * 78,
+        f"teacher                : {_acc(teacher, spec.data)}",
+        f"student before OPD     : {_acc(before, spec.data)}",
+        f"student after OPD      : {_acc(after, spec.data)}",
+        f"  {spec.legend}",
+        *_during(history),
+        f"kept fraction (mean)   : {100 * kept:5.1f}% of response tokens",
+        f"quadrants, step 1, all : {quads}",
+        f"quadrants, step 1, kept: {quads_kept}",
+        f"final loss             : {history[-1]['loss']:.4f}" if history else "",
+        f"peak memory (rank 0)   : {peak_mib:.0f} MiB",
+        f"time                   : {total_s:.0f} s (set-up incl. pre-training/cache {setup_s:.0f} s)",
+        "=" * 78,
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m tip_megatron.apps.quickstart.command")
+    add_arguments(parser)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    guard_rank_helpers()  # this rank's helper processes die with it
+    sys.exit(worker(parser.parse_args()))

@@ -1,0 +1,130 @@
+"""The quickstart's accuracy, through the engine's eval path (`train.validation`).
+
+    report = evaluate(chunks, groups, arch)      # {"exact", "A", "B", "clean", "n"}
+    report = evaluate(chunks, groups, arch, data=chain_task)   # {"exact", "chain", "clean", "n"}
+    state.validation = MidRunValidation(every=30)  # the trainer logs eval/* every 30 steps
+
+The hold-out problems are a benchmark (prompt `abc+def=`, answer the sum written units
+first, e.g. `2850`), sampled greedily (temperature 0, 4 new tokens) by the generation
+engine and graded by the registered `quickstart-addition` grader: exact match of the 4
+answer characters. The per-defect columns come from the per-prompt counts the eval path
+returns, grouped by the task's `case_index`. Every embedded task (`apps/quickstart/tasks.py`)
+writes sums this way, so they share the grader; `data` (default `task`, the addition
+task) is the task's data module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Sequence
+
+import torch
+
+from tip_megatron.eval import Grade, GRADERS, register_grader
+from tip_megatron.apps.quickstart import task
+from tip_megatron.data.sources import PromptRecord
+from tip_megatron.train.validation import ValidationSpec, evaluate_in_engine
+
+GRADER = "quickstart-addition"
+
+
+def grade_addition(response: str, answer: str) -> Grade:
+    """Exact match of the 4 answer digits (units first); anything else is unparsed."""
+    text = response.strip()
+    parsed = len(text) == task.ANSWER_LEN and text.isdigit()
+    return Grade(correct=parsed and text == answer, unparsed=not parsed, extracted=text or None)
+
+
+if GRADER not in GRADERS:
+    register_grader(GRADER, lambda: grade_addition)
+
+
+@dataclass(frozen=True)
+class AdditionBenchmark:
+    """The hold-out set as the eval path reads a benchmark (`len`, `records`), in memory."""
+
+    prompts: torch.Tensor  # [n, 8]
+    student_rule: bool = False
+    """Answers by the student data's rule (`data.student_rule`) instead of the true sums."""
+    data: ModuleType = task
+
+    def __len__(self) -> int:
+        return self.prompts.shape[0]
+
+    def records(self, indices: Sequence[int]) -> list[PromptRecord]:
+        rows = self.prompts[list(indices)]
+        a, b = self.data.decode_prompts(rows)
+        answers = self.data.encode_answers(self.data.student_rule(a, b) if self.student_rule
+                                           else a + b)
+        tok = self.data.tokenizer()
+        return [PromptRecord(prompt_id=str(i), token_ids=rows[k].tolist(),
+                             answer=tok.decode(answers[k].tolist()), text=tok.decode(rows[k].tolist()))
+                for k, i in enumerate(indices)]
+
+
+#: Greedy, the task's 4 answer tokens, one sample per prompt: mean@1 is exact-match accuracy.
+SPEC = ValidationSpec(n=1, temperature=0.0, max_new_tokens=task.ANSWER_LEN, grader=GRADER,
+                      batch_size=1024)
+
+
+def evaluate(chunks, groups, arch, n: int = 2000, student_rule: bool = False,
+             data: ModuleType = task) -> dict:
+    """Greedy exact match on `n` hold-out problems: overall (`exact`) and per case of
+    `data.CASES` (`A`, `B`, `clean` for the addition task; NaN when a case is absent), and
+    `n` (collective; the same on every rank). student_rule: also `student_rule`, the
+    agreement with the student data's most likely answer (a second pass graded against
+    those answers)."""
+    bench = AdditionBenchmark(data.eval_set(n), data=data)
+    result = evaluate_in_engine(chunks, groups, arch, data.tokenizer(), bench, SPEC)
+    a, b = data.decode_prompts(bench.prompts)
+    cases = data.case_index(a, b)
+    correct = torch.tensor([float(c.num_correct) for c in result.counts])
+    report = {"exact": result.summary.mean_at_k, "n": len(bench)}
+    for i, name in enumerate(data.CASES):
+        mask = cases == i
+        report[name] = correct[mask].mean().item() if mask.any() else float("nan")
+    if student_rule:
+        rule = evaluate_in_engine(chunks, groups, arch, data.tokenizer(),
+                                  AdditionBenchmark(bench.prompts, True, data), SPEC)
+        report["student_rule"] = rule.summary.mean_at_k
+    return report
+
+
+def write_benchmark(path, n: int, data: ModuleType = task, case=None) -> int:
+    """Write `n` hold-out problems (only those of `case` when given) as a benchmark JSONL
+    (`prompt`, `answer`: the true sum units first) for `eval.prompts`, so validation during
+    training (`eval.every`, grader `quickstart-addition`) traces a task's accuracy mid-run.
+    Returns the number of records written (fewer than n when the case has fewer)."""
+    import json
+    from pathlib import Path
+
+    held = data.eval_set(task.num_held_out())
+    if case is not None:
+        if case not in data.CASES:
+            raise ValueError(f"case {case!r}: accepted: {list(data.CASES)}")
+        held = held[data.case_index(*data.decode_prompts(held)) == data.CASES.index(case)]
+    records = AdditionBenchmark(held[:n], data=data).records(range(min(n, len(held))))
+    Path(path).write_text("".join(json.dumps({"prompt": r.text, "answer": r.answer}) + "\n"
+                                  for r in records))
+    return len(records)
+
+
+def eval_metrics(report: dict, data: ModuleType = task) -> dict[str, float]:
+    """An `evaluate` report as the trainer logs validation: `eval/mean_at_k` (greedy, one
+    sample: the exact match) and `eval/<case>` per planted case of the task."""
+    return {"eval/mean_at_k": report["exact"], **{f"eval/{c}": report[c] for c in data.CASES}}
+
+
+@dataclass(frozen=True)
+class MidRunValidation:
+    """The trainer's validation hook (`Run.validation`) on the hold-out problems: every
+    `every` steps, `evaluate` on the current student, logged with the step (`eval_metrics`).
+    Greedy decoding reads no random stream, so the training run is unchanged by it."""
+
+    every: int
+    n: int = 2000
+    data: ModuleType = task
+
+    def __call__(self, run) -> dict[str, float]:
+        report = evaluate(run.ddp, run.groups, run.models.student_arch, n=self.n, data=self.data)
+        return eval_metrics(report, self.data)

@@ -1,0 +1,79 @@
+"""The embedded tasks of `tip-megatron quickstart --task NAME` / `tip-megatron study --task NAME`.
+
+    spec = get_task("chain")          # ValueError naming the accepted tasks otherwise
+    spec.data                         # its data module: prompts, cases, rules (torch)
+    spec.opd                          # its OPD recipe as trainer key=value overrides
+
+Each task names its data module (imported on first use, so `tip-megatron --help` imports no
+torch), its built-in teacher and student (registered in `builtin_models.py`, pre-trained by
+`pretrain.py` with the data module's sequences and cached under their own keys), and its
+default OPD recipe. Accuracy goes through `evaluation.evaluate(..., data=spec.data)` (the
+eval path and the shared `quickstart-addition` grader: both tasks answer sums).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class EmbeddedTask:
+    """One embedded task and its default OPD recipe."""
+
+    name: str
+    data_module: str
+    """Module path of the data: CASES, CASE_LABELS, case_index, sample_prompts, eval_set..."""
+    teacher: str
+    """Built-in model name of the teacher (`teacher.builtin`)."""
+    student: str
+    """Built-in model name of the defective student (`student.builtin`)."""
+    steps: int
+    """Default OPD steps."""
+    eval_size: int
+    """Held-out problems of the quickstart's accuracies (teacher, before, after)."""
+    opd: tuple[str, ...]
+    """The OPD recipe: trainer overrides applied before the user's."""
+    legend: str
+    """One line under the quickstart's accuracies: what the planted cases are."""
+    summary: str
+    """What the task is, for --help and the set-up line."""
+
+    @property
+    def data(self) -> ModuleType:
+        return importlib.import_module(self.data_module)
+
+
+#: Measured (docs/quickstart.md): lr 1e-3 -> 1e-4 over 120 steps ended at 81.7% with the
+#: loss still falling; 2e-3 -> 2e-4 over 240 steps with beta2 0.98 repairs A and B.
+_ADDITION_OPD = ("data.prompts_per_step=256", "optim.lr=0.002", "optim.warmup_steps=10",
+                 "optim.min_lr=0.0002", "optim.clip_grad=1.0", "optim.adam_beta2=0.98",
+                 "train.micro_batch_size=64")
+
+#: Tuned so that all-token OPD plateaus only near the end (docs/study.md, "chain task").
+_CHAIN_OPD = ("data.prompts_per_step=16", "optim.lr=0.0001", "optim.warmup_steps=10",
+              "optim.min_lr=0.00001", "optim.clip_grad=1.0", "optim.adam_beta2=0.98",
+              "train.micro_batch_size=16")
+
+TASKS = {t.name: t for t in (
+    EmbeddedTask(
+        name="addition", data_module="tip_megatron.apps.quickstart.task",
+        teacher="quickstart-teacher", student="quickstart-student", steps=240, eval_size=2000,
+        opd=_ADDITION_OPD,
+        legend="(A: units carry dropped, confident and wrong; B: thousands digit guessed)",
+        summary="3-digit addition, student with two common defects (A 45%, B 27% of problems)"),
+    EmbeddedTask(
+        name="chain", data_module="tip_megatron.apps.quickstart.chain_task",
+        teacher="quickstart-teacher", student="quickstart-chain-student", steps=120,
+        # 6,000 held-out problems hold ~270 chain cases (2,000 would hold ~90)
+        eval_size=6000, opd=_CHAIN_OPD,
+        legend="(chain: a units carry through a tens sum of 9 dropped at the hundreds, confident and wrong)",
+        summary="3-digit addition, student with one rare defect (chain, 4.5% of problems)"),
+)}
+DEFAULT_TASK = "addition"
+
+
+def get_task(name: str) -> EmbeddedTask:
+    if name not in TASKS:
+        raise ValueError(f"--task {name!r}: accepted tasks: {', '.join(TASKS)}")
+    return TASKS[name]

@@ -1,0 +1,35 @@
+"""`tip-megatron train --config run.yaml [key=value ...] [--nproc N]`.
+
+Under torchrun (`torchrun --nproc_per_node 4 -m tip_megatron.train --config run.yaml ...`)
+every process runs the trainer directly (`tip_megatron.train.main`). From a plain shell,
+`--nproc N` starts N local ranks through torchrun itself (default: parallel.tp * parallel.pp).
+"""
+from __future__ import annotations
+
+import argparse
+
+from tip_megatron.apps import launch
+from tip_megatron.runtime.env import under_torchrun
+from tip_megatron.train.main import add_arguments, worker
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="on-policy distillation with TIP token selection",
+        epilog="Config keys (type, default, meaning): tip-megatron config doc, or docs/config.md; "
+               "the effective config: tip-megatron config show --config X [key=value ...]")
+    add_arguments(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from tip_megatron.config import load_config
+    from tip_megatron.train.preflight import preflight
+
+    cfg = load_config(args.config, args.overrides)  # errors surface before any launch
+    if under_torchrun():
+        return worker(args.config, args.overrides)
+    nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp
+    preflight(cfg, nproc)  # a bad input stops here (one line, exit 2), before any rank starts
+    worker_args = (["--config", args.config] if args.config else []) + list(args.overrides)
+    return launch.run_local(nproc, "tip_megatron.train", worker_args)

@@ -1,0 +1,1 @@
+"""Prompt data: sources (JSONL/parquet), the prompt sampler, tokenizers."""

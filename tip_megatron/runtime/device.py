@@ -1,0 +1,71 @@
+"""Where this process computes: the device and the collective backend.
+
+`default_backend()` is the one place that decides between CUDA + nccl and CPU + gloo
+(`TIP_MEGATRON_DEVICE=cpu` forces the CPU path on a GPU machine).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where tensors live and which collective backend carries them."""
+
+    type: str  # "cuda" or "cpu"
+    backend: str  # "nccl" or "gloo"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.type == "cuda"
+
+
+def default_backend() -> Device:
+    """nccl + cuda when CUDA is usable; gloo + cpu otherwise.
+
+    `TIP_MEGATRON_DEVICE=cpu` forces the CPU path on a GPU machine (useful for debugging
+    numerics against the CPU reference).
+    """
+    forced = os.environ.get("TIP_MEGATRON_DEVICE", "").lower()
+    if forced not in ("", "cpu", "cuda"):
+        raise ValueError(f"TIP_MEGATRON_DEVICE={forced!r}: accepted values are 'cpu' and 'cuda'")
+    if forced == "cuda" and not torch.cuda.is_available():
+        raise ValueError("TIP_MEGATRON_DEVICE=cuda but torch.cuda.is_available() is False")
+    if forced != "cpu" and torch.cuda.is_available():
+        return Device("cuda", "nccl")
+    return Device("cpu", "gloo")
+
+
+def current_device() -> torch.device:
+    """The torch.device this process computes on (the local GPU under torchrun)."""
+    if default_backend().is_cuda:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """(major, minor) compute capability of the current GPU; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
+
+
+def quiet_third_party_warnings() -> None:
+    """Silence known-harmless warnings in command-line runs (not on import of the library).
+
+    megatron-core warns once per module that TE/apex are absent (we probe them ourselves,
+    see `optional_deps`), that GPTModel is deprecated (see docs/design_notes.md), and
+    calls torch.distributed APIs torch marks as deprecated.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
+    # "full_param_layout not provided": DDP computes the layout itself, as intended here.
+    logging.getLogger("megatron.core.distributed.distributed_data_parallel").setLevel(logging.ERROR)
