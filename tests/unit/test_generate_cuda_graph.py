@@ -20,7 +20,8 @@ def _checks(arch):
     from tip_megatron.runtime import parallel
     from tip_megatron.runtime.device import current_device
     from tip_megatron.models import build_model
-    from tip_megatron.rollout.generate import _generate_static, generate
+    from tip_megatron.rollout.generate import generate
+    from tip_megatron.rollout.static import generate_static as _generate_static
 
     g = parallel.initialize(parallel.ParallelLayout(1, 1), seed=7)
     chunks = build_model(arch, g)
