@@ -61,7 +61,8 @@ def _te_fp8_vs_bf16():
     from tip_megatron.models import BuildOptions, build_model
     from tip_megatron.models.lm import lm_loss
     from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict
-    from tip_megatron.testing.models import lm_batches, tiny_arch
+    from tip_megatron.models.lm import lm_batches
+    from tip_megatron.testing.models import tiny_arch
 
     arch = tiny_arch("qwen3", hidden_size=128, ffn_hidden_size=256, head_dim=16)
     g = parallel.initialize(parallel.ParallelLayout())
