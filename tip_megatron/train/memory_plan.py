@@ -24,7 +24,9 @@ from tip_megatron.models.arch import ModelArch, padded_vocab_size
 from tip_megatron.runtime.gpu_memory import gpu_memory_gib
 
 MIB = 2**20
-PHASES = ("resident", "rollout", "train", "margin")
+PHASES = ("resident", "rollout", "train", "step", "margin")
+#: Phases that follow one another (the peak is the largest of them over the resident terms).
+_PEAK_PHASES = ("rollout", "train", "step")
 #: Fixed GPU margin: CUDA context with torch's kernels (~500-600 MiB), NCCL communicators
 #: of the TP/PP/DP groups (~100-300 MiB), cuBLAS / Transformer Engine workspaces (~32-256 MiB).
 CUDA_FIXED_MIB = 1024.0
@@ -39,7 +41,8 @@ class Term:
     name: str
     mib: float
     phase: str
-    """resident (whole run), rollout (generation only), train (teacher + student pass), margin."""
+    """resident (whole run), rollout (generation only), train (teacher + student pass), step
+    (the optimizer step), margin."""
     cut: str
     """The setting that makes it smaller."""
 
@@ -57,7 +60,7 @@ class StagePlan:
 
     @property
     def peak_phase(self) -> str:
-        return "rollout" if self.phase_mib("rollout") > self.phase_mib("train") else "train"
+        return max(_PEAK_PHASES, key=self.phase_mib)
 
     @property
     def total_mib(self) -> float:
@@ -166,6 +169,14 @@ def stage_params(arch: ModelArch, shape: _Shape, stage: int) -> int:
     return count
 
 
+def largest_tensor(arch: ModelArch, shape: _Shape, stage: int) -> int:
+    """Elements of the largest parameter one rank of `stage` holds."""
+    h, d = arch.hidden_size, arch.kv_channels
+    layer = max((arch.num_attention_heads + 2 * arch.num_kv_heads) * d * h, 2 * arch.ffn_hidden_size * h)
+    has_table = stage == 0 or stage == shape.pp - 1
+    return max(layer // shape.tp, shape.vocab_shard * h if has_table else 0)
+
+
 def layer_activation_bytes(arch: ModelArch, shape: _Shape, recompute: Optional[str],
                            sequence_parallel: bool) -> float:
     """Bytes one layer keeps for backward per micro-batch token (Korthikanti et al. 2022's
@@ -187,7 +198,8 @@ def layer_activation_bytes(arch: ModelArch, shape: _Shape, recompute: Optional[s
 
 
 # ------------------------------------------------------------------ terms
-def _state_terms(cfg: RunConfig, shape: _Shape, n_student: int, n_teacher: int) -> list[Term]:
+def _state_terms(cfg: RunConfig, shape: _Shape, n_student: int, n_teacher: int,
+                 largest: int) -> list[Term]:
     """Weights of both models, the student's grad buffer and optimizer state."""
     o, e = cfg.optim, shape.act_bytes
     shard = shape.dp if o.use_distributed_optimizer else 1
@@ -196,12 +208,16 @@ def _state_terms(cfg: RunConfig, shape: _Shape, n_student: int, n_teacher: int) 
     optim_bytes = 8 + (4 if e == 2 else 0)
     dist_cut = ("more data-parallel ranks" if o.use_distributed_optimizer else
                 "optim.use_distributed_optimizer=true (shards it over DP)")
+    # torch Adam (no apex / TE fused Adam) makes two fp32 temporaries of each main param
+    # in turn: the largest one sets the step's transient (a DP shard may hold it whole).
+    step = 2 * 4 * largest
     return [
         Term("student.params", n_student * e / MIB, "resident", "parallel.tp / parallel.pp"),
         Term("student.grads", n_student * grad_bytes / MIB, "resident",
              "parallel.tp / parallel.pp (optim.grad_reduce_in_fp32=false halves it with bf16)"),
         Term("student.optimizer", n_student * optim_bytes / shard / MIB, "resident", dist_cut),
         Term("teacher.params", n_teacher * e / MIB, "resident", "parallel.tp / parallel.pp"),
+        Term("student.optimizer_step", step / MIB, "step", dist_cut),
     ]
 
 
@@ -284,7 +300,8 @@ def _margin_terms(device: str, peak_phase_mib: float) -> list[Term]:
 def _stage_plan(cfg: RunConfig, shape: _Shape, s_arch: ModelArch, t_arch: ModelArch,
                 stage: int, device: str) -> StagePlan:
     last = stage == shape.pp - 1
-    terms = _state_terms(cfg, shape, stage_params(s_arch, shape, stage), stage_params(t_arch, shape, stage))
+    terms = _state_terms(cfg, shape, stage_params(s_arch, shape, stage), stage_params(t_arch, shape, stage),
+                         largest_tensor(s_arch, shape, stage))
     terms += _rollout_terms(cfg, shape, s_arch, last)
     terms += _train_terms(cfg, shape, s_arch, t_arch, stage)
     partial = StagePlan(stage, (), tuple(terms))
