@@ -32,6 +32,10 @@ _PEAK_PHASES = ("rollout", "train", "step")
 CUDA_FIXED_MIB = 1024.0
 #: GPU margin for the caching allocator's fragmentation: this fraction of the peak phase.
 CUDA_ALLOCATOR_FRACTION = 0.10
+#: CPU only: host objects a run adds after set-up (Python and megatron module objects,
+#: gloo buffers, the prompt loader, small tensors glibc keeps), 30-40 MiB measured at
+#: every size (docs/plan.md); on a GPU they are host memory, not device memory.
+CPU_HOST_OBJECTS_MIB = 32.0
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,7 @@ def _train_terms(cfg: RunConfig, shape: _Shape, s_arch: ModelArch, t_arch: Model
 
 def _margin_terms(device: str, peak_phase_mib: float) -> list[Term]:
     if device != "cuda":
-        return []
+        return [Term("cpu.host_objects", CPU_HOST_OBJECTS_MIB, "margin", "fixed (CPU runs only)")]
     return [Term("cuda.context_nccl_workspaces", CUDA_FIXED_MIB, "margin",
                  "fixed: CUDA context, NCCL buffers, cuBLAS/TE workspaces"),
             Term("cuda.allocator", CUDA_ALLOCATOR_FRACTION * peak_phase_mib, "margin",
