@@ -32,6 +32,7 @@ FROZEN_KEYS = [
     "parallel.vpp",
     "parallel.sequence_parallel",
     "parallel.cp",
+    "parallel.gpu_memory_gib",
     "data.prompts",
     "data.tokenizer",
     "data.prompt_field",

@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES = (
     "tip_megatron.apps.generate_cmd",
     "tip_megatron.apps.convert_cmd",
     "tip_megatron.apps.config_cmd",
+    "tip_megatron.apps.plan_cmd",
     "tip_megatron.apps.plots.cli",
     "tip_megatron.apps.eval_cmd",
     "tip_megatron.apps.study",

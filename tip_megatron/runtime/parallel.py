@@ -14,7 +14,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from tip_megatron.runtime.device import default_backend
 from tip_megatron.runtime.env import free_port, rank_env
+from tip_megatron.runtime.gpu_memory import gpu_memory_gib
 from tip_megatron.runtime.megatron_compat import apply_cpu_compat
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class ParallelLayout:
     cp: int = 1
     """Context-parallel size. Only 1: TIP selection under context parallelism is not
     implemented (see docs/design_notes.md, "Context parallelism")."""
+    gpu_memory_gib: Union[float, str, None] = None
+    """Memory of one GPU (GiB, or a name: h100, h200, a100-40gb, ...); preflight warns when
+    `tip-megatron plan` puts a rank above it (docs/plan.md). null: no check."""
 
     def validate(self, world_size: int) -> None:
         """Raise ValueError naming the offending value, before any process group exists."""
@@ -66,6 +70,8 @@ class ParallelLayout:
             )
         if self.sequence_parallel and self.tp < 2:
             raise ValueError("parallel.sequence_parallel=True needs parallel.tp >= 2")
+        if self.gpu_memory_gib is not None:
+            gpu_memory_gib(self.gpu_memory_gib, "parallel.gpu_memory_gib")
 
     def dp(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp)

@@ -26,6 +26,9 @@ from tip_megatron.config import ModelSource, RunConfig, tensorboard_dir, validat
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.checkpoint.sources import builtin_model, source_arch
 from tip_megatron.checkpoint.layout import COMPLETE, resolve_step
+from tip_megatron.runtime.device import default_backend
+from tip_megatron.runtime.env import rank_env
+from tip_megatron.train.memory_plan import format_plan, plan_memory
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ def preflight(cfg: RunConfig, world_size: int, *, tokenizer: bool = True) -> Che
     validate_run(cfg, world_size)
     check_paths(cfg)
     s_arch, t_arch, vocab = check_models(cfg)
+    warn_memory_plan(cfg, world_size, s_arch, t_arch)
     tok = check_tokenizer(cfg, vocab) if tokenizer else None
     return Checked(s_arch, t_arch, vocab, tok)
 
@@ -200,6 +204,21 @@ def check_lengths(cfg: RunConfig, arch: ModelArch, who: str) -> None:
             f"rollouts of up to {cfg.data.max_prompt_len} + {cfg.rollout.max_new_tokens} = "
             f"{longest} tokens exceed the {who}'s max_position_embeddings="
             f"{arch.max_position_embeddings}", "lower one of them")
+
+
+# ------------------------------------------------------------------ memory
+def warn_memory_plan(cfg: RunConfig, world_size: int, s_arch: ModelArch, t_arch: ModelArch):
+    """With `parallel.gpu_memory_gib` set: plan the run (`tip-megatron plan`'s numbers) and
+    warn (rank 0) with the plan's table when a rank would exceed it; the plan, or None."""
+    if cfg.parallel.gpu_memory_gib is None:
+        return None
+    device = "cuda" if default_backend().is_cuda else "cpu"
+    plan = plan_memory(cfg, s_arch, t_arch, world_size, device=device)
+    if plan.fits is False and rank_env().rank == 0:
+        logger.warning("parallel.gpu_memory_gib=%s: the memory plan puts a rank at %.1f GiB, above "
+                       "%.1f GiB (tip-megatron plan; docs/plan.md):\n%s", cfg.parallel.gpu_memory_gib,
+                       plan.max_total_mib / 1024, plan.gpu_memory_gib, format_plan(plan))
+    return plan
 
 
 # ------------------------------------------------------------------ tokenizer
