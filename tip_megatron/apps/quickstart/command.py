@@ -166,7 +166,8 @@ def _fresh_run_dir(run_dir: str) -> None:
 
 
 def _plots(run_dir: str) -> None:
-    """Learning curves and token scatters of this run (needs the plot extra)."""
+    """Learning curves and token scatters of this run, their paths printed (matplotlib: a
+    dependency of the default install)."""
     from pathlib import Path
 
     try:
@@ -175,8 +176,8 @@ def _plots(run_dir: str) -> None:
                                    sorted(Path(run_dir, "token_dumps").glob("step_*.npz")),
                                    Path(run_dir) / "plots")
     except ImportError:
-        print("[quickstart] plots: skipped (install the plot extra: pip install "
-              "'tip_megatron[plot]')", flush=True)
+        print("[quickstart] plots: skipped (matplotlib is not installed; bash install.sh "
+              "installs it, or pip install 'matplotlib>=3.8')", flush=True)
         return
     print("[quickstart] plots:\n" + "\n".join(f"  {p}" for p in paths)
           + "".join(f"\n  ({note})" for note in notes), flush=True)
