@@ -18,8 +18,8 @@ import functools
 import inspect
 import logging
 import re
-from itertools import groupby
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, Callable, Mapping, Optional
 
 logger = logging.getLogger(__name__)
@@ -141,11 +141,11 @@ def math_grader() -> GradeFn:
     def grade(response: str, answer: str) -> Grade:
         pred = mv.parse(response, pred_config)
         # parse returns the parsed values, then math-verify's normalised text of the match
-        # (`\\frac{1}{2}` for `\\boxed{0.5}`); text alone means the match did not parse
-        # (e.g. \\boxed{\\foo{}}).
+        # (`\frac{1}{2}` for `\boxed{0.5}`); text alone means the match did not parse
+        # (e.g. \boxed{\foo{}}).
         parsed = [p for p in pred if not isinstance(p, str)]
         text = next((p for p in pred if isinstance(p, str)), None)
-        raw = _raw_match(mv, response, pred_config) if pred else None
+        raw = _raw_match(mv, response, pred_config) if pred else None  # the text as written
         if not parsed:
             return Grade(False, True, raw, text)
         normalized = text if text is not None else str(parsed[0])
@@ -157,18 +157,24 @@ def _raw_match(mv, response: str, config: tuple) -> Optional[str]:
     """The response's text math-verify read its answer from, before its normalisation
     (`\\boxed{0.5}`, `\\frac12` of `$\\frac12$`, `1/2`): the match `parse` settles on, found
     the way `math_verify.parser.extract_target_from_pred` finds it (priority groups in
-    order, rightmost match first, the first that parses; else the first match tried)."""
-    extract_match, get_extraction_regexes = mv.parser.extract_match, mv.parser.get_extraction_regexes
+    order, rightmost match first, the first that parses; else the first match tried).
+    Under math-verify's own 5 s timeout, as `parse`; None when it runs out."""
+    try:
+        return mv.utils.timeout(timeout_seconds=5)(_find_raw_match)(mv.parser, response, config)
+    except Exception:  # noqa: BLE001 - a timeout or a parser error: no raw text, never a raise
+        return None
+
+
+def _find_raw_match(parser, response: str, config: tuple) -> Optional[str]:
     patterns = sorted(((pattern, target, priority)
-                       for target_patterns, target in get_extraction_regexes(config)
+                       for target_patterns, target in parser.get_extraction_regexes(config)
                        for pattern, priority in target_patterns), key=lambda x: x[2])
     first = None
     for _, group in groupby(patterns, key=lambda x: x[2]):
-        matches = sorted(((m, target) for pattern, target, _ in group for m in pattern.finditer(response)),
-                         key=lambda x: (x[0].end(), -x[0].start()), reverse=True)
-        for match, target in matches:
+        found = [(m, target) for pattern, target, _ in group for m in pattern.finditer(response)]
+        for match, target in sorted(found, key=lambda x: (x[0].end(), -x[0].start()), reverse=True):
             text = " and ".join(v.strip() for v in match.groupdict().values() if v)
             first = first or text
-            if extract_match(match, target)[0] is not None:
+            if parser.extract_match(match, target)[0] is not None:
                 return text
     return first
