@@ -37,6 +37,9 @@ setup(
         "tqdm",
         # megatron-core needs it at import time (moe paged_stash imports triton).
         "triton",
+        # The plots `tip-megatron quickstart` (the README's first command) writes and prints:
+        # a small wheel, so the default install has them (the `plot` extra stays, as an alias).
+        *_PLOT,
         # On 3.11 install.sh installs megatron-core with --no-deps --ignore-requires-python.
         "megatron-core==0.19.2; python_version >= '3.12'",
     ],

@@ -46,7 +46,9 @@ def test_eval_samples_end_to_end(tmp_path, capsys, caplog):
     graded = [json.loads(x) for x in (tmp_path / "samples.graded.jsonl").read_text().splitlines()]
     assert [[g["correct"] for g in graded[p * 4:(p + 1) * 4]] for p in range(3)] == EXPECTED
     assert [[g["unparsed"] for g in graded[p * 4:(p + 1) * 4]] for p in range(3)] == UNPARSED
-    assert graded[0]["extracted"] == r"\frac{1}{2}" and graded[2]["extracted"] is None
+    assert (graded[0]["extracted"], graded[0]["normalized"]) == (r"\boxed{\frac12}", r"\frac{1}{2}")
+    assert (graded[1]["extracted"], graded[1]["normalized"]) == (r"\boxed{0.5}", r"\frac{1}{2}")
+    assert graded[2]["extracted"] is None and graded[2]["normalized"] is None
     assert "token_ids" not in graded[0] and graded[0]["prompt_id"] == "bench.jsonl:1"
     summary = json.loads((tmp_path / "summary.json").read_text())
     c = [sum(row) for row in EXPECTED]

@@ -33,8 +33,24 @@ def test_math_other_forms(math, response, answer):
 def test_math_boxed_wins_over_later_numbers(math):
     # A number written after the box (a check) does not replace the boxed answer.
     response = r"So the answer is \boxed{5}. Check: 2 + 3 = 5, in 7 steps."
-    assert math(response, "5") == Grade(True, False, "5")
+    assert math(response, "5") == Grade(True, False, r"\boxed{5}", "5")
     assert not math(response, "7").correct
+
+
+@pytest.mark.parametrize("response,raw,normalized", [
+    (r"so \boxed{0.5}", r"\boxed{0.5}", r"\frac{1}{2}"),
+    (r"The answer is $\frac12$", r"\frac12", r"\frac{1}{2}"),
+    ("so x = 1/2", "1/2", "1/2"),
+    (r"So it is \boxed{ 0.50 }. Check: 2 + 3 = 5", r"\boxed{ 0.50 }", "0.50"),
+    (r"The roots are \boxed{2} and \boxed{3}.", r"\boxed{2} and \boxed{3}", "2,3"),  # one stretch, a set
+    (r"\boxed{\foo{}}", r"\boxed{\foo{}}", r"\foo{}"),  # found, does not parse
+])
+def test_math_keeps_the_raw_extraction_beside_the_normalised(math, response, raw, normalized):
+    # `extracted` is the text as written in the response (the stretch math-verify read);
+    # `normalized` is math-verify's normalised LaTeX of it (what it parsed).
+    grade = math(response, "1/2")
+    assert (grade.extracted, grade.normalized) == (raw, normalized)
+    assert raw in response
 
 
 def test_math_unboxed_last_expression(math):
@@ -57,7 +73,7 @@ def test_math_several_boxes(math):
 
 
 def test_math_wrong_answers(math):
-    assert math(r"\boxed{7}", "8") == Grade(False, False, "7")
+    assert math(r"\boxed{7}", "8") == Grade(False, False, r"\boxed{7}", "7")
     assert not math(r"\boxed{\frac{1}{3}}", "0.5").correct
     assert not math(r"\boxed{x^2}", "x^3").correct
 
@@ -80,7 +96,7 @@ def test_math_missing_package_names_the_extra(monkeypatch):
 def test_exact_normalisation():
     grade = get_grader("exact")
     assert normalize_answer("  Paris\n\t IS  big ") == "paris is big"
-    assert grade("  PARIS  ", "paris") == Grade(True, False, "paris")
+    assert grade("  PARIS  ", "paris") == Grade(True, False, "PARIS", "paris")
     assert grade("New   York", "new york").correct
     assert not grade("New York City", "new york").correct
     assert grade(" \n ", "x") == Grade(False, True, None)
@@ -88,7 +104,8 @@ def test_exact_normalisation():
 
 def test_regex_default_and_custom_pattern():
     dapo = get_grader("regex")  # default: DAPO's "Answer: ..." line, the last one
-    assert dapo("Work...\nAnswer: 12\nAnswer:  34 ", "34") == Grade(True, False, "34")
+    assert dapo("Work...\nAnswer: 12\nAnswer:  34 ", "34") == Grade(True, False, "34", "34")
+    assert dapo("Answer: Paris", "paris") == Grade(True, False, "Paris", "paris")
     assert not dapo("Answer: 12", "34").correct
     assert dapo("no answer line", "34") == Grade(False, True, None)
     custom = get_grader("regex", {"pattern": r"#### (\S+)"})

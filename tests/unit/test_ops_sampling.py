@@ -107,6 +107,23 @@ def test_logprob_of_given_ids_equals_the_samplers(top_k, top_p):
     assert_close(logprob.double(), want, rtol=0, atol=1e-6)
 
 
+def test_top_k_ties_then_top_p_keep_what_hf_keeps():
+    """Ties at the k-th value stay in the top-k set that top-p renormalises over (HF's
+    TopKLogitsWarper + TopPLogitsWarper on the same logits): 3, 2.5, 2, 1.5 and three ties
+    at 1.0; top_k 5 keeps all seven, top_p 0.8 then needs id 40 (0.758 before it, over the
+    seven). Computing top-p over only the first 5 sorted values kept [10, 20, 30]."""
+    transformers = pytest.importorskip("transformers")
+    logits = torch.full((1, 100), -30.0, dtype=torch.float64)
+    for token, value in zip((10, 20, 30, 40, 50, 60, 70), (3.0, 2.5, 2.0, 1.5, 1.0, 1.0, 1.0)):
+        logits[0, token] = value
+    hf = transformers.TopPLogitsWarper(0.8)(None, transformers.TopKLogitsWarper(5)(None, logits.clone()))
+    everything = torch.arange(100)
+    ours = vocab_parallel_logprob(logits.expand(100, 100), everything, tp_group=None,
+                                  vocab_size=100, top_k=5, top_p=0.8)
+    assert everything[ours > -math.inf].tolist() == everything[hf[0] > -math.inf].tolist() == [10, 20, 30, 40]
+    assert_close(ours[[10, 20, 30, 40]], hf.log_softmax(dim=-1)[0, [10, 20, 30, 40]], rtol=0, atol=1e-12)
+
+
 def test_top_p_on_a_flat_distribution_falls_back_to_bisection():
     """Mass spread over far more than TOP_P_CANDIDATES ids: the candidates cannot cover
     top_p, the bisection decides; the draws still follow the truncated softmax."""

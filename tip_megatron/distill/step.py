@@ -72,6 +72,7 @@ def teacher_hidden_states(
 ) -> list[torch.Tensor]:
     """Forward-only teacher pass; returns [s, b, h_t] per micro-batch on the last stage
     (an empty list on other stages)."""
+    check_sequence_parallel_length(groups, microbatches, seq_length)
     store: list[torch.Tensor] = []
     pipeline.forward_backward(
         partial(_teacher_step, store, groups.tp_group), teacher_chunks, list(microbatches), groups,
@@ -111,13 +112,30 @@ def student_pass(
     spec: DistillSpec, *, seq_length: int, micro_batch_size: int, forward_only: bool = False,
 ) -> list[dict]:
     """Student forward/backward with the TIP loss; returns the last stage's reports
-    (one per micro-batch, see `loss_func`; empty on other stages)."""
+    (one per micro-batch, see `loss_func`; empty on other stages). Under sequence
+    parallelism every micro-batch's length must be a multiple of tp (ValueError otherwise)."""
+    check_sequence_parallel_length(groups, microbatches, seq_length)
     processor = make_output_processor(spec)
     return pipeline.forward_backward(
         partial(_student_step, processor), student_chunks, list(zip(microbatches, contexts)),
         groups, seq_length=seq_length, micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
+
+
+def check_sequence_parallel_length(groups: ParallelGroups, microbatches: Sequence[Microbatch],
+                                   seq_length: int) -> None:
+    """Sequence parallelism splits the sequence over the TP ranks: a length that tp does
+    not divide would stop in megatron's scatter with a bare assertion; one line instead."""
+    if not groups.layout.sequence_parallel:
+        return
+    tp = groups.layout.tp
+    for length in [seq_length, *(mb.input_ids.shape[1] for mb in microbatches)]:
+        if length % tp:
+            raise ValueError(
+                f"sequence length {length}: parallel.sequence_parallel=True with tp={tp} needs a "
+                f"multiple of {tp}; right-pad the micro-batches (target_mask False on the padding) "
+                f"as the trainer does (train.batches.update_microbatches(seq_multiple=tp))")
 
 
 def scoring_pass(

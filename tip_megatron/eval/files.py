@@ -132,7 +132,8 @@ def check_benchmark(paths: Sequence[str], fields) -> None:
 def graded_rows(rows: Sequence[dict], grades: Sequence[Grade]) -> Iterator[dict]:
     for row, g in zip(rows, grades, strict=True):
         out = {k: v for k, v in row.items() if k not in _DROPPED and not k.startswith("_")}
-        yield {**out, "extracted": g.extracted, "correct": g.correct, "unparsed": g.unparsed}
+        yield {**out, "extracted": g.extracted, "normalized": g.normalized, "correct": g.correct,
+               "unparsed": g.unparsed}
 
 
 def write_jsonl(path: Path, rows) -> int:

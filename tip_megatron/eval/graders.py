@@ -19,6 +19,7 @@ import inspect
 import logging
 import re
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, Callable, Mapping, Optional
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ class Grade:
 
     correct: bool
     unparsed: bool  # no answer could be extracted/parsed (then correct is False)
-    extracted: Optional[str]  # the answer as extracted from the response, None when absent
+    extracted: Optional[str]  # the answer's text as it stands in the response, None when absent
+    normalized: Optional[str] = None  # the form the grader compared (see each grader), None when absent
 
 
 GradeFn = Callable[[str, str], Grade]  # (response, answer) -> Grade
@@ -77,7 +79,7 @@ def exact_grader() -> GradeFn:
         got = normalize_answer(response)
         if not got:
             return Grade(False, True, None)
-        return Grade(got == normalize_answer(answer), False, got)
+        return Grade(got == normalize_answer(answer), False, response.strip(), got)
     return grade
 
 
@@ -97,10 +99,11 @@ def regex_grader(pattern: str = DEFAULT_REGEX) -> GradeFn:
 
     def grade(response: str, answer: str) -> Grade:
         matches = list(compiled.finditer(response))
-        got = normalize_answer(matches[-1].group(1) or "") if matches else ""
+        raw = (matches[-1].group(1) or "") if matches else ""
+        got = normalize_answer(raw)
         if not got:
             return Grade(False, True, None)
-        return Grade(got == normalize_answer(answer), False, got)
+        return Grade(got == normalize_answer(answer), False, raw.strip(), got)
     return grade
 
 
@@ -137,12 +140,41 @@ def math_grader() -> GradeFn:
 
     def grade(response: str, answer: str) -> Grade:
         pred = mv.parse(response, pred_config)
-        # parse returns the parsed values, then the matched text; text alone means the
-        # match did not parse (e.g. \boxed{\foo{}}).
+        # parse returns the parsed values, then math-verify's normalised text of the match
+        # (`\frac{1}{2}` for `\boxed{0.5}`); text alone means the match did not parse
+        # (e.g. \boxed{\foo{}}).
         parsed = [p for p in pred if not isinstance(p, str)]
         text = next((p for p in pred if isinstance(p, str)), None)
+        raw = _raw_match(mv, response, pred_config) if pred else None  # the text as written
         if not parsed:
-            return Grade(False, True, text)
-        extracted = text if text is not None else str(parsed[0])
-        return Grade(bool(mv.verify(list(gold(answer)), pred)), False, extracted)
+            return Grade(False, True, raw, text)
+        normalized = text if text is not None else str(parsed[0])
+        return Grade(bool(mv.verify(list(gold(answer)), pred)), False, raw, normalized)
     return grade
+
+
+def _raw_match(mv, response: str, config: tuple) -> Optional[str]:
+    """The response's text math-verify read its answer from, before its normalisation
+    (`\\boxed{0.5}`, `\\frac12` of `$\\frac12$`, `1/2`): the match `parse` settles on, found
+    the way `math_verify.parser.extract_target_from_pred` finds it (priority groups in
+    order, rightmost match first, the first that parses; else the first match tried).
+    Under math-verify's own 5 s timeout, as `parse`; None when it runs out."""
+    try:
+        return mv.utils.timeout(timeout_seconds=5)(_find_raw_match)(mv.parser, response, config)
+    except Exception:  # noqa: BLE001 - a timeout or a parser error: no raw text, never a raise
+        return None
+
+
+def _find_raw_match(parser, response: str, config: tuple) -> Optional[str]:
+    patterns = sorted(((pattern, target, priority)
+                       for target_patterns, target in parser.get_extraction_regexes(config)
+                       for pattern, priority in target_patterns), key=lambda x: x[2])
+    first = None
+    for _, group in groupby(patterns, key=lambda x: x[2]):
+        found = [(m, target) for pattern, target, _ in group for m in pattern.finditer(response)]
+        for match, target in sorted(found, key=lambda x: (x[0].end(), -x[0].start()), reverse=True):
+            text = " and ".join(v.strip() for v in match.groupdict().values() if v)
+            first = first or text
+            if parser.extract_match(match, target)[0] is not None:
+                return text
+    return first

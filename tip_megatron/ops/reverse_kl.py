@@ -56,13 +56,14 @@ def reverse_kl_forward(
     (two [chunk, w] buffers, or the given workspace).
     """
     maxes = global_maxima(student, teacher, tp_group)
-    # One SUM all-reduce for all three partials (S_s, S_t, sum_v exp(x_s)(s - t)).
+    # One SUM all-reduce for all four partials (S_s, S_t, sum_v exp(x_s)(s - t), D).
     partials = reduced_partials(student, teacher, maxes, tp_group, chunk, moments=False, work=work)
     log_norm_s, log_norm_t = partials[0].log(), partials[1].log()
-    # E_ps[x_s - x_t] = E_ps[s - t] - (max_s - max_t); KL = that + log S_t - log S_s.
+    # E_ps[x_s - x_t] = E_ps[s - t] - (max_s - max_t); KL = that - (log S_s - log S_t),
+    # the log-normalisers' difference as log1p(D / S_t) (ops.partials: no cancellation).
     mean_diff = partials[2] / partials[0] - (maxes[0] - maxes[1])
     # KL >= 0 exactly; rounding can leave a -1e-7, which would make sqrt/log of it NaN.
-    kl = (mean_diff + log_norm_t - log_norm_s).clamp_min(0.0)
+    kl = (mean_diff - torch.log1p(partials[3] / partials[1])).clamp_min(0.0)
     return KLState(maxes[0], maxes[1], log_norm_s, log_norm_t, kl)
 
 

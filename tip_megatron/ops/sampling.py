@@ -22,7 +22,9 @@ Truncation, applied before the draw (vLLM order: top-k, then top-p on the renorm
 top-k distribution); both keep ties at the threshold value:
 - top-k: each rank's top-k scaled logits, all-gathered ([rows, tp * k]); the k-th largest
   of those is the global threshold.
-- top-p with top-k: exact, on the gathered candidates (sorted, cumulative softmax).
+- top-p with top-k: exact, over the whole top-k set (ties at the k-th value included, as
+  HF and vLLM keep them): the gathered candidates above the k-th value plus the ties'
+  mass, counted on the shards (one SUM all-reduce of an integer count).
 - top-p alone: every rank's `TOP_P_CANDIDATES` largest logits and its mass, one
   all-gather; the threshold found on the merged candidates is exact when it is not below
   any rank's last candidate (their mass covered top_p). Otherwise (flat distributions)
@@ -131,13 +133,26 @@ def _top_k_candidates(z: torch.Tensor, top_k: int, tp_group: Any) -> torch.Tenso
     return gathered.permute(1, 0, 2).reshape(z.shape[0], -1).sort(dim=-1, descending=True).values
 
 
-def _top_p_over_candidates(cands: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """[rows] threshold: smallest prefix of the top-k candidates with mass >= top_p."""
-    kept = cands[:, :top_k]
-    probs = torch.softmax(kept, dim=-1)
-    below = (probs.cumsum(dim=-1) < top_p).sum(dim=-1)  # candidates strictly before the cut
-    index = below.clamp(max=top_k - 1)
-    return kept.gather(1, index[:, None]).squeeze(1)
+def _top_p_over_candidates(z: torch.Tensor, z_max: torch.Tensor, cands: torch.Tensor,
+                           top_k: int, top_p: float, tp_group: Any) -> torch.Tensor:
+    """[rows] threshold: smallest descending prefix of the top-k set with mass >= top_p of it.
+
+    The top-k set is every logit >= the k-th value, ties included (HF's `TopKLogitsWarper`,
+    vLLM): it can hold more than k logits. The gathered candidates hold every logit above
+    the k-th value (fewer than k of them exist) but maybe not every tie AT it (each rank
+    sent only its k largest), so the ties are counted on the shards: one SUM all-reduce of
+    an exact integer count, so every layout computes bitwise the same mass.
+    """
+    kth = cands[:, top_k - 1]
+    ties = all_reduce_((z == kth[:, None]).sum(dim=-1).to(z.dtype), SUM, tp_group)
+    above = cands > kth[:, None]  # a descending prefix of the sorted candidates
+    cum = torch.where(above, (cands - z_max[:, None]).exp(), 0.0).cumsum(dim=-1)
+    total = cum[:, -1] + ties * (kth - z_max).exp()
+    # Candidates above the k-th value strictly before the cut; none reaching top_p: the
+    # cut falls among the ties, which are kept together.
+    index = ((cum < top_p * total[:, None]) & above).sum(dim=-1)
+    crossing = cands.gather(1, index.clamp(max=cands.shape[1] - 1)[:, None]).squeeze(1)
+    return torch.where(index < above.sum(dim=-1), crossing, kth)
 
 
 def _top_p_bisect(z: torch.Tensor, z_max: torch.Tensor, top_p: float, tp_group: Any) -> torch.Tensor:
@@ -190,7 +205,7 @@ def _keep_threshold(z: torch.Tensor, z_max: torch.Tensor, top_k: int, top_p: flo
     if 0 < top_k < vocab_size:
         cands = _top_k_candidates(z, top_k, tp_group)
         if top_p < 1.0:
-            return _top_p_over_candidates(cands, top_k, top_p)
+            return _top_p_over_candidates(z, z_max, cands, top_k, top_p, tp_group)
         return cands[:, top_k - 1]
     if top_p < 1.0:
         theta, exact = _top_p_shard_candidates(z, z_max, top_p, tp_group)

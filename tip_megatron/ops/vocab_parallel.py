@@ -138,7 +138,7 @@ def _finish(
     token_ids: Optional[torch.Tensor], has_teacher: bool,
 ) -> TokenStats:
     """Per-token statistics from the all-reduced partial sums (formulas: module docstring)."""
-    rows = iter(partials)  # S_s, A_s, S_t, A_t, W_s, W_t (ops.partials), then x[id]
+    rows = iter(partials)  # S_s, A_s, S_t, A_t, W_s, W_t, D (ops.partials), then x[id]
     sum_s, xlogx_s = next(rows), next(rows)
     log_norm_s = sum_s.log()
     # Entropy >= 0 exactly; rounding of log S - E[x] can leave -1e-7.
@@ -149,13 +149,15 @@ def _finish(
         student_entropy_norm=entropy / math.log(shard.vocab_size),
     )
     if has_teacher:
-        sum_t, xlogx_t, diff_s, diff_t = (next(rows) for _ in range(4))
+        sum_t, xlogx_t, diff_s, diff_t, norm_diff = (next(rows) for _ in range(5))
         log_norm_t = sum_t.log()
         # E_p[x_s - x_t] = E_p[s - t] - (max_s - max_t), for p = p_s and p = p_t.
         shift = maxes[0] - maxes[1]
+        # log S_s - log S_t without cancelling two numbers near log V (ops.partials).
+        log_ratio = torch.log1p(norm_diff / sum_t)
         # KL >= 0 and H >= 0 exactly; the clamps only remove rounding below zero.
-        stats.reverse_kl = (diff_s / sum_s - shift + log_norm_t - log_norm_s).clamp_min(0.0)
-        stats.forward_kl = (shift - diff_t / sum_t + log_norm_s - log_norm_t).clamp_min(0.0)
+        stats.reverse_kl = (diff_s / sum_s - shift - log_ratio).clamp_min(0.0)
+        stats.forward_kl = (shift - diff_t / sum_t + log_ratio).clamp_min(0.0)
         stats.teacher_entropy = (log_norm_t - xlogx_t / sum_t).clamp_min(0.0)
     if token_ids is not None:
         in_vocab = (token_ids >= 0) & (token_ids < shard.vocab_size)

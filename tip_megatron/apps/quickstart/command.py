@@ -4,7 +4,8 @@
 On a fresh CPU machine, in minutes, with no downloads, at TP=2 on 2 processes (torchrun):
 1. a tiny teacher and a defective tiny student are pre-trained by the engine itself (cached
    after the first run);
-2. OPD with a TIP rule (default: Soft-OR, 50% of tokens kept) through the real trainer;
+2. OPD with a TIP rule (the task's default: entropy sampling on the addition task, Soft-OR
+   on the chain task; 50% of tokens kept) through the real trainer;
 3. a summary: teacher vs student accuracy before/after (per planted defect), kept fraction,
    quadrant fractions of the student's tokens, peak memory, time.
 """
@@ -21,8 +22,8 @@ from tip_megatron.runtime.env import under_torchrun
 from tip_megatron.runtime.processes import guard_rank_helpers
 from tip_megatron.apps.quickstart.tasks import DEFAULT_TASK, TASKS, get_task
 
-#: `steps` is the default task's; each task has its own (`tasks.EmbeddedTask.steps`).
-DEFAULTS = dict(rule="soft_or", rho=0.5, steps=TASKS[DEFAULT_TASK].steps, tp=2)
+#: `rule` and `steps` are the default task's; each task has its own (`tasks.EmbeddedTask`).
+DEFAULTS = dict(rule=TASKS[DEFAULT_TASK].rule, rho=0.5, steps=TASKS[DEFAULT_TASK].steps, tp=2)
 
 
 def register(subparsers) -> None:
@@ -32,12 +33,13 @@ def register(subparsers) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rule", default=DEFAULTS["rule"], help="TIP selection rule (default soft_or)")
+    p.add_argument("--rule", default=None,
+                   help=f"TIP selection rule (default: the task's, {DEFAULTS['rule']} for addition)")
     p.add_argument("--rho", type=float, default=DEFAULTS["rho"], help="retention ratio (default 0.5)")
     p.add_argument("--task", default=DEFAULT_TASK,
                    help=f"embedded task: {', '.join(TASKS)} (default {DEFAULT_TASK})")
     p.add_argument("--steps", type=int, default=None,
-                   help="OPD steps (default: the task's, 240 for addition)")
+                   help=f"OPD steps (default: the task's, {DEFAULTS['steps']} for addition)")
     p.add_argument("--tp", type=int, default=DEFAULTS["tp"], help="tensor-parallel size (default 2)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="held-out exact match every N steps, logged to metrics.jsonl (default: "
@@ -48,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    args.steps = args.steps or get_task(args.task).steps  # a bad --task stops here, one line
+    task_defaults(args)  # a bad --task stops here, one line
     every = [] if args.eval_every is None else ["--eval-every", str(args.eval_every)]
     worker_args = ["--task", args.task, "--rule", args.rule, "--rho", str(args.rho),
                    "--steps", str(args.steps), "--tp", str(args.tp), "--out", args.out,
@@ -57,6 +59,13 @@ def main(args: argparse.Namespace) -> int:
     if under_torchrun():
         return worker(args)
     return run_local(args.tp, "tip_megatron.apps.quickstart.command", worker_args)
+
+
+def task_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """--steps and --rule not given: the task's (`tasks.EmbeddedTask`); given ones win."""
+    spec = get_task(args.task)
+    args.steps, args.rule = args.steps or spec.steps, args.rule or spec.rule
+    return args
 
 
 def run_config(args: argparse.Namespace):
@@ -102,7 +111,7 @@ def worker(args: argparse.Namespace) -> int:
     # Progress of the pre-training (first run only) and of OPD.
     logging.getLogger("tip_megatron.apps.quickstart").setLevel(logging.INFO)
     start = time.perf_counter()
-    args.steps = args.steps or get_task(args.task).steps
+    task_defaults(args)
     cfg = run_config(args)
     spec = get_task(args.task)
     data = spec.data
@@ -166,7 +175,8 @@ def _fresh_run_dir(run_dir: str) -> None:
 
 
 def _plots(run_dir: str) -> None:
-    """Learning curves and token scatters of this run (needs the plot extra)."""
+    """Learning curves and token scatters of this run, their paths printed (matplotlib: a
+    dependency of the default install)."""
     from pathlib import Path
 
     try:
@@ -175,8 +185,8 @@ def _plots(run_dir: str) -> None:
                                    sorted(Path(run_dir, "token_dumps").glob("step_*.npz")),
                                    Path(run_dir) / "plots")
     except ImportError:
-        print("[quickstart] plots: skipped (install the plot extra: pip install "
-              "'tip_megatron[plot]')", flush=True)
+        print("[quickstart] plots: skipped (matplotlib is not installed; bash install.sh "
+              "installs it, or pip install 'matplotlib>=3.8')", flush=True)
         return
     print("[quickstart] plots:\n" + "\n".join(f"  {p}" for p in paths)
           + "".join(f"\n  ({note})" for note in notes), flush=True)

@@ -32,7 +32,8 @@ def grade_addition(response: str, answer: str) -> Grade:
     """Exact match of the 4 answer digits (units first); anything else is unparsed."""
     text = response.strip()
     parsed = len(text) == task.ANSWER_LEN and text.isdigit()
-    return Grade(correct=parsed and text == answer, unparsed=not parsed, extracted=text or None)
+    return Grade(correct=parsed and text == answer, unparsed=not parsed, extracted=text or None,
+                 normalized=text or None)
 
 
 if GRADER not in GRADERS:
