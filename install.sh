@@ -28,7 +28,7 @@ pip_install() {
 # 1. torch: keep whatever torch is already there (an NGC container ships its own CUDA build);
 #    otherwise take the pinned CPU build, which pip finds on local disk. An unpinned torch
 #    would pull a multi-GB CUDA build.
-if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+if ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" 2>/dev/null; then
   echo "[install] torch==${TORCH_CPU_VERSION}"
   pip_install "torch==${TORCH_CPU_VERSION}"
 elif [ "$DRY_RUN" = 1 ]; then
@@ -41,7 +41,8 @@ echo "[install] megatron-core dependencies"
 pip_install numpy "packaging>=24.2" triton psutil
 
 # 3. megatron-core itself.
-if ! "$PYTHON" -c "import megatron.core, sys; sys.exit(megatron.core.__version__.split('+')[0] != '${MCORE_VERSION}')" 2>/dev/null; then
+# (the installed version from the package metadata: importing megatron.core costs ~10 s)
+if ! "$PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('megatron-core').split('+')[0] != '${MCORE_VERSION}')" 2>/dev/null; then
   echo "[install] megatron-core==${MCORE_VERSION}"
   if "$PYTHON" -c "import sys; sys.exit(sys.version_info < (3, 12))"; then
     pip_install "megatron-core==${MCORE_VERSION}"
