@@ -11,7 +11,7 @@ Per micro-batch, inside `GPTModel.forward(..., output_processor=...)`:
      computed the signals, and the micro-batch's `Preselection` carries them here;
   b. select: a TIP rule turns them into a kept mask (or takes the pre-pass's mask);
   c. drop, then learn: only the kept positions' hidden states go through the output layer
-     with grad, fused with the reverse KL (or unfused, for comparison), teacher logits
+     with grad, fused with `loss.divergence` (or unfused, for comparison), teacher logits
      recomputed from the cached teacher hidden states of the kept tokens.
 
 Data flow (no shared mutable object): the inputs are a frozen `MicrobatchContext`; the
@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from tip_megatron.ops import fused_linear_reverse_kl, unfused_linear_reverse_kl, vocab_parallel_stats
+from tip_megatron.ops import fused_linear_divergence, unfused_linear_divergence, vocab_parallel_stats
 from tip_megatron.ops.divergences import Divergence
 from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK
 from tip_megatron.ops.sequence_parallel import gather_sequence
@@ -48,8 +48,9 @@ class LossConfig:
     """How the kept tokens' loss is computed (not which tokens: that is SelectionConfig)."""
 
     impl: str = "fused"
-    """`fused`: chunked output layer + reverse KL with the gradient computed in the forward
-    (nothing [k, V/tp] kept for backward); `unfused`: ordinary autograd on the kept tokens."""
+    """`fused`: chunked output layer + `divergence` with the gradient computed in the forward
+    (nothing [k, V/tp] kept for backward); `unfused`: ordinary autograd on the kept tokens
+    (reverse KL only)."""
     chunk_size: int = DEFAULT_FUSED_CHUNK
     """Tokens per chunk of the fused loss (two [chunk, V/tp] logit buffers)."""
     score_chunk_size: int = DEFAULT_SCORE_CHUNK
@@ -112,7 +113,8 @@ class LossPathOutput:
     """What the output processor returns and `loss_func` consumes (one micro-batch)."""
 
     loss_sum: torch.Tensor
-    """0-dim reverse-KL sum over the kept tokens, differentiable (zero in the pre-pass)."""
+    """0-dim sum over the kept tokens of the per-token `loss.divergence` (reverse KL, forward
+    KL or JSD), differentiable (zero in the pre-pass)."""
     signals: TokenSignals
     """The signals the selection used ([b*s] tokens)."""
     kept_mask: Optional[torch.Tensor] = None
@@ -199,13 +201,12 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
     """
     idx = kept.nonzero().squeeze(1)
     teacher_kept = _flat(ctx.teacher_hidden).index_select(0, idx)
-    fn = fused_linear_reverse_kl if spec.loss.impl == "fused" else unfused_linear_reverse_kl
-    kwargs = ({"chunk_size": spec.loss.chunk_size,
-               "divergence": Divergence(spec.loss.divergence, spec.loss.jsd_beta)}
-              if spec.loss.impl == "fused" else {})
+    fn = fused_linear_divergence if spec.loss.impl == "fused" else unfused_linear_divergence
+    kwargs = {"chunk_size": spec.loss.chunk_size} if spec.loss.impl == "fused" else {}
     return fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
               tp_group=spec.tp_group, vocab_size=spec.vocab_size,
-              reduce_hidden_grad=not sequence_parallel, **kwargs)
+              reduce_hidden_grad=not sequence_parallel,
+              divergence=Divergence(spec.loss.divergence, spec.loss.jsd_beta), **kwargs)
 
 
 def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[torch.Tensor, bool]:
