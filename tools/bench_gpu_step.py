@@ -209,7 +209,7 @@ class StepBench:
         (report,) = pipeline.forward_backward(step, self.ddp, [item], self.groups,
                                               seq_length=mb.input_ids.shape[1],
                                               micro_batch_size=mb.input_ids.shape[0])
-        return kept if row is None else int(report["kept_mask"].sum())
+        return kept if row is None else int(report["distill"][1])  # [loss_sum, num_kept]
 
     def train_step(self, row: Row, inputs: tuple) -> int:
         kept = self.fwd_bwd(row, inputs)

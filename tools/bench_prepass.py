@@ -18,7 +18,7 @@ swap places every round), medians reported:
                  no-grad scoring on the engine's kept hidden states (no student forward)
   trunk          student forward-only with the output layer skipped (what `generation` saves)
   select         `select_prepass` over the global batch
-  train          `student_pass` with the pre-pass's masks: forward + backward on kept tokens
+  train          `train_pass` with the pre-pass's masks: forward + backward on kept tokens
 The JSON also holds the largest signal difference between the two sources and whether
 their kept masks are identical.
 """
@@ -36,9 +36,11 @@ import torch
 def _stages(args):
     from tip_megatron.runtime import parallel, pipeline
     from tip_megatron.distill.loss import DistillSpec, LossConfig
+    from tip_megatron.distill.prepass import (
+        response_rows, scoring_from_generation, select_prepass, with_preselection,
+    )
     from tip_megatron.distill.step import (
-        make_contexts, scoring_from_generation, scoring_pass, select_prepass, student_pass,
-        teacher_hidden_states, teacher_output_weight, with_preselection,
+        make_contexts, scoring_pass, teacher_hidden_states, teacher_output_weight, train_pass,
     )
     from tip_megatron.models import build_model
     from tip_megatron.models.init import init_full_state
@@ -46,7 +48,7 @@ def _stages(args):
     from tip_megatron.rollout.generate import GenerationConfig, generate
     from tip_megatron.testing.models import tiny_arch
     from tip_megatron.tip import SelectionConfig
-    from tip_megatron.train.batches import make_microbatches, response_rows
+    from tip_megatron.train.batches import make_microbatches
     from tip_megatron.train.optimizer import OptimConfig, wrap_ddp
 
     g = parallel.initialize(parallel.ParallelLayout(), seed=0)
@@ -105,7 +107,7 @@ def _stages(args):
             ctx = with_preselection(state["ctx"], state["signals"], *state["sel"])
             for c in ddp:
                 c.zero_grad_buffer()
-            student_pass(ddp, g, batches, ctx, spec, **shape)
+            train_pass(ddp, g, batches, ctx, spec, **shape)
         return time.perf_counter() - t0
 
     order = ("generate", "generate_keep", "teacher", "prepass", "prepass_gen", "trunk", "select", "train")

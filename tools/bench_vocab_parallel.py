@@ -8,7 +8,7 @@ Shapes: [tokens, V/tp] logit shards; [tokens, h] hidden states; [V/tp, h] weight
 Rows (fwd + bwd of one loss, TP ranks forked on this machine over gloo):
   ours_kl             vocab_parallel_reverse_kl on given logit shards
   ours_unfused_linear student output layer + vocab_parallel_reverse_kl by autograd
-  ours_fused_linear   fused_linear_reverse_kl (no [tokens, V/tp] tensor survives a chunk)
+  ours_fused_linear   fused_linear_divergence (no [tokens, V/tp] tensor survives a chunk)
   naive_allgather_kl  all-gather both vocabularies, then torch log_softmax / KL
   megatron_ce         megatron-core vocab_parallel_cross_entropy alone (one pass; floor)
 The logit rows (ours_kl, naive, megatron_ce) start from logit shards; the *_linear rows
@@ -45,8 +45,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tip_megatron.ops import (  # noqa: E402
-    fused_linear_reverse_kl,
-    unfused_linear_reverse_kl,
+    fused_linear_divergence,
+    unfused_linear_divergence,
     vocab_parallel_reverse_kl,
 )
 from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK  # noqa: E402
@@ -159,8 +159,8 @@ def _step_fn(case: Case, x: dict[str, torch.Tensor], group: Any) -> Callable[[],
     if case.impl in ("ours_unfused_linear", "ours_fused_linear"):
         args = (x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"])
         if case.impl == "ours_fused_linear":
-            return lambda: run(fused_linear_reverse_kl(*args, chunk_size=case.fused_chunk, **kw)[0])
-        return lambda: run(unfused_linear_reverse_kl(*args, **kw)[0])
+            return lambda: run(fused_linear_divergence(*args, chunk_size=case.fused_chunk, **kw)[0])
+        return lambda: run(unfused_linear_divergence(*args, **kw)[0])
     if case.impl == "naive_allgather_kl":
         def naive() -> None:
             student = _GatherVocab.apply(x["student"], group)[:, : case.vocab]

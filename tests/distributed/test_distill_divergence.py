@@ -9,7 +9,7 @@ import torch
 from tip_megatron.runtime import parallel
 from tip_megatron.distill.loss import DistillSpec, LossConfig
 from tip_megatron.distill.step import (
-    Microbatch, make_contexts, student_pass, teacher_hidden_states, teacher_output_weight,
+    Microbatch, make_contexts, teacher_hidden_states, teacher_output_weight, train_pass,
 )
 from tip_megatron.models import build_model
 from tip_megatron.models.init import init_full_state
@@ -47,9 +47,9 @@ def _engine(g, s_full, t_full, loss_cfg):
     hidden = teacher_hidden_states(teacher, g, mbs, **shape)
     contexts = make_contexts(g, mbs, hidden, teacher_output_weight(teacher))
     spec = DistillSpec(SELECTION, loss_cfg, STUDENT.vocab_size, g.tp_group)
-    (report,) = student_pass(ddp, g, mbs, contexts, spec, **shape)
+    (result,) = train_pass(ddp, g, mbs, contexts, spec, **shape)
     grads = gather_full_state_dict(ddp, g, STUDENT, tensor_of=lambda p: p.main_grad)
-    return report["distill"], report["kept_mask"].view(ROWS, SEQ), grads
+    return result.metric_sums["distill"], result.kept_mask.view(ROWS, SEQ), grads
 
 
 def _naive(g, s_full, t_full, kept, loss_cfg):

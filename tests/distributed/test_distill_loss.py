@@ -20,9 +20,9 @@ import torch
 from tip_megatron.runtime import parallel
 from tip_megatron.distill.loss import DistillSpec, LossConfig
 from tip_megatron.distill import loss as loss_module
+from tip_megatron.distill.prepass import select_prepass, with_preselection
 from tip_megatron.distill.step import (
-    Microbatch, make_contexts, scoring_pass, select_prepass, student_pass, teacher_hidden_states,
-    teacher_output_weight, with_preselection,
+    Microbatch, make_contexts, scoring_pass, teacher_hidden_states, teacher_output_weight, train_pass,
 )
 from tip_megatron.models import build_model
 from tip_megatron.models.state import gather_full_state_dict, load_full_state_dict
@@ -95,11 +95,13 @@ def _tip(layout, s_full, t_full, selection, impl, empty_rows=()):
             masks, labels = select_prepass(selection, signals, g.dp_group, step=spec.step)
             contexts = with_preselection(contexts, signals, masks, labels)
     num_prepass_calls = len(calls)
-    reports = student_pass(ddp, g, mbs, contexts, spec, **shape)
+    results = train_pass(ddp, g, mbs, contexts, spec, **shape)
     scoring = (num_prepass_calls, len(calls) - num_prepass_calls)
-    loss = torch.stack([r["distill"] for r in reports]).sum(0) if reports else None
-    kept = [r["kept_mask"].view(-1, SEQ) for r in reports] if g.is_last_stage else None
-    metrics = {k: float(sum(r[k] for r in reports)) for k in reports[0] if k.startswith("tip/")} if reports else None
+    assert all(r.finite for r in results)
+    loss = torch.stack([r.metric_sums["distill"] for r in results]).sum(0) if results else None
+    kept = [r.kept_mask.view(-1, SEQ) for r in results] if g.is_last_stage else None
+    metrics = ({k: float(sum(r.metric_sums[k] for r in results)) for k in results[0].metric_sums
+                if k.startswith("tip/")} if results else None)
     grads = gather_full_state_dict(ddp, g, STUDENT, tensor_of=lambda p: p.main_grad)
     return loss, kept, grads, (g.dp_rank, g.tp_rank, g.pp_rank), scoring, metrics
 

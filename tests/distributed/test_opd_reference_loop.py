@@ -82,14 +82,14 @@ def _both(overrides, rho):
     start = gather_full_state_dict(run.ddp, g, m.student_arch)
     teacher_state = gather_full_state_dict(m.teacher, g, m.teacher_arch)
     recorded = []
-    real_rollouts = trainer.rollouts
+    real_rollouts = trainer.generate_rollouts
 
     def recording(run_, prompts):  # the real generation; we only keep its output
         out = real_rollouts(run_, prompts)
         recorded.append((out.token_ids.clone(), out.response_mask.clone()))
         return out
 
-    trainer.rollouts = recording
+    trainer.generate_rollouts = recording
     trainer.loop(run)
     engine = [h["loss"] for h in run.history]
     (student,), (teacher,) = build_model(m.student_arch, g), build_model(m.teacher_arch, g, frozen=True)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from tip_megatron.ops import fused_linear_reverse_kl
+from tip_megatron.ops import fused_linear_divergence
 from tip_megatron.ops.divergences import Divergence
 from tip_megatron.testing import reference_ops as ref
 from tip_megatron.testing.distributed import run_distributed
@@ -51,7 +51,7 @@ def _run(inputs, rows: slice, vocab_size: int, divergence: Divergence, chunk_siz
     counts = Counter()
     original, dist.all_reduce = _counting_all_reduce(counts)
     try:
-        loss, value = fused_linear_reverse_kl(
+        loss, value = fused_linear_divergence(
             h, w, th, tw[rows].clone(), tp_group=dist.group.WORLD, vocab_size=vocab_size,
             token_weights=tok_w, chunk_size=chunk_size, divergence=divergence)
         loss.backward()

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 from tip_megatron.ops import (
-    fused_linear_reverse_kl,
-    unfused_linear_reverse_kl,
+    fused_linear_divergence,
+    unfused_linear_divergence,
     vocab_parallel_reverse_kl,
     vocab_parallel_sample,
     vocab_parallel_stats,
@@ -164,13 +164,13 @@ def _check_fused(ctx: _Ctx) -> None:
     kl_ref = ref.reverse_kl(h @ w.t(), thd @ twd.t(), ctx.vocab_size)
     (kl_ref * tok_w).sum().backward()
     want = ((kl_ref * tok_w).sum().detach(), kl_ref.detach(), h.grad, ctx.shard(w.grad))
-    unfused = _run_linear(unfused_linear_reverse_kl, ctx, inputs)
+    unfused = _run_linear(unfused_linear_divergence, ctx, inputs)
     for chunk_size in (1, 3, 10):
-        fused = _run_linear(fused_linear_reverse_kl, ctx, inputs, chunk_size=chunk_size)
+        fused = _run_linear(fused_linear_divergence, ctx, inputs, chunk_size=chunk_size)
         for name, a, b, c in zip(("loss", "kl", "grad_hidden", "grad_weight"), fused, unfused, want):
             assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} chunk={chunk_size}")
             assert_close(a.double(), c, **ref.FP32_TOL, msg=f"{name} chunk={chunk_size}")
-    loss, kl, grad_hidden, grad_weight = _run_linear(fused_linear_reverse_kl, ctx, _fused_inputs(0))
+    loss, kl, grad_hidden, grad_weight = _run_linear(fused_linear_divergence, ctx, _fused_inputs(0))
     assert loss.item() == 0 and kl.numel() == 0 and grad_hidden.shape == (0, 6)
     assert (grad_weight == 0).all()
 

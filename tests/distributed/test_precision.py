@@ -33,25 +33,28 @@ def _overrides(assets, **extra):
 
 def _student_update(run, mbs, contexts, shape, want_grads):
     """One update through the trainer's stage; optionally the fp32 main grads before it."""
-    from tip_megatron.distill.step import student_pass
+    from tip_megatron.distill.step import train_pass
     from tip_megatron.train import trainer
 
     if not want_grads:
-        reports, metrics = trainer.update(run, mbs, contexts, shape)
-        return metrics, None, reports
+        results, metrics = trainer.update(run, mbs, contexts, shape)
+        return metrics, None, results
     for chunk in run.ddp:
         chunk.zero_grad_buffer()
-    reports = student_pass(run.ddp, run.groups, mbs, contexts, trainer._spec(run), **shape)
-    loss = sum(float(r["distill"][0]) for r in reports) / sum(float(r["distill"][1]) for r in reports)
+    results = train_pass(run.ddp, run.groups, mbs, contexts, trainer._spec(run), **shape._asdict())
+    loss = (sum(float(r.metric_sums["distill"][0]) for r in results)
+            / sum(float(r.metric_sums["distill"][1]) for r in results))
     grads = [p.main_grad.detach().cpu().clone() for c in run.ddp for p in c.parameters()]
-    return {"loss": loss}, grads, reports
+    return {"loss": loss}, grads, results
 
 
 def _opd_run(overrides, rollouts=None, want_grads=False, steps=STEPS):
     """`steps` trainer steps (with `rollouts` replayed when given): per-step losses, kept
     masks, the rollouts used, and (want_grads) the first step's main grads; all on the CPU."""
     from tip_megatron.runtime.device import current_device
-    from tip_megatron.distill.step import make_contexts, teacher_hidden_states, teacher_output_weight
+    from tip_megatron.distill.step import (
+        ScheduleShape, make_contexts, teacher_hidden_states, teacher_output_weight,
+    )
     from tip_megatron.train import trainer
 
     run = trainer.setup(load_config(None, overrides))
@@ -60,18 +63,18 @@ def _opd_run(overrides, rollouts=None, want_grads=False, steps=STEPS):
     attention_calls = _count_core_attention_calls(run.ddp)
     losses, kept, used, grads = [], [], [], None
     for step in range(steps):
-        out = trainer.rollouts(run, run.prompts.next()) if rollouts is None else rollouts[step]
+        out = trainer.generate_rollouts(run, run.prompts.next()) if rollouts is None else rollouts[step]
         out = SimpleNamespace(token_ids=out.token_ids.to(device),
                               response_mask=out.response_mask.to(device))
         used.append(SimpleNamespace(token_ids=out.token_ids.cpu(), response_mask=out.response_mask.cpu()))
         mbs = [mb for group in trainer.microbatches(run, out) for mb in group]  # one update
-        shape = dict(seq_length=out.token_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
-        hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
+        shape = ScheduleShape(out.token_ids.shape[1], run.cfg.train.micro_batch_size)
+        hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape._asdict())
         contexts = make_contexts(run.groups, mbs, hidden, teacher_output_weight(run.models.teacher))
-        metrics, step_grads, reports = _student_update(run, mbs, contexts, shape, want_grads)
+        metrics, step_grads, results = _student_update(run, mbs, contexts, shape, want_grads)
         grads = grads if grads is not None else step_grads
         losses.append(metrics["loss"])
-        kept.append(torch.cat([r["kept_mask"] for r in reports]).cpu())
+        kept.append(torch.cat([r.kept_mask for r in results]).cpu())
         run.step += 1
         if want_grads:  # one step is enough to compare gradients
             break

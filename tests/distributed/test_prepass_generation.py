@@ -121,21 +121,22 @@ def _engine_gaps(run) -> dict:
 
 def _one_batch(run, rule: dict) -> dict:
     """One rollout batch scored both ways; the comparison (last stage) or {}."""
+    from tip_megatron.distill.prepass import score_generated, select_prepass
     from tip_megatron.distill.step import (
-        make_contexts, scoring_pass, select_prepass, teacher_hidden_states, teacher_output_weight,
+        make_contexts, scoring_pass, teacher_hidden_states, teacher_output_weight,
     )
     from tip_megatron.train import trainer
 
     run.cfg = dataclasses.replace(run.cfg, selection=dataclasses.replace(
         run.cfg.selection, rule=rule["selection.rule"], rho=rule["selection.rho"], prepass_source="generation"))
-    out = trainer.rollouts(run, run.prompts.next())
+    out = trainer.generate_rollouts(run, run.prompts.next())
     mbs = [mb for group in trainer.microbatches(run, out) for mb in group]
     shape = dict(seq_length=mbs[0].input_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
     hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
     weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
     contexts = make_contexts(run.groups, mbs, hidden, weight)
     recomputed = scoring_pass(run.ddp, run.groups, mbs, contexts, trainer._spec(run), **shape).signals
-    generated = trainer._generation_signals(run, mbs, contexts, out).signals
+    generated = score_generated(run.ddp, run.groups, mbs, contexts, trainer._spec(run), out).signals
     if not run.groups.is_last_stage:
         return {}
     assert out.response_hidden is None  # released once scored

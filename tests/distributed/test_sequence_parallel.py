@@ -18,9 +18,9 @@ import torch
 from tip_megatron.runtime import parallel
 from tip_megatron.distill import loss as loss_module
 from tip_megatron.distill.loss import DistillSpec, LossConfig
+from tip_megatron.distill.prepass import with_preselection
 from tip_megatron.distill.step import (
-    Microbatch, make_contexts, scoring_pass, student_pass, teacher_hidden_states,
-    teacher_output_weight, with_preselection,
+    Microbatch, make_contexts, scoring_pass, teacher_hidden_states, teacher_output_weight, train_pass,
 )
 from tip_megatron.models import build_model
 from tip_megatron.models.init import init_full_state
@@ -94,9 +94,9 @@ def _run(tp, pp, num_mb, sp, impl, selection):
             signals = scoring_pass(ddp, g, mbs, contexts, spec, **shape).signals
             if g.is_last_stage:
                 contexts = with_preselection(contexts, signals, select_global(selection, signals, g.dp_group))
-        reports = student_pass(ddp, g, mbs, contexts, spec, **shape)
-    loss = torch.stack([r["distill"] for r in reports]).sum(0) if reports else None
-    kept = [r["kept_mask"] for r in reports]
+        results = train_pass(ddp, g, mbs, contexts, spec, **shape)
+    loss = torch.stack([r.metric_sums["distill"] for r in results]).sum(0) if results else None
+    kept = [r.kept_mask for r in results]
     grads = gather_full_state_dict(ddp, g, STUDENT, tensor_of=lambda p: p.main_grad)
     return loss, kept, grads, gathered
 

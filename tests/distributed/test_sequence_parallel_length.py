@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tip_megatron.distill.loss import DistillSpec, LossConfig
-from tip_megatron.distill.step import Microbatch, student_pass, teacher_hidden_states
+from tip_megatron.distill.step import Microbatch, teacher_hidden_states, train_pass
 from tip_megatron.models import build_model
 from tip_megatron.runtime import parallel
 from tip_megatron.testing.distributed import run_distributed
@@ -28,7 +28,7 @@ def _odd_lengths() -> list[str]:
     spec = DistillSpec(SelectionConfig(rule="soft_or", rho=0.5), LossConfig(), ARCH.vocab_size, g.tp_group)
     errors = []
     for call in (lambda mbs, shape: teacher_hidden_states(model, g, mbs, **shape),
-                 lambda mbs, shape: student_pass(model, g, mbs, [None], spec, **shape)):
+                 lambda mbs, shape: train_pass(model, g, mbs, [None], spec, **shape)):
         with pytest.raises(ValueError) as err:
             call([_microbatch(2, 11)], dict(seq_length=11, micro_batch_size=2))
         errors.append(str(err.value))

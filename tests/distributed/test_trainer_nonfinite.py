@@ -1,7 +1,8 @@
 """A non-finite TIP signal skips the update under every scope: one teacher hidden state
-set to inf makes that micro-batch's statistics non-finite; the loss path turns that into a
-NaN loss and `_should_skip` skips the update on every rank. Scope `global` (q3, div_topk,
-random, the entropy rules) scores in a pre-pass, whose `finite` flag must reach the loss:
+set to inf makes that micro-batch's statistics non-finite; its `MicrobatchResult.finite` is
+False, the step's loss is reported as NaN and `train.skip.should_skip` skips the update on
+every rank. Scope `global` (q3, div_topk, random, the entropy rules) scores in a pre-pass,
+whose `finite` flag must reach the micro-batch's result:
 checked through the real `train_step` for scope `rollout` (the reference behaviour), and
 scope `global` with both pre-pass sources, at DP=1 and DP=2 (the inf on one replica only).
 
@@ -132,18 +133,18 @@ def _step_metrics_and_rollouts(overrides):
     from tip_megatron.train import trainer
 
     run = trainer.setup(load_config(None, overrides))
-    real, seen = trainer.rollouts, []
+    real, seen = trainer.generate_rollouts, []
 
     def recording(*args, **kwargs):
         out = real(*args, **kwargs)
         seen.append(out.response_lengths.clone())
         return out
 
-    trainer.rollouts = recording
+    trainer.generate_rollouts = recording
     try:
         metrics = trainer.train_step(run)
     finally:
-        trainer.rollouts = real
+        trainer.generate_rollouts = real
     return metrics, seen[0].tolist()
 
 

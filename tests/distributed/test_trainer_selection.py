@@ -92,15 +92,17 @@ def test_two_updates_dp1_equals_dp2(assets):
 def _update_losses(overrides):
     """One rollout batch through the trainer's stages; per update, the training loss and
     the mean reverse KL of the kept tokens as the selection's signals saw it."""
-    from tip_megatron.distill.step import make_contexts, teacher_hidden_states, teacher_output_weight
+    from tip_megatron.distill.step import (
+        ScheduleShape, make_contexts, teacher_hidden_states, teacher_output_weight,
+    )
     from tip_megatron.train import trainer
 
     run = trainer.setup(load_config(None, overrides))
-    out = trainer.rollouts(run, run.prompts.next())
+    out = trainer.generate_rollouts(run, run.prompts.next())
     mb_groups = trainer.microbatches(run, out)
     mbs = [mb for group in mb_groups for mb in group]
-    shape = dict(seq_length=out.token_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
-    hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
+    shape = ScheduleShape(out.token_ids.shape[1], run.cfg.train.micro_batch_size)
+    hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape._asdict())
     contexts = make_contexts(run.groups, mbs, hidden, teacher_output_weight(run.models.teacher))
     ups = trainer.run_updates(run, mb_groups, contexts, shape)
     sizes = [sum(int(mb.target_mask.sum()) for mb in group) for group in mb_groups]

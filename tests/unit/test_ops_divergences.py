@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from tip_megatron.distill.loss import LossConfig
-from tip_megatron.ops import fused_linear_reverse_kl
+from tip_megatron.ops import fused_linear_divergence
 from tip_megatron.ops.divergences import Divergence
 from tip_megatron.testing import reference_ops as ref
 
@@ -26,7 +26,7 @@ def _inputs(seed=0):
 def _fused(inputs, divergence, chunk_size):
     hidden, weight, th, tw, tok_w = inputs
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss, per_token = fused_linear_reverse_kl(h, w, th, tw, tp_group=None, vocab_size=VOCAB,
+    loss, per_token = fused_linear_divergence(h, w, th, tw, tp_group=None, vocab_size=VOCAB,
                                               token_weights=tok_w, chunk_size=chunk_size,
                                               divergence=divergence)
     loss.backward()
@@ -86,7 +86,7 @@ def test_fused_keeps_nothing_vocab_sized_for_backward(name):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t,
                                                   lambda t: t):
-        loss, _ = fused_linear_reverse_kl(h, w, th, tw, tp_group=None, vocab_size=VOCAB,
+        loss, _ = fused_linear_divergence(h, w, th, tw, tp_group=None, vocab_size=VOCAB,
                                           token_weights=tok_w, chunk_size=3,
                                           divergence=Divergence(name, 0.4))
     assert sorted(saved) == sorted([(K, H), (WIDTH, H)])

@@ -1,4 +1,4 @@
-"""fused_linear_reverse_kl == unfused_linear_reverse_kl == float64 reference, at TP = 1.
+"""fused_linear_divergence == unfused_linear_divergence == float64 reference, at TP = 1.
 
 TP = 2 (with the hidden-gradient all-reduce) is in tests/distributed/test_ops_tensor_parallel.py.
 """
@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tip_megatron.ops import fused_linear_reverse_kl, unfused_linear_reverse_kl
+from tip_megatron.ops import fused_linear_divergence, unfused_linear_divergence
+from tip_megatron.ops.divergences import Divergence
 from tip_megatron.testing import reference_ops as ref
 
 K, H, H_T, WIDTH, VOCAB = 10, 6, 5, 24, 21
@@ -42,8 +43,8 @@ def _reference(inputs):
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, K, 64])
 def test_fused_equals_unfused_and_reference(chunk_size):
     inputs = _inputs()
-    fused = _run(fused_linear_reverse_kl, inputs, chunk_size=chunk_size)
-    unfused = _run(unfused_linear_reverse_kl, inputs)
+    fused = _run(fused_linear_divergence, inputs, chunk_size=chunk_size)
+    unfused = _run(unfused_linear_divergence, inputs)
     want = _reference(inputs)
     for name, a, b, c in zip(("loss", "kl", "grad_hidden", "grad_weight"), fused, unfused, want):
         assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
@@ -53,8 +54,8 @@ def test_fused_equals_unfused_and_reference(chunk_size):
 
 def test_fused_bf16_close_to_unfused():
     inputs = _inputs(torch.bfloat16)
-    fused = _run(fused_linear_reverse_kl, inputs, chunk_size=3)
-    unfused = _run(unfused_linear_reverse_kl, inputs)
+    fused = _run(fused_linear_divergence, inputs, chunk_size=3)
+    unfused = _run(unfused_linear_divergence, inputs)
     for name, a, b in zip(("loss", "kl", "grad_hidden", "grad_weight"), fused, unfused):
         assert a.dtype == b.dtype, name
         assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
@@ -62,7 +63,7 @@ def test_fused_bf16_close_to_unfused():
 
 def test_fused_with_zero_tokens():
     inputs = _inputs(k=0)
-    loss, kl, grad_hidden, grad_weight = _run(fused_linear_reverse_kl, inputs, chunk_size=4)
+    loss, kl, grad_hidden, grad_weight = _run(fused_linear_divergence, inputs, chunk_size=4)
     assert loss.item() == 0.0 and kl.shape == (0,)
     assert grad_hidden.shape == (0, H) and (grad_weight == 0).all()
 
@@ -71,13 +72,13 @@ def test_fused_upstream_scale_and_no_grad_path():
     inputs = _inputs()
     hidden, weight, th, tw, _ = inputs
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss, _ = fused_linear_reverse_kl(h, w, th, tw, tp_group=None, vocab_size=VOCAB, chunk_size=4)
+    loss, _ = fused_linear_divergence(h, w, th, tw, tp_group=None, vocab_size=VOCAB, chunk_size=4)
     (3.0 * loss).backward()
-    _, _, grad_hidden, grad_weight = _run(fused_linear_reverse_kl, inputs[:4] + (torch.ones(K),))
+    _, _, grad_hidden, grad_weight = _run(fused_linear_divergence, inputs[:4] + (torch.ones(K),))
     assert_close(h.grad, 3.0 * grad_hidden)
     assert_close(w.grad, 3.0 * grad_weight)
     with torch.no_grad():
-        loss, kl = fused_linear_reverse_kl(h, w, th, tw, tp_group=None, vocab_size=VOCAB)
+        loss, kl = fused_linear_divergence(h, w, th, tw, tp_group=None, vocab_size=VOCAB)
     assert not loss.requires_grad and not kl.requires_grad
     assert_close(loss, kl.sum())
 
@@ -85,10 +86,14 @@ def test_fused_upstream_scale_and_no_grad_path():
 def test_fused_input_errors():
     hidden, weight, th, tw, _ = _inputs()
     with pytest.raises(ValueError, match="student shard width 24 != teacher shard width 23"):
-        fused_linear_reverse_kl(hidden, weight, th, tw[:23], tp_group=None, vocab_size=VOCAB)
+        fused_linear_divergence(hidden, weight, th, tw[:23], tp_group=None, vocab_size=VOCAB)
     with pytest.raises(ValueError, match="token_weights must be"):
-        fused_linear_reverse_kl(hidden, weight, th, tw, tp_group=None, vocab_size=VOCAB,
+        fused_linear_divergence(hidden, weight, th, tw, tp_group=None, vocab_size=VOCAB,
                                 token_weights=torch.ones(3))
+    forward_kl = Divergence("forward_kl")
+    with pytest.raises(ValueError, match="divergence='forward_kl'; accepted: 'reverse_kl'"):
+        unfused_linear_divergence(hidden, weight, th, tw, tp_group=None, vocab_size=VOCAB,
+                                  divergence=forward_kl)
 
 
 def test_fused_computes_only_the_gradients_asked_for():
@@ -96,13 +101,13 @@ def test_fused_computes_only_the_gradients_asked_for():
     hidden, weight, th, tw, tok_w = inputs
     want = _reference(inputs)
     h = hidden.clone().requires_grad_()
-    loss, _ = fused_linear_reverse_kl(h, weight, th, tw, tp_group=None, vocab_size=VOCAB,
+    loss, _ = fused_linear_divergence(h, weight, th, tw, tp_group=None, vocab_size=VOCAB,
                                       token_weights=tok_w)
     loss.backward()
     assert weight.grad is None
     assert_close(h.grad.double(), want[2], **ref.FP32_TOL)
     w = weight.clone().requires_grad_()
-    loss, _ = fused_linear_reverse_kl(hidden, w, th, tw, tp_group=None, vocab_size=VOCAB,
+    loss, _ = fused_linear_divergence(hidden, w, th, tw, tp_group=None, vocab_size=VOCAB,
                                       token_weights=tok_w)
     loss.backward()
     assert_close(w.grad.double(), want[3], **ref.FP32_TOL)

@@ -1,4 +1,4 @@
-"""`train.batches.response_rows` lines the generation engine's packed hidden states up with
+"""`distill.prepass.response_rows` lines the generation engine's packed hidden states up with
 the training micro-batches, and `decode.HiddenRecorder` packs what the engines record.
 
 Reference: a dense [rows, L, h] tensor whose entry [r, t] encodes (r, t); the packed
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tip_megatron.rollout.decode import HiddenRecorder
-from tip_megatron.train.batches import response_rows, target_mask, update_microbatches
+from tip_megatron.distill.prepass import response_rows
+from tip_megatron.train.batches import target_mask, update_microbatches
 
 
 def _rollouts(rows=8, width=9, seed=0):

@@ -11,16 +11,18 @@ Per micro-batch, inside `GPTModel.forward(..., output_processor=...)`:
      computed the signals, and the micro-batch's `Preselection` carries them here;
   b. select: a TIP rule turns them into a kept mask (or takes the pre-pass's mask);
   c. drop, then learn: only the kept positions' hidden states go through the output layer
-     with grad, fused with the reverse KL (or unfused, for comparison), teacher logits
+     with grad, fused with `loss.divergence` (or unfused, for comparison), teacher logits
      recomputed from the cached teacher hidden states of the kept tokens.
 
 Data flow (no shared mutable object): the inputs are a frozen `MicrobatchContext`; the
 output processor returns a `LossPathOutput`, which megatron's schedule hands unchanged to
 `loss_func` (GPTModel.forward returns the processor's value as the model output, the
 schedule calls `loss_func(output)` on the last stage). `loss_func` returns megatron's
-(loss_sum, num_kept, report); the report also carries the micro-batch's products
-(`kept_mask`, `signals`), which the schedule returns to the caller untouched. Megatron
-divides the gradients once by the global kept count.
+(loss_sum, num_kept, report), the report holding metric sums only, and appends the
+micro-batch's typed `MicrobatchResult` (signals, kept mask, labels, metric sums, `finite`)
+to the list the student pass returns. Megatron divides the gradients once by the global
+kept count. Non-finite statistics are zeroed so selection runs, and `finite=False` says so:
+the trainer skips that update.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from tip_megatron.ops import fused_linear_reverse_kl, unfused_linear_reverse_kl, vocab_parallel_stats
+from tip_megatron.ops import fused_linear_divergence, unfused_linear_divergence, vocab_parallel_stats
 from tip_megatron.ops.divergences import Divergence
 from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK
 from tip_megatron.ops.sequence_parallel import gather_sequence
@@ -48,8 +50,9 @@ class LossConfig:
     """How the kept tokens' loss is computed (not which tokens: that is SelectionConfig)."""
 
     impl: str = "fused"
-    """`fused`: chunked output layer + reverse KL with the gradient computed in the forward
-    (nothing [k, V/tp] kept for backward); `unfused`: ordinary autograd on the kept tokens."""
+    """`fused`: chunked output layer + `divergence` with the gradient computed in the forward
+    (nothing [k, V/tp] kept for backward); `unfused`: ordinary autograd on the kept tokens
+    (reverse KL only)."""
     chunk_size: int = DEFAULT_FUSED_CHUNK
     """Tokens per chunk of the fused loss (two [chunk, V/tp] logit buffers)."""
     score_chunk_size: int = DEFAULT_SCORE_CHUNK
@@ -87,8 +90,8 @@ class Preselection:
     """[b*s] int64 quadrant labels under the global statistics (needed by a `quantile`
     quadrant rule; None: labels are computed at the output layer, fixed rule only)."""
     finite: bool = True
-    """Whether every statistic the pre-pass scored was finite (`build_signals`); False makes
-    the loss NaN, so the trainer skips the update as it does when the loss path scores."""
+    """Whether every statistic the pre-pass scored was finite (`build_signals`); it becomes
+    the micro-batch's `MicrobatchResult.finite`, as when the loss path scores itself."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,8 @@ class LossPathOutput:
     """What the output processor returns and `loss_func` consumes (one micro-batch)."""
 
     loss_sum: torch.Tensor
-    """0-dim reverse-KL sum over the kept tokens, differentiable (zero in the pre-pass)."""
+    """0-dim sum over the kept tokens of the per-token `loss.divergence` (reverse KL, forward
+    KL or JSD), differentiable (zero in the pre-pass)."""
     signals: TokenSignals
     """The signals the selection used ([b*s] tokens)."""
     kept_mask: Optional[torch.Tensor] = None
@@ -122,7 +126,7 @@ class LossPathOutput:
     labels: Optional[torch.Tensor] = None
     """[b*s] int64 quadrant labels the metrics used; None in the scoring pre-pass."""
     finite: bool = True
-    """Whether the statistics scored here were finite (read by the pre-pass's caller)."""
+    """Whether the statistics the selection used were finite (`MicrobatchResult.finite`)."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,7 @@ def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec
     finite = all(bool(torch.isfinite(x).all()) for x in (ent, rkl, fkl))
     for dest, src in zip(full, (ent, rkl, fkl)):
         # KL and entropy >= 0 (clamps fp32 rounding); non-finite values (diverged weights)
-        # become 0 so selection runs, and `finite` makes the loss NaN (output_processor).
+        # become 0 so selection runs, and `finite` tells the trainer to skip the update.
         dest[positions] = torch.nan_to_num(src, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
     seq = ctx.target_mask.shape[1]
     rollout = ctx.rollout_ids.to(target.device).repeat_interleave(seq)
@@ -199,13 +203,12 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
     """
     idx = kept.nonzero().squeeze(1)
     teacher_kept = _flat(ctx.teacher_hidden).index_select(0, idx)
-    fn = fused_linear_reverse_kl if spec.loss.impl == "fused" else unfused_linear_reverse_kl
-    kwargs = ({"chunk_size": spec.loss.chunk_size,
-               "divergence": Divergence(spec.loss.divergence, spec.loss.jsd_beta)}
-              if spec.loss.impl == "fused" else {})
+    fn = fused_linear_divergence if spec.loss.impl == "fused" else unfused_linear_divergence
+    kwargs = {"chunk_size": spec.loss.chunk_size} if spec.loss.impl == "fused" else {}
     return fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
               tp_group=spec.tp_group, vocab_size=spec.vocab_size,
-              reduce_hidden_grad=not sequence_parallel, **kwargs)
+              reduce_hidden_grad=not sequence_parallel,
+              divergence=Divergence(spec.loss.divergence, spec.loss.jsd_beta), **kwargs)
 
 
 def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[torch.Tensor, bool]:
@@ -249,28 +252,50 @@ def make_output_processor(spec: DistillSpec):
         if kept is None:
             return LossPathOutput(hidden_states.new_zeros(()), signals, finite=finite)
         loss_sum, token_loss = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp)
-        if not finite:  # the trainer skips an update whose loss is not finite, on every rank
-            loss_sum = loss_sum + float("nan")
         return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels, token_loss),
-                              labels)
+                              labels, finite)
 
     return output_processor
 
 
-def loss_func(out: LossPathOutput):
-    """megatron's loss contract: (loss_sum, num_tokens, report).
+@dataclass(frozen=True)
+class MicrobatchResult:
+    """One micro-batch's products on the last stage, collected by `make_loss_func`'s loss
+    function in micro-batch order (the student pass returns them)."""
 
-    The report's `distill` ([loss_sum, num_kept]) and `tip/*` entries are metrics
-    (reduced by train.metrics.reduce_reports); `kept_mask`, `signals` and `quadrants` are the
-    micro-batch's products, handed back through the schedule's return value.
-    """
-    if out.kept_mask is None:  # scoring pre-pass: no loss, only the signals
-        return out.loss_sum, torch.zeros((), dtype=torch.int), {"signals": out.signals,
-                                                                 "finite": out.finite}
-    num_kept = int(out.kept_mask.sum())
-    report = {"distill": torch.stack([out.loss_sum.detach().clone().double(),
-                                      torch.tensor(float(num_kept), dtype=torch.float64,
-                                                   device=out.loss_sum.device)]),
-              "kept_mask": out.kept_mask, "signals": out.signals, "quadrants": out.labels}
-    report.update({f"tip/{k}": v.detach() for k, v in out.metric_sums.items()})
-    return out.loss_sum, torch.tensor(num_kept, dtype=torch.int, device=out.loss_sum.device), report
+    signals: TokenSignals
+    """The signals the selection used ([b*s] tokens)."""
+    kept_mask: Optional[torch.Tensor]
+    """[b*s] bool kept mask; None in the scoring pre-pass."""
+    labels: Optional[torch.Tensor]
+    """[b*s] int64 quadrant labels the metrics used; None in the scoring pre-pass."""
+    metric_sums: dict
+    """The report handed to megatron: `distill` ([loss_sum, num_kept] float64) and the
+    `tip/*` selection metric sums, reduced by train.metrics.reduce_reports; {} in the
+    scoring pre-pass."""
+    finite: bool
+    """Whether every statistic the selection used was finite. False: the signals were
+    zeroed where not finite, so the kept mask and loss mean nothing; the trainer skips the
+    update (and the save check refuses the weights)."""
+
+
+def make_loss_func(results: list):
+    """megatron's loss function for the student pass; appends each micro-batch's
+    `MicrobatchResult` to `results` (the last stage calls it once per micro-batch, in order)."""
+
+    def loss_func(out: LossPathOutput):
+        """megatron's loss contract: (loss_sum, num_tokens, report); the report holds only
+        metric sums (`distill` [loss_sum, num_kept] and `tip/*`). Megatron divides the
+        gradients once by the global kept count."""
+        if out.kept_mask is None:  # scoring pre-pass: no loss, only the signals
+            results.append(MicrobatchResult(out.signals, None, None, {}, out.finite))
+            return out.loss_sum, torch.zeros((), dtype=torch.int), {}
+        num_kept = int(out.kept_mask.sum())
+        report = {"distill": torch.stack([out.loss_sum.detach().clone().double(),
+                                          torch.tensor(float(num_kept), dtype=torch.float64,
+                                                       device=out.loss_sum.device)])}
+        report.update({f"tip/{k}": v.detach() for k, v in out.metric_sums.items()})
+        results.append(MicrobatchResult(out.signals, out.kept_mask, out.labels, report, out.finite))
+        return out.loss_sum, torch.tensor(num_kept, dtype=torch.int, device=out.loss_sum.device), report
+
+    return loss_func

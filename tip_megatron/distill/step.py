@@ -1,6 +1,9 @@
 """One distillation step through megatron's pipeline schedules: the teacher's forward-only
 pass (final hidden states kept on the last stage), then the student's pass with the TIP
-loss at the output layer.
+loss at the output layer, in three roles over one implementation: `train_pass` (forward +
+backward), `forward_loss_pass` (the loss of the current weights, forward only: the check
+before a save) and `scoring_pass` (signals only: the scope-`global` pre-pass, see
+distill/prepass.py). Each returns the last stage's `MicrobatchResult`s.
 
 Shapes: a micro-batch holds input_ids / position_ids / target_mask [b, s] and rollout_ids
 [b]; teacher hidden states are [s, b, h_t] (megatron layout), one per micro-batch, on the
@@ -16,14 +19,12 @@ import torch
 
 from tip_megatron.runtime import pipeline
 from tip_megatron.distill.loss import (
-    DistillSpec, MicrobatchContext, Preselection, build_signals, full_sequence, loss_func,
+    DistillSpec, MicrobatchContext, MicrobatchResult, full_sequence, make_loss_func,
     make_output_processor,
 )
 from tip_megatron.models.state import unwrap
 from tip_megatron.runtime.parallel import ParallelGroups
-from tip_megatron.tip import (
-    SelectionConfig, TokenSignals, select_global_with_stats, selection_labels,
-)
+from tip_megatron.tip import TokenSignals
 
 
 @dataclass
@@ -36,6 +37,16 @@ class Microbatch:
     """[b, s] bool: the token at t+1 is a response token (position t is in the loss)."""
     rollout_ids: torch.Tensor
     """[b] int64 global rollout ids."""
+
+
+class ScheduleShape(NamedTuple):
+    """The pipeline schedule's micro-batch shape for one rollout batch (the passes below
+    take it as `**shape._asdict()`, megatron's keyword names)."""
+
+    seq_length: int
+    """Tokens per row of every micro-batch (sequence parallelism pads it to a multiple of tp)."""
+    micro_batch_size: int
+    """Rows per micro-batch."""
 
 
 class Scored(NamedTuple):
@@ -96,7 +107,7 @@ def output_weight(chunks: Sequence[torch.nn.Module]) -> torch.Tensor:
     return last.output_layer.weight.detach()
 
 
-def _student_step(processor, data_iterator, model):
+def _student_step(processor, loss_func, data_iterator, model):
     mb: Microbatch
     mb, ctx = next(data_iterator)
     out = model(mb.input_ids, mb.position_ids, None, output_processor=processor,
@@ -106,21 +117,44 @@ def _student_step(processor, data_iterator, model):
     return out, loss_func
 
 
-def student_pass(
+def _run_student(
     student_chunks: Sequence[torch.nn.Module], groups: ParallelGroups,
     microbatches: Sequence[Microbatch], contexts: Sequence[MicrobatchContext | None],
-    spec: DistillSpec, *, seq_length: int, micro_batch_size: int, forward_only: bool = False,
-) -> list[dict]:
-    """Student forward/backward with the TIP loss; returns the last stage's reports
-    (one per micro-batch, see `loss_func`; empty on other stages). Under sequence
-    parallelism every micro-batch's length must be a multiple of tp (ValueError otherwise)."""
+    spec: DistillSpec, *, seq_length: int, micro_batch_size: int, forward_only: bool,
+) -> list[MicrobatchResult]:
+    """The one student pass under the three roles below: the last stage's results (one
+    per micro-batch, in order; empty on other stages). Under sequence parallelism every
+    micro-batch's length must be a multiple of tp (ValueError otherwise)."""
     check_sequence_parallel_length(groups, microbatches, seq_length)
-    processor = make_output_processor(spec)
-    return pipeline.forward_backward(
-        partial(_student_step, processor), student_chunks, list(zip(microbatches, contexts)),
-        groups, seq_length=seq_length, micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
+    results: list[MicrobatchResult] = []
+    pipeline.forward_backward(
+        partial(_student_step, make_output_processor(spec), make_loss_func(results)),
+        student_chunks, list(zip(microbatches, contexts)), groups, seq_length=seq_length,
+        micro_batch_size=micro_batch_size, forward_only=forward_only,
     )
+    return results
+
+
+def train_pass(
+    student_chunks: Sequence[torch.nn.Module], groups: ParallelGroups,
+    microbatches: Sequence[Microbatch], contexts: Sequence[MicrobatchContext | None],
+    spec: DistillSpec, *, seq_length: int, micro_batch_size: int,
+) -> list[MicrobatchResult]:
+    """Student forward + backward with the TIP loss (gradients accumulate in the DDP
+    buffers; megatron divides them once by the global kept count). Last stage's results."""
+    return _run_student(student_chunks, groups, microbatches, contexts, spec,
+                        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
+
+
+def forward_loss_pass(
+    student_chunks: Sequence[torch.nn.Module], groups: ParallelGroups,
+    microbatches: Sequence[Microbatch], contexts: Sequence[MicrobatchContext | None],
+    spec: DistillSpec, *, seq_length: int, micro_batch_size: int,
+) -> list[MicrobatchResult]:
+    """The TIP loss of the current weights, forward only (no gradient): the trainer's check
+    of new weights before it saves them. Last stage's results."""
+    return _run_student(student_chunks, groups, microbatches, contexts, spec,
+                        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True)
 
 
 def check_sequence_parallel_length(groups: ParallelGroups, microbatches: Sequence[Microbatch],
@@ -143,64 +177,13 @@ def scoring_pass(
     microbatches: Sequence[Microbatch], contexts: Sequence[MicrobatchContext | None],
     spec: DistillSpec, *, seq_length: int, micro_batch_size: int,
 ) -> Scored:
-    """Forward-only scoring pre-pass (scope `global`): this rank's micro-batch signals on
-    the last stage (empty lists on other stages). Nothing is selected or learned."""
-    reports = student_pass(student_chunks, groups, microbatches, contexts,
+    """Forward-only scoring pre-pass (scope `global`, distill.prepass): this rank's
+    micro-batch signals on the last stage (empty lists on other stages). Nothing is
+    selected or learned."""
+    results = _run_student(student_chunks, groups, microbatches, contexts,
                            replace(spec, score_only=True), seq_length=seq_length,
                            micro_batch_size=micro_batch_size, forward_only=True)
-    return Scored([r["signals"] for r in reports], [bool(r["finite"]) for r in reports])
-
-
-@torch.no_grad()
-def scoring_from_generation(
-    student_chunks: Sequence[torch.nn.Module], groups: ParallelGroups,
-    contexts: Sequence[MicrobatchContext | None], spec: DistillSpec,
-    response_hidden: torch.Tensor | None, student_rows: Sequence[torch.Tensor],
-) -> Scored:
-    """The scoring pre-pass without a student forward (`selection.prepass_source=generation`):
-    the same no-grad vocab-parallel scoring as `scoring_pass`, on the student's final hidden
-    states the generation engine kept (`Rollouts.response_hidden` [response tokens, h]),
-    against the teacher hidden states of `contexts`. `student_rows[i]`: the rows of
-    `response_hidden` at micro-batch i's target positions, in order
-    (`train.batches.response_rows`). Last stage only (an empty list elsewhere)."""
-    if not groups.is_last_stage:
-        return Scored([], [])
-    if response_hidden is None:
-        raise ValueError("selection.prepass_source=generation: the rollouts carry no hidden states "
-                         "(generate with keep_hidden=True)")
-    if len(student_rows) != len(contexts):
-        raise ValueError(f"{len(student_rows)} row sets for {len(contexts)} micro-batches")
-    weight = output_weight(student_chunks)
-    scored = [build_signals(response_hidden, weight, ctx, spec, student_rows=rows)
-              for ctx, rows in zip(contexts, student_rows)]
-    return Scored([s for s, _ in scored], [f for _, f in scored])
-
-
-def select_prepass(
-    selection: SelectionConfig, signals: Sequence[TokenSignals], dp_group, *, step: int,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(kept masks, quadrant labels) of this rank's micro-batches, chosen over the global
-    batch (every DP rank calls it: collectives of `select_global`). The labels use the same
-    global statistics, so a `quantile` quadrant rule splits at the batch's quantiles."""
-    masks, stats = select_global_with_stats(selection, signals, dp_group, step=step)
-    return masks, [selection_labels(selection, s, stats) for s in signals]
-
-
-def with_preselection(
-    contexts: Sequence[MicrobatchContext], signals: Sequence[TokenSignals],
-    kept_masks: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None = None,
-    finite: Sequence[bool] | None = None,
-) -> list[MicrobatchContext]:
-    """New contexts carrying the pre-pass's signals, kept masks (and quadrant labels): the
-    student pass then neither scores nor selects again. `finite` (`Scored.finite`; None:
-    all finite) marks micro-batches whose scored statistics were not finite: their loss is
-    NaN, so the update is skipped as when the loss path scores itself."""
-    if not len(contexts) == len(signals) == len(kept_masks):
-        raise ValueError(f"{len(contexts)} contexts, {len(signals)} signals, {len(kept_masks)} kept masks")
-    labels = [None] * len(contexts) if labels is None else labels
-    finite = [True] * len(contexts) if finite is None else finite
-    return [replace(c, preselection=Preselection(s, m, q, bool(f)))
-            for c, s, m, q, f in zip(contexts, signals, kept_masks, labels, finite)]
+    return Scored([r.signals for r in results], [r.finite for r in results])
 
 
 def make_contexts(

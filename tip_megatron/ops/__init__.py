@@ -5,7 +5,7 @@ Every op takes an explicit `tp_group` (None = unsharded) and the TRUE `vocab_siz
 reads megatron's global process groups, gathers the vocabulary, or modifies its inputs.
 See docs/ops.md for the math, the collectives and the tolerances.
 """
-from tip_megatron.ops.fused_linear_kl import fused_linear_reverse_kl, unfused_linear_reverse_kl
+from tip_megatron.ops.fused_linear_kl import fused_linear_divergence, unfused_linear_divergence
 from tip_megatron.ops.reverse_kl import vocab_parallel_reverse_kl
 from tip_megatron.ops.sampling import vocab_parallel_sample
 from tip_megatron.ops.vocab_parallel import TokenStats, check_vocab_compat, vocab_parallel_stats
@@ -13,8 +13,8 @@ from tip_megatron.ops.vocab_parallel import TokenStats, check_vocab_compat, voca
 __all__ = [
     "TokenStats",
     "check_vocab_compat",
-    "fused_linear_reverse_kl",
-    "unfused_linear_reverse_kl",
+    "fused_linear_divergence",
+    "unfused_linear_divergence",
     "vocab_parallel_reverse_kl",
     "vocab_parallel_sample",
     "vocab_parallel_stats",

@@ -1,13 +1,14 @@
-"""Output layer + reverse KL, fused so that no [k, V/tp] tensor outlives one token chunk.
+"""Output layer + a divergence (reverse KL, forward KL or JSD: `ops.divergences`), fused so
+that no [k, V/tp] tensor outlives one token chunk.
 
 Shapes: [k, h] = hidden states of the k tokens in the loss (TP-replicated); [V/tp, h] =
 this rank's output-weight shard (column-parallel: rows = vocab); [c, w] = one chunk's
-logits over the shard's true-vocab columns; [k] = per-token KL.
+logits over the shard's true-vocab columns; [k] = per-token divergence.
 
 Fused path (Liger-style). For each chunk of c tokens the forward computes both logit
-chunks (two [c, w] buffers for the whole call), the KL (two [c]-sized collectives, see
-`reverse_kl`), the logit gradient g = w_i * p_s (log p_s - log p_t - KL) into the teacher
-chunk's buffer, and immediately
+chunks (two [c, w] buffers for the whole call), the divergence (two [c]-sized collectives
+for the KLs, see `reverse_kl`; one more for JSD), its logit gradient g (reverse KL:
+w_i * p_s (log p_s - log p_t - KL)) into the teacher chunk's buffer, and immediately
     grad_hidden[chunk] = g @ W          ([c, h], this rank's partial)
     grad_weight       += g^T @ hidden   ([V/tp, h], accumulated in fp32)
 then drops the chunk. Backward only scales the stored gradients by the scalar upstream
@@ -120,8 +121,8 @@ def _accumulate(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> N
         acc += (left @ right).to(acc.dtype)
 
 
-class _FusedLinearReverseKL(torch.autograd.Function):
-    """Forward: loss, per-token KL and (stored) gradients. Backward: scale and reduce them."""
+class _FusedLinearDivergence(torch.autograd.Function):
+    """Forward: loss, per-token divergence and (stored) gradients. Backward: scale and reduce them."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -151,7 +152,7 @@ class _FusedLinearReverseKL(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
-def fused_linear_reverse_kl(
+def fused_linear_divergence(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -164,7 +165,8 @@ def fused_linear_reverse_kl(
     reduce_hidden_grad: bool = True,
     divergence: Divergence = REVERSE_KL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """sum_i token_weights[i] * D[i], D = KL(P_S || P_T) or `divergence` (ops.divergences), with P_S = softmax(hidden @ weight^T) sharded.
+    """sum_i token_weights[i] * D[i], D = `divergence` (ops.divergences; default the reverse
+    KL(P_S || P_T)), with P_S = softmax(hidden @ weight^T) and P_T likewise, vocab-sharded.
 
     Args:
         hidden: [k, h] student hidden states of the tokens in the loss, TP-replicated.
@@ -174,13 +176,13 @@ def fused_linear_reverse_kl(
         tp_group: the group the vocabulary is split over; None = unsharded.
         vocab_size: TRUE vocabulary size; rows >= it of either weight are never used.
         chunk_size: tokens per chunk; memory ~ a few [chunk, V/tp] fp32 temporaries.
-        token_weights: [k] weights of the per-token KL (default 1); no grad.
+        token_weights: [k] weights of the per-token divergence (default 1); no grad.
         reduce_hidden_grad: True: all-reduce hidden's gradient over tp_group (hidden is
             TP-replicated). False: return this rank's partial; the caller reduces it (the
             reduce-scatter of `gather_sequence` under sequence parallelism).
         divergence: which divergence D is (default: the reverse KL of the paper).
     Returns:
-        (loss_sum, per_token_kl): a differentiable fp32 scalar and the detached [k] KL.
+        (loss_sum, per_token): a differentiable fp32 scalar and the detached [k] divergence.
         Gradients are computed in the forward (when grad is enabled and hidden or weight
         requires it); the memory kept for backward is [k, h] + [V/tp, h] fp32.
     """
@@ -192,13 +194,13 @@ def fused_linear_reverse_kl(
              if token_weights is None else token_weights.detach().to(dtype))
     grad_on = torch.is_grad_enabled()
     need_grad = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
-    return _FusedLinearReverseKL.apply(
+    return _FusedLinearDivergence.apply(
         hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), scale, tp_group,
         shard.valid_width, chunk, need_grad, reduce_hidden_grad, divergence,
     )
 
 
-def unfused_linear_reverse_kl(
+def unfused_linear_divergence(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -209,10 +211,15 @@ def unfused_linear_reverse_kl(
     chunk_size: Optional[int] = None,
     token_weights: Optional[torch.Tensor] = None,
     reduce_hidden_grad: bool = True,
+    divergence: Divergence = REVERSE_KL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `fused_linear_reverse_kl`, from ordinary autograd: the full
+    """Same contract as `fused_linear_divergence`, from ordinary autograd: the full
     [k, V/tp] student logits are materialized and kept for backward. The reference for
-    the fused path and a benchmark row; `chunk_size` only bounds the KL's fp32 chunks."""
+    the fused path and a benchmark row; `chunk_size` only bounds the KL's fp32 chunks.
+    `divergence`: the reverse KL only (the forward KL and JSD have no unfused twin)."""
+    if divergence.name != REVERSE_KL.name:
+        raise ValueError(f"unfused_linear_divergence: divergence={divergence.name!r}; accepted: "
+                         f"{REVERSE_KL.name!r} (use fused_linear_divergence)")
     _check_inputs(hidden, weight, teacher_hidden, teacher_weight, token_weights)
     # The copy-to-TP region is the all-reduce of hidden's gradient; without it each rank
     # keeps its partial for the caller's reduce-scatter (sequence parallelism).

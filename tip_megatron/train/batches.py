@@ -75,28 +75,3 @@ def update_microbatches(
                               micro_batch_size, seq_multiple=seq_multiple)
             for rows in update_rows(rollout_ids, updates)]
 
-
-def response_rows(response_lengths: torch.Tensor, microbatches: list[Microbatch],
-                  first_rollout_id: int) -> list[torch.Tensor]:
-    """Per micro-batch, the rows of the generation engine's packed hidden states
-    (`Rollouts.response_hidden` [response tokens, h], row-major over this replica's
-    rollouts) at its target positions, in their order (row by row, position by position).
-
-    A micro-batch's rollouts are found by id (local row = rollout id - `first_rollout_id`),
-    so any update split, micro-batch size or sequence padding lines up. [n_mb] int64 each.
-    """
-    lengths = response_lengths.long().cpu()
-    starts = torch.cumsum(lengths, 0) - lengths
-    out = []
-    for mb in microbatches:
-        rows = mb.rollout_ids.long().cpu() - first_rollout_id
-        lens = lengths[rows]
-        # Row r's tokens are starts[r] .. starts[r] + lens[r] - 1; concatenated row by row.
-        shift = starts[rows] - (torch.cumsum(lens, 0) - lens)
-        index = torch.repeat_interleave(shift, lens) + torch.arange(int(lens.sum()))
-        num_targets = int(mb.target_mask.sum())
-        if index.numel() != num_targets:
-            raise ValueError(f"micro-batch of rollouts {rows.tolist()}: {num_targets} target positions "
-                             f"but {index.numel()} generated tokens (rollouts and micro-batches differ)")
-        out.append(index.to(mb.target_mask.device))
-    return out

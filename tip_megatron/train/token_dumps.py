@@ -1,10 +1,10 @@
 """Per-token dumps of a training step (`logging.dump_tokens_every`), for `tip-megatron plot`.
 
-    maybe_dump_tokens(cfg, groups, step, microbatches, reports)   # every rank calls it
+    maybe_dump_tokens(cfg, groups, step, microbatches, results)   # every rank calls it
 
-The signals and kept masks come from the student pass's reports (distill/step.py: one
-report per micro-batch on the last pipeline stage, `signals` over its [b*s] tokens and the
-`kept_mask` the loss used). Gathered over DP to the logging rank (last stage, TP rank 0,
+The signals and kept masks come from the student pass's results (distill/step.py: one
+`MicrobatchResult` per micro-batch on the last pipeline stage, `signals` over its [b*s]
+tokens, the `kept_mask` the loss used and the quadrant `labels`). Gathered over DP to the logging rank (last stage, TP rank 0,
 DP rank 0), which writes ONE file per dump with train/dump_file.py's writer: signals are
 identical on the TP ranks of a stage, so only DP shards differ. The sample is uniform over
 the global batch's response tokens: every DP rank draws the same global indices
@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from tip_megatron.config import RunConfig, logging_dir
+from tip_megatron.distill.loss import MicrobatchResult
 from tip_megatron.train.dump_file import TokenDump, capped_sample, dump_path, write_token_dump
 from tip_megatron.runtime.collectives import all_gather_varlen
 
@@ -31,17 +32,18 @@ def due(cfg: RunConfig, step: int) -> bool:
     return bool(every) and step % every == 0
 
 
-def local_columns(cfg: RunConfig, microbatches: Sequence, reports: Sequence[dict]) -> torch.Tensor:
+def local_columns(cfg: RunConfig, microbatches: Sequence,
+                  results: Sequence[MicrobatchResult]) -> torch.Tensor:
     """[7, n_local] float64: this rank's response tokens (micro-batch order, row-major)."""
     parts = []
-    for mb, report in zip(microbatches, reports):
-        s, kept = report["signals"], report["kept_mask"]
+    for mb, result in zip(microbatches, results):
+        s, kept = result.signals, result.kept_mask
         b = mb.input_ids.shape[0]
         response = s.response_mask
         # Index within its response: running count of response tokens along the row.
         position = response.view(b, -1).long().cumsum(1).view(-1) - 1
         # The labels the loss path used (a quantile rule needs the scope's statistics).
-        labels = report["quadrants"]
+        labels = result.labels
         cols = (s.entropy_norm, s.reverse_kl, s.forward_kl, kept, labels, s.rollout_ids, position)
         parts.append(torch.stack([c[response].double() for c in cols]))
     if not parts:
@@ -65,11 +67,11 @@ def gather_sample(columns: torch.Tensor, cap: int, seed: int, dp_group,
 
 
 def maybe_dump_tokens(cfg: RunConfig, groups, step: int, microbatches: Sequence,
-                      reports: Sequence[dict]) -> None:
+                      results: Sequence[MicrobatchResult]) -> None:
     """Write the step's dump when due; a no-op off the last pipeline stage."""
     if not due(cfg, step) or not groups.is_last_stage:
         return
-    columns = local_columns(cfg, microbatches, reports)
+    columns = local_columns(cfg, microbatches, results)
     rows, total = gather_sample(columns, cfg.logging.dump_tokens_max, step, groups.dp_group,
                                 groups.dp_rank)
     if groups.tp_rank != 0 or groups.dp_rank != 0:

@@ -10,9 +10,8 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -21,24 +20,28 @@ from tip_megatron.runtime import parallel
 from tip_megatron.runtime.device import default_backend
 from tip_megatron.runtime.env import rank_env
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
-from tip_megatron.distill.loss import DistillSpec
+from tip_megatron.distill.loss import DistillSpec, MicrobatchContext, MicrobatchResult
+from tip_megatron.distill.prepass import global_preselection
 from tip_megatron.distill.step import (
-    Scored, make_contexts, scoring_from_generation, scoring_pass, select_prepass, student_pass,
-    teacher_hidden_states, teacher_output_weight, with_preselection,
+    Microbatch, ScheduleShape, forward_loss_pass, make_contexts, teacher_hidden_states,
+    teacher_output_weight, train_pass,
 )
 from tip_megatron.rollout.consistency import gap_metrics
 from tip_megatron.rollout.generate import GenerationConfig, generate
+from tip_megatron.rollout.types import Rollouts
 from tip_megatron.tip import warn_ill_posed_budget
 from tip_megatron.runtime.collectives import all_gather_varlen, all_reduce_sum
 from tip_megatron.checkpoint import training as ckpt
 from tip_megatron.train import export, validation
-from tip_megatron.train.batches import response_rows, update_microbatches
-from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib, reduce_reports
+from tip_megatron.train.batches import update_microbatches
+from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
 from tip_megatron.train.preemption import StopOnSignal
 from tip_megatron.train.preflight import preflight
 from tip_megatron.train.progress import StageTimers, TrainProgress, config_summary, write_effective_config
+from tip_megatron.train.run_state import LastUpdate, Run
 from tip_megatron.train.setup import build_models, prompt_source
+from tip_megatron.train.skip import TrainingDiverged, count_skip, reduce_results, should_skip
 from tip_megatron.train.token_dumps import maybe_dump_tokens
 from tip_megatron.checkpoint.layout import latest_checkpoint
 
@@ -48,38 +51,6 @@ logger = logging.getLogger(__name__)
 EXIT_DIVERGED = 3
 #: Exit code of a run whose checkpoint could not be written (disk full, file-size limit).
 EXIT_NOT_SAVED = 4
-
-
-@dataclass
-class Run:
-    cfg: RunConfig
-    groups: Any
-    models: Any
-    ddp: list
-    optimizer: Any
-    scheduler: Any
-    tokenizer: Any
-    prompts: Any
-    log: MetricsLogger
-    step: int = 0
-    history: list = field(default_factory=list)
-    timers: StageTimers = field(default_factory=StageTimers)
-    validation: Any = None
-    """train.validation.Validation (eval.every > 0), or any object with `every` and
-    `__call__(run) -> metrics` (the quickstart's in-memory benchmark)."""
-    progress: Optional[TrainProgress] = None
-    skip_streak: int = 0
-    """Consecutive skipped updates (non-finite loss/grad/signals or nothing kept)."""
-    num_skipped: int = 0
-    """Skipped updates in this launch."""
-    last_update: Any = None
-    """(micro-batches, contexts, shape) of the last update: `save` checks the new weights on them."""
-    save_refused: str = ""
-    """Why the last `save` wrote nothing ('' = it saved)."""
-
-
-class TrainingDiverged(RuntimeError):
-    """`train.max_skipped_steps` consecutive updates were skipped: the run stops."""
 
 
 # ------------------------------------------------------------------ set-up
@@ -139,7 +110,8 @@ def maybe_resume(run: Run) -> None:
 
 
 # ------------------------------------------------------------------ one step
-def rollouts(run: Run, prompts: list[list[int]]):
+def generate_rollouts(run: Run, prompts: list[list[int]]) -> Rollouts:
+    """The current student's samples for this replica's prompts (`rollout.n` each)."""
     r = run.cfg.rollout
     every = run.cfg.logging.logprob_gap_every  # one extra forward on those steps (as logged)
     gen = GenerationConfig.from_sampling(r, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id,
@@ -152,7 +124,7 @@ def rollouts(run: Run, prompts: list[list[int]]):
                     seed=run.cfg.train.seed, step=run.step, row_offset=run.groups.dp_rank * rows)
 
 
-def microbatches(run: Run, out) -> list[list]:
+def microbatches(run: Run, out: Rollouts) -> list[list[Microbatch]]:
     """This replica's micro-batches, one list per update (global rollout id % updates)."""
     rows = out.token_ids.shape[0]
     rollout_ids = run.groups.dp_rank * rows + torch.arange(rows, device=out.token_ids.device)
@@ -167,35 +139,19 @@ def _spec(run: Run) -> DistillSpec:
                        run.groups.tp_group, step=run.step)
 
 
-def global_preselection(run: Run, mbs: list, contexts: list, shape: dict, rollouts=None) -> list:
-    """Effective scope `global`: score `mbs` (with every DP replica's: the global batch),
-    then select over it; the returned contexts carry signals, masks and quadrant labels, so
-    the student pass does not score again. Scored by a forward-only student pass, or, with
-    `selection.prepass_source=generation`, from the hidden states the generation engine
-    kept in `rollouts` (released here: the training pass does not need them)."""
-    if not run.cfg.selection.needs_prepass:
-        return contexts
-    with run.timers("student"):
-        if run.cfg.selection.prepass_from_generation:
-            scored = _generation_signals(run, mbs, contexts, rollouts)
-        else:
-            scored = scoring_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
-    if not run.groups.is_last_stage:
-        return contexts
-    masks, labels = select_prepass(run.cfg.selection, scored.signals, run.groups.dp_group, step=run.step)
-    # scored.finite: a non-finite statistic makes the loss NaN, so `_should_skip` skips it
-    return with_preselection(contexts, scored.signals, masks, labels, scored.finite)
+def teacher_contexts(run: Run, mbs: list[Microbatch],
+                     shape: ScheduleShape) -> list[Optional[MicrobatchContext]]:
+    """The teacher's forward-only pass: per micro-batch contexts (last stage; None elsewhere)."""
+    hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape._asdict())
+    t_weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
+    return make_contexts(run.groups, mbs, hidden, t_weight)
 
 
-def _generation_signals(run: Run, mbs: list, contexts: list, rollouts) -> Scored:
-    """The pre-pass's signals from `rollouts.response_hidden` (last stage; empty elsewhere)."""
-    if not run.groups.is_last_stage:
-        return Scored([], [])
-    if rollouts is None or rollouts.response_hidden is None:
-        raise ValueError("selection.prepass_source=generation: these rollouts kept no hidden states")
-    rows = response_rows(rollouts.response_lengths, mbs, first_rollout_id=run.groups.dp_rank * rollouts.num_rows)
-    hidden, rollouts.response_hidden = rollouts.response_hidden, None
-    return scoring_from_generation(run.ddp, run.groups, contexts, _spec(run), hidden, rows)
+def _preselect(run: Run, mbs: list[Microbatch], contexts: list,
+               shape: ScheduleShape, rollouts: Optional[Rollouts] = None) -> list:
+    """Scope `global`: distill.prepass selects over the global batch (scoring timed as `student`)."""
+    return global_preselection(run.ddp, run.groups, mbs, contexts, _spec(run), shape,
+                               rollouts=rollouts, scoring_timer=lambda: run.timers("student"))
 
 
 def _regroup(items: list, sizes: list[int]) -> list[list]:
@@ -203,9 +159,9 @@ def _regroup(items: list, sizes: list[int]) -> list[list]:
     return [items[a:a + n] for a, n in zip(starts, sizes)]
 
 
-def run_updates(run: Run, mb_groups: list[list], contexts: list, shape: dict,
-                rollouts=None) -> list[tuple]:
-    """The optimizer updates of one rollout batch; (reports, metrics) per update.
+def run_updates(run: Run, mb_groups: list[list[Microbatch]], contexts: list, shape: ScheduleShape,
+                rollouts: Optional[Rollouts] = None) -> list[tuple[list[MicrobatchResult], dict]]:
+    """The optimizer updates of one rollout batch; (results, metrics) per update.
 
     Scope `global` with `selection.rescore_each_update` scores and selects each update's
     mini-batch right before it (current weights); otherwise one pre-pass over the whole
@@ -213,16 +169,16 @@ def run_updates(run: Run, mb_groups: list[list], contexts: list, shape: dict,
     mbs = [mb for group in mb_groups for mb in group]
     rescore = run.cfg.selection.rescore_each_update and len(mb_groups) > 1
     if not rescore:
-        contexts = global_preselection(run, mbs, contexts, shape, rollouts)
+        contexts = _preselect(run, mbs, contexts, shape, rollouts)
     out = []
     for mb_group, ctx_group in zip(mb_groups, _regroup(contexts, [len(g) for g in mb_groups])):
         if rescore:
-            ctx_group = global_preselection(run, mb_group, ctx_group, shape)
+            ctx_group = _preselect(run, mb_group, ctx_group, shape)
         out.append(update(run, mb_group, ctx_group, shape))
     return out
 
 
-def check_budget(run: Run, mb_groups: list[list]) -> None:
+def check_budget(run: Run, mb_groups: list[list[Microbatch]]) -> None:
     """Warn once (rank 0) when floor(rho * m) per count group misses rho badly."""
     cfg = run.cfg.selection
     unit = cfg.count_unit
@@ -243,98 +199,47 @@ def check_budget(run: Run, mb_groups: list[list]) -> None:
         warn_ill_posed_budget(cfg, sizes)
 
 
-def update(run: Run, mbs: list, contexts: list, shape: dict) -> tuple[list, dict]:
+def update(run: Run, mbs: list[Microbatch], contexts: list,
+           shape: ScheduleShape) -> tuple[list[MicrobatchResult], dict]:
     """Student pass with the TIP loss on these micro-batches, then one optimizer step
-    (skipped on every rank alike when `_should_skip` says so)."""
+    (skipped on every rank alike when `train.skip.should_skip` says so)."""
     for chunk in run.ddp:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
     with run.timers("student"):
-        reports = student_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape)
-    metrics = reduce_reports(reports, run.groups.dp_group) if run.groups.is_last_stage else {}
-    run.last_update = (mbs[:1], contexts[:1], shape)
-    reason = _should_skip(run, metrics)
+        results = train_pass(run.ddp, run.groups, mbs, contexts, _spec(run), **shape._asdict())
+    metrics, finite = reduce_results(run, results)
+    run.last_update = LastUpdate(mbs[:1], contexts[:1], shape)
+    reason = should_skip(run, metrics, finite)
     if reason:
-        _count_skip(run, reason)
-        return reports, dict(metrics, skipped=1, skipped_total=run.num_skipped)
+        count_skip(run, reason)
+        return results, dict(metrics, skipped=1, skipped_total=run.num_skipped)
     run.skip_streak = 0
     with run.timers("optimizer"):
         _, grad_norm, _ = run.optimizer.step()
         run.scheduler.step(increment=1)
-    return reports, dict(metrics, grad_norm=float(grad_norm or 0.0), skipped=0,
+    return results, dict(metrics, grad_norm=float(grad_norm or 0.0), skipped=0,
                          skipped_total=run.num_skipped, lr=run.optimizer.param_groups[0]["lr"])
 
 
-_SKIP_REASONS = {1: "nothing kept in the global batch", 2: "non-finite gradient",
-                 3: "non-finite loss or TIP signals"}
-
-
-def _should_skip(run: Run, metrics: dict) -> str:
-    """Why the update must be skipped ('' = apply it), the same on every rank: a
-    non-finite loss or TIP signals (the loss path turns non-finite signals into a NaN
-    loss, see distill.loss), a non-finite gradient, or no token kept in the global batch.
-    One MAX all-reduce of a reason code over the world: no rank steps alone."""
-    code = 0
-    if run.groups.is_last_stage:
-        if not torch.isfinite(torch.tensor(metrics["loss_sum"])):
-            code = 3
-        elif metrics["num_kept"] == 0:
-            code = 1
-    if code < 2 and any(not torch.isfinite(p.main_grad).all() for c in run.ddp for p in c.parameters()
-                        if getattr(p, "main_grad", None) is not None):
-        code = 2
-    flag = torch.tensor([float(code)], device=next(run.ddp[0].parameters()).device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return _SKIP_REASONS.get(int(flag.item()), "")
-
-
-def _count_skip(run: Run, reason: str) -> None:
-    """Count a skipped update; after `train.max_skipped_steps` in a row the run stops (every
-    rank raises alike: the counts are equal everywhere)."""
-    run.skip_streak += 1
-    run.num_skipped += 1
-    step, limit = run.step + 1, run.cfg.train.max_skipped_steps
-    if run.groups.rank == 0:
-        logger.warning("step %d: update skipped (%s); %d in a row (train.max_skipped_steps=%d)",
-                       step, reason, run.skip_streak, limit)
-    if run.skip_streak >= limit:
-        first = step - run.skip_streak + 1
-        cause = (f"a learning rate too high for this model (optim.lr={run.cfg.optim.lr:g}) or bad "
-                 "data in those steps' prompts" if reason != _SKIP_REASONS[1] else
-                 "a selection that keeps no token (selection.rule, selection.rho) or empty responses")
-        raise TrainingDiverged(
-            f"stopped at step {step}: {run.skip_streak} consecutive updates skipped since step "
-            f"{first} ({reason}); likely cause: {cause}; the checkpoints on disk were saved "
-            "before it (a resume keeps their learning-rate schedule: change optim.lr in a fresh "
-            "run), or raise train.max_skipped_steps")
-
-
 def train_step(run: Run) -> dict:
+    """One step, stage by stage: rollouts -> micro-batches -> teacher -> (pre-pass +) updates."""
     start = time.perf_counter()
     run.timers.reset()
     with run.timers("rollout"):
-        out = rollouts(run, run.prompts.next())
+        out = generate_rollouts(run, run.prompts.next())
     mb_groups = microbatches(run, out)
     mbs = [mb for group in mb_groups for mb in group]
     check_budget(run, mb_groups)
     # The micro-batch length, not the rollouts': sequence parallelism pads it to a multiple of tp.
-    shape = dict(seq_length=mbs[0].input_ids.shape[1], micro_batch_size=run.cfg.train.micro_batch_size)
+    shape = ScheduleShape(mbs[0].input_ids.shape[1], run.cfg.train.micro_batch_size)
     with run.timers("teacher"):
-        hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape)
-        t_weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
-        contexts = make_contexts(run.groups, mbs, hidden, t_weight)
+        contexts = teacher_contexts(run, mbs, shape)
     updates = run_updates(run, mb_groups, contexts, shape, out)
-    # Dumps follow the micro-batch order of the updates (each update's reports in turn).
+    # Dumps follow the micro-batch order of the updates (each update's results in turn).
     maybe_dump_tokens(run.cfg, run.groups, run.step + 1, mbs,
-                      [r for rep, _ in updates for r in rep])  # step as logged
-    metrics = dict(updates[0][1])
-    if len(updates) > 1 and "loss" in metrics:
-        # lr / grad_norm of the first update; loss and selection metrics over the whole
-        # rollout batch (every update's kept tokens), plus each update's own loss.
-        metrics.update(reduce_reports([r for rep, _ in updates for r in rep], run.groups.dp_group))
-        metrics["loss_updates"] = [m["loss"] for _, m in updates]
-        metrics["loss_last_update"] = updates[-1][1]["loss"]
-        metrics["skipped"] = sum(m["skipped"] for _, m in updates)
+                      [r for res, _ in updates for r in res])  # step as logged
+    metrics = _rollout_batch_metrics(run, updates)
     tokens, rows = _global_response_counts(run, out)
     elapsed = time.perf_counter() - start
     metrics.update(tokens_per_s=tokens / elapsed, step_s=elapsed, peak_mem_mib=peak_memory_mib(),
@@ -344,7 +249,20 @@ def train_step(run: Run) -> dict:
     return metrics
 
 
-def _global_response_counts(run: Run, out) -> tuple[float, float]:
+def _rollout_batch_metrics(run: Run, updates: list[tuple[list[MicrobatchResult], dict]]) -> dict:
+    """The first update's metrics; with several updates, lr / grad_norm of the first update,
+    loss and selection metrics over the whole rollout batch (every update's kept tokens),
+    plus each update's own loss."""
+    metrics = dict(updates[0][1])
+    if len(updates) > 1 and "loss" in metrics:
+        metrics.update(reduce_results(run, [r for res, _ in updates for r in res])[0])
+        metrics["loss_updates"] = [m["loss"] for _, m in updates]
+        metrics["loss_last_update"] = updates[-1][1]["loss"]
+        metrics["skipped"] = sum(m["skipped"] for _, m in updates)
+    return metrics
+
+
+def _global_response_counts(run: Run, out: Rollouts) -> tuple[float, float]:
     """(response tokens, rollouts) of the global batch: summed over the DP replicas, whose
     response lengths differ (one tiny all-reduce on every rank: the logging rank need not
     be on the last stage, where the metric reduction runs)."""
@@ -387,11 +305,13 @@ def _check_new_weights(run: Run) -> str:
     bad = ckpt.nonfinite_parameters(run.ddp)
     if bad or run.last_update is None:
         return bad
-    mbs, contexts, shape = run.last_update
-    reports = student_pass(run.ddp, run.groups, mbs, contexts, _spec(run), forward_only=True, **shape)
+    last = run.last_update
+    results = forward_loss_pass(run.ddp, run.groups, last.microbatches, last.contexts, _spec(run),
+                                **last.shape._asdict())
     code = 0.0
     if run.groups.is_last_stage:
-        code = float(not torch.isfinite(torch.tensor(reduce_reports(reports, run.groups.dp_group)["loss_sum"])))
+        metrics, finite = reduce_results(run, results)
+        code = float(not finite or not torch.isfinite(torch.tensor(metrics["loss_sum"])))
     flag = torch.tensor([code], device=next(run.ddp[0].parameters()).device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return "the new weights give a non-finite loss (diverged)" if flag.item() else ""
