@@ -16,6 +16,8 @@ import argparse
 from pathlib import Path
 
 from tip_megatron.apps.launch import run_local
+from tip_megatron.apps.quickstart.command import DEFAULTS
+from tip_megatron.apps.quickstart.tasks import DEFAULT_TASK, get_task
 from tip_megatron.apps.study.cells import Cell, cells, run_dir
 
 
@@ -52,10 +54,8 @@ def run_cell(cell: Cell, out: Path, steps: int, tp: int, overrides: list[str],
 
 
 def main(args: argparse.Namespace) -> int:
-    from tip_megatron.apps.quickstart.command import DEFAULTS
-    from tip_megatron.apps.quickstart.tasks import DEFAULT_TASK, get_task
-
     if args.config is not None:
+        # lazy: config_study imports the run config and preflight; --help imports this module
         from tip_megatron.apps.study import config_study
 
         if args.task is not None:
@@ -74,6 +74,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: study run {cell.name} seed {cell.seed} failed (exit {rc}); "
                   f"its output is in {run_dir(out, cell)}", flush=True)
             return rc
+    # lazy: the report imports numpy and torch; --help imports this module
     from tip_megatron.apps.study.report import write_report
 
     for path in write_report(out, [(c.name, run_dir(out, c)) for c in grid]):
