@@ -207,7 +207,7 @@ def _teardown() -> None:
             dist.destroy_process_group()
         return
     try:
-        # lazy: parallel imports megatron.core (seconds), which --help must not pay
+        # lazy: parallel imports torch; --help imports this module
         from tip_megatron.runtime import parallel
 
         parallel.destroy()

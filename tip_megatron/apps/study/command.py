@@ -55,12 +55,12 @@ def run_cell(cell: Cell, out: Path, steps: int, tp: int, overrides: list[str],
 
 def main(args: argparse.Namespace) -> int:
     if args.config is not None:
-        # lazy: config_study imports the run config and preflight; --help imports this module
-        from tip_megatron.apps.study import config_study
-
         if args.task is not None:
             raise ValueError(f"--task {args.task}: picks an embedded task; with --config the "
                              "cells train the config's own models and data (drop one of them)")
+        # lazy: config_study imports the run config and preflight (torch); --help imports
+        # this module
+        from tip_megatron.apps.study import config_study
 
         return config_study.main(args)
     args.task = args.task or DEFAULT_TASK
