@@ -9,6 +9,7 @@ each process is one rank instead.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Optional, Sequence
 
@@ -57,6 +58,7 @@ _USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError)
 
 
 def _hf_to_mcore(args: argparse.Namespace) -> int:
+    # lazy: the converter imports torch; --help must not
     from tip_megatron.checkpoint.hf.importer import ImportOptions, check_import, hf_to_mcore
 
     options = ImportOptions(tp=args.tp, pp=args.pp, dtype=args.dtype,
@@ -72,6 +74,7 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
 
 
 def _mcore_to_hf(args: argparse.Namespace) -> int:
+    # lazy: the converter imports torch; --help must not
     from tip_megatron.checkpoint.hf.exporter import check_export, mcore_to_hf
 
     try:
@@ -91,8 +94,6 @@ def _fail(err: Exception) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of tools/convert_checkpoint.py: `hf-to-mcore ...` / `mcore-to-hf ...`."""
-    import logging
-
     parser = argparse.ArgumentParser(
         prog="convert_checkpoint",
         description="Convert checkpoints between Hugging Face and tip_megatron (docs/convert.md).",

@@ -179,6 +179,7 @@ class _JsonlSource(Source):
 
 def _import_parquet() -> Any:
     try:
+        # optional extra [hf]: only parquet files need pyarrow
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError("parquet prompt files need the `pyarrow` package: "

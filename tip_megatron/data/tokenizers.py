@@ -131,6 +131,7 @@ class HFTokenizer(_Base):
 
     def __init__(self, path: str | os.PathLike, *, chat_fallback: bool = False):
         try:
+            # optional extra [hf]; heavy (seconds): only HF tokenizers need it
             from transformers import AutoTokenizer
         except ImportError as e:
             raise ImportError(
@@ -209,6 +210,7 @@ class SentencePieceTokenizer(_Base):
 
     def __init__(self, path: str | os.PathLike, *, chat_fallback: bool = False):
         try:
+            # optional extra [hf]: only .model files need sentencepiece
             import sentencepiece as spm
         except ImportError as e:
             raise ImportError(

@@ -75,6 +75,7 @@ def resolve_spec(spec: str) -> str:
 
 def transformer_config(arch: ModelArch, groups: ParallelGroups, options: BuildOptions):
     """Megatron TransformerConfig for `arch` under this process's layout."""
+    # heavy: megatron.core takes ~10 s to import; config checks import this module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = default_backend().is_cuda
@@ -142,6 +143,7 @@ def layer_spec(arch: ModelArch, spec: str, config, vp_stage: Optional[int], pp_r
     """TE: megatron's TE layer spec (its norms handle sequence parallelism). Local:
     megatron's local spec with `LocalRMSNorm` norms, whose weights carry the
     `sequence_parallel` tag that finalize_model_grads needs (models/sequence_parallel.py)."""
+    # heavy: megatron.core takes ~10 s to import; config checks import this module
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     if spec == "te":
@@ -177,6 +179,7 @@ def build_model(
     frozen=True builds a teacher: eval mode, requires_grad False (no grads, and so no
     optimizer state, ever).
     """
+    # heavy: megatron.core takes ~10 s to import; config checks import this module
     from megatron.core.models.gpt import GPTModel
 
     layout = groups.layout

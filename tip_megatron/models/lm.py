@@ -23,6 +23,7 @@ def lm_loss(
     they carry no probability mass. megatron's vocab_parallel_cross_entropy overwrites fp32
     logits in place; the masked copy is ours, so nobody else reads what it overwrites.
     """
+    # heavy: megatron.core takes ~10 s to import; config checks reach this module (built-ins)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     masked = mask_padded_vocab(logits.float(), vocab_size, tp_group)

@@ -38,9 +38,10 @@ class LocalRMSNorm(torch.nn.RMSNorm):
 def local_block_spec(arch: Any, config: Any, vp_stage: Optional[int], pp_rank: int):
     """megatron's local GPT layer spec with every norm (layers and final) a LocalRMSNorm,
     as the TransformerBlockSubmodules of this stage."""
+    # heavy: megatron.core takes ~10 s to import; config checks import this module
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import (
+    from megatron.core.transformer.spec_utils import ModuleSpec  # heavy, as above
+    from megatron.core.transformer.transformer_block import (  # heavy, as above
         TransformerBlockSubmodules, get_num_layers_to_build,
     )
 

@@ -30,11 +30,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tip_megatron.models.state import unwrap
+
 LAYER_IMPLS = ("auto", "functional", "megatron")
 
 
 def functional_unsupported(chunk) -> Optional[str]:
     """Why the functional layers cannot run this chunk (None when they can)."""
+    # heavy: megatron.core takes ~10 s to import; config checks import this module
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     cfg = chunk.config
@@ -69,8 +72,6 @@ def functional_unsupported(chunk) -> Optional[str]:
 
 def resolve_layer_impl(chunks, impl: str) -> str:
     """`functional` or `megatron` for these (possibly DDP-wrapped) chunks."""
-    from tip_megatron.models.state import unwrap
-
     if impl not in LAYER_IMPLS:
         raise ValueError(f"layer_impl={impl!r}: accepted values are {LAYER_IMPLS}")
     if impl == "megatron":

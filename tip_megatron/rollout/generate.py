@@ -27,6 +27,7 @@ from tip_megatron.models.state import unwrap
 from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.rollout import cuda_graph, decode
 from tip_megatron.rollout.batching import generate_dynamic
+from tip_megatron.rollout.consistency import logprob_gap
 from tip_megatron.rollout.static import generate_static
 from tip_megatron.rollout.types import ENGINES, GenerationConfig, Rollouts, SamplingConfig
 
@@ -73,8 +74,6 @@ def generate(
     for chunk in map(unwrap, chunks):
         chunk.set_input_tensor(None)  # drop the last received activation
     if config.check_logprobs:
-        from tip_megatron.rollout.consistency import logprob_gap
-
         rollouts.logprob_gap = logprob_gap(chunks, groups, arch, rollouts, config)
     return rollouts
 

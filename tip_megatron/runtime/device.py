@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +62,6 @@ def quiet_third_party_warnings() -> None:
     see `optional_deps`), that GPTModel is deprecated (see docs/design_notes.md), and
     calls torch.distributed APIs torch marks as deprecated.
     """
-    import warnings
-
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -29,8 +29,9 @@ def forward_backward(
     `microbatches` is this DP rank's list of micro-batches; every virtual chunk gets its own
     iterator over the same list (megatron's interleaved schedule asks for one per chunk).
     """
+    # heavy: megatron.core takes ~10 s to import; config checks reach this module (built-ins)
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator  # heavy, as above
 
     layout = groups.layout
     func = get_forward_backward_func(pp_size=layout.pp, vp_size=layout.vpp)

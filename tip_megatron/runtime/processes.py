@@ -170,7 +170,7 @@ def _child(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
-    import torch
+    import torch  # lazy: apps.cli imports this module and --help must not import torch
 
     torch.set_num_threads(1)
     try:
@@ -193,7 +193,7 @@ def _to_bytes(value: Any) -> bytes:
 
 
 def _from_bytes(data: bytes) -> Any:
-    import torch
+    import torch  # lazy: apps.cli imports this module and --help must not import torch
 
     return torch.load(io.BytesIO(data), weights_only=False)
 
@@ -201,12 +201,13 @@ def _from_bytes(data: bytes) -> Any:
 def _teardown() -> None:
     if "megatron.core.parallel_state" not in sys.modules:
         # Nothing megatron was set up here; importing it just to tear down costs seconds.
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: --help imports this module, not torch
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         return
     try:
+        # lazy: parallel imports torch; --help imports this module
         from tip_megatron.runtime import parallel
 
         parallel.destroy()
@@ -219,10 +220,7 @@ def stop_checkpoint_writer_helpers() -> None:
     manager, a spawned process megatron caches in `filesystem_async._results_queue`) and
     drop megatron's cached queue, so that a later save in this process starts a new one.
     Used by the converter's parent process, which must not leave the manager behind."""
-    import multiprocessing
-    import sys
-
-    for helper in multiprocessing.active_children():
+    for helper in mp.active_children():
         helper.kill()
         helper.join(timeout=5)
     module = sys.modules.get("megatron.core.dist_checkpointing.strategies.filesystem_async")

@@ -44,6 +44,7 @@ class Progress:
         self._bar = None
         if self.enabled and (sys.stderr.isatty() if tty is None else tty):
             try:
+                # lazy: a bar only on a terminal; plain log lines without tqdm
                 from tqdm import tqdm
             except ImportError:  # plain lines then
                 tqdm = None

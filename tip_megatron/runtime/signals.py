@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from typing import Any, Iterator, Sequence
 
 _UNCATCHABLE = ("SIGKILL", "SIGSTOP")
@@ -11,8 +12,6 @@ _UNCATCHABLE = ("SIGKILL", "SIGSTOP")
 
 def install_handlers(handler: Any, signals: Sequence[int]) -> dict:
     """Set `handler` for `signals`; returns the previous handlers."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return {}  # signals are delivered to the main thread only: nothing to forward here
     return {s: signal.signal(s, handler) for s in signals}

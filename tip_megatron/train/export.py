@@ -26,6 +26,7 @@ from tip_megatron.runtime.atomic import WRITTEN_BY
 from tip_megatron.models.state import unwrap
 from tip_megatron.checkpoint import training as ckpt
 from tip_megatron.checkpoint.layout import STEP_RE, step_dir
+from tip_megatron.checkpoint.model import model_files
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ def run_tokenizer_dir(cfg) -> Optional[Path]:
     if cfg.student.hf:
         return Path(cfg.student.hf)
     if cfg.student.ckpt:
-        from tip_megatron.checkpoint.model import model_files
-
         return model_files(cfg.student.ckpt).tokenizer_dir
     return None
 
@@ -54,8 +53,6 @@ def start_hf_config(cfg, arch) -> dict:
     if cfg.student.hf and (Path(cfg.student.hf) / "config.json").is_file():
         return json.loads((Path(cfg.student.hf) / "config.json").read_text())
     if cfg.student.ckpt:
-        from tip_megatron.checkpoint.model import model_files
-
         recorded = model_files(cfg.student.ckpt).hf_config
         if recorded is not None:
             return recorded

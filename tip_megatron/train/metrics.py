@@ -9,6 +9,7 @@ TP rank 0 / DP rank 0.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -69,6 +70,7 @@ class MetricsLogger:
             self._wandb = _start_wandb(project, run_name, config)
         if tensorboard:
             tensorboard_probe(tensorboard)
+            # optional: needs the tensorboard package (probed just above)
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=tensorboard)
@@ -119,8 +121,6 @@ class MetricsLogger:
 
 def tensorboard_probe(where: str) -> None:
     """ValueError (one line, naming the package) when `tensorboard` is not installed."""
-    import importlib.util
-
     if importlib.util.find_spec("tensorboard") is None:
         raise ValueError(f"logging.tensorboard={where!r}: the `tensorboard` package is not "
                          "installed; pip install tensorboard (or 'tip_megatron[tensorboard]'), "
@@ -136,6 +136,7 @@ def _step_of(line: str) -> Optional[int]:
 
 def _start_wandb(project: str, run_name: Optional[str], config: dict):
     try:
+        # optional extra [wandb]: absent is a warning, not an error
         import wandb
     except ImportError:
         logger.warning("logging.wandb=true but wandb is not installed "

@@ -21,7 +21,10 @@ def _model_config(chunk: torch.nn.Module):
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], groups: ParallelGroups, cfg: OptimConfig) -> list:
     """Wrap each chunk in megatron's DistributedDataParallel (contiguous grad buffers)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    # heavy: megatron.core takes ~10 s to import; config checks reach this module (built-ins)
+    from megatron.core.distributed import (
+        DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+    )
 
     overlap = cfg.overlap_grad_reduce and default_backend().is_cuda
     ddp_config = DistributedDataParallelConfig(
@@ -30,8 +33,6 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], groups: ParallelGroups, cfg: Opt
         use_distributed_optimizer=cfg.use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
-    from megatron.core.distributed import finalize_model_grads
-
     wrapped = []
     for i, chunk in enumerate(chunks):
         wrapped.append(DistributedDataParallel(
@@ -51,8 +52,9 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], groups: ParallelGroups, cfg: Opt
 
 def build_optimizer(ddp_chunks: Sequence, groups: ParallelGroups, cfg: OptimConfig, total_steps: int):
     """AdamW (megatron optimizer; distributed when configured) and its LR scheduler."""
+    # heavy: megatron.core takes ~10 s to import; config checks reach this module (built-ins)
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # heavy, as above
 
     cfg.validate()
     config = _model_config(ddp_chunks[0])

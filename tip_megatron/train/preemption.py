@@ -19,6 +19,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import torch
+import torch.distributed as dist
+
 from tip_megatron.runtime.signals import parse_signals
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ def start_saver_helpers(signals: Sequence[signal.Signals]) -> None:
     make the very save the signal asks for fail (a broken pipe to the manager). Ignoring
     them there leaves the rank alone to decide; the helpers still die with the rank
     (`launch.guard_rank_helpers`)."""
+    # heavy: megatron.core takes ~10 s to import; only a run that saves needs it
     from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
@@ -74,9 +78,6 @@ class StopOnSignal:
         every rank calls it at the same step; nothing is exchanged when no signal is set)."""
         if not self.signals:
             return False
-        import torch
-        import torch.distributed as dist
-
         flag = torch.tensor([0 if self.received is None else int(self.received)], device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

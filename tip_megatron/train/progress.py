@@ -109,6 +109,7 @@ class TrainProgress:
         self._bar = None
         if active and (sys.stdout.isatty() if tty is None else tty):
             try:
+                # lazy: a bar only on a terminal; plain lines without tqdm
                 from tqdm import tqdm
             except ImportError:  # plain lines then
                 tqdm = None

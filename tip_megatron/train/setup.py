@@ -12,6 +12,8 @@ from tip_megatron.config import RunConfig
 from tip_megatron.models.arch import ModelArch, padded_vocab_size
 from tip_megatron.models.build import BuildOptions, build_model
 from tip_megatron.checkpoint.sources import builtin_model, load_source_weights
+from tip_megatron.data.prompts import PromptDataset, PromptFields
+from tip_megatron.data.sampler import PromptLoader
 from tip_megatron.runtime.parallel import ParallelGroups
 # The checks live in preflight.py (the launcher runs them too).
 from tip_megatron.train.preflight import Checked, check_models
@@ -59,9 +61,6 @@ class FilePrompts:
     """Prompts from JSONL/parquet files through the DP-sharded, resumable loader."""
 
     def __init__(self, cfg: RunConfig, tokenizer: Any, groups: ParallelGroups) -> None:
-        from tip_megatron.data.prompts import PromptDataset, PromptFields
-        from tip_megatron.data.sampler import PromptLoader
-
         fields = PromptFields(prompt=cfg.data.prompt_field, messages=cfg.data.messages_field,
                               answer=cfg.data.answer_field)
         dataset = PromptDataset(list(cfg.data.prompts), tokenizer, fields=fields,

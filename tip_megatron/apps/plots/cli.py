@@ -50,8 +50,11 @@ def main(args: argparse.Namespace) -> int:
 
 def write_run_plots(metrics: Path, dumps: list[Path], out_dir: Path) -> tuple[list[Path], list[str]]:
     """Write every PNG of a run; returns (paths written, notes on what was skipped)."""
+    # lazy: --help imports this module; plotting code loads only to plot
     from tip_megatron.apps.plots.curves import curve_figures, read_metrics, save_figures
+    # lazy: imports numpy and matplotlib, which --help must not
     from tip_megatron.apps.plots.scatter import token_scatter_figure
+    # lazy: imports numpy, which --help must not
     from tip_megatron.train.dump_file import read_token_dump
 
     figures, notes = {}, []

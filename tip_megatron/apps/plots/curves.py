@@ -92,9 +92,10 @@ def _style(key: str) -> dict:
 
 def panel_figure(panel: Panel, records: Sequence[dict]):
     """The figure of one panel, or None when no record has any of its keys."""
+    # optional extra [plot]: read_metrics works without matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.figure import Figure  # optional extra [plot], as above
+    from matplotlib.ticker import MaxNLocator  # optional extra [plot], as above
 
     drawn = [(key, label, *series(records, key)) for key, label in panel.series]
     drawn = [d for d in drawn if d[2]]

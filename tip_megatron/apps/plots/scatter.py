@@ -7,12 +7,17 @@ Kept and dropped tokens in two colours (dropped drawn first, underneath), the qu
 thresholds as lines when the dump carries fixed ones, each quadrant's share of tokens
 written in its corner. Reverse KL on a symmetric-log axis: it spans 0 to tens of nats and
 is exactly 0 where student and teacher agree.
+
+Imports matplotlib (the plot extra): `plots/cli.py` imports this module only to plot, after
+checking that matplotlib is there.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from tip_megatron.apps.plots.curves import DPI, FIGSIZE_IN
 from tip_megatron.train.dump_file import TokenDump
@@ -25,9 +30,6 @@ _QUADRANT_CORNERS = {1: (0.98, 0.97, "right", "top"), 2: (0.98, 0.03, "right", "
 
 def token_scatter_figure(dump: TokenDump, max_points: int = 50_000):
     """Scatter of `dump` (at most `max_points`, sampled evenly, so huge dumps stay legible)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if dump.num_tokens == 0:
         raise ValueError(f"token dump of step {dump.step} has no tokens; nothing to plot")
     idx = np.linspace(0, dump.num_tokens - 1, min(max_points, dump.num_tokens)).astype(np.int64)

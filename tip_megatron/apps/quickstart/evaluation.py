@@ -14,7 +14,9 @@ task) is the task's data module.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
@@ -96,9 +98,6 @@ def write_benchmark(path, n: int, data: ModuleType = task, case=None) -> int:
     (`prompt`, `answer`: the true sum units first) for `eval.prompts`, so validation during
     training (`eval.every`, grader `quickstart-addition`) traces a task's accuracy mid-run.
     Returns the number of records written (fewer than n when the case has fewer)."""
-    import json
-    from pathlib import Path
-
     held = data.eval_set(task.num_held_out())
     if case is not None:
         if case not in data.CASES:

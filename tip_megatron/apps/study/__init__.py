@@ -9,6 +9,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
+    # lazy: importing a study module (report, curves) need not load the command's parser
     from tip_megatron.apps.study.command import register as _register
 
     _register(subparsers)

@@ -16,6 +16,8 @@ import argparse
 from pathlib import Path
 
 from tip_megatron.apps.launch import run_local
+from tip_megatron.apps.quickstart.command import DEFAULTS
+from tip_megatron.apps.quickstart.tasks import DEFAULT_TASK, get_task
 from tip_megatron.apps.study.cells import Cell, cells, run_dir
 
 
@@ -52,15 +54,13 @@ def run_cell(cell: Cell, out: Path, steps: int, tp: int, overrides: list[str],
 
 
 def main(args: argparse.Namespace) -> int:
-    from tip_megatron.apps.quickstart.command import DEFAULTS
-    from tip_megatron.apps.quickstart.tasks import DEFAULT_TASK, get_task
-
     if args.config is not None:
-        from tip_megatron.apps.study import config_study
-
         if args.task is not None:
             raise ValueError(f"--task {args.task}: picks an embedded task; with --config the "
                              "cells train the config's own models and data (drop one of them)")
+        # lazy: config_study imports the run config and preflight (torch); --help imports
+        # this module
+        from tip_megatron.apps.study import config_study
 
         return config_study.main(args)
     args.task = args.task or DEFAULT_TASK
@@ -74,6 +74,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: study run {cell.name} seed {cell.seed} failed (exit {rc}); "
                   f"its output is in {run_dir(out, cell)}", flush=True)
             return rc
+    # lazy: the report imports numpy and torch; --help imports this module
     from tip_megatron.apps.study.report import write_report
 
     for path in write_report(out, [(c.name, run_dir(out, c)) for c in grid]):

@@ -22,6 +22,7 @@ import numpy as np
 from tip_megatron.config import logging_dir
 from tip_megatron.apps.plots.curves import read_metrics
 from tip_megatron.train.dump_file import DUMP_DIR, read_token_dump
+from tip_megatron.apps.study.curves import curve_png, seed_mean
 from tip_megatron.apps.study.report import _mean_std, _pct
 
 QUADRANTS = (1, 2, 3, 4)
@@ -105,8 +106,6 @@ def markdown(table: dict, config: str, cfg) -> str:
 
 
 def plots(table: dict, out_dir: Path, cfg) -> list[Path]:
-    from tip_megatron.apps.study.curves import curve_png, seed_mean
-
     loss = {label: seed_mean([r["loss"] for r in row["runs"]]) for label, row in table.items()}
     acc = {label: seed_mean([r["accuracy"] for r in row["runs"]]) for label, row in table.items()}
     return [curve_png(out_dir / "loss.png", "OPD loss (mean over seeds)",

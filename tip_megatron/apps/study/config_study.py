@@ -16,8 +16,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tip_megatron.config import dump_config, load_config
+from tip_megatron.checkpoint.layout import COMPLETE, step_dir
+from tip_megatron.train.preflight import preflight
 from tip_megatron.apps.launch import run_local
+from tip_megatron.apps.plots.curves import read_metrics
 from tip_megatron.apps.study.cells import Cell, cells, run_dir
+from tip_megatron.apps.study.config_report import write_report
 
 #: Keys every cell sets (an override of one would be silently replaced: refused instead).
 CELL_KEYS = ("selection.rule", "selection.rho", "selection.seed", "train.seed", "data.seed",
@@ -71,9 +76,6 @@ def study_eval_every(cfg) -> int:
 def check_cell(config: str, overrides: list[str], out: Path, cell: Cell, nproc: int):
     """The cell's effective config after the train CLI's checks (preflight: one line on bad
     input); a ValueError when its run directory holds a different config's run."""
-    from tip_megatron.config import dump_config, load_config
-    from tip_megatron.train.preflight import preflight
-
     cfg = load_config(config, overrides)
     preflight(cfg, nproc)
     saved = Path(cfg.checkpoint.dir) / "config.yaml"
@@ -86,9 +88,6 @@ def check_cell(config: str, overrides: list[str], out: Path, cell: Cell, nproc: 
 
 def finished(cfg) -> bool:
     """The cell's metrics hold its last step's validation and its last checkpoint exists."""
-    from tip_megatron.apps.plots.curves import read_metrics
-    from tip_megatron.checkpoint.layout import COMPLETE, step_dir  # cheap; the study command must start fast
-
     jsonl = Path(cfg.logging.jsonl)
     if not jsonl.is_file() or not (step_dir(cfg.checkpoint.dir, cfg.train.steps) / COMPLETE).is_file():
         return False
@@ -97,9 +96,6 @@ def finished(cfg) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tip_megatron.config import load_config
-    from tip_megatron.apps.study.config_report import write_report
-
     grid, out = cells(args.rules, args.seeds), Path(args.out)
     base = user_overrides(args)
     first = load_config(args.config, base)

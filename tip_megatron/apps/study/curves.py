@@ -29,6 +29,7 @@ def curve_png(path: Path, title: str, ylabel: str, lines: Mapping[str, Curve],
               scale: float = 1.0) -> Path:
     """One line per label (`scale` multiplies the values, e.g. 100 for %); a marker on
     each point when a line has few of them (evaluations every few steps)."""
+    # optional extra [plot]: seed_mean works without matplotlib
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=FIGSIZE_IN, dpi=DPI)

@@ -29,6 +29,7 @@ from tip_megatron.apps.plots.curves import read_metrics
 from tip_megatron.train.dump_file import read_token_dump
 from tip_megatron.apps.quickstart import task
 from tip_megatron.apps.quickstart.tasks import DEFAULT_TASK, get_task
+from tip_megatron.apps.study.curves import curve_png, seed_mean
 
 
 def case_columns(result: dict) -> list[tuple[str, str]]:
@@ -157,8 +158,6 @@ def write_report(out: Path, runs: Sequence[tuple[str, Path]]) -> list[Path]:
 def plots(table: dict, out_dir: Path) -> list[Path]:
     """Mean loss per step, and exact match per step (before, during, after OPD), one line
     per rule."""
-    from tip_megatron.apps.study.curves import curve_png, seed_mean
-
     loss = {label: seed_mean([r["loss"] for r in row["runs"]]) for label, row in table.items()}
     acc = {label: seed_mean([r["accuracy"] for r in row["runs"]]) for label, row in table.items()}
     return [curve_png(out_dir / "loss.png", "OPD loss (mean over seeds)",

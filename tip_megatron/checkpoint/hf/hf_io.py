@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Iterable, Union
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from tip_megatron.checkpoint.hf.mapping import IGNORED_HF_SUFFIXES, all_rules, expected_hf_shapes
 from tip_megatron.models.arch import ModelArch
@@ -161,8 +163,6 @@ def _weight_files(path: Path, allow_pickle: bool) -> tuple[dict[str, Path], bool
 def safe_open_named(file: Path):
     """safetensors' `safe_open`; a truncated or corrupt file is a ValueError naming it
     (safetensors checks at open that the header parses and covers the whole file)."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except SafetensorError as err:
@@ -253,8 +253,6 @@ class ShardedSafetensorsWriter:
             self._next += 1
 
     def _flush(self, k: int) -> None:
-        from safetensors.torch import save_file
-
         tensors = {n: self._buffer.pop(n) for n in self.plan[k]}
         save_file(tensors, str(self.out_dir / self.file_name(k)), metadata={"format": "pt"})
         for name, tensor in tensors.items():

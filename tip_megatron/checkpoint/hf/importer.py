@@ -22,14 +22,18 @@ from typing import Iterator, Optional
 
 import torch
 
+from tip_megatron.runtime import parallel
+from tip_megatron.runtime.atomic import check_replaceable
 from tip_megatron.runtime.env import rank_env, under_torchrun
 from tip_megatron.runtime.processes import run_forked, stop_checkpoint_writer_helpers
+from tip_megatron.runtime.progress import Progress
 from tip_megatron.runtime.signals import exit_on_signals
+from tip_megatron.models.arch import ModelArch
+from tip_megatron.models.build import BuildOptions, build_model, check_rope_scaling
+from tip_megatron.models.state import load_full_state_dict
 from tip_megatron.checkpoint.hf.hf_io import HFCheckpoint, PathLike
 from tip_megatron.checkpoint.hf.mapping import all_rules
-from tip_megatron.runtime.atomic import check_replaceable
-from tip_megatron.models.arch import ModelArch
-from tip_megatron.checkpoint.model import is_model_checkpoint
+from tip_megatron.checkpoint.model import is_model_checkpoint, save_model_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +99,6 @@ def resolve_dtype(name: Optional[str], hf_config: dict) -> torch.dtype:
 def check_import(hf_dir: PathLike, out_dir: PathLike, options: ImportOptions) -> ModelArch:
     """Everything that can be checked before any process starts: config, tensor names and
     shapes, layout, dtype, output path. Raises ValueError / FileExistsError."""
-    from tip_megatron.models.build import check_rope_scaling
-
     ckpt = HFCheckpoint(hf_dir, allow_pickle=options.allow_pickle)
     ckpt.validate()
     arch = ckpt.arch
@@ -111,12 +113,6 @@ def check_import(hf_dir: PathLike, out_dir: PathLike, options: ImportOptions) ->
 def import_rank(hf_dir: PathLike, out_dir: PathLike, options: ImportOptions, groups=None) -> None:
     """The work of one rank of the tp*pp world (collective). `groups` may be passed when
     the caller already initialized this layout."""
-    from tip_megatron.runtime import parallel
-    from tip_megatron.models.build import BuildOptions, build_model
-    from tip_megatron.checkpoint.model import save_model_checkpoint
-    from tip_megatron.models.state import load_full_state_dict
-    from tip_megatron.runtime.progress import Progress
-
     ckpt = HFCheckpoint(hf_dir, allow_pickle=options.allow_pickle)
     arch = ckpt.arch
     if groups is None:
@@ -174,11 +170,11 @@ def preload_for_fork() -> None:
     multiprocessing manager (a fresh interpreter) that megatron creates once per process.
     A forked rank reconnects to the inherited manager.
     """
-    from tip_megatron.models import build, state
     from tip_megatron.checkpoint import model as checkpoint  # noqa: F401
 
     checkpoint._dist_checkpointing()
     import megatron.core.models.gpt  # noqa: F401
+    # here, not at the top: importing megatron before the fork is this function's job
     from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 
     get_write_results_queue()
