@@ -1,7 +1,7 @@
 """The one process launcher: local torchrun jobs for commands started from a plain shell.
 
     if under_torchrun(): worker()                             # this process is one rank
-    else: launch.run_local(nproc=4, module="tip_megatron.apps.demo", args=["--worker"])
+    else: launch.run_local(nproc=4, module="tip_megatron.apps.demo_worker", args=[...])
 
 `run_local` starts a torchrun job (the launcher users run); `supervise` forwards signals to
 it and returns only once none of its processes is alive. The rank side (rank environment,

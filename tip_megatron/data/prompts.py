@@ -31,9 +31,7 @@ __all__ = [
     "OVERLONG_POLICIES",
     "PromptDataset",
     "PromptFields",
-    "PromptLoader",
     "PromptRecord",
-    "PromptSampler",
 ]
 
 OVERLONG_POLICIES = ("truncate_left", "skip")
