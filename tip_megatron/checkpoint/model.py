@@ -47,6 +47,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
+from tip_megatron.checkpoint import dcp_guard, manifest
 from tip_megatron.checkpoint.layout import MODEL_META, resolve_step
 from tip_megatron.runtime.megatron_compat import apply_cpu_compat
 from tip_megatron.runtime.atomic import atomic_dir, check_replaceable, write_marker
@@ -79,6 +80,7 @@ def save_model_checkpoint(
     tokenizer_dir: Optional[PathLike] = None,
     meta: Optional[dict] = None,
     overwrite: bool = False,
+    verify: str = "full",
 ) -> Path:
     """Save this world's model chunks as a model checkpoint (collective: every rank calls).
 
@@ -86,6 +88,8 @@ def save_model_checkpoint(
     meta: extra JSON-serializable fields for meta.json (e.g. `source`).
     overwrite: replace an existing checkpoint at out_dir (else FileExistsError); only a
     directory this tool wrote, never `tokenizer_dir` (`io_atomic.check_replaceable`).
+    verify: what MANIFEST.json records (`checkpoint.manifest`: full or edges), written
+    last, once every rank's files are closed.
     """
     out = Path(out_dir).absolute()
     sources = [tokenizer_dir] if tokenizer_dir is not None else []
@@ -98,9 +102,17 @@ def save_model_checkpoint(
             _write_json(tmp / META_FILE, _meta(chunks, groups, meta))
             if tokenizer_dir is not None:
                 copy_hf_side_files(tokenizer_dir, tmp / TOKENIZER_DIR)
+        _write_manifest_last(tmp, groups.rank, verify)
     if groups.rank == 0:
         logger.info("saved model checkpoint %s", out)
     return out
+
+
+def _write_manifest_last(tmp: Path, rank: int, mode: str) -> None:
+    if dist.is_initialized():
+        dist.barrier()  # every rank's dist_checkpointing files are written and closed
+    if rank == 0:
+        manifest.write_manifest(tmp, mode)
 
 
 def sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
@@ -155,6 +167,7 @@ def load_model_checkpoint(
     megatron config is checked against the checkpoint's arch. Returns the checkpoint's arch.
     """
     files = model_files(ckpt_dir)
+    verify_collective(files)
     ckpt, arch = files.path, files.arch()
     if expect_arch is not None:
         _raise_on_mismatch(arch_differences(arch, expect_arch), ckpt, "the expected architecture")
@@ -177,6 +190,7 @@ def load_sharded_strict(sharded: dict, directory: PathLike, ignore_stored: tuple
     """
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    dcp_guard.check_dcp_dir(directory)  # before dist_checkpointing unpickles anything
     with _quiet_dcp_load():
         # megatron names these the other way round: its "missing" keys are in the checkpoint
         # only. They are equal on all ranks; the ones the model lacks are per rank (another
@@ -212,6 +226,23 @@ def _union_over_ranks(keys: set) -> set:
 def read_arch(ckpt_dir: PathLike) -> ModelArch:
     """The ModelArch a model checkpoint (or a training checkpoint) was saved with."""
     return model_files(ckpt_dir).arch()
+
+
+def verify_collective(files: "ModelFiles") -> None:
+    """`manifest.check_checkpoint` of a checkpoint about to be loaded: rank 0 reads and
+    hashes its files, every rank raises the same ValueError (collective over the world when
+    torch.distributed is initialized)."""
+    world = dist.is_initialized() and dist.get_world_size() > 1
+    box: list = [None]
+    if not world or dist.get_rank() == 0:
+        try:
+            manifest.check_checkpoint(files.path, training=files.kind == "training")
+        except ValueError as err:
+            box[0] = str(err)
+    if world:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise ValueError(box[0])
 
 
 @dataclass(frozen=True)
@@ -328,7 +359,9 @@ def stored_key(full_name: str) -> tuple[str, Optional[int]]:
 
 def stored_metadata(ckpt_dir: PathLike) -> dict:
     """dist_checkpointing key -> ShardedTensor metadata (global_shape, dtype), no data read."""
-    return _dist_checkpointing().load_tensors_metadata(str(model_files(ckpt_dir).weights))
+    weights = model_files(ckpt_dir).weights
+    dcp_guard.check_dcp_dir(weights)  # before dist_checkpointing unpickles .metadata
+    return _dist_checkpointing().load_tensors_metadata(str(weights))
 
 
 def load_full_tensors(
@@ -356,10 +389,11 @@ def load_full_tensors(
         else:
             data = torch.empty((1,) + shape[1:], dtype=dtype)
             request[name] = ShardedTensor.from_rank_offsets(key, data, (0, layer, shape[0]), replica_id=0)
+    weights = model_files(ckpt_dir).weights
+    dcp_guard.check_dcp_dir(weights)  # once per file version: cheap on later calls
     # A partial read by design: the access-integrity check wants the whole tensor covered.
     with _quiet_dcp_load():
-        loaded = _dist_checkpointing().load(request, str(model_files(ckpt_dir).weights),
-                                            validate_access_integrity=False)
+        loaded = _dist_checkpointing().load(request, str(weights), validate_access_integrity=False)
     out = {}
     for name in names:
         tensor = loaded[name]
