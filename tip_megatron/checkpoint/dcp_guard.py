@@ -8,7 +8,7 @@ with plain `pickle` / `torch.load(weights_only=False)`:
 A crafted checkpoint could run any code through either. `check_dcp_dir(dir)` reads
 `.metadata` with a restricted unpickler that resolves only the classes DCP's metadata is
 made of (`ALLOWED`: torch.distributed.checkpoint metadata/planner/filesystem records,
-torch.Size, dtypes, layouts, memory formats, plain containers), then loads every bytes item
+torch.Size, dtypes, layouts, memory formats, paths, plain containers), then loads every bytes item
 with `torch.load(weights_only=True)` (tensors and plain types only). Anything else is one
 ValueError naming the file and what it refers to; nothing it names is ever called.
 Every DCP read in checkpoint/ calls it first (once per directory and file version).
@@ -40,12 +40,18 @@ ALLOWED: dict[str, frozenset[str]] = {
     "torch.serialization": frozenset({"_get_layout"}),
     "torch": frozenset({"Size"}),
     "collections": frozenset({"OrderedDict"}),
+    # StorageMeta.checkpoint_id: DCP records the save path as given (a str, or a Path)
+    "pathlib": frozenset({"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}),
     "builtins": frozenset({"set", "frozenset", "slice", "complex", "bytearray"}),
 }
 #: torch module attributes that are plain values, not callables worth fearing.
 _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
 
 _checked: dict[str, tuple] = {}
+
+
+class _Refused(pickle.UnpicklingError):
+    """The pickle names something outside ALLOWED (its message: module.name)."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -56,7 +62,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if name in ALLOWED.get(module, ()):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        raise _Refused(f"{module}.{name}")
 
 
 def load_metadata(path: str | os.PathLike) -> Any:
@@ -66,12 +72,13 @@ def load_metadata(path: str | os.PathLike) -> Any:
     try:
         with open(path, "rb") as f:
             return _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as err:
+    except _Refused as err:
         raise ValueError(
             f"{path}: refused: the pickle refers to {err}, which is not one of the classes torch "
             "DCP metadata holds (unpickling it could run code); do not load this checkpoint: "
             "re-save it, or take another step") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as err:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, MemoryError) as err:
         raise ValueError(f"{path}: not readable as torch DCP metadata (damaged or truncated: "
                          f"{type(err).__name__}: {err}); re-save it, or take another step") from None
 
