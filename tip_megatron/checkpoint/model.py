@@ -6,6 +6,7 @@
                      "saved_layout", "source", ...}
       tokenizer/    optional: HF tokenizer files (and generation_config.json), copied verbatim
       model/        megatron dist_checkpointing (torch_dist) of the chunks' sharded_state_dict()
+      MANIFEST.json size and checksum of every file above, written last (checkpoint/manifest.py)
 
 The tensors in `model/` are GLOBAL (dist_checkpointing records each rank's slice of a global
 tensor), so a checkpoint loads at any TP/PP/VPP: dist_checkpointing reshards. Keys follow
@@ -24,6 +25,11 @@ under the same keys in its `dist/` (beside the optimizer's), its `arch.json`, an
 tokenizer and HF config in `<run>/model_meta/`. `model_files(path)` resolves either kind
 (and a run directory to its newest complete step); every reader here goes through it, so
 both kinds load, export and sample alike.
+
+Integrity: `load_model_checkpoint` verifies either kind against its MANIFEST.json first
+(rank 0 hashes every file, every rank gets the verdict: `verify_collective`), and every
+dist_checkpointing read here passes `dcp_guard.check_dcp_dir` before DCP unpickles its
+metadata (no code runs from a checkpoint). docs/checkpoints.md has the details.
 
 Saving goes through `io_atomic.atomic_dir` (a temp directory beside the target, fsynced,
 renamed into place once complete): an interrupted save never damages an existing
