@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from tip_megatron.checkpoint import dcp_guard
 from tip_megatron.checkpoint.layout import COMPLETE, MANIFEST
@@ -230,3 +231,20 @@ def check_checkpoint(root: Path, *, training: bool) -> None:
               "re-create it (tip-megatron convert hf-to-mcore ... --overwrite) or copy it again "
               "from where it was saved")
     raise ValueError(f"checkpoint {root} does not verify: {'; '.join(problems)}; {advice}")
+
+
+def check_checkpoint_collective(root: Path, *, training: bool) -> None:
+    """`check_checkpoint` of a checkpoint every rank is about to load: rank 0 reads and
+    hashes its files, every rank raises the same ValueError (collective over the world when
+    torch.distributed is initialized with more than one rank)."""
+    world = dist.is_initialized() and dist.get_world_size() > 1
+    box: list = [None]
+    if not world or dist.get_rank() == 0:
+        try:
+            check_checkpoint(root, training=training)
+        except ValueError as err:
+            box[0] = str(err)
+    if world:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise ValueError(box[0])

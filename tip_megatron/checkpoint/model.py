@@ -27,7 +27,7 @@ tokenizer and HF config in `<run>/model_meta/`. `model_files(path)` resolves eit
 both kinds load, export and sample alike.
 
 Integrity: `load_model_checkpoint` verifies either kind against its MANIFEST.json first
-(rank 0 hashes every file, every rank gets the verdict: `verify_collective`), and every
+(rank 0 hashes every file, every rank gets the verdict), and every
 dist_checkpointing read here passes `dcp_guard.check_dcp_dir` before DCP unpickles its
 metadata (no code runs from a checkpoint). docs/checkpoints.md has the details.
 
@@ -173,7 +173,7 @@ def load_model_checkpoint(
     megatron config is checked against the checkpoint's arch. Returns the checkpoint's arch.
     """
     files = model_files(ckpt_dir)
-    verify_collective(files)
+    manifest.check_checkpoint_collective(files.path, training=files.kind == "training")
     ckpt, arch = files.path, files.arch()
     if expect_arch is not None:
         _raise_on_mismatch(arch_differences(arch, expect_arch), ckpt, "the expected architecture")
@@ -232,23 +232,6 @@ def _union_over_ranks(keys: set) -> set:
 def read_arch(ckpt_dir: PathLike) -> ModelArch:
     """The ModelArch a model checkpoint (or a training checkpoint) was saved with."""
     return model_files(ckpt_dir).arch()
-
-
-def verify_collective(files: "ModelFiles") -> None:
-    """`manifest.check_checkpoint` of a checkpoint about to be loaded: rank 0 reads and
-    hashes its files, every rank raises the same ValueError (collective over the world when
-    torch.distributed is initialized)."""
-    world = dist.is_initialized() and dist.get_world_size() > 1
-    box: list = [None]
-    if not world or dist.get_rank() == 0:
-        try:
-            manifest.check_checkpoint(files.path, training=files.kind == "training")
-        except ValueError as err:
-            box[0] = str(err)
-    if world:
-        dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise ValueError(box[0])
 
 
 @dataclass(frozen=True)
