@@ -78,6 +78,9 @@ def _mcore_to_hf(args: argparse.Namespace) -> int:
     from tip_megatron.checkpoint.hf.exporter import check_export, mcore_to_hf
 
     try:
+        if not args.max_abs_weight >= 0:  # NaN too
+            raise ValueError(f"--max-abs-weight {args.max_abs_weight}: accepted: a number >= 0 "
+                             "(0: no bound)")
         check_export(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
         # ValueError: a tensor out of bounds (named), found while reading; --out not written
         out = mcore_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,

@@ -90,13 +90,13 @@ def check_export(
     `verify`: its manifest's checksums, DCP's pickles), a known dtype, a free output path.
     Returns the checkpoint's arch and the output dtype name."""
     files = mckpt.model_files(ckpt_dir)
-    if verify:
-        manifest.check_checkpoint(files.path, training=files.kind == "training")
     arch, meta = files.arch(), files.meta
     dtype_name = dtype or meta.get("params_dtype", "float32")
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype {dtype_name!r} is not supported; accepted: {sorted(DTYPES)}")
     check_replaceable(out_dir, overwrite=overwrite, sources=[ckpt_dir], option="--out")
+    if verify:  # last: it reads the whole checkpoint
+        manifest.check_checkpoint(files.path, training=files.kind == "training")
     return arch, dtype_name
 
 
