@@ -196,3 +196,18 @@ def test_all_damaged_is_an_error_not_a_fresh_start(assets, saved, tmp_path):
     assert kind == "ValueError" and "no checkpoint under" in message and "checkpoint.resume=none" in message
     assert sorted(p.name for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step_")) == [
         f"step_00000{i}.damaged" for i in (1, 2, 3)]
+
+
+def test_checkpoint_verify_edges_is_recorded_and_resumes(assets, tmp_path):
+    """checkpoint.verify=edges reaches the manifest (mode edges: shards over 4 MiB would get
+    end checksums only; these tiny ones are whole) and such a checkpoint resumes."""
+    ckdir = tmp_path / "ck"
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "train.steps": 1, "checkpoint.dir": ckdir, "checkpoint.verify": "edges"}),))[0]
+    assert out["error"] is None, out
+    recorded = json.loads((ckdir / "step_000001" / MANIFEST).read_text())
+    assert recorded["mode"] == "edges" and manifest.verify(ckdir / "step_000001") == []
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "train.steps": 2, "checkpoint.dir": ckdir}),))[0]
+    assert out["error"] is None and [h["step"] for h in out["history"]] == [2]
+    assert json.loads((ckdir / "step_000002" / MANIFEST).read_text())["mode"] == "full"
