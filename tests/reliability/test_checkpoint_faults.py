@@ -4,9 +4,13 @@ resume=PATH is an error naming the file; a byte flipped in the middle of a shard
 (full-file checksums); a pickle payload in state.pt or in DCP's dist/.metadata is refused
 without running; state.pt / rng files are plain (weights_only=True)."""
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,6 +164,40 @@ def test_saved_files_are_plain_and_the_manifest_matches(saved):
     dcp_guard.check_dcp_dir(step / "dist")
 
 
+def _plant_metadata_payload(step, marker):
+    meta = step / "dist" / dcp_guard.METADATA
+    index = dcp_guard.load_metadata(meta)
+    index.storage_meta = _Payload(str(marker))
+    meta.write_bytes(pickle.dumps(index))
+    manifest.write_manifest(step)  # the attacker rewrites the manifest too
+    return meta
+
+
+@pytest.mark.slow
+def test_train_command_never_runs_a_metadata_payload(assets, saved, tmp_path):
+    """The same through `tip-megatron train --nproc 1` as a user types it: an explicit
+    resume of the crafted step fails naming the file; resume=auto falls back past it; the
+    marker is never written."""
+    ckdir = _copy(saved, tmp_path)
+    marker = tmp_path / "payload_ran"
+    meta = _plant_metadata_payload(ckdir / "step_000003", marker)
+    before = tree_hashes(ckdir)
+
+    def train(**extra):
+        cmd = [sys.executable, "-m", "tip_megatron.apps.cli", "train", "--nproc", "1",
+               *overrides(assets, **{"checkpoint.dir": ckdir, **extra})]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+
+    done = train(**{"train.steps": 4, "checkpoint.resume": ckdir / "step_000003"})
+    assert done.returncode != 0 and f"{meta}: refused: the pickle refers to " in done.stderr
+    assert not marker.exists(), "the payload ran"
+    assert tree_hashes(ckdir) == before
+    done = train(**{"train.steps": 3})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (ckdir / "step_000003.damaged").is_dir() and not marker.exists()
+
+
 def test_pickle_payload_in_dcp_metadata_is_refused_and_not_run(assets, saved, tmp_path):
     """torch DCP unpickles dist/.metadata with plain pickle: a payload planted there (and a
     manifest rewritten to match) is refused by the restricted unpickler, never run: an
@@ -167,11 +205,7 @@ def test_pickle_payload_in_dcp_metadata_is_refused_and_not_run(assets, saved, tm
     ckdir = _copy(saved, tmp_path)
     step = ckdir / "step_000003"
     marker = tmp_path / "payload_ran"
-    meta = step / "dist" / dcp_guard.METADATA
-    index = dcp_guard.load_metadata(meta)
-    index.storage_meta = _Payload(str(marker))
-    meta.write_bytes(pickle.dumps(index))
-    manifest.write_manifest(step)
+    meta = _plant_metadata_payload(step, marker)
     before = tree_hashes(ckdir)
     out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
         "train.steps": 4, "checkpoint.dir": ckdir, "checkpoint.resume": step}),))[0]
