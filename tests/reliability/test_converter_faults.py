@@ -355,3 +355,20 @@ def _generate(ck, tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
     assert not out.exists()
     return done.returncode, [line for line in done.stderr.splitlines() if "error:" in line]
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_generate_world_refuses_a_damaged_checkpoint(converted, tmp_path):
+    """Two ranks (DP=2): rank 0 hashes, both get the verdict (a broadcast) and exit 2;
+    none waits for the other at a collective."""
+    from tip_megatron.testing.assets import cli_main
+    from tip_megatron.testing.distributed import run_distributed
+
+    ck = _copy_ckpt(converted, tmp_path)
+    _flip_middle(ck)
+    char_spm_model(tmp_path / "tok.model", "0123456789+= ")
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+2="}, {"prompt": "3+4="}])
+    argv = ["generate", "--ckpt", str(ck), "--prompts", str(tmp_path / "p.jsonl"), "--out",
+            str(tmp_path / "s.jsonl"), "--tokenizer", str(tmp_path / "tok.model"), "--max-new-tokens", "2"]
+    assert run_distributed(cli_main, 2, args=(argv,)) == [2, 2]
+    assert not (tmp_path / "s.jsonl").exists()
