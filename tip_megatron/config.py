@@ -216,7 +216,7 @@ class CheckpointConfig:
     generate/eval --ckpt, mcore-to-hf, model sources): full (a checksum of every whole file:
     any damaged byte is caught; a save and a verification read the checkpoint once more) or
     edges (whole files up to 4 MiB, only the first and last MiB of larger shards: cheaper,
-    misses damage in the middle of a shard). docs/checkpoints.md has the cost per GiB."""
+    misses damage in the middle of a shard). Cost per GiB: docs/checkpoints.md, "Cost"."""
 
 
 @dataclass(frozen=True)
