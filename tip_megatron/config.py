@@ -211,6 +211,12 @@ class CheckpointConfig:
     checkpoint saved at a step that is a multiple of N (step % N == 0; a step that saves
     nothing exports nothing, so save_every should divide N) (0: off; `tip-megatron convert
     mcore-to-hf` on a step directory does it at any time)."""
+    verify: str = "full"
+    """What each checkpoint's MANIFEST.json records, checked by every reader (resume,
+    generate/eval --ckpt, mcore-to-hf, model sources): full (a checksum of every whole file:
+    any damaged byte is caught; a save and a verification read the checkpoint once more) or
+    edges (whole files up to 4 MiB, only the first and last MiB of larger shards: cheaper,
+    misses damage in the middle of a shard). Cost per GiB: docs/checkpoints.md, "Cost"."""
 
 
 @dataclass(frozen=True)
@@ -459,6 +465,8 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
         _check_seed(key, getattr(getattr(cfg, key.split(".")[0]), "seed"))
     _at_least("checkpoint.save_every", cfg.checkpoint.save_every, 0)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
+    if cfg.checkpoint.verify not in ("full", "edges"):
+        raise ValueError(f"checkpoint.verify={cfg.checkpoint.verify!r}: accepted: full, edges")
     _at_least("logging.dump_tokens_every", cfg.logging.dump_tokens_every, 0)
     _at_least("logging.logprob_gap_every", cfg.logging.logprob_gap_every, 0)
     _at_least("logging.dump_tokens_max", cfg.logging.dump_tokens_max, 1)

@@ -1,18 +1,23 @@
 """Damaged training checkpoints: resume=auto falls back to the newest good one (warning
 naming the bad file, the damaged one renamed, never deleted); an explicit damaged
-resume=PATH is an error naming the file; a pickle payload in state.pt is refused without
-running; state.pt / rng files are plain (weights_only=True)."""
+resume=PATH is an error naming the file; a byte flipped in the middle of a shard is caught
+(full-file checksums); a pickle payload in state.pt or in DCP's dist/.metadata is refused
+without running; state.pt / rng files are plain (weights_only=True)."""
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
 from _reliability_assets import make_assets, overrides, train_capturing, tree_hashes
 from tip_megatron.testing.distributed import run_distributed
-from tip_megatron.checkpoint import manifest
+from tip_megatron.checkpoint import dcp_guard, manifest
 from tip_megatron.checkpoint.layout import COMPLETE, MANIFEST, list_checkpoints
 
 
@@ -45,6 +50,14 @@ def _truncate_distcp(path):
     return shard
 
 
+def _flip_middle_distcp(path):
+    shard = sorted((path / "dist").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, mid-shard: what edge checksums missed
+    shard.write_bytes(bytes(data))
+    return shard
+
+
 def _empty_state(path):
     (path / "state.pt").write_bytes(b"")
     return path / "state.pt"
@@ -57,8 +70,9 @@ def _cut_metadata(path):
 
 
 @pytest.mark.parametrize("damage", [
-    _truncate_distcp, pytest.param(_empty_state, marks=pytest.mark.slow),
-    pytest.param(_cut_metadata, marks=pytest.mark.slow)], ids=["distcp", "state", "metadata"])
+    _flip_middle_distcp, pytest.param(_truncate_distcp, marks=pytest.mark.slow),
+    pytest.param(_empty_state, marks=pytest.mark.slow),
+    pytest.param(_cut_metadata, marks=pytest.mark.slow)], ids=["flipped", "distcp", "state", "metadata"])
 def test_damaged_newest_falls_back_to_the_previous(assets, saved, tmp_path, damage):
     ckdir = _copy(saved, tmp_path)
     bad_file = damage(ckdir / "step_000003")
@@ -115,10 +129,7 @@ def test_pickle_payload_in_state_pt_is_refused_and_not_run(assets, saved, tmp_pa
     state["evil"] = _Payload(str(marker))
     torch.save(state, step / "state.pt")
     # The attacker rewrites the manifest too: only weights_only=True stands in the way.
-    files = json.loads((step / MANIFEST).read_text())
-    data = (step / "state.pt").read_bytes()
-    files["files"]["state.pt"] = {"size": len(data), "crc32": f"{zlib.crc32(data):08x}", "crc_of": "all"}
-    (step / MANIFEST).write_text(json.dumps(files))
+    manifest.write_manifest(step)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(step / "state.pt", weights_only=True)
     assert not marker.exists()
@@ -141,10 +152,72 @@ def test_saved_files_are_plain_and_the_manifest_matches(saved):
     state = torch.load(step / "state.pt", weights_only=True)
     rng = torch.load(step / "rng" / "rank_0.pt", weights_only=True)
     assert state["step"] == 2 and isinstance(rng["torch"], torch.Tensor)
-    recorded = json.loads((step / MANIFEST).read_text())["files"]
+    saved_manifest = json.loads((step / MANIFEST).read_text())
+    assert (saved_manifest["hash"], saved_manifest["mode"]) == ("crc32", "full")
+    recorded = saved_manifest["files"]
     on_disk = {str(p.relative_to(step)) for p in step.rglob("*") if p.is_file()}
     assert set(recorded) == on_disk - {MANIFEST, COMPLETE}
-    assert all(recorded[k]["size"] == (step / k).stat().st_size for k in recorded)
+    for rel, entry in recorded.items():  # an independent CRC32 of each whole file
+        data = (step / rel).read_bytes()
+        assert entry == {"size": len(data), "digest": f"{zlib.crc32(data):08x}", "of": "all"}, rel
+    # the real DCP index of a training step passes the restricted unpickler
+    dcp_guard.check_dcp_dir(step / "dist")
+
+
+def _plant_metadata_payload(step, marker):
+    meta = step / "dist" / dcp_guard.METADATA
+    index = dcp_guard.load_metadata(meta)
+    index.storage_meta = _Payload(str(marker))
+    meta.write_bytes(pickle.dumps(index))
+    manifest.write_manifest(step)  # the attacker rewrites the manifest too
+    return meta
+
+
+@pytest.mark.slow
+def test_train_command_never_runs_a_metadata_payload(assets, saved, tmp_path):
+    """The same through `tip-megatron train --nproc 1` as a user types it: an explicit
+    resume of the crafted step fails naming the file; resume=auto falls back past it; the
+    marker is never written."""
+    ckdir = _copy(saved, tmp_path)
+    marker = tmp_path / "payload_ran"
+    meta = _plant_metadata_payload(ckdir / "step_000003", marker)
+    before = tree_hashes(ckdir)
+
+    def train(**extra):
+        cmd = [sys.executable, "-m", "tip_megatron.apps.cli", "train", "--nproc", "1",
+               *overrides(assets, **{"checkpoint.dir": ckdir, **extra})]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+
+    done = train(**{"train.steps": 4, "checkpoint.resume": ckdir / "step_000003"})
+    assert done.returncode != 0 and f"{meta}: refused: the pickle refers to " in done.stderr
+    assert not marker.exists(), "the payload ran"
+    assert tree_hashes(ckdir) == before
+    done = train(**{"train.steps": 3})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (ckdir / "step_000003.damaged").is_dir() and not marker.exists()
+
+
+def test_pickle_payload_in_dcp_metadata_is_refused_and_not_run(assets, saved, tmp_path):
+    """torch DCP unpickles dist/.metadata with plain pickle: a payload planted there (and a
+    manifest rewritten to match) is refused by the restricted unpickler, never run: an
+    explicit resume is an error naming the file; resume=auto falls back past it."""
+    ckdir = _copy(saved, tmp_path)
+    step = ckdir / "step_000003"
+    marker = tmp_path / "payload_ran"
+    meta = _plant_metadata_payload(step, marker)
+    before = tree_hashes(ckdir)
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "train.steps": 4, "checkpoint.dir": ckdir, "checkpoint.resume": step}),))[0]
+    kind, message, _ = out["error"]
+    assert kind == "ValueError" and f"{meta}: refused: the pickle refers to " in message, message
+    assert not marker.exists(), "the payload ran"
+    assert tree_hashes(ckdir) == before
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "train.steps": 3, "checkpoint.dir": ckdir}),))[0]
+    assert out["error"] is None and [h["step"] for h in out["history"]] == [3]
+    assert any(str(meta) in w and "step_000003.damaged" in w for w in out["warnings"])
+    assert not marker.exists(), "the payload ran"
 
 
 def test_all_damaged_is_an_error_not_a_fresh_start(assets, saved, tmp_path):
@@ -157,3 +230,18 @@ def test_all_damaged_is_an_error_not_a_fresh_start(assets, saved, tmp_path):
     assert kind == "ValueError" and "no checkpoint under" in message and "checkpoint.resume=none" in message
     assert sorted(p.name for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step_")) == [
         f"step_00000{i}.damaged" for i in (1, 2, 3)]
+
+
+def test_checkpoint_verify_edges_is_recorded_and_resumes(assets, tmp_path):
+    """checkpoint.verify=edges reaches the manifest (mode edges: shards over 4 MiB would get
+    end checksums only; these tiny ones are whole) and such a checkpoint resumes."""
+    ckdir = tmp_path / "ck"
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "train.steps": 1, "checkpoint.dir": ckdir, "checkpoint.verify": "edges"}),))[0]
+    assert out["error"] is None, out
+    recorded = json.loads((ckdir / "step_000001" / MANIFEST).read_text())
+    assert recorded["mode"] == "edges" and manifest.verify(ckdir / "step_000001") == []
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "train.steps": 2, "checkpoint.dir": ckdir}),))[0]
+    assert out["error"] is None and [h["step"] for h in out["history"]] == [2]
+    assert json.loads((ckdir / "step_000002" / MANIFEST).read_text())["mode"] == "full"

@@ -1,17 +1,28 @@
 """Converter safety: `--overwrite` replaces only a directory tip_megatron wrote, never the
 source (also through a symlink or a relative path), by swapping a complete new directory
-in; truncated or corrupt safetensors name the file; killing the command stops its ranks."""
+in; truncated or corrupt safetensors name the file; killing the command stops its ranks.
+Integrity: a converted checkpoint carries a full manifest; `mcore-to-hf` and `generate
+--ckpt` refuse a damaged one (a byte flipped mid-shard, a truncated shard) naming the file,
+and a pickle payload in DCP's `.metadata` without running it; an absurd weight stops an
+export of a checkpoint whose checksums cannot see it."""
+import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 
 from _reliability_assets import tree_hashes
 from tip_megatron.apps import cli
+from tip_megatron.checkpoint import dcp_guard, manifest
+from tip_megatron.checkpoint.layout import MANIFEST
+from tip_megatron.testing.assets import char_spm_model, write_jsonl
 from tip_megatron.runtime.atomic import WRITTEN_BY
 from tip_megatron.checkpoint.model import is_model_checkpoint
 from tip_megatron.testing.hf_models import tiny_hf_model
@@ -200,3 +211,164 @@ def _sid(pid: int) -> int:
         return os.getsid(pid)
     except OSError:
         return -1
+
+
+# ------------------------------------------------------------------ integrity of what is read
+def _copy_ckpt(converted, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(converted / "ck", ck)
+    return ck
+
+
+def _shard(ck):
+    return max((ck / "model").glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+def _flip_middle(ck):
+    shard = _shard(ck)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+class _Payload:
+    """Unpickling this runs `open(marker, 'w')`: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant_metadata_payload(dcp_dir, marker):
+    """A real DCP index with a payload in it, and a manifest rewritten to match (an attacker
+    can rewrite both): only the restricted unpickler stands in the way."""
+    meta = dcp_dir / dcp_guard.METADATA
+    index = dcp_guard.load_metadata(meta)
+    index.storage_meta = _Payload(str(marker))
+    meta.write_bytes(pickle.dumps(index))
+    manifest.write_manifest(dcp_dir.parent)
+    return meta
+
+
+def test_conversion_writes_a_full_manifest_that_verifies(converted):
+    ck = converted / "ck"
+    recorded = json.loads((ck / MANIFEST).read_text())
+    assert (recorded["version"], recorded["hash"], recorded["mode"]) == (2, "crc32", "full")
+    on_disk = {str(p.relative_to(ck)) for p in ck.rglob("*") if p.is_file()} - {MANIFEST}
+    assert set(recorded["files"]) == on_disk
+    for rel, entry in recorded["files"].items():  # an independent CRC32 of each whole file
+        data = (ck / rel).read_bytes()
+        assert entry == {"size": len(data), "digest": f"{zlib.crc32(data):08x}", "of": "all"}, rel
+    assert manifest.verify_files(ck) == []
+
+
+def _export_fails(capsys, ck, out, *extra):
+    rc, err = _convert(capsys, "mcore-to-hf", "--ckpt", ck, "--out", out, *extra)
+    errors = [line for line in err if "error:" in line]
+    assert rc == 2 and len(errors) == 1 and err[-1] == errors[0], err
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+    return errors[0]
+
+
+def test_mcore_to_hf_refuses_a_byte_flipped_in_the_middle_of_a_shard(converted, tmp_path, capsys):
+    ck = _copy_ckpt(converted, tmp_path)
+    shard = _flip_middle(ck)
+    before = tree_hashes(ck)
+    line = _export_fails(capsys, ck, tmp_path / "hf")
+    assert f"{shard}: content differs from the save (crc32 mismatch" in line
+    assert "re-create it (tip-megatron convert hf-to-mcore ... --overwrite)" in line
+    assert tree_hashes(ck) == before
+
+
+def _blow_up_first_embedding_value(hf_dir, ck) -> float:
+    """Set the exponent's top bit of embedding[0, 0] in the shard (a one-bit flip), as the
+    issue saw: a weight of ~1e37. Returns the new value."""
+    from safetensors.torch import load_file
+
+    value = load_file(hf_dir / "model.safetensors")["model.embed_tokens.weight"][0, 0]
+    raw = value.numpy().tobytes()
+    shard = _shard(ck)
+    data = bytearray(shard.read_bytes())
+    assert data.count(raw) == 1
+    at = data.index(raw)
+    data[at + 3] |= 0x40
+    shard.write_bytes(bytes(data))
+    import numpy as np
+
+    return float(np.frombuffer(bytes(data[at:at + 4]), dtype=np.float32)[0])
+
+
+def test_export_stops_at_an_absurd_weight_its_checksums_cannot_see(hf_dir, converted, tmp_path, capsys,
+                                                                   caplog):
+    """A checkpoint without a manifest (saved before they existed) with a flipped exponent
+    bit: read with a warning, then the bound stops the export (--max-abs-weight 0 lifts it)."""
+    ck = _copy_ckpt(converted, tmp_path)
+    (ck / MANIFEST).unlink()
+    big = _blow_up_first_embedding_value(hf_dir, ck)
+    assert 1e30 < abs(big) < 3e38
+    line = _export_fails(capsys, ck, tmp_path / "hf")
+    assert "tensor 'embedding.word_embeddings.weight' holds |w| = " in line
+    assert "> --max-abs-weight 10000" in line and "export an earlier step" in line
+    rc, err = _convert(capsys, "mcore-to-hf", "--ckpt", ck, "--out", tmp_path / "hf", "--max-abs-weight", "0")
+    assert rc == 0, err
+    assert any("has no MANIFEST.json" in r.getMessage() for r in caplog.records)
+    from safetensors.torch import load_file
+
+    assert load_file(tmp_path / "hf" / "model.safetensors")["model.embed_tokens.weight"][0, 0] == big
+
+
+def test_a_pickle_payload_in_dcp_metadata_never_runs(converted, tmp_path, capsys):
+    ck = _copy_ckpt(converted, tmp_path)
+    marker = tmp_path / "payload_ran"
+    meta = _plant_metadata_payload(ck / "model", marker)
+    before = tree_hashes(ck)
+    line = _export_fails(capsys, ck, tmp_path / "hf")
+    assert f"{meta}: refused: the pickle refers to " in line and "could run code" in line
+    assert not marker.exists(), "the payload ran"
+    rc, err = _generate(ck, tmp_path)
+    assert rc == 2 and len(err) == 1 and f"{meta}: refused" in err[0], err
+    assert not marker.exists(), "the payload ran"
+    assert tree_hashes(ck) == before
+
+
+@pytest.mark.slow
+def test_generate_names_a_truncated_shard(converted, tmp_path):
+    ck = _copy_ckpt(converted, tmp_path)
+    shard = _shard(ck)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    rc, err = _generate(ck, tmp_path)
+    assert rc == 2 and len(err) == 1 and f"{shard}: " in err[0] and "truncated" in err[0], err
+
+
+def _generate(ck, tmp_path):
+    """`tip-megatron generate --ckpt CK` as a user types it: (exit code, its error lines)."""
+    char_spm_model(tmp_path / "tok.model", "0123456789+= ")
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+2="}])
+    out = tmp_path / "samples.jsonl"
+    cmd = [sys.executable, "-m", "tip_megatron.apps.cli", "generate", "--ckpt", str(ck), "--prompts",
+           str(tmp_path / "p.jsonl"), "--out", str(out), "--tokenizer", str(tmp_path / "tok.model"),
+           "--max-new-tokens", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+    assert not out.exists()
+    return done.returncode, [line for line in done.stderr.splitlines() if "error:" in line]
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_generate_world_refuses_a_damaged_checkpoint(converted, tmp_path):
+    """Two ranks (DP=2): rank 0 hashes, both get the verdict (a broadcast) and exit 2;
+    none waits for the other at a collective."""
+    from tip_megatron.testing.assets import cli_main
+    from tip_megatron.testing.distributed import run_distributed
+
+    ck = _copy_ckpt(converted, tmp_path)
+    _flip_middle(ck)
+    char_spm_model(tmp_path / "tok.model", "0123456789+= ")
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+2="}, {"prompt": "3+4="}])
+    argv = ["generate", "--ckpt", str(ck), "--prompts", str(tmp_path / "p.jsonl"), "--out",
+            str(tmp_path / "s.jsonl"), "--tokenizer", str(tmp_path / "tok.model"), "--max-new-tokens", "2"]
+    assert run_distributed(cli_main, 2, args=(argv,)) == [2, 2]
+    assert not (tmp_path / "s.jsonl").exists()

@@ -50,6 +50,9 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
                      help="dtype of the HF weights (default: the checkpoint's params_dtype)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    exp.add_argument("--max-abs-weight", type=float, default=1e4,
+                     help="refuse to export a weight with |w| above this (a damaged checkpoint or a "
+                     "diverged run; default 1e4; 0: no bound; NaN/inf are always refused)")
     exp.set_defaults(func=_mcore_to_hf)
 
 
@@ -78,11 +81,15 @@ def _mcore_to_hf(args: argparse.Namespace) -> int:
     from tip_megatron.checkpoint.hf.exporter import check_export, mcore_to_hf
 
     try:
+        if not args.max_abs_weight >= 0:  # NaN too
+            raise ValueError(f"--max-abs-weight {args.max_abs_weight}: accepted: a number >= 0 "
+                             "(0: no bound)")
         check_export(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        # ValueError: a tensor out of bounds (named), found while reading; --out not written
+        out = mcore_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                          overwrite=args.overwrite, max_abs_weight=args.max_abs_weight, verify=False)
     except _USER_ERRORS as err:
         return _fail(err)
-    out = mcore_to_hf(args.ckpt, args.out, dtype=args.dtype,
-                      max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(f"wrote HF checkpoint {out}")
     return 0
 

@@ -6,6 +6,7 @@
                      "saved_layout", "source", ...}
       tokenizer/    optional: HF tokenizer files (and generation_config.json), copied verbatim
       model/        megatron dist_checkpointing (torch_dist) of the chunks' sharded_state_dict()
+      MANIFEST.json size and checksum of every file above, written last (checkpoint/manifest.py)
 
 The tensors in `model/` are GLOBAL (dist_checkpointing records each rank's slice of a global
 tensor), so a checkpoint loads at any TP/PP/VPP: dist_checkpointing reshards. Keys follow
@@ -24,6 +25,11 @@ under the same keys in its `dist/` (beside the optimizer's), its `arch.json`, an
 tokenizer and HF config in `<run>/model_meta/`. `model_files(path)` resolves either kind
 (and a run directory to its newest complete step); every reader here goes through it, so
 both kinds load, export and sample alike.
+
+Integrity: `load_model_checkpoint` verifies either kind against its MANIFEST.json first
+(rank 0 hashes every file, every rank gets the verdict), and every
+dist_checkpointing read here passes `dcp_guard.check_dcp_dir` before DCP unpickles its
+metadata (no code runs from a checkpoint). docs/checkpoints.md has the details.
 
 Saving goes through `io_atomic.atomic_dir` (a temp directory beside the target, fsynced,
 renamed into place once complete): an interrupted save never damages an existing
@@ -47,6 +53,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
+from tip_megatron.checkpoint import dcp_guard, manifest
 from tip_megatron.checkpoint.layout import MODEL_META, resolve_step
 from tip_megatron.runtime.megatron_compat import apply_cpu_compat
 from tip_megatron.runtime.atomic import atomic_dir, check_replaceable, write_marker
@@ -79,6 +86,7 @@ def save_model_checkpoint(
     tokenizer_dir: Optional[PathLike] = None,
     meta: Optional[dict] = None,
     overwrite: bool = False,
+    verify: str = "full",
 ) -> Path:
     """Save this world's model chunks as a model checkpoint (collective: every rank calls).
 
@@ -86,6 +94,8 @@ def save_model_checkpoint(
     meta: extra JSON-serializable fields for meta.json (e.g. `source`).
     overwrite: replace an existing checkpoint at out_dir (else FileExistsError); only a
     directory this tool wrote, never `tokenizer_dir` (`io_atomic.check_replaceable`).
+    verify: what MANIFEST.json records (`checkpoint.manifest`: full or edges), written
+    last, once every rank's files are closed.
     """
     out = Path(out_dir).absolute()
     sources = [tokenizer_dir] if tokenizer_dir is not None else []
@@ -98,9 +108,17 @@ def save_model_checkpoint(
             _write_json(tmp / META_FILE, _meta(chunks, groups, meta))
             if tokenizer_dir is not None:
                 copy_hf_side_files(tokenizer_dir, tmp / TOKENIZER_DIR)
+        _write_manifest_last(tmp, groups.rank, verify)
     if groups.rank == 0:
         logger.info("saved model checkpoint %s", out)
     return out
+
+
+def _write_manifest_last(tmp: Path, rank: int, mode: str) -> None:
+    if dist.is_initialized():
+        dist.barrier()  # every rank's dist_checkpointing files are written and closed
+    if rank == 0:
+        manifest.write_manifest(tmp, mode)
 
 
 def sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
@@ -155,6 +173,7 @@ def load_model_checkpoint(
     megatron config is checked against the checkpoint's arch. Returns the checkpoint's arch.
     """
     files = model_files(ckpt_dir)
+    manifest.check_checkpoint_collective(files.path, training=files.kind == "training")
     ckpt, arch = files.path, files.arch()
     if expect_arch is not None:
         _raise_on_mismatch(arch_differences(arch, expect_arch), ckpt, "the expected architecture")
@@ -177,6 +196,7 @@ def load_sharded_strict(sharded: dict, directory: PathLike, ignore_stored: tuple
     """
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    dcp_guard.check_dcp_dir(directory)  # before dist_checkpointing unpickles anything
     with _quiet_dcp_load():
         # megatron names these the other way round: its "missing" keys are in the checkpoint
         # only. They are equal on all ranks; the ones the model lacks are per rank (another
@@ -328,7 +348,9 @@ def stored_key(full_name: str) -> tuple[str, Optional[int]]:
 
 def stored_metadata(ckpt_dir: PathLike) -> dict:
     """dist_checkpointing key -> ShardedTensor metadata (global_shape, dtype), no data read."""
-    return _dist_checkpointing().load_tensors_metadata(str(model_files(ckpt_dir).weights))
+    weights = model_files(ckpt_dir).weights
+    dcp_guard.check_dcp_dir(weights)  # before dist_checkpointing unpickles .metadata
+    return _dist_checkpointing().load_tensors_metadata(str(weights))
 
 
 def load_full_tensors(
@@ -356,10 +378,11 @@ def load_full_tensors(
         else:
             data = torch.empty((1,) + shape[1:], dtype=dtype)
             request[name] = ShardedTensor.from_rank_offsets(key, data, (0, layer, shape[0]), replica_id=0)
+    weights = model_files(ckpt_dir).weights
+    dcp_guard.check_dcp_dir(weights)  # once per file version: cheap on later calls
     # A partial read by design: the access-integrity check wants the whole tensor covered.
     with _quiet_dcp_load():
-        loaded = _dist_checkpointing().load(request, str(model_files(ckpt_dir).weights),
-                                            validate_access_integrity=False)
+        loaded = _dist_checkpointing().load(request, str(weights), validate_access_integrity=False)
     out = {}
     for name in names:
         tensor = loaded[name]

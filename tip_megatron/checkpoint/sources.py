@@ -136,7 +136,8 @@ def source_arch(src: ModelSource) -> ModelArch:
 
 
 def load_source_weights(chunks, groups, arch: ModelArch, src: ModelSource) -> None:
-    """Load the source's weights into this rank's chunks (collective over the world)."""
+    """Load the source's weights into this rank's chunks (collective over the world). A
+    `ckpt` is verified first (its manifest's checksums, DCP's pickles: load_model_checkpoint)."""
     from tip_megatron.models.state import load_full_state_dict
 
     if src.builtin:

@@ -7,7 +7,8 @@ Layout of `<dir>/step_000010/`:
     rng/rank_N.pt  per-rank RNG states (restored only when the layout is unchanged)
     config.yaml    the effective run config
     arch.json      the student architecture
-    MANIFEST.json  size and CRC32 of every file above (`train.manifest`)
+    MANIFEST.json  size and a digest of every file above (`checkpoint.manifest`: whole files
+                   by default, `checkpoint.verify=edges` for their ends only)
     COMPLETE       marker, written last: a directory without it is not a checkpoint
 and, once per run, `<dir>/model_meta/` (tokenizer/, hf_config.json, meta.json: what the run
 started from), so a step directory is a model source (`models.checkpoint.model_files`):
@@ -21,11 +22,12 @@ one is complete (then `keep_last` prunes the oldest). Weights that are not finit
 never saved. A full disk is an error saying so and naming the checkpoint.
 
 Resume: `find_resumable` verifies the newest checkpoint against its manifest (and that
-state.pt / rng/*.pt load with weights_only=True); a damaged one is renamed
+state.pt / rng/*.pt load with weights_only=True, and that DCP's pickles hold only DCP's
+own classes: `checkpoint.dcp_guard`); a damaged one is renamed
 `step_N.damaged` with a warning naming its bad files, and the next older one is tried.
 `state.pt` and `rng/*.pt` hold only tensors and plain types and load with
-`torch.load(weights_only=True)`; `dist/.metadata` is torch DCP's own pickle (see
-docs/checkpoints.md: what trusting a checkpoint means). Loads are strict: a key mismatch
+`torch.load(weights_only=True)`; `dist/.metadata` is torch DCP's own pickle, read first
+by a restricted unpickler (see docs/checkpoints.md: what trusting a checkpoint means). Loads are strict: a key mismatch
 between the checkpoint and the model or optimizer is a ValueError naming the keys.
 """
 from __future__ import annotations
@@ -128,12 +130,14 @@ def _layout_key(groups: ParallelGroups) -> list[int]:
 def save_checkpoint(
     root: str | Path, step: int, chunks: Sequence, optimizer: Any, scheduler: Any,
     groups: ParallelGroups, *, extra: dict, config_yaml: str, arch_json: str, keep_last: int = 0,
+    verify: str = "full",
 ) -> Path:
     """Write checkpoint `step` atomically under `root`; returns its final path.
 
     Refuses (ValueError, on every rank alike, before anything is written) weights that are
     not finite. COMPLETE is written last, after MANIFEST.json, and both are fsynced with
-    the rest before the directory gets its name (`io_atomic.atomic_dir`).
+    the rest before the directory gets its name (`io_atomic.atomic_dir`). `verify`: what
+    the manifest records (`checkpoint.verify`: full or edges; `checkpoint.manifest`).
     """
     from megatron.core import dist_checkpointing
 
@@ -150,7 +154,7 @@ def save_checkpoint(
         dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(tmp / "dist"))
         _on_every_rank(lambda: _write_small_files(tmp, step, scheduler, groups, extra,
                                                   config_yaml, arch_json))
-        _on_every_rank(lambda: _write_manifest(tmp, step))
+        _on_every_rank(lambda: _write_manifest(tmp, step, verify))
     if dist.get_rank() == 0:
         _prune(Path(root), keep_last)
     dist.barrier()
@@ -168,9 +172,9 @@ def _write_small_files(tmp: Path, step: int, scheduler: Any, groups: ParallelGro
         (tmp / "arch.json").write_text(arch_json)
 
 
-def _write_manifest(tmp: Path, step: int) -> None:
+def _write_manifest(tmp: Path, step: int, mode: str) -> None:
     if dist.get_rank() == 0:  # every rank's files are closed (`_on_every_rank` barriers)
-        manifest.write_manifest(tmp)
+        manifest.write_manifest(tmp, mode)
         (tmp / COMPLETE).write_text(json.dumps({"step": step}))
 
 

@@ -292,6 +292,7 @@ def save(run: Run) -> Optional[Path]:
         c.dir, run.step, run.ddp, run.optimizer, run.scheduler, run.groups,
         extra={"prompts": run.prompts.state_dict()}, config_yaml=dump_config(run.cfg),
         arch_json=json.dumps(run.models.student_arch.to_dict()), keep_last=c.keep_last,
+        verify=c.verify,
     )
     if run.progress is not None:
         run.progress.checkpoint(path, time.perf_counter() - start)

@@ -8,6 +8,12 @@ into HF tensors, cast, and written to the current safetensors shard. Peak memory
 layer's full tensors + one output shard (`max_shard_size`, default 5GB). Vocabulary
 padding is cut (`arch.vocab_size` rows). The output loads with
 `transformers.AutoModelForCausalLM.from_pretrained`.
+
+Nothing damaged is exported: the checkpoint is verified against its manifest first
+(`checkpoint.manifest`: every file's checksum, DCP's pickles), and every tensor must be
+finite with |w| <= `max_abs_weight` (default MAX_ABS_WEIGHT = 1e4; 0 turns the bound off):
+trained LM weights are O(1) (norm scales O(10-100)); a value beyond that is damage or a
+diverged run, and the export stops with one line naming the tensor, before --out exists.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -27,11 +34,14 @@ from tip_megatron.checkpoint.hf.hf_io import (
 from tip_megatron.checkpoint.hf.importer import DTYPES
 from tip_megatron.checkpoint.hf.mapping import Rule, expected_hf_shapes, global_rules, layer_rules
 from tip_megatron.runtime.atomic import atomic_dir, check_replaceable, write_marker
-from tip_megatron.checkpoint import model as mckpt
+from tip_megatron.checkpoint import manifest, model as mckpt
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
+
+#: Default bound on |weight| of an export (`--max-abs-weight`; 0: no bound).
+MAX_ABS_WEIGHT = 1e4
 
 
 def mcore_to_hf(
@@ -41,18 +51,29 @@ def mcore_to_hf(
     dtype: Optional[str] = None,
     max_shard_size: Union[int, str] = "5GB",
     overwrite: bool = False,
+    max_abs_weight: float = MAX_ABS_WEIGHT,
+    verify: bool = True,
 ) -> Path:
     """Write the model checkpoint (or training checkpoint: a step or run directory) at
     ckpt_dir as an HF checkpoint at out_dir.
 
     dtype: float32 | bfloat16 | float16; None keeps the checkpoint's params_dtype.
+    max_abs_weight: a tensor with a value beyond it (or not finite) stops the export with a
+    ValueError naming it (0: only non-finite values do).
+    verify: check the checkpoint against its manifest first (`check_export`); False when
+    the caller just did.
     """
     files, out = mckpt.model_files(ckpt_dir), Path(out_dir).absolute()
     ckpt = files.path
-    arch, out_dtype_name = check_export(ckpt, out, dtype=dtype, overwrite=overwrite)
+    arch, out_dtype_name = check_export(ckpt, out, dtype=dtype, overwrite=overwrite, verify=verify)
     with atomic_dir(out) as tmp:  # this process alone
-        with _world_of_one():
-            _write_weights(ckpt, arch, tmp, DTYPES[out_dtype_name], parse_size(max_shard_size))
+        try:
+            with _world_of_one():
+                _write_weights(ckpt, arch, tmp, DTYPES[out_dtype_name], parse_size(max_shard_size),
+                               max_abs_weight)
+        except ValueError:  # a refused tensor: no partial export is left beside --out
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         _write_json(tmp / "config.json", hf_config(arch, out_dtype_name, files.hf_config))
         write_marker(tmp, "HF export")
         if files.tokenizer_dir is not None:
@@ -62,16 +83,20 @@ def mcore_to_hf(
 
 
 def check_export(
-    ckpt_dir: PathLike, out_dir: PathLike, *, dtype: Optional[str] = None, overwrite: bool = False
+    ckpt_dir: PathLike, out_dir: PathLike, *, dtype: Optional[str] = None, overwrite: bool = False,
+    verify: bool = True,
 ) -> tuple[ModelArch, str]:
-    """Checks before any work: a model or training checkpoint, a known dtype, a free output
-    path. Returns the checkpoint's arch and the output dtype name."""
+    """Checks before any work: a model or training checkpoint that verifies (with
+    `verify`: its manifest's checksums, DCP's pickles), a known dtype, a free output path.
+    Returns the checkpoint's arch and the output dtype name."""
     files = mckpt.model_files(ckpt_dir)
     arch, meta = files.arch(), files.meta
     dtype_name = dtype or meta.get("params_dtype", "float32")
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype {dtype_name!r} is not supported; accepted: {sorted(DTYPES)}")
     check_replaceable(out_dir, overwrite=overwrite, sources=[ckpt_dir], option="--out")
+    if verify:  # last: it reads the whole checkpoint
+        manifest.check_checkpoint(files.path, training=files.kind == "training")
     return arch, dtype_name
 
 
@@ -92,7 +117,8 @@ def _read_groups(arch: ModelArch) -> list[list[Rule]]:
     return [head[:1]] + [layer_rules(arch, i) for i in range(arch.num_layers)] + [head[1:]]
 
 
-def _write_weights(ckpt: Path, arch: ModelArch, out: Path, dtype: torch.dtype, max_bytes: int) -> None:
+def _write_weights(ckpt: Path, arch: ModelArch, out: Path, dtype: torch.dtype, max_bytes: int,
+                   max_abs_weight: float) -> None:
     metadata = mckpt.stored_metadata(ckpt)
     shapes = expected_hf_shapes(arch)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -103,6 +129,7 @@ def _write_weights(ckpt: Path, arch: ModelArch, out: Path, dtype: torch.dtype, m
         full = mckpt.load_full_tensors(ckpt, [r.mcore for r in rules], arch, metadata)
         for rule in rules:
             _check_shape(rule, full[rule.mcore], shapes)
+            check_weight_values(rule.mcore, full[rule.mcore], max_abs_weight, ckpt)
             for name, tensor in zip(rule.hf, rule.to_hf(arch, full[rule.mcore])):
                 writer.add(name, tensor.to(dtype))
                 bar.update()
@@ -117,6 +144,22 @@ def _check_shape(rule: Rule, tensor: torch.Tensor, shapes: dict) -> None:
     if tuple(tensor.shape) != expected:
         raise ValueError(f"checkpoint tensor {rule.mcore!r} has shape {list(tensor.shape)}, but "
                          f"its arch.json implies {list(expected)}")
+
+
+def check_weight_values(name: str, tensor: torch.Tensor, bound: float, ckpt: Path) -> None:
+    """A ValueError naming the tensor when it holds a non-finite value, or (bound > 0) a
+    value with |w| > bound."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        raise ValueError(f"checkpoint {ckpt}: tensor {name!r} holds {int((~finite).sum())} NaN/inf "
+                         "value(s) (a damaged checkpoint or a diverged run); export refused: "
+                         "export an earlier step")
+    peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+    if bound > 0 and peak > bound:
+        raise ValueError(f"checkpoint {ckpt}: tensor {name!r} holds |w| = {peak:.3g} > "
+                         f"--max-abs-weight {bound:g} (trained LM weights are O(1); a damaged "
+                         "checkpoint or a diverged run); export refused: export an earlier step, "
+                         "or raise --max-abs-weight (0: no bound) if the value is real")
 
 
 @contextlib.contextmanager
