@@ -104,6 +104,7 @@ def check_dcp_dir(directory: str | os.PathLike) -> None:
 
 
 def _check_bytes_items(directory: Path, metadata: Any) -> None:
+    # lazy: torch.distributed.checkpoint loads only when a DCP directory is checked
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     items = getattr(metadata, "state_dict_metadata", None)

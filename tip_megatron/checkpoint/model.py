@@ -194,6 +194,7 @@ def load_sharded_strict(sharded: dict, directory: PathLike, ignore_stored: tuple
     model asks for them, the checkpoint lacks them) and "unexpected" (stored, not asked for,
     except keys starting with one of `ignore_stored`).
     """
+    # heavy: megatron loads only when a checkpoint is read (read_arch and --help need none)
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     dcp_guard.check_dcp_dir(directory)  # before dist_checkpointing unpickles anything
@@ -363,7 +364,7 @@ def load_full_tensors(
     Needs torch.distributed initialized (a world of one will do); every rank reads what
     it asks for, so this is not a collective.
     """
-    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing import ShardedTensor  # heavy, loaded on use
 
     metadata = metadata if metadata is not None else stored_metadata(ckpt_dir)
     request = {}
@@ -398,7 +399,7 @@ def load_full_tensors(
 def _dist_checkpointing():
     """megatron.core.dist_checkpointing with the CPU redirect applied (platform imports its
     lazily loaded writer/reader modules first)."""
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing  # heavy, loaded on use
 
     apply_cpu_compat()
     return dist_checkpointing

@@ -129,6 +129,7 @@ def source_arch(src: ModelSource) -> ModelArch:
     if src.builtin:
         return builtin_model(src.builtin).arch
     if src.ckpt:
+        # lazy: checkpoint.model imports torch; config validation imports this module
         from tip_megatron.checkpoint.model import read_arch
 
         return read_arch(src.ckpt)
@@ -138,18 +139,18 @@ def source_arch(src: ModelSource) -> ModelArch:
 def load_source_weights(chunks, groups, arch: ModelArch, src: ModelSource) -> None:
     """Load the source's weights into this rank's chunks (collective over the world). A
     `ckpt` is verified first (its manifest's checksums, DCP's pickles: load_model_checkpoint)."""
-    from tip_megatron.models.state import load_full_state_dict
+    from tip_megatron.models.state import load_full_state_dict  # lazy: torch, as above
 
     if src.builtin:
         load_full_state_dict(chunks, builtin_model(src.builtin).full_state(groups), groups, arch)
     elif src.ckpt:
-        from tip_megatron.checkpoint.model import load_model_checkpoint
+        from tip_megatron.checkpoint.model import load_model_checkpoint  # lazy: torch, as above
 
         load_model_checkpoint(chunks, groups, src.ckpt, expect_arch=arch)
     else:
-        # models/ otherwise never imports convert/: the HF reader is needed only here.
+        # lazy: the HF reader (safetensors, megatron) is needed only for an `hf` source
         from tip_megatron.checkpoint.hf.hf_io import HFCheckpoint
-        from tip_megatron.checkpoint.hf.importer import LazyFullState
+        from tip_megatron.checkpoint.hf.importer import LazyFullState  # lazy, as above
 
         ckpt = HFCheckpoint(src.hf)
         load_full_state_dict(chunks, LazyFullState(ckpt), groups, arch)

@@ -12,10 +12,13 @@ On a fresh CPU machine, in minutes, with no downloads, at TP=2 on 2 processes (t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from tip_megatron.apps.launch import run_local
 from tip_megatron.runtime.env import under_torchrun
@@ -70,6 +73,7 @@ def task_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace):
     """The trainer config of the quickstart: the task's built-ins and OPD recipe (`tasks.py`)."""
+    # heavy: the config's sections import torch; `tip-megatron --help` imports this module
     from tip_megatron.config import load_config
 
     spec = get_task(args.task)
@@ -100,12 +104,13 @@ def eval_every(args: argparse.Namespace, cfg) -> int:
 
 
 def worker(args: argparse.Namespace) -> int:
+    # heavy (torch, megatron): only a rank runs this; `tip-megatron --help` imports this module
     from tip_megatron.runtime import parallel
-    from tip_megatron.runtime.device import quiet_third_party_warnings
-    from tip_megatron.apps.quickstart import builtin_models
-    from tip_megatron.apps.quickstart.evaluation import MidRunValidation, evaluate
-    from tip_megatron.train import trainer
-    from tip_megatron.train.metrics import peak_memory_mib
+    from tip_megatron.runtime.device import quiet_third_party_warnings  # heavy, as above
+    from tip_megatron.apps.quickstart import builtin_models  # heavy, as above
+    from tip_megatron.apps.quickstart.evaluation import MidRunValidation, evaluate  # heavy, as above
+    from tip_megatron.train import trainer  # heavy, as above
+    from tip_megatron.train.metrics import peak_memory_mib  # heavy, as above
 
     quiet_third_party_warnings()
     # Progress of the pre-training (first run only) and of OPD.
@@ -148,8 +153,6 @@ RESULT_FILE = "result.json"
 
 def write_result(args, cfg, teacher: dict, before: dict, after: dict, history: list) -> None:
     """`<out>/result.json`: the accuracies this run printed (the study command reads it)."""
-    import json
-    from pathlib import Path
 
     data = get_task(args.task).data
     # `cases`: the per-case keys of teacher/before/after, with their table labels (the study
@@ -166,8 +169,6 @@ def write_result(args, cfg, teacher: dict, before: dict, after: dict, history: l
 
 def _fresh_run_dir(run_dir: str) -> None:
     """The metrics file is appended to and dumps are per step: start this run's empty."""
-    import shutil
-    from pathlib import Path
 
     Path(run_dir, "metrics.jsonl").unlink(missing_ok=True)
     Path(run_dir, RESULT_FILE).unlink(missing_ok=True)
@@ -177,9 +178,8 @@ def _fresh_run_dir(run_dir: str) -> None:
 def _plots(run_dir: str) -> None:
     """Learning curves and token scatters of this run, their paths printed (matplotlib: a
     dependency of the default install)."""
-    from pathlib import Path
-
     try:
+        # lazy: matplotlib loads only when the run draws its plots
         from tip_megatron.apps.plots.cli import write_run_plots
         paths, notes = write_run_plots(Path(run_dir) / "metrics.jsonl",
                                    sorted(Path(run_dir, "token_dumps").glob("step_*.npz")),
