@@ -7,6 +7,7 @@ losses after a resume) is covered by tests/distributed/test_trainer.py.
 import inspect
 
 import pytest
+import torch
 
 from tip_megatron.runtime import megatron_compat
 from tip_megatron.runtime.device import Device
@@ -25,8 +26,9 @@ def pristine(monkeypatch):
 
 
 def _set_device(monkeypatch, device: Device) -> None:
-    """The device probe reports `device` (CUDA on this CPU machine too)."""
+    """The device probe reports `device` (CUDA on this CPU machine too), and so does torch."""
     monkeypatch.setattr(megatron_compat, "default_backend", lambda: device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device.is_cuda)
 
 
 @pytest.mark.parametrize("device", [Device("cuda", "nccl"), Device("cpu", "gloo")])
