@@ -10,22 +10,26 @@ writes it to `<checkpoint.dir>/config.yaml` and saves it with every checkpoint
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import torch
 import yaml
 
-from tip_megatron.distill.loss import LossConfig
 from tip_megatron.checkpoint.sources import ModelSource, builtin_model
+from tip_megatron.distill.loss import LossConfig
+from tip_megatron.eval.config import EvalConfig
+from tip_megatron.rollout.types import SamplingConfig
+from tip_megatron.runtime.optional import FP8_RECIPE_MIN_CAPABILITY, check_fp8
 from tip_megatron.runtime.parallel import ParallelLayout
-from tip_megatron.rollout.generate import SamplingConfig
-from tip_megatron.tip import QuadrantRule, SelectionConfig
 from tip_megatron.runtime.signals import parse_signals
+from tip_megatron.runtime.typed_tree import (
+    at_least, check_choice, check_seed, config_to_dict, from_dict, leaf_keys, merge,
+    parse_overrides,
+)
+from tip_megatron.tip import QuadrantRule, SelectionConfig
 
 
 @dataclass(frozen=True)
@@ -55,24 +59,23 @@ class OptimConfig:
     overlap_grad_reduce: bool = False
     """Overlap the DP grad reduce-scatter with backward (GPU; off on CPU/gloo)."""
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "optim.") -> None:
         # NaN fails every comparison: each check is written so that NaN (and inf) is refused.
         if not 0 < self.lr < math.inf:
-            raise ValueError(f"optim.lr={self.lr}: must be a finite number > 0")
+            raise ValueError(f"{prefix}lr={self.lr}: must be a finite number > 0")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr={self.min_lr}: must be in [0, optim.lr={self.lr}]")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
+            raise ValueError(f"{prefix}min_lr={self.min_lr}: must be in [0, {prefix}lr={self.lr}]")
+        at_least(prefix, self, warmup_steps=0)
         if not 0 <= self.clip_grad < math.inf:
-            raise ValueError(f"optim.clip_grad={self.clip_grad}: must be a finite number >= 0 (0 disables)")
+            raise ValueError(f"{prefix}clip_grad={self.clip_grad}: must be a finite number >= 0 (0 disables)")
         if not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"optim.weight_decay={self.weight_decay}: must be a finite number >= 0")
+            raise ValueError(f"{prefix}weight_decay={self.weight_decay}: must be a finite number >= 0")
         # eps = 0 turns a parameter that never got a gradient (m = v = 0) into 0/0 = NaN.
         if not 0 < self.adam_eps < math.inf:
-            raise ValueError(f"optim.adam_eps={self.adam_eps}: must be a finite number > 0")
+            raise ValueError(f"{prefix}adam_eps={self.adam_eps}: must be a finite number > 0")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"optim.{name}={getattr(self, name)}: must be in [0, 1)")
+                raise ValueError(f"{prefix}{name}={getattr(self, name)}: must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -100,34 +103,27 @@ class ModelOptions:
     recompute_granularity: Optional[str] = None
     """Activation recompute: null, selective (core attention), full (every layer)."""
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "model.") -> None:
         """Values, then (when FP8 is asked for) whether this machine can run it."""
-        from tip_megatron.runtime.optional import FP8_RECIPE_MIN_CAPABILITY, check_fp8
-
         choices = {"spec": ("auto", "local", "te"), "dtype": ("auto", "bf16", "fp32"),
                    "fp8": (None, "hybrid", "e4m3"), "teacher_fp8": (None, "hybrid", "e4m3"),
                    "fp8_recipe": tuple(FP8_RECIPE_MIN_CAPABILITY),
                    "fp8_amax_compute_algo": ("most_recent", "max"),
                    "recompute_granularity": (None, "selective", "full")}
         for name, accepted in choices.items():
-            if getattr(self, name) not in accepted:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}: accepted values are "
-                                 f"{list(accepted)}")
-        if self.fp8_amax_history_len < 1:
-            raise ValueError(f"model.fp8_amax_history_len={self.fp8_amax_history_len}: must be >= 1")
+            check_choice(prefix, self, name, accepted)
+        at_least(prefix, self, fp8_amax_history_len=1)
         for name in ("fp8", "teacher_fp8"):
             if getattr(self, name) is None:
                 continue
             if self.spec == "local":
-                raise ValueError(f"model.{name}={getattr(self, name)!r} needs the Transformer "
-                                 "Engine layer spec: set model.spec=te or auto")
-            check_fp8(self.fp8_recipe, f"model.{name}")
+                raise ValueError(f"{prefix}{name}={getattr(self, name)!r} needs the Transformer "
+                                 f"Engine layer spec: set {prefix}spec=te or auto")
+            check_fp8(self.fp8_recipe, f"{prefix}{name}")
 
     @property
-    def params_dtype(self) -> Optional["torch.dtype"]:
+    def params_dtype(self) -> Optional[torch.dtype]:
         """The torch dtype of `dtype`; None for auto (the device decides)."""
-        import torch
-
         return {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
 
 
@@ -167,6 +163,10 @@ class DataConfig:
     """Accept a `data.tokenizer` that differs from the one bundled with the student (its
     token ids would not mean what the student learned); off: such a run is refused."""
 
+    def validate(self, prefix: str = "data.") -> None:
+        at_least(prefix, self, prompts_per_step=1, max_prompt_len=1)
+        check_seed(f"{prefix}seed", self.seed)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -191,6 +191,14 @@ class TrainConfig:
     max_skipped_steps: int = 5
     """Stop the run after this many consecutive skipped updates (non-finite loss, grad or
     TIP signals); the checkpoints on disk stay the last good ones."""
+
+    def validate(self, prefix: str = "train.") -> None:
+        at_least(prefix, self, steps=1, updates_per_rollout=1, micro_batch_size=1,
+                 max_skipped_steps=1)
+        if self.exit_after_steps is not None:  # 0 or less would end the launch at once, unsaved
+            at_least(prefix, self, exit_after_steps=1)
+        check_seed(f"{prefix}seed", self.seed)
+        parse_signals(self.exit_signal, f"{prefix}exit_signal")
 
 
 @dataclass(frozen=True)
@@ -218,32 +226,9 @@ class CheckpointConfig:
     edges (whole files up to 4 MiB, only the first and last MiB of larger shards: cheaper,
     misses damage in the middle of a shard). Cost per GiB: docs/checkpoints.md, "Cost"."""
 
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Validation during training: the student samples a benchmark in-engine at the
-    training layout and is graded (logged as eval/mean_at_k, eval/pass_at_k)."""
-
-    every: int = 0
-    """Validate every N steps (0: off)."""
-    prompts: tuple[str, ...] = ()
-    """Benchmark files (JSONL / parquet: prompt or messages, and answer)."""
-    n: int = 4
-    """Samples per prompt (the k of mean@k)."""
-    temperature: float = 1.0
-    """Sampling temperature (0 = greedy)."""
-    max_new_tokens: int = 256
-    """Response length limit of a validation sample (the paper evaluates up to 8192)."""
-    grader: str = "math"
-    """A registered grader (`tip_megatron.eval.GRADERS`: math, exact, regex, ...)."""
-    grader_options: dict[str, Any] = field(default_factory=dict)
-    """Grader options (regex: {pattern: ...})."""
-    pass_k: Optional[int] = None
-    """k of pass@k (null: n)."""
-    batch_size: int = 16
-    """Prompts per generate call (per data-parallel rank)."""
-    seed: int = 4321
-    """Sampling seed of validation (its noise never touches the training streams)."""
+    def validate(self, prefix: str = "checkpoint.") -> None:
+        at_least(prefix, self, save_every=0, keep_last=0, export_hf_every=0)
+        check_choice(prefix, self, "verify", ("full", "edges"))
 
 
 @dataclass(frozen=True)
@@ -275,6 +260,10 @@ class LoggingConfig:
     each sampled response token under the sampler - under the training forward|, over all
     response tokens (kept or not), at the rollout's temperature/top-k/top-p (0: off)."""
 
+    def validate(self, prefix: str = "logging.") -> None:
+        at_least(prefix, self, log_every=1, dump_tokens_every=0, logprob_gap_every=0,
+                 dump_tokens_max=1)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -300,128 +289,9 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-# ------------------------------------------------------------------ dict <-> dataclasses
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _is_dataclass_type(tp) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(value, inner[0], key)
-        for alternative in inner:  # e.g. `bool or str`: the first that accepts the value
-            try:
-                return _coerce(value, alternative, key)
-            except ValueError:
-                pass
-        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
-        raise ValueError(f"{key}={value!r}: expected {names}")
-    if _is_dataclass_type(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
-                             f"got {value!r}")
-        return from_dict(tp, value, prefix=key + ".")
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ValueError(f"{key}={value!r}: expected a mapping with string keys, "
-                             "e.g. {enable_thinking: false}")
-        return dict(value)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        (elem,) = typing.get_args(tp)[:1]
-        return tuple(_coerce(v, elem, key) for v in value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads `1e-5` (no dot) as a string.
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{key}={value!r}: expected float") from None
-    if tp in (int, float, str, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ValueError(f"{key}={value!r}: expected {tp.__name__}")
-    return value
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass `cls` from a nested dict; unknown keys are errors naming the key."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown config key {prefix}{unknown[0]!s}; accepted under "
-                         f"'{prefix.rstrip('.') or '<root>'}': {sorted(names)}")
-    hints = _hints(cls)
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ValueError as err:
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
-
-
-def config_to_dict(cfg) -> dict:
-    def conv(v):
-        if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, tuple):
-            return [conv(x) for x in v]
-        return v
-
-    return conv(cfg)
-
-
 def config_keys(cls=RunConfig, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the tree (frozen by a test so new options are deliberate)."""
-    keys = []
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if _is_dataclass_type(tp):
-            keys += config_keys(tp, prefix + f.name + ".")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-# ------------------------------------------------------------------ YAML + overrides
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {dotted}: {part} is not a section")
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: Sequence[str]) -> dict:
-    """`["a.b=1", "c=[x, y]"]` -> nested dict; values parsed as YAML scalars/lists."""
-    data: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value (e.g. parallel.tp=2)")
-        key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return data
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return leaf_keys(cls, prefix)
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -434,7 +304,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path!r}: top level must be a mapping")
-    data = _merge(data, parse_overrides(overrides))
+    data = merge(data, parse_overrides(overrides))
     return from_dict(RunConfig, data)
 
 
@@ -442,50 +312,21 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-def _at_least(key: str, value: Any, minimum: int) -> None:
-    if value < minimum:
-        raise ValueError(f"{key}={value!r}: must be >= {minimum}")
-
-
 def validate_run(cfg: RunConfig, world_size: int) -> None:
-    """Checks that need the whole tree (each dataclass validates its own fields), before
-    anything heavy. Ordered so that every value is checked on its own before it enters a
-    product or a division: the user sees the message about the key they set."""
+    """Every section's own `validate(prefix)`, then the checks that need several sections,
+    before anything heavy. Ordered so that every value is checked on its own before it
+    enters a product or a division: the user sees the message about the key they set."""
     cfg.student.validate("student")
     cfg.teacher.validate("teacher")
-    cfg.rollout.validate("rollout.")
-    for key in ("train.steps", "train.updates_per_rollout", "train.micro_batch_size",
-                "data.prompts_per_step", "data.max_prompt_len", "logging.log_every"):
-        section, name = key.split(".")
-        _at_least(key, getattr(getattr(cfg, section), name), 1)
-    _at_least("train.max_skipped_steps", cfg.train.max_skipped_steps, 1)
-    if cfg.train.exit_after_steps is not None:  # 0 or less would end the launch at once, unsaved
-        _at_least("train.exit_after_steps", cfg.train.exit_after_steps, 1)
-    for key in ("train.seed", "data.seed"):
-        _check_seed(key, getattr(getattr(cfg, key.split(".")[0]), "seed"))
-    _at_least("checkpoint.save_every", cfg.checkpoint.save_every, 0)
-    _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
-    if cfg.checkpoint.verify not in ("full", "edges"):
-        raise ValueError(f"checkpoint.verify={cfg.checkpoint.verify!r}: accepted: full, edges")
-    _at_least("logging.dump_tokens_every", cfg.logging.dump_tokens_every, 0)
-    _at_least("logging.logprob_gap_every", cfg.logging.logprob_gap_every, 0)
-    _at_least("logging.dump_tokens_max", cfg.logging.dump_tokens_max, 1)
+    for name in ("rollout", "train", "data", "checkpoint", "logging", "eval", "optim", "model",
+                 "selection", "loss"):
+        getattr(cfg, name).validate(f"{name}.")
+    cfg.parallel.validate(world_size, "parallel.")
+    _check_eval_logging(cfg)
     _check_logging_dirs(cfg)
-    parse_signals(cfg.train.exit_signal, "train.exit_signal")
-    _at_least("checkpoint.export_hf_every", cfg.checkpoint.export_hf_every, 0)
-    _check_eval(cfg.eval, cfg.logging.log_every)
-    cfg.optim.validate()
-    cfg.model.validate()
-    cfg.parallel.validate(world_size)
     _check_batch(cfg, cfg.parallel.dp(world_size))
     _check_prepass_source(cfg)
     _check_prompt_source(cfg)
-
-
-def _check_seed(key: str, value: int) -> None:
-    # numpy's global seed (parallel.set_seeds) and the sampler's key take 32-bit seeds.
-    if not 0 <= value < 2**32:
-        raise ValueError(f"{key}={value!r}: must be an integer in [0, 2**32)")
 
 
 def _check_batch(cfg: RunConfig, dp: int) -> None:
@@ -541,28 +382,11 @@ def _check_logging_dirs(cfg: RunConfig) -> None:
                          "under checkpoint.dir (or logging.jsonl's directory); set one of them")
 
 
-def _check_eval(e: EvalConfig, log_every: int) -> None:
-    _at_least("eval.every", e.every, 0)
-    if not e.every:
-        return
-    if e.every % log_every:
-        raise ValueError(f"eval.every={e.every} must be a multiple of logging.log_every={log_every} "
+def _check_eval_logging(cfg: RunConfig) -> None:
+    every, log_every = cfg.eval.every, cfg.logging.log_every
+    if every and every % log_every:
+        raise ValueError(f"eval.every={every} must be a multiple of logging.log_every={log_every} "
                          "(validation metrics are logged with their step)")
-    if not e.prompts:
-        raise ValueError("eval.every > 0 needs eval.prompts (benchmark JSONL/parquet files "
-                         "with prompt or messages, and answer)")
-    for key in ("n", "max_new_tokens", "batch_size"):
-        _at_least(f"eval.{key}", getattr(e, key), 1)
-    _check_seed("eval.seed", e.seed)
-    SamplingConfig(n=e.n, max_new_tokens=e.max_new_tokens, temperature=e.temperature).validate("eval.")
-    if e.pass_k is not None and not 1 <= e.pass_k <= e.n:
-        raise ValueError(f"eval.pass_k={e.pass_k}: must be in [1, eval.n={e.n}]")
-    from tip_megatron.eval.graders import get_grader
-
-    try:
-        get_grader(e.grader, e.grader_options)
-    except (ValueError, ImportError) as err:
-        raise ValueError(f"eval.grader: {err}") from None
 
 
 def _check_prompt_source(cfg: RunConfig) -> None:

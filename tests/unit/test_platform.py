@@ -44,12 +44,6 @@ _SITES = {
                             "LanguageModule.setup_embeddings_and_output_layer", ".cuda()"),
                            ("megatron.core.optimizer.distrib_optimizer",
                             "DistributedOptimizer.get_parameter_state_dp_zero", ".cuda()")],
-    "torch_adam_step": [
-        ("megatron.core.optimizer.distrib_optimizer",
-         "DistributedOptimizer.load_parameter_state_from_fully_reshardable", 'if k == "step":'),
-        ("megatron.core.optimizer.distrib_optimizer",
-         "DistributedOptimizer._set_main_param_and_optimizer_states", "tensors[key]"),
-    ],
     "type_strings": [
         ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32", "'torch.cuda.FloatTensor'"),
         ("megatron.core.optimizer.distrib_optimizer",

@@ -24,6 +24,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from tip_megatron.runtime.typed_tree import is_dataclass_type
+
 MARKDOWN_HEADER = """# Configuration reference
 
 Generated from the config dataclasses by `tip-megatron config doc --markdown > docs/config.md`
@@ -78,10 +80,6 @@ def field_docstrings(cls: type) -> dict[str, str]:
     return docs
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
 def type_name(tp: Any) -> str:
     """A type hint in YAML terms: `Optional[int]` -> `int or null`, `tuple[str, ...]` ->
     `list of str`."""
@@ -124,7 +122,7 @@ def config_sections(cls: type, prefix: str = "", field_doc: str = "") -> list[Se
     keys, nested = [], []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if _is_dataclass_type(tp):
+        if is_dataclass_type(tp):
             nested += config_sections(tp, f"{prefix}{f.name}.", docs.get(f.name, ""))
         else:
             keys.append(KeyDoc(prefix + f.name, type_name(tp), _default_text(_default(f)),
@@ -194,7 +192,7 @@ def register(subparsers) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from tip_megatron.config import dump_config, load_config
+    from tip_megatron.config import dump_config, load_config  # --help start-up time (torch)
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -206,16 +204,15 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _doc(args: argparse.Namespace) -> int:
-    from tip_megatron.config import RunConfig
+    from tip_megatron.config import RunConfig  # --help start-up time (torch)
 
     sections = config_sections(RunConfig)
     sys.stdout.write(render_markdown(sections) if args.markdown else render_text(sections))
     return 0
 
 
-
 def reference_markdown(root: Optional[type] = None) -> str:
     """The text of docs/config.md for `root` (default: RunConfig)."""
     if root is None:
-        from tip_megatron.config import RunConfig as root
+        from tip_megatron.config import RunConfig as root  # --help start-up time (torch)
     return render_markdown(config_sections(root))

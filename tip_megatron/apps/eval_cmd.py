@@ -6,9 +6,11 @@
     tip-megatron eval --tp 2 --ckpt ... --prompts ...       # starts its 2 ranks itself
     torchrun --nproc-per-node 2 -m tip_megatron.apps.cli eval --tp 2 --ckpt ... --prompts ...
 
-`--ckpt` generates through `tip-megatron generate`'s code (rollout.cli.generate_lines, same
-options), then grades on rank 0. Bad input (files, fields, grader, checkpoint) is one
-line on stderr and exit code 2. Docs: docs/eval.md.
+`--ckpt` generates through `tip-megatron generate`'s code (apps.generate_cmd.generate_lines,
+same options), i.e. the one sharded loop `eval.sharded.generate_shard` that validation
+during training uses too: `eval --ckpt <run>/step_N` with validation's options and seed
+grades the samples validation graded at step N. Grading is on rank 0. Bad input (files,
+fields, grader, checkpoint) is one line on stderr and exit code 2. Docs: docs/eval.md.
 """
 from __future__ import annotations
 
@@ -19,8 +21,16 @@ import sys
 from pathlib import Path
 from typing import Optional, Union
 
+from tip_megatron.apps.generate_cmd import (
+    add_generation_arguments, generate_lines, own_ranks, torchrun_argv,
+)
 from tip_megatron.apps.launch import run_cli_ranks
-from tip_megatron.apps.generate_cmd import add_generation_arguments
+from tip_megatron.eval.evaluate import count_prompts, grade_samples
+from tip_megatron.eval.files import (
+    attach_answers, check_benchmark, graded_rows, read_answers, read_samples, to_samples, write_jsonl,
+)
+from tip_megatron.eval.graders import get_grader
+from tip_megatron.eval.metrics import summarize
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +86,6 @@ def _grader_options(pairs: list[str]) -> dict[str, str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tip_megatron.eval.graders import get_grader
-
     options = _grader_options(args.grader_option)
     grade = get_grader(args.grader, options)  # unknown grader/option: stop before any work
     if args.pass_k is not None and args.pass_k < 1:
@@ -104,8 +112,6 @@ def _beside(path: Path, tag: str) -> Path:
 
 
 def _sample_rows(args: argparse.Namespace) -> list[dict]:
-    from tip_megatron.eval.files import attach_answers, read_answers, read_samples
-
     path = Path(args.samples)
     rows = read_samples(path)
     answers = None
@@ -118,9 +124,7 @@ def _sample_rows(args: argparse.Namespace) -> list[dict]:
 def _generated_rows(args: argparse.Namespace) -> Union[list[dict], int, None]:
     """Generated rows on rank 0, None on other ranks; the exit code of the ranks started
     here when this process started them (they grade)."""
-    from tip_megatron.eval.files import check_benchmark
-    from tip_megatron.apps.generate_cmd import generate_lines, own_ranks, torchrun_argv
-    from tip_megatron.data.prompts import PromptFields
+    from tip_megatron.data.prompts import PromptFields  # start-up time of --help (numpy, tokenizers)
 
     if not args.prompts:
         raise ValueError("--ckpt needs --prompts <benchmark files> (prompt or messages, and answer)")
@@ -138,10 +142,6 @@ def _generated_rows(args: argparse.Namespace) -> Union[list[dict], int, None]:
 
 
 def _grade_and_report(args: argparse.Namespace, rows: list[dict], grade, out: Path) -> None:
-    from tip_megatron.eval.evaluate import count_prompts, grade_samples
-    from tip_megatron.eval.files import graded_rows, to_samples, write_jsonl
-    from tip_megatron.eval.metrics import summarize
-
     samples = to_samples(rows)
     grades = grade_samples(samples, grade, progress=not args.no_progress)
     summary = summarize(count_prompts(samples, grades), args.grader, args.pass_k)

@@ -5,11 +5,14 @@
     tip-megatron generate --tp 2 --ckpt ... --out ...      # starts its 2 ranks itself
     torchrun --nproc-per-node 4 -m tip_megatron.apps.cli generate --tp 2 --pp 2 --ckpt ... --out ...
 
-One process, or a torchrun world of tp * pp * dp processes (DP replicas take prompts
-round-robin; rank 0 gathers and writes the file); from a plain shell with --tp/--pp > 1
-the command starts tp * pp local ranks itself, through torchrun. Prompts are read by
-`rollout.data.PromptDataset` (docs/data.md); generation is `rollout.generate.generate`
-(docs/generate.md). Output lines, in prompt order then sample order:
+One process, or a torchrun world of tp * pp * dp processes (DP replicas take contiguous
+slices of the prompts; rank 0 gathers and writes the file); from a plain shell with
+--tp/--pp > 1 the command starts tp * pp local ranks itself, through torchrun. Prompts are
+read by `data.prompts.PromptDataset` (docs/data.md); the samples are drawn by the one
+sharded loop `eval.sharded.generate_shard` (the one `eval --ckpt` and validation during
+training use: the same checkpoint, prompts and seed give the same samples whatever the
+DP size or batch size) over `rollout.generate.generate` (docs/generate.md). Output
+lines, in prompt order then sample order:
     {"prompt_id", "prompt_index", "sample_index", "token_ids" (generated ids, the stop token
      included), "text" (decoded without special tokens), "finish_reason" ("stop" |
      "length"), "num_prompt_tokens", "answer" (when the prompt row has one)}
@@ -22,7 +25,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from tip_megatron.apps.launch import needs_own_ranks, run_cli_ranks
 from tip_megatron.runtime.env import rank_env
@@ -107,8 +110,11 @@ def torchrun_argv(argv: list[str]) -> list[str]:
 
 
 def generate_lines(args: argparse.Namespace) -> Optional[list[dict]]:
-    """Sample `args.prompts` from `args.ckpt` in this torchrun world: every output line in
+    """Sample `args.prompts` from `args.ckpt` in this torchrun world through the one sharded
+    loop (`eval.sharded`, which validation during training uses too): every output line in
     (prompt, sample) order on rank 0, None on the other ranks."""
+    # Start-up time of --help: torch, megatron and the model load only when generating.
+    from tip_megatron.eval.sharded import gather_lines, generate_shard
     from tip_megatron.runtime import parallel
 
     world = rank_env().world_size
@@ -118,43 +124,17 @@ def generate_lines(args: argparse.Namespace) -> Optional[list[dict]]:
                          f"{args.tp * args.pp}")
     groups = parallel.initialize(parallel.ParallelLayout(tp=args.tp, pp=args.pp), seed=args.seed)
     try:
-        return _gather(_generate_shard(args, groups), groups)
+        chunks, arch, tokenizer = _load(args, groups)
+        lines = generate_shard(chunks, groups, arch, tokenizer, _dataset(args, tokenizer, arch),
+                               _config(args, tokenizer), seed=args.seed,
+                               batch_size=args.batch_size, progress=True)
+        return gather_lines(lines, groups)
     finally:
         parallel.destroy()
 
 
-def _generate_shard(args: argparse.Namespace, groups) -> list[dict]:
-    """Samples of this DP rank's prompts (as output lines; empty off model-parallel rank 0)."""
-    from tip_megatron.runtime.progress import Progress
-    from tip_megatron.rollout.generate import generate
-
-    chunks, arch, tokenizer = _load(args, groups)
-    config = _config(args, tokenizer)
-    dataset = _dataset(args, tokenizer, arch)
-    mine = list(range(groups.dp_rank, len(dataset), groups.dp_size))
-    writer = groups.tp_rank == 0 and groups.pp_rank == 0
-    lines: list[dict] = []
-    desc = "generated" if groups.dp_size == 1 else "generated (DP rank 0's share)"
-    bar = Progress(len(mine), desc, unit="prompt", enabled=groups.rank == 0, log=logger)
-    for batch_no, start in enumerate(range(0, len(mine), args.batch_size)):
-        indices = mine[start:start + args.batch_size]
-        records = dataset.records(indices)
-        # Non-overlapping noise rows for every (batch, DP replica).
-        row_offset = (batch_no * groups.dp_size + groups.dp_rank) * args.batch_size * config.n
-        rollouts = generate(chunks, groups, arch, [r.token_ids for r in records], config,
-                            seed=args.seed, step=batch_no, row_offset=row_offset)
-        if writer:
-            lines += _lines(rollouts, records, indices, tokenizer)
-        if groups.rank == 0 and rollouts.logprob_gap is not None:
-            logger.info("batch %d: train/inference log-prob gap max %.3g mean %.3g over %d tokens",
-                        batch_no, rollouts.logprob_gap["max"], rollouts.logprob_gap["mean"],
-                        rollouts.logprob_gap["tokens"])
-        bar.update(len(indices))
-    bar.close()
-    return lines
-
-
 def _load(args: argparse.Namespace, groups):
+    # Start-up time of --help (as in generate_lines): torch and megatron load here.
     from tip_megatron.models import BuildOptions, build_model
     from tip_megatron.checkpoint.model import load_model_checkpoint, model_files
     from tip_megatron.data.tokenizers import load_tokenizer
@@ -175,7 +155,7 @@ def _load(args: argparse.Namespace, groups):
 
 
 def _config(args: argparse.Namespace, tokenizer):
-    from tip_megatron.rollout.generate import GenerationConfig
+    from tip_megatron.rollout.generate import GenerationConfig  # start-up time of --help (torch)
 
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
@@ -186,7 +166,7 @@ def _config(args: argparse.Namespace, tokenizer):
 
 
 def _dataset(args: argparse.Namespace, tokenizer, arch):
-    from tip_megatron.data.prompts import PromptDataset, PromptFields
+    from tip_megatron.data.prompts import PromptDataset, PromptFields  # start-up time of --help
 
     limit = args.max_prompt_len or arch.max_position_embeddings - args.max_new_tokens
     if limit < 1 or limit + args.max_new_tokens > arch.max_position_embeddings:
@@ -209,37 +189,6 @@ def _json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"enable_thinking\": false}}', got {text!r}")
     return value
-
-
-def _lines(rollouts, records, indices: list[int], tokenizer) -> list[dict[str, Any]]:
-    out = []
-    for row in range(rollouts.num_rows):
-        k = int(rollouts.prompt_index[row])
-        ids = rollouts.response(row)
-        line = dict(prompt_id=records[k].prompt_id, prompt_index=indices[k],
-                    sample_index=int(rollouts.sample_index[row]), token_ids=ids,
-                    text=tokenizer.decode(ids, skip_special_tokens=True),
-                    finish_reason="stop" if bool(rollouts.stopped[row]) else "length",
-                    num_prompt_tokens=int(rollouts.prompt_lengths[row]))
-        if records[k].answer is not None:
-            line["answer"] = records[k].answer
-        out.append(line)
-    return out
-
-
-def _gather(lines: list[dict], groups) -> Optional[list[dict]]:
-    """Every DP replica's lines on rank 0, in (prompt, sample) order; None elsewhere."""
-    import torch.distributed as dist
-
-    gathered: Optional[list] = [None] * groups.world_size if groups.rank == 0 else None
-    if groups.world_size > 1:
-        dist.gather_object(lines, gathered, dst=0)
-    else:
-        gathered = [lines]
-    if groups.rank != 0:
-        return None
-    return sorted((line for part in gathered for line in part),
-                  key=lambda line: (line["prompt_index"], line["sample_index"]))
 
 
 def write_lines(path: Path, merged: list[dict]) -> None:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tip_megatron.runtime.megatron_compat import apply_cpu_compat
+from tip_megatron.runtime.megatron_compat import apply_cpu_compat, apply_torch_adam_compat
 from tip_megatron.runtime.torch_adam import prepare_torch_adam_for_load, unshare_torch_adam_steps
 from tip_megatron.runtime.atomic import atomic_dir
 from tip_megatron.models.arch import ModelArch
@@ -316,12 +316,15 @@ def load_checkpoint(
         if diffs:
             raise ValueError(f"checkpoint {path} was saved for a different architecture: "
                              + "; ".join(diffs))
-    if optimizer is not None:
+    # megatron wraps torch Adam (apex/TE absent, on any device): its three load fixes.
+    torch_adam = optimizer is not None and apply_torch_adam_compat()
+    if torch_adam:
         prepare_torch_adam_for_load(optimizer)
     loaded = load_sharded_strict(_sharded_state(chunks, optimizer, is_loading=True), path / "dist")
     load_chunks(list(chunks), loaded)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+    if torch_adam:
         unshare_torch_adam_steps(optimizer)
     state = torch.load(path / "state.pt", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])

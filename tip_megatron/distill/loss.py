@@ -66,16 +66,23 @@ class LossConfig:
     """`jsd` only: teacher weight in M = beta P_T + (1 - beta) P_S; in (0, 1)."""
 
     def __post_init__(self) -> None:
+        self.validate()  # built directly by the engine and tests too, not only from a config
+
+    def validate(self, prefix: str = "loss.") -> None:
+        """ValueError naming `<prefix><field>` and what is accepted."""
         if self.impl not in LOSS_IMPLS:
-            raise ValueError(f"loss.impl={self.impl!r}: accepted values are {list(LOSS_IMPLS)}")
-        Divergence(self.divergence, self.jsd_beta)  # one-line errors for both keys
+            raise ValueError(f"{prefix}impl={self.impl!r}: accepted values are {list(LOSS_IMPLS)}")
+        try:
+            Divergence(self.divergence, self.jsd_beta)  # one-line errors for both keys
+        except ValueError as err:  # Divergence names them `loss.*`
+            raise ValueError(str(err).replace("loss.", prefix, 1)) from None
         if self.impl == "unfused" and self.divergence != "reverse_kl":
-            raise ValueError(f"loss.impl='unfused' supports loss.divergence='reverse_kl' only; "
-                             f"got {self.divergence!r} (use loss.impl='fused')")
+            raise ValueError(f"{prefix}impl='unfused' supports {prefix}divergence='reverse_kl' "
+                             f"only; got {self.divergence!r} (use {prefix}impl='fused')")
         for name in ("chunk_size", "score_chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"loss.{name}={value!r}: must be an integer >= 1")
+                raise ValueError(f"{prefix}{name}={value!r}: must be an integer >= 1")
 
 
 @dataclass(frozen=True)

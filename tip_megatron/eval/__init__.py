@@ -3,7 +3,9 @@
     from tip_megatron.eval import Sample, evaluate
     result = evaluate([Sample(0, 0, r"... \\boxed{2}", "2")], grader="math")
 
-Nothing here imports torch; docs/eval.md.
+The package root imports no torch (`tip-megatron eval --samples` stays light); the
+in-engine loop `eval.sharded` (generate, eval --ckpt and validation sample there) and the
+run config's section `eval.config` do. docs/eval.md.
 """
 from tip_megatron.eval.evaluate import EvalResult, Sample, count_prompts, evaluate, grade_samples
 from tip_megatron.eval.graders import GRADERS, Grade, get_grader, normalize_answer, register_grader

@@ -1,9 +1,15 @@
 """megatron-core on machines without CUDA: the ONE module that patches megatron.
 
-This is the ONE module that adapts megatron-core to machines without CUDA. megatron-core
-0.19.2 hard-codes CUDA in a handful of places (see `MEGATRON_CUDA_ASSUMPTIONS`); without
-CUDA, `apply_cpu_compat()` redirects each of them to the CPU. On a CUDA machine nothing is
-touched. Nothing else in tip_megatron patches megatron.
+This is the ONE module that adapts megatron-core to this machine; nothing else in
+tip_megatron patches megatron. Two independent fixes, each applied by its own condition:
+- megatron-core 0.19.2 hard-codes CUDA in a handful of places (see
+  `MEGATRON_CUDA_ASSUMPTIONS`); without CUDA, `apply_cpu_compat()` redirects each of them
+  to the CPU. On a CUDA machine it touches nothing.
+- Without apex/TE FusedAdam (megatron's `HAVE_APEX_OR_TE` is False) its distributed
+  optimizer wraps torch Adam and mis-loads its `step` (`TORCH_ADAM_ASSUMPTION`);
+  `apply_torch_adam_compat()` fixes that whatever the device (a GPU machine with a plain
+  pip install too), and does nothing when apex or TE is present. runtime/torch_adam.py
+  holds the state helpers that go with it (they patch nothing).
 
 How the redirect works, and why this shape:
 - Most of megatron's CUDA assumptions are calls through its modules' global `torch` name:
@@ -33,7 +39,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from tip_megatron.runtime.device import default_backend
-from tip_megatron.runtime.torch_adam import redirect_torch_adam_step
+from tip_megatron.runtime.torch_adam import megatron_wraps_torch_adam
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +61,16 @@ MEGATRON_CUDA_ASSUMPTIONS = {
     "optimizer state for a checkpoint (get_parameter_state_dp_zero) -> stays on CPU",
     "type_strings": "Tensor.type() == 'torch.cuda.FloatTensor' checks in clip_grads and "
     "the (distributed) optimizers -> CUDA type names reported for CPU tensors",
-    "torch_adam_step": "without apex/TE the distributed optimizer wraps torch Adam, whose "
-    "state holds a 'step' tensor that DistributedOptimizer._set_main_param_and_optimizer_"
-    "states expects in the loaded checkpoint tensors (load_parameter_state_from_fully_"
-    "reshardable drops it) -> 'step' is skipped there (it is restored from param_groups)",
 }
+
+#: The one assumption of megatron-core 0.19.2 on apex/TE rather than CUDA, patched by
+#: `apply_torch_adam_compat()` whenever apex/TE are absent, whatever the device.
+TORCH_ADAM_ASSUMPTION = (
+    "without apex/TE the distributed optimizer wraps torch Adam, whose state holds a 'step' "
+    "tensor that DistributedOptimizer._set_main_param_and_optimizer_states expects in the "
+    "loaded checkpoint tensors (load_parameter_state_from_fully_reshardable drops it) -> "
+    "'step' is skipped there (it is restored from param_groups)"
+)
 
 _APPLIED = False
 
@@ -330,7 +341,6 @@ def apply_cpu_compat() -> bool:
     _swap_torch_globals()
     if not _APPLIED:
         _redirect_rng_tracker()
-        redirect_torch_adam_step()
         for module_name, qualname in _TENSOR_METHOD_SITES:
             owner, attr = _resolve(sys.modules[module_name], qualname)
             raw = inspect.getattr_static(owner, attr)
@@ -343,4 +353,29 @@ def apply_cpu_compat() -> bool:
         _APPLIED = True
         logger.info("megatron-core CPU compatibility applied (%d redirects)",
                     len(MEGATRON_CUDA_ASSUMPTIONS))
+    return True
+
+
+# torch Adam under megatron's DistributedOptimizer (no apex/TE), whatever the device ----
+def apply_torch_adam_compat() -> bool:
+    """Patch `TORCH_ADAM_ASSUMPTION` when megatron wraps torch Adam (apex/TE absent).
+    Idempotent; True when the patch is in place, False when apex or TE is present (then
+    megatron's FusedAdam path needs nothing and nothing is touched). Call it before
+    loading a distributed optimizer's state (checkpoint/training.py does)."""
+    if not megatron_wraps_torch_adam():
+        return False
+    distrib = sys.modules["megatron.core.optimizer.distrib_optimizer"]
+    cls = distrib.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, "_tip_torch_adam_wrapped", False):
+        return True
+
+    @functools.wraps(original)
+    def wrapper(self: Any, model_param: Any, tensors: dict) -> Any:
+        # A non-tensor entry is skipped by megatron's copy loop; step is set elsewhere.
+        return original(self, model_param, {"step": None, **tensors})
+
+    wrapper._tip_torch_adam_wrapped = True  # type: ignore[attr-defined]
+    cls._set_main_param_and_optimizer_states = wrapper
+    logger.info("megatron-core torch-Adam checkpoint fix applied (no apex/TE FusedAdam)")
     return True

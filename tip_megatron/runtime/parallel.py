@@ -14,7 +14,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from tip_megatron.runtime.device import default_backend
 from tip_megatron.runtime.env import free_port, rank_env
 from tip_megatron.runtime.gpu_memory import gpu_memory_gib
 from tip_megatron.runtime.megatron_compat import apply_cpu_compat
+
+if TYPE_CHECKING:  # megatron loads on first use (`initialize`), not on import
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +51,17 @@ class ParallelLayout:
     """Memory of one GPU (GiB, or a name: h100, h200, a100-40gb, ...); preflight warns when
     `tip-megatron plan` puts a rank above it (docs/plan.md). null: no check."""
 
-    def validate(self, world_size: int) -> None:
-        """Raise ValueError naming the offending value, before any process group exists."""
+    def validate(self, world_size: int, prefix: str = "parallel.") -> None:
+        """Raise ValueError naming `<prefix><field>` and what is accepted, before any
+        process group exists."""
         for name in ("tp", "pp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"parallel.{name}={value!r}: must be an integer >= 1")
+                raise ValueError(f"{prefix}{name}={value!r}: must be an integer >= 1")
         if self.vpp is not None and (not isinstance(self.vpp, int) or self.vpp < 1):
-            raise ValueError(f"parallel.vpp={self.vpp!r}: must be None or an integer >= 1")
+            raise ValueError(f"{prefix}vpp={self.vpp!r}: must be None or an integer >= 1")
         if self.vpp is not None and self.vpp > 1 and self.pp < 2:
-            raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2 (got pp={self.pp})")
+            raise ValueError(f"{prefix}vpp={self.vpp} needs {prefix}pp >= 2 (got pp={self.pp})")
         if world_size % (self.tp * self.pp) != 0:
             raise ValueError(
                 f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp} = "
@@ -65,13 +69,13 @@ class ParallelLayout:
             )
         if self.cp != 1:
             raise ValueError(
-                f"parallel.cp={self.cp!r}: context parallelism is not supported (a rollout's "
+                f"{prefix}cp={self.cp!r}: context parallelism is not supported (a rollout's "
                 "TIP statistics would span CP ranks; see docs/design_notes.md); accepted: 1"
             )
         if self.sequence_parallel and self.tp < 2:
-            raise ValueError("parallel.sequence_parallel=True needs parallel.tp >= 2")
+            raise ValueError(f"{prefix}sequence_parallel=True needs {prefix}tp >= 2")
         if self.gpu_memory_gib is not None:
-            gpu_memory_gib(self.gpu_memory_gib, "parallel.gpu_memory_gib")
+            gpu_memory_gib(self.gpu_memory_gib, f"{prefix}gpu_memory_gib")
 
     def dp(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp)
@@ -81,13 +85,16 @@ class ParallelLayout:
 class ParallelGroups:
     """The process groups and ranks of this process, handed to everything else."""
 
-    tp_group: Any
-    pp_group: Any
-    dp_group: Any
-    dp_group_gloo: Any
-    embd_group: Any
-    mp_group: Any
-    pg_collection: Any  # megatron.core.process_groups_config.ProcessGroupCollection
+    tp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    dp_group_gloo: Optional[dist.ProcessGroup]
+    """The DP group on gloo (megatron's distributed optimizer's CPU-side collectives)."""
+    embd_group: Optional[dist.ProcessGroup]
+    """First and last pipeline stage (tied embeddings); megatron may leave it unset."""
+    mp_group: dist.ProcessGroup
+    pg_collection: ProcessGroupCollection
+    """megatron's view of the same groups (what its model classes take)."""
     layout: ParallelLayout
     world_size: int
     rank: int
@@ -162,6 +169,7 @@ def set_seeds(seed: int) -> None:
     The data-parallel seed is the same on every rank, so with `use_cpu_initialization`
     every TP shard is cut from the same master weight.
     """
+    # megatron loads on first use: importing this module (config, --help) stays light.
     from megatron.core import tensor_parallel
 
     random.seed(seed)
@@ -187,6 +195,7 @@ def initialize(
     apply_cpu_compat()
     rank, world = init_torch_distributed(timeout_minutes)
 
+    # megatron loads on first use: importing this module (config, --help) stays light.
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -223,7 +232,7 @@ def initialize(
 
 def destroy() -> None:
     """Tear down megatron parallel_state and the default process group."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # loaded by `initialize` already; light here
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

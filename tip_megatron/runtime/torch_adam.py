@@ -1,41 +1,35 @@
 """torch Adam's `step` under megatron-core's DistributedOptimizer (no apex/TE FusedAdam)."""
 from __future__ import annotations
 
-import functools
-import sys
 from typing import Any
 
 import torch
 
 
 # torch Adam's `step` under megatron's DistributedOptimizer ----------------------------
-# Without apex/TE, megatron-core 0.19.2's DistributedOptimizer wraps torch Adam, whose
-# per-parameter state holds a `step` tensor that megatron's checkpoint code (written for
-# apex/TE FusedAdam, which keeps `step` in param_groups) mishandles in three places:
+# Without apex/TE (megatron's `HAVE_APEX_OR_TE` is False, on any device: a plain pip
+# install on a GPU cluster too), megatron-core 0.19.2's DistributedOptimizer wraps torch
+# Adam, whose per-parameter state holds a `step` tensor that megatron's checkpoint code
+# (written for apex/TE FusedAdam, which keeps `step` in param_groups) mishandles in three
+# places:
 # 1. `load_parameter_state_from_fully_reshardable` drops `step` from the loaded tensors that
-#    `_set_main_param_and_optimizer_states` then expects: `redirect_torch_adam_step`.
+#    `_set_main_param_and_optimizer_states` then expects: patched by
+#    `runtime.megatron_compat.apply_torch_adam_compat` (the one module that patches megatron).
 # 2. `DistributedOptimizer.sharded_state_dict(is_loading=True)` reads `state[p]["step"]`
 #    of every parameter, which a torch Adam that has not stepped yet does not have:
 #    `prepare_torch_adam_for_load`, called before building the state dict to load into.
 # 3. `DistributedOptimizer.load_state_dict` (its `if not HAVE_APEX_OR_TE` branch) gives
 #    every parameter state ONE shared `step` tensor: `unshare_torch_adam_steps` after it.
-# checkpoint/training.py calls 2 and 3 around every optimizer load; the resume tests in
-# tests/distributed/test_trainer.py (exact losses after a resume, a resume after a kill
-# during a save) cover all three.
-def redirect_torch_adam_step() -> None:
-    distrib = sys.modules["megatron.core.optimizer.distrib_optimizer"]
-    cls = distrib.DistributedOptimizer
-    original = cls._set_main_param_and_optimizer_states
-    if getattr(original, "_tip_cpu_wrapped", False):
-        return
+# checkpoint/training.py applies all three around every optimizer load when
+# `megatron_wraps_torch_adam()`; the resume tests in tests/distributed/test_trainer.py
+# (exact losses after a resume, a resume after a kill during a save) cover them, and
+# tests/unit/test_torch_adam_compat.py the condition.
+def megatron_wraps_torch_adam() -> bool:
+    """True when megatron's DistributedOptimizer wraps torch Adam: neither TE's nor apex's
+    FusedAdam imported (megatron's own `HAVE_APEX_OR_TE` flag, whatever the device)."""
+    from megatron.core.optimizer import distrib_optimizer  # heavy: only when a checkpoint loads
 
-    @functools.wraps(original)
-    def wrapper(self: Any, model_param: Any, tensors: dict) -> Any:
-        # A non-tensor entry is skipped by megatron's copy loop; step is set elsewhere.
-        return original(self, model_param, {"step": None, **tensors})
-
-    wrapper._tip_cpu_wrapped = True  # type: ignore[attr-defined]
-    cls._set_main_param_and_optimizer_states = wrapper
+    return not distrib_optimizer.HAVE_APEX_OR_TE
 
 
 def _torch_optimizers(optimizer: Any) -> list:

@@ -58,17 +58,21 @@ class QuadrantRule:
     """`quantile`: high divergence iff d > this quantile of d over the group."""
 
     def __post_init__(self) -> None:
+        self.validate()  # built directly by the engine and tests too, not only from a config
+
+    def validate(self, prefix: str = "quadrant_rule.") -> None:
+        """ValueError naming `<prefix><field>` and what is accepted."""
         if self.kind not in QUADRANT_KINDS:
-            raise ValueError(f"quadrant_rule.kind={self.kind!r}: accepted values are "
+            raise ValueError(f"{prefix}kind={self.kind!r}: accepted values are "
                              f"{list(QUADRANT_KINDS)}")
         for name in ("entropy_threshold", "div_threshold_nats"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"quadrant_rule.{name}={value!r}: must be a finite number >= 0")
+                raise ValueError(f"{prefix}{name}={value!r}: must be a finite number >= 0")
         for name in ("entropy_quantile", "div_quantile"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"quadrant_rule.{name}={value!r}: must be in [0, 1]")
+                raise ValueError(f"{prefix}{name}={value!r}: must be in [0, 1]")
 
     @property
     def split_quantiles(self) -> Optional[tuple[float, float]]:

@@ -108,32 +108,37 @@ class SelectionConfig:
     """Rule `quadrants`: the union of quadrants kept (1..4); ranked by Soft-OR s under a cap."""
 
     def __post_init__(self) -> None:
+        self.validate()  # built directly by the engine and tests too, not only from a config
+
+    def validate(self, prefix: str = "selection.") -> None:
+        """ValueError naming `<prefix><field>` and what is accepted."""
         if self.rule not in RULES:
-            raise ValueError(f"selection.rule={self.rule!r}: registered rules are {sorted(RULES)}")
+            raise ValueError(f"{prefix}rule={self.rule!r}: registered rules are {sorted(RULES)}")
         rho_ok = isinstance(self.rho, (int, float)) and not isinstance(self.rho, bool)
         if not rho_ok or not math.isfinite(self.rho) or not 0.0 < self.rho <= 1.0:
-            raise ValueError(f"selection.rho={self.rho!r}: must be in (0, 1]")
+            raise ValueError(f"{prefix}rho={self.rho!r}: must be in (0, 1]")
         if self.rule == "all" and self.rho != 1.0:
-            raise ValueError(f"selection.rho={self.rho!r}: rule 'all' keeps every token; "
+            raise ValueError(f"{prefix}rho={self.rho!r}: rule 'all' keeps every token; "
                              "use rho=1.0")
         if self.scope != AUTO_SCOPE and self.scope not in SCOPES:
-            raise ValueError(f"selection.scope={self.scope!r}: accepted values are "
+            raise ValueError(f"{prefix}scope={self.scope!r}: accepted values are "
                              f"{[AUTO_SCOPE, *SCOPES]}")
         if not isinstance(self.rescore_each_update, bool):
-            raise ValueError(f"selection.rescore_each_update={self.rescore_each_update!r}: "
+            raise ValueError(f"{prefix}rescore_each_update={self.rescore_each_update!r}: "
                              "must be true or false")
         if self.prepass_source not in PREPASS_SOURCES:
-            raise ValueError(f"selection.prepass_source={self.prepass_source!r}: accepted values are "
+            raise ValueError(f"{prefix}prepass_source={self.prepass_source!r}: accepted values are "
                              f"{list(PREPASS_SOURCES)}")
         if not _is_int(self.seed):
-            raise ValueError(f"selection.seed={self.seed!r}: must be an integer")
+            raise ValueError(f"{prefix}seed={self.seed!r}: must be an integer")
         if not _is_int(self.min_keep) or self.min_keep < 0:
-            raise ValueError(f"selection.min_keep={self.min_keep!r}: must be an integer >= 0")
+            raise ValueError(f"{prefix}min_keep={self.min_keep!r}: must be an integer >= 0")
         if not self.keep_quadrants or not set(self.keep_quadrants) <= {int(q) for q in QUADRANTS}:
-            raise ValueError(f"selection.keep_quadrants={self.keep_quadrants!r}: "
+            raise ValueError(f"{prefix}keep_quadrants={self.keep_quadrants!r}: "
                              "a non-empty subset of {1, 2, 3, 4}")
         if not isinstance(self.quadrant_rule, QuadrantRule):
-            raise ValueError("selection.quadrant_rule: must be a QuadrantRule")
+            raise ValueError(f"{prefix}quadrant_rule: must be a QuadrantRule")
+        self.quadrant_rule.validate(f"{prefix}quadrant_rule.")
 
     @property
     def effective_scope(self) -> str:

@@ -3,14 +3,15 @@
     val = setup_validation(cfg, tokenizer, arch)       # None when eval.every = 0
     metrics = maybe_validate(run)                      # {} unless the step is due
 
-The current student samples the `eval.prompts` benchmark with the trainer's own `generate`
-at the training layout (its own sampling config, seed `eval.seed`). DP replicas take
-contiguous slices of the prompts (sample noise depends on the global row, so any DP size
-draws the same samples); the first rank of each model-parallel group grades its share in
-its main thread (math-verify's timeouts use SIGALRM) and the per-prompt counts are
-gathered, so every rank holds the same summary. Nothing of the training state is used or
-changed: generation's noise is a pure function of (seed, step, row, position), the prompt
-loader is not touched, and the models' train/eval mode is restored by `generate`.
+The current student samples the `eval.prompts` benchmark at the training layout (its own
+sampling config, seed `eval.seed`) through the one sharded generate-and-grade loop,
+`eval.sharded` (the one `tip-megatron eval --ckpt` and `generate` use): which samples are
+drawn depends only on the weights, the benchmark, the sampling options and the seed, not
+on the DP size, the batch size or the training step, so `tip-megatron eval --ckpt
+<run>/step_N` with the same options and seed grades the very samples validation graded at
+step N. Nothing of the training state is used or changed: generation's noise is a pure
+function of (seed, row, position), the prompt loader is not touched, and the models'
+train/eval mode is restored by `generate`.
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-import torch.distributed as dist
-
-from tip_megatron.config import EvalConfig
-from tip_megatron.eval import PromptCounts, Sample, count_prompts, get_grader, grade_samples, summarize
-from tip_megatron.eval.metrics import EvalSummary
+from tip_megatron.data.prompts import PromptDataset, PromptFields
+from tip_megatron.eval.config import EvalConfig
+from tip_megatron.eval.files import check_benchmark
+from tip_megatron.eval.sharded import Grading, InEngineResult, generate_and_grade
+from tip_megatron.rollout.generate import GenerationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,24 +49,9 @@ class ValidationSpec:
                    batch_size=e.batch_size, seed=e.seed)
 
 
-@dataclass(frozen=True)
-class InEngineResult:
-    summary: EvalSummary
-    counts: list[PromptCounts]
-    """Every prompt's counts, by index into the benchmark (the same on every rank)."""
-
-    def metrics(self) -> dict[str, float]:
-        s = self.summary
-        return {"eval/mean_at_k": s.mean_at_k, "eval/pass_at_k": s.pass_at_k,
-                "eval/num_unparsed": float(s.num_unparsed)}
-
-
 def load_benchmark(paths: Sequence[str], tokenizer, data, max_prompt_len: int):
     """The benchmark as a PromptDataset, rendered like the training prompts (`data`'s
     fields, chat template, its kwargs and system prompt); every row needs an answer."""
-    from tip_megatron.eval.files import check_benchmark
-    from tip_megatron.data.prompts import PromptDataset, PromptFields
-
     fields = PromptFields(prompt=data.prompt_field, messages=data.messages_field,
                           answer=data.answer_field)
     check_benchmark(list(paths), fields)
@@ -76,48 +62,17 @@ def load_benchmark(paths: Sequence[str], tokenizer, data, max_prompt_len: int):
                          system_prompt=data.system_prompt)
 
 
-def _share(total: int, rank: int, size: int) -> range:
-    """Contiguous slice `rank` of `size` over `total` prompts (the first ones get one more)."""
-    base, extra = divmod(total, size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
-
-
-def evaluate_in_engine(chunks, groups, arch, tokenizer, dataset, spec: ValidationSpec,
-                       step: int = 0) -> InEngineResult:
-    """Sample `spec.n` responses per benchmark prompt with `chunks` and grade them
-    (collective over the world; every rank returns the same result)."""
-    from tip_megatron.rollout.generate import GenerationConfig, generate
-
-    grade = get_grader(spec.grader, spec.grader_options)
+def evaluate_in_engine(chunks, groups, arch, tokenizer, dataset, spec: ValidationSpec) -> InEngineResult:
+    """Sample `spec.n` responses per benchmark prompt with `chunks` and grade them through
+    the one sharded loop (`eval.sharded.generate_and_grade`, the one `tip-megatron eval
+    --ckpt` uses: the same checkpoint, benchmark and seed give the same samples and grades).
+    Collective over the world; every rank returns the same result."""
     config = GenerationConfig(n=spec.n, max_new_tokens=spec.max_new_tokens,
                               temperature=spec.temperature, stop_ids=tuple(tokenizer.stop_ids),
                               pad_id=tokenizer.pad_id)
-    mine = _share(len(dataset), groups.dp_rank, groups.dp_size)
-    grades_here = groups.tp_rank == 0 and groups.pp_rank == 0
-    counts: list[PromptCounts] = []
-    for start in range(mine.start, mine.stop, spec.batch_size):
-        indices = list(range(start, min(start + spec.batch_size, mine.stop)))
-        records = dataset.records(indices)
-        out = generate(chunks, groups, arch, [r.token_ids for r in records], config,
-                       seed=spec.seed, step=step, row_offset=start * spec.n)
-        if grades_here:
-            samples = [Sample(prompt_index=indices[int(out.prompt_index[row])],
-                              sample_index=int(out.sample_index[row]),
-                              response=tokenizer.decode(out.response(row), skip_special_tokens=True),
-                              answer=str(records[int(out.prompt_index[row])].answer))
-                       for row in range(out.num_rows)]
-            counts += count_prompts(samples, grade_samples(samples, grade))
-    merged = _gather_counts(counts, groups)
-    return InEngineResult(summarize(merged, spec.grader, spec.pass_k), merged)
-
-
-def _gather_counts(counts: list[PromptCounts], groups) -> list[PromptCounts]:
-    if groups.world_size == 1:
-        return sorted(counts, key=lambda c: c.prompt_index)
-    every: list = [None] * groups.world_size
-    dist.all_gather_object(every, counts)
-    return sorted((c for part in every for c in part), key=lambda c: c.prompt_index)
+    return generate_and_grade(chunks, groups, arch, tokenizer, dataset, config,
+                              Grading(spec.grader, dict(spec.grader_options), spec.pass_k),
+                              seed=spec.seed, batch_size=spec.batch_size)
 
 
 # ------------------------------------------------------------------ the trainer's hook
@@ -132,7 +87,7 @@ class Validation:
 
     def __call__(self, run) -> dict[str, float]:
         result = evaluate_in_engine(run.ddp, run.groups, run.models.student_arch, run.tokenizer,
-                                    self.dataset, self.spec, step=run.step)
+                                    self.dataset, self.spec)
         s = result.summary
         if run.log.active:
             print(f"eval  {run.step:5d} | mean@{s.samples_per_prompt} {100 * s.mean_at_k:6.2f}% | "
