@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from tip_megatron.runtime import parallel
 from tip_megatron.runtime.device import default_backend
 from tip_megatron.runtime.env import rank_env
+from tip_megatron.runtime.errors import rank_exit
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
 from tip_megatron.distill.loss import DistillSpec
 from tip_megatron.distill.step import (
@@ -404,9 +404,9 @@ def run(cfg: RunConfig) -> list[dict]:
         loop(state)
     except (TrainingDiverged, ckpt.CheckpointNotSaved) as err:
         state.log.close()
-        if state.groups.rank == 0:
-            print(f"tip-megatron train: {err.args[-1]}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_NOT_SAVED) from err
+        code = EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_NOT_SAVED
+        # printed once (by the launcher, after torchrun's dump, or by the first rank here)
+        raise SystemExit(rank_exit(code, f"tip-megatron train: {err.args[-1]}")) from err
     return state.history
 
 
