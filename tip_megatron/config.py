@@ -407,8 +407,21 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value (e.g. parallel.tp=2)")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_dotted(data, key.strip(), _yaml_value(raw, f"override {item!r}") if raw.strip() else None)
     return data
+
+
+def _yaml_value(text: str, where: str) -> Any:
+    """yaml.safe_load, its syntax errors as one line: `where: YAML syntax error at line L,
+    column C: <problem>` (line and column 1-based, as editors count)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: YAML syntax error{at}: {problem}; fix the YAML "
+                         "(indent with spaces, `key: value`, quote values holding `:` or `#`)") from None
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -425,7 +438,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"config file {path!r} not found")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config file {path!r}: not UTF-8 text (byte {err.start}); a YAML "
+                             "run config") from None
+        data = _yaml_value(text, f"config file {path!r}") or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path!r}: top level must be a mapping")
     data = _merge(data, parse_overrides(overrides))
