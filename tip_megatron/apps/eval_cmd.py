@@ -119,7 +119,7 @@ def _generated_rows(args: argparse.Namespace) -> Union[list[dict], int, None]:
     """Generated rows on rank 0, None on other ranks; the exit code of the ranks started
     here when this process started them (they grade)."""
     from tip_megatron.eval.files import check_benchmark
-    from tip_megatron.apps.generate_cmd import generate_lines, own_ranks, torchrun_argv
+    from tip_megatron.apps.generate_cmd import check_inputs, generate_lines, own_ranks, torchrun_argv
     from tip_megatron.data.prompts import PromptFields
 
     if not args.prompts:
@@ -133,6 +133,7 @@ def _generated_rows(args: argparse.Namespace) -> Union[list[dict], int, None]:
                           answer=args.answer_field, id=args.id_field)
     check_benchmark(args.prompts, fields)
     if own_ranks(args):  # the ranks started here run this whole command, grading included
+        check_inputs(args)  # a bad input: one line here, before any rank starts
         return run_cli_ranks(args.tp * args.pp, torchrun_argv(args.argv))
     return generate_lines(args)
 

@@ -143,6 +143,7 @@ def rollouts(run: Run, prompts: list[list[int]]):
     r = run.cfg.rollout
     every = run.cfg.logging.logprob_gap_every  # one extra forward on those steps (as logged)
     gen = GenerationConfig.from_sampling(r, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id,
+                                         vocab_limit=run.tokenizer.vocab_size,
                                          check_logprobs=bool(every) and (run.step + 1) % every == 0,
                                          keep_hidden=run.cfg.selection.prepass_from_generation)
     # This replica holds rows [dp_rank * rows, (dp_rank + 1) * rows) of the global batch

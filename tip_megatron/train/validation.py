@@ -92,7 +92,7 @@ def evaluate_in_engine(chunks, groups, arch, tokenizer, dataset, spec: Validatio
     grade = get_grader(spec.grader, spec.grader_options)
     config = GenerationConfig(n=spec.n, max_new_tokens=spec.max_new_tokens,
                               temperature=spec.temperature, stop_ids=tuple(tokenizer.stop_ids),
-                              pad_id=tokenizer.pad_id)
+                              pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
     mine = _share(len(dataset), groups.dp_rank, groups.dp_size)
     grades_here = groups.tp_rank == 0 and groups.pp_rank == 0
     counts: list[PromptCounts] = []
