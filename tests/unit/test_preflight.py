@@ -264,3 +264,17 @@ def test_train_help_points_to_the_config_reference(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "tip-megatron config doc, or docs/config.md" in out
     assert "tip-megatron config show --config X [key=value ...]" in out
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_an_existing_read_only_checkpoint_dir_is_refused_before_launch(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        rc, out, err, _, children = _launch([f"checkpoint.dir={ro}"])
+    finally:
+        ro.chmod(0o755)
+    assert rc == 2 and not children, err
+    assert err.strip() == f"error: checkpoint.dir={str(ro)!r}: exists and is not writable by this user; " \
+                          "a path this user can write to, or a new one", err

@@ -328,8 +328,8 @@ def check_outputs_writable(cfg: RunConfig) -> None:
         p = Path(path)
         mode = os.W_OK | (os.X_OK if p.is_dir() else 0)
         if not os.access(p, mode):
-            raise PreflightError(f"{key}={str(p)!r}", f"exists and is not writable by this user",
-                                 "a directory (file) this user can write, or a new path")
+            raise PreflightError(f"{key}={str(p)!r}", "exists and is not writable by this user",
+                                 "a path this user can write to, or a new one")
 
 
 def check_resume_target(cfg: RunConfig, student: ModelArch) -> None:
