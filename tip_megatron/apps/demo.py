@@ -13,7 +13,7 @@ from functools import partial
 
 from tip_megatron.apps.launch import run_local
 from tip_megatron.runtime.env import under_torchrun
-from tip_megatron.runtime.processes import guard_rank_helpers
+from tip_megatron.runtime.processes import die_with_torchrun, guard_rank_helpers
 
 logger = logging.getLogger(__name__)
 
@@ -110,5 +110,6 @@ if __name__ == "__main__":
     from tip_megatron.runtime.device import quiet_third_party_warnings
 
     quiet_third_party_warnings()
+    die_with_torchrun()  # a SIGKILLed torchrun (or launcher) leaves no rank behind
     guard_rank_helpers()  # this rank's helper processes die with it
     sys.exit(_worker(ns.tp, ns.pp, ns.steps))

@@ -27,7 +27,7 @@ import time
 import traceback
 from typing import Any, Callable, Optional, Sequence
 
-from tip_megatron.runtime.env import free_port
+from tip_megatron.runtime.env import free_port, under_torchrun
 from tip_megatron.runtime.errors import JOB_ENV
 from tip_megatron.runtime.signals import exit_if_signalled, exit_on_signals
 
@@ -50,8 +50,9 @@ def die_with_torchrun() -> None:
     """A torchrun worker: SIGKILL it when torchrun (its parent) dies; torchrun itself
     kills its workers on every exit it lives through, so this only acts when torchrun is
     SIGKILLed (as the launcher's own death does to it). A worker whose torchrun already
-    died (re-parented to init or to the launcher, a subreaper) exits now."""
-    if sys.platform != "linux":
+    died (re-parented to init or to the launcher, a subreaper) exits now. A no-op outside
+    torchrun (no RANK / WORLD_SIZE) and off Linux."""
+    if sys.platform != "linux" or not under_torchrun():
         return
     set_death_signal(signal.SIGKILL)
     if os.getppid() in (1, int(os.environ.get(LAUNCHER_PID_ENV, "1") or 1)):
