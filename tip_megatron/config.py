@@ -26,7 +26,7 @@ from tip_megatron.runtime.optional import FP8_RECIPE_MIN_CAPABILITY, check_fp8
 from tip_megatron.runtime.parallel import ParallelLayout
 from tip_megatron.runtime.signals import parse_signals
 from tip_megatron.runtime.typed_tree import (
-    at_least, check_choice, check_seed, config_to_dict, from_dict, leaf_keys, merge,
+    at_least, check_choice, check_seed, config_to_dict, from_dict, leaf_keys, merge, yaml_value,
     parse_overrides,
 )
 from tip_megatron.tip import QuadrantRule, SelectionConfig
@@ -301,7 +301,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"config file {path!r} not found")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config file {path!r}: not UTF-8 text (byte {err.start}); a YAML "
+                             "run config") from None
+        data = yaml_value(text, f"config file {path!r}") or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path!r}: top level must be a mapping")
     data = merge(data, parse_overrides(overrides))

@@ -197,7 +197,7 @@ def test_engine_and_training_forward_agree_on_logprobs(results):
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("n", 0), ("temperature", -1.0),
                                          ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
                                          ("layer_impl", "fast"), ("engine", "paged"),
-                                         ("max_batch_tokens", -1)])
+                                         ("max_batch_tokens", -1), ("vocab_limit", -1)])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         GenerationConfig(**{field: value})
@@ -206,7 +206,8 @@ def test_config_validation_names_the_field(field, value):
 def test_config_fields_are_deliberate():
     assert set(GenerationConfig.__dataclass_fields__) == {
         "max_new_tokens", "temperature", "top_k", "top_p", "n", "stop_ids", "pad_id", "use_kv_cache",
-        "layer_impl", "engine", "max_batch_tokens", "check_logprobs", "cuda_graph", "keep_hidden"}
+        "layer_impl", "engine", "max_batch_tokens", "check_logprobs", "cuda_graph", "keep_hidden",
+        "vocab_limit"}
 
 
 def test_attention_mask_left_padding():

@@ -1,7 +1,7 @@
 """Errors before launch: `tip-megatron train` with a bad input stops in the launching
 process with one line `error: <key or file>: ...` and exit code 2, before any rank (or
 torchrun) is started; `--debug` shows the traceback; a bare torchrun fails on every rank
-with one line from rank 0.
+with one line, from the first rank that fails.
 """
 import json
 import os
@@ -55,7 +55,9 @@ def _cases(tmp: Path) -> dict:
     # A non-builtin student has no embedded prompts nor tokenizer: name both.
     student = lambda k, v: ["student.builtin=null", f"student.{k}={v}",  # noqa: E731
                             f"data.prompts=[{tmp / 'good.jsonl'}]", "data.tokenizer=char"]
+    late = _late_cases(tmp)
     return {
+        **late,
         "unknown key": (["train.stepz=1"], "unknown config key train.stepz; accepted under 'train'"),
         "wrong type": (["train.steps=abc"], "train.steps='abc': expected int"),
         "bad value": (["rollout.temperature=-1"], "rollout.temperature"),
@@ -86,6 +88,65 @@ def _cases(tmp: Path) -> dict:
                           "data.prompts_per_step=3 is not divisible by the data-parallel size 2"),
         "resume path": ([f"checkpoint.resume={tmp / 'not_a_step'}"], "not a complete training checkpoint"),
         "checkpoint dir is a file": ([f"checkpoint.dir={tmp / 'empty.jsonl'}"], "exists and is not a directory"),
+    }
+
+
+def _jsonl(path: Path, *rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _step(root: Path, arch: dict, **files) -> Path:
+    """A directory shaped like a saved step: COMPLETE, arch.json, dist/ and `files`."""
+    root.mkdir(parents=True)
+    (root / "COMPLETE").write_text("")
+    (root / "arch.json").write_text(json.dumps(arch))
+    (root / "dist").mkdir()
+    for name, text in files.items():
+        (root / name).write_text(text)
+    return root
+
+
+def _late_cases(tmp: Path) -> dict:
+    """Inputs the ranks used to find only after the model loaded (issue 21): each now stops
+    in preflight. kind -> (argv after `train`, text the one line must contain)."""
+    good = {"prompt": "1+1=", "answer": "2"}
+    bad_json = _jsonl(tmp / "bad_line.jsonl", good, good, '{"prompt": "2+2=", ')
+    bad_char = _jsonl(tmp / "bad_char.jsonl", good, {"prompt": "1+x="})
+    int_prompt = _jsonl(tmp / "int_prompt.jsonl", good, {"prompt": 5})
+    empty_prompt = _jsonl(tmp / "empty_prompt.jsonl", good, {"prompt": ""})
+    chat = _jsonl(tmp / "chat.jsonl", {"messages": [{"role": "user", "content": "1+1="}]})
+    binary = tmp / "binary.jsonl"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01" * 8)
+    yaml_file = tmp / "broken.yaml"
+    yaml_file.write_text("train:\n  steps: 3\n   lr: [1\n")
+    student = load_config(None, GOOD)
+    arch = preflight(student, 1).student_arch.to_dict()
+    fake = tmp / "fake" / "step_000001"
+    fake.mkdir(parents=True)
+    (fake / "COMPLETE").write_text("")
+    wrong_arch = _step(tmp / "other_arch" / "step_000002", {**arch, "num_layers": arch["num_layers"] + 1})
+    truncated = _step(tmp / "truncated" / "step_000003", arch, **{
+        "MANIFEST.json": json.dumps({"version": 1, "files": {"state.pt": {"size": 999, "crc32": "0"}}}),
+        "state.pt": "x"})
+    prompts = lambda f: [f"data.prompts=[{f}]", "data.tokenizer=char"]  # noqa: E731
+    return {
+        "bad JSONL line": (prompts(bad_json), f"data.prompts: {bad_json}, line 3: invalid JSON"),
+        "characters outside the tokenizer": (prompts(bad_char), f"{bad_char}, line 2"),
+        "int prompt": (prompts(int_prompt), f"{int_prompt}, line 2: field 'prompt' must be a string"),
+        "empty prompt": (prompts(empty_prompt), f"{empty_prompt}, line 2"),
+        "chat records without a template": (prompts(chat), f"{chat}, line 1"),
+        "binary prompt file": (prompts(binary), f"data.prompts[0]={str(binary)!r}: not UTF-8 text"),
+        "yaml syntax": (["--config", str(yaml_file)],
+                        f"config file {str(yaml_file)!r}: YAML syntax error at line 3, column 6"),
+        "fake COMPLETE marker": ([f"checkpoint.resume={fake}"],
+                                 f"has a COMPLETE marker but no MANIFEST.json, dist/ or arch.json"),
+        "truncated resume step": ([f"checkpoint.resume={truncated}"],
+                                  f"{truncated / 'state.pt'}: 1 bytes, 999 at save"),
+        "different architecture on resume": ([f"checkpoint.resume={wrong_arch}"],
+                                             "was saved for a different student architecture (num_layers: 3 != 2)"),
+        "different architecture, resume=auto": ([f"checkpoint.dir={wrong_arch.parent}"],
+                                                "checkpoint.resume=auto: " + str(wrong_arch)),
     }
 
 
@@ -138,14 +199,17 @@ def test_each_kind_is_refused_in_process(tmp_path):
         config = dict(zip(opts[::2], opts[1::2])).get("--config")
         with pytest.raises(ValueError) as err:
             cfg = load_config(config, GOOD + overrides)
-            preflight(cfg, nproc or cfg.parallel.tp * cfg.parallel.pp)
+            preflight(cfg, nproc or cfg.parallel.tp * cfg.parallel.pp, records=True)
         assert text in str(err.value), kind
 
 
+#: the late errors of issue 21 that a user meets through the command
+LATE = ["bad JSONL line", "characters outside the tokenizer", "int prompt", "chat records without a template",
+        "binary prompt file", "yaml syntax", "fake COMPLETE marker", "different architecture on resume"]
 LAUNCHED = ["unknown key", "wrong type", "config file", "model path", "hf without config.json",
             "unsupported family", "ckpt without meta", "vocab mismatch", "prompt file missing",
             "prompt field", "no chat template", "heads vs tp", "layers vs pp", "positions", "world vs layout",
-            "prompts vs dp"]
+            "prompts vs dp", *LATE]
 
 
 @pytest.mark.parametrize("kind", LAUNCHED)
@@ -166,9 +230,10 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback (most recent call last)" in err and "train.steps='abc': expected int" in err
 
 
-def test_under_bare_torchrun_rank0_alone_prints_and_every_rank_fails(tmp_path):
+def test_under_bare_torchrun_one_rank_prints_and_every_rank_fails(tmp_path):
     """2 ranks, a bad prompt file: each rank runs preflight before init_process_group, so
-    none waits for another; rank 0 prints the line once."""
+    none waits for another; the first rank to fail prints the line, once (whatever the
+    order: tests/reliability/test_exit_codes.py forces rank 1 first, under CPU load)."""
     from tip_megatron.runtime.env import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -199,3 +264,17 @@ def test_train_help_points_to_the_config_reference(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "tip-megatron config doc, or docs/config.md" in out
     assert "tip-megatron config show --config X [key=value ...]" in out
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_an_existing_read_only_checkpoint_dir_is_refused_before_launch(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        rc, out, err, _, children = _launch([f"checkpoint.dir={ro}"])
+    finally:
+        ro.chmod(0o755)
+    assert rc == 2 and not children, err
+    assert err.strip() == f"error: checkpoint.dir={str(ro)!r}: exists and is not writable by this user; " \
+                          "a path this user can write to, or a new one", err

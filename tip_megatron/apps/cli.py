@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from tip_megatron.runtime.errors import DEBUG_ENV, error_line
+from tip_megatron.runtime.errors import DEBUG_ENV, claim_rank_reports, error_line, rank_exit
 
 #: subcommand module paths, in help order.
 SUBCOMMAND_MODULES = (
@@ -57,10 +57,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)  # --help and usage errors exit here, before torch loads
     args.argv = argv  # for commands that start their own ranks (run_cli_ranks)
-    from tip_megatron.runtime.env import under_torchrun
-    from tip_megatron.runtime.processes import guard_rank_helpers
+    from tip_megatron.runtime.env import under_torchrun  # after parse_args: --help stays fast
+    from tip_megatron.runtime.processes import die_with_torchrun, guard_rank_helpers
 
-    if under_torchrun():
+    ranked = under_torchrun()
+    if ranked:  # one rank of a torchrun job: die with torchrun, helpers with this rank
+        die_with_torchrun()
+        claim_rank_reports()
         guard_rank_helpers()
     from tip_megatron.runtime.device import quiet_third_party_warnings
 
@@ -77,12 +80,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.debug:
         os.environ[DEBUG_ENV] = "1"
     try:
-        return int(args.func(args) or 0)
+        code, line = int(args.func(args) or 0), ""
     except (ValueError, FileNotFoundError) as err:  # bad input, not a bug: one line, exit 2
         if args.debug:
             raise
-        print(error_line(err), file=sys.stderr, flush=True)
-        return 2
+        code, line = 2, error_line(err)
+    if ranked:  # to the launcher, or printed by the first rank that fails
+        return rank_exit(code, line)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

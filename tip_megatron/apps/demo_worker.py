@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from tip_megatron.runtime import parallel, pipeline
 from tip_megatron.runtime.device import quiet_third_party_warnings
-from tip_megatron.runtime.processes import guard_rank_helpers
+from tip_megatron.runtime.processes import die_with_torchrun, guard_rank_helpers
 from tip_megatron.models import build_model
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.models.build import resolve_spec
@@ -82,5 +82,6 @@ if __name__ == "__main__":
     ns = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     quiet_third_party_warnings()
+    die_with_torchrun()  # a SIGKILLed torchrun (or launcher) leaves no rank behind
     guard_rank_helpers()  # this rank's helper processes die with it
     sys.exit(run_worker(ns.tp, ns.pp, ns.steps))

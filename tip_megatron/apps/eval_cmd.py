@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from tip_megatron.apps.generate_cmd import (
-    add_generation_arguments, generate_lines, own_ranks, torchrun_argv,
+    add_generation_arguments, check_inputs, generate_lines, own_ranks, torchrun_argv,
 )
 from tip_megatron.apps.launch import run_cli_ranks
 from tip_megatron.eval.evaluate import count_prompts, grade_samples
@@ -137,6 +137,7 @@ def _generated_rows(args: argparse.Namespace) -> Union[list[dict], int, None]:
                           answer=args.answer_field, id=args.id_field)
     check_benchmark(args.prompts, fields)
     if own_ranks(args):  # the ranks started here run this whole command, grading included
+        check_inputs(args)  # a bad input: one line here, before any rank starts
         return run_cli_ranks(args.tp * args.pp, torchrun_argv(args.argv))
     return generate_lines(args)
 

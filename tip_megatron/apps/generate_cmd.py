@@ -84,6 +84,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if own_ranks(args):
+        check_inputs(args)  # a bad input: one line here, before any rank starts
         return run_cli_ranks(args.tp * args.pp, torchrun_argv(args.argv))
     try:
         lines = generate_lines(args)
@@ -95,6 +96,22 @@ def run(args: argparse.Namespace) -> int:
     if lines is not None:
         write_lines(Path(args.out), lines)
     return 0
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """What the ranks would find only after the model loads, found before they start (a
+    ValueError, one line): the checkpoint, its architecture vs --tp / --pp, the tokenizer
+    vs the vocabulary, the prompt length limit, and every prompt record, read and
+    tokenized as the ranks will read them."""
+    from tip_megatron.checkpoint.model import model_files  # torch: not before --help
+
+    files = model_files(args.ckpt)
+    arch = files.arch()
+    try:
+        arch.validate_parallel(args.tp, args.pp, 1)
+    except ValueError as err:
+        raise ValueError(f"--tp {args.tp} --pp {args.pp}: {args.ckpt} cannot be cut so: {err}") from None
+    _dataset(args, _tokenizer(args, files, arch), arch)
 
 
 def own_ranks(args: argparse.Namespace) -> bool:
@@ -137,21 +154,30 @@ def _load(args: argparse.Namespace, groups):
     # Start-up time of --help (as in generate_lines): torch and megatron load here.
     from tip_megatron.models import BuildOptions, build_model
     from tip_megatron.checkpoint.model import load_model_checkpoint, model_files
-    from tip_megatron.data.tokenizers import load_tokenizer
 
     files = model_files(args.ckpt)  # a model checkpoint, a training step or run directory
     arch = files.arch()
+    tokenizer = _tokenizer(args, files, arch)
+    chunks = build_model(arch, groups, BuildOptions(init_weights=False))
+    load_model_checkpoint(chunks, groups, files.path, expect_arch=arch)
+    return chunks, arch, tokenizer
+
+
+def _tokenizer(args: argparse.Namespace, files, arch):
+    """--tokenizer or the checkpoint's; one with ids beyond the model's vocabulary refused
+    (a smaller one is fine: ids >= its size are never sampled, `_config`'s vocab_limit)."""
+    from tip_megatron.data.tokenizers import load_tokenizer
+
     tokenizer_path = args.tokenizer or files.tokenizer_dir
     if tokenizer_path is None or not Path(tokenizer_path).exists():
         raise ValueError(f"checkpoint {args.ckpt} bundles no tokenizer (tokenizer/, or a "
                          "run's model_meta/tokenizer/); pass --tokenizer")
     tokenizer = load_tokenizer(tokenizer_path, chat_fallback=False)
     if tokenizer.vocab_size > arch.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model "
-                         f"only {arch.vocab_size}: wrong --tokenizer for {args.ckpt}?")
-    chunks = build_model(arch, groups, BuildOptions(init_weights=False))
-    load_model_checkpoint(chunks, groups, files.path, expect_arch=arch)
-    return chunks, arch, tokenizer
+        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model's "
+                         f"true vocabulary only {arch.vocab_size} (padded rows are no tokens): wrong "
+                         f"--tokenizer for {args.ckpt}?")
+    return tokenizer
 
 
 def _config(args: argparse.Namespace, tokenizer):
@@ -160,7 +186,7 @@ def _config(args: argparse.Namespace, tokenizer):
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k, top_p=args.top_p, n=args.n, stop_ids=tuple(tokenizer.stop_ids),
-        pad_id=tokenizer.pad_id, max_batch_tokens=args.max_batch_tokens,
+        pad_id=tokenizer.pad_id, max_batch_tokens=args.max_batch_tokens, vocab_limit=tokenizer.vocab_size,
         check_logprobs=args.check_logprobs,
     )
 
@@ -168,10 +194,14 @@ def _config(args: argparse.Namespace, tokenizer):
 def _dataset(args: argparse.Namespace, tokenizer, arch):
     from tip_megatron.data.prompts import PromptDataset, PromptFields  # start-up time of --help
 
-    limit = args.max_prompt_len or arch.max_position_embeddings - args.max_new_tokens
-    if limit < 1 or limit + args.max_new_tokens > arch.max_position_embeddings:
+    room = arch.max_position_embeddings
+    limit = args.max_prompt_len or room - args.max_new_tokens
+    if not args.max_prompt_len and limit < 1:  # derived: name what the user passed
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: leaves no room for a prompt in the "
+                         f"model's max_position_embeddings={room}; accepted: below {room}")
+    if limit < 1 or limit + args.max_new_tokens > room:
         raise ValueError(f"--max-prompt-len {limit} + --max-new-tokens {args.max_new_tokens} must "
-                         f"fit max_position_embeddings={arch.max_position_embeddings}")
+                         f"fit max_position_embeddings={room}")
     fields = PromptFields(prompt=args.prompt_field, messages=args.messages_field,
                           answer=args.answer_field, id=args.id_field)
     return PromptDataset(args.prompts, tokenizer, fields=fields, apply_chat_template=args.chat,

@@ -3,8 +3,10 @@
     if under_torchrun(): worker()                             # this process is one rank
     else: launch.run_local(nproc=4, module="tip_megatron.apps.demo_worker", args=[...])
 
-`run_local` starts a torchrun job (the launcher users run); `supervise` forwards signals to
-it and returns only once none of its processes is alive. The rank side (rank environment,
+`run_local` starts a torchrun job (the launcher users run) and returns the ranks' exit
+code, printing a failed rank's one error line last; `supervise` forwards signals to it,
+makes it die with this process (SIGKILL included) and returns only once none of its
+processes is alive. The rank side (rank environment,
 forked ranks, a rank's helpers) lives in `tip_megatron.runtime`. See docs/design_notes.md,
 "Signals".
 """
@@ -12,13 +14,18 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tip_megatron.runtime.env import free_port, under_torchrun
+from tip_megatron.runtime.errors import REPORTS_ENV, read_rank_reports
+from tip_megatron.runtime.processes import LAUNCHER_PID_ENV, set_death_signal
 from tip_megatron.runtime.signals import install_handlers, restore_handlers
 
 #: Signals the launcher passes on to a local torchrun job (torchrun hands them to its
@@ -40,18 +47,30 @@ def run_local(nproc: int, module: str, args: Sequence[str], threads_per_proc: in
     threads_per_proc: intra-op threads per rank (0: cores / nproc, at least 1), so N ranks
     do not oversubscribe the machine. SIGINT / SIGTERM / SIGHUP to this process go to the
     job (`supervise`); this call returns only once no process of the job is alive.
+
+    Returns the ranks' exit code (torchrun's own is 1 after any failure or signal): each
+    rank reports its code and error line into a run-scoped temp folder
+    (`runtime.errors.rank_exit`); the first failed rank's line is printed here, after
+    torchrun's failure dump. Ranks that did not all report: torchrun's code.
     """
     if nproc < 1:
         raise ValueError(f"nproc={nproc}: must be >= 1")
     threads = threads_per_proc or max(1, (os.cpu_count() or 1) // nproc)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    reports = Path(tempfile.mkdtemp(prefix="tip-megatron-ranks-"))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **{REPORTS_ENV: str(reports)})
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc_per_node", str(nproc), "--nnodes", "1",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         "-m", module, *args,
     ]
-    return supervise(cmd, env, grace_s)
+    try:
+        code, line = read_rank_reports(reports, nproc, supervise(cmd, env, grace_s))
+    finally:
+        shutil.rmtree(reports, ignore_errors=True)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    return code
 
 
 def needs_own_ranks(nproc: int) -> bool:
@@ -74,14 +93,19 @@ def supervise(cmd: Sequence[str], env: Optional[dict[str, str]] = None, grace_s:
     SIGUSR2 go to every process of the job but its leader, which ignores them. torchrun
     starts each worker in a session of its own, so the job is tracked as a process tree:
     this process becomes a child subreaper (orphans of the job are re-parented here, not to
-    init) and kills and reaps whatever is left when the job's leader exits.
+    init) and kills and reaps whatever is left when the job's leader exits. When this
+    process dies without doing so (SIGKILL), the leader gets SIGKILL from the kernel
+    (PR_SET_PDEATHSIG), and torchrun's workers die with torchrun the same way
+    (`runtime.processes.die_with_torchrun`, which reads this process's pid from the
+    environment to tell a worker whose torchrun died before it started).
     """
-    import psutil
+    import psutil  # a dependency; imported here so that `--help` stays fast
 
     _become_subreaper()
     before = {p.pid for p in psutil.Process().children()}
     immune = install_handlers(signal.SIG_IGN, RANK_SIGNALS)  # inherited by the job: set before it starts
-    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    env = dict(os.environ if env is None else env, **{LAUNCHER_PID_ENV: str(os.getpid())})
+    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True, preexec_fn=_die_with(os.getpid()))
     forward = _Forwarder(proc.pid)
     previous = {**install_handlers(forward, FORWARDED_SIGNALS), **install_handlers(forward.to_ranks, RANK_SIGNALS),
                 **immune}  # what was there before this call
@@ -133,6 +157,16 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except ProcessLookupError:
         pass
+
+
+def _die_with(parent: int):
+    """preexec_fn: the child gets SIGKILL when this process dies (and at once when it
+    already has: the race between fork and prctl)."""
+    def preexec() -> None:
+        set_death_signal(signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(137)
+    return preexec
 
 
 def _become_subreaper() -> None:

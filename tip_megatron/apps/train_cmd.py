@@ -30,6 +30,6 @@ def main(args: argparse.Namespace) -> int:
     if under_torchrun():
         return worker(args.config, args.overrides)
     nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp
-    preflight(cfg, nproc)  # a bad input stops here (one line, exit 2), before any rank starts
+    preflight(cfg, nproc, records=True)  # a bad input stops here (one line, exit 2), before any rank starts
     worker_args = (["--config", args.config] if args.config else []) + list(args.overrides)
     return launch.run_local(nproc, "tip_megatron.train", worker_args)

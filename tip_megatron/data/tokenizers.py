@@ -105,6 +105,17 @@ class _Base:
         the plain fallback format has none and ignores them."""
         return [self.apply_chat_template(m, **template_kwargs) for m in conversations]
 
+    def _decodable(self, ids: Sequence[int]) -> list[int]:
+        """`ids` as ints; ValueError naming the first id this tokenizer has no piece for
+        (HF would drop it from the text without a word, SentencePiece raise IndexError)."""
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"tokenizer {self.name}: id {bad} outside [0, {self.vocab_size}): "
+                             "no piece to decode it to; ids the model may produce beyond the "
+                             "tokenizer are masked in sampling (docs/data.md)")
+        return ids
+
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             self._fingerprint = vocab_fingerprint(self._vocab())
@@ -169,7 +180,7 @@ class HFTokenizer(_Base):
         return [list(ids) for ids in out["input_ids"]]
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self.hf.decode(self._decodable(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: Sequence[Message], **template_kwargs: Any) -> list[int]:
         return self.apply_chat_template_batch([messages], **template_kwargs)[0]
@@ -240,7 +251,7 @@ class SentencePieceTokenizer(_Base):
         return ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
-        ids = [int(i) for i in ids]
+        ids = self._decodable(ids)
         if skip_special_tokens:
             special = {self.eos_id, self.pad_id, self.bos_id}
             ids = [i for i in ids if i not in special]

@@ -168,7 +168,7 @@ class DynamicDecoder:
         rows, new = self.slot["row"][slots].clone(), self.slot["new"][slots].clone()
         if self.last:
             ids, logprob = vocab_parallel_sample(
-                logits, tp_group=self.groups.tp_group, vocab_size=self.arch.vocab_size,
+                logits, tp_group=self.groups.tp_group, vocab_size=cfg.sample_vocab(self.arch.vocab_size),
                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=self.seed,
                 step=self.step, row_ids=self.row_offset + rows, counters=new)
         else:

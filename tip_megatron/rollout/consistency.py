@@ -60,7 +60,8 @@ def logprob_gap(chunks, groups, arch, rollouts, config) -> dict:
                 continue
             mask = rollouts.response_mask[rows, 1:]  # token j+1 is predicted at position j
             ids = rollouts.token_ids[rows, 1:][mask]
-            train.append(sampled_logprobs(logits[:, :-1][mask], ids, groups.tp_group, arch.vocab_size, config))
+            train.append(sampled_logprobs(logits[:, :-1][mask], ids, groups.tp_group,
+                                          config.sample_vocab(arch.vocab_size), config))
             engine.append(rollouts.logprobs[rows, 1:][mask])
     finally:
         for module, mode in modes:

@@ -128,7 +128,7 @@ class StaticDecoder:
         cfg = self.config
         if self.last:
             ids, logprob = vocab_parallel_sample(
-                logits, tp_group=self.groups.tp_group, vocab_size=self.arch.vocab_size,
+                logits, tp_group=self.groups.tp_group, vocab_size=cfg.sample_vocab(self.arch.vocab_size),
                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 seed=self.seed, step=self.step, row_offset=self.row_offset,
                 counters=torch.full((rows,), t, dtype=torch.long, device=device),

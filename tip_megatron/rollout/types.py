@@ -76,6 +76,11 @@ class GenerationConfig(SamplingConfig):
     """Capture the decode step's forward in a CUDA graph and replay it (CUDA only; the
     static engine with the KV cache, pipeline size 1, functional layers; not yet run on
     a GPU: rollout/cuda_graph.py)."""
+    vocab_limit: int = 0
+    """Ids the sampler may draw: [0, vocab_limit), masked like the padded columns beyond
+    it. The tokenizer's size where it is smaller than the model's true vocabulary (real
+    checkpoints pad their embedding table: those ids cannot be decoded); 0 = the model's
+    whole true vocabulary. See docs/data.md, "Vocabulary coverage"."""
     keep_hidden: bool = False
     """Keep, on the last pipeline stage, the student's final hidden state (after the final
     norm: the output layer's input) at every position that predicted a response token
@@ -88,6 +93,8 @@ class GenerationConfig(SamplingConfig):
             raise ValueError(f"engine={self.engine!r}: accepted values are {ENGINES}")
         if not isinstance(self.max_batch_tokens, int) or self.max_batch_tokens < 0:
             raise ValueError(f"max_batch_tokens={self.max_batch_tokens!r}: must be an integer >= 0 (0 = all rows)")
+        if not isinstance(self.vocab_limit, int) or self.vocab_limit < 0:
+            raise ValueError(f"vocab_limit={self.vocab_limit!r}: must be an integer >= 0 (0 = the model's vocabulary)")
         if self.layer_impl not in decode.LAYER_IMPLS:
             raise ValueError(f"layer_impl={self.layer_impl!r}: accepted values are {decode.LAYER_IMPLS}")
         if self.cuda_graph and (self.engine != "static" or not self.use_kv_cache):
@@ -108,6 +115,10 @@ class GenerationConfig(SamplingConfig):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def sample_vocab(self, true_vocab: int) -> int:
+        """How many leading ids the sampler may draw from a model of `true_vocab` ids."""
+        return min(true_vocab, self.vocab_limit) if self.vocab_limit > 0 else true_vocab
 
 
 @dataclass

@@ -1,13 +1,17 @@
 """Processes a rank or a command starts, and how they die with it.
 
     results = run_forked(fn, world_size=4, args=(x,))   # fn on 4 forked local ranks
+    die_with_torchrun()                                 # a torchrun worker dies with torchrun
     guard_rank_helpers()                                # a rank's helpers die with it
 
 `run_forked` forks ranks that inherit this process's imports (saving ~10 s of
 `import megatron.core` per rank on a small machine); checkpoint conversion and the
 multi-process tests use it. Forked ranks die with their parent (a killed parent leaves no
-rank behind) and are killed when the parent stops waiting for them. `guard_rank_helpers`
-makes a rank's helper processes die with the rank. See docs/design_notes.md, "Signals".
+rank behind) and are killed when the parent stops waiting for them; helpers the parent
+started before forking (a writer queue's manager) die with the parent too. A torchrun
+worker dies with torchrun (`die_with_torchrun`), whom the launcher makes die with the
+command (`launch.supervise`). `guard_rank_helpers` makes a rank's helper processes die
+with the rank. See docs/design_notes.md, "Signals".
 """
 from __future__ import annotations
 
@@ -23,12 +27,36 @@ import time
 import traceback
 from typing import Any, Callable, Optional, Sequence
 
-from tip_megatron.runtime.env import free_port
+from tip_megatron.runtime.env import free_port, under_torchrun
+from tip_megatron.runtime.errors import JOB_ENV
 from tip_megatron.runtime.signals import exit_if_signalled, exit_on_signals
 
 #: prctl(2) option: the signal a process gets when its parent exits (Linux).
 _PR_SET_PDEATHSIG = 1
+#: set by the launcher in torchrun's environment: its pid (a child subreaper, so a worker
+#: whose torchrun died before it could ask to die with it is re-parented there).
+LAUNCHER_PID_ENV = "TIP_MEGATRON_LAUNCHER_PID"
 
+
+def set_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send `sig` to this process when its parent exits, however it
+    exits (a SIGKILLed parent runs no clean-up). Linux only; elsewhere a no-op. Safe in a
+    Popen preexec_fn (no Python-level locks)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def die_with_torchrun() -> None:
+    """A torchrun worker: SIGKILL it when torchrun (its parent) dies; torchrun itself
+    kills its workers on every exit it lives through, so this only acts when torchrun is
+    SIGKILLed (as the launcher's own death does to it). A worker whose torchrun already
+    died (re-parented to init or to the launcher, a subreaper) exits now. A no-op outside
+    torchrun (no RANK / WORLD_SIZE) and off Linux."""
+    if sys.platform != "linux" or not under_torchrun():
+        return
+    set_death_signal(signal.SIGKILL)
+    if os.getppid() in (1, int(os.environ.get(LAUNCHER_PID_ENV, "1") or 1)):
+        os._exit(137)
 
 
 
@@ -74,6 +102,62 @@ def guard_rank_helpers() -> bool:
     return True
 
 
+_HELPERS_GUARD = """
+import os, signal, sys
+def started(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+def kill(*_):
+    for item in sys.argv[3:]:
+        pid, start = item.split(":")
+        if started(pid) == start:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+    os._exit(0)
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(s, signal.SIG_IGN)
+signal.signal(int(sys.argv[2]), kill)
+import ctypes
+ctypes.CDLL(None).prctl(1, int(sys.argv[2]), 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    kill()
+while True:
+    signal.pause()
+"""
+
+
+def _guard_own_helpers() -> Optional[subprocess.Popen]:
+    """A guard that SIGKILLs this process's current descendants (its helpers: a writer
+    queue's spawned manager, a resource tracker) when this process dies, SIGKILL
+    included; None when there are none (or off Linux). The caller kills the guard once
+    it has stopped the helpers itself. Unlike `guard_rank_helpers` it needs no session of
+    its own: it kills the pids it was given (checked by start time, never a reused pid)."""
+    if sys.platform != "linux":
+        return None
+    import psutil  # a dependency; only the parent of forked ranks needs it
+
+    helpers = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            helpers.append(f"{p.pid}:{_start_ticks(p.pid)}")
+        except OSError:
+            continue
+    if not helpers:
+        return None
+    return subprocess.Popen([sys.executable, "-I", "-S", "-c", _HELPERS_GUARD, str(os.getpid()),
+                             str(int(_GUARD_SIGNAL)), *helpers], stdin=subprocess.DEVNULL, close_fds=True)
+
+
+def _start_ticks(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
+
+
 # ------------------------------------------------------------------ forked ranks
 class RankFailure(RuntimeError):
     """A forked rank failed or hung; the message carries its traceback."""
@@ -98,10 +182,12 @@ def run_forked(
     ctx = mp.get_context(method)
     results = ctx.Queue()
     port = free_port()
-    child_args = (fn, world_size, port, tuple(args), dict(env or {}), results, os.getpid())
+    job = {JOB_ENV: os.urandom(8).hex()}  # names this job (a rank's error line prints once)
+    child_args = (fn, world_size, port, tuple(args), {**job, **(env or {})}, results, os.getpid())
     procs = [ctx.Process(target=_child, args=(rank, *child_args), daemon=False)
              for rank in range(world_size)]
     outputs: dict[int, Any] = {}
+    guard = _guard_own_helpers()  # a SIGKILL of this process must not leave them behind
     try:
         # SIGTERM ends this process through `finally` (as Ctrl-C does), so the ranks are
         # killed and reaped and atexit clean-up (multiprocessing managers) runs; from
@@ -122,6 +208,9 @@ def run_forked(
                 p.kill()
                 p.join()
         results.close()
+        if guard is not None:
+            guard.kill()
+            guard.wait()
     return [outputs[r] for r in range(world_size)]
 
 
@@ -152,8 +241,7 @@ def _die_with_parent(parent_pid: int) -> None:
     the only clean-up."""
     if sys.platform != "linux":
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    set_death_signal(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 

@@ -136,16 +136,29 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 def parse_overrides(overrides: Sequence[str]) -> dict:
     """`["a.b=1", "c=[x, y]"]` -> nested dict; values parsed as YAML scalars/lists."""
-    # yaml loads here, not at import: `tip-megatron --help` imports this module and stays light.
-    import yaml
-
     data: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value (e.g. parallel.tp=2)")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_dotted(data, key.strip(), yaml_value(raw, f"override {item!r}") if raw.strip() else None)
     return data
+
+
+def yaml_value(text: str, where: str) -> Any:
+    """yaml.safe_load, its syntax errors as one line: `where: YAML syntax error at line L,
+    column C: <problem>` (line and column 1-based, as editors count)."""
+    # yaml loads here, not at import: `tip-megatron --help` imports this module and stays light.
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: YAML syntax error{at}: {problem}; fix the YAML "
+                         "(indent with spaces, `key: value`, quote values holding `:` or `#`)") from None
 
 
 def merge(base: dict, extra: dict) -> dict:

@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from tip_megatron.runtime.env import rank_env
-from tip_megatron.runtime.errors import DEBUG_ENV, error_line
-from tip_megatron.runtime.processes import guard_rank_helpers
+from tip_megatron.runtime.env import rank_env, under_torchrun
+from tip_megatron.runtime.errors import DEBUG_ENV, claim_rank_reports, error_line, rank_exit
+from tip_megatron.runtime.processes import die_with_torchrun, guard_rank_helpers
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +36,9 @@ def worker(config: str | None, overrides: list[str]) -> int:
 def _main_module() -> int:
     import logging
 
+    if under_torchrun():
+        die_with_torchrun()  # first: a SIGKILLed torchrun leaves no rank behind
+        claim_rank_reports()
     parser = argparse.ArgumentParser(prog="python -m tip_megatron.train")
     add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="tracebacks for input errors")
@@ -46,13 +49,11 @@ def _main_module() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO dumps whole configs
     try:
-        return worker(args.config, args.overrides)
-    except ValueError as err:  # bad input: every rank stops, rank 0 says why in one line
+        return rank_exit(worker(args.config, args.overrides))
+    except ValueError as err:  # bad input: every rank stops; one line says why, printed once
         if args.debug or os.environ.get(DEBUG_ENV):
             raise
-        if rank0:
-            print(error_line(err), file=sys.stderr, flush=True)
-        return 2
+        return rank_exit(2, error_line(err))
 
 
 if __name__ == "__main__":

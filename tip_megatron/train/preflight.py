@@ -25,7 +25,7 @@ from typing import Any, Optional
 from tip_megatron.config import ModelSource, RunConfig, tensorboard_dir, validate_run
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.checkpoint.sources import builtin_model, source_arch
-from tip_megatron.checkpoint.layout import COMPLETE, resolve_step
+from tip_megatron.checkpoint.layout import COMPLETE, latest_checkpoint, resolve_step
 from tip_megatron.runtime.device import default_backend
 from tip_megatron.runtime.env import rank_env
 from tip_megatron.train.memory_plan import format_plan, plan_memory
@@ -55,13 +55,22 @@ class Checked:
     """The run's tokenizer (None when preflight ran with tokenizer=False)."""
 
 
-def preflight(cfg: RunConfig, world_size: int, *, tokenizer: bool = True) -> Checked:
-    """Config tree, paths, architectures vs layout and lengths, tokenizer; raises ValueError."""
+def preflight(cfg: RunConfig, world_size: int, *, tokenizer: bool = True, records: bool = False) -> Checked:
+    """Config tree, paths, architectures vs layout and lengths, tokenizer; raises ValueError.
+
+    records: also read and tokenize every prompt record (a bad line anywhere, characters
+    the tokenizer cannot encode, chat rows without a template) and check the outputs and
+    the resume target in full; the launcher asks for it (the ranks build the prompt set
+    again, after the model loads: a second pass there would cost them the same again)."""
     validate_run(cfg, world_size)
     check_paths(cfg)
     s_arch, t_arch, vocab = check_models(cfg)
     warn_memory_plan(cfg, world_size, s_arch, t_arch)
     tok = check_tokenizer(cfg, vocab) if tokenizer else None
+    check_outputs_writable(cfg)
+    check_resume_target(cfg, s_arch)
+    if records and tok is not None:
+        check_prompt_records(cfg, tok)
     return Checked(s_arch, t_arch, vocab, tok)
 
 
@@ -135,8 +144,12 @@ def _check_prompt_file(path: Path, key: str, data) -> None:
         raise PreflightError(where, "empty file", "at least one prompt record")
     if path.suffix not in (".jsonl", ".json"):
         return  # parquet: its schema is read by the loader
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+    except UnicodeDecodeError as err:
+        raise PreflightError(where, f"not UTF-8 text (byte {err.start} of a line: a binary "
+                             "file?)", "JSONL text (one JSON object per line) or .parquet") from None
     try:
         record = json.loads(first)
     except ValueError:
@@ -225,13 +238,28 @@ def warn_memory_plan(cfg: RunConfig, world_size: int, s_arch: ModelArch, t_arch:
 def check_tokenizer(cfg: RunConfig, vocab_size: int):
     """The run's tokenizer, refused when it has ids beyond the models' shared vocabulary."""
     tok = load_run_tokenizer(cfg)
-    if tok.vocab_size > vocab_size:
-        raise PreflightError("data.tokenizer", f"the tokenizer has {tok.vocab_size} tokens but the "
-                             f"models' shared vocabulary is {vocab_size}",
-                             f"a tokenizer of at most {vocab_size} tokens (the models' own)")
+    check_vocab_coverage(tok.vocab_size, vocab_size, cfg.parallel.tp)
     if cfg.data.apply_chat_template and (cfg.data.prompts or cfg.eval.prompts):
         _check_chat_template(tok)
     return tok
+
+
+def check_vocab_coverage(tokenizer_size: int, true_vocab: int, tp: int, where: str = "data.tokenizer") -> None:
+    """A tokenizer with ids the models lack is refused; one with fewer ids than the models'
+    TRUE vocabulary (real checkpoints pad it: Qwen's 151936 rows for ~151.7k tokens) is
+    fine: sampling never draws an id >= the tokenizer's size (`GenerationConfig.vocab_limit`,
+    masked as the padded rows are), so every sampled id decodes."""
+    from tip_megatron.models.arch import padded_vocab_size  # cheap: no megatron
+
+    padded = padded_vocab_size(true_vocab, tp)
+    if tokenizer_size > true_vocab:
+        raise PreflightError(where, f"the tokenizer has {tokenizer_size} ids but the models' true "
+                             f"vocabulary is {true_vocab} (padded to {padded} rows at tp={tp}; "
+                             "the padded rows are no tokens)",
+                             f"a tokenizer of at most {true_vocab} ids (the models' own)")
+    if tokenizer_size < true_vocab:
+        logger.info("%s: %d ids, the models' true vocabulary %d (padded %d at tp=%d): ids >= %d "
+                    "are never sampled", where, tokenizer_size, true_vocab, padded, tp, tokenizer_size)
 
 
 def _check_chat_template(tok) -> None:
@@ -305,3 +333,88 @@ def bundled_tokenizer(src: ModelSource) -> Optional[tuple[Any, str]]:
         bundled = model_files(src.ckpt).tokenizer_dir
         path = str(bundled) if bundled is not None else None
     return (load_tokenizer(path), path) if path else None
+
+
+# ------------------------------------------------------------------ what ranks found late
+def check_outputs_writable(cfg: RunConfig) -> None:
+    """An existing output directory (or metrics file) this user cannot write to: refused
+    here, not by every rank at its first save."""
+    tb = tensorboard_dir(cfg)
+    for key, path in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.jsonl", cfg.logging.jsonl),
+                      ("logging.tensorboard", tb)):
+        if not path or not Path(path).exists():
+            continue
+        p = Path(path)
+        mode = os.W_OK | (os.X_OK if p.is_dir() else 0)
+        if not os.access(p, mode):
+            raise PreflightError(f"{key}={str(p)!r}", "exists and is not writable by this user",
+                                 "a path this user can write to, or a new one")
+
+
+def check_resume_target(cfg: RunConfig, student: ModelArch) -> None:
+    """The checkpoint a resume would load: an explicit `checkpoint.resume` step holds the
+    files its manifest lists at their saved sizes (a COMPLETE marker alone is no
+    checkpoint); it, or under `resume=auto` the newest step of `checkpoint.dir`, was saved
+    for the student's architecture."""
+    c = cfg.checkpoint
+    if c.resume == "none":
+        return
+    if c.resume != "auto":
+        target, key = Path(c.resume), f"checkpoint.resume={c.resume!r}"
+        _check_manifest_sizes(target, key)
+    else:
+        target, key = (latest_checkpoint(c.dir) if c.dir else None), "checkpoint.resume=auto"
+        if target is None:
+            return
+    arch_file = target / "arch.json"
+    saved = _read_json(arch_file, f"{key}: {arch_file}")
+    try:
+        saved_arch = ModelArch.from_dict(saved)
+    except (TypeError, ValueError, KeyError) as err:
+        raise PreflightError(f"{key}: {arch_file}", f"not an architecture ({err})") from None
+    a, b = saved_arch.to_dict(), student.to_dict()
+    diffs = [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if k != "extra" and a.get(k) != b.get(k)]
+    if diffs:
+        raise PreflightError(key, f"{target} was saved for a different student architecture "
+                             f"({'; '.join(diffs[:4])})", "the student the run was started with, "
+                             "or checkpoint.resume=none with a new checkpoint.dir")
+
+
+def _check_manifest_sizes(step: Path, key: str) -> None:
+    from tip_megatron.checkpoint.layout import MANIFEST  # the name only
+
+    manifest = step / MANIFEST
+    if not manifest.is_file():
+        if not (step / "dist").is_dir() or not (step / "arch.json").is_file():
+            raise PreflightError(key, f"{step} has a {COMPLETE} marker but no {MANIFEST}, dist/ "
+                                 "or arch.json: not a checkpoint a run saved",
+                                 "a step_NNNNNN directory a run saved")
+        return
+    files = _read_json(manifest, f"{key}: {manifest}").get("files")
+    if not isinstance(files, dict) or not files:
+        raise PreflightError(f"{key}: {manifest}", "lists no files", "the manifest a run wrote")
+    for rel, entry in sorted(files.items()):
+        path = step / rel
+        size = path.stat().st_size if path.is_file() else None
+        if size is None or size != (entry or {}).get("size"):
+            what = "missing" if size is None else f"{size} bytes, {(entry or {}).get('size')} at save"
+            raise PreflightError(key, f"{path}: {what}", "an intact checkpoint (resume from an older "
+                                 "step, or checkpoint.resume=auto to take the newest that verifies)")
+
+
+def check_prompt_records(cfg: RunConfig, tok: Any) -> None:
+    """Every record of `data.prompts`, read and tokenized as the ranks will (the same
+    `PromptDataset`): a bad JSON line, a prompt that is not a non-empty string, chat rows
+    without a chat template, text the tokenizer cannot encode, all named by file and line."""
+    if not cfg.data.prompts:
+        return
+    from tip_megatron.data.prompts import PromptDataset, PromptFields  # numpy only: no megatron
+
+    d = cfg.data
+    fields = PromptFields(prompt=d.prompt_field, messages=d.messages_field, answer=d.answer_field)
+    try:
+        PromptDataset(list(d.prompts), tok, fields=fields, apply_chat_template=d.apply_chat_template,
+                      max_prompt_len=d.max_prompt_len, overlong=d.overlong,
+                      chat_template_kwargs=d.chat_template_kwargs, system_prompt=d.system_prompt)
+    except (ValueError, UnicodeDecodeError, KeyError, IndexError) as err:
+        raise PreflightError("data.prompts", " ".join(str(err).split()) or type(err).__name__) from None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from tip_megatron.runtime import parallel
 from tip_megatron.runtime.device import default_backend
 from tip_megatron.runtime.env import rank_env
+from tip_megatron.runtime.errors import rank_exit
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
 from tip_megatron.distill.loss import DistillSpec, MicrobatchContext, MicrobatchResult
 from tip_megatron.distill.prepass import global_preselection
@@ -115,6 +115,7 @@ def generate_rollouts(run: Run, prompts: list[list[int]]) -> Rollouts:
     r = run.cfg.rollout
     every = run.cfg.logging.logprob_gap_every  # one extra forward on those steps (as logged)
     gen = GenerationConfig.from_sampling(r, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id,
+                                         vocab_limit=run.tokenizer.vocab_size,
                                          check_logprobs=bool(every) and (run.step + 1) % every == 0,
                                          keep_hidden=run.cfg.selection.prepass_from_generation)
     # This replica holds rows [dp_rank * rows, (dp_rank + 1) * rows) of the global batch
@@ -325,9 +326,9 @@ def run(cfg: RunConfig) -> list[dict]:
         loop(state)
     except (TrainingDiverged, ckpt.CheckpointNotSaved) as err:
         state.log.close()
-        if state.groups.rank == 0:
-            print(f"tip-megatron train: {err.args[-1]}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_NOT_SAVED) from err
+        code = EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_NOT_SAVED
+        # printed once (by the launcher, after torchrun's dump, or by the first rank here)
+        raise SystemExit(rank_exit(code, f"tip-megatron train: {err.args[-1]}")) from err
     return state.history
 
 

@@ -69,7 +69,7 @@ def evaluate_in_engine(chunks, groups, arch, tokenizer, dataset, spec: Validatio
     Collective over the world; every rank returns the same result."""
     config = GenerationConfig(n=spec.n, max_new_tokens=spec.max_new_tokens,
                               temperature=spec.temperature, stop_ids=tuple(tokenizer.stop_ids),
-                              pad_id=tokenizer.pad_id)
+                              pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
     return generate_and_grade(chunks, groups, arch, tokenizer, dataset, config,
                               Grading(spec.grader, dict(spec.grader_options), spec.pass_k),
                               seed=spec.seed, batch_size=spec.batch_size)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tip_megatron.apps.launch import run_local
 from tip_megatron.runtime.env import under_torchrun
-from tip_megatron.runtime.processes import guard_rank_helpers
+from tip_megatron.runtime.processes import die_with_torchrun, guard_rank_helpers
 from tip_megatron.apps.quickstart.tasks import DEFAULT_TASK, TASKS, get_task
 
 #: `rule` and `steps` are the default task's; each task has its own (`tasks.EmbeddedTask`).
@@ -236,5 +236,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m tip_megatron.apps.quickstart.command")
     add_arguments(parser)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    die_with_torchrun()  # a SIGKILLed torchrun (or launcher) leaves no rank behind
     guard_rank_helpers()  # this rank's helper processes die with it
     sys.exit(worker(parser.parse_args()))
