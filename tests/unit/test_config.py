@@ -193,7 +193,7 @@ BAD_RUNS = [
     (["logging.log_every=0"], 1, "logging.log_every=0: must be >= 1"),
     (["checkpoint.keep_last=-1"], 1, "checkpoint.keep_last=-1: must be >= 0"),
     (["checkpoint.save_every=-2"], 1, "checkpoint.save_every=-2: must be >= 0"),
-    (["checkpoint.verify=crc"], 1, "checkpoint.verify='crc': accepted: full, edges"),
+    (["checkpoint.verify=crc"], 1, r"checkpoint.verify='crc': accepted values are \['full', 'edges'\]"),
     (["data.prompts_per_step=6"], 4, "data.prompts_per_step=6 is not divisible by the data-parallel size 4"),
     (["data.prompts_per_step=2", "train.updates_per_rollout=3"], 1,
      "train.updates_per_rollout=3 exceeds the 2 rollouts per step"),

@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 from tip_megatron.apps.generate_cmd import (
     add_generation_arguments, check_inputs, generate_lines, own_ranks, torchrun_argv,

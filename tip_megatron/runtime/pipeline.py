@@ -7,7 +7,7 @@ last stage's micro-batches (empty elsewhere).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
