@@ -31,7 +31,7 @@ from tip_megatron.rollout.generate import GenerationConfig, generate
 from tip_megatron.tip import warn_ill_posed_budget
 from tip_megatron.runtime.collectives import all_gather_varlen, all_reduce_sum
 from tip_megatron.checkpoint import training as ckpt
-from tip_megatron.train import export, validation
+from tip_megatron.train import export, run_dir, validation
 from tip_megatron.train.batches import response_rows, update_microbatches
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib, reduce_reports
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
@@ -76,6 +76,8 @@ class Run:
     """(micro-batches, contexts, shape) of the last update: `save` checks the new weights on them."""
     save_refused: str = ""
     """Why the last `save` wrote nothing ('' = it saved)."""
+    lineage: Any = None
+    """checkpoint.rundir.Lineage this launch writes (recorded in every step it saves)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,6 +89,7 @@ def setup(cfg: RunConfig) -> Run:
     # Every check before the process group: each rank fails alone, no collective needed.
     checked = preflight(cfg, rank_env().world_size)
     groups = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
+    run_dir.claim(cfg, groups)  # the run directory's lock, before anything is written there
     tokenizer = checked.tokenizer
     models = build_models(cfg, groups, checked)
     ddp = wrap_ddp(models.student, groups, cfg.optim)
@@ -118,22 +121,20 @@ def _sync():
 
 
 def maybe_resume(run: Run) -> None:
-    cfg = run.cfg.checkpoint
-    if cfg.resume == "none":
-        return
-    path = ckpt.find_resumable(cfg.dir) if cfg.resume == "auto" and cfg.dir else None
-    if cfg.resume not in ("auto", "none"):
-        path = cfg.resume
-        ckpt.check_resumable(path)
+    """Load what `run_dir.plan_resume` picks; then settle the run directory's lineage."""
+    plan = run_dir.plan_resume(run.cfg, run.groups)
+    path = plan.path
     if path is not None:
         state = ckpt.load_checkpoint(path, run.ddp, run.optimizer, run.scheduler, run.groups,
                                      expect_arch=run.models.student_arch)
         run.step = int(state["step"])
         run.prompts.load_state_dict(state["prompts"])
-    # Steps after the checkpoint were logged by the interrupted launch: logged again now.
-    run.log.truncate_after(run.step)
+    run.lineage = run_dir.settle(run.cfg, plan, run.groups)  # only after a load that worked
+    run.log.run_id = run.lineage.run_id
     if path is None:
         return
+    # Steps after the checkpoint were logged by the interrupted launch: logged again now.
+    run.log.truncate_after(run.step, runs=run.lineage.runs())
     if run.groups.rank == 0:
         print(f"resumed from {path} at step {run.step}", flush=True)
 
@@ -372,7 +373,7 @@ def save(run: Run) -> Optional[Path]:
     start = time.perf_counter()
     path = ckpt.save_checkpoint(
         c.dir, run.step, run.ddp, run.optimizer, run.scheduler, run.groups,
-        extra={"prompts": run.prompts.state_dict()}, config_yaml=dump_config(run.cfg),
+        extra={"prompts": run.prompts.state_dict(), "lineage": run.lineage.step_record()}, config_yaml=dump_config(run.cfg),
         arch_json=json.dumps(run.models.student_arch.to_dict()), keep_last=c.keep_last,
     )
     if run.progress is not None:
@@ -399,14 +400,17 @@ def _check_new_weights(run: Run) -> str:
 
 def run(cfg: RunConfig) -> list[dict]:
     """Train; returns the per-step metrics of the logging rank (empty elsewhere)."""
-    state = setup(cfg)
     try:
-        loop(state)
-    except (TrainingDiverged, ckpt.CheckpointNotSaved) as err:
-        state.log.close()
-        if state.groups.rank == 0:
-            print(f"tip-megatron train: {err.args[-1]}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_NOT_SAVED) from err
+        state = setup(cfg)
+        try:
+            loop(state)
+        except (TrainingDiverged, ckpt.CheckpointNotSaved) as err:
+            state.log.close()
+            if state.groups.rank == 0:
+                print(f"tip-megatron train: {err.args[-1]}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_NOT_SAVED) from err
+    finally:
+        run_dir.release(cfg)  # the lock this process took (rank 0 under a bare torchrun)
     return state.history
 
 
