@@ -94,6 +94,6 @@ def build_optimizer(ddp_chunks: Sequence, groups: ParallelGroups, cfg: OptimConf
         # decay are this config's (changed ones apply from the resume step on; the checkpoint
         # loader says so). megatron's default would keep the checkpoint's, silently: a raised
         # train.steps then ran its extra steps at min_lr.
-        override_opt_param_scheduler=True,
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler
