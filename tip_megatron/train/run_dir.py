@@ -34,10 +34,11 @@ def launcher_pid() -> Optional[int]:
     return int(value) if value.isdigit() else None
 
 
-def _on_rank0(fn: Callable[[], Any]) -> Any:
-    """`fn()` on rank 0, its result (or its ValueError, raised) on every rank."""
+def _on_rank0(fn: Callable[[], Any], groups) -> Any:
+    """`fn()` on global rank 0, its result (or its ValueError, raised) on every rank (one
+    broadcast over the world: every rank of the run reads the same directory)."""
     box: list = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if groups.rank == 0:
         try:
             box = [("ok", fn())]
         except ValueError as err:
@@ -62,7 +63,7 @@ def claim(cfg, groups) -> None:
                                    command="tip_megatron.train")
         if note:
             logger.warning("%s", note)
-    _on_rank0(take)
+    _on_rank0(take, groups)
 
 
 def release(cfg) -> None:
@@ -87,14 +88,14 @@ class ResumePlan:
 def plan_resume(cfg, groups) -> ResumePlan:
     """What this launch loads and which lineage it writes (collective: rank 0 decides)."""
     c = cfg.checkpoint
-    current = _on_rank0(lambda: rundir.read_lineage(c.dir) if c.dir else None)
+    current = _on_rank0(lambda: rundir.read_lineage(c.dir) if c.dir else None, groups)
     path = None
     if c.resume == "auto" and c.dir:
         path = ckpt.find_resumable(c.dir, lineage=current)
     elif c.resume not in ("auto", "none"):
         ckpt.check_resumable(c.resume)
         path = Path(c.resume)
-    return _on_rank0(lambda: _decide(c, current, path))
+    return _on_rank0(lambda: _decide(c, current, path), groups)
 
 
 def _decide(c, current: Optional[Lineage], path: Optional[Path]) -> ResumePlan:
@@ -146,5 +147,5 @@ def settle(cfg, plan: ResumePlan, groups) -> Lineage:
                                plan.path, plan.branch_run, plan.branch_from, ", ".join(moved), dest,
                                plan.lineage.run_id)
         rundir.write_lineage(c.dir, plan.lineage)
-    _on_rank0(move)
+    _on_rank0(move, groups)
     return plan.lineage
