@@ -2,6 +2,7 @@
 lineages (which steps a chain owns; moving a former lineage or newer steps aside, byte for
 byte). Real processes stand for the holders: a sleeping child (live), a reaped one (dead)."""
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -68,6 +69,30 @@ def test_stale_lock_of_a_dead_process_or_a_reused_pid_is_taken_over(tmp_path, sl
     reused = rundir.lock_record(sleeper.pid)
     _write_lock(root, dict(reused, started=reused["started"] - 3600))
     assert "took over" in rundir.acquire_lock(root)
+
+
+def test_lock_stays_live_while_a_rank_of_a_killed_launcher_runs(tmp_path, sleeper):
+    root = tmp_path / "run"
+    _write_lock(root, dict(rundir.lock_record(_dead_pid()), started=1.0))  # the launcher: gone
+    rank = rundir.lock_record(sleeper.pid)
+    record = json.loads((root / LOCK).read_text())
+    (root / LOCK).write_text(json.dumps(dict(record, workers=[{"pid": sleeper.pid, "started": rank["started"]}])))
+    with pytest.raises(RunDirLocked, match=f"pid {record['pid']} on host"):
+        rundir.acquire_lock(root)
+    sleeper.kill()
+    sleeper.wait()
+    assert "took over" in rundir.acquire_lock(root)
+
+
+def test_add_worker_records_this_process(tmp_path, sleeper):
+    root = tmp_path / "run"
+    _write_lock(root, rundir.lock_record(sleeper.pid))
+    rundir.add_worker(root)
+    workers = json.loads((root / LOCK).read_text())["workers"]
+    assert [w["pid"] for w in workers] == [os.getpid()]
+    sleeper.kill()
+    sleeper.wait()
+    assert rundir.lock_state(rundir.read_lock(root)) == "live"  # this process still runs
 
 
 def test_lock_of_another_host_is_honoured_unless_broken(tmp_path):

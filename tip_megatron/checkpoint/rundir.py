@@ -77,20 +77,40 @@ def read_lock(root: str | Path) -> Optional[dict]:
     return data if isinstance(data, dict) and "pid" in data else {}
 
 
+def _alive(entry: dict) -> bool:
+    started = _start_time(int(entry["pid"]))
+    # A pid reused by a later process is not the holder (1 s: create_time's resolution).
+    return started is not None and abs(started - float(entry.get("started", started))) < 1.0
+
+
 def lock_state(record: dict) -> str:
-    """'live' (its process runs on this host), 'stale' (it died), 'foreign' (other host)."""
+    """'live' (its process, or a rank it recorded, runs on this host), 'stale' (all died),
+    'foreign' (another host)."""
     if record.get("host") != socket.gethostname():
         return "foreign"
-    started = _start_time(int(record["pid"]))
-    # A pid reused by a later process is not the holder (1 s: create_time's resolution).
-    alive = started is not None and abs(started - float(record.get("started", started))) < 1.0
+    alive = any(_alive(entry) for entry in (record, *record.get("workers", ())))
     return "live" if alive else "stale"
+
+
+def add_worker(root: str | Path) -> None:
+    """Record this process in the lock as working for its holder (a rank its launcher
+    started): the lock stays live while the rank runs, even if the launcher was killed."""
+    path = Path(root) / LOCK
+    record = read_lock(root)
+    if not record:
+        return
+    me = lock_record()
+    record["workers"] = [*record.get("workers", ()), {"pid": me["pid"], "started": me["started"]}]
+    tmp = path.with_name(f".{LOCK}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
 
 
 def describe(record: dict) -> str:
     what = f" ({record['command']})" if record.get("command") else ""
+    ranks = ", ".join(f"pid {w['pid']}" for w in record.get("workers", ()))
     return (f"pid {record.get('pid')} on host {record.get('host')}, started "
-            f"{record.get('started_utc', '?')}{what}")
+            f"{record.get('started_utc', '?')}{what}" + (f", with its ranks {ranks}" if ranks else ""))
 
 
 def lock_problem(root: str | Path, *, owner_pid: Optional[int] = None, break_lock: bool = False) -> str:

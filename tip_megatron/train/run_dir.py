@@ -63,6 +63,8 @@ def claim(cfg, groups) -> None:
                                    command="tip_megatron.train")
         if note:
             logger.warning("%s", note)
+        if launcher_pid() is not None:  # the lock outlives a killed launcher while we run
+            rundir.add_worker(c.dir)
     _on_rank0(take, groups)
 
 
