@@ -213,7 +213,16 @@ class CheckpointConfig:
     """Keep the newest K checkpoints, and the newest K HF exports (`export_hf_every`) (0:
     keep all)."""
     resume: str = "auto"
-    """auto (newest in dir if any), none, or a checkpoint path."""
+    """auto (the newest step of the directory's lineage, if any), none (start over: refused
+    when dir holds steps, unless overwrite), or a step directory (an older step of dir
+    moves the newer ones to `<dir>/branches/`; see docs/checkpoints.md)."""
+    overwrite: bool = False
+    """Let a fresh start (resume=none, or a step from another directory) into a dir that
+    holds steps move them, with metrics.jsonl, config.yaml, hf/ and model_meta/, aside
+    into `<dir>/previous/<run_id>/` (never deleted)."""
+    break_lock: bool = False
+    """Take over the run lock (`<dir>/run.lock`) that a launch on ANOTHER host holds (a
+    lock of a dead process on this host is taken over without it)."""
     export_hf_every: int = 0
     """Also write an HF export (`<dir>/hf/step_000010/`, loads in transformers) of each
     checkpoint saved at a step that is a multiple of N (step % N == 0; a step that saves

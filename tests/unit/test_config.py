@@ -91,6 +91,8 @@ FROZEN_KEYS = [
     "checkpoint.save_every",
     "checkpoint.keep_last",
     "checkpoint.resume",
+    "checkpoint.overwrite",
+    "checkpoint.break_lock",
     "checkpoint.export_hf_every",
     "checkpoint.verify",
     "eval.every",

@@ -71,3 +71,28 @@ def test_tensorboard_true_means_checkpoint_dir_tb(tmp_path):
                              "teacher.builtin=quickstart-teacher"])
     with pytest.raises(ValueError, match="logging.tensorboard=true: writes to <checkpoint.dir>/tb"):
         validate_run(bad, 1)
+
+
+def test_rows_carry_the_run_id_and_a_resume_drops_only_its_own_lineages_later_rows(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n'  # older layout: no run id
+                    '{"step": 1, "run_id": "A", "loss": 3.0}\n{"step": 2, "run_id": "A", "loss": 4.0}\n'
+                    '{"step": 2, "run_id": "B", "loss": 5.0}\n{"step": 3, "run_id": "B"')  # torn
+    log = MetricsLogger(True, str(path), False, "p", None, {})
+    log.run_id = "B"
+    # a resume of lineage B at step 1: B's rows and run-less rows after step 1 go; A's stay
+    assert log.truncate_after(1, runs={"B"}) == 3
+    log.log(2, {"loss": 6.0})
+    log.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r.get("run_id"), r["loss"]) for r in rows] == [
+        (1, None, 1.0), (1, "A", 3.0), (2, "A", 4.0), (2, "B", 6.0)]
+
+
+def test_nothing_is_written_before_the_first_row(tmp_path):
+    log = MetricsLogger(True, str(tmp_path / "sub" / "m.jsonl"), False, "p", None, {})
+    assert log.truncate_after(0) == 0
+    assert not (tmp_path / "sub").exists()
+    log.log(1, {"loss": 1.0})
+    log.close()
+    assert json.loads((tmp_path / "sub" / "m.jsonl").read_text())["step"] == 1

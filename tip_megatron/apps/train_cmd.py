@@ -7,8 +7,11 @@ every process runs the trainer directly (`tip_megatron.train.main`). From a plai
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 
 from tip_megatron.apps import launch
+from tip_megatron.checkpoint import rundir
 from tip_megatron.runtime.env import under_torchrun
 from tip_megatron.train.main import add_arguments, worker
 
@@ -32,4 +35,21 @@ def main(args: argparse.Namespace) -> int:
     nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp
     preflight(cfg, nproc, records=True)  # a bad input stops here (one line, exit 2), before any rank starts
     worker_args = (["--config", args.config] if args.config else []) + list(args.overrides)
-    return launch.run_local(nproc, "tip_megatron.train", worker_args)
+    if not cfg.checkpoint.dir:
+        return launch.run_local(nproc, "tip_megatron.train", worker_args)
+    return _run_holding_lock(cfg, nproc, worker_args)
+
+
+def _run_holding_lock(cfg, nproc: int, worker_args: list[str]) -> int:
+    """The launcher owns checkpoint.dir while its ranks run (`run.lock`; a live holder is
+    one line, exit 2, before any rank starts); the ranks know the lock is their launcher's."""
+    c = cfg.checkpoint
+    note = rundir.acquire_lock(c.dir, break_lock=c.break_lock, command="tip-megatron train")
+    if note:
+        logging.getLogger(__name__).warning("%s", note)
+    os.environ[rundir.LAUNCHER_ENV] = str(os.getpid())
+    try:
+        return launch.run_local(nproc, "tip_megatron.train", worker_args)
+    finally:
+        os.environ.pop(rundir.LAUNCHER_ENV, None)
+        rundir.release_lock(c.dir)

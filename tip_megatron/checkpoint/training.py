@@ -56,7 +56,8 @@ from tip_megatron.checkpoint.model import (
 )
 from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.checkpoint import manifest
-from tip_megatron.checkpoint.layout import COMPLETE, MODEL_META, list_checkpoints, step_dir
+from tip_megatron.checkpoint.layout import COMPLETE, LINEAGE, MODEL_META, list_checkpoints, step_dir
+from tip_megatron.checkpoint.rundir import Lineage, owned_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,8 @@ def _write_small_files(tmp: Path, step: int, scheduler: Any, groups: ParallelGro
         state = {"step": step, "scheduler": scheduler.state_dict(), "layout": _layout_key(groups),
                  "world_size": groups.world_size, **extra}
         torch.save(state, tmp / "state.pt")
+        if "lineage" in extra:  # the run that wrote this step (checkpoint/rundir.py)
+            (tmp / LINEAGE).write_text(json.dumps(extra["lineage"]) + "\n")
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "arch.json").write_text(arch_json)
 
@@ -252,12 +255,58 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# ------------------------------------------------------------------ changed settings
+#: Scheduler fields set from the run config (train/optimizer.py), and the keys they come from.
+_SCHEDULE_KEYS = {"max_lr": "optim.lr", "min_lr": "optim.min_lr", "lr_warmup_steps": "optim.warmup_steps",
+                  "lr_decay_steps": "train.steps x train.updates_per_rollout (updates of the decay)",
+                  "start_wd": "optim.weight_decay"}
+#: Param-group fields megatron copies from the config: saved groups take the current values.
+_GROUP_CONFIG_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def schedule_changes(saved: dict, scheduler: Any) -> list[str]:
+    """`key old -> new` for each schedule setting of this config that differs from the
+    checkpoint's (the scheduler keeps this config's: `override_opt_param_scheduler`)."""
+    return [f"{key} {saved[name]:g} -> {getattr(scheduler, name):g}" for name, key in _SCHEDULE_KEYS.items()
+            if name in saved and saved[name] != getattr(scheduler, name)]
+
+
+def adopt_current_schedule(saved_optimizer: Any, optimizer: Any) -> None:
+    """Give the saved param groups this config's lr and weight-decay values. megatron pairs
+    saved and current groups by a key that includes them (a changed optim.lr was a
+    `KeyError: (None, 0.03, ...)`), and its scheduler reads max_lr / min_lr from the
+    groups: left as saved, they would override the config. Groups pair by the rest of the
+    key (lr / wd multipliers, expert and decoupled flags)."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    rest = [k for k in param_group_identifier_keys if k not in _GROUP_CONFIG_KEYS]
+    current = {tuple(g.get(k) for k in rest): g for g in optimizer.param_groups}
+    for groups in _saved_param_groups(saved_optimizer):
+        for group in groups:
+            match = current.get(tuple(group.get(k) for k in rest))
+            if match is not None:
+                group.update({k: match[k] for k in _GROUP_CONFIG_KEYS if k in match})
+
+
+def _saved_param_groups(state: Any) -> Iterator[list]:
+    """Every `param_groups` list in a (possibly chained, nested) optimizer state dict."""
+    if isinstance(state, dict):
+        if isinstance(state.get("param_groups"), list):
+            yield state["param_groups"]
+        for value in state.values():
+            yield from _saved_param_groups(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _saved_param_groups(value)
+
+
 # ------------------------------------------------------------------ verify + resume
-def find_resumable(root: str | Path) -> Optional[Path]:
-    """The newest checkpoint under `root` that verifies (collective: rank 0 checks, every
-    rank gets its answer). Each newer one that does not is renamed `<name>.damaged`
-    (never deleted) with a warning naming its bad files."""
-    box: list = [_newest_good(Path(root)) if dist.get_rank() == 0 else None]
+def find_resumable(root: str | Path, lineage: Optional[Lineage] = None) -> Optional[Path]:
+    """The newest checkpoint under `root` of the directory's `lineage` (all of them when
+    None) that verifies (collective: rank 0 checks, every rank gets its answer). Each newer
+    one that does not is renamed `<name>.damaged` (never deleted) with a warning naming its
+    bad files; a newer one of another lineage is skipped with a warning."""
+    box: list = [_newest_good(Path(root), lineage) if dist.get_rank() == 0 else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     found, damaged = box[0]
@@ -268,9 +317,14 @@ def find_resumable(root: str | Path) -> Optional[Path]:
     return found
 
 
-def _newest_good(root: Path) -> tuple[Optional[Path], list[str]]:
+def _newest_good(root: Path, lineage: Optional[Lineage]) -> tuple[Optional[Path], list[str]]:
     damaged = []
-    for path in reversed(list_checkpoints(root)):
+    mine, others = owned_checkpoints(root, lineage)
+    if others:
+        logger.warning("checkpoint.resume=auto: %s under %s belong to no step of this directory's "
+                       "lineage (run %s): not resumed (left in place)",
+                       ", ".join(p.name for p in others), root, lineage.run_id)
+    for path in reversed(mine):
         problems = manifest.verify(path)
         if not problems:
             return path, damaged
@@ -323,11 +377,17 @@ def load_checkpoint(
     loaded = load_sharded_strict(_sharded_state(chunks, optimizer, is_loading=True), path / "dist")
     load_chunks(list(chunks), loaded)
     if optimizer is not None:
+        adopt_current_schedule(loaded["optimizer"], optimizer)
         optimizer.load_state_dict(loaded["optimizer"])
     if torch_adam:
         unshare_torch_adam_steps(optimizer)
     state = torch.load(path / "state.pt", weights_only=True)
-    scheduler.load_state_dict(state["scheduler"])
+    changes = schedule_changes(state["scheduler"], scheduler)
+    scheduler.load_state_dict(state["scheduler"])  # the step count; the rest: this config's
+    if changes and dist.get_rank() == 0:
+        logger.warning("resumed %s with a changed learning-rate schedule (%s): this config's "
+                       "schedule applies from update %d on (lr now %.6g)", path, "; ".join(changes),
+                       scheduler.num_steps, optimizer.param_groups[0]["lr"] if optimizer else float("nan"))
     rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
     if state["layout"] == _layout_key(groups) and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))

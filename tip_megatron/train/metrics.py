@@ -52,20 +52,22 @@ def peak_memory_mib() -> float:
 
 
 class MetricsLogger:
-    """Console + JSONL + optional wandb, active on one rank only."""
+    """Console + JSONL + optional wandb, active on one rank only.
+
+    Each JSONL row carries the lineage's `run_id` (set once the run directory is settled,
+    train/run_dir.py), so rows of different runs in one file (`logging.jsonl`) never mix
+    unseen. The file is opened at the first row: set-up writes nothing."""
 
     def __init__(self, active: bool, jsonl: Optional[str], use_wandb: bool, project: str,
                  run_name: Optional[str], config: dict, tensorboard: Optional[str] = None) -> None:
         self.active = active
+        self.run_id: Optional[str] = None
         self._file = None
         self._wandb = None
         self._tb = None
         self._path = Path(jsonl) if jsonl else None
         if not active:
             return
-        if jsonl:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(jsonl, "a", encoding="utf-8")
         if use_wandb:
             self._wandb = _start_wandb(project, run_name, config)
         if tensorboard:
@@ -78,8 +80,12 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.active:
             return
-        if self._file:
-            self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._path is not None:
+            if self._file is None:
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self._path, "a", encoding="utf-8")
+            row = {"step": step, **({"run_id": self.run_id} if self.run_id else {}), **metrics}
+            self._file.write(json.dumps(row) + "\n")
             self._file.flush()
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
@@ -89,16 +95,19 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, global_step=step)
             self._tb.flush()
 
-    def truncate_after(self, step: int) -> int:
+    def truncate_after(self, step: int, runs: Optional[set] = None) -> int:
         """Drop the JSONL lines of steps after `step` (a resumed run logs them again, so
-        each step appears once), and a torn last line. The file is rewritten beside itself
-        and renamed over the old one (a crash leaves the old or the new file, whole).
-        Returns the number of lines dropped."""
-        if not (self.active and self._file):
+        each step appears once) and torn lines. With `runs`, only the rows of those run ids
+        (and rows without one) are dropped: other runs' rows in a shared file stay. The
+        file is rewritten beside itself and renamed over the old one (a crash leaves the
+        old or the new file, whole). Returns the number of lines dropped."""
+        if not (self.active and self._path is not None and self._path.is_file()):
             return 0
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         lines = self._path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        kept = [line for line in lines if _keep(line, step, runs)]
         dropped = len(lines) - len(kept)
         if dropped:
             tmp = self._path.with_name(f".{self._path.name}.tmp-{os.getpid()}")
@@ -107,7 +116,6 @@ class MetricsLogger:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._path)
-        self._file = open(self._path, "a", encoding="utf-8")
         return dropped
 
     def close(self) -> None:
@@ -127,11 +135,13 @@ def tensorboard_probe(where: str) -> None:
                          "or set logging.tensorboard=null")
 
 
-def _step_of(line: str) -> Optional[int]:
+def _keep(line: str, step: int, runs: Optional[set]) -> bool:
     try:
-        return int(json.loads(line)["step"])
+        row = json.loads(line)
+        row_step, row_run = int(row["step"]), row.get("run_id")
     except (ValueError, KeyError, TypeError):
-        return None
+        return False  # torn
+    return row_step <= step or (runs is not None and row_run is not None and row_run not in runs)
 
 
 def _start_wandb(project: str, run_name: Optional[str], config: dict):

@@ -92,5 +92,10 @@ def build_optimizer(ddp_chunks: Sequence, groups: ParallelGroups, cfg: OptimConf
         end_wd=cfg.weight_decay,
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
+        # A resume keeps only the step count: lr, min_lr, warm-up, decay length and weight
+        # decay are this config's (changed ones apply from the resume step on; the checkpoint
+        # loader says so). megatron's default would keep the checkpoint's, silently: a raised
+        # train.steps then ran its extra steps at min_lr.
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler

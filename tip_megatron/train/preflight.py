@@ -29,6 +29,7 @@ from tip_megatron.checkpoint.layout import COMPLETE, latest_checkpoint, resolve_
 from tip_megatron.runtime.device import default_backend
 from tip_megatron.runtime.env import rank_env
 from tip_megatron.train.memory_plan import format_plan, plan_memory
+from tip_megatron.checkpoint.rundir import fresh_start_problem, starts_new_lineage
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def check_paths(cfg: RunConfig) -> None:
         raise PreflightError(f"checkpoint.resume={resume!r}", "not a complete training checkpoint "
                              f"(no {COMPLETE} file there)",
                              "auto, none, or a step_NNNNNN directory a run saved")
+    _check_fresh_start(cfg.checkpoint)
     tb = tensorboard_dir(cfg)
     if tb:
         from tip_megatron.train.metrics import tensorboard_probe
@@ -98,6 +100,16 @@ def check_paths(cfg: RunConfig) -> None:
                       ("logging.tensorboard", tb)):
         if path:
             _check_writable(key, Path(path), want_dir=key != "logging.jsonl")
+
+
+def _check_fresh_start(c) -> None:
+    """A new lineage (resume=none, or a step of another directory) into a checkpoint.dir
+    that holds steps needs checkpoint.overwrite=true (which moves them aside)."""
+    if not c.dir or c.overwrite or not Path(c.dir).is_dir() or not starts_new_lineage(c.dir, c.resume):
+        return
+    problem = fresh_start_problem(c.dir, c.resume)
+    if problem:
+        raise PreflightError(*problem.split(": ", 1))
 
 
 def _check_source_files(src: ModelSource, who: str) -> None:

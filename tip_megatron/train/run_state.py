@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # annotations only: train.optimizer imports megatron's optimi
     from megatron.core.optimizer import MegatronOptimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from tip_megatron.checkpoint.rundir import Lineage
+
 
 class PromptSource(Protocol):
     """This DP replica's prompts, one batch per step, resumable (train.setup.prompt_source)."""
@@ -77,3 +79,5 @@ class Run:
     last_update: Optional[LastUpdate] = None
     save_refused: str = ""
     """Why the last `save` wrote nothing ('' = it saved)."""
+    lineage: Optional["Lineage"] = None
+    """checkpoint.rundir.Lineage this launch writes (recorded in every step it saves)."""

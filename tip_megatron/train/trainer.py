@@ -32,7 +32,7 @@ from tip_megatron.rollout.types import Rollouts
 from tip_megatron.tip import warn_ill_posed_budget
 from tip_megatron.runtime.collectives import all_gather_varlen, all_reduce_sum
 from tip_megatron.checkpoint import training as ckpt
-from tip_megatron.train import export, validation
+from tip_megatron.train import export, run_dir, validation
 from tip_megatron.train.batches import update_microbatches
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
@@ -58,6 +58,7 @@ def setup(cfg: RunConfig) -> Run:
     # Every check before the process group: each rank fails alone, no collective needed.
     checked = preflight(cfg, rank_env().world_size)
     groups = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
+    run_dir.claim(cfg, groups)  # the run directory's lock, before anything is written there
     tokenizer = checked.tokenizer
     models = build_models(cfg, groups, checked)
     ddp = wrap_ddp(models.student, groups, cfg.optim)
@@ -89,22 +90,20 @@ def _sync():
 
 
 def maybe_resume(run: Run) -> None:
-    cfg = run.cfg.checkpoint
-    if cfg.resume == "none":
-        return
-    path = ckpt.find_resumable(cfg.dir) if cfg.resume == "auto" and cfg.dir else None
-    if cfg.resume not in ("auto", "none"):
-        path = cfg.resume
-        ckpt.check_resumable(path)
+    """Load what `run_dir.plan_resume` picks; then settle the run directory's lineage."""
+    plan = run_dir.plan_resume(run.cfg, run.groups)
+    path = plan.path
     if path is not None:
         state = ckpt.load_checkpoint(path, run.ddp, run.optimizer, run.scheduler, run.groups,
                                      expect_arch=run.models.student_arch)
         run.step = int(state["step"])
         run.prompts.load_state_dict(state["prompts"])
-    # Steps after the checkpoint were logged by the interrupted launch: logged again now.
-    run.log.truncate_after(run.step)
+    run.lineage = run_dir.settle(run.cfg, plan, run.groups)  # only after a load that worked
+    run.log.run_id = run.lineage.run_id
     if path is None:
         return
+    # Steps after the checkpoint were logged by the interrupted launch: logged again now.
+    run.log.truncate_after(run.step, runs=run.lineage.runs())
     if run.groups.rank == 0:
         print(f"resumed from {path} at step {run.step}", flush=True)
 
@@ -291,7 +290,8 @@ def save(run: Run) -> Optional[Path]:
     start = time.perf_counter()
     path = ckpt.save_checkpoint(
         c.dir, run.step, run.ddp, run.optimizer, run.scheduler, run.groups,
-        extra={"prompts": run.prompts.state_dict()}, config_yaml=dump_config(run.cfg),
+        extra={"prompts": run.prompts.state_dict(), "lineage": run.lineage.step_record()},
+        config_yaml=dump_config(run.cfg),
         arch_json=json.dumps(run.models.student_arch.to_dict()), keep_last=c.keep_last,
         verify=c.verify,
     )
@@ -321,14 +321,17 @@ def _check_new_weights(run: Run) -> str:
 
 def run(cfg: RunConfig) -> list[dict]:
     """Train; returns the per-step metrics of the logging rank (empty elsewhere)."""
-    state = setup(cfg)
     try:
-        loop(state)
-    except (TrainingDiverged, ckpt.CheckpointNotSaved) as err:
-        state.log.close()
-        code = EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_NOT_SAVED
-        # printed once (by the launcher, after torchrun's dump, or by the first rank here)
-        raise SystemExit(rank_exit(code, f"tip-megatron train: {err.args[-1]}")) from err
+        state = setup(cfg)
+        try:
+            loop(state)
+        except (TrainingDiverged, ckpt.CheckpointNotSaved) as err:
+            state.log.close()
+            code = EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_NOT_SAVED
+            # printed once (by the launcher, after torchrun's dump, or by the first rank here)
+            raise SystemExit(rank_exit(code, f"tip-megatron train: {err.args[-1]}")) from err
+    finally:
+        run_dir.release(cfg)  # the lock this process took (rank 0 under a bare torchrun)
     return state.history
 
 
