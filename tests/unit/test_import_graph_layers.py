@@ -143,7 +143,6 @@ def test_no_import_circles():
     assert not circles, f"import circles: {circles}"
 
 
-@pytest.mark.xfail(strict=True, reason="in progress: ~160 function-level imports get their comment or move up")
 def test_every_import_inside_a_function_says_why():
     silent = silent_function_imports()
     assert not silent, (f"{len(silent)} imports inside functions without a comment saying why "

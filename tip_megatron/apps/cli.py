@@ -58,6 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)  # --help and usage errors exit here, before torch loads
     args.argv = argv  # for commands that start their own ranks (run_cli_ranks)
     from tip_megatron.runtime.env import under_torchrun  # after parse_args: --help stays fast
+    # after parsing: --help and usage errors must not load torch
     from tip_megatron.runtime.processes import die_with_torchrun, guard_rank_helpers
 
     ranked = under_torchrun()
@@ -65,6 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         die_with_torchrun()
         claim_rank_reports()
         guard_rank_helpers()
+    # after parsing: --help and usage errors must not load torch
     from tip_megatron.runtime.device import quiet_third_party_warnings
 
     quiet_third_party_warnings()

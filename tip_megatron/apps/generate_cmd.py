@@ -132,6 +132,7 @@ def generate_lines(args: argparse.Namespace) -> Optional[list[dict]]:
     (prompt, sample) order on rank 0, None on the other ranks."""
     # Start-up time of --help: torch, megatron and the model load only when generating.
     from tip_megatron.eval.sharded import gather_lines, generate_shard
+    # heavy (torch, megatron): rank work; --help imports this module
     from tip_megatron.runtime import parallel
 
     world = rank_env().world_size
@@ -153,6 +154,7 @@ def generate_lines(args: argparse.Namespace) -> Optional[list[dict]]:
 def _load(args: argparse.Namespace, groups):
     # Start-up time of --help (as in generate_lines): torch and megatron load here.
     from tip_megatron.models import BuildOptions, build_model
+    # heavy (torch, megatron): rank work; --help imports this module
     from tip_megatron.checkpoint.model import load_model_checkpoint, model_files
 
     files = model_files(args.ckpt)  # a model checkpoint, a training step or run directory
@@ -166,6 +168,7 @@ def _load(args: argparse.Namespace, groups):
 def _tokenizer(args: argparse.Namespace, files, arch):
     """--tokenizer or the checkpoint's; one with ids beyond the model's vocabulary refused
     (a smaller one is fine: ids >= its size are never sampled, `_config`'s vocab_limit)."""
+    # heavy (torch, megatron): rank work; --help imports this module
     from tip_megatron.data.tokenizers import load_tokenizer
 
     tokenizer_path = args.tokenizer or files.tokenizer_dir

@@ -136,6 +136,7 @@ class _Forwarder:
             _signal_group(self.pgid, signum)
 
     def to_ranks(self, signum: int, _frame: Any) -> None:
+        # only the supervising parent needs psutil; kept off the --help path
         import psutil
 
         try:
@@ -178,6 +179,7 @@ def _kill_job(pid: int, not_ours: set[int]) -> None:
     """SIGKILL the job: its leader `pid`, its process group, every descendant, and orphans
     re-parented to this subreaper since the job started (children not in `not_ours`);
     then reap them."""
+    # only the supervising parent needs psutil; kept off the --help path
     import psutil
 
     family = []
@@ -215,6 +217,7 @@ def _wait_dead(pids: set[int], timeout_s: float) -> None:
 
 
 def _running(pid: int) -> bool:
+    # only the supervising parent needs psutil; kept off the --help path
     import psutil
 
     try:

@@ -26,8 +26,9 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # heavy: the config sections import torch; --help imports this module
     from tip_megatron.config import load_config
-    from tip_megatron.train.preflight import preflight
+    from tip_megatron.train.preflight import preflight  # as above
 
     cfg = load_config(args.config, args.overrides)  # errors surface before any launch
     if under_torchrun():

@@ -84,6 +84,7 @@ def write_model_meta(root: str | Path, *, hf_config: dict, meta: dict,
 
 def _rng_state() -> dict:
     """Every RNG state as tensors and plain types (loadable with weights_only=True)."""
+    # heavy: megatron loads on use, not on import
     from megatron.core import tensor_parallel
 
     version, mt, gauss = random.getstate()
@@ -99,6 +100,7 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
+    # heavy: megatron loads on use, not on import
     from megatron.core import tensor_parallel
 
     version, mt, gauss = state["python"]
@@ -140,6 +142,7 @@ def save_checkpoint(
     the rest before the directory gets its name (`io_atomic.atomic_dir`). `verify`: what
     the manifest records (`checkpoint.verify`: full or edges; `checkpoint.manifest`).
     """
+    # heavy: megatron loads on use, not on import
     from megatron.core import dist_checkpointing
 
     apply_cpu_compat()  # swaps megatron modules imported since (savers load lazily)
@@ -277,6 +280,7 @@ def adopt_current_schedule(saved_optimizer: Any, optimizer: Any) -> None:
     `KeyError: (None, 0.03, ...)`), and its scheduler reads max_lr / min_lr from the
     groups: left as saved, they would override the config. Groups pair by the rest of the
     key (lr / wd multipliers, expert and decoupled flags)."""
+    # heavy: megatron loads on use, not on import
     from megatron.core.optimizer.optimizer import param_group_identifier_keys
 
     rest = [k for k in param_group_identifier_keys if k not in _GROUP_CONFIG_KEYS]

@@ -32,6 +32,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
     try:
+        # optional: pyarrow, for parquet files only
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(f"{path}: parquet files need the pyarrow package: pip install pyarrow "

@@ -111,6 +111,7 @@ def _import_math_verify():
     # math-verify parses LaTeX through latex2sympy2's ANTLR grammar: both halves needed.
     try:
         import antlr4  # noqa: F401
+        # optional extra: math-verify, for the math grader only
         import math_verify
     except ImportError as err:
         raise ImportError(f"grader 'math' needs the math-verify package ({err.name} is missing): "

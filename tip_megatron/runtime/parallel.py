@@ -197,6 +197,7 @@ def initialize(
 
     # megatron loads on first use: importing this module (config, --help) stays light.
     from megatron.core import parallel_state
+    # heavy: megatron loads on the first initialize, not on import
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     if parallel_state.model_parallel_is_initialized():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -19,10 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def worker(config: str | None, overrides: list[str]) -> int:
+    # heavy (torch, megatron): only a rank runs this; the train command's --help imports this module
     from tip_megatron.runtime import parallel
-    from tip_megatron.config import load_config
+    from tip_megatron.config import load_config  # as above
+    # heavy (torch, megatron): only a rank runs this; the train command's --help imports this module
     from tip_megatron.runtime.device import quiet_third_party_warnings
-    from tip_megatron.train.trainer import run
+    from tip_megatron.train.trainer import run  # as above
 
     guard_rank_helpers()  # this rank's helper processes die with it
     quiet_third_party_warnings()
@@ -34,8 +37,6 @@ def worker(config: str | None, overrides: list[str]) -> int:
 
 
 def _main_module() -> int:
-    import logging
-
     if under_torchrun():
         die_with_torchrun()  # first: a SIGKILLed torchrun leaves no rank behind
         claim_rank_reports()

@@ -93,6 +93,7 @@ def check_paths(cfg: RunConfig) -> None:
     _check_fresh_start(cfg.checkpoint)
     tb = tensorboard_dir(cfg)
     if tb:
+        # lazy: the probe imports tensorboard, an optional extra
         from tip_megatron.train.metrics import tensorboard_probe
 
         tensorboard_probe(tb)
@@ -289,6 +290,7 @@ def _check_chat_template(tok) -> None:
 def load_run_tokenizer(cfg: RunConfig):
     """The tokenizer of the run (`data.tokenizer`, else the student's bundled one); a
     teacher that bundles a different one is refused."""
+    # lazy: tokenizer libraries (sentencepiece, transformers) load only when one is checked
     from tip_megatron.data.tokenizers import CharTokenizer, load_tokenizer
 
     if cfg.data.tokenizer:
@@ -330,6 +332,7 @@ def _check_override(cfg: RunConfig, tok: Any, where: str, student: Optional[tupl
 
 def bundled_tokenizer(src: ModelSource) -> Optional[tuple[Any, str]]:
     """(tokenizer, where it came from) that ships with the source, or None."""
+    # lazy: tokenizer libraries (sentencepiece, transformers) load only when one is checked
     from tip_megatron.data.tokenizers import load_tokenizer
 
     if src.builtin:
