@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from tip_megatron.config import load_config
-from tip_megatron.train.preflight import PreflightError, preflight
+from tip_megatron.runtime.errors import PreflightError
+from tip_megatron.train.preflight import preflight
 
 ROOT = Path(__file__).resolve().parents[2]
 #: a valid run on the quickstart's built-ins (16 positions, 4 heads, 2 layers, 14 tokens).

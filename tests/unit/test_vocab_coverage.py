@@ -118,12 +118,13 @@ def test_hf_tokenizer_does_not_drop_an_id(tmp_path):
 
 # ------------------------------------------------------------------ preflight
 def test_preflight_compares_the_tokenizer_with_the_true_and_padded_vocabulary(caplog):
-    from tip_megatron.train.preflight import PreflightError, check_vocab_coverage
+    from tip_megatron.runtime.errors import PreflightError
+    from tip_megatron.train.preflight_tokenizer import check_vocab_coverage
 
     with pytest.raises(PreflightError, match=r"^data.tokenizer: the tokenizer has 151937 ids but the "
                        r"models' true vocabulary is 151936 \(padded to 152064 rows at tp=2"):
         check_vocab_coverage(151937, 151936, 2)
     check_vocab_coverage(151936, 151936, 2)
-    with caplog.at_level("INFO", logger="tip_megatron.train.preflight"):
+    with caplog.at_level("INFO", logger="tip_megatron.train.preflight_tokenizer"):
         check_vocab_coverage(151669, 151936, 2)  # Qwen3: fewer tokens than rows
     assert "ids >= 151669 are never sampled" in caplog.text

@@ -104,3 +104,11 @@ def read_rank_reports(folder: Path, world_size: int, launcher_code: int) -> tupl
     if len({r.get("rank") for r in reports}) == world_size:
         return max(int(r.get("code", 0)) for r in reports), None
     return launcher_code, None
+
+
+class PreflightError(ValueError):
+    """A bad run input: `where` (dotted key or file), what is wrong, what is accepted."""
+
+    def __init__(self, where: str, what: str, accepted: str = "") -> None:
+        self.where, self.what, self.accepted = where, what, accepted
+        super().__init__(f"{where}: {what}" + (f"; {accepted}" if accepted else ""))
