@@ -86,7 +86,7 @@ def test_tokenizer_mismatch_is_refused(assets, tmp_path):
 def test_checkpoint_of_another_architecture_is_refused(assets, tmp_path):
     ckdir = tmp_path / "ck"
     run_distributed(_train, 1, args=(_overrides(assets, **{"train.steps": 1, "checkpoint.dir": ckdir}),))
-    with pytest.raises(DistributedTestError, match="different architecture"):
+    with pytest.raises(DistributedTestError, match="was saved for a different student architecture"):
         run_distributed(_train, 1, args=(_overrides(assets, **{
             "train.steps": 2, "checkpoint.dir": ckdir, "student.ckpt": assets / "other"}),))
 

@@ -105,9 +105,10 @@ def test_explicit_damaged_resume_is_an_error_naming_the_file(assets, saved, tmp_
     out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
         "train.steps": 4, "checkpoint.dir": ckdir, "checkpoint.resume": ckdir / "step_000003"}),))[0]
     kind, message, _ = out["error"]
-    assert kind == "ValueError"
-    assert "checkpoint.resume=" in message and str(bad_file) in message and "truncated" in message
-    assert "accepted: a complete checkpoint" in message
+    # preflight compares the step's files with its manifest before any rank loads it
+    assert kind == "PreflightError"  # a ValueError: one line, exit 2 from the command
+    assert "checkpoint.resume=" in message and str(bad_file) in message and " at save" in message
+    assert "an intact checkpoint (resume from an older step" in message
     assert tree_hashes(ckdir) == before
 
 
