@@ -33,7 +33,6 @@ from tip_megatron.checkpoint.layout import (
     BRANCHES, CONFIG, HF_EXPORTS, LINEAGE, LINEAGE_FILES, LOCK, METRICS, PREVIOUS, STEP_RE,
     branch_name, is_step_entry, list_checkpoints, step_number,
 )
-from tip_megatron.runtime.atomic import WRITTEN_BY
 
 #: Set by `tip-megatron train` for its ranks: the pid of the launcher that holds the lock.
 LAUNCHER_ENV = "TIP_MEGATRON_RUN_LOCK_PID"
@@ -322,6 +321,9 @@ def lineage_entries(root: str | Path) -> list[Path]:
     """What a lineage owns at the top of `root`: its steps and LINEAGE_FILES present. The
     HF export folder counts only when it holds an export of ours (a folder with the
     exporter's marker): folders a user keeps there are not a lineage's to move."""
+    # lazy: runtime.atomic imports torch.distributed; the train command's --help imports this module
+    from tip_megatron.runtime.atomic import WRITTEN_BY
+
     root = Path(root)
     named = [root / n for n in LINEAGE_FILES if (root / n).exists()
              and (n != HF_EXPORTS or any((c / WRITTEN_BY).is_file() for c in (root / n).iterdir()))]
