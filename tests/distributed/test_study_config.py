@@ -89,7 +89,9 @@ def study(tmp_path_factory):
 
 
 def _recompute(step_dir, rows):
-    """Mean@N of the weights saved in `step_dir`, sampled as the validation at that step."""
+    """Mean@N of the weights saved in `step_dir`, sampled as the validation samples (the one
+    sharded loop, eval/sharded.py: noise keyed by seed and global row at step 0, ids limited
+    to the tokenizer's)."""
     from tip_megatron.runtime import parallel
     from tip_megatron.models import build_model
     from tip_megatron.checkpoint.sources import ModelSource, load_source_weights, source_arch
@@ -103,9 +105,9 @@ def _recompute(step_dir, rows):
     load_source_weights(chunks, groups, arch, src)
     tok = CharTokenizer()
     config = GenerationConfig(n=N, max_new_tokens=NEW, temperature=1.0, stop_ids=(tok.eos_id,),
-                              pad_id=tok.pad_id)
+                              pad_id=tok.pad_id, vocab_limit=tok.vocab_size)
     out = generate(chunks, groups, arch, [tok.encode(r["prompt"]) for r in rows], config,
-                   seed=EVAL_SEED, step=STEPS, row_offset=0)
+                   seed=EVAL_SEED, step=0, row_offset=0)
     correct = []
     for row in range(out.num_rows):
         text = tok.decode(out.response(row), skip_special_tokens=True)
