@@ -20,6 +20,7 @@ import yaml
 
 from tip_megatron.checkpoint.sources import ModelSource, builtin_model
 from tip_megatron.distill.loss import LossConfig
+from tip_megatron.distill.teacher_config import TeacherConfig
 from tip_megatron.eval.config import EvalConfig
 from tip_megatron.rollout.types import SamplingConfig
 from tip_megatron.runtime.optional import FP8_RECIPE_MIN_CAPABILITY, check_fp8
@@ -279,13 +280,15 @@ class RunConfig:
     """The whole run."""
 
     student: ModelSource = field(default_factory=ModelSource)
-    teacher: ModelSource = field(default_factory=ModelSource)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Unset `teacher.parallel` keys follow the student's; docs/teacher.md has both placements."""
     shared_vocab_size: Optional[int] = None
     """Teacher and student TRUE vocabularies must match; name the shared prefix size here to
     distill between models whose embedding tables differ (e.g. 152064 vs 151936)."""
     model: ModelOptions = field(default_factory=ModelOptions)
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
-    """tp, pp, vpp, sequence_parallel (student and teacher share the grid)."""
+    """The student's tp, pp, vpp, sequence_parallel (the teacher's follow unless
+    `teacher.parallel` sets its own)."""
     data: DataConfig = field(default_factory=DataConfig)
     rollout: SamplingConfig = field(default_factory=SamplingConfig)
     """n, max_new_tokens, temperature, top_p, top_k (the generation engine's own options)."""
@@ -335,12 +338,32 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
     for name in ("rollout", "train", "data", "checkpoint", "logging", "eval", "optim", "model",
                  "selection", "loss"):
         getattr(cfg, name).validate(f"{name}.")
-    cfg.parallel.validate(world_size, "parallel.")
+    students = student_world_size(cfg, world_size)
+    cfg.parallel.validate(students, "parallel.")
+    _check_teacher_layout(cfg, world_size)
     _check_eval_logging(cfg)
     _check_logging_dirs(cfg)
-    _check_batch(cfg, cfg.parallel.dp(world_size))
+    _check_batch(cfg, cfg.parallel.dp(students))
     _check_prepass_source(cfg)
     _check_prompt_source(cfg)
+
+
+def student_world_size(cfg: RunConfig, world_size: int) -> int:
+    """The student's ranks: the whole world, less the teacher's own under `separate`."""
+    own = cfg.teacher.ranks(cfg.parallel)
+    if own and own >= world_size:
+        raise ValueError(
+            f"teacher.placement=separate takes {own} ranks (teacher tp x pp x dp) of a world of "
+            f"{world_size}: none left for the student; accepted: world size = student ranks + "
+            f"{own} (e.g. torchrun --nproc_per_node {own + cfg.parallel.tp * cfg.parallel.pp})")
+    return world_size - own
+
+
+def _check_teacher_layout(cfg: RunConfig, world_size: int) -> None:
+    """The teacher's own layout against its ranks (one line naming `teacher.parallel.*`)."""
+    layout = cfg.teacher.parallel.resolve(cfg.parallel)
+    ranks = cfg.teacher.ranks(cfg.parallel) or world_size
+    layout.validate(ranks, "teacher.parallel.")
 
 
 def _check_batch(cfg: RunConfig, dp: int) -> None:
@@ -414,7 +437,7 @@ def _check_prompt_source(cfg: RunConfig) -> None:
 __all__ = [
     "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "LossConfig",
     "ModelOptions", "ModelSource", "OptimConfig", "ParallelLayout", "QuadrantRule",
-    "RunConfig", "SamplingConfig", "SelectionConfig", "TrainConfig", "config_keys",
+    "RunConfig", "SamplingConfig", "SelectionConfig", "TeacherConfig", "TrainConfig", "config_keys",
     "config_to_dict", "dump_config", "from_dict", "load_config", "logging_dir", "parse_overrides",
-    "tensorboard_dir", "validate_run",
+    "student_world_size", "tensorboard_dir", "validate_run",
 ]

@@ -65,7 +65,17 @@ class SectionDoc:
 # ------------------------------------------------------------------ introspection
 def field_docstrings(cls: type) -> dict[str, str]:
     """{field name: docstring} from the string literal that follows each annotated field in
-    `cls`'s class body (PEP 257 attribute docstrings; not kept by Python at runtime)."""
+    `cls`'s class body (PEP 257 attribute docstrings; not kept by Python at runtime), and
+    from its base classes' bodies for the fields it inherits."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if base is not object and dataclasses.is_dataclass(base):
+            docs.update(_own_field_docstrings(base))
+    docs.update(_own_field_docstrings(cls))
+    return docs
+
+
+def _own_field_docstrings(cls: type) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):

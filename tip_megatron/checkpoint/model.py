@@ -122,8 +122,15 @@ def _write_manifest_last(tmp: Path, rank: int, mode: str) -> None:
 
 
 def sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
-    """Megatron-LM's layout: one key per model chunk (`models.state.chunk_key`)."""
-    return {chunk_key(i, len(chunks)): unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    """Megatron-LM's layout: one key per model chunk (`models.state.chunk_key`). Replicas
+    are numbered in each chunk's own DP group (megatron would read its global one, which
+    is another model's when this one was built on a grid of its own)."""
+    out = {}
+    for i, c in enumerate(chunks):
+        model = unwrap(c)
+        metadata = {"dp_cp_group": model.pg_collection.dp_cp}
+        out[chunk_key(i, len(chunks))] = model.sharded_state_dict(metadata=metadata)
+    return out
 
 
 def load_chunks(chunks: list[torch.nn.Module], loaded: dict) -> None:

@@ -105,8 +105,10 @@ class Preselection:
 class MicrobatchContext:
     """What the output processor reads for one micro-batch (inputs only; never written)."""
 
-    teacher_hidden: torch.Tensor
-    """[s, b, h_t] teacher final hidden states (after its final norm), no grad."""
+    teacher_hidden: Any
+    """[s, b, h_t] teacher final hidden states (after its final norm), no grad; or, from a
+    teacher on a grid of its own, a pending transfer whose `.get()` waits for them
+    (distill.teacher_link)."""
     teacher_weight: torch.Tensor
     """[V/tp, h_t] teacher output-weight shard (same padded vocab as the student)."""
     target_mask: torch.Tensor
@@ -149,6 +151,13 @@ class DistillSpec:
     """Scoring pre-pass (global scope): compute and return the signals, no loss."""
 
 
+def teacher_states(ctx: MicrobatchContext) -> torch.Tensor:
+    """The micro-batch's teacher hidden states [s, b, h_t], waiting for them if they are
+    still on their way from the teacher's grid."""
+    hidden = ctx.teacher_hidden
+    return hidden if isinstance(hidden, torch.Tensor) else hidden.get()
+
+
 def _flat(hidden: torch.Tensor) -> torch.Tensor:
     """[s, b, h] -> [b*s, h], batch-major like the [b, s] masks."""
     return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
@@ -185,7 +194,7 @@ def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec
     are computed for target positions only (`student_rows`: see `score_tokens`)."""
     target = ctx.target_mask.reshape(-1).to(hidden_flat.device)
     positions = target.nonzero().squeeze(1)
-    teacher_flat = _flat(ctx.teacher_hidden)
+    teacher_flat = _flat(teacher_states(ctx))
     ent, rkl, fkl = score_tokens(hidden_flat, weight, teacher_flat, ctx.teacher_weight, positions, spec,
                                  student_rows=student_rows)
     full = [torch.zeros(target.numel(), dtype=torch.float32, device=target.device) for _ in range(3)]
@@ -209,7 +218,7 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
     reduce-scatters the hidden state's gradient; the loss op must not all-reduce it too.
     """
     idx = kept.nonzero().squeeze(1)
-    teacher_kept = _flat(ctx.teacher_hidden).index_select(0, idx)
+    teacher_kept = _flat(teacher_states(ctx)).index_select(0, idx)
     fn = fused_linear_divergence if spec.loss.impl == "fused" else unfused_linear_divergence
     kwargs = {"chunk_size": spec.loss.chunk_size} if spec.loss.impl == "fused" else {}
     return fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,

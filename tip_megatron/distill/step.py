@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -64,29 +64,35 @@ def _hidden_only(tp_group, *, hidden_states, output_layer, **_):
     return full_sequence(hidden_states, output_layer, tp_group)[0]
 
 
-def _stash(store: list, hidden: torch.Tensor):
-    store.append(hidden.detach())
+def _stash(store: list, sink, hidden: torch.Tensor):
+    if sink is not None:  # handed on at once (a teacher on its own grid sends it)
+        sink(len(store), hidden.detach())
+        store.append(None)
+    else:
+        store.append(hidden.detach())
     zero = hidden.new_zeros(())
     return zero, torch.zeros((), dtype=torch.int), {}
 
 
-def _teacher_step(store: list, tp_group, data_iterator, model):
+def _teacher_step(store: list, sink, tp_group, data_iterator, model):
     mb: Microbatch = next(data_iterator)
     out = model(mb.input_ids, mb.position_ids, None, output_processor=partial(_hidden_only, tp_group))
-    return out, partial(_stash, store)
+    return out, partial(_stash, store, sink)
 
 
 @torch.no_grad()
 def teacher_hidden_states(
     teacher_chunks: Sequence[torch.nn.Module], groups: ParallelGroups,
     microbatches: Sequence[Microbatch], *, seq_length: int, micro_batch_size: int,
-) -> list[torch.Tensor]:
+    sink: Optional[Callable[[int, torch.Tensor], None]] = None,
+) -> list[Optional[torch.Tensor]]:
     """Forward-only teacher pass; returns [s, b, h_t] per micro-batch on the last stage
-    (an empty list on other stages)."""
+    (an empty list on other stages). `sink(index, hidden)`: called on the last stage as
+    each micro-batch's hidden states are done, instead of keeping them (None entries)."""
     check_sequence_parallel_length(groups, microbatches, seq_length)
-    store: list[torch.Tensor] = []
+    store: list[Optional[torch.Tensor]] = []
     pipeline.forward_backward(
-        partial(_teacher_step, store, groups.tp_group), teacher_chunks, list(microbatches), groups,
+        partial(_teacher_step, store, sink, groups.tp_group), teacher_chunks, list(microbatches), groups,
         seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True,
     )
     return store

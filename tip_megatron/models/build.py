@@ -20,7 +20,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from tip_megatron.runtime.device import current_device, default_backend
+from tip_megatron.runtime.device import compute_dtype, current_device, default_backend
 from tip_megatron.runtime.megatron_compat import apply_cpu_compat, megatron_config_overrides
 from tip_megatron.runtime.optional import check_fp8, optional_deps, require
 from tip_megatron.models.arch import ModelArch, RopeScaling
@@ -80,7 +80,7 @@ def transformer_config(arch: ModelArch, groups: ParallelGroups, options: BuildOp
 
     on_gpu = default_backend().is_cuda
     deps = optional_deps()
-    dtype = options.params_dtype or (torch.bfloat16 if on_gpu else torch.float32)
+    dtype = compute_dtype(options.params_dtype)
     if options.fp8:
         if resolve_spec(options.spec) != "te":
             raise ValueError("model.fp8 needs the Transformer Engine spec (model.spec=te) on a GPU")

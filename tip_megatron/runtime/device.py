@@ -9,6 +9,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -46,6 +47,14 @@ def current_device() -> torch.device:
     if default_backend().is_cuda:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def compute_dtype(params_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype models are built in: `params_dtype` when set, else bf16 on a GPU and fp32
+    on CPU (`model.dtype=auto`)."""
+    if params_dtype is not None:
+        return params_dtype
+    return torch.bfloat16 if default_backend().is_cuda else torch.float32
 
 
 def cuda_capability() -> tuple[int, int] | None:

@@ -63,9 +63,10 @@ class ParallelLayout:
         if self.vpp is not None and self.vpp > 1 and self.pp < 2:
             raise ValueError(f"{prefix}vpp={self.vpp} needs {prefix}pp >= 2 (got pp={self.pp})")
         if world_size % (self.tp * self.pp) != 0:
+            keys = "" if prefix == "parallel." else f" ({prefix}tp x {prefix}pp)"
             raise ValueError(
                 f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp} = "
-                f"{self.tp * self.pp}; accepted: world sizes that are multiples of tp*pp"
+                f"{self.tp * self.pp}{keys}; accepted: world sizes that are multiples of tp*pp"
             )
         if self.cp != 1:
             raise ValueError(
@@ -97,7 +98,15 @@ class ParallelGroups:
     """megatron's view of the same groups (what its model classes take)."""
     layout: ParallelLayout
     world_size: int
+    """Ranks of this model's grid."""
     rank: int
+    """This process's rank in the default group (its side's world under a `Split`)."""
+    world_group: Optional[dist.ProcessGroup] = None
+    """Every rank of this model's grid: the group of the run-wide collectives (barriers,
+    flags, checkpoints). None: the default group (this model's grid is the whole world)."""
+    rank_offset: int = 0
+    """The job-wide rank of the grid's first rank: its ranks are [rank_offset, rank_offset +
+    world_size) of the job (nonzero for the teacher's side of a `Split`)."""
 
     @property
     def tp_size(self) -> int:
@@ -132,12 +141,63 @@ class ParallelGroups:
         return self.pp_rank == self.pp_size - 1
 
 
-def init_torch_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Split:
+    """Two worlds in one job (`teacher.placement: separate`): global ranks [0, student)
+    train the student, [student, student + teacher) run the teacher. Each side gets a
+    default process group of its own (megatron's global state, checkpoints and every
+    run-wide collective stay inside one model's ranks); a `Bridge` joins them."""
+
+    student: int
+    teacher: int
+
+    def role(self, global_rank: int) -> str:
+        return "student" if global_rank < self.student else "teacher"
+
+
+class Bridge:
+    """Point-to-point sends between any two global ranks of the job, whatever world each
+    belongs to: the default group when there is one world, a gloo group of its own over
+    every rank of the job under a `Split` (on GPUs the tensors go through host memory:
+    docs/teacher.md)."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup], global_rank: int, offset: int) -> None:
+        self.group = group
+        self.rank = global_rank
+        self._offset = offset  # global rank of this world's rank 0 (the default group's ranks)
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0):
+        """Send `tensor` (contiguous, kept alive by the caller until the work is done) to
+        global rank `dst`; returns the work to wait on."""
+        if self.group is None:
+            return dist.isend(tensor, dst - self._offset, tag=tag)
+        return self.group.send([tensor], dst, tag)
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0):
+        if self.group is None:
+            return dist.irecv(tensor, src - self._offset, tag=tag)
+        return self.group.recv([tensor], src, tag)
+
+
+_BRIDGE: Optional[Bridge] = None
+
+
+def bridge() -> Bridge:
+    """The job's point-to-point transport (set by `init_torch_distributed`)."""
+    if _BRIDGE is None:
+        raise RuntimeError("bridge(): torch.distributed is not initialized (parallel.initialize)")
+    return _BRIDGE
+
+
+def init_torch_distributed(timeout_minutes: int = 30, split: Optional[Split] = None) -> tuple[int, int]:
     """Initialize the default process group from the torchrun environment (idempotent).
 
     A process started without torchrun becomes rank 0 of a world of one, on a free local
-    port. Returns (rank, world_size).
+    port. Under a `Split` the default group is this rank's side only (its rank and size
+    within it are returned) and the job-wide `bridge()` is a group of its own over the
+    same rendezvous store. Returns (rank, world_size) of the default group.
     """
+    global _BRIDGE
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     env = rank_env()
@@ -153,13 +213,25 @@ def init_torch_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
             )
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    dist.init_process_group(
-        backend=device.backend,
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
-    return rank, world
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if split is None:
+        dist.init_process_group(backend=device.backend, rank=rank, world_size=world, timeout=timeout)
+        _BRIDGE = Bridge(None, rank, 0)
+        return rank, world
+    if split.student + split.teacher != world:
+        raise ValueError(f"world size {world} != {split.student} student ranks + {split.teacher} "
+                         "teacher ranks")
+    # The store torchrun's rendezvous gives every rank (env://), shared by three groups
+    # under their own key prefixes: the student's world, the teacher's, and the bridge.
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    role = split.role(rank)
+    offset = 0 if role == "student" else split.student
+    size = split.student if role == "student" else split.teacher
+    dist.init_process_group(backend=device.backend, store=dist.PrefixStore(f"tip/{role}", store),
+                            rank=rank - offset, world_size=size, timeout=timeout)
+    link = dist.ProcessGroupGloo(dist.PrefixStore("tip/bridge", store), rank, world, timeout)
+    _BRIDGE = Bridge(link, rank, offset)
+    return rank - offset, size
 
 
 def set_seeds(seed: int) -> None:
@@ -182,18 +254,23 @@ def initialize(
     layout: ParallelLayout,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    split: Optional[Split] = None,
 ) -> ParallelGroups:
     """Initialize torch.distributed and megatron parallel_state for `layout`.
 
     Validates the layout against the world size first, so a bad layout is a ValueError
-    rather than a hang in a collective.
+    rather than a hang in a collective. Under a `Split` the world is this rank's side (the
+    student's or the teacher's ranks, `layout` being that side's).
     """
     world = rank_env().world_size
+    if split is not None and not dist.is_initialized():
+        world = split.student if split.role(rank_env().rank) == "student" else split.teacher
     if dist.is_initialized():
         world = dist.get_world_size()
     layout.validate(world)
     apply_cpu_compat()
-    rank, world = init_torch_distributed(timeout_minutes)
+    global_rank = rank_env().rank
+    rank, world = init_torch_distributed(timeout_minutes, split)
 
     # megatron loads on first use: importing this module (config, --help) stays light.
     from megatron.core import parallel_state
@@ -221,6 +298,7 @@ def initialize(
         layout=layout,
         world_size=world,
         rank=rank,
+        rank_offset=global_rank - rank,
     )
     if rank == 0:
         logger.info(
@@ -231,8 +309,66 @@ def initialize(
     return groups
 
 
+def _enumerate(grid, dims: list[str]) -> list[list[int]]:
+    """Global ranks of every `dims` group of `grid` (megatron's order; see HyperCommGrid)."""
+    return grid._gen_rank_enum(dims)  # the enumeration create_pg uses, for the embedding groups
+
+
+def _stage_pairs(grid, layout: ParallelLayout) -> tuple[list[list[int]], list[list[int]]]:
+    """(embedding groups: the first and last pipeline stage of every TP/DP position,
+    position-embedding groups: the first stage alone), as megatron pairs them."""
+    pipelines = _enumerate(grid, ["pp"])
+    embd = [sorted({ranks[0], ranks[-1]}) for ranks in pipelines]
+    return embd, [[ranks[0]] for ranks in pipelines]
+
+
+def grid_groups(layout: ParallelLayout, rank_offset: int, size: int,
+                timeout_minutes: int = 30) -> Optional[ParallelGroups]:
+    """Process groups of `layout` over the global ranks [rank_offset, rank_offset + size),
+    built with megatron-core's HyperCommGrid (megatron's rank order: TP fastest, then DP,
+    then PP), without megatron's global parallel_state: a model built with these groups
+    (its `pg_collection`) may live beside another model of another layout.
+
+    Collective over the whole world (every rank creates every group, as torch requires);
+    returns None on ranks outside the grid."""
+    # heavy: megatron loads on first use (`initialize`), not on import
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+    from megatron.core.process_groups_config import ProcessGroupCollection  # heavy, as above
+
+    layout.validate(size)
+    dp = layout.dp(size)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    grid = HyperCommGrid([layout.tp, 1, 1, dp, layout.pp], ["tp", "cp", "ep", "dp", "pp"],
+                         rank_offset=rank_offset)
+    made = {name: grid.create_pg(dims, timeout=timeout) for name, dims in (
+        ("tp", "tp"), ("pp", "pp"), ("dp", "dp"), ("cp", "cp"), ("ep", "ep"),
+        ("mp", ["tp", "pp"]), ("tp_dp", ["tp", "dp"]), ("tp_pp_ep", ["tp", "ep", "pp"]))}
+    embd_ranks, pos_ranks = _stage_pairs(grid, layout)
+    embd, _ = dist.new_subgroups_by_enumeration(embd_ranks, timeout=timeout)
+    pos_embd, _ = dist.new_subgroups_by_enumeration(pos_ranks, timeout=timeout)
+    gloo, _ = dist.new_subgroups_by_enumeration(_enumerate(grid, ["dp"]), backend="gloo",
+                                                timeout=timeout)
+    world = dist.new_group(list(range(rank_offset, rank_offset + size)), timeout=timeout)
+    rank = dist.get_rank()
+    if not grid.is_current_rank_in_grid():
+        return None
+    tp, dp_group = made["tp"], made["dp"]
+    # A dense model: expert groups are the dense ones (EP 1), context parallelism is 1.
+    pgs = ProcessGroupCollection(
+        tp=tp, pp=made["pp"], mp=made["mp"], embd=embd, pos_embd=pos_embd, cp=made["cp"],
+        tp_cp=tp, hcp=None, ep=made["ep"], expt_tp=tp, tp_ep=tp, tp_ep_pp=made["tp_pp_ep"],
+        tp_dp_cp=made["tp_dp"], dp=dp_group, dp_cp=dp_group, intra_dp_cp=dp_group,
+        expt_dp=dp_group, intra_expt_dp=dp_group, inter_dist_opt=None, intra_dist_opt=world)
+    return ParallelGroups(
+        tp_group=tp, pp_group=made["pp"], dp_group=dp_group, dp_group_gloo=gloo, embd_group=embd,
+        mp_group=made["mp"], pg_collection=pgs, layout=layout, world_size=size, rank=rank,
+        world_group=world, rank_offset=rank_offset)
+
+
 def destroy() -> None:
-    """Tear down megatron parallel_state and the default process group."""
+    """Tear down megatron parallel_state, the default process group and the bridge."""
+    global _BRIDGE
+    _BRIDGE = None
     from megatron.core import parallel_state  # loaded by `initialize` already; light here
 
     if parallel_state.model_parallel_is_initialized():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
 from tip_megatron.config import OptimConfig
 from tip_megatron.runtime.device import default_backend
@@ -50,6 +51,18 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], groups: ParallelGroups, cfg: Opt
     return wrapped
 
 
+def _set_grad_stats_group(optimizer, groups: ParallelGroups, distributed: bool) -> None:
+    """The group the gradient norm (clipping) is reduced over, set on every sub-optimizer:
+    megatron-core 0.19 leaves it unset on some wrappers and then falls back to its global
+    model-parallel group, which is not this model's when the model was built on a grid of
+    its own (`parallel.grid_groups`: a teacher or student beside another layout). The
+    distributed optimizer shards state over every rank of the grid; the plain one holds
+    whole DP replicas, so its norm is reduced over one model-parallel group."""
+    group = (groups.world_group or dist.group.WORLD) if distributed else groups.mp_group
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        sub.grad_stats_parallel_group = group
+
+
 def build_optimizer(ddp_chunks: Sequence, groups: ParallelGroups, cfg: OptimConfig, total_steps: int):
     """AdamW (megatron optimizer; distributed when configured) and its LR scheduler."""
     # heavy: megatron.core takes ~10 s to import; config checks reach this module (built-ins)
@@ -79,6 +92,7 @@ def build_optimizer(ddp_chunks: Sequence, groups: ParallelGroups, cfg: OptimConf
         use_gloo_process_groups=False,
     )
     config.grad_scale_func = optimizer.scale_loss
+    _set_grad_stats_group(optimizer, groups, cfg.use_distributed_optimizer)
     decay_steps = max(total_steps, cfg.warmup_steps + 1)
     scheduler = OptimizerParamScheduler(
         optimizer,

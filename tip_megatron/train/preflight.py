@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tip_megatron.config import ModelSource, RunConfig, tensorboard_dir, validate_run
+from tip_megatron.config import ModelSource, RunConfig, student_world_size, tensorboard_dir, validate_run
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.checkpoint.sources import source_arch
 from tip_megatron.checkpoint.layout import COMPLETE, latest_checkpoint, resolve_step
@@ -205,12 +205,14 @@ def check_models(cfg: RunConfig) -> tuple[ModelArch, ModelArch, int]:
                                    cfg.shared_vocab_size)
     except ValueError as err:
         raise PreflightError("shared_vocab_size" if cfg.shared_vocab_size else "teacher", str(err)) from None
-    p = cfg.parallel
+    layouts = {"student": ("parallel", cfg.parallel),
+               "teacher": ("teacher.parallel", cfg.teacher.parallel.resolve(cfg.parallel))}
     for who, arch in archs.items():
+        key, p = layouts[who]
         try:
             arch.validate_parallel(p.tp, p.pp, p.vpp)
         except ValueError as err:
-            raise PreflightError(f"parallel (tp={p.tp}, pp={p.pp}, vpp={p.vpp})",
+            raise PreflightError(f"{key} (tp={p.tp}, pp={p.pp}, vpp={p.vpp})",
                                  f"the {who} ({_source_key(getattr(cfg, who), who)}) cannot be cut: {err}") from None
         check_lengths(cfg, arch, who)
     return archs["student"], archs["teacher"], vocab
@@ -233,7 +235,8 @@ def warn_memory_plan(cfg: RunConfig, world_size: int, s_arch: ModelArch, t_arch:
     if cfg.parallel.gpu_memory_gib is None:
         return None
     device = "cuda" if default_backend().is_cuda else "cpu"
-    plan = plan_memory(cfg, s_arch, t_arch, world_size, device=device)
+    # The student's ranks (the plan places the teacher on the student's grid: docs/plan.md)
+    plan = plan_memory(cfg, s_arch, t_arch, student_world_size(cfg, world_size), device=device)
     if plan.fits is False and rank_env().rank == 0:
         logger.warning("parallel.gpu_memory_gib=%s: the memory plan puts a rank at %.1f GiB, above "
                        "%.1f GiB (tip-megatron plan; docs/plan.md):\n%s", cfg.parallel.gpu_memory_gib,

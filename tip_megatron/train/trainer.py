@@ -22,6 +22,7 @@ from tip_megatron.runtime.errors import rank_exit
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
 from tip_megatron.distill.loss import DistillSpec, MicrobatchContext, MicrobatchResult
 from tip_megatron.distill.prepass import global_preselection
+from tip_megatron.distill.teacher_link import TeacherRankLost
 from tip_megatron.distill.step import (
     Microbatch, ScheduleShape, forward_loss_pass, make_contexts, teacher_hidden_states,
     teacher_output_weight, train_pass,
@@ -41,6 +42,7 @@ from tip_megatron.train.preflight import preflight
 from tip_megatron.train.progress import StageTimers, TrainProgress, config_summary, write_effective_config
 from tip_megatron.train.run_state import LastUpdate, Run
 from tip_megatron.train.setup import build_models, prompt_source
+from tip_megatron.train.teacher_serve import serve_teacher
 from tip_megatron.train.skip import TrainingDiverged, count_skip, reduce_results, should_skip
 from tip_megatron.train.token_dumps import maybe_dump_tokens
 from tip_megatron.checkpoint.layout import latest_checkpoint
@@ -51,16 +53,22 @@ logger = logging.getLogger(__name__)
 EXIT_DIVERGED = 3
 #: Exit code of a run whose checkpoint could not be written (disk full, file-size limit).
 EXIT_NOT_SAVED = 4
+#: Exit code of a student rank whose teacher rank (`separate`) died or hung up.
+EXIT_TEACHER_LOST = 5
 
 
 # ------------------------------------------------------------------ set-up
 def setup(cfg: RunConfig) -> Run:
     # Every check before the process group: each rank fails alone, no collective needed.
     checked = preflight(cfg, rank_env().world_size)
-    groups = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
+    groups = parallel.initialize(cfg.parallel, seed=cfg.train.seed, split=teacher_split(cfg))
+    teacher_groups = None
+    if cfg.teacher.own_grid(cfg.parallel) and not cfg.teacher.separate:  # another layout, same ranks
+        teacher_groups = parallel.grid_groups(cfg.teacher.parallel.resolve(cfg.parallel), 0,
+                                              groups.world_size)
     run_dir.claim(cfg, groups)  # the run directory's lock, before anything is written there
     tokenizer = checked.tokenizer
-    models = build_models(cfg, groups, checked)
+    models = build_models(cfg, groups, checked, teacher_groups)
     ddp = wrap_ddp(models.student, groups, cfg.optim)
     total = cfg.train.steps * cfg.train.updates_per_rollout
     optimizer, scheduler = build_optimizer(ddp, groups, cfg.optim, total_steps=total)
@@ -143,7 +151,13 @@ def _spec(run: Run) -> DistillSpec:
 
 def teacher_contexts(run: Run, mbs: list[Microbatch],
                      shape: ScheduleShape) -> list[Optional[MicrobatchContext]]:
-    """The teacher's forward-only pass: per micro-batch contexts (last stage; None elsewhere)."""
+    """The teacher's forward-only pass: per micro-batch contexts (last stage; None elsewhere).
+    A teacher on a grid of its own scores through the link (its hidden states may still be
+    on their way when the student pass starts: the loss path waits for each)."""
+    link = run.models.link
+    if link is not None:
+        pending = link.exchange(mbs, run.models.teacher)
+        return make_contexts(run.groups, mbs, pending, run.models.teacher_weight)
     hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape._asdict())
     t_weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
     return make_contexts(run.groups, mbs, hidden, t_weight)
@@ -246,6 +260,9 @@ def train_step(run: Run) -> dict:
     elapsed = time.perf_counter() - start
     metrics.update(tokens_per_s=tokens / elapsed, step_s=elapsed, peak_mem_mib=peak_memory_mib(),
                    response_len=tokens / rows, **run.timers.metrics())
+    if run.models.link is not None:  # inside the student stage: waiting for teacher hidden states
+        metrics["time_teacher_wait_s"] = run.models.link.wait_s
+        run.models.link.wait_s = 0.0
     if out.logprob_gap is not None:
         metrics.update(gap_metrics(out.logprob_gap, run.groups.dp_group))
     return metrics
@@ -321,8 +338,19 @@ def _check_new_weights(run: Run) -> str:
     return "the new weights give a non-finite loss (diverged)" if flag.item() else ""
 
 
+def teacher_split(cfg: RunConfig) -> Optional[parallel.Split]:
+    """Under `teacher.placement: separate`: the job's student ranks and teacher ranks."""
+    own = cfg.teacher.ranks(cfg.parallel)
+    return parallel.Split(rank_env().world_size - own, own) if own else None
+
+
 def run(cfg: RunConfig) -> list[dict]:
-    """Train; returns the per-step metrics of the logging rank (empty elsewhere)."""
+    """Train; returns the per-step metrics of the logging rank (empty elsewhere). A rank of
+    the teacher's own (`separate`) serves the teacher until the student stops."""
+    split = teacher_split(cfg)
+    if split is not None and split.role(rank_env().rank) == "teacher":
+        serve_teacher(cfg, split)
+        return []
     try:
         state = setup(cfg)
         try:
@@ -332,6 +360,10 @@ def run(cfg: RunConfig) -> list[dict]:
             code = EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_NOT_SAVED
             # printed once (by the launcher, after torchrun's dump, or by the first rank here)
             raise SystemExit(rank_exit(code, f"tip-megatron train: {err.args[-1]}")) from err
+        except TeacherRankLost as err:
+            state.log.close()
+            raise SystemExit(rank_exit(EXIT_TEACHER_LOST, f"tip-megatron train: rank "
+                                       f"{rank_env().rank}: {err}")) from None
     finally:
         run_dir.release(cfg)  # the lock this process took (rank 0 under a bare torchrun)
     return state.history
@@ -364,6 +396,8 @@ def loop(state: Run) -> None:
             _report_stop(state, signalled, saved)
             break
     signalled.close()
+    if state.models.link is not None and cfg.teacher.separate:
+        state.models.link.stop()  # the teacher's ranks exit after this
     if state.progress is not None:
         state.progress.close()
     state.log.close()

@@ -1,0 +1,344 @@
+"""The teacher on a grid of its own (another layout, other ranks, or both): what crosses
+between the student's grid and the teacher's. docs/teacher.md draws it.
+
+    link = TeacherLink(student_groups, teacher_groups, bridge(), spec)
+    weight = link.output_weight(teacher_chunks)        # set-up, once: [V/tp_s, h_t] on the
+                                                       # student's last stage
+    hidden = link.exchange(microbatches, teacher_chunks)   # every step: one per micro-batch
+    hidden[i].get()                                    # [s, b, h_t], waits for it to arrive
+
+Ranks are named by their coordinates (tp, pp, dp) in each grid, megatron's order (TP fastest,
+then DP, then PP: rank = offset + tp + TP*dp + TP*DP*pp, checked against the groups at
+set-up). A step's micro-batches are numbered g = d*M + i over the student's replicas d (M
+each); teacher replica j scores those with g % DP_t == j.
+
+  1. token ids and positions: student rank (tp 0, stage 0) of replica d -> every rank of
+     each teacher replica (one header [n, b, s] and, when n > 0, ids and positions);
+  2. the teacher replica's forward-only pass over them (right-padded to one length: causal
+     attention leaves the real positions' hidden states unchanged), in order of g;
+  3. final hidden states [s, b, h_t] (compute dtype, gathered under sequence parallelism):
+     teacher last-stage rank tp k -> the student's last-stage ranks tp r with r % TP_t == k
+     of replica d, each micro-batch as soon as it is done (at most `queue_depth` in flight).
+
+The student posts its receives before the teacher runs, so a rank that is both (the
+`shared` placement) never waits on itself; a message to the same rank is handed over in
+memory. Statistics, selection and the fused divergence read the hidden states and the
+output-weight shard exactly as on one grid.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from tip_megatron.distill.step import Microbatch, output_weight, teacher_hidden_states
+from tip_megatron.runtime.parallel import Bridge, ParallelGroups, ParallelLayout
+
+_HEADER, _IDS, _POS, _HIDDEN, _WEIGHT = 1, 2, 3, 4, 5
+STOP = -1
+"""A header's n that tells a teacher rank the student has stopped (no more steps)."""
+
+
+class TeacherRankLost(RuntimeError):
+    """A transfer with a rank of the other grid failed (the rank died or hung up)."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One model's grid as every rank sees it: sizes and the job-wide first rank."""
+
+    tp: int
+    pp: int
+    dp: int
+    offset: int
+
+    @classmethod
+    def of(cls, layout: ParallelLayout, ranks: int, offset: int) -> "Grid":
+        return cls(layout.tp, layout.pp, ranks // (layout.tp * layout.pp), offset)
+
+    def rank(self, tp: int, pp: int, dp: int) -> int:
+        return self.offset + tp + self.tp * dp + self.tp * self.dp * pp
+
+    def replica(self, dp: int) -> list[int]:
+        return [self.rank(t, p, dp) for p in range(self.pp) for t in range(self.tp)]
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """What both sides know without talking: the two grids and a step's shapes."""
+
+    student: Grid
+    teacher: Grid
+    microbatches: int
+    """Micro-batches per student replica per step (M)."""
+    hidden_size: int
+    """The teacher's hidden size h_t."""
+    dtype: torch.dtype
+    """The teacher's compute dtype (its hidden states and output weight)."""
+    padded_vocab: int
+    queue_depth: int = 2
+    teacher_sequence_parallel: bool = False
+
+
+class PendingHidden:
+    """One micro-batch's teacher hidden states, arriving (or arrived)."""
+
+    def __init__(self, buffer: torch.Tensor, work=None, src: int = -1, on_wait: Optional[Callable] = None):
+        self._buffer, self._work, self._src, self._on_wait = buffer, work, src, on_wait
+
+    def get(self) -> torch.Tensor:
+        if self._work is not None:
+            start = time.perf_counter()
+            _wait(self._work, f"the teacher hidden states from rank {self._src}")
+            self._work = None
+            if self._on_wait is not None:
+                self._on_wait(time.perf_counter() - start)
+        return self._buffer
+
+
+def _wait(work, what: str) -> None:
+    try:
+        work.wait()
+    except RuntimeError as err:  # gloo: the peer closed its connection (it died)
+        raise TeacherRankLost(f"{what}: transfer failed ({str(err).splitlines()[0]}); "
+                              "that rank has stopped or died") from None
+
+
+class TeacherLink:
+    """Both directions of the student <-> teacher traffic, for one rank (student, teacher
+    or both). `student` / `teacher`: this rank's groups in each grid, None when it has no
+    place there."""
+
+    def __init__(self, student: Optional[ParallelGroups], teacher: Optional[ParallelGroups],
+                 bridge: Bridge, spec: LinkSpec, device: torch.device) -> None:
+        self.s, self.t, self.bridge, self.spec, self.device = student, teacher, bridge, spec, device
+        self.me = bridge.rank
+        self.wait_s = 0.0
+        """Seconds the student waited for hidden states since the last `reset_wait`."""
+        self._local: dict = {}
+        for groups, grid, name in ((student, spec.student, "student"), (teacher, spec.teacher, "teacher")):
+            if groups is not None and grid.rank(groups.tp_rank, groups.pp_rank, groups.dp_rank) != self.me:
+                raise RuntimeError(f"{name} grid: megatron placed rank {self.me} at tp {groups.tp_rank}, "
+                                   f"pp {groups.pp_rank}, dp {groups.dp_rank}, not where TeacherLink "
+                                   "expects it (megatron's rank order changed)")
+
+    # -------------------------------------------------------------- transport
+    def _send(self, tensor: torch.Tensor, dst: int, tag: int, key) -> Optional[tuple]:
+        if dst == self.me:
+            self._local[(key, tag)] = tensor
+            return None
+        staged = tensor.detach().to("cpu").contiguous()  # gloo moves host memory
+        return self.bridge.isend(staged, dst, tag), staged
+
+    def _recv_into(self, buffer: torch.Tensor, src: int, tag: int, key):
+        """(work or None, host buffer); a message from this rank is taken from memory."""
+        if src == self.me:
+            buffer.copy_(self._local.pop((key, tag)))
+            return None, buffer
+        host = buffer if buffer.device.type == "cpu" else torch.empty_like(buffer, device="cpu")
+        return self.bridge.irecv(host, src, tag), host
+
+    def _recv(self, shape, dtype, src: int, tag: int, key) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=dtype)
+        work, host = self._recv_into(buffer, src, tag, key)
+        if work is not None:
+            _wait(work, f"a message from rank {src}")
+        return host.to(self.device)
+
+    # -------------------------------------------------------------- set-up
+    def output_weight(self, teacher_chunks: Sequence[torch.nn.Module]) -> Optional[torch.Tensor]:
+        """The teacher's output-weight rows of this student rank's vocabulary shard
+        ([V/tp_s, h_t]) on the student's last stage (None elsewhere), cut from the shards
+        of the teacher's replica 0 (collective over both grids)."""
+        sp, tp_, spec = spec_grids(self.spec)
+        v = self.spec.padded_vocab
+        vs, vt = v // sp.tp, v // tp_.tp
+        sends, mine = [], None
+        held = None
+        if self.t is not None and self.t.dp_rank == 0 and self.t.is_last_stage:
+            held = output_weight(teacher_chunks)
+        if self.s is not None and self.s.is_last_stage:
+            mine = torch.empty(vs, spec.hidden_size, dtype=spec.dtype, device=self.device)
+        recvs = []
+        for d in range(sp.dp):
+            for r in range(sp.tp):
+                dst = sp.rank(r, sp.pp - 1, d)
+                for k in range(tp_.tp):
+                    lo, hi = max(r * vs, k * vt), min((r + 1) * vs, (k + 1) * vt)
+                    if lo >= hi:
+                        continue
+                    src = tp_.rank(k, tp_.pp - 1, 0)
+                    key = ("weight", d, r, k)
+                    if self.me == src:
+                        out = self._send(held[lo - k * vt:hi - k * vt], dst, _WEIGHT, key)
+                        if out:
+                            sends.append(out)
+                    if self.me == dst:
+                        work, host = self._recv_into(
+                            torch.empty(hi - lo, spec.hidden_size, dtype=spec.dtype), src, _WEIGHT, key)
+                        recvs.append((work, host, lo - r * vs, hi - r * vs, src))
+        for work, host, a, b, src in recvs:
+            if work is not None:
+                _wait(work, f"the teacher's output weight from rank {src}")
+            mine[a:b] = host.to(self.device)
+        for work, _ in sends:
+            _wait(work, "sending the teacher's output weight")
+        return mine
+
+    # -------------------------------------------------------------- one step
+    def exchange(self, microbatches: Sequence[Microbatch],
+                 teacher_chunks: Sequence[torch.nn.Module]) -> list[PendingHidden]:
+        """One step's round trip on this rank: send this replica's inputs (student), post
+        the hidden-state receives (student's last stage), score the teacher replica's share
+        (teacher). Returns the student's pending hidden states (one per micro-batch on its
+        last stage; [] elsewhere)."""
+        sends = self._send_inputs(microbatches) if self._is_sender() else []
+        pending = self._post_hidden_receives(microbatches)
+        if self.t is not None:
+            self.serve_once(teacher_chunks)
+        for work, _ in sends:
+            _wait(work, "sending rollouts to the teacher")
+        return pending
+
+    def stop(self) -> None:
+        """The student's last word to the teacher ranks (after its last step or save)."""
+        if self._is_sender():
+            sends = [self._send(torch.tensor([STOP, 0, 0]), dst, _HEADER, ("in", self.s.dp_rank, j))
+                     for j in range(self.spec.teacher.dp) for dst in self.spec.teacher.replica(j)]
+            for out in sends:
+                if out:
+                    _wait(out[0], "telling the teacher to stop")
+
+    def _is_sender(self) -> bool:
+        return self.s is not None and self.s.tp_rank == 0 and self.s.pp_rank == 0
+
+    def _send_inputs(self, microbatches: Sequence[Microbatch]) -> list:
+        d, spec = self.s.dp_rank, self.spec
+        sends = []
+        for j in range(spec.teacher.dp):
+            mine = [i for i in range(len(microbatches)) if (d * spec.microbatches + i) % spec.teacher.dp == j]
+            b, s = microbatches[0].input_ids.shape
+            header = torch.tensor([len(mine), b, s])
+            ids = torch.stack([microbatches[i].input_ids for i in mine]) if mine else None
+            pos = torch.stack([microbatches[i].position_ids for i in mine]) if mine else None
+            for dst in spec.teacher.replica(j):
+                key = ("in", d, j)
+                for tensor, tag in ((header, _HEADER), (ids, _IDS), (pos, _POS)):
+                    if tensor is not None:
+                        out = self._send(tensor, dst, tag, key + (dst,))
+                        if out:
+                            sends.append(out)
+        return sends
+
+    def _post_hidden_receives(self, microbatches: Sequence[Microbatch]) -> list[PendingHidden]:
+        if self.s is None or not self.s.is_last_stage:
+            return []
+        spec, d, r = self.spec, self.s.dp_rank, self.s.tp_rank
+        pending = []
+        for i, mb in enumerate(microbatches):
+            g = d * spec.microbatches + i
+            j = g % spec.teacher.dp
+            src = spec.teacher.rank(r % spec.teacher.tp, spec.teacher.pp - 1, j)
+            b, s = mb.input_ids.shape
+            buffer = torch.empty(s, b, spec.hidden_size, dtype=spec.dtype,
+                                 device=self.device if src == self.me else "cpu")
+            key = ("hidden", g, self.me)
+            if src == self.me:  # scored by this very rank: filled in memory during `serve_once`
+                pending.append(_LocalHidden(self._local, (key, _HIDDEN)))
+                continue
+            work = self.bridge.irecv(buffer, src, _HIDDEN)
+            pending.append(_HostHidden(buffer, work, src, self.device, self._add_wait))
+        return pending
+
+    def _add_wait(self, seconds: float) -> None:
+        self.wait_s += seconds
+
+    def serve_once(self, teacher_chunks: Sequence[torch.nn.Module]) -> bool:
+        """A teacher rank's part of one step: receive the inputs of its replica's share,
+        score them, send the hidden states. False when the student said stop."""
+        spec, j = self.spec, self.t.dp_rank
+        items = []
+        stopped = False
+        for d in range(spec.student.dp):
+            src = spec.student.rank(0, 0, d)
+            key = ("in", d, j, self.me)
+            n, b, s = self._recv((3,), torch.int64, src, _HEADER, key).tolist()
+            if n == STOP:
+                stopped = True
+                continue
+            if n == 0:
+                continue
+            ids = self._recv((n, b, s), torch.int64, src, _IDS, key)
+            pos = self._recv((n, b, s), torch.int64, src, _POS, key)
+            owned = [i for i in range(spec.microbatches) if (d * spec.microbatches + i) % spec.teacher.dp == j]
+            items.extend((d * spec.microbatches + i, d, ids[k], pos[k]) for k, i in enumerate(owned))
+        if stopped:
+            return False
+        items.sort(key=lambda item: item[0])
+        if items:
+            self._score_and_send(items, teacher_chunks)
+        return True
+
+    def _score_and_send(self, items: list, teacher_chunks) -> None:
+        spec, t = self.spec, self.t
+        length = max(ids.shape[1] for _, _, ids, _ in items)
+        if spec.teacher_sequence_parallel:
+            length = -(-length // spec.teacher.tp) * spec.teacher.tp
+        mbs = [_padded(ids, pos, length) for _, _, ids, pos in items]
+        in_flight: deque = deque()
+
+        def sink(index: int, hidden: torch.Tensor) -> None:
+            g, d, ids, _ = items[index]
+            real = hidden[:ids.shape[1]].contiguous()
+            for r in range(t.tp_rank, spec.student.tp, spec.teacher.tp):
+                dst = spec.student.rank(r, spec.student.pp - 1, d)
+                out = self._send(real, dst, _HIDDEN, ("hidden", g, dst))
+                if out:
+                    in_flight.append(out)
+            while len(in_flight) > spec.queue_depth * max(1, spec.student.tp // spec.teacher.tp):
+                _wait(in_flight.popleft()[0], "sending teacher hidden states")
+
+        teacher_hidden_states(teacher_chunks, t, mbs, seq_length=length,
+                              micro_batch_size=items[0][2].shape[0], sink=sink)
+        while in_flight:
+            _wait(in_flight.popleft()[0], "sending teacher hidden states")
+
+
+class _HostHidden(PendingHidden):
+    def __init__(self, host, work, src, device, on_wait):
+        super().__init__(host, work, src, on_wait)
+        self._device = device
+
+    def get(self) -> torch.Tensor:
+        return super().get().to(self._device)
+
+
+class _LocalHidden(PendingHidden):
+    """Hidden states this rank scored for itself (the `shared` placement)."""
+
+    def __init__(self, local: dict, key) -> None:
+        super().__init__(torch.empty(0))
+        self._store, self._key = local, key
+
+    def get(self) -> torch.Tensor:
+        if self._key is not None:
+            self._buffer = self._store.pop(self._key)
+            self._key = None
+        return self._buffer
+
+
+def _padded(ids: torch.Tensor, pos: torch.Tensor, length: int) -> Microbatch:
+    b, s = ids.shape
+    if s < length:
+        extra = length - s
+        ids = torch.cat([ids, ids.new_zeros(b, extra)], dim=1)
+        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, extra + 1, device=pos.device)], dim=1)
+    zeros = torch.zeros(b, length, dtype=torch.bool, device=ids.device)
+    return Microbatch(ids, pos, zeros, torch.zeros(b, dtype=torch.int64, device=ids.device))
+
+
+def spec_grids(spec: LinkSpec) -> tuple[Grid, Grid, LinkSpec]:
+    return spec.student, spec.teacher, spec
