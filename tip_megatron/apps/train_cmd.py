@@ -2,7 +2,8 @@
 
 Under torchrun (`torchrun --nproc_per_node 4 -m tip_megatron.train --config run.yaml ...`)
 every process runs the trainer directly (`tip_megatron.train.main`). From a plain shell,
-`--nproc N` starts N local ranks through torchrun itself (default: parallel.tp * parallel.pp).
+`--nproc N` starts N local ranks through torchrun itself (default: parallel.tp * parallel.pp,
+plus the teacher's own ranks under `teacher.placement: separate`).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # errors surface before any launch
     if under_torchrun():
         return worker(args.config, args.overrides)
-    nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp
+    # the student's tp x pp, plus the teacher's own ranks under teacher.placement=separate
+    nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp + cfg.teacher.ranks(cfg.parallel)
     preflight(cfg, nproc, records=True)  # a bad input stops here (one line, exit 2), before any rank starts
     worker_args = (["--config", args.config] if args.config else []) + list(args.overrides)
     if not cfg.checkpoint.dir:

@@ -42,6 +42,10 @@ STOP = -1
 """A header's n that tells a teacher rank the student has stopped (no more steps)."""
 
 
+def _wait_sent(out: tuple) -> None:
+    _wait(out[0], f"sending teacher hidden states to rank {out[2]}")
+
+
 class TeacherRankLost(RuntimeError):
     """A transfer with a rank of the other grid failed (the rank died or hung up)."""
 
@@ -92,7 +96,7 @@ class PendingHidden:
     def get(self) -> torch.Tensor:
         if self._work is not None:
             start = time.perf_counter()
-            _wait(self._work, f"the teacher hidden states from rank {self._src}")
+            _wait(self._work, f"receiving teacher hidden states from rank {self._src}")
             self._work = None
             if self._on_wait is not None:
                 self._on_wait(time.perf_counter() - start)
@@ -103,8 +107,9 @@ def _wait(work, what: str) -> None:
     try:
         work.wait()
     except RuntimeError as err:  # gloo: the peer closed its connection (it died)
-        raise TeacherRankLost(f"{what}: transfer failed ({str(err).splitlines()[0]}); "
-                              "that rank has stopped or died") from None
+        # "[.../pair.cc:553] Connection closed by peer [127.0.0.1]:197. This is ..." -> its cause
+        cause = str(err).splitlines()[0].split("] ", 1)[-1].split(". ")[0]
+        raise TeacherRankLost(f"{what} failed: that rank has stopped or died ({cause})") from None
 
 
 class TeacherLink:
@@ -131,7 +136,7 @@ class TeacherLink:
             self._local[(key, tag)] = tensor
             return None
         staged = tensor.detach().to("cpu").contiguous()  # gloo moves host memory
-        return self.bridge.isend(staged, dst, tag), staged
+        return self.bridge.isend(staged, dst, tag), staged, dst
 
     def _recv_into(self, buffer: torch.Tensor, src: int, tag: int, key):
         """(work or None, host buffer); a message from this rank is taken from memory."""
@@ -145,7 +150,7 @@ class TeacherLink:
         buffer = torch.empty(shape, dtype=dtype)
         work, host = self._recv_into(buffer, src, tag, key)
         if work is not None:
-            _wait(work, f"a message from rank {src}")
+            _wait(work, f"receiving from rank {src}")
         return host.to(self.device)
 
     # -------------------------------------------------------------- set-up
@@ -182,10 +187,10 @@ class TeacherLink:
                         recvs.append((work, host, lo - r * vs, hi - r * vs, src))
         for work, host, a, b, src in recvs:
             if work is not None:
-                _wait(work, f"the teacher's output weight from rank {src}")
+                _wait(work, f"receiving the teacher's output weight from rank {src}")
             mine[a:b] = host.to(self.device)
-        for work, _ in sends:
-            _wait(work, "sending the teacher's output weight")
+        for work, _, dst in sends:
+            _wait(work, f"sending the teacher's output weight to rank {dst}")
         return mine
 
     # -------------------------------------------------------------- one step
@@ -199,8 +204,8 @@ class TeacherLink:
         pending = self._post_hidden_receives(microbatches)
         if self.t is not None:
             self.serve_once(teacher_chunks)
-        for work, _ in sends:
-            _wait(work, "sending rollouts to the teacher")
+        for work, _, dst in sends:
+            _wait(work, f"sending rollouts to teacher rank {dst}")
         return pending
 
     def stop(self) -> None:
@@ -210,7 +215,7 @@ class TeacherLink:
                      for j in range(self.spec.teacher.dp) for dst in self.spec.teacher.replica(j)]
             for out in sends:
                 if out:
-                    _wait(out[0], "telling the teacher to stop")
+                    _wait(out[0], f"telling teacher rank {out[2]} to stop")
 
     def _is_sender(self) -> bool:
         return self.s is not None and self.s.tp_rank == 0 and self.s.pp_rank == 0
@@ -299,12 +304,12 @@ class TeacherLink:
                 if out:
                     in_flight.append(out)
             while len(in_flight) > spec.queue_depth * max(1, spec.student.tp // spec.teacher.tp):
-                _wait(in_flight.popleft()[0], "sending teacher hidden states")
+                _wait_sent(in_flight.popleft())
 
         teacher_hidden_states(teacher_chunks, t, mbs, seq_length=length,
                               micro_batch_size=items[0][2].shape[0], sink=sink)
         while in_flight:
-            _wait(in_flight.popleft()[0], "sending teacher hidden states")
+            _wait_sent(in_flight.popleft())
 
 
 class _HostHidden(PendingHidden):

@@ -3,6 +3,7 @@ LOCAL_RANK, and a free port for a local rendezvous."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 
@@ -29,7 +30,30 @@ def rank_env() -> RankEnv:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral
+    range: the port the kernel hands out for `bind(0)` is an ephemeral one, which any
+    outgoing connection (every gloo pair of every other job on the machine) may take before
+    our rendezvous server listens on it (EADDRINUSE under load); ports below the range are
+    only ever taken by a listener that asks for them by number."""
+    low = _ephemeral_low()
+    rng = random.Random(os.urandom(8))
+    for _ in range(64):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # all taken: any free one
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768

@@ -1,0 +1,62 @@
+"""A teacher rank of its own (`teacher.placement: separate`) killed mid-run: the job does not
+hang. Every process of `tip-megatron train` exits, non-zero, within a bounded time, and the
+one error line the command prints names the dead rank."""
+import os
+import signal
+import sys
+import time
+
+import psutil
+import pytest
+
+from tip_megatron.testing.assets import tiny_run_overrides
+
+from signal_helpers import gone, kill_leftovers, spawn, tree
+
+pytestmark = pytest.mark.slow
+
+#: seconds every process has to be gone once the teacher rank is SIGKILLed.
+EXIT_WITHIN_S = 60
+
+
+def _rank_of(pid: int):
+    try:
+        env = psutil.Process(pid).environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    if env.get("TORCHELASTIC_RUN_ID") is None or "RANK" not in env:
+        return None
+    # a rank is the torchrun worker itself, not one of its helpers (same environment)
+    return int(env["RANK"]) if "tip_megatron.train" in " ".join(psutil.Process(pid).cmdline()) else None
+
+
+def test_killed_teacher_rank_stops_every_rank(opd_assets, tmp_path):
+    log = tmp_path / "train.log"
+    argv = ["train", *tiny_run_overrides(opd_assets, **{
+        "train.steps": 500, "teacher.placement": "separate", "checkpoint.dir": tmp_path / "run"}),
+        "--nproc", "2"]
+    cmd = spawn([sys.executable, "-m", "tip_megatron.apps.cli", *argv], log)
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 600
+        while "step 2/" not in log.read_text():
+            seen |= tree(cmd.pid)
+            assert cmd.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        seen |= tree(cmd.pid)
+        teacher = [p for p in seen if _rank_of(p) == 1]
+        assert len(teacher) == 1, {p: _rank_of(p) for p in seen}
+        os.kill(teacher[0], signal.SIGKILL)
+        code = cmd.wait(timeout=EXIT_WITHIN_S)
+        assert code != 0
+        end = time.monotonic() + 10
+        while not all(gone(p) for p in seen) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert all(gone(p) for p in seen), [p for p in seen if not gone(p)]
+        text = log.read_text()
+        last = text.strip().splitlines()[-1]
+        assert "teacher hidden states from rank 1 failed: that rank has stopped or died" in last \
+            or "to teacher rank 1 failed" in last, text[-3000:]
+    finally:
+        kill_leftovers(seen | {cmd.pid})
