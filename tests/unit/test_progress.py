@@ -106,3 +106,16 @@ def test_item_progress_logs_every_tenth_off_a_terminal(caplog):
     caplog.clear()
     Progress(total=5, desc="x", enabled=False).update()
     assert not caplog.records
+
+
+def test_teacher_on_its_own_grid_in_the_summary_and_the_step_line():
+    cfg = from_dict(RunConfig, {"parallel": {"tp": 2},
+                                "teacher": {"ckpt": "/m/t", "placement": "separate",
+                                            "parallel": {"tp": 4, "dp": 2}}})
+    assert "| teacher tp 4, pp 1, dp 2 on 8 ranks of its own |" in config_summary(cfg, 2)
+    shared = from_dict(RunConfig, {"teacher": {"ckpt": "/m/t", "parallel": {"tp": 2}}})
+    assert "| teacher tp 2, pp 1, dp 1 on the same ranks |" in config_summary(shared, 2)
+    assert "teacher tp" not in config_summary(from_dict(RunConfig, {}), 2)
+    line = step_line(3, 10, 5.0, 10.0, {**METRICS, "time_teacher_wait_s": 0.25})
+    assert "(teacher wait 0.25s)" in line
+    assert "teacher wait" not in step_line(3, 10, 5.0, 10.0, METRICS)

@@ -122,7 +122,9 @@ class TeacherLink:
         self.s, self.t, self.bridge, self.spec, self.device = student, teacher, bridge, spec, device
         self.me = bridge.rank
         self.wait_s = 0.0
-        """Seconds the student waited for hidden states since the last `reset_wait`."""
+        """Seconds the student waited for hidden states (the trainer reads and resets it)."""
+        self.received_bytes = 0
+        """Hidden-state bytes this rank received from other ranks (read and reset likewise)."""
         self._local: dict = {}
         for groups, grid, name in ((student, spec.student, "student"), (teacher, spec.teacher, "teacher")):
             if groups is not None and grid.rank(groups.tp_rank, groups.pp_rank, groups.dp_rank) != self.me:
@@ -135,7 +137,7 @@ class TeacherLink:
         if dst == self.me:
             self._local[(key, tag)] = tensor
             return None
-        staged = tensor.detach().to("cpu").contiguous()  # gloo moves host memory
+        staged = tensor.detach().to(self.bridge.device).contiguous()  # gloo: host memory
         return self.bridge.isend(staged, dst, tag), staged, dst
 
     def _recv_into(self, buffer: torch.Tensor, src: int, tag: int, key):
@@ -143,7 +145,7 @@ class TeacherLink:
         if src == self.me:
             buffer.copy_(self._local.pop((key, tag)))
             return None, buffer
-        host = buffer if buffer.device.type == "cpu" else torch.empty_like(buffer, device="cpu")
+        host = buffer if buffer.device == self.bridge.device else torch.empty_like(buffer, device=self.bridge.device)
         return self.bridge.irecv(host, src, tag), host
 
     def _recv(self, shape, dtype, src: int, tag: int, key) -> torch.Tensor:
@@ -249,12 +251,13 @@ class TeacherLink:
             src = spec.teacher.rank(r % spec.teacher.tp, spec.teacher.pp - 1, j)
             b, s = mb.input_ids.shape
             buffer = torch.empty(s, b, spec.hidden_size, dtype=spec.dtype,
-                                 device=self.device if src == self.me else "cpu")
+                                 device=self.device if src == self.me else self.bridge.device)
             key = ("hidden", g, self.me)
             if src == self.me:  # scored by this very rank: filled in memory during `serve_once`
                 pending.append(_LocalHidden(self._local, (key, _HIDDEN)))
                 continue
             work = self.bridge.irecv(buffer, src, _HIDDEN)
+            self.received_bytes += buffer.nbytes
             pending.append(_HostHidden(buffer, work, src, self.device, self._add_wait))
         return pending
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tip_megatron.runtime.device import default_backend
+from tip_megatron.runtime.device import current_device, default_backend
 from tip_megatron.runtime.env import free_port, rank_env
 from tip_megatron.runtime.gpu_memory import gpu_memory_gib
 from tip_megatron.runtime.megatron_compat import apply_cpu_compat
@@ -165,6 +165,9 @@ class Bridge:
         self.group = group
         self.rank = global_rank
         self._offset = offset  # global rank of this world's rank 0 (the default group's ranks)
+        self.device = torch.device("cpu") if group is not None else current_device()
+        """Where tensors must be to travel: host memory on the gloo bridge, else the
+        default group's device (a GPU under NCCL)."""
 
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0):
         """Send `tensor` (contiguous, kept alive by the caller until the work is done) to

@@ -55,6 +55,8 @@ class StageTimers:
 def step_line(step: int, total: int, elapsed: float, eta: Optional[float], m: dict) -> str:
     """`step 12/100 | 0m31s elapsed, ETA 3m48s | rollout 1.2s teacher 0.3s ... | ...`."""
     split = " ".join(f"{s} {m.get(f'time_{s}_s', 0.0):.2f}s" for s in STAGES)
+    if "time_teacher_wait_s" in m:  # a teacher on its own grid: the student's wait for it
+        split += f" (teacher wait {m['time_teacher_wait_s']:.2f}s)"
     eta_text = fmt_seconds(eta) if eta is not None else "?"
     skipped = " | SKIPPED" if m.get("skipped") else ""
     return (f"step {step}/{total} | {fmt_seconds(elapsed)} elapsed, ETA {eta_text} | {split} | "
@@ -70,8 +72,14 @@ def _source(src) -> str:
 def config_summary(cfg, world_size: int) -> str:
     """One line: what is trained from what, on which layout, for how long, how selected."""
     p = cfg.parallel
+    teacher = ""
+    if cfg.teacher.own_grid(p):
+        t = cfg.teacher.parallel.resolve(p)
+        ranks = cfg.teacher.ranks(p) or world_size
+        where = f"{ranks} ranks of its own" if cfg.teacher.separate else "the same ranks"
+        teacher = f" | teacher tp {t.tp}, pp {t.pp}, dp {ranks // (t.tp * t.pp)} on {where}"
     return (f"run: student {_source(cfg.student)} <- teacher {_source(cfg.teacher)} | world "
-            f"{world_size} (tp {p.tp}, pp {p.pp}, dp {p.dp(world_size)}) | {cfg.train.steps} steps x "
+            f"{world_size} (tp {p.tp}, pp {p.pp}, dp {p.dp(world_size)}){teacher} | {cfg.train.steps} steps x "
             f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.n} samples | selection "
             f"{cfg.selection.rule} rho {cfg.selection.rho} ({cfg.selection.scope}) | lr "
             f"{cfg.optim.lr} | full config: DEBUG log, <checkpoint.dir>/config.yaml")

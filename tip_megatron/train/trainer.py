@@ -260,9 +260,10 @@ def train_step(run: Run) -> dict:
     elapsed = time.perf_counter() - start
     metrics.update(tokens_per_s=tokens / elapsed, step_s=elapsed, peak_mem_mib=peak_memory_mib(),
                    response_len=tokens / rows, **run.timers.metrics())
-    if run.models.link is not None:  # inside the student stage: waiting for teacher hidden states
-        metrics["time_teacher_wait_s"] = run.models.link.wait_s
-        run.models.link.wait_s = 0.0
+    if run.models.link is not None:  # the student stage's wait for teacher hidden states, their bytes
+        link = run.models.link
+        metrics.update(time_teacher_wait_s=link.wait_s, teacher_hidden_mib=link.received_bytes / 2**20)
+        link.wait_s, link.received_bytes = 0.0, 0
     if out.logprob_gap is not None:
         metrics.update(gap_metrics(out.logprob_gap, run.groups.dp_group))
     return metrics
