@@ -37,7 +37,7 @@ import torch
 from tip_megatron.distill.step import Microbatch, output_weight, teacher_hidden_states
 from tip_megatron.runtime.parallel import Bridge, ParallelGroups, ParallelLayout
 
-_HEADER, _IDS, _POS, _HIDDEN, _WEIGHT = 1, 2, 3, 4, 5
+_HEADER, _IDS, _POS, _HIDDEN, _WEIGHT, _SIGNAL = 1, 2, 3, 4, 5, 6
 STOP = -1
 """A header's n that tells a teacher rank the student has stopped (no more steps)."""
 
@@ -85,6 +85,9 @@ class LinkSpec:
     padded_vocab: int
     queue_depth: int = 2
     teacher_sequence_parallel: bool = False
+    separate: bool = False
+    """The teacher's ranks are its own: after each step they tell the student's rank 0
+    whether a stop signal reached them (`teacher_signal`)."""
 
 
 class PendingHidden:
@@ -125,6 +128,9 @@ class TeacherLink:
         """Seconds the student waited for hidden states (the trainer reads and resets it)."""
         self.received_bytes = 0
         """Hidden-state bytes this rank received from other ranks (read and reset likewise)."""
+        self.signal = 0
+        """A teacher rank's received stop signal (its number; 0: none), sent after each step."""
+        self._signals: list = []
         self._local: dict = {}
         for groups, grid, name in ((student, spec.student, "student"), (teacher, spec.teacher, "teacher")):
             if groups is not None and grid.rank(groups.tp_rank, groups.pp_rank, groups.dp_rank) != self.me:
@@ -204,11 +210,30 @@ class TeacherLink:
         last stage; [] elsewhere)."""
         sends = self._send_inputs(microbatches) if self._is_sender() else []
         pending = self._post_hidden_receives(microbatches)
+        if self.spec.separate and self.me == 0:  # each teacher rank's signal flag, after its step
+            for src in range(self.spec.teacher.offset, self.spec.teacher.offset + self._teacher_ranks()):
+                flag = torch.zeros(1, dtype=torch.int64)
+                self._signals.append((self.bridge.irecv(flag, src, _SIGNAL), flag, src))
         if self.t is not None:
             self.serve_once(teacher_chunks)
         for work, _, dst in sends:
             _wait(work, f"sending rollouts to teacher rank {dst}")
         return pending
+
+    def _teacher_ranks(self) -> int:
+        t = self.spec.teacher
+        return t.tp * t.pp * t.dp
+
+    def teacher_signal(self) -> int:
+        """Student rank 0, under `separate`: the stop signal a teacher rank received during
+        the last step (0: none), so a signal that reached only the teacher's ranks still
+        stops the run at a step boundary (the student's ranks then agree on it)."""
+        got = 0
+        for work, flag, src in self._signals:
+            _wait(work, f"receiving the signal flag of teacher rank {src}")
+            got = max(got, int(flag.item()))
+        self._signals = []
+        return got
 
     def stop(self) -> None:
         """The student's last word to the teacher ranks (after its last step or save)."""
@@ -288,6 +313,9 @@ class TeacherLink:
         items.sort(key=lambda item: item[0])
         if items:
             self._score_and_send(items, teacher_chunks)
+        if self.spec.separate:
+            out = self._send(torch.tensor([self.signal]), 0, _SIGNAL, ("signal", self.me))
+            _wait(out[0], "sending the signal flag to rank 0")
         return True
 
     def _score_and_send(self, items: list, teacher_chunks) -> None:

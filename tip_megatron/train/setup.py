@@ -104,7 +104,8 @@ def make_link(cfg: RunConfig, groups: Optional[ParallelGroups], teacher_groups: 
         microbatches=(cfg.data.prompts_per_step // cfg.parallel.dp(students)) * cfg.rollout.n
         // cfg.train.micro_batch_size,
         hidden_size=t_arch.hidden_size, dtype=compute_dtype(cfg.model.params_dtype), padded_vocab=padded,
-        queue_depth=cfg.teacher.queue_depth, teacher_sequence_parallel=t_layout.sequence_parallel)
+        queue_depth=cfg.teacher.queue_depth, teacher_sequence_parallel=t_layout.sequence_parallel,
+        separate=cfg.teacher.separate)
     return TeacherLink(groups, teacher_groups, bridge(), spec, current_device())
 
 

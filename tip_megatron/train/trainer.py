@@ -20,13 +20,10 @@ from tip_megatron.runtime.device import default_backend
 from tip_megatron.runtime.env import rank_env
 from tip_megatron.runtime.errors import rank_exit
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
-from tip_megatron.distill.loss import DistillSpec, MicrobatchContext, MicrobatchResult
+from tip_megatron.distill.loss import DistillSpec, MicrobatchResult
 from tip_megatron.distill.prepass import global_preselection
 from tip_megatron.distill.teacher_link import TeacherRankLost
-from tip_megatron.distill.step import (
-    Microbatch, ScheduleShape, forward_loss_pass, make_contexts, teacher_hidden_states,
-    teacher_output_weight, train_pass,
-)
+from tip_megatron.distill.step import Microbatch, ScheduleShape, forward_loss_pass, train_pass
 from tip_megatron.rollout.consistency import gap_metrics
 from tip_megatron.rollout.generate import GenerationConfig, generate
 from tip_megatron.rollout.types import Rollouts
@@ -42,7 +39,9 @@ from tip_megatron.train.preflight import preflight
 from tip_megatron.train.progress import StageTimers, TrainProgress, config_summary, write_effective_config
 from tip_megatron.train.run_state import LastUpdate, Run
 from tip_megatron.train.setup import build_models, prompt_source
-from tip_megatron.train.teacher_serve import serve_teacher
+from tip_megatron.train.teacher import (
+    link_metrics, serve_teacher, teacher_contexts, teacher_signal, teacher_split,
+)
 from tip_megatron.train.skip import TrainingDiverged, count_skip, reduce_results, should_skip
 from tip_megatron.train.token_dumps import maybe_dump_tokens
 from tip_megatron.checkpoint.layout import latest_checkpoint
@@ -149,20 +148,6 @@ def _spec(run: Run) -> DistillSpec:
                        run.groups.tp_group, step=run.step)
 
 
-def teacher_contexts(run: Run, mbs: list[Microbatch],
-                     shape: ScheduleShape) -> list[Optional[MicrobatchContext]]:
-    """The teacher's forward-only pass: per micro-batch contexts (last stage; None elsewhere).
-    A teacher on a grid of its own scores through the link (its hidden states may still be
-    on their way when the student pass starts: the loss path waits for each)."""
-    link = run.models.link
-    if link is not None:
-        pending = link.exchange(mbs, run.models.teacher)
-        return make_contexts(run.groups, mbs, pending, run.models.teacher_weight)
-    hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape._asdict())
-    t_weight = teacher_output_weight(run.models.teacher) if run.groups.is_last_stage else None
-    return make_contexts(run.groups, mbs, hidden, t_weight)
-
-
 def _preselect(run: Run, mbs: list[Microbatch], contexts: list,
                shape: ScheduleShape, rollouts: Optional[Rollouts] = None) -> list:
     """Scope `global`: distill.prepass selects over the global batch (scoring timed as `student`)."""
@@ -260,10 +245,7 @@ def train_step(run: Run) -> dict:
     elapsed = time.perf_counter() - start
     metrics.update(tokens_per_s=tokens / elapsed, step_s=elapsed, peak_mem_mib=peak_memory_mib(),
                    response_len=tokens / rows, **run.timers.metrics())
-    if run.models.link is not None:  # the student stage's wait for teacher hidden states, their bytes
-        link = run.models.link
-        metrics.update(time_teacher_wait_s=link.wait_s, teacher_hidden_mib=link.received_bytes / 2**20)
-        link.wait_s, link.received_bytes = 0.0, 0
+    metrics.update(link_metrics(run))
     if out.logprob_gap is not None:
         metrics.update(gap_metrics(out.logprob_gap, run.groups.dp_group))
     return metrics
@@ -339,12 +321,6 @@ def _check_new_weights(run: Run) -> str:
     return "the new weights give a non-finite loss (diverged)" if flag.item() else ""
 
 
-def teacher_split(cfg: RunConfig) -> Optional[parallel.Split]:
-    """Under `teacher.placement: separate`: the job's student ranks and teacher ranks."""
-    own = cfg.teacher.ranks(cfg.parallel)
-    return parallel.Split(rank_env().world_size - own, own) if own else None
-
-
 def run(cfg: RunConfig) -> list[dict]:
     """Train; returns the per-step metrics of the logging rank (empty elsewhere). A rank of
     the teacher's own (`separate`) serves the teacher until the student stops."""
@@ -389,6 +365,7 @@ def loop(state: Run) -> None:
                 state.log.log(state.step, metrics)
             if state.progress is not None:
                 state.progress.step(state.step, metrics, logged)
+        teacher_signal(state, signalled)
         preempted = signalled.requested(next(state.ddp[0].parameters()).device)
         saved = None
         if c.dir and ((c.save_every and state.step % c.save_every == 0) or state.step == stop or preempted):
