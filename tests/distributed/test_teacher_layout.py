@@ -98,7 +98,7 @@ def test_separate_resume_equals_uninterrupted(assets, tmp_path):
     assert first + rest == straight
 
 
-RULES = [("all", {}), ("random", {}), ("entropy_sample", {}), ("entropy_topk", {}),
+RULES = [("all", {"selection.rho": 1.0}), ("random", {}), ("entropy_sample", {}), ("entropy_topk", {}),
          ("soft_or_bottom", {}), ("q3", {}), ("div_topk", {}),
          ("quadrants", {"selection.keep_quadrants": "[1,3]"})]
 
