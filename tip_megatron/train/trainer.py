@@ -120,9 +120,9 @@ def generate_rollouts(run: Run, prompts: list[list[int]]) -> Rollouts:
     """The current student's samples for this replica's prompts (`rollout.n` each)."""
     r = run.cfg.rollout
     every = run.cfg.logging.logprob_gap_every  # one extra forward on those steps (as logged)
-    # No vocab_limit here (validation, generate and eval set it): with it, TP2 x PP2 training
-    # rollouts left TP1's losses at step 2-3 (tests/distributed/test_trainer.py, layouts),
-    # though the sampler alone is layout-invariant under it; training never decodes.
+    # No vocab_limit here (validation, generate and eval set it): with it, DP2 draws DP1's
+    # rollouts exactly, but a Soft-OR near-tie at step 3 swaps two kept tokens and the layout
+    # test's strict equality fails (docs/data.md); training never decodes.
     gen = GenerationConfig.from_sampling(r, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id,
                                          check_logprobs=bool(every) and (run.step + 1) % every == 0,
                                          keep_hidden=run.cfg.selection.prepass_from_generation)
