@@ -339,7 +339,13 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
                  "selection", "loss"):
         getattr(cfg, name).validate(f"{name}.")
     students = student_world_size(cfg, world_size)
-    cfg.parallel.validate(students, "parallel.")
+    try:
+        cfg.parallel.validate(students, "parallel.")
+    except ValueError as err:
+        if students == world_size:
+            raise
+        raise ValueError(f"{err} (the student's ranks: a world of {world_size} less the "
+                         f"teacher's own {world_size - students}, teacher.placement=separate)") from None
     _check_teacher_layout(cfg, world_size)
     _check_eval_logging(cfg)
     _check_logging_dirs(cfg)

@@ -283,3 +283,17 @@ def test_unknown_builtin_lists_the_registered_names(tmp_path):
 def test_example_configs_parse(path):
     cfg = load_config(str(path))
     assert cfg.student != cfg.teacher
+
+
+def test_separate_teacher_world_split_named_in_errors():
+    from tip_megatron.config import student_world_size
+
+    cfg = load_config(None, ["student.builtin=quickstart-student", "teacher.builtin=quickstart-teacher",
+                             "teacher.placement=separate", "parallel.tp=2", "teacher.parallel.dp=2"])
+    assert cfg.teacher.ranks(cfg.parallel) == 4 and student_world_size(cfg, 6) == 2
+    validate_run(cfg, 6)
+    with pytest.raises(ValueError, match=r"world size 3 is not divisible by tp\*pp = 2\*1 = 2; .* "
+                                         r"\(the student's ranks: a world of 7 less the teacher's own 4"):
+        validate_run(cfg, 7)
+    with pytest.raises(ValueError, match="takes 4 ranks .* of a world of 4: none left for the student"):
+        validate_run(cfg, 4)

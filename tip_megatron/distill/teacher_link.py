@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from tip_megatron.distill.step import Microbatch, output_weight, teacher_hidden_states
-from tip_megatron.runtime.parallel import Bridge, ParallelGroups, ParallelLayout
+from tip_megatron.distill.teacher_grid import LinkSpec, spec_grids
+from tip_megatron.runtime.parallel import Bridge, ParallelGroups
 
 _HEADER, _IDS, _POS, _HIDDEN, _WEIGHT, _SIGNAL = 1, 2, 3, 4, 5, 6
 STOP = -1
@@ -48,46 +48,6 @@ def _wait_sent(out: tuple) -> None:
 
 class TeacherRankLost(RuntimeError):
     """A transfer with a rank of the other grid failed (the rank died or hung up)."""
-
-
-@dataclass(frozen=True)
-class Grid:
-    """One model's grid as every rank sees it: sizes and the job-wide first rank."""
-
-    tp: int
-    pp: int
-    dp: int
-    offset: int
-
-    @classmethod
-    def of(cls, layout: ParallelLayout, ranks: int, offset: int) -> "Grid":
-        return cls(layout.tp, layout.pp, ranks // (layout.tp * layout.pp), offset)
-
-    def rank(self, tp: int, pp: int, dp: int) -> int:
-        return self.offset + tp + self.tp * dp + self.tp * self.dp * pp
-
-    def replica(self, dp: int) -> list[int]:
-        return [self.rank(t, p, dp) for p in range(self.pp) for t in range(self.tp)]
-
-
-@dataclass(frozen=True)
-class LinkSpec:
-    """What both sides know without talking: the two grids and a step's shapes."""
-
-    student: Grid
-    teacher: Grid
-    microbatches: int
-    """Micro-batches per student replica per step (M)."""
-    hidden_size: int
-    """The teacher's hidden size h_t."""
-    dtype: torch.dtype
-    """The teacher's compute dtype (its hidden states and output weight)."""
-    padded_vocab: int
-    queue_depth: int = 2
-    teacher_sequence_parallel: bool = False
-    separate: bool = False
-    """The teacher's ranks are its own: after each step they tell the student's rank 0
-    whether a stop signal reached them (`teacher_signal`)."""
 
 
 class PendingHidden:
@@ -266,24 +226,25 @@ class TeacherLink:
         return sends
 
     def _post_hidden_receives(self, microbatches: Sequence[Microbatch]) -> list[PendingHidden]:
+        """One pending transfer per micro-batch (last stage). Under `separate` at most
+        `queue_depth` receives are posted ahead of the micro-batch the loss path is reading
+        (their host buffers bound the staging memory); under `shared` all of them at once (the
+        same ranks run the teacher first: a bounded window would wait on itself)."""
         if self.s is None or not self.s.is_last_stage:
             return []
         spec, d, r = self.spec, self.s.dp_rank, self.s.tp_rank
-        pending = []
+        window = _Window(self, ahead=spec.queue_depth if spec.separate else len(microbatches))
+        pending: list[PendingHidden] = []
         for i, mb in enumerate(microbatches):
             g = d * spec.microbatches + i
             j = g % spec.teacher.dp
             src = spec.teacher.rank(r % spec.teacher.tp, spec.teacher.pp - 1, j)
             b, s = mb.input_ids.shape
-            buffer = torch.empty(s, b, spec.hidden_size, dtype=spec.dtype,
-                                 device=self.device if src == self.me else self.bridge.device)
-            key = ("hidden", g, self.me)
             if src == self.me:  # scored by this very rank: filled in memory during `serve_once`
-                pending.append(_LocalHidden(self._local, (key, _HIDDEN)))
-                continue
-            work = self.bridge.irecv(buffer, src, _HIDDEN)
-            self.received_bytes += buffer.nbytes
-            pending.append(_HostHidden(buffer, work, src, self.device, self._add_wait))
+                pending.append(_LocalHidden(self._local, (("hidden", g, self.me), _HIDDEN)))
+            else:
+                pending.append(window.add((s, b, spec.hidden_size), src))
+        window.post_through(0)
         return pending
 
     def _add_wait(self, seconds: float) -> None:
@@ -343,13 +304,49 @@ class TeacherLink:
             _wait_sent(in_flight.popleft())
 
 
+class _Window:
+    """The student's receives of one step's remote hidden states, posted in micro-batch
+    order (the order each teacher rank sends in) at most `ahead` beyond the one being read."""
+
+    def __init__(self, link: TeacherLink, ahead: int) -> None:
+        self.link, self.ahead = link, ahead
+        self.items: list[_HostHidden] = []
+        self.posted = 0
+
+    def add(self, shape, src: int) -> "_HostHidden":
+        item = _HostHidden(self, len(self.items), shape, src)
+        self.items.append(item)
+        return item
+
+    def post_through(self, index: int) -> None:
+        """Post the receives of items [posted, index + ahead]."""
+        link, spec = self.link, self.link.spec
+        while self.posted < len(self.items) and self.posted <= index + self.ahead:
+            item = self.items[self.posted]
+            buffer = torch.empty(item.shape, dtype=spec.dtype, device=link.bridge.device)
+            item.post(buffer, link.bridge.irecv(buffer, item.src, _HIDDEN))
+            link.received_bytes += buffer.nbytes
+            self.posted += 1
+
+
 class _HostHidden(PendingHidden):
-    def __init__(self, host, work, src, device, on_wait):
-        super().__init__(host, work, src, on_wait)
-        self._device = device
+    """Hidden states of a micro-batch another rank scored: received into a buffer on the
+    bridge's device, moved to the compute device once, the buffer then dropped."""
+
+    def __init__(self, window: _Window, index: int, shape, src: int) -> None:
+        super().__init__(torch.empty(0), None, src, window.link._add_wait)
+        self._window, self._index, self.shape, self.src = window, index, shape, src
+        self._ready = False
+
+    def post(self, buffer: torch.Tensor, work) -> None:
+        self._buffer, self._work = buffer, work
 
     def get(self) -> torch.Tensor:
-        return super().get().to(self._device)
+        if not self._ready:
+            self._window.post_through(self._index)
+            self._buffer = super().get().to(self._window.link.device)
+            self._ready = True
+        return self._buffer
 
 
 class _LocalHidden(PendingHidden):
@@ -374,7 +371,3 @@ def _padded(ids: torch.Tensor, pos: torch.Tensor, length: int) -> Microbatch:
         pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, extra + 1, device=pos.device)], dim=1)
     zeros = torch.zeros(b, length, dtype=torch.bool, device=ids.device)
     return Microbatch(ids, pos, zeros, torch.zeros(b, dtype=torch.int64, device=ids.device))
-
-
-def spec_grids(spec: LinkSpec) -> tuple[Grid, Grid, LinkSpec]:
-    return spec.student, spec.teacher, spec

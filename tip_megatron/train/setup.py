@@ -15,7 +15,8 @@ from tip_megatron.models.build import BuildOptions, build_model
 from tip_megatron.checkpoint.sources import builtin_model, load_source_weights
 from tip_megatron.data.prompts import PromptDataset, PromptFields
 from tip_megatron.data.sampler import PromptLoader
-from tip_megatron.distill.teacher_link import Grid, LinkSpec, TeacherLink
+from tip_megatron.distill.teacher_grid import Grid, LinkSpec
+from tip_megatron.distill.teacher_link import TeacherLink
 from tip_megatron.runtime.device import compute_dtype, current_device
 from tip_megatron.runtime.env import rank_env
 from tip_megatron.runtime.parallel import ParallelGroups, bridge
