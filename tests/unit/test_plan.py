@@ -104,7 +104,9 @@ def test_cli_table_json_and_exit_code(tmp_path, capsys):
         # total = resident + the largest phase + margin, every term listed once
         assert stage["total_mib"] == pytest.approx(phases["resident"] + phases[stage["peak_phase"]]
                                                    + phases["margin"], abs=0.2)
-        assert sum(t["mib"] for t in stage["terms"]) == pytest.approx(sum(phases.values()), abs=0.5)
+        # every term listed once, in its phase and the phases it spans
+        assert sum(t["mib"] * (1 + len(t["spans"])) for t in stage["terms"]) == pytest.approx(
+            sum(phases.values()), abs=0.5)
         assert f"{stage['total_mib']:,.1f} MiB" in text
     assert data["gpu_memory_gib"] == 139.8
     assert code == (0 if data["fits"] else 1)
