@@ -207,10 +207,18 @@ def test_separate_placement_by_hand_cpu():
     # Only the teacher's last stage sends: queue_depth 1 micro-batch waits besides the one scored.
     assert "teacher.hidden_in_flight" not in _terms(t0)
     assert _terms(t1)["teacher.hidden_in_flight"] == HIDDEN * 4
+    # Its peak: reading its weights (a buffer as large as them) over the weights, plus the
+    # teacher rank's smaller CPU margin (no optimizer, DDP buffers or prompt loader).
     got = _terms(t1)
+    weights = TEACHER_STAGE[1] * 4
+    assert got["load.read_buffers"] == weights
     assert t1.total_mib == pytest.approx(_by_hand_total(
-        t1, got["teacher.params"], dict(rollout=0, score=got["teacher.activations"] + HIDDEN * 4, train=0,
-                                        step=0), 32 * MIB_))
+        t1, weights, dict(load=weights, rollout=0, score=got["teacher.activations"] + HIDDEN * 4, train=0,
+                          step=0), 20 * MIB_))
+    # The student's rank reads the student's weights; its grads, optimizer state and the
+    # teacher's output-weight rows come after the load.
+    assert _terms(student)["load.read_buffers"] == STUDENT_PARAMS * 4
+    assert student.phase_total_mib("load") * MIB_ == pytest.approx(2 * STUDENT_PARAMS * 4)
     # The student's own terms do not depend on where the teacher runs.
     one_grid = _tiny("shared", 4, "cpu").stages[0]
     for name, value in _terms(one_grid).items():

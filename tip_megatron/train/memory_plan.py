@@ -28,9 +28,9 @@ from tip_megatron.runtime.gpu_memory import gpu_memory_gib
 from tip_megatron.train.memory_ranks import Sides, rank_terms
 from tip_megatron.train.memory_terms import MIB, Shape, Term, margin_terms  # noqa: F401  (re-exported)
 
-PHASES = ("resident", "rollout", "score", "train", "step", "host", "margin")
+PHASES = ("resident", "load", "rollout", "score", "train", "step", "host", "margin")
 #: Phases that follow one another (the peak is the largest of them over the resident terms).
-_PEAK_PHASES = ("rollout", "score", "train", "step")
+_PEAK_PHASES = ("load", "rollout", "score", "train", "step")
 
 
 @dataclass(frozen=True)
@@ -50,20 +50,27 @@ class StagePlan:
     def phase_mib(self, phase: str) -> float:
         return sum(t.mib for t in self.terms if t.phase == phase or phase in t.spans)
 
+    def alive(self, phase: str) -> list[Term]:
+        """The terms alive in `phase`: the resident ones (those made after the load but
+        there) and the phase's own."""
+        return [t for t in self.terms if (t.phase == "resident" and not (phase == "load" and t.after_load))
+                or t.phase == phase or phase in t.spans]
+
+    def phase_total_mib(self, phase: str) -> float:
+        return sum(t.mib for t in self.alive(phase))
+
     @property
     def peak_phase(self) -> str:
-        return max(_PEAK_PHASES, key=self.phase_mib)
+        return max(_PEAK_PHASES, key=self.phase_total_mib)
 
     @property
     def total_mib(self) -> float:
-        return (self.phase_mib("resident") + self.phase_mib(self.peak_phase)
-                + self.phase_mib("margin"))
+        return self.phase_total_mib(self.peak_phase) + self.phase_mib("margin")
 
     @property
     def dominant(self) -> Term:
         """The largest term on the path to the peak (resident or the peak phase)."""
-        return max((t for t in self.terms if t.phase in ("resident", self.peak_phase)
-                    or self.peak_phase in t.spans), key=lambda t: t.mib)
+        return max(self.alive(self.peak_phase), key=lambda t: t.mib)
 
     @property
     def title(self) -> str:
@@ -136,7 +143,7 @@ def _group(sides: Sides, device: str) -> tuple[StagePlan, ...]:
     out = []
     for (side, stage, t_stage, terms), ranks in sorted(groups.items(), key=lambda kv: kv[1][0]):
         partial = StagePlan(stage, (), terms)
-        terms += tuple(margin_terms(device, partial.phase_mib(partial.peak_phase)))
+        terms += tuple(margin_terms(device, partial.phase_mib(partial.peak_phase), side == "teacher"))
         out.append(StagePlan(stage, tuple(ranks), terms, side, t_stage))
     return tuple(out)
 
@@ -177,9 +184,9 @@ def _notes(cfg: RunConfig, sides: Sides) -> tuple[str, ...]:
     notes = [f"teacher placement: {placement}",
              "rollouts: every rollout of a DP rank is decoded at once (the trainer's "
              "max_batch_tokens = 0); responses are planned at rollout.max_new_tokens"]
-    if sides.device == "cuda" and sides.own_grid:
-        notes.append("host terms: host memory of the rank's process (gloo stages what crosses "
-                      "between the grids), not in the GPU total")
+    if sides.device == "cuda":
+        notes.append("host terms: host memory of the rank's process (the checkpoint reader's buffers; "
+                     "what crosses between two grids, staged for gloo), not in the GPU total")
     if cfg.parallel.vpp or sides.teacher_layout.vpp:
         notes.append("vpp: the interleaved schedule keeps more micro-batches in flight "
                      "than planned here (planned as plain 1F1B)")
@@ -211,7 +218,8 @@ def format_stage(stage: StagePlan, gib: Optional[float]) -> list[str]:
     if gib is not None:
         verdict = (f" of {gib:g} GiB: " + ("fits" if stage.total_mib <= gib * 1024 else
                                            f"EXCEEDS by {stage.total_mib / 1024 - gib:,.1f} GiB"))
-    lines.append(f"  total = resident + {stage.peak_phase} + margin = {stage.total_mib:,.1f} MiB "
+    what = "weights + load" if stage.peak_phase == "load" else f"resident + {stage.peak_phase}"
+    lines.append(f"  total = {what} + margin = {stage.total_mib:,.1f} MiB "
                  f"({stage.total_mib / 1024:,.2f} GiB){verdict}")
     d = stage.dominant
     lines.append(f"  dominant: {d.name} ({d.mib:,.1f} MiB); cut by: {d.cut}")

@@ -17,7 +17,7 @@ from tip_megatron.config import RunConfig
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.runtime.parallel import ParallelLayout
 from tip_megatron.train.memory_terms import (
-    MIB, Shape, Term, grid_shape, hidden_bytes, loss_path_term, padded_vocab, rollout_terms,
+    MIB, Shape, Term, grid_shape, hidden_bytes, load_term, loss_path_term, padded_vocab, rollout_terms,
     stage_params, student_activation_term, student_state_terms, teacher_activation_term,
     teacher_shape)
 
@@ -84,6 +84,8 @@ def rank_terms(sides: Sides, rank: int) -> tuple[str, int, Optional[int], list[T
         terms += _student_terms(sides, rank, s)
     if t is not None:
         terms += _teacher_terms(sides, rank, t)
+    weights = [t.mib * MIB for t in terms if t.name in ("student.params", "teacher.params")]
+    terms.append(load_term(sides.device, max(weights), teacher_only=s is None))
     if s is None:
         return "teacher", t[2], t[2], terms
     return "student", s[2], None if t is None else t[2], terms
@@ -99,7 +101,7 @@ def _student_terms(sides: Sides, rank: int, coords: tuple[int, int, int]) -> lis
         # The teacher's output-weight rows of this rank's vocabulary shard, re-cut at set-up.
         copy = shape.vocab_shard * sides.t_arch.hidden_size * shape.act_bytes
         terms.append(Term("teacher.output_weight", copy / MIB, "resident",
-                          "parallel.tp (the student's vocabulary shard)"))
+                          "parallel.tp (the student's vocabulary shard)", after_load=True))
     terms += rollout_terms(cfg, shape, arch, last)
     terms.append(student_activation_term(cfg, shape, arch, stage))
     if last:

@@ -24,6 +24,10 @@ CUDA_ALLOCATOR_FRACTION = 0.10
 #: gloo buffers, the prompt loader, small tensors glibc keeps), 30-40 MiB measured at
 #: every size (docs/plan.md); on a GPU they are host memory, not device memory.
 CPU_HOST_OBJECTS_MIB = 32.0
+#: CPU only, a rank of the teacher's own (`separate`): no optimizer, DDP buffers or prompt
+#: loader; 12 MiB settled after its weights loaded plus 7 while it served, measured on the
+#: "S sep" run (docs/plan.md).
+CPU_TEACHER_HOST_OBJECTS_MIB = 20.0
 
 
 @dataclass(frozen=True)
@@ -35,12 +39,15 @@ class Term:
     phase: str
     """resident (whole run), rollout (generation only), score (the teacher's forward pass),
     train (the student pass), step (the optimizer step), host (host memory on a GPU run: not
-    in the device total), margin."""
+    in the device total), load (reading the weights at set-up), margin."""
     cut: str
     """The setting that makes it smaller."""
     spans: tuple[str, ...] = ()
     """Further phases the term is alive in (the stashed teacher hidden states fill up while
     the teacher scores and stay through the student pass)."""
+    after_load: bool = False
+    """A resident term made once the weights are loaded (grads, optimizer state, the
+    teacher's output-weight copy): not alive in the `load` phase."""
 
 
 @dataclass(frozen=True)
@@ -214,8 +221,9 @@ def student_state_terms(cfg: RunConfig, shape: Shape, arch: ModelArch, stage: in
     return [
         Term("student.params", n * e / MIB, "resident", "parallel.tp / parallel.pp"),
         Term("student.grads", n * grad_bytes / MIB, "resident",
-             "parallel.tp / parallel.pp (optim.grad_reduce_in_fp32=false halves it with bf16)"),
-        Term("student.optimizer", n * optim_bytes / shard / MIB, "resident", dist_cut),
+             "parallel.tp / parallel.pp (optim.grad_reduce_in_fp32=false halves it with bf16)",
+             after_load=True),
+        Term("student.optimizer", n * optim_bytes / shard / MIB, "resident", dist_cut, after_load=True),
         Term("student.optimizer_step", step / MIB, "step", dist_cut),
     ]
 
@@ -256,9 +264,19 @@ def loss_path_term(cfg: RunConfig, shape: Shape, arch: ModelArch) -> Term:
     return Term("loss.output_layer", max(scoring, learn) / MIB, "train", cut)
 
 
-def margin_terms(device: str, peak_phase_mib: float) -> list[Term]:
+def load_term(device: str, weights_bytes: float, teacher_only: bool = False) -> Term:
+    """The checkpoint reader's buffers while one model's weights load (the rank's larger
+    model: they load one after the other): about the weights once more, in host memory
+    (measured 0.9x on the CPU, docs/plan.md); on a GPU they stay on the host."""
+    cut = ("teacher.parallel.tp / teacher.parallel.pp" if teacher_only else "parallel.tp / parallel.pp") + \
+        " (the rank's share of the weights)"
+    return Term("load.read_buffers", weights_bytes / MIB, "load" if device != "cuda" else "host", cut)
+
+
+def margin_terms(device: str, peak_phase_mib: float, teacher_only: bool = False) -> list[Term]:
     if device != "cuda":
-        return [Term("cpu.host_objects", CPU_HOST_OBJECTS_MIB, "margin", "fixed (CPU runs only)")]
+        mib = CPU_TEACHER_HOST_OBJECTS_MIB if teacher_only else CPU_HOST_OBJECTS_MIB
+        return [Term("cpu.host_objects", mib, "margin", "fixed (CPU runs only)")]
     return [Term("cuda.context_nccl_workspaces", CUDA_FIXED_MIB, "margin",
                  "fixed: CUDA context, NCCL buffers, cuBLAS/TE workspaces"),
             Term("cuda.allocator", CUDA_ALLOCATOR_FRACTION * peak_phase_mib, "margin",
