@@ -270,6 +270,29 @@ def test_shared_placement_with_its_own_teacher_layout_by_hand():
     assert cpu["teacher.hidden_states"] == STEP_MBS * HIDDEN * 4
 
 
+def test_shared_teacher_wider_than_the_student_routes_by_rank():
+    """Student TP 1 x DP 4, teacher TP 2 x DP 2 on the same 4 ranks. Student rank d's one
+    micro-batch g = d comes from teacher rank (tp 0, dp g % 2) = 2 x (g % 2): rank 0 scores
+    its own, ranks 1-3 receive theirs. Teacher TP rank 1 (ranks 1, 3) feeds no student TP
+    rank (tp_s = 1), so only ranks 0 and 2 hold hidden states in flight."""
+    from tip_megatron.testing.models import tiny_arch
+    from tip_megatron.train.memory_plan import format_plan
+
+    s = tiny_arch("llama", vocab_size=1000, num_layers=2, ffn_hidden_size=96)
+    t = tiny_arch("llama", vocab_size=1000, hidden_size=96, ffn_hidden_size=160)
+    cfg = load_config(None, [o for o in TINY if not o.startswith(("parallel.tp", "teacher.parallel"))]
+                      + ["parallel.tp=1", "teacher.parallel.tp=2"])
+    plan = plan_memory(cfg, s, t, 4, device="cuda")
+    assert [st.ranks for st in plan.stages] == [(0,), (1, 3), (2,)]
+    by_rank = {r: _terms(st) for st in plan.stages for r in st.ranks}
+    # one micro-batch per replica (1 prompt x 2 rollouts, micro-batch 2): [s 16, b 2, h_t 96] bf16
+    assert by_rank[0]["teacher.hidden_states"] == 2 * 16 * 96 * 2 and "teacher.hidden_states.host" not in by_rank[0]
+    for r in (1, 2, 3):
+        assert by_rank[r]["teacher.hidden_states.host"] == 2 * 16 * 96 * 2, r
+    assert {r for r, got in by_rank.items() if "teacher.hidden_in_flight.host" in got} == {0, 2}
+    assert "stage 0 (ranks 1,3)" in format_plan(plan)
+
+
 SEPARATE = ["teacher.placement=separate"]
 
 
