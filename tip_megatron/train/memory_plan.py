@@ -26,7 +26,7 @@ from tip_megatron.config import RunConfig, student_world_size
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.runtime.gpu_memory import gpu_memory_gib
 from tip_megatron.train.memory_ranks import Sides, rank_terms
-from tip_megatron.train.memory_terms import MIB, Shape, Term, margin_terms  # noqa: F401  (re-exported)
+from tip_megatron.train.memory_terms import Term, margin_terms
 
 PHASES = ("resident", "load", "rollout", "score", "train", "step", "host", "margin")
 #: Phases that follow one another (the peak is the largest of them over the resident terms).
@@ -233,9 +233,11 @@ def format_plan(plan: MemoryPlan) -> str:
     head = (f"memory plan per rank ({plan.device}, {lay['dtype']}; world {plan.world_size}; sequence "
             f"{lay['seq']}, {lay['rows_per_dp_rank']} rollouts per DP rank, "
             f"{lay['kept_per_microbatch']} kept tokens per micro-batch)")
-    sides = [f"student: ranks {ranks_text(range(s_ranks[0], s_ranks[1] + 1))} (tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']})",
-             f"teacher ({lay['placement']}): ranks {ranks_text(range(t_ranks[0], t_ranks[1] + 1))} (tp {t['tp']} x pp "
-             f"{t['pp']} x dp {t['dp']}" + (", its own grid)" if t["own_grid"] else ", the student's grid)")]
+    grid = ", its own grid" if t["own_grid"] else ", the student's grid"
+    sides = [f"student: ranks {ranks_text(range(s_ranks[0], s_ranks[1] + 1))} "
+             f"(tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']})",
+             f"teacher ({lay['placement']}): ranks {ranks_text(range(t_ranks[0], t_ranks[1] + 1))} "
+             f"(tp {t['tp']} x pp {t['pp']} x dp {t['dp']}{grid})"]
     lines = [head] + sides
     for stage in plan.stages:
         lines += format_stage(stage, plan.gpu_memory_gib)
