@@ -1,11 +1,12 @@
 """The memory plan against real runs on the CPU: the parameters each rank of a TP=2 x PP=2
-model holds, and the peak resident-set rise of 2-step OPD runs at three sizes (each rank)
-within 15% of the plan's CPU total (tip_megatron/testing/memory.py; docs/plan.md)."""
+model holds, and the peak resident-set rise of 2-step OPD runs at three sizes and one with
+the teacher on a rank of its own (each rank) within 15% of the plan's CPU total
+(tip_megatron/testing/memory.py; docs/plan.md)."""
 import pytest
 
 from tip_megatron.config import load_config
 from tip_megatron.testing.distributed import run_distributed
-from tip_megatron.testing.memory import SIZES, format_rows, measure_sizes
+from tip_megatron.testing.memory import SEPARATE_SIZES, SIZES, format_rows, measure_sizes
 from tip_megatron.testing.models import tiny_arch
 from tip_megatron.train.memory_plan import plan_memory
 
@@ -49,3 +50,14 @@ def test_plan_within_15_percent_of_measured_peaks(measured):
     assert len(measured) == sum(s.world for s in SIZES)
     bad = [r for r in measured if not 0.85 <= r["ratio"] <= 1.15]
     assert not bad, format_rows(measured)
+
+
+def test_separate_placement_within_15_percent_of_measured_peaks(tmp_path):
+    """The teacher on a rank of its own: the student's rank (no teacher weights; the
+    teacher's output-weight rows and the step's hidden states) and the teacher's (its
+    weights, one micro-batch's forward pass, queue_depth hidden states in flight)."""
+    rows = measure_sizes(tmp_path, SEPARATE_SIZES)
+    print(format_rows(rows))
+    assert [r["rank"] for r in rows] == list(range(SEPARATE_SIZES[0].job_world))
+    bad = [r for r in rows if not 0.85 <= r["ratio"] <= 1.15]
+    assert not bad, format_rows(rows)

@@ -25,7 +25,8 @@ def register(subparsers) -> None:
                    help="memory of one GPU: GiB (80), '80GiB', '80GB' or a name (h100, h200, "
                         "a100-40gb, ...); default parallel.gpu_memory_gib")
     p.add_argument("--world-size", type=int, default=0,
-                   help="ranks of the run (default tp*pp, i.e. one data-parallel replica)")
+                   help="ranks of the job, the teacher's own included under teacher.placement="
+                        "separate (default tp*pp + those: one student data-parallel replica)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="plan for GPUs (bf16 under model.dtype=auto, TE attention, CUDA margin) or "
                         "the CPU (fp32, local spec)")
@@ -38,7 +39,6 @@ def register(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     # Imported here: `tip-megatron --help` imports this module and must not load torch
     # (each of these reaches it through the config sections).
-    from tip_megatron.checkpoint.sources import ModelSource
     from tip_megatron.config import load_config, validate_run  # torch, as above
     from tip_megatron.train.memory_plan import format_plan, plan_memory  # torch, as above
     from tip_megatron.train.preflight import check_models  # torch, as above
@@ -50,8 +50,10 @@ def main(args: argparse.Namespace) -> int:
             if not Path(arch).exists():
                 raise ValueError(f"--{who}-arch={arch!r}: no such file or directory; accepted: an "
                                  "HF config.json or the directory holding it")
-            cfg = dataclasses.replace(cfg, **{who: ModelSource(hf=arch)})
-    world = args.world_size or cfg.parallel.tp * cfg.parallel.pp
+            # The weights' source only: the teacher keeps its layout and placement.
+            source = dataclasses.replace(getattr(cfg, who), ckpt=None, hf=arch, builtin=None)
+            cfg = dataclasses.replace(cfg, **{who: source})
+    world = args.world_size or cfg.parallel.tp * cfg.parallel.pp + cfg.teacher.ranks(cfg.parallel)
     if world < 1:
         raise ValueError(f"--world-size={world}: must be >= 1")
     validate_run(cfg, world)

@@ -31,6 +31,15 @@ class Size:
     world: int = 1
     family: str = "llama"
     max_new_tokens: int = 16
+    placement: str = "shared"
+    """`separate`: the teacher on ranks of its own after the student's `world`."""
+    teacher_tp: int = 0
+    """The teacher's TP (0: the student's)."""
+
+    @property
+    def job_world(self) -> int:
+        """Every rank of the run: the student's and the teacher's own."""
+        return self.world + (self.teacher_tp or self.tp) * (self.placement == "separate")
 
 
 #: The default test tier's three sizes (V 32k-64k so that the output layer matters).
@@ -39,6 +48,11 @@ SIZES = (
     Size("M tp2", vocab=65536, student_hidden=256, teacher_hidden=384, layers=2, tp=2, world=2,
          family="qwen3"),
     Size("L dp2", vocab=65536, student_hidden=384, teacher_hidden=512, layers=4, world=2),
+)
+#: The teacher on a rank of its own: student rank 0, teacher rank 1 (its hidden states cross
+#: through gloo; the student keeps the step's, the teacher at most queue_depth in flight).
+SEPARATE_SIZES = (
+    Size("S sep", vocab=32768, student_hidden=128, teacher_hidden=192, layers=2, placement="separate"),
 )
 
 
@@ -100,26 +114,33 @@ def run_overrides(root: Path, size: Size) -> list[str]:
         "rollout.max_new_tokens": size.max_new_tokens, "selection.rule": "soft_or",
         "selection.rho": 0.5, "train.steps": 2, "train.micro_batch_size": 4,
         "parallel.tp": size.tp, "parallel.pp": size.pp, "optim.lr": 1e-4,
+        "teacher.placement": size.placement,
     }
+    if size.teacher_tp:
+        values["teacher.parallel.tp"] = size.teacher_tp
     return [f"{k}={v}" for k, v in values.items()]
 
 
 def _measured_rank(overrides: list[str]) -> dict:
     """Rank body: the trainer's run; this rank's RSS rise over the level after set-up of the
     process group (the libraries the trainer uses are imported before the reset)."""
-    import torch.distributed as dist
-
     from tip_megatron.config import load_config
     from tip_megatron.runtime import parallel
+    from tip_megatron.runtime.env import rank_env  # with the rank body's other imports
     from tip_megatron.train import trainer
     from tip_megatron.train.optimizer import build_optimizer  # noqa: F401  (import before the reset)
+    from tip_megatron.train.teacher_serve import serve_teacher  # noqa: F401  (as above)
 
     return_freed_memory()
     cfg = load_config(None, overrides)
-    parallel.initialize(cfg.parallel, seed=cfg.train.seed)  # the trainer's call finds it made
+    split = trainer.teacher_split(cfg)
+    side = cfg.parallel
+    if split is not None and split.role(rank_env().rank) == "teacher":
+        side = cfg.teacher.parallel.resolve(cfg.parallel)
+    parallel.initialize(side, seed=cfg.train.seed, split=split)  # the trainer's call finds it made
     base = reset_peak_rss()
     trainer.run(cfg)
-    rank = dist.get_rank()
+    rank = rank_env().rank  # the job's rank (under a split, dist numbers each side from 0)
     return dict(rank=rank, base_mib=base, rise_mib=peak_rss_mib() - base)
 
 
@@ -131,7 +152,7 @@ def measure(root: Path, size: Size) -> list[dict]:
     root.mkdir(parents=True, exist_ok=True)
     run_distributed(_make_models, 1, args=(str(root), size), env={"TIP_MEGATRON_DEVICE": "cpu"})
     addition_prompts(root / "prompts.jsonl", 64)
-    return run_distributed(_measured_rank, size.world, args=(run_overrides(root, size),),
+    return run_distributed(_measured_rank, size.job_world, args=(run_overrides(root, size),),
                            env={"TIP_MEGATRON_DEVICE": "cpu"})
 
 
@@ -143,7 +164,7 @@ def planned(root: Path, size: Size) -> dict[int, float]:
 
     cfg = load_config(None, run_overrides(root, size))
     s_arch, t_arch, _ = check_models(cfg)
-    plan = plan_memory(cfg, s_arch, t_arch, size.world, device="cpu")
+    plan = plan_memory(cfg, s_arch, t_arch, size.job_world, device="cpu")
     return {r: s.total_mib for s in plan.stages for r in s.ranks}
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tip_megatron.config import ModelSource, RunConfig, student_world_size, tensorboard_dir, validate_run
+from tip_megatron.config import ModelSource, RunConfig, tensorboard_dir, validate_run
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.checkpoint.sources import source_arch
 from tip_megatron.checkpoint.layout import COMPLETE, latest_checkpoint, resolve_step
@@ -235,8 +235,8 @@ def warn_memory_plan(cfg: RunConfig, world_size: int, s_arch: ModelArch, t_arch:
     if cfg.parallel.gpu_memory_gib is None:
         return None
     device = "cuda" if default_backend().is_cuda else "cpu"
-    # The student's ranks (the plan places the teacher on the student's grid: docs/plan.md)
-    plan = plan_memory(cfg, s_arch, t_arch, student_world_size(cfg, world_size), device=device)
+    # Every rank of the job: the plan places the teacher's own ranks (`separate`) itself.
+    plan = plan_memory(cfg, s_arch, t_arch, world_size, device=device)
     if plan.fits is False and rank_env().rank == 0:
         logger.warning("parallel.gpu_memory_gib=%s: the memory plan puts a rank at %.1f GiB, above "
                        "%.1f GiB (tip-megatron plan; docs/plan.md):\n%s", cfg.parallel.gpu_memory_gib,
