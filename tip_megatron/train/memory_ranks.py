@@ -115,22 +115,21 @@ def _student_terms(sides: Sides, rank: int, coords: tuple[int, int, int]) -> lis
 
 def _stash_terms(sides: Sides, rank: int, coords: tuple[int, int, int]) -> list[Term]:
     """The teacher's final hidden states of every micro-batch of the step, kept on the
-    student's last stage from the teacher pass to the end of the student pass. What the
-    teacher scored on this very rank stays on the device; what crossed from another rank
-    sits in the host buffer the receive was posted into and is copied to the device one
-    micro-batch at a time (on the CPU both are the same memory)."""
+    student's last stage from the teacher pass to the end of the student pass (on the
+    device, whichever rank scored them). What crossed from another rank first lands in a host
+    buffer (a GPU run; on the CPU it is the same memory), moved to the device when the loss
+    path reads it and then dropped: under `separate` at most `teacher.queue_depth` receives
+    are posted ahead of the one being read, under `shared` every remote one at once
+    (distill/teacher_link.py)."""
     one = hidden_bytes(sides.student, sides.t_arch)
     total = sides.step_microbatches
     local = _local_microbatches(sides, rank, coords) if sides.own_grid else total
-    if sides.device != "cuda":
-        local = total
-    terms = []
-    if local:
-        terms.append(Term("teacher.hidden_states", local * one / MIB, "train", _STASH_CUT, spans=("score",)))
-    if total - local:
-        terms += [Term("teacher.hidden_states.host", (total - local) * one / MIB, "host", _STASH_CUT),
-                  Term("teacher.hidden_states.in_use", one / MIB, "train",
-                       "train.micro_batch_size (one micro-batch on the device)")]
+    terms = [Term("teacher.hidden_states", total * one / MIB, "train", _STASH_CUT, spans=("score",))]
+    remote = total - local
+    if sides.device == "cuda" and remote:
+        staged = min(remote, sides.cfg.teacher.queue_depth + 1) if sides.cfg.teacher.separate else remote
+        terms.append(Term("teacher.hidden_states.host", staged * one / MIB, "host",
+                          "teacher.queue_depth" if sides.cfg.teacher.separate else _STASH_CUT))
     return terms
 
 
