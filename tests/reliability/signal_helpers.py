@@ -65,3 +65,19 @@ def kill_leftovers(pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def saved_once_after_usr1(job: subprocess.Popen, log, ckdir, steps: int) -> int:
+    """A job stopped by SIGUSR1 exited 0 with one checkpoint, at a step in [2, steps), and
+    printed the stop line naming it; returns that step."""
+    from tip_megatron.checkpoint.layout import list_checkpoints  # light; only these tests use it
+
+    text = log.read_text()
+    assert job.returncode == 0, text[-3000:]
+    saved = list_checkpoints(ckdir)
+    assert len(saved) == 1, saved
+    step = int(saved[0].name.split("_")[1])
+    assert 2 <= step < steps, f"stopped at step {step}\n{text[-3000:]}"
+    assert f"received SIGUSR1: stopped after step {step}, saved checkpoint {saved[0]}" in text, text[-3000:]
+    return step
+

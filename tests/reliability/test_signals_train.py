@@ -23,7 +23,7 @@ from tip_megatron.testing.distributed import free_port, run_distributed
 from tip_megatron.testing.assets import tiny_run_overrides as overrides
 from tip_megatron.checkpoint.layout import list_checkpoints
 
-from signal_helpers import gone, kill_leftovers, losses_of, spawn, train, wait_until
+from signal_helpers import saved_once_after_usr1, gone, kill_leftovers, losses_of, spawn, train, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -111,13 +111,7 @@ def test_sigusr1_to_one_rank_saves_everywhere_and_resumes_exactly(opd_assets, tm
         agent.wait(timeout=300)
     finally:
         kill_leftovers({p for p in seen if not gone(p)})
-    text = log.read_text()
-    assert agent.returncode == 0, text[-3000:]
-    saved = list_checkpoints(ckdir)
-    assert len(saved) == 1, saved
-    step = int(saved[0].name.split("_")[1])
-    assert 2 <= step < STEPS, f"stopped at step {step}"
-    assert f"received SIGUSR1: stopped after step {step}, saved checkpoint {saved[0]}" in text, text[-3000:]
+    step = saved_once_after_usr1(agent, log, ckdir, STEPS)
     first = _logged(ckdir / "metrics.jsonl")
     assert sorted(first) == list(range(1, step + 1))
     rest = _resume_rest(opd_assets, ckdir)

@@ -14,11 +14,10 @@ import time
 import psutil
 import pytest
 
-from tip_megatron.checkpoint.layout import list_checkpoints
 from tip_megatron.testing.assets import tiny_run_overrides
 from tip_megatron.testing.distributed import free_port, run_distributed
 
-from signal_helpers import gone, kill_leftovers, losses_of, spawn, train, tree, wait_until
+from signal_helpers import saved_once_after_usr1, gone, kill_leftovers, losses_of, spawn, train, tree, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -90,13 +89,7 @@ def test_sigusr1_to_the_teacher_rank_alone_saves_and_resumes_exactly(opd_assets,
         agent.wait(timeout=300)
     finally:
         kill_leftovers({p for p in seen if not gone(p)})
-    text = log.read_text()
-    assert agent.returncode == 0, text[-3000:]
-    saved = list_checkpoints(ckdir)
-    assert len(saved) == 1, saved
-    step = int(saved[0].name.split("_")[1])
-    assert 2 <= step < STEPS, text[-3000:]
-    assert f"received SIGUSR1: stopped after step {step}, saved checkpoint {saved[0]}" in text, text[-3000:]
+    step = saved_once_after_usr1(agent, log, ckdir, STEPS)
     rest = losses_of(run_distributed(train, 2, args=(tiny_run_overrides(
         opd_assets, **SEPARATE, **{"train.steps": STEPS, "checkpoint.dir": ckdir}),)))
     assert len(rest) == STEPS - step
