@@ -37,10 +37,11 @@ def _step_with_inf(overrides, poison_rank):
     """Rank body: one clean step, then one with an inf in a teacher hidden state at a
     response position of the first micro-batch (on DP rank `poison_rank` only); returns
     (metrics of both steps, whether the weights changed in each, skip counters)."""
+    from tip_megatron.train import teacher as teacher_side  # where teacher_contexts looks it up
     from tip_megatron.train import trainer
 
     run = trainer.setup(load_config(None, overrides))
-    real = trainer.teacher_hidden_states
+    real = teacher_side.teacher_hidden_states
     poison = {"on": False}
 
     def teacher_with_inf(*args, **kwargs):
@@ -51,7 +52,7 @@ def _step_with_inf(overrides, poison_rank):
             hidden[0][t, b, 0] = float("inf")  # [s, b, h]
         return hidden
 
-    trainer.teacher_hidden_states = teacher_with_inf
+    teacher_side.teacher_hidden_states = teacher_with_inf
     out = []
     try:
         for step in range(2):
@@ -63,7 +64,7 @@ def _step_with_inf(overrides, poison_rank):
             changed = any(not torch.equal(a, b) for a, b in zip(before, after))
             out.append((metrics["loss_sum"], metrics["skipped"], changed))
     finally:
-        trainer.teacher_hidden_states = real
+        teacher_side.teacher_hidden_states = real
     return out, run.num_skipped, run.skip_streak
 
 
@@ -90,10 +91,11 @@ def _signalled_in_step_2(overrides, poisoned):
     import os
     import signal
 
+    from tip_megatron.train import teacher as teacher_side  # where teacher_contexts looks it up
     from tip_megatron.train import trainer
 
     run = trainer.setup(load_config(None, overrides))
-    real = trainer.teacher_hidden_states
+    real = teacher_side.teacher_hidden_states
 
     def teacher_with_inf(*args, **kwargs):
         hidden = real(*args, **kwargs)
@@ -103,13 +105,13 @@ def _signalled_in_step_2(overrides, poisoned):
             os.kill(os.getpid(), signal.SIGUSR1)
         return hidden
 
-    trainer.teacher_hidden_states = teacher_with_inf
+    teacher_side.teacher_hidden_states = teacher_with_inf
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
             trainer.loop(run)
     finally:
-        trainer.teacher_hidden_states = real
+        teacher_side.teacher_hidden_states = real
     return printed.getvalue(), run.step, run.num_skipped
 
 
@@ -130,6 +132,7 @@ def test_stop_report_after_a_skipped_update_names_the_checkpoint_on_disk(opd_ass
 
 def _step_metrics_and_rollouts(overrides):
     """Rank body: one real train_step; (its metrics, this replica's response lengths)."""
+    from tip_megatron.train import teacher as teacher_side  # where teacher_contexts looks it up
     from tip_megatron.train import trainer
 
     run = trainer.setup(load_config(None, overrides))
