@@ -227,7 +227,7 @@ class PromptDataset:
             for p, line, row in zip(pos, lines, src.fetch(locs, lines)):
                 r = parse_row(row, self.fields, src.where(line), src.default_id(line))
                 out[p] = PromptRecord(r.prompt_id, self.token_ids(int(idx[p])), r.answer,
-                                      r.text, r.messages)
+                                      r.text, r.messages, where=src.where(line))
         return out  # type: ignore[return-value]
 
     def _check_index(self, i: int) -> None:

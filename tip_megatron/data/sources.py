@@ -27,6 +27,7 @@ class PromptRecord:
     answer: str | None  # the answer field, for grading; None when absent
     text: str  # the prompt field; for chat rows the last user message's content
     messages: list[dict[str, Any]] | None = None  # chat rows: the prompt turns
+    where: str = ""  # "<file>:<line>" (or row): named by errors about this prompt
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,176 @@
+"""Multi-turn generation: KV continuity across turns, at TP1, TP2 and PP2, both engines.
+
+A tiny random HF llama (built from a config, no downloads) is loaded into the engine; a
+scripted environment (tip_megatron.testing.envs) answers every turn with ids that depend
+on the prompt, the turn index and the turn's tokens. Checks, per layout and engine:
+- greedy: every generated token equals the argmax of HF's plain forward over the row's
+  whole history (prompt, earlier turns, observations: no cache), i.e. continuing the
+  cache across turns and prefilling only the observations changes nothing;
+- the transcript replays: the tokens between two turns are exactly what the environment
+  answers to the turn before them; masks split the tokens after the prompt into
+  generated (response_mask) and observation tokens;
+- sampled (n=2): the same tokens on every layout and engine as the TP1 dynamic engine.
+"""
+import pytest
+import torch
+
+from tip_megatron.testing.distributed import run_distributed
+from tip_megatron.testing.envs import scripted_observation
+from tip_megatron.rollout.env import Turn
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 30, 40, 17], [60, 61]]
+NEW = 30
+TURN_STOP = tuple(f"<{i}>" for i in range(3, 250, 9))  # 28 of 250 ids end a turn
+EOS = (2, 125)
+ENV = dict(env="tip_megatron.testing.envs:ScriptedEnv", env_args={"end_after": 1}, max_turns=3,
+           turn_stop=TURN_STOP, stop_ids=EOS, max_new_tokens=NEW)
+LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+
+
+def _hf_model():
+    cfg = transformers.LlamaConfig(
+        vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+        rms_norm_eps=1e-6, initializer_range=0.2, bos_token_id=None, eos_token_id=None,
+        pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _records():
+    from tip_megatron.data.sources import PromptRecord
+
+    return [PromptRecord(str(i), p, None, "", where=f"prompts.jsonl, line {i + 1}")
+            for i, p in enumerate(PROMPTS)]
+
+
+def _generate(full, arch, tp, pp):
+    from tip_megatron.models import BuildOptions, build_model
+    from tip_megatron.models.state import load_full_state_dict
+    from tip_megatron.rollout.generate import Episodes, GenerationConfig, generate
+    from tip_megatron.runtime import parallel
+    from tip_megatron.testing.envs import IdTokenizer
+
+    g = parallel.initialize(parallel.ParallelLayout(tp=tp, pp=pp))
+    chunks = build_model(arch, g, BuildOptions(init_weights=False))
+    load_full_state_dict(chunks, full, g, arch)
+    out = {}
+    for engine in ("dynamic", "static"):
+        for name, kw in (("greedy", dict(temperature=0.0)),
+                         ("sampled", dict(temperature=1.0, top_k=50, n=2))):
+            config = GenerationConfig(**ENV, **kw, engine=engine)
+            out[(engine, name)] = generate(chunks, g, arch, PROMPTS, config, seed=5, step=1,
+                                           episodes=Episodes(_records(), IdTokenizer(250)))
+    # Room for 3 rows of 8: rows leave, prompts join while others wait on environments.
+    config = GenerationConfig(**ENV, temperature=1.0, top_k=50, n=2, max_batch_tokens=3 * (7 + NEW))
+    out[("dynamic_cap3", "sampled")] = generate(chunks, g, arch, PROMPTS, config, seed=5, step=1,
+                                                episodes=Episodes(_records(), IdTokenizer(250)))
+    # The KV cache off (every step recomputes the whole row): the static engine's reference.
+    config = GenerationConfig(**ENV, temperature=0.0, engine="static", use_kv_cache=False)
+    out[("nocache", "greedy")] = generate(chunks, g, arch, PROMPTS, config, seed=5, step=1,
+                                          episodes=Episodes(_records(), IdTokenizer(250)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    from tip_megatron.models.arch import ModelArch
+    from tests.distributed.test_generate_layouts import _hf_to_full
+
+    hf = _hf_model()
+    arch = ModelArch.from_hf_config(hf.config.to_dict())
+    return hf, arch, _hf_to_full(hf, arch)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    _, arch, full = model
+    return run_distributed(_generate, 1, args=(full, arch, 1, 1))[0]
+
+
+def _segments(out, row):
+    """[(kind, ids)] of the tokens after the prompt: ('gen', turn ids) / ('obs', ids)."""
+    start, end = int(out.prompt_lengths[row]), int(out.prompt_lengths[row] + out.response_lengths[row])
+    parts = []
+    for col in range(start, end):
+        kind = "gen" if bool(out.response_mask[row, col]) else "obs"
+        tok = int(out.token_ids[row, col])
+        if parts and parts[-1][0] == kind and (kind == "obs" or parts[-1][2] == int(out.turn_ids[row, col])):
+            parts[-1][1].append(tok)
+        else:
+            parts.append([kind, [tok], int(out.turn_ids[row, col])])
+    return parts
+
+
+def _check_transcript(out, where):
+    """Observations are the environment's answers; turn ids, masks and counts agree."""
+    n = out.num_rows // len(PROMPTS)
+    for row in range(out.num_rows):
+        key = row // n
+        parts = _segments(out, row)
+        assert parts and parts[0][0] == "gen", (where, row)
+        gens = [p for p in parts if p[0] == "gen"]
+        assert [p[2] for p in gens] == list(range(len(gens))), (where, row, parts)
+        assert int(out.num_turns[row]) == len(gens), (where, row)
+        for k, part in enumerate(parts):
+            if part[0] != "obs":
+                continue
+            prev = parts[k - 1]
+            want = scripted_observation(key, Turn(prev[2], tuple(prev[1]), ""))
+            # cut only when the budget ran out
+            assert part[1] == want[:len(part[1])], (where, row, k)
+            assert part[1] == want or int(out.response_lengths[row]) == NEW, (where, row, k)
+        obs = out.observation_mask[row]
+        assert int(obs.sum() + out.response_mask[row].sum()) == int(out.response_lengths[row]), (where, row)
+        assert not bool((out.response_mask[row] & obs).any())
+    assert torch.equal(out.turn_ids >= 0, out.response_mask), where
+
+
+def _check_greedy_vs_hf(hf, out, where):
+    with torch.no_grad():
+        for row in range(out.num_rows):
+            end = int(out.prompt_lengths[row] + out.response_lengths[row])
+            ids = out.token_ids[row, :end]
+            logits = hf(ids[None]).logits[0]
+            gen = out.response_mask[row, :end].nonzero().flatten()
+            assert torch.equal(logits[gen - 1].argmax(-1), ids[gen]), (where, row)
+
+
+def test_multiturn_reference_tp1(model, reference):
+    hf = model[0]
+    greedy = reference[("dynamic", "greedy")]
+    # The script exercises what it should: several turns, observations, EOS, max_turns.
+    assert int(greedy.num_turns.max()) == 3 and int(greedy.num_turns.min()) >= 1
+    assert int(greedy.observation_mask.sum()) > 0
+    assert greedy.stats["env_calls"] > 0 and greedy.stats["num_extensions"] > 0
+    for (engine, name), out in reference.items():
+        _check_transcript(out, f"tp1 {engine} {name}")
+        if name == "greedy":
+            _check_greedy_vs_hf(hf, out, f"tp1 {engine}")
+    for key in (("static", "greedy"), ("nocache", "greedy")):
+        assert torch.equal(reference[key].token_ids, greedy.token_ids), key
+    sampled = reference[("dynamic", "sampled")]
+    assert reference[("dynamic_cap3", "sampled")].stats["capacity_rows"] == 3
+    for key in (("static", "sampled"), ("dynamic_cap3", "sampled")):
+        assert torch.equal(reference[key].token_ids, sampled.token_ids), key
+        assert torch.equal(reference[key].response_mask, sampled.response_mask), key
+    torch.testing.assert_close(reference[("static", "sampled")].logprobs, sampled.logprobs,
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_multiturn_layouts_match_tp1(layout, model, reference):
+    hf, arch, full = model
+    tp, pp = LAYOUTS[layout]
+    for rank, res in enumerate(run_distributed(_generate, tp * pp, args=(full, arch, tp, pp))):
+        for (engine, name), out in res.items():
+            where = f"{layout} rank {rank} {engine} {name}"
+            base = reference[(engine, name)]  # this engine at TP1
+            assert torch.equal(out.token_ids, base.token_ids), where
+            assert torch.equal(out.response_mask, base.response_mask), where
+            assert torch.equal(out.num_turns, base.num_turns), where
+            torch.testing.assert_close(out.logprobs, base.logprobs, atol=1e-4, rtol=0, msg=where)
+            if name == "greedy" and rank == 0:
+                _check_greedy_vs_hf(hf, out, where)
