@@ -9,7 +9,9 @@ on the prompt, the turn index and the turn's tokens. Checks, per layout and engi
 - the transcript replays: the tokens between two turns are exactly what the environment
   answers to the turn before them; masks split the tokens after the prompt into
   generated (response_mask) and observation tokens;
-- sampled (n=2): the same tokens on every layout and engine as the TP1 dynamic engine.
+- sampled (n=2): the same tokens on every layout and engine as the TP1 dynamic engine;
+- teacher parity: the teacher pass's final hidden states of the interleaved rows equal
+  HF's plain forward of each whole row.
 """
 import pytest
 import torch
@@ -63,6 +65,16 @@ def _generate(full, arch, tp, pp):
             config = GenerationConfig(**ENV, **kw, engine=engine)
             out[(engine, name)] = generate(chunks, g, arch, PROMPTS, config, seed=5, step=1,
                                            episodes=Episodes(_records(), IdTokenizer(250)))
+    # Teacher parity: the teacher pass (forward-only pipeline schedule) over the interleaved
+    # rows, as the trainer cuts them into micro-batches: final hidden states [s, b, h].
+    from tip_megatron.distill.step import teacher_hidden_states
+    from tip_megatron.train.batches import make_microbatches
+
+    rolled = out[("dynamic", "greedy")]
+    mbs = make_microbatches(rolled.token_ids, rolled.response_mask,
+                            torch.arange(rolled.num_rows), micro_batch_size=2)
+    hidden = teacher_hidden_states(chunks, g, mbs, seq_length=rolled.token_ids.shape[1], micro_batch_size=2)
+    out["teacher_hidden"] = torch.cat([h.transpose(0, 1) for h in hidden]) if hidden else None
     # Room for 3 rows of 8: rows leave, prompts join while others wait on environments.
     config = GenerationConfig(**ENV, temperature=1.0, top_k=50, n=2, max_batch_tokens=3 * (7 + NEW))
     out[("dynamic_cap3", "sampled")] = generate(chunks, g, arch, PROMPTS, config, seed=5, step=1,
@@ -128,6 +140,17 @@ def _check_transcript(out, where):
     assert torch.equal(out.turn_ids >= 0, out.response_mask), where
 
 
+def _check_teacher_vs_hf(hf, out, hidden, where):
+    """The teacher's final hidden states of each interleaved row = HF's plain forward of
+    the whole row (observations included as context), at every real position."""
+    with torch.no_grad():
+        for row in range(out.num_rows):
+            end = int(out.prompt_lengths[row] + out.response_lengths[row])
+            want = hf.model(out.token_ids[row, :end][None]).last_hidden_state[0]
+            torch.testing.assert_close(hidden[row, :end], want, atol=1e-4, rtol=1e-4,
+                                       msg=f"{where} row {row}")
+
+
 def _check_greedy_vs_hf(hf, out, where):
     with torch.no_grad():
         for row in range(out.num_rows):
@@ -145,6 +168,7 @@ def test_multiturn_reference_tp1(model, reference):
     assert int(greedy.num_turns.max()) == 3 and int(greedy.num_turns.min()) >= 1
     assert int(greedy.observation_mask.sum()) > 0
     assert greedy.stats["env_calls"] > 0 and greedy.stats["num_extensions"] > 0
+    _check_teacher_vs_hf(hf, greedy, reference.pop("teacher_hidden"), "tp1")
     for (engine, name), out in reference.items():
         _check_transcript(out, f"tp1 {engine} {name}")
         if name == "greedy":
@@ -165,6 +189,9 @@ def test_multiturn_layouts_match_tp1(layout, model, reference):
     hf, arch, full = model
     tp, pp = LAYOUTS[layout]
     for rank, res in enumerate(run_distributed(_generate, tp * pp, args=(full, arch, tp, pp))):
+        hidden = res.pop("teacher_hidden")
+        if hidden is not None:  # the last pipeline stage
+            _check_teacher_vs_hf(hf, res[("dynamic", "greedy")], hidden, f"{layout} rank {rank}")
         for (engine, name), out in res.items():
             where = f"{layout} rank {rank} {engine} {name}"
             base = reference[(engine, name)]  # this engine at TP1
