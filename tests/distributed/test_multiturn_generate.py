@@ -9,7 +9,8 @@ on the prompt, the turn index and the turn's tokens. Checks, per layout and engi
 - the transcript replays: the tokens between two turns are exactly what the environment
   answers to the turn before them; masks split the tokens after the prompt into
   generated (response_mask) and observation tokens;
-- sampled (n=2): the same tokens on every layout and engine as the TP1 dynamic engine;
+- sampled (n=2): the same tokens on every layout and engine as the TP1 dynamic engine,
+  and the sampled tokens' log-probs equal the training forward's (`check_logprobs`);
 - teacher parity: the teacher pass's final hidden states of the interleaved rows equal
   HF's plain forward of each whole row.
 """
@@ -61,7 +62,7 @@ def _generate(full, arch, tp, pp):
     out = {}
     for engine in ("dynamic", "static"):
         for name, kw in (("greedy", dict(temperature=0.0)),
-                         ("sampled", dict(temperature=1.0, top_k=50, n=2))):
+                         ("sampled", dict(temperature=1.0, top_k=50, n=2, check_logprobs=True))):
             config = GenerationConfig(**ENV, **kw, engine=engine)
             out[(engine, name)] = generate(chunks, g, arch, PROMPTS, config, seed=5, step=1,
                                            episodes=Episodes(_records(), IdTokenizer(250)))
@@ -176,6 +177,9 @@ def test_multiturn_reference_tp1(model, reference):
     for key in (("static", "greedy"), ("nocache", "greedy")):
         assert torch.equal(reference[key].token_ids, greedy.token_ids), key
     sampled = reference[("dynamic", "sampled")]
+    for engine in ("dynamic", "static"):  # --check-logprobs holds across turns
+        gap = reference[(engine, "sampled")].logprob_gap
+        assert gap["tokens"] == int(sampled.response_mask.sum()) and gap["max"] <= 1e-5, (engine, gap)
     assert reference[("dynamic_cap3", "sampled")].stats["capacity_rows"] == 3
     for key in (("static", "sampled"), ("dynamic_cap3", "sampled")):
         assert torch.equal(reference[key].token_ids, sampled.token_ids), key
@@ -199,5 +203,8 @@ def test_multiturn_layouts_match_tp1(layout, model, reference):
             assert torch.equal(out.response_mask, base.response_mask), where
             assert torch.equal(out.num_turns, base.num_turns), where
             torch.testing.assert_close(out.logprobs, base.logprobs, atol=1e-4, rtol=0, msg=where)
+            if engine != "dynamic_cap3" and name == "sampled":  # --check-logprobs, this layout
+                gap = out.logprob_gap
+                assert gap["tokens"] == int(out.response_mask.sum()) and gap["max"] <= 1e-5, (where, gap)
             if name == "greedy" and rank == 0:
                 _check_greedy_vs_hf(hf, out, where)

@@ -13,6 +13,8 @@ answer digits, rotated by the turn index).
   with every token.
 - Layouts: TP2 and DP2 give TP1's losses; a resumed run gives the uninterrupted one's.
 """
+import re
+
 import pytest
 import torch
 
@@ -149,3 +151,22 @@ def test_layouts_agree_and_resume_is_exact(assets, tmp_path):
         assets, **{"train.exit_after_steps": 2, "checkpoint.dir": ckdir}),)))
     rest, _ = _losses(run_distributed(_train, 1, args=(_overrides(assets, **{"checkpoint.dir": ckdir}),)))
     assert first + rest == ref, (first, rest, ref)
+
+
+def _train_error(overrides):
+    from tip_megatron.train.trainer import run
+
+    try:
+        run(load_config(None, overrides))
+    except ValueError as err:  # the CLI prints a ValueError as one line, exit code 2
+        return type(err).__name__, str(err)
+    return None
+
+
+def test_environment_fault_names_environment_prompt_file_line_and_turn(assets):
+    kind, message = run_distributed(_train_error, 1, args=(_overrides(
+        assets, **{"rollout.env_args": "{fault: raise}"}),))[0]
+    assert kind == "EnvironmentFailed"
+    assert re.match(rf"environment tip_megatron\.testing\.envs:DigitEnv at prompt "
+                    rf"{re.escape(str(assets / 'prompts.jsonl'))}, line \d+ \(row \d+\), turn 0 raised "
+                    r"RuntimeError: tool crashed$", message), message

@@ -64,8 +64,9 @@ class Environment(Protocol):
     def step(self, turn: Turn) -> StepResult: ...
 
 
-class EnvironmentError_(RuntimeError):
-    """An environment failed: the message names it, the prompt and the turn."""
+class EnvironmentFailed(ValueError):
+    """An environment failed: the message names it, the prompt and the turn (a ValueError:
+    the CLI reports it as one line, like other bad input)."""
 
 
 def load_factory(path: str) -> Callable[..., Environment]:
@@ -227,7 +228,7 @@ class Episodes:
             dist.broadcast(data, group=self.mp_group, group_src=0)
             flat = data.tolist()
         if flat[0] == 1:
-            raise EnvironmentError_(bytes(flat[1:]).decode("utf-8"))
+            raise EnvironmentFailed(bytes(flat[1:]).decode("utf-8"))
         out, at = [], 1 + num
         for k in flat[1:1 + num]:
             if k == -1:

@@ -65,10 +65,12 @@ class DigitEnv:
     answer digits rotated by k (so the observation depends on the record and the turn);
     the rollout ends after turn `end_after` when the answer is odd."""
 
-    def __init__(self, record: Any, end_after: int = 1):
-        self.answer, self.end_after = str(record.answer or "0"), end_after
+    def __init__(self, record: Any, end_after: int = 1, fault: str = ""):
+        self.answer, self.end_after, self.fault = str(record.answer or "0"), end_after, fault
 
     def step(self, turn: Turn) -> Observation:
+        if self.fault == "raise":
+            raise RuntimeError("tool crashed")
         k = turn.index % len(self.answer)
         return Observation(self.answer[k:] + self.answer[:k],
                            done=int(self.answer) % 2 == 1 and turn.index >= self.end_after)
