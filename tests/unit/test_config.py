@@ -55,6 +55,7 @@ FROZEN_KEYS = [
     "rollout.env_args",
     "rollout.max_turns",
     "rollout.turn_stop",
+    "rollout.observation_format",
     "rollout.env_timeout_s",
     "selection.rule",
     "selection.rho",

@@ -95,7 +95,10 @@ class Episodes:
     """One per prompt: what the factory is built from (data.sources.PromptRecord)."""
     tokenizer: Any
     """Decodes turns, encodes observations (the run's tokenizer)."""
+    template_kwargs: Optional[dict] = None
+    """The chat template's extra variables (data.chat_template_kwargs), for `tool` format."""
     # Set by `generate` from its config and groups:
+    observation_format: str = "text"
     env_path: str = ""
     env_args: Optional[dict] = None
     n: int = 1
@@ -113,7 +116,12 @@ class Episodes:
     def build(self) -> None:
         """Construct the environments (source rank only; a failure reaches every rank)."""
         error: Union[list, str] = []
-        if self.source:
+        if self.source and self.observation_format == "tool":
+            try:  # a tokenizer without a usable template fails here, before any rollout
+                self.encode("")
+            except ValueError as err:
+                error = f"rollout.observation_format=tool: {err}"
+        if self.source and not error:
             self.envs = []
             try:
                 factory = load_factory(self.env_path)
@@ -194,8 +202,17 @@ class Episodes:
             got = type(value.text if isinstance(value, Observation) else value).__name__
             return (f"step returned {got}; accepted: an Observation(text: str, done: bool), "
                     "a str, or None")
-        ids = self.tokenizer.encode(value.text) if value.text else []
+        try:
+            ids = self.encode(value.text)
+        except ValueError as err:
+            return f"its observation cannot be tokenized ({err})"
         return ("done", ids) if value.done else ids
+
+    def encode(self, text: str) -> list[int]:
+        """An observation's ids: its text, or (`tool`) its chat-template tool message."""
+        if self.observation_format == "tool":
+            return self.tokenizer.tool_result_ids(text, **(self.template_kwargs or {}))
+        return self.tokenizer.encode(text) if text else []
 
     def _share(self, payload, num: int) -> list:
         """Broadcast the source's answers (or its error) over the model-parallel group.

@@ -98,6 +98,7 @@ def _tracker(groups: ParallelGroups, prompts, config: GenerationConfig, episodes
         raise ValueError(f"config.env={config.env!r} needs `episodes` with one record per prompt "
                          f"({len(prompts)})")
     episodes.env_path, episodes.env_args, episodes.n = config.env, dict(config.env_args), config.n
+    episodes.observation_format = config.observation_format
     episodes.timeout_s, episodes.mp_group, episodes.device = config.env_timeout_s, groups.mp_group, device
     episodes.build()
     return TurnTracker(episodes, config, len(prompts) * config.n)

@@ -13,6 +13,7 @@ import torch
 from tip_megatron.rollout import decode
 
 ENGINES = ("dynamic", "static")
+OBSERVATION_FORMATS = ("text", "tool")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,11 @@ class SamplingConfig:
     turn_stop: tuple[str, ...] = ()
     """With `env`: strings that end a turn and hand it to the environment (e.g. a tool
     call's closing tag); EOS ends the rollout. Needs at least one."""
+    observation_format: str = "text"
+    """With `env`: `text` appends the observation's text as tokenized; `tool` renders it
+    through the chat template's tool role (the end of the assistant message, the tool
+    message, the next assistant header: what a served model sees; HF tokenizers with a
+    chat template; docs/multiturn.md)."""
     env_timeout_s: float = 30.0
     """With `env`: seconds one environment call may take; a slower one stops the run with
     an error naming the environment, the prompt and the turn."""
@@ -73,6 +79,9 @@ class SamplingConfig:
         if not self.turn_stop or not all(isinstance(t, str) and t for t in self.turn_stop):
             raise ValueError(f"{prefix}turn_stop={list(self.turn_stop)!r}: with {prefix}env, a list of "
                              "one or more non-empty strings that end a turn (e.g. '</call>')")
+        if self.observation_format not in OBSERVATION_FORMATS:
+            raise ValueError(f"{prefix}observation_format={self.observation_format!r}: accepted values "
+                             f"are {OBSERVATION_FORMATS}")
         if not self.env_timeout_s > 0 or self.env_timeout_s == float("inf"):
             raise ValueError(f"{prefix}env_timeout_s={self.env_timeout_s!r}: must be a finite number > 0")
 

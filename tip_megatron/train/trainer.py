@@ -125,7 +125,9 @@ def generate_rollouts(run: Run, prompts: list[list[int]]) -> Rollouts:
     rows = len(prompts) * r.n
     # Multi-turn: one environment per rollout, rebuilt from this step's records (so a
     # resumed run rebuilds exactly the environments the interrupted one had).
-    episodes = Episodes(run.prompts.records(), run.tokenizer) if r.env is not None else None
+    episodes = (Episodes(run.prompts.records(), run.tokenizer,
+                         template_kwargs=dict(run.cfg.data.chat_template_kwargs))
+                if r.env is not None else None)
     return generate(run.ddp, run.groups, run.models.student_arch, prompts, gen,
                     seed=run.cfg.train.seed, step=run.step, row_offset=run.groups.dp_rank * rows,
                     episodes=episodes)
