@@ -1,4 +1,5 @@
-"""Multi-turn generation: KV continuity across turns, at TP1, TP2 and PP2, both engines.
+"""Multi-turn generation: KV continuity across turns, at TP1, TP2, PP2 and PP2 x VPP2,
+both engines.
 
 A tiny random HF llama (built from a config, no downloads) is loaded into the engine; a
 scripted environment (tip_megatron.testing.envs) answers every turn with ids that depend
@@ -29,7 +30,7 @@ TURN_STOP = tuple(f"<{i}>" for i in range(3, 250, 9))  # 28 of 250 ids end a tur
 EOS = (2, 125)
 ENV = dict(env="tip_megatron.testing.envs:ScriptedEnv", env_args={"end_after": 1}, max_turns=3,
            turn_stop=TURN_STOP, stop_ids=EOS, max_new_tokens=NEW)
-LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+LAYOUTS = {"tp1": (1, 1, None), "tp2": (2, 1, None), "pp2": (1, 2, None), "pp2_vpp2": (1, 2, 2)}
 
 
 def _hf_model():
@@ -49,14 +50,14 @@ def _records():
             for i, p in enumerate(PROMPTS)]
 
 
-def _generate(full, arch, tp, pp):
+def _generate(full, arch, tp, pp, vpp=None):
     from tip_megatron.models import BuildOptions, build_model
     from tip_megatron.models.state import load_full_state_dict
     from tip_megatron.rollout.generate import Episodes, GenerationConfig, generate
     from tip_megatron.runtime import parallel
     from tip_megatron.testing.envs import IdTokenizer
 
-    g = parallel.initialize(parallel.ParallelLayout(tp=tp, pp=pp))
+    g = parallel.initialize(parallel.ParallelLayout(tp=tp, pp=pp, vpp=vpp))
     chunks = build_model(arch, g, BuildOptions(init_weights=False))
     load_full_state_dict(chunks, full, g, arch)
     out = {}
@@ -188,11 +189,11 @@ def test_multiturn_reference_tp1(model, reference):
                                atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_vpp2"])
 def test_multiturn_layouts_match_tp1(layout, model, reference):
     hf, arch, full = model
-    tp, pp = LAYOUTS[layout]
-    for rank, res in enumerate(run_distributed(_generate, tp * pp, args=(full, arch, tp, pp))):
+    tp, pp, vpp = LAYOUTS[layout]
+    for rank, res in enumerate(run_distributed(_generate, tp * pp, args=(full, arch, tp, pp, vpp))):
         hidden = res.pop("teacher_hidden")
         if hidden is not None:  # the last pipeline stage
             _check_teacher_vs_hf(hf, res[("dynamic", "greedy")], hidden, f"{layout} rank {rank}")
