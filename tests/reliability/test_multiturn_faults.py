@@ -6,6 +6,7 @@ with the broadcast: no rank is left waiting), or the documented truncation; neve
 import re
 
 import pytest
+import torch
 
 from tip_megatron.testing.distributed import run_distributed
 
@@ -14,7 +15,7 @@ TURN_STOP = tuple(f"<{i}>" for i in range(0, 250, 2))  # half the ids: the first
 ENV = "tip_megatron.testing.envs:ScriptedEnv"
 
 
-def _generate(tp, env_args, timeout_s=5.0, env=ENV, new=12):
+def _generate(tp, env_args, timeout_s=5.0, env=ENV, new=12, engine="dynamic", full=False):
     from tip_megatron.data.sources import PromptRecord
     from tip_megatron.models import build_model
     from tip_megatron.rollout.generate import Episodes, GenerationConfig, generate
@@ -28,12 +29,14 @@ def _generate(tp, env_args, timeout_s=5.0, env=ENV, new=12):
     records = [PromptRecord(str(i), p, None, "", where=f"tasks.jsonl, line {i + 1}")
                for i, p in enumerate(PROMPTS)]
     config = GenerationConfig(max_new_tokens=new, temperature=0.0, env=env, env_args=env_args,
-                              max_turns=3, turn_stop=TURN_STOP, env_timeout_s=timeout_s)
+                              max_turns=3, turn_stop=TURN_STOP, env_timeout_s=timeout_s, engine=engine)
     try:
         out = generate(chunks, g, arch, PROMPTS, config, seed=1,
                        episodes=Episodes(records, IdTokenizer(250)))
     except ValueError as err:
         return type(err).__name__, str(err)
+    if full:
+        return out
     return out.stats, out.response_lengths.tolist(), int(out.observation_mask.sum())
 
 
@@ -67,3 +70,20 @@ def test_observation_over_the_budget_is_cut_and_ends_the_rollout():
     stats, lengths, observed = run_distributed(_generate, 1, args=(1, {"fault": "huge"}))[0]
     assert stats["truncated_observations"] == 2  # both rows: their first observation
     assert lengths == [12, 12] and observed > 0
+
+
+def test_none_ends_the_rollout_and_an_empty_observation_continues_it():
+    """None at turn 0: each row ends with its first turn (nothing appended). An empty
+    observation at turn 0: the turn counts, nothing is appended, generation goes on. Both
+    engines alike."""
+    for fault in ("none", "empty"):
+        dyn, static = (run_distributed(_generate, 1, args=(1, {"fault": fault}, 5.0, ENV, 12, e, True))[0]
+                       for e in ("dynamic", "static"))
+        assert torch.equal(dyn.token_ids, static.token_ids) and torch.equal(dyn.num_turns, static.num_turns)
+        ended = dyn.num_turns >= 1
+        if fault == "none":
+            assert dyn.num_turns.tolist() == [1, 1] and int(dyn.observation_mask.sum()) == 0
+            assert dyn.stats["env_calls"] == 2 and int(dyn.response_lengths.max()) < 12
+        else:
+            assert int(dyn.num_turns.min()) >= 2 and bool(ended.all())
+            assert torch.equal(dyn.response_mask.sum(1) + dyn.observation_mask.sum(1), dyn.response_lengths)

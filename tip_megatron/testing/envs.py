@@ -38,8 +38,9 @@ def scripted_observation(prompt_key: int, turn: Turn) -> list[int]:
 
 class ScriptedEnv:
     """Deterministic: observation `scripted_observation(record.prompt_id, turn)`; the
-    rollout ends after turn `end_after` (0-based) when the prompt key is odd. Faults on
-    demand (`fault`: raise | hang | nontext | huge) at turn `fault_turn`."""
+    rollout ends after turn `end_after` (0-based) when the prompt key is odd. Faults and
+    edge cases on demand (`fault`: raise | hang | nontext | huge | none (returns None) |
+    empty (an empty observation, the rollout goes on)) at turn `fault_turn`."""
 
     def __init__(self, record: Any, end_after: int = 1, fault: str = "", fault_turn: int = 0):
         self.key = int(getattr(record, "prompt_id", record))
@@ -55,6 +56,10 @@ class ScriptedEnv:
                 return Observation(text=[1, 2, 3])  # type: ignore[arg-type]
             if self.fault == "huge":
                 return "<21>" * 10_000
+            if self.fault == "none":
+                return None
+            if self.fault == "empty":
+                return ""
         ids = scripted_observation(self.key, turn)
         text = "".join(f"<{i}>" for i in ids)
         return Observation(text, done=self.key % 2 == 1 and turn.index >= self.end_after)
