@@ -353,9 +353,6 @@ def _check_multi_turn(cfg: RunConfig) -> None:
     if not cfg.data.prompts:
         raise ValueError(f"rollout.env={cfg.rollout.env!r} builds environments from prompt records: "
                          "name prompt files in data.prompts (the builtin tasks have none)")
-    if cfg.selection.prepass_from_generation:
-        raise ValueError("selection.prepass_source=generation does not run with rollout.env yet "
-                         "(multi-turn rollouts keep no hidden states); use selection.prepass_source=recompute")
     load_factory(cfg.rollout.env)  # an import error names rollout.env now, not at the first rollout
 
 

@@ -13,7 +13,9 @@ on the prompt, the turn index and the turn's tokens. Checks, per layout and engi
 - sampled (n=2): the same tokens on every layout and engine as the TP1 dynamic engine,
   and the sampled tokens' log-probs equal the training forward's (`check_logprobs`);
 - teacher parity: the teacher pass's final hidden states of the interleaved rows equal
-  HF's plain forward of each whole row.
+  HF's plain forward of each whole row; so do the student hidden states the engines keep
+  for `selection.prepass_source=generation` (`keep_hidden`) at the positions that
+  predicted each generated token.
 """
 import pytest
 import torch
@@ -62,7 +64,7 @@ def _generate(full, arch, tp, pp, vpp=None):
     load_full_state_dict(chunks, full, g, arch)
     out = {}
     for engine in ("dynamic", "static"):
-        for name, kw in (("greedy", dict(temperature=0.0)),
+        for name, kw in (("greedy", dict(temperature=0.0, keep_hidden=True)),
                          ("sampled", dict(temperature=1.0, top_k=50, n=2, check_logprobs=True))):
             config = GenerationConfig(**ENV, **kw, engine=engine)
             out[(engine, name)] = generate(chunks, g, arch, PROMPTS, config, seed=5, step=1,
@@ -82,7 +84,7 @@ def _generate(full, arch, tp, pp, vpp=None):
     out[("dynamic_cap3", "sampled")] = generate(chunks, g, arch, PROMPTS, config, seed=5, step=1,
                                                 episodes=Episodes(_records(), IdTokenizer(250)))
     # The KV cache off (every step recomputes the whole row): the static engine's reference.
-    config = GenerationConfig(**ENV, temperature=0.0, engine="static", use_kv_cache=False)
+    config = GenerationConfig(**ENV, temperature=0.0, engine="static", use_kv_cache=False, keep_hidden=True)
     out[("nocache", "greedy")] = generate(chunks, g, arch, PROMPTS, config, seed=5, step=1,
                                           episodes=Episodes(_records(), IdTokenizer(250)))
     return out
@@ -154,13 +156,21 @@ def _check_teacher_vs_hf(hf, out, hidden, where):
 
 
 def _check_greedy_vs_hf(hf, out, where):
+    """Every generated token is HF's argmax over the row's whole history; with
+    `keep_hidden` the kept hidden states are HF's final hidden states at the positions
+    that predicted them (a turn's first token: the last observation position)."""
+    kept = []
     with torch.no_grad():
         for row in range(out.num_rows):
             end = int(out.prompt_lengths[row] + out.response_lengths[row])
             ids = out.token_ids[row, :end]
-            logits = hf(ids[None]).logits[0]
+            run = hf(ids[None], output_hidden_states=True)
             gen = out.response_mask[row, :end].nonzero().flatten()
-            assert torch.equal(logits[gen - 1].argmax(-1), ids[gen]), (where, row)
+            assert torch.equal(run.logits[0][gen - 1].argmax(-1), ids[gen]), (where, row)
+            kept.append(run.hidden_states[-1][0][gen - 1])
+    if out.response_hidden is not None:
+        torch.testing.assert_close(out.response_hidden, torch.cat(kept), atol=1e-4, rtol=1e-4,
+                                   msg=f"{where} kept hidden states")
 
 
 def test_multiturn_reference_tp1(model, reference):
@@ -174,6 +184,7 @@ def test_multiturn_reference_tp1(model, reference):
     for (engine, name), out in reference.items():
         _check_transcript(out, f"tp1 {engine} {name}")
         if name == "greedy":
+            assert out.response_hidden is not None
             _check_greedy_vs_hf(hf, out, f"tp1 {engine}")
     for key in (("static", "greedy"), ("nocache", "greedy")):
         assert torch.equal(reference[key].token_ids, greedy.token_ids), key
@@ -207,5 +218,5 @@ def test_multiturn_layouts_match_tp1(layout, model, reference):
             if engine != "dynamic_cap3" and name == "sampled":  # --check-logprobs, this layout
                 gap = out.logprob_gap
                 assert gap["tokens"] == int(out.response_mask.sum()) and gap["max"] <= 1e-5, (where, gap)
-            if name == "greedy" and rank == 0:
+            if name == "greedy" and (rank == 0 or out.response_hidden is not None):
                 _check_greedy_vs_hf(hf, out, where)

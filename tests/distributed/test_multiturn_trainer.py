@@ -170,3 +170,17 @@ def test_environment_fault_names_environment_prompt_file_line_and_turn(assets):
     assert re.match(rf"environment tip_megatron\.testing\.envs:DigitEnv at prompt "
                     rf"{re.escape(str(assets / 'prompts.jsonl'))}, line \d+ \(row \d+\), turn 0 raised "
                     r"RuntimeError: tool crashed$", message), message
+
+
+def test_generation_prepass_equals_recompute_with_environment(assets):
+    """`selection.prepass_source=generation` scores the hidden states the engine kept while
+    generating (a turn's first token: the last observation position): the same losses and
+    kept counts as the recomputing pre-pass (q3 at rho 0.2, global scope)."""
+    keys = {"selection.rule": "q3", "selection.rho": 0.2, "selection.scope": "global"}
+    out = {}
+    for src in ("recompute", "generation"):
+        losses, hist = _losses(run_distributed(_train, 1, args=(_overrides(
+            assets, **keys, **{"selection.prepass_source": src}),)))
+        out[src] = (losses, [h["num_kept"] for h in hist])
+    assert out["generation"][1] == out["recompute"][1]
+    assert out["generation"][0] == pytest.approx(out["recompute"][0], rel=1e-5, abs=1e-7)

@@ -210,7 +210,7 @@ _ENV = dict(env="tip_megatron.testing.envs:ScriptedEnv", turn_stop=("</call>",))
                                          ("turn_stop", ()), ("turn_stop", ("",)),
                                          ("env_timeout_s", 0.0), ("env_args", [1]),
                                          ("observation_format", "json"),
-                                         ("keep_hidden", True)])
+                                         ("cuda_graph", True)])
 def test_multi_turn_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match="env|" + field):
         GenerationConfig(**{**_ENV, field: value})

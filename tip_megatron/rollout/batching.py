@@ -189,6 +189,9 @@ class DynamicDecoder:
         hidden = decode.pipeline_forward(self.chunks, self.impl, self.tables, self.groups, ids,
                                          cols.clamp(max=self.cache.max_len - 1), self.arch.hidden_size)
         logits = decode.last_token_logits(self.chunks[-1], hidden, lens - 1) if self.last else None
+        final = self._final(hidden, lens - 1)
+        if final is not None:  # the last observation position predicts the next turn's first token
+            self._keep(slots, final)
         rows = self.slot["row"][slots]
         for row, column, obs in zip(rows.tolist(), (start + 1).tolist(), observations):
             self.out_tokens[row, column:column + len(obs)] = torch.as_tensor(obs, dtype=torch.long, device=device)
@@ -304,7 +307,8 @@ def generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_offs
     response = engine.generated[:, :width]
     index = torch.arange(rows, device=device)
     stats = dict(engine="dynamic", seconds=time.perf_counter() - begin, **vars(engine.stats))
-    hidden = engine.recorder.packed(lengths) if engine.recorder is not None and engine.last else None
+    hidden = (engine.recorder.packed(engine.generated.sum(1))
+              if engine.recorder is not None and engine.last else None)
     out = Rollouts(token_ids=torch.where(cols < (prompt_lengths + lengths)[:, None], tokens[:, :width],
                                          config.pad_id),
                    response_mask=response, logprobs=torch.where(response, logprobs[:, :width], 0.0),

@@ -46,7 +46,7 @@ def generate_static(chunks, groups, arch, prompts, config, seed, step, row_offse
     if tracker is not None:
         out.num_turns = torch.tensor(tracker.num_turns(), dtype=torch.long, device=device)
     if loop.recorder is not None and loop.last:
-        out.response_hidden = loop.recorder.packed(lengths)
+        out.response_hidden = loop.recorder.packed(out.response_mask.sum(1))
     seconds = time.perf_counter() - begin
     out.stats = dict(engine="static", seconds=seconds, prefill_s=loop.prefill_s,
                      decode_s=seconds - loop.prefill_s, kv_cache_bytes=kv_bytes,
@@ -104,11 +104,11 @@ class StaticDecoder:
             logits = self.forward(prompt_ids, pads, start=0)
             self.cache.repeat_rows(n)
             logits = None if logits is None else logits.repeat_interleave(n, dim=0)
-            self._keep(0, ~done, repeat=n)
+            self._stash(repeat=n)
         pads = pads.repeat_interleave(n)
         if not cfg.use_kv_cache:
             logits = self.forward(tokens[:, :width], pads, start=0)
-            self._keep(0, ~done)
+            self._stash()
         stop_ids = torch.tensor(cfg.stop_ids, dtype=torch.long, device=tokens.device)
         self.prefill_s = time.perf_counter() - begin
         for t in range(cfg.max_new_tokens):
@@ -121,6 +121,7 @@ class StaticDecoder:
                 ids = torch.where(forced < 0, ids, forced)
             ids = torch.where(done, cfg.pad_id, ids)
             tokens[:, col], logprobs[:, col] = ids, torch.where(is_gen, logprob, 0.0)
+            self._keep(is_gen, gen)
             self.generated[:, col] = is_gen
             lengths += (~done).long()
             gen += is_gen.long()
@@ -137,7 +138,7 @@ class StaticDecoder:
                 logits = self.forward(tokens[:, col:col + 1], pads, start=col)
             else:
                 logits = self.forward(tokens[:, :col + 1], pads, start=0)
-            self._keep(t + 1, ~done)
+            self._stash()
         logprobs = self._broadcast_from_last(logprobs)
         return tokens, logprobs, lengths, stopped
 
@@ -172,14 +173,20 @@ class StaticDecoder:
             if ends and not obs:
                 done[row] = True
 
-    def _keep(self, new: int, live: torch.Tensor, repeat: int = 1) -> None:
-        """Record the last forward's final hidden states: they predicted response token
-        `new` of the `live` rows (rows already stopped are decoded as padding: not kept)."""
+    def _stash(self, repeat: int = 1) -> None:
+        """Hold the last forward's final hidden states [rows, h] (one per prompt after the
+        shared prefill: repeated n times) until the step that uses them."""
+        if self.recorder is not None and self.last and repeat > 1:
+            self.final = self.final.repeat_interleave(repeat, dim=0)
+
+    def _keep(self, generated: torch.Tensor, counts: torch.Tensor) -> None:
+        """Record the stashed final hidden states of the rows that `generated` [rows] a
+        token this step: they predicted generated token `counts[row]` (rows decoded as
+        padding after their end, and observation tokens fed in place of a draw: not kept)."""
         if self.recorder is None or not self.last:
             return
-        final = self.final.repeat_interleave(repeat, dim=0) if repeat > 1 else self.final
-        rows = live.nonzero().squeeze(1)
-        self.recorder.record(rows, torch.full_like(rows, new), final[rows])
+        rows = generated.nonzero().squeeze(1)
+        self.recorder.record(rows, counts[rows], self.final[rows])
 
     def sample(self, logits: Optional[torch.Tensor], counters: torch.Tensor, rows: int, device) -> tuple:
         """Sampled ids [rows] on every stage; log-probs [rows] on the last stage only.

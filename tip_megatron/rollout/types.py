@@ -143,9 +143,8 @@ class GenerationConfig(SamplingConfig):
         if self.cuda_graph and (self.engine != "static" or not self.use_kv_cache):
             raise ValueError(f"cuda_graph=True needs engine='static' and use_kv_cache=True "
                              f"(got engine={self.engine!r}, use_kv_cache={self.use_kv_cache})")
-        if self.multi_turn and (self.keep_hidden or self.cuda_graph):
-            raise ValueError("multi-turn rollouts (env) do not run with keep_hidden or cuda_graph yet "
-                             "(selection.prepass_source=generation); turn them off")
+        if self.multi_turn and self.cuda_graph:
+            raise ValueError("multi-turn rollouts (env) do not run with cuda_graph; turn it off")
         if self.keep_hidden and self.cuda_graph:
             raise ValueError("keep_hidden=True does not run with cuda_graph=True (the captured "
                              "step returns logits only); turn one off")
@@ -206,9 +205,10 @@ class Rollouts:
     response_hidden: Optional[torch.Tensor] = None
     """With `keep_hidden`, on the last pipeline stage (None elsewhere): [response tokens, h]
     in the compute dtype, row-major (row 0's response positions, then row 1's, ...): entry
-    j of row r is the final hidden state at position prompt_lengths[r] + j - 1, the one
-    that sampled response token j (the last prompt position and every sampled position
-    but the last). The training batch's target positions of row r, in order."""
+    j of row r is the final hidden state at the position before generated token j, the one
+    that sampled it (one turn: position prompt_lengths[r] + j - 1; multi-turn: the last
+    observation position for a turn's first token). The training batch's target positions
+    of row r, in order."""
 
     turn_ids: Optional[torch.Tensor] = None
     """Multi-turn only: [B, L] int64, the turn index (0, 1, ...) of each generated token,
