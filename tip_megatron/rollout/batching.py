@@ -77,7 +77,8 @@ class DynamicDecoder:
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.stopped = torch.zeros(rows, dtype=torch.bool, device=device)
         self.generated = torch.zeros(rows, self.cache.max_len, dtype=torch.bool, device=device)
-        self.turn_ids = torch.full((rows, self.cache.max_len), -1, dtype=torch.long, device=device)
+        self.turn_ids = (torch.full((rows, self.cache.max_len), -1, dtype=torch.long, device=device)
+                         if self.tracker is not None else None)
         self.stop_ids = torch.tensor(cfg.stop_ids, dtype=torch.long, device=device)
         # Per-slot state: row index, prompt length, generated count (the sampler's
         # counter), tokens after the prompt (generated + observations), last token.

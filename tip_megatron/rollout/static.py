@@ -94,7 +94,7 @@ class StaticDecoder:
         stopped = torch.zeros_like(done)
         gen = torch.zeros(rows, dtype=torch.long, device=prompt_ids.device)
         self.generated = torch.zeros_like(tokens, dtype=torch.bool)
-        self.turn_ids = torch.full_like(tokens, -1)
+        self.turn_ids = torch.full_like(tokens, -1) if self.tracker is not None else None
         # Multi-turn: observation tokens waiting to be fed, one per step (every row moves
         # one column per step here), and rows that end once theirs are fed.
         self.pending: list[list[int]] = [[] for _ in range(rows)]
