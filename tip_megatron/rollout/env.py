@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
@@ -176,8 +177,9 @@ class Episodes:
         threads = [threading.Thread(target=call, args=(k,), daemon=True) for k in range(len(rows))]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + self.timeout_s  # every call started now: one deadline
         for t in threads:
-            t.join(self.timeout_s)
+            t.join(max(0.0, deadline - time.monotonic()))
         out = []
         for k, row in enumerate(rows):
             what = f"environment {self.env_path} at {self.where(row)}, turn {turns[k].index}"
