@@ -22,6 +22,7 @@ from tip_megatron.checkpoint.sources import ModelSource, builtin_model
 from tip_megatron.distill.loss import LossConfig
 from tip_megatron.distill.teacher_config import TeacherConfig
 from tip_megatron.eval.config import EvalConfig
+from tip_megatron.rollout.env import load_factory
 from tip_megatron.rollout.types import SamplingConfig
 from tip_megatron.runtime.optional import FP8_RECIPE_MIN_CAPABILITY, check_fp8
 from tip_megatron.runtime.parallel import ParallelLayout
@@ -352,6 +353,18 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
     _check_batch(cfg, cfg.parallel.dp(students))
     _check_prepass_source(cfg)
     _check_prompt_source(cfg)
+    _check_multi_turn(cfg)
+
+
+def _check_multi_turn(cfg: RunConfig) -> None:
+    """Environments are built from prompt records (files) and imported here, on every rank
+    and in the launcher, before anything heavy."""
+    if cfg.rollout.env is None:
+        return
+    if not cfg.data.prompts:
+        raise ValueError(f"rollout.env={cfg.rollout.env!r} builds environments from prompt records: "
+                         "name prompt files in data.prompts (the builtin tasks have none)")
+    load_factory(cfg.rollout.env)  # an import error names rollout.env now, not at the first rollout
 
 
 def student_world_size(cfg: RunConfig, world_size: int) -> int:

@@ -203,11 +203,26 @@ def test_config_validation_names_the_field(field, value):
         GenerationConfig(**{field: value})
 
 
+_ENV = dict(env="tip_megatron.testing.envs:ScriptedEnv", turn_stop=("</call>",))
+
+
+@pytest.mark.parametrize("field,value", [("env", "no_colon"), ("env", "mod:"), ("max_turns", 0),
+                                         ("turn_stop", ()), ("turn_stop", ("",)),
+                                         ("env_timeout_s", 0.0), ("env_args", [1]),
+                                         ("observation_format", "json"),
+                                         ("cuda_graph", True)])
+def test_multi_turn_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match="env|" + field):
+        GenerationConfig(**{**_ENV, field: value})
+    GenerationConfig(**_ENV)  # the base is accepted
+
+
 def test_config_fields_are_deliberate():
     assert set(GenerationConfig.__dataclass_fields__) == {
         "max_new_tokens", "temperature", "top_k", "top_p", "n", "stop_ids", "pad_id", "use_kv_cache",
         "layer_impl", "engine", "max_batch_tokens", "check_logprobs", "cuda_graph", "keep_hidden",
-        "vocab_limit"}
+        "vocab_limit", "env", "env_args", "max_turns", "turn_stop", "observation_format",
+        "env_timeout_s"}
 
 
 def test_attention_mask_left_padding():

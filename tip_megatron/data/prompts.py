@@ -152,8 +152,15 @@ class PromptDataset:
     def _tokenize(self, rows: list[Row], wheres: list[str]) -> list[list[int]]:
         tok, out = self.tokenizer, [[] for _ in rows]
         is_chat = [r.messages is not None or self.apply_chat_template for r in rows]
-        chat = [k for k, c in enumerate(is_chat) if c]
+        chat = [k for k, c in enumerate(is_chat) if c and rows[k].tools is None]
         plain = [k for k, c in enumerate(is_chat) if not c]
+        # Rows with tool schemas are rendered one by one (each hands the template its own
+        # `tools`); a plain row's tools are ignored (no template renders it).
+        for k in [k for k, c in enumerate(is_chat) if c and rows[k].tools is not None]:
+            conversation = self._with_system(rows[k].messages or [{"role": "user", "content": rows[k].text}])
+            with _located(wheres[k]):
+                out[k] = tok.apply_chat_template(conversation, tools=rows[k].tools,
+                                                 **self.chat_template_kwargs)
         conversations = [self._with_system(rows[k].messages or [{"role": "user", "content": rows[k].text}])
                          for k in chat]
         kw = self.chat_template_kwargs
@@ -227,7 +234,7 @@ class PromptDataset:
             for p, line, row in zip(pos, lines, src.fetch(locs, lines)):
                 r = parse_row(row, self.fields, src.where(line), src.default_id(line))
                 out[p] = PromptRecord(r.prompt_id, self.token_ids(int(idx[p])), r.answer,
-                                      r.text, r.messages)
+                                      r.text, r.messages, where=src.where(line), tools=r.tools)
         return out  # type: ignore[return-value]
 
     def _check_index(self, i: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -27,6 +27,9 @@ class PromptRecord:
     answer: str | None  # the answer field, for grading; None when absent
     text: str  # the prompt field; for chat rows the last user message's content
     messages: list[dict[str, Any]] | None = None  # chat rows: the prompt turns
+    # "<file>, line <n>" (or row): named by errors about this prompt; not part of equality
+    where: str = field(default="", compare=False)
+    tools: list[dict[str, Any]] | None = None  # chat rows: tool schemas for the template
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class PromptFields:
     messages: str = "messages"
     answer: str = "answer"
     id: str = "id"
+    tools: str = "tools"
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Row:
     messages: list[dict[str, Any]] | None
     answer: str | None
     dropped_turns: int  # trailing assistant turns removed from `messages`
+    tools: list[dict[str, Any]] | None = None  # tool schemas handed to the chat template
 
 
 def _check_messages(value: Any, field: str, where: str) -> list[dict[str, Any]]:
@@ -92,7 +97,11 @@ def parse_row(row: Any, fields: PromptFields, where: str, default_id: str) -> Ro
     if pid is not None and (isinstance(pid, bool) or not isinstance(pid, (str, int))):
         raise ValueError(f"{where}: field {fields.id!r} must be a string or integer, "
                          f"got {type(pid).__name__}")
-    return Row(default_id if pid is None else str(pid), text, messages, answer, dropped)
+    tools = row.get(fields.tools)
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError(f"{where}: field {fields.tools!r} must be a list of tool schema objects "
+                         f"(JSON objects), got {tools!r:.200}")
+    return Row(default_id if pid is None else str(pid), text, messages, answer, dropped, tools)
 
 
 @dataclass(frozen=True)
@@ -196,7 +205,7 @@ class _ParquetSource(Source):
         if fields.prompt not in names and fields.messages not in names:
             raise ValueError(f"{path}: no {fields.prompt!r} or {fields.messages!r} column "
                              f"(columns: {names[:20]})")
-        wanted = (fields.prompt, fields.messages, fields.answer, fields.id)
+        wanted = (fields.prompt, fields.messages, fields.answer, fields.id, fields.tools)
         self._columns = [c for c in dict.fromkeys(wanted) if c in names]
         meta = self._file.metadata
         sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]

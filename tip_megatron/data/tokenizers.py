@@ -105,6 +105,12 @@ class _Base:
         the plain fallback format has none and ignores them."""
         return [self.apply_chat_template(m, **template_kwargs) for m in conversations]
 
+    def tool_result_ids(self, text: str, **template_kwargs: Any) -> list[int]:
+        """Ids of a tool result as the chat template renders it after an assistant turn
+        (HF tokenizers with a template only; see HFTokenizer)."""
+        raise ValueError(f"tokenizer {self.name} has no chat template: tool results "
+                         "(rollout.observation_format=tool) need an HF tokenizer with one")
+
     def _decodable(self, ids: Sequence[int]) -> list[int]:
         """`ids` as ints; ValueError naming the first id this tokenizer has no piece for
         (HF would drop it from the text without a word, SentencePiece raise IndexError)."""
@@ -198,6 +204,28 @@ class HFTokenizer(_Base):
                                              **template_kwargs)
                  for messages in conversations]
         return self.encode_batch(texts, add_special_tokens=False)
+
+    def tool_result_ids(self, text: str, **template_kwargs: Any) -> list[int]:
+        """The ids that follow an assistant turn when a tool answers `text`: the end of the
+        assistant message, the tool message (the template's tool role: e.g. Qwen3's
+        `<tool_response>` inside a user turn) and the opening of the next assistant turn,
+        cut from the template's rendering of [user, assistant(MARK), tool(text)] after a
+        marker content (what a served model's next prompt holds after its own turn)."""
+        if not getattr(self.hf, "chat_template", None):
+            return super().tool_result_ids(text)
+        mark = "\ue000tip-turn\ue000"
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark},
+                    {"role": "tool", "content": text}]
+        try:
+            rendered = self.hf.apply_chat_template(messages, add_generation_prompt=True,
+                                                   tokenize=False, **template_kwargs)
+        except Exception as err:  # noqa: BLE001 - jinja raises its own TemplateError types
+            raise ValueError(f"tokenizer {self.name}: its chat template cannot render a tool "
+                             f"message ({type(err).__name__}: {err})") from None
+        if rendered.count(mark) != 1:
+            raise ValueError(f"tokenizer {self.name}: its chat template does not render the "
+                             "assistant's content verbatim; tool results cannot be placed after it")
+        return self.encode(rendered.split(mark, 1)[1])
 
     def _vocab(self) -> Mapping[str, int]:
         return self.hf.get_vocab()

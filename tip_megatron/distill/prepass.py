@@ -65,7 +65,8 @@ def score_generated(
         return Scored([], [])
     if rollouts is None or rollouts.response_hidden is None:
         raise ValueError("selection.prepass_source=generation: these rollouts kept no hidden states")
-    rows = response_rows(rollouts.response_lengths, microbatches,
+    # generated tokens per row (multi-turn: observations are not targets)
+    rows = response_rows(rollouts.response_mask.sum(1), microbatches,
                          first_rollout_id=groups.dp_rank * rollouts.num_rows)
     hidden, rollouts.response_hidden = rollouts.response_hidden, None
     return scoring_from_generation(student_chunks, groups, contexts, spec, hidden, rows)

@@ -34,6 +34,7 @@ from tip_megatron.models.state import unwrap
 from tip_megatron.ops.sampling import vocab_parallel_sample
 from tip_megatron.rollout import decode, kv_cache
 from tip_megatron.rollout.kv_cache import SlotCache
+from tip_megatron.rollout.turns import TurnTracker
 from tip_megatron.rollout.types import Rollouts
 
 
@@ -49,13 +50,16 @@ class EngineStats:
     """Rows computed, summed over decode steps (live-row utilisation = tokens / this)."""
     kv_cache_bytes: int = 0
     capacity_rows: int = 0
+    num_extensions: int = 0
+    """Multi-turn: forwards that appended observations to cached rows."""
 
 
 class DynamicDecoder:
     """Continuous batching over a `SlotCache` of `capacity` rows."""
 
     def __init__(self, chunks, groups, arch, config, seed: int, step: int, row_offset: int,
-                 impl: str, tables: Sequence[torch.Tensor], cache: SlotCache):
+                 impl: str, tables: Sequence[torch.Tensor], cache: SlotCache,
+                 tracker: Optional[TurnTracker] = None):
         self.chunks, self.groups, self.arch, self.config = chunks, groups, arch, config
         self.seed, self.step, self.row_offset = seed, step, row_offset
         self.impl, self.tables, self.cache = impl, tables, cache
@@ -63,6 +67,7 @@ class DynamicDecoder:
         self.stats = EngineStats(capacity_rows=cache.capacity)
         self.stop_ids: Optional[torch.Tensor] = None
         self.recorder = decode.HiddenRecorder(config.max_new_tokens) if config.keep_hidden else None
+        self.tracker = tracker
 
     def run(self, prompts: Sequence[Sequence[int]], device) -> tuple:
         cfg, n, cap = self.config, self.config.n, self.cache.capacity
@@ -71,10 +76,14 @@ class DynamicDecoder:
         self.out_logprobs = torch.zeros(rows, self.cache.max_len, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.generated = torch.zeros(rows, self.cache.max_len, dtype=torch.bool, device=device)
+        self.turn_ids = (torch.full((rows, self.cache.max_len), -1, dtype=torch.long, device=device)
+                         if self.tracker is not None else None)
         self.stop_ids = torch.tensor(cfg.stop_ids, dtype=torch.long, device=device)
-        # Per-slot state: row index, prompt length, generated count, last token, finished.
+        # Per-slot state: row index, prompt length, generated count (the sampler's
+        # counter), tokens after the prompt (generated + observations), last token.
         self.slot = {k: torch.zeros(cap, dtype=torch.long, device=device)
-                     for k in ("row", "prompt_len", "new", "next")}
+                     for k in ("row", "prompt_len", "new", "span", "next")}
         self.done = torch.zeros(cap, dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             self.out_tokens[i * n:(i + 1) * n, :len(p)] = torch.as_tensor(list(p), device=device)
@@ -121,11 +130,12 @@ class DynamicDecoder:
             src = start + torch.arange(m, device=device).repeat_interleave(n)
             self.cache.move_rows(src, start + torch.arange(m * n, device=device), sq)
             logits = None if logits is None else logits.repeat_interleave(n, dim=0)
-        slots = slice(start, start + m * n)
+        slots = torch.arange(start, start + m * n, device=device)
         prompt_index = torch.tensor(indices, dtype=torch.long, device=device)
         self.slot["row"][slots] = (prompt_index[:, None] * n + torch.arange(n, device=device)).flatten()
         self.slot["prompt_len"][slots] = lens.repeat_interleave(n)
         self.slot["new"][slots] = 0
+        self.slot["span"][slots] = 0
         if first_hidden is not None:  # the last prompt position predicts every sample's token 0
             self._keep(slots, first_hidden.repeat_interleave(n, dim=0))
         self._sample_and_record(logits, slots)
@@ -134,13 +144,13 @@ class DynamicDecoder:
 
     def _decode_step(self, live: int) -> None:
         begin = time.perf_counter()
-        slots = slice(0, live)
-        columns = self.slot["prompt_len"][slots] + self.slot["new"][slots] - 1  # the fed token's
+        slots = torch.arange(live, device=self.lengths.device)
+        columns = self.slot["prompt_len"][:live] + self.slot["span"][:live] - 1  # the fed token's
         num_keys = int(columns.max()) + 1
         keys = torch.arange(num_keys, device=columns.device)
         self.cache.set_window(0, columns, num_keys, (keys[None, :] <= columns[:, None])[:, None, None])
         hidden = decode.pipeline_forward(self.chunks, self.impl, self.tables, self.groups,
-                                         self.slot["next"][slots, None], columns[:, None],
+                                         self.slot["next"][:live, None], columns[:, None],
                                          self.arch.hidden_size)
         logits = decode.last_token_logits(self.chunks[-1], hidden) if self.last else None
         final = self._final(hidden, None)
@@ -157,15 +167,76 @@ class DynamicDecoder:
             return None
         return decode.last_hidden(hidden, index)
 
+    def _extend(self, slots: torch.Tensor, observations: list[list[int]]) -> None:
+        """Continue the KV cache of `slots` by their last sampled token and their
+        observation tokens (only those: the history stays cached), then draw each row's
+        next token from its last observation position. Rows that wait on an environment
+        are out of the decode batch for exactly this forward."""
+        begin = time.perf_counter()
+        device, cfg = slots.device, self.config
+        feed = [[int(t)] + obs for t, obs in zip(self.slot["next"][slots].tolist(), observations)]
+        lens = torch.tensor([len(f) for f in feed], dtype=torch.long, device=device)
+        sq = int(lens.max())
+        ids = torch.full((len(feed), sq), cfg.pad_id, dtype=torch.long, device=device)
+        for i, f in enumerate(feed):
+            ids[i, :len(f)] = torch.as_tensor(f, device=device)
+        start = self.slot["prompt_len"][slots] + self.slot["span"][slots] - 1  # the last sampled token's
+        cols = start[:, None] + torch.arange(sq, device=device)[None, :]
+        valid = torch.arange(sq, device=device)[None, :] < lens[:, None]
+        num_keys = int((start + lens).max())
+        keys = torch.arange(num_keys, device=device)
+        allowed = (keys[None, None, :] <= cols[:, :, None])[:, None]  # causal per row; padding sees all
+        self.cache.set_window(0, start, num_keys, allowed, rows=slots, valid=valid)
+        hidden = decode.pipeline_forward(self.chunks, self.impl, self.tables, self.groups, ids,
+                                         cols.clamp(max=self.cache.max_len - 1), self.arch.hidden_size)
+        logits = decode.last_token_logits(self.chunks[-1], hidden, lens - 1) if self.last else None
+        final = self._final(hidden, lens - 1)
+        if final is not None:  # the last observation position predicts the next turn's first token
+            self._keep(slots, final)
+        rows = self.slot["row"][slots]
+        for row, column, obs in zip(rows.tolist(), (start + 1).tolist(), observations):
+            self.out_tokens[row, column:column + len(obs)] = torch.as_tensor(obs, dtype=torch.long, device=device)
+        self.slot["span"][slots] += lens - 1
+        self.lengths[rows] = self.slot["span"][slots]
+        self.stats.prefill_s += time.perf_counter() - begin
+        self.stats.num_extensions += 1
+        self._sample_and_record(logits, slots)
+
+    def _turns(self, slots: torch.Tensor, ids: torch.Tensor, done: torch.Tensor) -> None:
+        """Multi-turn: rows whose turn just ended get their environment's observation."""
+        rows = self.slot["row"][slots].tolist()
+        to_env, finished = self.tracker.generated(rows, ids.tolist(), done.tolist())
+        if not to_env and not finished:
+            return
+        where = {row: k for k, row in enumerate(rows)}
+        for row in finished:
+            self.done[slots[where[row]]] = True
+        spans = self.slot["span"][slots].tolist()
+        go, go_obs, device = [], [], slots.device
+        for row, obs, ends in self.tracker.observe(to_env, [spans[where[r]] for r in to_env]):
+            slot = slots[where[row]]
+            if not ends:
+                go.append(int(slot))
+                go_obs.append(obs)
+                continue
+            self.done[slot] = True  # appended as context only: nothing follows it
+            column = int(self.slot["prompt_len"][slot] + self.slot["span"][slot])
+            self.out_tokens[row, column:column + len(obs)] = torch.as_tensor(obs, dtype=torch.long, device=device)
+            self.slot["span"][slot] += len(obs)
+            self.lengths[row] = self.slot["span"][slot]
+        if go:
+            self._extend(torch.tensor(go, dtype=torch.long, device=device), go_obs)
+
     def _keep(self, slots: slice, final: torch.Tensor) -> None:
         """`final` [rows, h] predicted the next token of the rows in `slots`: token `new`."""
         self.recorder.record(self.slot["row"][slots], self.slot["new"][slots], final)
 
-    def _sample_and_record(self, logits: Optional[torch.Tensor], slots: slice) -> None:
-        """Draw the next token of every row in `slots` (keyed by row identity and count),
-        write it to the outputs, mark finished rows."""
+    def _sample_and_record(self, logits: Optional[torch.Tensor], slots: torch.Tensor) -> None:
+        """Draw the next token of every row in `slots` [k] (keyed by row identity and
+        generated count), write it to the outputs, mark finished rows."""
         cfg = self.config
-        rows, new = self.slot["row"][slots].clone(), self.slot["new"][slots].clone()
+        rows, new = self.slot["row"][slots], self.slot["new"][slots]
+        span = self.slot["span"][slots]
         if self.last:
             ids, logprob = vocab_parallel_sample(
                 logits, tp_group=self.groups.tp_group, vocab_size=cfg.sample_vocab(self.arch.vocab_size),
@@ -175,16 +246,23 @@ class DynamicDecoder:
             ids = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
         if self.groups.pp_size > 1:  # every stage needs the ids: to embed them, to agree on stops
             dist.broadcast(ids, group=self.groups.pp_group, group_src=self.groups.pp_size - 1)
-        columns = self.slot["prompt_len"][slots] + new
+        columns = self.slot["prompt_len"][slots] + span
         self.out_tokens[rows, columns] = ids
+        self.generated[rows, columns] = True
         if self.last:
             self.out_logprobs[rows, columns] = logprob
         hit = torch.isin(ids, self.stop_ids)
         self.slot["new"][slots] = new + 1
+        self.slot["span"][slots] = span + 1
         self.slot["next"][slots] = ids
-        self.lengths[rows] = new + 1
+        self.lengths[rows] = span + 1
         self.stopped[rows] = hit
-        self.done[slots] = hit | (new + 1 >= cfg.max_new_tokens)
+        done = hit | (span + 1 >= cfg.max_new_tokens)
+        self.done[slots] = done
+        if self.tracker is not None:
+            self.turn_ids[rows, columns] = torch.tensor([self.tracker.turn[r] for r in rows.tolist()],
+                                                        dtype=torch.long, device=rows.device)
+            self._turns(slots, ids, done)
 
     def _compact(self, live: int) -> int:
         """Drop finished rows: live rows past the new end move into the holes before it."""
@@ -196,7 +274,7 @@ class DynamicDecoder:
         holes = index[:keep][done[:keep]]
         movers = index[keep:][~done[keep:]]
         if movers.numel():
-            used = self.slot["prompt_len"][movers] + self.slot["new"][movers]
+            used = self.slot["prompt_len"][movers] + self.slot["span"][movers]
             self.cache.move_rows(movers, holes, int(used.max()))
             for state in self.slot.values():
                 state[holes] = state[movers]
@@ -204,7 +282,8 @@ class DynamicDecoder:
         return keep
 
 
-def generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_offset, device) -> Rollouts:
+def generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_offset, device,
+                     tracker: Optional[TurnTracker] = None) -> Rollouts:
     """The dynamic engine's `generate` (rollout/generate.py checks the inputs)."""
     max_len = max(map(len, prompts)) + config.max_new_tokens
     rows = len(prompts) * config.n
@@ -219,19 +298,26 @@ def generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_offs
             kv_cache.install(chunks, SlotCache(capacity, max_len)) as cache:
         impl = decode.resolve_layer_impl(chunks, config.layer_impl)
         tables = [decode.rope_table(chunk, max_len) for chunk in units]
-        engine = DynamicDecoder(units, groups, arch, config, seed, step, row_offset, impl, tables, cache)
+        engine = DynamicDecoder(units, groups, arch, config, seed, step, row_offset, impl, tables,
+                                cache, tracker)
         tokens, logprobs, lengths, stopped = engine.run(prompts, device)
     prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long,
                                   device=device).repeat_interleave(config.n)
     width = int((prompt_lengths + lengths).max())
     cols = torch.arange(width, device=device)[None, :]
-    response = (cols >= prompt_lengths[:, None]) & (cols < (prompt_lengths + lengths)[:, None])
+    response = engine.generated[:, :width]
     index = torch.arange(rows, device=device)
     stats = dict(engine="dynamic", seconds=time.perf_counter() - begin, **vars(engine.stats))
-    hidden = engine.recorder.packed(lengths) if engine.recorder is not None and engine.last else None
-    return Rollouts(token_ids=torch.where(cols < (prompt_lengths + lengths)[:, None], tokens[:, :width],
-                                          config.pad_id),
-                    response_mask=response, logprobs=torch.where(response, logprobs[:, :width], 0.0),
-                    prompt_lengths=prompt_lengths, response_lengths=lengths, stopped=stopped,
-                    prompt_index=index // config.n, sample_index=index % config.n, stats=stats,
-                    response_hidden=hidden)
+    hidden = (engine.recorder.packed(engine.generated.sum(1))
+              if engine.recorder is not None and engine.last else None)
+    out = Rollouts(token_ids=torch.where(cols < (prompt_lengths + lengths)[:, None], tokens[:, :width],
+                                         config.pad_id),
+                   response_mask=response, logprobs=torch.where(response, logprobs[:, :width], 0.0),
+                   prompt_lengths=prompt_lengths, response_lengths=lengths, stopped=stopped,
+                   prompt_index=index // config.n, sample_index=index % config.n, stats=stats,
+                   response_hidden=hidden)
+    if tracker is not None:
+        out.turn_ids = engine.turn_ids[:, :width].clone()
+        out.num_turns = torch.tensor(tracker.num_turns(), dtype=torch.long, device=device)
+        out.stats.update(tracker.stats)
+    return out

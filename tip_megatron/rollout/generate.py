@@ -17,7 +17,7 @@ protocol and sampling determinism: docs/generate.md.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -28,10 +28,13 @@ from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.rollout import cuda_graph, decode
 from tip_megatron.rollout.batching import generate_dynamic
 from tip_megatron.rollout.consistency import logprob_gap
+from tip_megatron.rollout.env import Episodes, Observation, Turn
 from tip_megatron.rollout.static import generate_static
+from tip_megatron.rollout.turns import TurnTracker
 from tip_megatron.rollout.types import ENGINES, GenerationConfig, Rollouts, SamplingConfig
 
-__all__ = ["ENGINES", "GenerationConfig", "Rollouts", "SamplingConfig", "generate"]
+__all__ = ["ENGINES", "Episodes", "GenerationConfig", "Observation", "Rollouts", "SamplingConfig",
+           "Turn", "generate"]
 
 
 @torch.no_grad()
@@ -44,6 +47,7 @@ def generate(
     seed: int,
     step: int = 0,
     row_offset: int = 0,
+    episodes: Optional[Episodes] = None,
 ) -> Rollouts:
     """Sample `config.n` continuations of every prompt with this rank's model chunks.
 
@@ -57,6 +61,8 @@ def generate(
             prompt). Data-parallel replicas holding consecutive slices of one global batch
             pass `dp_rank * rows_per_rank`, so DP=2 draws exactly what DP=1 draws; callers
             with unrelated batches pass offsets that do not overlap.
+        episodes: with `config.env` (multi-turn): the prompts' records, the tokenizer and
+            the environment (rollout/env.py); built here, one environment per row.
     """
     device = current_device()
     _check_inputs(chunks, groups, arch, prompts, config)
@@ -67,15 +73,35 @@ def generate(
     if config.cuda_graph:
         cuda_graph.check_supported(config, device, groups.pp_size,
                                    decode.resolve_layer_impl(chunks, config.layer_impl))
+    tracker = _tracker(groups, prompts, config, episodes, device)
     if config.engine == "dynamic" and config.use_kv_cache:
-        rollouts = generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_offset, device)
+        rollouts = generate_dynamic(chunks, groups, arch, prompts, config, seed, step, row_offset,
+                                    device, tracker)
     else:
-        rollouts = generate_static(chunks, groups, arch, prompts, config, seed, step, row_offset, device)
+        rollouts = generate_static(chunks, groups, arch, prompts, config, seed, step, row_offset,
+                                   device, tracker)
     for chunk in map(unwrap, chunks):
         chunk.set_input_tensor(None)  # drop the last received activation
     if config.check_logprobs:
         rollouts.logprob_gap = logprob_gap(chunks, groups, arch, rollouts, config)
     return rollouts
+
+
+def _tracker(groups: ParallelGroups, prompts, config: GenerationConfig, episodes: Optional[Episodes],
+             device) -> Optional[TurnTracker]:
+    """Multi-turn: this call's environments (built now: collective) and their bookkeeping."""
+    if not config.multi_turn:
+        if episodes is not None:
+            raise ValueError("episodes given but config.env is not set")
+        return None
+    if episodes is None or len(episodes.records) != len(prompts):
+        raise ValueError(f"config.env={config.env!r} needs `episodes` with one record per prompt "
+                         f"({len(prompts)})")
+    episodes.env_path, episodes.env_args, episodes.n = config.env, dict(config.env_args), config.n
+    episodes.observation_format = config.observation_format
+    episodes.timeout_s, episodes.mp_group, episodes.device = config.env_timeout_s, groups.mp_group, device
+    episodes.build()
+    return TurnTracker(episodes, config, len(prompts) * config.n)
 
 
 def _check_inputs(chunks, groups: ParallelGroups, arch: ModelArch,

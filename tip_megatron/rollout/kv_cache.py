@@ -115,7 +115,13 @@ class SlotCache:
     max_len: int
     row_start: int = 0
     columns: Optional[torch.Tensor] = None
-    """[b] int64 column each row writes in a decode step; None = prefill from column 0."""
+    """[b] int64 first column each row writes (a decode step: its one column; an
+    extension: its first new column); None = prefill from column 0."""
+    rows: Optional[torch.Tensor] = None
+    """[b] int64 slots of an extension (multi-turn observations: any slots, not a
+    contiguous range); None = the contiguous slots from `row_start`."""
+    valid: Optional[torch.Tensor] = None
+    """[b, sq] bool: the extension's real (not padding) tokens, the only ones stored."""
     num_keys: int = 0
     """Columns attended over in this forward: [0, num_keys)."""
     allowed: Optional[torch.Tensor] = None
@@ -123,9 +129,10 @@ class SlotCache:
     _bias: Optional[torch.Tensor] = None
 
     def set_window(self, row_start: int, columns: Optional[torch.Tensor], num_keys: int,
-                   allowed: torch.Tensor) -> None:
+                   allowed: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                   valid: Optional[torch.Tensor] = None) -> None:
         self.row_start, self.columns, self.num_keys = row_start, columns, num_keys
-        self.allowed, self._bias = allowed, None
+        self.allowed, self._bias, self.rows, self.valid = allowed, None, rows, valid
 
     attention_bias = KVCache.attention_bias
 
@@ -138,6 +145,13 @@ class SlotCache:
             shape = (self.capacity, k.shape[1], self.max_len, k.shape[3])
             self.buffers[slot] = (k.new_zeros(shape), v.new_zeros(shape))
         k_buf, v_buf = self.buffers[slot]
+        if self.rows is not None:  # an extension: sq new columns per row from `columns`
+            cols = self.columns[:, None] + torch.arange(sq, device=k.device)[None, :]
+            index = self.rows[:, None].expand(b, sq)
+            # Only the real tokens: a padding column may lie beyond the buffer.
+            k_buf[index[self.valid], :, cols[self.valid]] = k.permute(0, 2, 1, 3)[self.valid]
+            v_buf[index[self.valid], :, cols[self.valid]] = v.permute(0, 2, 1, 3)[self.valid]
+            return k_buf[self.rows, :, :self.num_keys], v_buf[self.rows, :, :self.num_keys]
         rows = slice(self.row_start, self.row_start + b)
         if self.columns is None:
             k_buf[rows, :, :sq], v_buf[rows, :, :sq] = k, v
@@ -158,7 +172,7 @@ class SlotCache:
 
     def clear(self) -> None:
         self.buffers.clear()
-        self.allowed, self._bias, self.columns = None, None, None
+        self.allowed, self._bias, self.columns, self.rows, self.valid = None, None, None, None, None
 
 
 class CachedCoreAttention(torch.nn.Module):

@@ -20,16 +20,19 @@ from tip_megatron.ops.sampling import vocab_parallel_sample
 from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.rollout import cuda_graph, decode, kv_cache
 from tip_megatron.rollout.kv_cache import KVCache
+from tip_megatron.rollout.turns import TurnTracker
 from tip_megatron.rollout.types import GenerationConfig, Rollouts
 
 
-def generate_static(chunks, groups, arch, prompts, config, seed, step, row_offset, device) -> Rollouts:
+def generate_static(chunks, groups, arch, prompts, config, seed, step, row_offset, device,
+                    tracker: Optional[TurnTracker] = None) -> Rollouts:
     prompt_ids, pads = left_pad(prompts, config.pad_id, device)
     total = prompt_ids.shape[1] + config.max_new_tokens
     # Sequence parallelism (training layout) is switched off while decoding: same weights.
     with sequence_parallel_off(chunks), decode.eval_mode(chunks), \
             kv_cache.install(chunks, _cache_type(config)(total, config.use_kv_cache)) as cache:
         loop = StaticDecoder(chunks, groups, arch, config, seed, step, row_offset)
+        loop.tracker = tracker
         loop.prepare(total)
         begin = time.perf_counter()
         loop.cache = cache
@@ -39,13 +42,16 @@ def generate_static(chunks, groups, arch, prompts, config, seed, step, row_offse
         tokens, logprobs, lengths, stopped = loop.run(prompt_ids, pads)
         kv_bytes = cache.num_bytes
     out = pack(tokens, logprobs, pads.repeat_interleave(config.n), prompt_ids.shape[1],
-                lengths, stopped, config)
+                lengths, stopped, config, loop.generated, loop.turn_ids if tracker else None)
+    if tracker is not None:
+        out.num_turns = torch.tensor(tracker.num_turns(), dtype=torch.long, device=device)
     if loop.recorder is not None and loop.last:
-        out.response_hidden = loop.recorder.packed(lengths)
+        out.response_hidden = loop.recorder.packed(out.response_mask.sum(1))
     seconds = time.perf_counter() - begin
     out.stats = dict(engine="static", seconds=seconds, prefill_s=loop.prefill_s,
                      decode_s=seconds - loop.prefill_s, kv_cache_bytes=kv_bytes,
-                     row_steps=loop.row_steps, capacity_rows=out.num_rows)
+                     row_steps=loop.row_steps, capacity_rows=out.num_rows,
+                     **(tracker.stats if tracker else {}))
     return out
 
 
@@ -67,6 +73,10 @@ class StaticDecoder:
         self.recorder: Optional[decode.HiddenRecorder] = None
         self.final: Optional[torch.Tensor] = None
         """[rows, h] final hidden states of the last forward's last column (when recording)."""
+        self.tracker: Optional[TurnTracker] = None
+        self.generated: Optional[torch.Tensor] = None
+        """[B, P + T] bool: generated (not prompt, observation or padding) columns."""
+        self.turn_ids: Optional[torch.Tensor] = None
 
     def prepare(self, max_len: int) -> None:
         """RoPE tables for every chunk (megatron caches them per length)."""
@@ -82,27 +92,45 @@ class StaticDecoder:
         lengths = torch.zeros(rows, dtype=torch.long, device=prompt_ids.device)
         done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
         stopped = torch.zeros_like(done)
+        gen = torch.zeros(rows, dtype=torch.long, device=prompt_ids.device)
+        self.generated = torch.zeros_like(tokens, dtype=torch.bool)
+        self.turn_ids = torch.full_like(tokens, -1) if self.tracker is not None else None
+        # Multi-turn: observation tokens waiting to be fed, one per step (every row moves
+        # one column per step here), and rows that end once theirs are fed.
+        self.pending: list[list[int]] = [[] for _ in range(rows)]
+        self.end_after = torch.zeros_like(done)
         begin = time.perf_counter()
         if cfg.use_kv_cache:  # prefill each prompt once, then copy its cache rows n times
             logits = self.forward(prompt_ids, pads, start=0)
             self.cache.repeat_rows(n)
             logits = None if logits is None else logits.repeat_interleave(n, dim=0)
-            self._keep(0, ~done, repeat=n)
+            self._stash(repeat=n)
         pads = pads.repeat_interleave(n)
         if not cfg.use_kv_cache:
             logits = self.forward(tokens[:, :width], pads, start=0)
-            self._keep(0, ~done)
+            self._stash()
         stop_ids = torch.tensor(cfg.stop_ids, dtype=torch.long, device=tokens.device)
         self.prefill_s = time.perf_counter() - begin
         for t in range(cfg.max_new_tokens):
             col = width + t
-            ids, logprob = self.sample(logits, t, rows, tokens.device)
+            ids, logprob = self.sample(logits, gen, rows, tokens.device)
+            is_gen, finish = ~done, None
+            if self.tracker is not None:  # a waiting observation token replaces the draw
+                forced, finish = self._pop_forced()
+                is_gen = is_gen & (forced < 0)
+                ids = torch.where(forced < 0, ids, forced)
             ids = torch.where(done, cfg.pad_id, ids)
-            tokens[:, col], logprobs[:, col] = ids, torch.where(done, 0.0, logprob)
+            tokens[:, col], logprobs[:, col] = ids, torch.where(is_gen, logprob, 0.0)
+            self._keep(is_gen, gen)
+            self.generated[:, col] = is_gen
             lengths += (~done).long()
-            hit = torch.isin(ids, stop_ids) & ~done
+            gen += is_gen.long()
+            hit = torch.isin(ids, stop_ids) & is_gen
             stopped |= hit
             done |= hit
+            if self.tracker is not None:
+                done |= finish
+                self._turns(ids, col, is_gen, done, lengths)
             if t + 1 == cfg.max_new_tokens or bool(done.all()):
                 break
             self.row_steps += rows
@@ -110,28 +138,66 @@ class StaticDecoder:
                 logits = self.forward(tokens[:, col:col + 1], pads, start=col)
             else:
                 logits = self.forward(tokens[:, :col + 1], pads, start=0)
-            self._keep(t + 1, ~done)
+            self._stash()
         logprobs = self._broadcast_from_last(logprobs)
         return tokens, logprobs, lengths, stopped
 
-    def _keep(self, new: int, live: torch.Tensor, repeat: int = 1) -> None:
-        """Record the last forward's final hidden states: they predicted response token
-        `new` of the `live` rows (rows already stopped are decoded as padding: not kept)."""
+    def _pop_forced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([rows] the next waiting observation token of each row, -1 where none; [rows]
+        rows whose rollout ends once this token is written: their last observation token)."""
+        forced = torch.full_like(self.end_after, -1, dtype=torch.long)
+        finish = torch.zeros_like(self.end_after)
+        for row, waiting in enumerate(self.pending):
+            if waiting:
+                forced[row] = waiting.pop(0)
+                finish[row] = not waiting and bool(self.end_after[row])
+        return forced, finish
+
+    def _turns(self, ids: torch.Tensor, col: int, is_gen: torch.Tensor, done: torch.Tensor,
+               lengths: torch.Tensor) -> None:
+        """Multi-turn: record turn indices; rows whose turn ended get their observation
+        queued (fed one token per step: the cache continues, nothing is recomputed)."""
+        rows = is_gen.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        rows_list = rows.tolist()
+        self.turn_ids[rows, col] = torch.tensor([self.tracker.turn[r] for r in rows_list],
+                                                dtype=torch.long, device=rows.device)
+        over = done[rows] | (lengths[rows] >= self.config.max_new_tokens)
+        to_env, finished = self.tracker.generated(rows_list, ids[rows].tolist(), over.tolist())
+        for row in finished:
+            done[row] = True
+        for row, obs, ends in self.tracker.observe(to_env, lengths[to_env].tolist()):
+            self.pending[row] = obs
+            self.end_after[row] = ends
+            if ends and not obs:
+                done[row] = True
+
+    def _stash(self, repeat: int = 1) -> None:
+        """Hold the last forward's final hidden states [rows, h] (one per prompt after the
+        shared prefill: repeated n times) until the step that uses them."""
+        if self.recorder is not None and self.last and repeat > 1:
+            self.final = self.final.repeat_interleave(repeat, dim=0)
+
+    def _keep(self, generated: torch.Tensor, counts: torch.Tensor) -> None:
+        """Record the stashed final hidden states of the rows that `generated` [rows] a
+        token this step: they predicted generated token `counts[row]` (rows decoded as
+        padding after their end, and observation tokens fed in place of a draw: not kept)."""
         if self.recorder is None or not self.last:
             return
-        final = self.final.repeat_interleave(repeat, dim=0) if repeat > 1 else self.final
-        rows = live.nonzero().squeeze(1)
-        self.recorder.record(rows, torch.full_like(rows, new), final[rows])
+        rows = generated.nonzero().squeeze(1)
+        self.recorder.record(rows, counts[rows], self.final[rows])
 
-    def sample(self, logits: Optional[torch.Tensor], t: int, rows: int, device) -> tuple:
-        """Sampled ids [rows] on every stage; log-probs [rows] on the last stage only."""
+    def sample(self, logits: Optional[torch.Tensor], counters: torch.Tensor, rows: int, device) -> tuple:
+        """Sampled ids [rows] on every stage; log-probs [rows] on the last stage only.
+        `counters` [rows]: each row's generated-token count (keys its draw)."""
         cfg = self.config
         if self.last:
             ids, logprob = vocab_parallel_sample(
                 logits, tp_group=self.groups.tp_group, vocab_size=cfg.sample_vocab(self.arch.vocab_size),
                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 seed=self.seed, step=self.step, row_offset=self.row_offset,
-                counters=torch.full((rows,), t, dtype=torch.long, device=device),
+                counters=counters.clone(),
             )
         else:
             ids = torch.empty(rows, dtype=torch.long, device=device)
@@ -195,15 +261,20 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple:
 
 
 def pack(tokens: torch.Tensor, logprobs: torch.Tensor, pads: torch.Tensor, width: int,
-          lengths: torch.Tensor, stopped: torch.Tensor, config: GenerationConfig) -> Rollouts:
-    """Left-padded decoding buffers [B, P + T] -> right-padded Rollouts [B, L]."""
+          lengths: torch.Tensor, stopped: torch.Tensor, config: GenerationConfig,
+          generated: Optional[torch.Tensor] = None, turn_ids: Optional[torch.Tensor] = None) -> Rollouts:
+    """Left-padded decoding buffers [B, P + T] -> right-padded Rollouts [B, L]
+    (`generated`: [B, P + T] the generated columns; None = every column after the prompt)."""
     prompt_lengths = width - pads
     ends = prompt_lengths + lengths
     cols = torch.arange(int(ends.max()), device=tokens.device)[None, :]
     src = (pads[:, None] + cols).clamp(max=tokens.shape[1] - 1)
     valid = cols < ends[:, None]
     response = valid & (cols >= prompt_lengths[:, None])
+    if generated is not None:
+        response &= generated.gather(1, src)
     rows = tokens.shape[0]
+    turns = None if turn_ids is None else torch.where(response, turn_ids.gather(1, src), -1)
     return Rollouts(
         token_ids=torch.where(valid, tokens.gather(1, src), config.pad_id),
         response_mask=response,
@@ -213,5 +284,6 @@ def pack(tokens: torch.Tensor, logprobs: torch.Tensor, pads: torch.Tensor, width
         stopped=stopped,
         prompt_index=torch.arange(rows, device=tokens.device) // config.n,
         sample_index=torch.arange(rows, device=tokens.device) % config.n,
+        turn_ids=turns,
     )
 

@@ -5,14 +5,15 @@ right-padded; kept hidden states [response tokens, h] (compute dtype, last pipel
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Sequence
 
 import torch
 
 from tip_megatron.rollout import decode
 
 ENGINES = ("dynamic", "static")
+OBSERVATION_FORMATS = ("text", "tool")
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,34 @@ class SamplingConfig:
     n: int = 1
     """Samples per prompt; rows of one prompt are consecutive (the paper: 16)."""
     max_new_tokens: int = 256
-    """Tokens generated per sample at most, the stop token included (the paper: 8192)."""
+    """Tokens generated per sample at most, the stop token included (the paper: 8192).
+    With `env`: the budget of every turn and observation together (tokens after the
+    prompt); an observation that does not fit is cut and ends the rollout."""
     temperature: float = 1.0
     """Softmax temperature; 0 = greedy (argmax, lowest id on ties; log-probs are 0)."""
     top_p: float = 1.0
     """Keep the smallest set of most likely tokens with probability >= top_p (1 = all)."""
     top_k: int = 0
     """Keep the k most likely tokens (0 = all)."""
+    env: Optional[str] = None
+    """Multi-turn rollouts: the environment factory as an import path
+    `package.module:Factory`, called as `Factory(record, **env_args)` once per rollout
+    (docs/multiturn.md); null = one turn, no environment."""
+    env_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment factory."""
+    max_turns: int = 4
+    """With `env`: turns the model generates at most; the rollout ends after the last."""
+    turn_stop: tuple[str, ...] = ()
+    """With `env`: strings that end a turn and hand it to the environment (e.g. a tool
+    call's closing tag); EOS ends the rollout. Needs at least one."""
+    observation_format: str = "text"
+    """With `env`: `text` appends the observation's text as tokenized; `tool` renders it
+    through the chat template's tool role (the end of the assistant message, the tool
+    message, the next assistant header: what a served model sees; HF tokenizers with a
+    chat template; docs/multiturn.md)."""
+    env_timeout_s: float = 30.0
+    """With `env`: seconds one environment call may take; a slower one stops the run with
+    an error naming the environment, the prompt and the turn."""
 
     def validate(self, prefix: str = "") -> None:
         """ValueError naming `<prefix><field>` and the accepted values (the run config
@@ -45,6 +67,27 @@ class SamplingConfig:
             raise ValueError(f"{prefix}top_p={self.top_p!r}: must be in (0, 1] (1 = no top-p)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"{prefix}top_k={self.top_k!r}: must be an integer >= 0 (0 = no top-k)")
+        if self.env is None:
+            return
+        module, sep, name = self.env.partition(":") if isinstance(self.env, str) else ("", "", "")
+        if not (module and sep and name):
+            raise ValueError(f"{prefix}env={self.env!r}: must be an import path 'package.module:Factory'")
+        if not isinstance(self.env_args, dict):
+            raise ValueError(f"{prefix}env_args={self.env_args!r}: must be a mapping of keyword arguments")
+        if not isinstance(self.max_turns, int) or self.max_turns < 1:
+            raise ValueError(f"{prefix}max_turns={self.max_turns!r}: must be an integer >= 1")
+        if not self.turn_stop or not all(isinstance(t, str) and t for t in self.turn_stop):
+            raise ValueError(f"{prefix}turn_stop={list(self.turn_stop)!r}: with {prefix}env, a list of "
+                             "one or more non-empty strings that end a turn (e.g. '</call>')")
+        if self.observation_format not in OBSERVATION_FORMATS:
+            raise ValueError(f"{prefix}observation_format={self.observation_format!r}: accepted values "
+                             f"are {OBSERVATION_FORMATS}")
+        if not self.env_timeout_s > 0 or self.env_timeout_s == float("inf"):
+            raise ValueError(f"{prefix}env_timeout_s={self.env_timeout_s!r}: must be a finite number > 0")
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.env is not None
 
 
 @dataclass(frozen=True)
@@ -100,10 +143,13 @@ class GenerationConfig(SamplingConfig):
         if self.cuda_graph and (self.engine != "static" or not self.use_kv_cache):
             raise ValueError(f"cuda_graph=True needs engine='static' and use_kv_cache=True "
                              f"(got engine={self.engine!r}, use_kv_cache={self.use_kv_cache})")
+        if self.multi_turn and self.cuda_graph:
+            raise ValueError("multi-turn rollouts (env) do not run with cuda_graph; turn it off")
         if self.keep_hidden and self.cuda_graph:
             raise ValueError("keep_hidden=True does not run with cuda_graph=True (the captured "
                              "step returns logits only); turn one off")
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        object.__setattr__(self, "turn_stop", tuple(self.turn_stop))
 
     @classmethod
     def from_sampling(cls, sampling: SamplingConfig, stop_ids: Sequence[int], pad_id: int,
@@ -133,17 +179,19 @@ class Rollouts:
     token_ids: torch.Tensor
     """[B, L] int64: prompt, response, padding."""
     response_mask: torch.Tensor
-    """[B, L] bool: True on generated tokens (the stop token included), False on prompt
-    and padding."""
+    """[B, L] bool: True on generated tokens (the stop token included), False on prompt,
+    observations and padding: the tokens that are trained and selected."""
     logprobs: torch.Tensor
     """[B, L] float32: log-prob of each generated token under the sampling distribution
     (temperature, top-k, top-p applied; 0 when greedy); 0 outside the response."""
     prompt_lengths: torch.Tensor
     """[B] int64."""
     response_lengths: torch.Tensor
-    """[B] int64: generated tokens, the stop token included."""
+    """[B] int64: tokens after the prompt, the stop token included (multi-turn:
+    observations included; `response_mask.sum(1)` counts the generated ones)."""
     stopped: torch.Tensor
-    """[B] bool: the sample ended with a stop id (False: it hit max_new_tokens)."""
+    """[B] bool: the sample ended with a stop id (False: it hit max_new_tokens; multi-turn:
+    or max_turns, or its environment ended it)."""
     prompt_index: torch.Tensor
     """[B] int64: index into the `prompts` argument."""
     sample_index: torch.Tensor
@@ -157,9 +205,24 @@ class Rollouts:
     response_hidden: Optional[torch.Tensor] = None
     """With `keep_hidden`, on the last pipeline stage (None elsewhere): [response tokens, h]
     in the compute dtype, row-major (row 0's response positions, then row 1's, ...): entry
-    j of row r is the final hidden state at position prompt_lengths[r] + j - 1, the one
-    that sampled response token j (the last prompt position and every sampled position
-    but the last). The training batch's target positions of row r, in order."""
+    j of row r is the final hidden state at the position before generated token j, the one
+    that sampled it (one turn: position prompt_lengths[r] + j - 1; multi-turn: the last
+    observation position for a turn's first token). The training batch's target positions
+    of row r, in order."""
+
+    turn_ids: Optional[torch.Tensor] = None
+    """Multi-turn only: [B, L] int64, the turn index (0, 1, ...) of each generated token,
+    -1 elsewhere (prompt, observations, padding)."""
+    num_turns: Optional[torch.Tensor] = None
+    """Multi-turn only: [B] int64, turns the model generated."""
+
+    @property
+    def observation_mask(self) -> torch.Tensor:
+        """[B, L] bool: environment tokens (after the prompt, not generated, not padding)."""
+        cols = torch.arange(self.token_ids.shape[1], device=self.token_ids.device)[None, :]
+        after = (cols >= self.prompt_lengths[:, None]) & \
+            (cols < (self.prompt_lengths + self.response_lengths)[:, None])
+        return after & ~self.response_mask
 
     @property
     def num_rows(self) -> int:

@@ -20,7 +20,7 @@ TEACHER = dict(hidden=96, seed=2)
 
 
 def model_checkpoint(out, hidden: int, layers: int, seed: int, family: str = "llama",
-                     max_pos: int = 64) -> None:
+                     max_pos: int = 64, vocab_size: int = 250) -> None:
     """Rank body: save a random tiny model at PyTorch-default scales to `out` (megatron's
     N(0, 0.02) init leaves a tiny model near-uniform, every token nearly tied, and top-k
     selection ill-posed)."""
@@ -31,7 +31,8 @@ def model_checkpoint(out, hidden: int, layers: int, seed: int, family: str = "ll
     from tip_megatron.models.state import load_full_state_dict
     from tip_megatron.testing.models import tiny_arch
 
-    arch = tiny_arch(family, hidden_size=hidden, num_layers=layers, max_position_embeddings=max_pos)
+    arch = tiny_arch(family, hidden_size=hidden, num_layers=layers, max_position_embeddings=max_pos,
+                     vocab_size=vocab_size)
     g = parallel.initialize(parallel.ParallelLayout(), seed=seed)
     chunks = build_model(arch, g)
     load_full_state_dict(chunks, init_full_state(chunks, g, arch, seed), g, arch)

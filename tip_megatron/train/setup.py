@@ -130,7 +130,13 @@ class FilePrompts:
         # Token ids only, from memory: reading the records back (`next(self.loader)`) would
         # re-read the files every step and stop the run if one was edited since set-up.
         dataset = self.loader.dataset
-        return [dataset.token_ids(i) for i in next(self.loader.sampler)]
+        self._last = next(self.loader.sampler)
+        return [dataset.token_ids(i) for i in self._last]
+
+    def records(self) -> list:
+        """The full records of the batch `next` returned (read from the files: multi-turn
+        environments are built from them)."""
+        return self.loader.dataset.records(self._last)
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

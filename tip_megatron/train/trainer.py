@@ -25,7 +25,7 @@ from tip_megatron.distill.prepass import global_preselection
 from tip_megatron.distill.teacher_link import TeacherRankLost
 from tip_megatron.distill.step import Microbatch, ScheduleShape, forward_loss_pass, train_pass
 from tip_megatron.rollout.consistency import gap_metrics
-from tip_megatron.rollout.generate import GenerationConfig, generate
+from tip_megatron.rollout.generate import Episodes, GenerationConfig, generate
 from tip_megatron.rollout.types import Rollouts
 from tip_megatron.tip import warn_ill_posed_budget
 from tip_megatron.runtime.collectives import all_gather_varlen, all_reduce_sum
@@ -44,6 +44,7 @@ from tip_megatron.train.teacher import (
 )
 from tip_megatron.train.skip import TrainingDiverged, count_skip, reduce_results, should_skip
 from tip_megatron.train.token_dumps import maybe_dump_tokens
+from tip_megatron.train.turn_metrics import turn_metrics
 from tip_megatron.checkpoint.layout import latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -129,8 +130,14 @@ def generate_rollouts(run: Run, prompts: list[list[int]]) -> Rollouts:
     # This replica holds rows [dp_rank * rows, (dp_rank + 1) * rows) of the global batch
     # (the prompt loader hands out consecutive slices), so any DP size draws the same samples.
     rows = len(prompts) * r.n
+    # Multi-turn: one environment per rollout, rebuilt from this step's records (so a
+    # resumed run rebuilds exactly the environments the interrupted one had).
+    episodes = (Episodes(run.prompts.records(), run.tokenizer,
+                         template_kwargs=dict(run.cfg.data.chat_template_kwargs))
+                if r.env is not None else None)
     return generate(run.ddp, run.groups, run.models.student_arch, prompts, gen,
-                    seed=run.cfg.train.seed, step=run.step, row_offset=run.groups.dp_rank * rows)
+                    seed=run.cfg.train.seed, step=run.step, row_offset=run.groups.dp_rank * rows,
+                    episodes=episodes)
 
 
 def microbatches(run: Run, out: Rollouts) -> list[list[Microbatch]]:
@@ -241,6 +248,10 @@ def train_step(run: Run) -> dict:
     maybe_dump_tokens(run.cfg, run.groups, run.step + 1, mbs,
                       [r for res, _ in updates for r in res])  # step as logged
     metrics = _rollout_batch_metrics(run, updates)
+    if out.turn_ids is not None and run.groups.is_last_stage:
+        metrics.update(turn_metrics(out, mbs, [r for res, _ in updates for r in res],
+                                    run.groups.dp_rank * out.num_rows, run.cfg.rollout.max_turns,
+                                    run.groups.dp_group))
     tokens, rows = _global_response_counts(run, out)
     elapsed = time.perf_counter() - start
     metrics.update(tokens_per_s=tokens / elapsed, step_s=elapsed, peak_mem_mib=peak_memory_mib(),
@@ -265,10 +276,11 @@ def _rollout_batch_metrics(run: Run, updates: list[tuple[list[MicrobatchResult],
 
 
 def _global_response_counts(run: Run, out: Rollouts) -> tuple[float, float]:
-    """(response tokens, rollouts) of the global batch: summed over the DP replicas, whose
+    """(generated tokens, rollouts) of the global batch: summed over the DP replicas, whose
     response lengths differ (one tiny all-reduce on every rank: the logging rank need not
-    be on the last stage, where the metric reduction runs)."""
-    local = torch.stack([out.response_lengths.sum().double(),
+    be on the last stage, where the metric reduction runs). Observation tokens of
+    multi-turn rollouts are not generated: not counted."""
+    local = torch.stack([out.response_mask.sum().double(),
                          torch.tensor(float(out.response_lengths.numel()), dtype=torch.float64,
                                       device=out.response_lengths.device)])
     tokens, rows = all_reduce_sum(local, run.groups.dp_group).tolist()
