@@ -142,7 +142,8 @@ def test_layouts_agree_and_resume_is_exact(assets, tmp_path):
     ref, hist = _losses(run_distributed(_train, 1, args=(_overrides(assets),)))  # 3 steps
     assert all(torch.isfinite(torch.tensor(ref)))
     assert hist[0]["turns/per_rollout"] > 1.2, hist[0]
-    for world, extra in ((2, {"parallel.tp": 2}), (2, {})):  # TP2, then DP2
+    # TP2, DP2, then the teacher on a rank of its own (interleaved rows cross the link)
+    for world, extra in ((2, {"parallel.tp": 2}), (2, {}), (2, {"teacher.placement": "separate"})):
         losses, _ = _losses(run_distributed(_train, world, args=(_overrides(assets, **extra),)))
         assert losses == pytest.approx(ref, rel=1e-5), (extra, losses, ref)
     # Resume: environments are rebuilt from the records of the resumed batch.
