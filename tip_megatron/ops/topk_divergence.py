@@ -78,12 +78,11 @@ class _SumAcrossTP(torch.autograd.Function):
 
 def _outside(ids: torch.Tensor, start: int, width: int) -> torch.Tensor:
     """[c, width] bool: local column not in the chunk's top-k ids [c, k] (global ids)."""
-    mask = torch.ones((ids.shape[0], width), dtype=torch.bool, device=ids.device)
+    # Ids of other shards go to an extra last column, dropped after the scatter.
+    mask = torch.ones((ids.shape[0], width + 1), dtype=torch.bool, device=ids.device)
     owned = (ids >= start) & (ids < start + width)
-    local = (ids - start).clamp(0, max(width - 1, 0))
-    if width:
-        mask.scatter_(1, local, ~owned & mask.gather(1, local))
-    return mask
+    mask.scatter_(1, torch.where(owned, ids - start, width), False)
+    return mask[:, :width]
 
 
 class _TailLogits(torch.autograd.Function):
@@ -128,8 +127,10 @@ def _take_topk(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.T
 def teacher_topk(teacher: torch.Tensor, k: int, start: int, vocab_size: int,
                  tp_group: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The global top-k ([c, k] float64 logits, [c, k] int64 global ids) of the teacher's
-    true-vocab shard columns `teacher` [c, w], without gathering the vocabulary."""
+    true-vocab shard columns `teacher` [c, w], without gathering the vocabulary; k is
+    clamped to `vocab_size`."""
     rows, width = teacher.shape
+    k = min(k, vocab_size)
     local_k = min(k, width)
     positions = torch.arange(width, device=teacher.device).expand(rows, width)
     vals, cols = (_take_topk(teacher, positions, local_k) if local_k else
