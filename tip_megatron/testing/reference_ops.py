@@ -142,7 +142,8 @@ def topk_divergence(student: torch.Tensor, teacher: torch.Tensor, vocab_size: in
         qt = torch.cat([qt, (p_t * outside).sum(dim=1, keepdim=True)], dim=1)
     elif not tail:
         qs, qt = qs / qs.sum(dim=1, keepdim=True), qt / qt.sum(dim=1, keepdim=True)
-    kl = lambda p, q: torch.where(p > 0, p * (p.log() - q.log()), torch.zeros_like(p)).sum(dim=1)  # noqa: E731
+    def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.where(p > 0, p * (p.log() - q.log()), torch.zeros_like(p)).sum(dim=1)
     if name == "reverse_kl":
         return kl(qs, qt)
     if name == "forward_kl":
