@@ -2,7 +2,8 @@
 unsharded weights (`reference_ops.linear_topk_divergence`): value, gradient w.r.t. the
 replicated hidden state and each rank's weight shard, with and without the tail, for every
 divergence; ties across shards (the lower id wins, whichever rank holds it); padding rows
-never selected even when their logits would be the largest; the collectives per chunk.
+never selected even when their logits would be the largest; the collectives per chunk; the
+unreduced hidden gradient of the sequence-parallel path (`reduce_hidden_grad=False`).
 
 Padded layouts as in test_ops_divergences_tp: 24 global rows; TP 2 with a true vocab of 19,
 TP 4 with 13 (rank 3 holds only padding, rank 2 a prefix).
@@ -42,7 +43,7 @@ def _inputs(vocab_size: int, tied: bool):
     return h, w, th, tw, torch.rand(N, generator=g).double()
 
 
-def _run(inputs, rows, vocab_size, name, beta, k, tail, chunk_size):
+def _run(inputs, rows, vocab_size, name, beta, k, tail, chunk_size, reduce_hidden_grad=True):
     hidden, weight, th, tw, tok = inputs
     h, w = hidden.clone().requires_grad_(), weight[rows].clone().requires_grad_()
     counts = Counter()
@@ -58,7 +59,7 @@ def _run(inputs, rows, vocab_size, name, beta, k, tail, chunk_size):
         loss, value = topk_linear_divergence(
             h, w, th, tw[rows].clone(), tp_group=dist.group.WORLD, vocab_size=vocab_size,
             signal=TopkSignal(k, tail), chunk_size=chunk_size, token_weights=tok,
-            divergence=Divergence(name, beta))
+            divergence=Divergence(name, beta), reduce_hidden_grad=reduce_hidden_grad)
         loss.backward()
     finally:
         dist.all_reduce, dist.all_gather = originals
@@ -97,6 +98,15 @@ def _rank_main(vocab_size: int) -> str:
                 # with the tail one MAX + one SUM; backward: the hidden gradient's all-reduce.
                 assert counts["gather"] == chunks, counts
                 assert counts["reduce"] == chunks * (3 if tail_on else 1) + 1, counts
+        # Sequence parallelism: each rank returns its partial hidden gradient, unreduced
+        # (gather_sequence's reduce-scatter sums them); the partials sum to the reference.
+        got, counts = _run(inputs, rows, vocab_size, "reverse_kl", 0.5, 4, True, 3, reduce_hidden_grad=False)
+        want = ref.linear_topk_divergence(*inputs, vocab_size, "reverse_kl", 4, True)
+        assert counts["reduce"] == 3 * math.ceil(N / 3), counts
+        partial = got[2].clone()
+        dist.all_reduce(partial)
+        assert_close(partial, want[2], rtol=1e-10, atol=1e-12)
+        assert_close(got[3], want[3][rows], rtol=1e-10, atol=1e-12)
     return "ok"
 
 
