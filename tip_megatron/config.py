@@ -354,6 +354,7 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
     _check_prepass_source(cfg)
     _check_prompt_source(cfg)
     _check_multi_turn(cfg)
+    _check_teacher_signal(cfg)
 
 
 def _check_multi_turn(cfg: RunConfig) -> None:
@@ -376,6 +377,13 @@ def student_world_size(cfg: RunConfig, world_size: int) -> int:
             f"{world_size}: none left for the student; accepted: world size = student ranks + "
             f"{own} (e.g. torchrun --nproc_per_node {own + cfg.parallel.tp * cfg.parallel.pp})")
     return world_size - own
+
+
+def _check_teacher_signal(cfg: RunConfig) -> None:
+    """`teacher.signal: topk` has its own loss op: loss.impl=unfused cannot apply to it."""
+    if cfg.teacher.signal == "topk" and cfg.loss.impl != "fused":
+        raise ValueError(f"teacher.signal='topk' computes its own loss; loss.impl={cfg.loss.impl!r} "
+                         "applies to teacher.signal='full' only (accepted with topk: 'fused')")
 
 
 def _check_teacher_layout(cfg: RunConfig, world_size: int) -> None:

@@ -25,6 +25,9 @@ FROZEN_KEYS = [
     "teacher.parallel.dp",
     "teacher.placement",
     "teacher.queue_depth",
+    "teacher.signal",
+    "teacher.topk",
+    "teacher.topk_tail",
     "shared_vocab_size",
     "model.spec",
     "model.dtype",
@@ -246,6 +249,10 @@ BAD_RUNS = [
      r"eval.pass_k=3: must be in \[1, eval.n=2\]"),
     (["eval.every=1", "eval.prompts=[b.jsonl]", "eval.grader=nope"], 1,
      "eval.grader: grader 'nope' is not registered; registered graders: "),
+    (["teacher.signal=top64"], 1, r"teacher.signal='top64': accepted values are \['full', 'topk'\]"),
+    (["teacher.signal=topk", "teacher.topk=0"], 1, "teacher.topk=0: must be an integer >= 1"),
+    (["teacher.signal=topk", "loss.impl=unfused"], 1,
+     "teacher.signal='topk' computes its own loss; loss.impl='unfused' applies to"),
 ]
 
 

@@ -35,6 +35,7 @@ from tip_megatron.ops import fused_linear_divergence, unfused_linear_divergence,
 from tip_megatron.ops.divergences import Divergence
 from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK
 from tip_megatron.ops.sequence_parallel import gather_sequence
+from tip_megatron.ops.topk_divergence import TopkSignal, topk_linear_divergence
 from tip_megatron.tip import (
     SelectionConfig, TokenSignals, select, selection_labels, selection_metric_sums,
 )
@@ -149,6 +150,9 @@ class DistillSpec:
     step: int = 0
     score_only: bool = False
     """Scoring pre-pass (global scope): compute and return the signals, no loss."""
+    teacher_signal: Optional[TopkSignal] = None
+    """`teacher.signal: topk`: the kept tokens learn from the teacher's top-k (+ tail) through
+    `ops.topk_divergence` (loss.impl does not apply); None: the exact full vocabulary."""
 
 
 def teacher_states(ctx: MicrobatchContext) -> torch.Tensor:
@@ -221,6 +225,9 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
     teacher_kept = _flat(teacher_states(ctx)).index_select(0, idx)
     fn = fused_linear_divergence if spec.loss.impl == "fused" else unfused_linear_divergence
     kwargs = {"chunk_size": spec.loss.chunk_size} if spec.loss.impl == "fused" else {}
+    if spec.teacher_signal is not None:  # comparison mode: the teacher truncated to its top-k
+        fn, kwargs = topk_linear_divergence, {"chunk_size": spec.loss.chunk_size,
+                                              "signal": spec.teacher_signal}
     return fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
               tp_group=spec.tp_group, vocab_size=spec.vocab_size,
               reduce_hidden_grad=not sequence_parallel,

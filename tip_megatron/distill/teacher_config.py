@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tip_megatron.checkpoint.sources import ModelSource
+from tip_megatron.ops.topk_divergence import TopkSignal
 from tip_megatron.runtime.parallel import ParallelLayout
 
 PLACEMENTS = ("shared", "separate")
+SIGNALS = ("full", "topk")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,16 @@ class TeacherConfig(ModelSource):
     """`separate`: micro-batches whose hidden states a teacher rank may have in flight to
     the student before it waits (the teacher scores micro-batch i+1 while the student
     learns from micro-batch i)."""
+    signal: str = "full"
+    """What the kept tokens learn from: `full` the exact full-vocabulary divergence; `topk` a
+    comparison mode, the divergence over the teacher's `topk` most likely tokens per position
+    (+ a tail class), to measure what truncating the teacher costs (docs/ops.md, "Top-k teacher
+    signal"). Selection statistics stay exact either way."""
+    topk: int = 64
+    """`signal: topk`: teacher tokens kept per position (>= the vocabulary size: the exact loss)."""
+    topk_tail: bool = True
+    """`signal: topk`: add one class holding the remaining probability mass of each model;
+    false: both distributions renormalised over the k tokens."""
 
     def validate(self, name: str = "teacher") -> None:
         super().validate(name)
@@ -79,6 +91,16 @@ class TeacherConfig(ModelSource):
                              "`shared` the teacher's DP is world / (tp x pp))")
         if not isinstance(self.queue_depth, int) or isinstance(self.queue_depth, bool) or self.queue_depth < 1:
             raise ValueError(f"{name}.queue_depth={self.queue_depth!r}: must be an integer >= 1")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"{name}.signal={self.signal!r}: accepted values are {list(SIGNALS)}")
+        try:
+            TopkSignal(self.topk, self.topk_tail)  # one-line errors naming teacher.topk / topk_tail
+        except ValueError as err:
+            raise ValueError(str(err).replace("teacher.", f"{name}.", 1)) from None
+
+    def topk_signal(self) -> Optional[TopkSignal]:
+        """The loss's truncated teacher signal; None = the full vocabulary (`signal: full`)."""
+        return TopkSignal(self.topk, self.topk_tail) if self.signal == "topk" else None
 
     @property
     def separate(self) -> bool:

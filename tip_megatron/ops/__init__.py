@@ -8,12 +8,15 @@ See docs/ops.md for the math, the collectives and the tolerances.
 from tip_megatron.ops.fused_linear_kl import fused_linear_divergence, unfused_linear_divergence
 from tip_megatron.ops.reverse_kl import vocab_parallel_reverse_kl
 from tip_megatron.ops.sampling import vocab_parallel_sample
+from tip_megatron.ops.topk_divergence import TopkSignal, topk_linear_divergence
 from tip_megatron.ops.vocab_parallel import TokenStats, check_vocab_compat, vocab_parallel_stats
 
 __all__ = [
     "TokenStats",
+    "TopkSignal",
     "check_vocab_compat",
     "fused_linear_divergence",
+    "topk_linear_divergence",
     "unfused_linear_divergence",
     "vocab_parallel_reverse_kl",
     "vocab_parallel_sample",

@@ -117,3 +117,52 @@ def linear_divergence(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden
     loss = (per_token * token_weights.double()).sum()
     loss.backward()
     return loss.detach(), per_token.detach(), h.grad, w.grad
+
+
+def topk_ids(teacher: torch.Tensor, vocab_size: int, k: int) -> torch.Tensor:
+    """[tokens, min(k, V)] ids of the teacher's k largest true-vocab logits, ties by the lower
+    id: a stable descending sort of the whole vocabulary."""
+    z = teacher[:, :vocab_size].to(torch.float64)
+    return z.sort(dim=-1, descending=True, stable=True).indices[:, :min(k, vocab_size)]
+
+
+def topk_divergence(student: torch.Tensor, teacher: torch.Tensor, vocab_size: int, name: str,
+                    k: int, tail: bool, beta: float = 0.5) -> torch.Tensor:
+    """[tokens] float64 `name` divergence over the teacher's top-k classes (docs/ops.md, "Top-k
+    teacher signal"), from probabilities: with `tail`, q = (p[K], sum of p outside K) of each
+    full-vocabulary softmax; without, q = p[K] / sum p[K]. No tail class when k >= V (it is
+    empty). Differentiable w.r.t. `student` by autograd (finite logits)."""
+    ids = topk_ids(teacher, vocab_size, k)
+    p_s = log_softmax(student, vocab_size).exp()
+    p_t = log_softmax(teacher.detach(), vocab_size).exp()
+    outside = torch.ones_like(p_t, dtype=torch.bool).scatter(1, ids, False)
+    qs, qt = p_s.gather(1, ids), p_t.gather(1, ids)
+    if tail and ids.shape[1] < vocab_size:
+        qs = torch.cat([qs, (p_s * outside).sum(dim=1, keepdim=True)], dim=1)
+        qt = torch.cat([qt, (p_t * outside).sum(dim=1, keepdim=True)], dim=1)
+    elif not tail:
+        qs, qt = qs / qs.sum(dim=1, keepdim=True), qt / qt.sum(dim=1, keepdim=True)
+    def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.where(p > 0, p * (p.log() - q.log()), torch.zeros_like(p)).sum(dim=1)
+    if name == "reverse_kl":
+        return kl(qs, qt)
+    if name == "forward_kl":
+        return kl(qt, qs)
+    if name == "jsd":
+        m = beta * qt + (1.0 - beta) * qs
+        return beta * kl(qt, m) + (1.0 - beta) * kl(qs, m)
+    raise ValueError(f"unknown divergence {name!r}")
+
+
+def linear_topk_divergence(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                           teacher_weight: torch.Tensor, token_weights: torch.Tensor, vocab_size: int,
+                           name: str, k: int, tail: bool, beta: float = 0.5) -> tuple[torch.Tensor, ...]:
+    """float64 (loss_sum, per-token divergence, grad_hidden, grad_weight) of the top-k
+    output-layer loss on the full [V_pad, h] weights, by autograd."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    per_token = topk_divergence(h @ w.t(), teacher_hidden.double() @ teacher_weight.double().t(),
+                                vocab_size, name, k, tail, beta)
+    loss = (per_token * token_weights.double()).sum()
+    loss.backward()
+    return loss.detach(), per_token.detach(), h.grad, w.grad

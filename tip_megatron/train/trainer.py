@@ -152,7 +152,7 @@ def microbatches(run: Run, out: Rollouts) -> list[list[Microbatch]]:
 
 def _spec(run: Run) -> DistillSpec:
     return DistillSpec(run.cfg.selection, run.cfg.loss, run.models.vocab_size,
-                       run.groups.tp_group, step=run.step)
+                       run.groups.tp_group, step=run.step, teacher_signal=run.cfg.teacher.topk_signal())
 
 
 def _preselect(run: Run, mbs: list[Microbatch], contexts: list,
