@@ -13,18 +13,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
-import torch
 import yaml
 
 from tip_megatron.checkpoint.sources import ModelSource, builtin_model
+from tip_megatron.data.config import DataConfig
 from tip_megatron.distill.loss import LossConfig
 from tip_megatron.distill.teacher_config import TeacherConfig
 from tip_megatron.eval.config import EvalConfig
+from tip_megatron.models.options import ModelOptions
 from tip_megatron.rollout.env import load_factory
 from tip_megatron.rollout.types import SamplingConfig
-from tip_megatron.runtime.optional import FP8_RECIPE_MIN_CAPABILITY, check_fp8
 from tip_megatron.runtime.parallel import ParallelLayout
 from tip_megatron.runtime.signals import parse_signals
 from tip_megatron.runtime.typed_tree import (
@@ -78,96 +78,6 @@ class OptimConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{prefix}{name}={getattr(self, name)}: must be in [0, 1)")
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """How models are built (both student and teacher). See docs/precision.md."""
-
-    spec: str = "auto"
-    """Layer implementation: auto (TE on GPU when importable, else local), local, te."""
-    dtype: str = "auto"
-    """Parameter and activation dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32. With
-    bf16 the optimizer keeps fp32 main params and grads; TIP statistics and the KL are fp32."""
-    fp8: Optional[str] = None
-    """FP8 format of the student's TE layers: hybrid (e4m3 fwd, e5m2 grads), e4m3; null =
-    off. The output layer and the TIP statistics never run in FP8. TE + a capable GPU only."""
-    teacher_fp8: Optional[str] = None
-    """FP8 format of the frozen teacher's forward-only pass (hybrid, e4m3; null = off),
-    independent of `fp8`; same recipe settings."""
-    fp8_recipe: str = "delayed"
-    """megatron's fp8_recipe: delayed (sm_89+), tensorwise (sm_89+), blockwise (sm_90+),
-    mxfp8 (sm_100 Blackwell)."""
-    fp8_amax_history_len: int = 1
-    """Amax history window of the delayed recipe (megatron's default 1)."""
-    fp8_amax_compute_algo: str = "most_recent"
-    """How the delayed recipe picks amax from its history: most_recent, max."""
-    recompute_granularity: Optional[str] = None
-    """Activation recompute: null, selective (core attention), full (every layer)."""
-
-    def validate(self, prefix: str = "model.") -> None:
-        """Values, then (when FP8 is asked for) whether this machine can run it."""
-        choices = {"spec": ("auto", "local", "te"), "dtype": ("auto", "bf16", "fp32"),
-                   "fp8": (None, "hybrid", "e4m3"), "teacher_fp8": (None, "hybrid", "e4m3"),
-                   "fp8_recipe": tuple(FP8_RECIPE_MIN_CAPABILITY),
-                   "fp8_amax_compute_algo": ("most_recent", "max"),
-                   "recompute_granularity": (None, "selective", "full")}
-        for name, accepted in choices.items():
-            check_choice(prefix, self, name, accepted)
-        at_least(prefix, self, fp8_amax_history_len=1)
-        for name in ("fp8", "teacher_fp8"):
-            if getattr(self, name) is None:
-                continue
-            if self.spec == "local":
-                raise ValueError(f"{prefix}{name}={getattr(self, name)!r} needs the Transformer "
-                                 f"Engine layer spec: set {prefix}spec=te or auto")
-            check_fp8(self.fp8_recipe, f"{prefix}{name}")
-
-    @property
-    def params_dtype(self) -> Optional[torch.dtype]:
-        """The torch dtype of `dtype`; None for auto (the device decides)."""
-        return {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where prompts come from and how they are tokenized."""
-
-    prompts: tuple[str, ...] = ()
-    """Prompt files (JSONL or parquet); empty = the embedded task of a builtin student
-    that has one (the quickstart's)."""
-    tokenizer: Optional[str] = None
-    """Tokenizer directory or SentencePiece .model; `char` = the embedded task's character
-    tokenizer; null = the one bundled with the student checkpoint / HF directory."""
-    prompt_field: str = "prompt"
-    """Record field holding a plain-text prompt."""
-    messages_field: str = "messages"
-    """Record field holding a chat prompt (a list of {role, content}); rendered through the
-    tokenizer's chat template. Used when a record has it and no `prompt_field`."""
-    answer_field: str = "answer"
-    """Record field holding the reference answer (kept for evaluation; not used in training)."""
-    apply_chat_template: bool = False
-    """Render plain prompts through the tokenizer's chat template too."""
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra variables for the chat template (e.g. {enable_thinking: false} for Qwen3);
-    also used by validation (`eval`)."""
-    system_prompt: Optional[str] = None
-    """A system message put first in every chat-rendered prompt that has none."""
-    max_prompt_len: int = 2048
-    """Longer prompts are handled by `overlong` (the paper: prompts up to 2048)."""
-    overlong: str = "truncate_left"
-    """truncate_left | skip (counted and reported either way)."""
-    prompts_per_step: int = 8
-    """Global prompts per step (divided over data-parallel ranks)."""
-    seed: int = 1234
-    """Shuffle seed."""
-    allow_tokenizer_override: bool = False
-    """Accept a `data.tokenizer` that differs from the one bundled with the student (its
-    token ids would not mean what the student learned); off: such a run is refused."""
-
-    def validate(self, prefix: str = "data.") -> None:
-        at_least(prefix, self, prompts_per_step=1, max_prompt_len=1)
-        check_seed(f"{prefix}seed", self.seed)
 
 
 @dataclass(frozen=True)
