@@ -38,6 +38,7 @@ from tip_megatron.ops import (
 from tip_megatron.ops.divergences import Divergence
 from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK
 from tip_megatron.ops.sequence_parallel import gather_sequence
+from tip_megatron.distill.mix import mixed_divergence, validate_mix
 from tip_megatron.tip import (
     SelectionConfig, TokenSignals, select_weighted, selection_labels, selection_metric_sums,
 )
@@ -66,7 +67,20 @@ class LossConfig:
     """What the kept tokens learn from (docs/ops.md): `reverse_kl` KL(P_S||P_T) (the paper),
     `forward_kl` KL(P_T||P_S), `jsd` generalized JSD of GKD. Selection signals do not change."""
     jsd_beta: float = 0.5
-    """`jsd` only: teacher weight in M = beta P_T + (1 - beta) P_S; in (0, 1)."""
+    """`jsd` and the JSD part of `mix`: teacher weight in M = beta P_T + (1 - beta) P_S; in (0, 1)."""
+    mix: str = "none"
+    """Per-token mix of reverse KL, forward KL and JSD (distill/mix.py, docs/ops.md):
+    `none`, `entropy_aware` (reverse KL everywhere + forward KL where the teacher's entropy
+    > mix_threshold) or `custom` (the mix_* keys below). Fused path only."""
+    mix_signal: str = "teacher_entropy"
+    """`custom`: the signal that gates the mix: teacher_entropy (nats), entropy_norm,
+    reverse_kl, forward_kl (nats)."""
+    mix_threshold: float = 0.5
+    """The gate: a token uses `mix_high` when its signal > this, else `mix_low`."""
+    mix_low: tuple[float, ...] = (1.0, 0.0, 0.0)
+    """`custom`: coefficients (reverse KL, forward KL, JSD) >= 0 below the threshold."""
+    mix_high: tuple[float, ...] = (1.0, 1.0, 0.0)
+    """`custom`: coefficients (reverse KL, forward KL, JSD) >= 0 above the threshold."""
 
     def __post_init__(self) -> None:
         self.validate()  # built directly by the engine and tests too, not only from a config
@@ -79,6 +93,7 @@ class LossConfig:
             Divergence(self.divergence, self.jsd_beta)  # one-line errors for both keys
         except ValueError as err:  # Divergence names them `loss.*`
             raise ValueError(str(err).replace("loss.", prefix, 1)) from None
+        validate_mix(self, prefix)
         if self.impl == "unfused" and self.divergence != "reverse_kl":
             raise ValueError(f"{prefix}impl='unfused' supports {prefix}divergence='reverse_kl' "
                              f"only; got {self.divergence!r} (use {prefix}impl='fused')")
@@ -240,13 +255,15 @@ def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec
 
 
 def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec,
-              *, sequence_parallel: bool = False, weights: Optional[torch.Tensor] = None):
+              *, sequence_parallel: bool = False, weights: Optional[torch.Tensor] = None,
+              signals: Optional[TokenSignals] = None):
     """(sum of `loss.divergence` over kept positions, with grad to hidden and weight; the
     detached [num kept] per-token divergence, for the metrics' `q*_loss_share`).
 
     weights: [b*s] per-token weights (a weighted rule); the sum is then sum_i w_i D_i over
     the kept positions (every kept weight is > 0). None: every kept token weighs 1, the
     unweighted op call of a mask.
+    signals: the micro-batch's signals; `loss.mix` reads its gate from them.
 
     sequence_parallel: `hidden_flat` comes from `gather_sequence`, whose backward
     reduce-scatters the hidden state's gradient; the loss op must not all-reduce it too.
@@ -257,10 +274,14 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
     kwargs = {"chunk_size": spec.loss.chunk_size} if spec.loss.impl == "fused" else {}
     if weights is not None:
         kwargs["token_weights"] = weights.to(idx.device).index_select(0, idx)
+    divergence = Divergence(spec.loss.divergence, spec.loss.jsd_beta)
+    if spec.loss.mix != "none":
+        if signals is None:
+            raise ValueError("loss.mix needs the micro-batch's signals (kept_loss(signals=...))")
+        divergence = mixed_divergence(spec.loss, signals, kept)
     return fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
               tp_group=spec.tp_group, vocab_size=spec.vocab_size,
-              reduce_hidden_grad=not sequence_parallel,
-              divergence=Divergence(spec.loss.divergence, spec.loss.jsd_beta), **kwargs)
+              reduce_hidden_grad=not sequence_parallel, divergence=divergence, **kwargs)
 
 
 def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[torch.Tensor, bool]:
@@ -304,7 +325,7 @@ def make_output_processor(spec: DistillSpec):
         if kept is None:
             return LossPathOutput(hidden_states.new_zeros(()), signals, finite=finite)
         loss_sum, token_loss = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp,
-                                         weights=weights)
+                                         weights=weights, signals=signals)
         if weights is not None:  # the metrics' loss shares split the weighted loss
             token_loss = token_loss * weights.to(token_loss.device)[kept].to(token_loss.dtype)
         return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels, token_loss),
