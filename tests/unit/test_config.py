@@ -69,6 +69,8 @@ FROZEN_KEYS = [
     "selection.verify_top_k",
     "selection.reject_weight",
     "selection.quadrant_weights",
+    "selection.normalize",
+    "selection.normalize_decay",
     "loss.impl",
     "loss.chunk_size",
     "loss.score_chunk_size",

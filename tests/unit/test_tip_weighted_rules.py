@@ -45,7 +45,7 @@ def test_tip_soft_weights(batch):
 def test_teachability_top_rho(batch, threshold):
     rho = 0.3
     config = SelectionConfig(rule="teachability", rho=rho, threshold=threshold, top_k=4)
-    (kept,), (w,), _ = select_global_weighted(config, [batch], None)
+    (kept,), (w,), _, _ = select_global_weighted(config, [batch], None)
     assert w is None  # a mask rule
     score, resp = batch.teachability.numpy(), batch.response_mask.numpy()
     eligible = resp & (score >= threshold if threshold is not None else True)

@@ -42,6 +42,7 @@ from tip_megatron.distill.mix import mixed_divergence, validate_mix
 from tip_megatron.tip import (
     SelectionConfig, TokenSignals, select_weighted, selection_labels, selection_metric_sums,
 )
+from tip_megatron.tip.normalize import RunningNorm
 
 LOSS_IMPLS = ("fused", "unfused")
 #: Default tokens per scoring chunk: at V = 151,936 fp32 the two logit chunks take 297 MiB,
@@ -119,6 +120,9 @@ class Preselection:
     the micro-batch's `MicrobatchResult.finite`, as when the loss path scores itself."""
     weights: Optional[torch.Tensor] = None
     """[b*s] float32 weights of a weighted rule (0 outside the kept mask); None: a mask."""
+    running_norm: Optional[RunningNorm] = None
+    """`selection.normalize=running`: the moving average after this pre-pass (the trainer
+    keeps it for the next step and the checkpoint)."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,8 @@ class DistillSpec:
     vocab_size: int
     tp_group: Any
     step: int = 0
+    running_norm: Optional[RunningNorm] = None
+    """`selection.normalize=running`: the moving average before this step (None: none yet)."""
     score_only: bool = False
     """Scoring pre-pass (global scope): compute and return the signals, no loss."""
 

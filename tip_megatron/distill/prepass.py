@@ -27,6 +27,7 @@ from tip_megatron.distill.step import Microbatch, ScheduleShape, Scored, output_
 from tip_megatron.rollout.types import Rollouts
 from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.tip import SelectionConfig, TokenSignals, select_global_weighted, selection_labels
+from tip_megatron.tip.normalize import RunningNorm
 
 
 def global_preselection(
@@ -50,9 +51,11 @@ def global_preselection(
             scored = scoring_pass(student_chunks, groups, microbatches, contexts, spec, **shape._asdict())
     if not groups.is_last_stage:
         return list(contexts)
-    masks, labels, weights = select_prepass(spec.selection, scored.signals, groups.dp_group,
-                                            step=spec.step, with_weights=True)
-    return with_preselection(contexts, scored.signals, masks, labels, scored.finite, weights)
+    masks, labels, weights, running = select_prepass(
+        spec.selection, scored.signals, groups.dp_group, step=spec.step, with_weights=True,
+        running=spec.running_norm)
+    out = with_preselection(contexts, scored.signals, masks, labels, scored.finite, weights)
+    return [replace(c, preselection=replace(c.preselection, running_norm=running)) for c in out]
 
 
 def score_generated(
@@ -125,15 +128,18 @@ def response_rows(response_lengths: torch.Tensor, microbatches: Sequence[Microba
 
 def select_prepass(
     selection: SelectionConfig, signals: Sequence[TokenSignals], dp_group, *, step: int,
-    with_weights: bool = False,
+    with_weights: bool = False, running: Optional[RunningNorm] = None,
 ) -> tuple:
-    """(kept masks, quadrant labels[, weights]) of this rank's micro-batches, chosen over
-    the global batch (every DP rank calls it: collectives of `select_global`). The labels
-    use the same global statistics, so a `quantile` quadrant rule splits at the batch's
-    quantiles. `with_weights`: also the per-token weights (None each for a mask rule)."""
-    masks, weights, stats = select_global_weighted(selection, signals, dp_group, step=step)
+    """(kept masks, quadrant labels[, weights, moving average]) of this rank's
+    micro-batches, chosen over the global batch (every DP rank calls it: collectives of
+    `select_global`). The labels use the same global statistics, so a `quantile` quadrant
+    rule splits at the batch's quantiles. `with_weights`: also the per-token weights (None
+    each for a mask rule) and the `selection.normalize=running` average after this step
+    (`running`: the one before it)."""
+    masks, weights, stats, running = select_global_weighted(selection, signals, dp_group,
+                                                            step=step, running=running)
     labels = [selection_labels(selection, s, stats) for s in signals]
-    return (masks, labels, weights) if with_weights else (masks, labels)
+    return (masks, labels, weights, running) if with_weights else (masks, labels)
 
 
 def with_preselection(

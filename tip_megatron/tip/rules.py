@@ -34,6 +34,9 @@ from tip_megatron.tip.scores import (
 )
 from tip_megatron.tip.signals import OPTIONAL_SIGNALS, TokenSignals
 
+NORMALIZE_MODES = ("batch", "running", "absolute")
+"""`SelectionConfig.normalize` (tip/normalize.py)."""
+
 RuleFn = Callable[["RuleInputs"], Ranking]
 RULES: dict[str, RuleFn] = {}
 PAPER_SCOPES: dict[str, str] = {}
@@ -145,6 +148,14 @@ class SelectionConfig:
     quadrant_weights: tuple[float, ...] = (1.0, 0.5, 1.0, 0.25)
     """Rule `tip_soft`: the weight of a Q1, Q2, Q3, Q4 token (each in [0, 1]), labels by
     `quadrant_rule`."""
+    normalize: str = "batch"
+    """How h^ and d^ are scaled (rules soft_or, soft_or_bottom, q3, capped quadrants;
+    tip/normalize.py): `batch` (the paper: 98th-percentile clip and min-max within the
+    group), `running` (the clip and min/max from a moving average over steps, saved in the
+    checkpoint; needs an effective scope `global`) or `absolute` (h^ = h, d^ = 1 - exp(-d):
+    no batch statistics)."""
+    normalize_decay: float = 0.9
+    """`running`: weight of the previous average, in [0, 1) (0: this step's batch only)."""
 
     def __post_init__(self) -> None:
         self.validate()  # built directly by the engine and tests too, not only from a config
@@ -176,6 +187,7 @@ class SelectionConfig:
             raise ValueError(f"{prefix}keep_quadrants={self.keep_quadrants!r}: "
                              "a non-empty subset of {1, 2, 3, 4}")
         self._validate_weighted(prefix)
+        self._validate_normalize(prefix)
         if not isinstance(self.quadrant_rule, QuadrantRule):
             raise ValueError(f"{prefix}quadrant_rule: must be a QuadrantRule")
         self.quadrant_rule.validate(f"{prefix}quadrant_rule.")
@@ -195,6 +207,17 @@ class SelectionConfig:
                 or not all(_unit(w) for w in weights)):
             raise ValueError(f"{prefix}quadrant_weights={weights!r}: four weights in [0, 1] "
                              "(Q1, Q2, Q3, Q4)")
+
+    def _validate_normalize(self, prefix: str) -> None:
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(f"{prefix}normalize={self.normalize!r}: accepted values are {list(NORMALIZE_MODES)}")
+        d = self.normalize_decay
+        if not _unit(d) or d >= 1.0:
+            raise ValueError(f"{prefix}normalize_decay={d!r}: must be in [0, 1)")
+        if self.normalize == "running" and self.effective_scope != "global":
+            raise ValueError(f"{prefix}normalize='running' averages the global batch's statistics over "
+                             f"steps: it needs {prefix}scope='global' (rule {self.rule!r} resolves to "
+                             f"{self.effective_scope!r})")
 
     @property
     def weighted(self) -> bool:
@@ -250,7 +273,7 @@ class RuleInputs:
                                   split_quantiles=self.config.quadrant_rule.split_quantiles)
 
     def scores(self) -> Scores:
-        return compute_scores(self.signals, self.stats())
+        return compute_scores(self.signals, self.stats(), self.config.normalize)
 
     def labels(self) -> torch.Tensor:
         return selection_labels(self.config, self.signals, self.norm_stats)

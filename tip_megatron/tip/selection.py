@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from tip_megatron.tip.normalize import RunningNorm
 from tip_megatron.tip.ranking import Ranking, keep_top, keep_top_global
 from tip_megatron.tip.rules import RULES, RuleInputs, SelectionConfig, _check_stats, selection_labels
 from tip_megatron.tip.scores import NormStats, global_norm_stats
@@ -106,21 +107,28 @@ def select_global_with_stats(
 ) -> tuple[list[torch.Tensor], NormStats]:
     """`select_global`, also returning the global `NormStats` it used (for the labels of a
     `quantile` quadrant rule, see `selection_labels`)."""
-    masks, _, stats = select_global_weighted(config, parts, dp_group, step=step)
+    masks, _, stats, _ = select_global_weighted(config, parts, dp_group, step=step)
     return masks, stats
 
 
 def select_global_weighted(
     config: SelectionConfig, parts: Sequence[TokenSignals],
     dp_group: Optional[dist.ProcessGroup], *, step: int = 0,
-) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]], NormStats]:
-    """(kept masks, weights (None for a rule without them), global NormStats) of this
-    rank's micro-batches under scope `global` (collectives: `select_global`)."""
+    running: Optional[RunningNorm] = None,
+) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]], NormStats, Optional[RunningNorm]]:
+    """(kept masks, weights (None for a rule without them), the NormStats used, the moving
+    average after this step) of this rank's micro-batches under scope `global`
+    (collectives: `select_global`). `selection.normalize=running`: `running` is the
+    average so far (None: the first step), the returned one includes this step's global
+    statistics, and the rules score with it; otherwise the average is returned as given."""
     if config.effective_scope != "global":
         raise ValueError("select_global needs an effective selection.scope='global', got "
                          f"{config.effective_scope!r}")
     split_quantiles = config.quadrant_rule.split_quantiles
     stats = global_norm_stats(parts, dp_group, split_quantiles=split_quantiles)
+    if config.normalize == "running":
+        running = (running or RunningNorm()).update(stats, config.normalize_decay)
+        stats = running.apply(stats)
     rankings = [_rank(config, p, step, stats) for p in parts]
     if rankings[0].fraction >= 1.0:
         kept = [r.eligible & p.response_mask for r, p in zip(rankings, parts)]
@@ -129,4 +137,4 @@ def select_global_weighted(
     else:
         kept = keep_top_global(rankings, parts, dp_group, config.min_keep)
     pairs = [apply_weights(r, k) for r, k in zip(rankings, kept)]
-    return [m for m, _ in pairs], [w for _, w in pairs], stats
+    return [m for m, _ in pairs], [w for _, w in pairs], stats, running
