@@ -156,3 +156,35 @@ def test_new_rules_are_layout_invariant(weights):
                 assert loss == pytest.approx(ref_loss, rel=1e-5), f"{name} {rule}"
                 for r in got:
                     _close(r[2], want[2], f"{rule} {name}")
+
+
+USER_RULE = '''
+import torch
+
+TABLE = torch.tensor([0.0, 1.0, 0.5, 0.8, 0.1], dtype=torch.float64)
+
+
+def soft_quadrants(signals, *, seed, step):
+    """tip_soft's weights with the fixed thresholds of NEW_RULES, written by a user."""
+    high_h = signals.entropy_norm.double() > 0.99
+    high_d = signals.reverse_kl.double() > 0.02
+    q = torch.where(high_h, torch.where(high_d, 1, 2), torch.where(high_d, 3, 4))
+    return TABLE[q]
+'''
+
+
+def test_user_rule_by_import_path_equals_the_builtin(weights, tmp_path, monkeypatch):
+    """A user rule loaded by import path that computes tip_soft's weights gives tip_soft's
+    kept set, loss and gradients exactly, at TP1 and TP2 x PP2."""
+    (tmp_path / "user_soft_rules.py").write_text(USER_RULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user = SelectionConfig(rule="user_soft_rules:soft_quadrants")  # loaded and probed here
+    builtin = NEW_RULES["tip_soft"]
+    for world, layout in ((1, (1, 1, 1, 2)), (4, (2, 2, 1, 4))):
+        got = run_distributed(_tip, world, args=(layout, *weights, user, "fused"))
+        want = run_distributed(_tip, world, args=(layout, *weights, builtin, "fused"))
+        assert torch.equal(_kept_rows(got, 1), _kept_rows(want, 1)), layout
+        assert _loss(got) == _loss(want), layout
+        for a, b in zip(got, want):
+            for name, grad in b[2].items():
+                assert torch.equal(a[2][name], grad), (layout, name)

@@ -10,6 +10,7 @@ from tip_megatron.tip.rules import (
     AUTO_SCOPE, PAPER_SCOPES, RULES, RuleInputs, SelectionConfig, register_rule, selection_labels,
 )
 from tip_megatron.tip import rules_weighted  # noqa: F401  (registers the weighted rules)
+from tip_megatron.tip import user_rules  # noqa: F401  (resolves rules named by import path)
 from tip_megatron.tip.selection import (
     select, select_global, select_global_weighted, select_global_with_stats, select_weighted,
 )

@@ -48,6 +48,9 @@ PREPASS_SOURCES = ("recompute", "generation")
 """Where the scoring pre-pass reads the student's hidden states (`SelectionConfig.prepass_source`)."""
 
 
+RULE_RESOLVERS: list[Callable[[str, str], None]] = []
+"""Called with (rule, key prefix) for a rule name by import path (`module:function`) that
+is not registered yet; `tip.user_rules` adds its loader here (tip/__init__ imports it)."""
 WEIGHTED_RULES: set[str] = set()
 """Rules whose Ranking carries per-token weights in [0, 1] (not only a kept mask)."""
 WHOLE_RULES: set[str] = set()
@@ -103,7 +106,8 @@ class SelectionConfig:
     rule: str = "all"
     """Registered rule name: all, random, entropy_sample, entropy_topk, soft_or,
     soft_or_bottom, q3, div_topk, quadrants; the 2026 rules teachability, propose_verify,
-    tip_soft (docs/tip.md)."""
+    tip_soft; or a user rule by import path `package.module:function` (docs/tip.md,
+    "Writing a rule": checked on a probe batch when the config is built)."""
     rho: float = 1.0
     """Retention ratio in (0, 1]; `all` requires 1.0, `quadrants` uses < 1.0 as a cap."""
     seed: int = 0
@@ -162,8 +166,12 @@ class SelectionConfig:
 
     def validate(self, prefix: str = "selection.") -> None:
         """ValueError naming `<prefix><field>` and what is accepted."""
+        if isinstance(self.rule, str) and ":" in self.rule and self.rule not in RULES:
+            for resolve in RULE_RESOLVERS:  # tip.user_rules: load, probe and register it
+                resolve(self.rule, prefix)
         if self.rule not in RULES:
-            raise ValueError(f"{prefix}rule={self.rule!r}: registered rules are {sorted(RULES)}")
+            raise ValueError(f"{prefix}rule={self.rule!r}: registered rules are {sorted(RULES)}, "
+                             "or a function by import path 'package.module:function'")
         rho_ok = isinstance(self.rho, (int, float)) and not isinstance(self.rho, bool)
         if not rho_ok or not math.isfinite(self.rho) or not 0.0 < self.rho <= 1.0:
             raise ValueError(f"{prefix}rho={self.rho!r}: must be in (0, 1]")
