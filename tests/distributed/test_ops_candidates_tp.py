@@ -59,7 +59,8 @@ def _check_all(world: int):
             top = global_top_k(s[:, cols].clone(), k, **kw)
             assert torch.equal(top, want_top), (world, ties, k)
             mass = vocab_parallel_topk_mass(s[:, cols].clone(), t[:, cols].clone(), k, **kw)
-            torch.testing.assert_close(mass, want_mass, rtol=1e-12, atol=1e-12)
+            # the teacher's normaliser sums fp32 exponentials (float64 accumulation)
+            torch.testing.assert_close(mass, want_mass, rtol=1e-6, atol=1e-7)
             got_rank = vocab_parallel_rank(t[:, cols].clone(), ids, **kw)
             assert torch.equal(got_rank, want_rank), (world, ties, k)
     # Ties in the teacher too: the rank counts equal logits with a lower id as ahead.

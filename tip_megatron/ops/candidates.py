@@ -19,9 +19,15 @@ from typing import Any
 import torch
 
 from tip_megatron.ops._shard import (
-    MAX, SUM, VocabShard, all_gather, all_reduce_, check_logits, check_pair, finite_max,
-    local_max, vocab_shard,
+    MAX, SUM, VocabShard, all_gather, all_reduce_, check_logits, check_pair, chunk_tokens,
+    finite_max, local_max, token_chunks, vocab_shard,
 )
+
+
+def _blocks(logits: torch.Tensor):
+    """Row blocks of about one cache-sized chunk of elements (ops._shard's budget): every
+    [rows, w] temporary below is one block's, whatever the number of tokens."""
+    return token_chunks(logits.shape[0], chunk_tokens(max(1, logits.shape[1]), None, logits.device))
 
 
 def _local_top(logits: torch.Tensor, k: int, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,17 +39,20 @@ def _local_top(logits: torch.Tensor, k: int, shard: VocabShard) -> tuple[torch.T
     kk = min(k, width)
     if kk == 0:
         return values, ids
-    # NaN (diverged weights) ranks last: the statistics report it, the set stays well formed.
-    x = logits[:, :width].double().nan_to_num(nan=float("-inf"))
+    # Comparisons in the logits' own dtype (exact; no float64 copy of the chunk). NaN
+    # (diverged weights) ranks last: the statistics report it, the set stays well formed.
+    x = logits[:, :width]
+    if bool(torch.isnan(x).any()):
+        x = x.nan_to_num(nan=float("-inf"))
     # The kk-th largest value is exact whatever topk picks among ties; then every column
     # above it plus the lowest-id columns equal to it, up to kk: a set that no tie can change.
     kth = torch.topk(x, kk, dim=1).values[:, -1:]
     above = x > kth
     tied = x == kth
     room = kk - above.sum(dim=1, keepdim=True)
-    chosen = above | (tied & (torch.cumsum(tied.long(), dim=1) <= room))
+    chosen = above | (tied & (torch.cumsum(tied, dim=1, dtype=torch.int32) <= room))
     cols = chosen.nonzero()[:, 1].reshape(rows, kk)  # row-major: kk per row, in id order
-    picked = x.gather(1, cols)
+    picked = x.gather(1, cols).double()
     order = torch.sort(picked, dim=1, descending=True, stable=True).indices  # ids ascending in ties
     values[:, :kk] = picked.gather(1, order)
     ids[:, :kk] = cols.gather(1, order) + shard.start
@@ -58,7 +67,9 @@ def global_top_k(logits: torch.Tensor, k: int, *, tp_group: Any, vocab_size: int
     if not isinstance(k, int) or not 1 <= k <= vocab_size:
         raise ValueError(f"k={k!r}: must be an integer in [1, vocab_size={vocab_size}]")
     shard = vocab_shard(logits.shape[-1], tp_group, vocab_size)
-    values, ids = _local_top(logits, k, shard)
+    parts = [_local_top(logits[sl], k, shard) for sl in _blocks(logits)]
+    values = torch.cat([v for v, _ in parts]) if parts else torch.zeros(0, k, dtype=torch.float64)
+    ids = torch.cat([i for _, i in parts]) if parts else torch.zeros(0, k, dtype=torch.int64)
     all_values = all_gather(values, tp_group).permute(1, 0, 2).reshape(logits.shape[0], -1)
     all_ids = all_gather(ids, tp_group).permute(1, 0, 2).reshape(logits.shape[0], -1)
     # Lexicographic (value desc, id asc): stable sorts from the least significant field.
@@ -69,11 +80,15 @@ def global_top_k(logits: torch.Tensor, k: int, *, tp_group: Any, vocab_size: int
 
 
 def _log_normalizer(logits: torch.Tensor, tp_group: Any) -> torch.Tensor:
-    """[tokens] float64 logsumexp over the true-vocab columns of every shard."""
-    x = logits.double()
-    mx = finite_max(all_reduce_(local_max(x), MAX, tp_group))
-    total = torch.exp(x - mx[:, None]).sum(dim=1) if x.shape[1] else torch.zeros_like(mx)
-    return mx + all_reduce_(total, SUM, tp_group).log()
+    """[tokens] float64 logsumexp over the true-vocab columns of every shard (the
+    exponentials in the compute dtype, fp32 for bf16/fp32 logits: one [c, w] temporary)."""
+    mx = finite_max(all_reduce_(local_max(logits), MAX, tp_group))
+    total = torch.zeros_like(mx, dtype=torch.float64)
+    if logits.shape[1]:
+        for sl in _blocks(logits):
+            # logits - max promotes bf16 to the fp32 max; the sum accumulates in float64.
+            total[sl] = (logits[sl] - mx[sl, None]).exp_().sum(dim=1, dtype=torch.float64)
+    return mx.double() + all_reduce_(total, SUM, tp_group).log()
 
 
 def vocab_parallel_topk_mass(
@@ -95,7 +110,7 @@ def vocab_parallel_topk_mass(
         if shard.valid_width == 0:
             mass = torch.zeros_like(lse)
         else:
-            picked = teacher.double().gather(1, local.clamp(0, shard.valid_width - 1))
+            picked = teacher.gather(1, local.clamp(0, shard.valid_width - 1)).double()
             mass = torch.where(owned, torch.exp(picked - lse[:, None]), 0.0).sum(dim=1)
         return all_reduce_(mass, SUM, tp_group).clamp(0.0, 1.0)
 
@@ -113,14 +128,20 @@ def vocab_parallel_rank(
         raise ValueError(f"token_ids: every id must be in [0, vocab_size={vocab_size})")
     with torch.no_grad():
         shard = vocab_shard(logits.shape[-1], tp_group, vocab_size)
-        x = logits[:, :shard.valid_width].double()
+        x = logits[:, :shard.valid_width]  # compared in its own dtype: exact, no copy
         local = token_ids.long() - shard.start
         owned = (local >= 0) & (local < shard.valid_width)
         if shard.valid_width == 0:
             own = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
         else:
-            own = torch.where(owned, x.gather(1, local.clamp(0, shard.valid_width - 1)[:, None])[:, 0], 0.0)
-        value = all_reduce_(own, SUM, tp_group)  # the token's logit, from its owner
+            picked = x.gather(1, local.clamp(0, shard.valid_width - 1)[:, None])[:, 0].double()
+            own = torch.where(owned, picked, 0.0)
+        # The token's logit, from its owner (0 + ... + x is exact); back in x's dtype exactly.
+        value = all_reduce_(own, SUM, tp_group).to(x.dtype)
         cols = torch.arange(shard.valid_width, device=logits.device) + shard.start
-        ahead = (x > value[:, None]) | ((x == value[:, None]) & (cols[None, :] < token_ids[:, None]))
-        return all_reduce_(ahead.sum(dim=1).double(), SUM, tp_group)
+        count = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
+        for sl in _blocks(x):
+            xs, v = x[sl], value[sl, None]
+            ahead = (xs > v) | ((xs == v) & (cols[None, :] < token_ids[sl, None]))
+            count[sl] = ahead.sum(dim=1, dtype=torch.int64).double()
+        return all_reduce_(count, SUM, tp_group)
