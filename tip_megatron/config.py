@@ -294,6 +294,9 @@ def _check_teacher_signal(cfg: RunConfig) -> None:
     if cfg.teacher.signal == "topk" and cfg.loss.impl != "fused":
         raise ValueError(f"teacher.signal='topk' computes its own loss; loss.impl={cfg.loss.impl!r} "
                          "applies to teacher.signal='full' only (accepted with topk: 'fused')")
+    if cfg.teacher.signal == "topk" and cfg.loss.mix != "none":
+        raise ValueError(f"teacher.signal='topk' with loss.mix={cfg.loss.mix!r}: the per-token mix "
+                         "runs in the full-vocabulary fused pass only; accepted with topk: loss.mix=none")
 
 
 def _check_teacher_layout(cfg: RunConfig, world_size: int) -> None:

@@ -9,6 +9,8 @@ Rows (fwd + bwd of one loss, TP ranks forked on this machine over gloo):
   ours_kl             vocab_parallel_reverse_kl on given logit shards
   ours_unfused_linear student output layer + vocab_parallel_reverse_kl by autograd
   ours_fused_linear   fused_linear_divergence (no [tokens, V/tp] tensor survives a chunk)
+  ours_fused_mix_linear  the same with `loss.mix` (ops.mixed): reverse KL + forward KL on
+                      every other token + JSD everywhere (all three parts: the costliest mix)
   naive_allgather_kl  all-gather both vocabularies, then torch log_softmax / KL
   megatron_ce         megatron-core vocab_parallel_cross_entropy alone (one pass; floor)
 The logit rows (ours_kl, naive, megatron_ce) start from logit shards; the *_linear rows
@@ -50,9 +52,11 @@ from tip_megatron.ops import (  # noqa: E402
     vocab_parallel_reverse_kl,
 )
 from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK  # noqa: E402
+from tip_megatron.ops.mixed import MixedDivergence  # noqa: E402
 from tip_megatron.testing.distributed import run_distributed  # noqa: E402
 
-IMPLS = ("ours_kl", "ours_unfused_linear", "ours_fused_linear", "naive_allgather_kl", "megatron_ce")
+IMPLS = ("ours_kl", "ours_unfused_linear", "ours_fused_linear", "ours_fused_mix_linear",
+         "naive_allgather_kl", "megatron_ce")
 #: Rough resident bytes per rank, in units of one fp32 [tokens, V/tp] shard (inputs
 #: included); the fused row is sized separately. Only used to skip rows that cannot fit.
 _FOOTPRINT_SHARDS = {"ours_kl": 4.5, "ours_unfused_linear": 5.5, "naive_allgather_kl": 18.0,
@@ -156,10 +160,15 @@ def _step_fn(case: Case, x: dict[str, torch.Tensor], group: Any) -> Callable[[],
 
     if case.impl == "ours_kl":
         return lambda: run(vocab_parallel_reverse_kl(x["student"], x["teacher"], **kw).sum())
-    if case.impl in ("ours_unfused_linear", "ours_fused_linear"):
+    if case.impl in ("ours_unfused_linear", "ours_fused_linear", "ours_fused_mix_linear"):
         args = (x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"])
         if case.impl == "ours_fused_linear":
             return lambda: run(fused_linear_divergence(*args, chunk_size=case.fused_chunk, **kw)[0])
+        if case.impl == "ours_fused_mix_linear":
+            coefs = torch.tensor([[1.0, float(i % 2), 0.5] for i in range(case.tokens)])
+            mix = MixedDivergence(coefs, beta=0.5, use_jsd=True)
+            return lambda: run(fused_linear_divergence(*args, chunk_size=case.fused_chunk,
+                                                       divergence=mix, **kw)[0])
         return lambda: run(unfused_linear_divergence(*args, **kw)[0])
     if case.impl == "naive_allgather_kl":
         def naive() -> None:
@@ -233,8 +242,9 @@ def _rank_bench(cases: list[Case]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------
 def _estimated_gib(case: Case) -> float:
     shard = case.tokens * case.width * 4
-    if case.impl == "ours_fused_linear":
+    if case.impl in ("ours_fused_linear", "ours_fused_mix_linear"):
         chunk_temps = 3 * case.fused_chunk * case.width * 4  # logit + logit-grad chunk buffers
+        chunk_temps += (5 * case.fused_chunk * case.width * 4 if "mix" in case.impl else 0)
         return (chunk_temps + 4 * case.width * case.hidden * 4) / 2**30
     return _FOOTPRINT_SHARDS[case.impl] * shard / 2**30
 

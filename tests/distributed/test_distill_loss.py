@@ -87,7 +87,8 @@ def _tip(layout, s_full, t_full, selection, impl, empty_rows=()):
     shape = dict(seq_length=SEQ, micro_batch_size=ROWS // dp // num_mb)
     hidden = teacher_hidden_states(teacher, g, mbs, **shape)
     contexts = make_contexts(g, mbs, hidden, teacher_output_weight(teacher) if g.is_last_stage else None)
-    spec = DistillSpec(selection, LossConfig(impl=impl, chunk_size=7), STUDENT.vocab_size, g.tp_group)
+    loss_cfg = impl if isinstance(impl, LossConfig) else LossConfig(impl=impl, chunk_size=7)
+    spec = DistillSpec(selection, loss_cfg, STUDENT.vocab_size, g.tp_group)
     calls = _count_stats_calls()
     if selection.needs_prepass:
         signals = scoring_pass(ddp, g, mbs, contexts, spec, **shape).signals

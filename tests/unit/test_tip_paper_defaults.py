@@ -11,8 +11,9 @@ from tip_megatron.tip import (
     PAPER_SCOPES, RULES, SelectionConfig, budget_message, select, select_global,
 )
 from tip_megatron.testing.synthetic_signals import pack, synthetic_rollouts
+from tip_megatron.tip.rules import WHOLE_RULES
 
-COUNTED = sorted(set(RULES) - {"all", "quadrants"})
+COUNTED = sorted(set(RULES) - {"all", "quadrants"} - WHOLE_RULES)
 # The paper's reading (TIP.md): Soft-OR per rollout (Eq. 7-8), the others over the batch.
 PAPER = {"soft_or": "rollout", "soft_or_bottom": "rollout", "random": "global",
          "entropy_sample": "global", "q3": "global", "div_topk": "global"}

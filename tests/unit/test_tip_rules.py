@@ -11,8 +11,9 @@ from tip_megatron.tip import (
     select, select_global,
 )
 from tip_megatron.testing.synthetic_signals import Rollout, pack, synthetic_rollouts
+from tip_megatron.tip.rules import WHOLE_RULES
 
-RULE_RHO = [(r, 1.0 if r == "all" else 0.3) for r in sorted(RULES)]
+RULE_RHO = [(r, 1.0 if r == "all" or r in WHOLE_RULES else 0.3) for r in sorted(RULES)]
 
 
 def _ref_count(rho, m, min_keep=0):

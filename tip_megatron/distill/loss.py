@@ -31,14 +31,19 @@ from typing import Any, Optional
 
 import torch
 
-from tip_megatron.ops import fused_linear_divergence, unfused_linear_divergence, vocab_parallel_stats
+from tip_megatron.ops import (
+    fused_linear_divergence, unfused_linear_divergence, vocab_parallel_rank, vocab_parallel_stats,
+    vocab_parallel_topk_mass,
+)
 from tip_megatron.ops.divergences import Divergence
 from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK
 from tip_megatron.ops.sequence_parallel import gather_sequence
 from tip_megatron.ops.topk_divergence import TopkSignal, topk_linear_divergence
+from tip_megatron.distill.mix import mixed_divergence, validate_mix
 from tip_megatron.tip import (
-    SelectionConfig, TokenSignals, select, selection_labels, selection_metric_sums,
+    SelectionConfig, TokenSignals, select_weighted, selection_labels, selection_metric_sums,
 )
+from tip_megatron.tip.normalize import RunningNorm
 
 LOSS_IMPLS = ("fused", "unfused")
 #: Default tokens per scoring chunk: at V = 151,936 fp32 the two logit chunks take 297 MiB,
@@ -64,7 +69,20 @@ class LossConfig:
     """What the kept tokens learn from (docs/ops.md): `reverse_kl` KL(P_S||P_T) (the paper),
     `forward_kl` KL(P_T||P_S), `jsd` generalized JSD of GKD. Selection signals do not change."""
     jsd_beta: float = 0.5
-    """`jsd` only: teacher weight in M = beta P_T + (1 - beta) P_S; in (0, 1)."""
+    """`jsd` and the JSD part of `mix`: teacher weight in M = beta P_T + (1 - beta) P_S; in (0, 1)."""
+    mix: str = "none"
+    """Per-token mix of reverse KL, forward KL and JSD (distill/mix.py, docs/ops.md):
+    `none`, `entropy_aware` (reverse KL everywhere + forward KL where the teacher's entropy
+    > mix_threshold) or `custom` (the mix_* keys below). Fused path only."""
+    mix_signal: str = "teacher_entropy"
+    """`custom`: the signal that gates the mix: teacher_entropy (nats), entropy_norm,
+    reverse_kl, forward_kl (nats)."""
+    mix_threshold: float = 0.5
+    """The gate: a token uses `mix_high` when its signal > this, else `mix_low`."""
+    mix_low: tuple[float, ...] = (1.0, 0.0, 0.0)
+    """`custom`: coefficients (reverse KL, forward KL, JSD) >= 0 below the threshold."""
+    mix_high: tuple[float, ...] = (1.0, 1.0, 0.0)
+    """`custom`: coefficients (reverse KL, forward KL, JSD) >= 0 above the threshold."""
 
     def __post_init__(self) -> None:
         self.validate()  # built directly by the engine and tests too, not only from a config
@@ -77,6 +95,7 @@ class LossConfig:
             Divergence(self.divergence, self.jsd_beta)  # one-line errors for both keys
         except ValueError as err:  # Divergence names them `loss.*`
             raise ValueError(str(err).replace("loss.", prefix, 1)) from None
+        validate_mix(self, prefix)
         if self.impl == "unfused" and self.divergence != "reverse_kl":
             raise ValueError(f"{prefix}impl='unfused' supports {prefix}divergence='reverse_kl' "
                              f"only; got {self.divergence!r} (use {prefix}impl='fused')")
@@ -100,6 +119,11 @@ class Preselection:
     finite: bool = True
     """Whether every statistic the pre-pass scored was finite (`build_signals`); it becomes
     the micro-batch's `MicrobatchResult.finite`, as when the loss path scores itself."""
+    weights: Optional[torch.Tensor] = None
+    """[b*s] float32 weights of a weighted rule (0 outside the kept mask); None: a mask."""
+    running_norm: Optional[RunningNorm] = None
+    """`selection.normalize=running`: the moving average after this pre-pass (the trainer
+    keeps it for the next step and the checkpoint)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,9 @@ class MicrobatchContext:
     """[b] int64 global rollout ids."""
     preselection: Optional[Preselection] = None
     """Scope `global`: signals and kept mask from the pre-pass; None: score and select here."""
+    target_ids: Optional[torch.Tensor] = None
+    """[b, s] int64 id of the token position t predicts (the sampled token t+1; any id where
+    target_mask is False); read only by signals that need it (`teacher_rank`)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +164,9 @@ class LossPathOutput:
     """[b*s] int64 quadrant labels the metrics used; None in the scoring pre-pass."""
     finite: bool = True
     """Whether the statistics the selection used were finite (`MicrobatchResult.finite`)."""
+    weights: Optional[torch.Tensor] = None
+    """[b*s] float32 per-token weights of a weighted rule (0 outside `kept_mask`); None: a
+    mask (every kept token weighs 1)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +178,8 @@ class DistillSpec:
     vocab_size: int
     tp_group: Any
     step: int = 0
+    running_norm: Optional[RunningNorm] = None
+    """`selection.normalize=running`: the moving average before this step (None: none yet)."""
     score_only: bool = False
     """Scoring pre-pass (global scope): compute and return the signals, no loss."""
     teacher_signal: Optional[TopkSignal] = None
@@ -167,30 +199,56 @@ def _flat(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
 
 
+#: The signals `score_tokens` returns, in order: always the first four, then those asked for.
+BASE_SIGNALS = ("entropy_norm", "reverse_kl", "forward_kl", "teacher_entropy")
+
+
+def _chunk_signals(student, teacher, spec: DistillSpec, extra: tuple, token_ids) -> list:
+    """The [c] rows of one scoring chunk: BASE_SIGNALS, then `extra` in order."""
+    kw = dict(tp_group=spec.tp_group, vocab_size=spec.vocab_size)
+    stats = vocab_parallel_stats(student, teacher, **kw)
+    rows = [stats.student_entropy_norm, stats.reverse_kl, stats.forward_kl, stats.teacher_entropy]
+    for name in extra:
+        if name == "teachability":
+            rows.append(vocab_parallel_topk_mass(student, teacher, spec.selection.top_k, **kw))
+        elif name == "teacher_rank":
+            if token_ids is None:
+                raise ValueError("the teacher_rank signal needs MicrobatchContext.target_ids")
+            rows.append(vocab_parallel_rank(teacher, token_ids, **kw))
+    return [r.to(rows[0].dtype) for r in rows]
+
+
 @torch.no_grad()
 def score_tokens(hidden_flat, weight, teacher_flat, teacher_weight, positions, spec: DistillSpec,
-                 *, student_rows=None):
-    """(entropy_norm, reverse_kl, forward_kl) [n] for the rows `positions` (chunked).
+                 *, student_rows=None, target_ids=None):
+    """[BASE_SIGNALS + extra signals] tuple of [n] for the rows `positions` (chunked); the
+    extra ones (`extra_signals(spec)`) only when the selection reads them.
 
     student_rows: [n] rows of `hidden_flat` holding the student's hidden state at each of
     `positions` (default: `positions` themselves). The generation engine's kept hidden
     states ([response tokens, h], `Rollouts.response_hidden`) are read this way, one
-    chunk at a time: nothing of the micro-batch's size is copied."""
+    chunk at a time: nothing of the micro-batch's size is copied.
+    target_ids: [b*s] ids each position predicts (needed by `teacher_rank`)."""
     parts = []
     chunk = spec.loss.score_chunk_size
+    extra = extra_signals(spec)
     rows = positions if student_rows is None else student_rows.to(hidden_flat.device)
     if rows.numel() != positions.numel():
         raise ValueError(f"{rows.numel()} student rows for {positions.numel()} scored positions")
     for start in range(0, positions.numel(), chunk):
         idx = positions[start:start + chunk]
-        stats = vocab_parallel_stats(
+        ids = None if target_ids is None else target_ids[idx].clamp(0, spec.vocab_size - 1)
+        parts.append(torch.stack(_chunk_signals(
             hidden_flat[rows[start:start + chunk]] @ weight.t(), teacher_flat[idx] @ teacher_weight.t(),
-            tp_group=spec.tp_group, vocab_size=spec.vocab_size,
-        )
-        parts.append(torch.stack([stats.student_entropy_norm, stats.reverse_kl, stats.forward_kl]))
+            spec, extra, ids)))
     if not parts:
-        return (hidden_flat.new_zeros(0, dtype=torch.float32),) * 3
+        return (hidden_flat.new_zeros(0, dtype=torch.float32),) * (len(BASE_SIGNALS) + len(extra))
     return tuple(torch.cat(parts, dim=1).float())
+
+
+def extra_signals(spec: DistillSpec) -> tuple[str, ...]:
+    """The optional signals beyond BASE_SIGNALS that this step's selection reads."""
+    return tuple(n for n in ("teachability", "teacher_rank") if n in spec.selection.signals_needed)
 
 
 def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec, *, student_rows=None):
@@ -199,24 +257,32 @@ def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec
     target = ctx.target_mask.reshape(-1).to(hidden_flat.device)
     positions = target.nonzero().squeeze(1)
     teacher_flat = _flat(teacher_states(ctx))
-    ent, rkl, fkl = score_tokens(hidden_flat, weight, teacher_flat, ctx.teacher_weight, positions, spec,
-                                 student_rows=student_rows)
-    full = [torch.zeros(target.numel(), dtype=torch.float32, device=target.device) for _ in range(3)]
-    finite = all(bool(torch.isfinite(x).all()) for x in (ent, rkl, fkl))
-    for dest, src in zip(full, (ent, rkl, fkl)):
+    target_ids = None if ctx.target_ids is None else ctx.target_ids.reshape(-1).to(target.device)
+    scored = score_tokens(hidden_flat, weight, teacher_flat, ctx.teacher_weight, positions, spec,
+                          student_rows=student_rows, target_ids=target_ids)
+    names = BASE_SIGNALS + extra_signals(spec)
+    full = {n: torch.zeros(target.numel(), dtype=torch.float32, device=target.device) for n in names}
+    finite = all(bool(torch.isfinite(x).all()) for x in scored)
+    for name, src in zip(names, scored):
         # KL and entropy >= 0 (clamps fp32 rounding); non-finite values (diverged weights)
         # become 0 so selection runs, and `finite` tells the trainer to skip the update.
-        dest[positions] = torch.nan_to_num(src, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+        full[name][positions] = torch.nan_to_num(src, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+    full["entropy_norm"] = full["entropy_norm"].clamp_max(1.0)
     seq = ctx.target_mask.shape[1]
     rollout = ctx.rollout_ids.to(target.device).repeat_interleave(seq)
-    return TokenSignals(entropy_norm=full[0].clamp_max(1.0), reverse_kl=full[1], forward_kl=full[2],
-                        response_mask=target, rollout_ids=rollout), finite
+    return TokenSignals(**full, response_mask=target, rollout_ids=rollout), finite
 
 
 def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec,
-              *, sequence_parallel: bool = False):
+              *, sequence_parallel: bool = False, weights: Optional[torch.Tensor] = None,
+              signals: Optional[TokenSignals] = None):
     """(sum of `loss.divergence` over kept positions, with grad to hidden and weight; the
     detached [num kept] per-token divergence, for the metrics' `q*_loss_share`).
+
+    weights: [b*s] per-token weights (a weighted rule); the sum is then sum_i w_i D_i over
+    the kept positions (every kept weight is > 0). None: every kept token weighs 1, the
+    unweighted op call of a mask.
+    signals: the micro-batch's signals; `loss.mix` reads its gate from them.
 
     sequence_parallel: `hidden_flat` comes from `gather_sequence`, whose backward
     reduce-scatters the hidden state's gradient; the loss op must not all-reduce it too.
@@ -228,10 +294,16 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
     if spec.teacher_signal is not None:  # comparison mode: the teacher truncated to its top-k
         fn, kwargs = topk_linear_divergence, {"chunk_size": spec.loss.chunk_size,
                                               "signal": spec.teacher_signal}
+    if weights is not None:
+        kwargs["token_weights"] = weights.to(idx.device).index_select(0, idx)
+    divergence = Divergence(spec.loss.divergence, spec.loss.jsd_beta)
+    if spec.loss.mix != "none":  # refused with teacher.signal=topk (config)
+        if signals is None:
+            raise ValueError("loss.mix needs the micro-batch's signals (kept_loss(signals=...))")
+        divergence = mixed_divergence(spec.loss, signals, kept)
     return fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
               tp_group=spec.tp_group, vocab_size=spec.vocab_size,
-              reduce_hidden_grad=not sequence_parallel,
-              divergence=Divergence(spec.loss.divergence, spec.loss.jsd_beta), **kwargs)
+              reduce_hidden_grad=not sequence_parallel, divergence=divergence, **kwargs)
 
 
 def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[torch.Tensor, bool]:
@@ -248,19 +320,19 @@ def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[
 
 
 def _signals_and_kept(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec):
-    """(signals, kept mask or None, labels, finite): the pre-pass's when given, else scored
-    (and selected, labeled) here."""
+    """(signals, kept mask or None, labels, finite, weights or None): the pre-pass's when
+    given, else scored (and selected, labeled) here."""
     pre = ctx.preselection
     if pre is not None:
         if spec.score_only:
             raise ValueError("the scoring pre-pass got micro-batches that were already scored")
         labels = pre.labels if pre.labels is not None else selection_labels(spec.selection, pre.signals)
-        return pre.signals, pre.kept_mask, labels, pre.finite
+        return pre.signals, pre.kept_mask, labels, pre.finite, pre.weights
     signals, finite = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
     if spec.score_only:
-        return signals, None, None, finite
-    kept = select(spec.selection, signals, step=spec.step)
-    return signals, kept, selection_labels(spec.selection, signals), finite
+        return signals, None, None, finite, None
+    kept, weights = select_weighted(spec.selection, signals, step=spec.step)
+    return signals, kept, selection_labels(spec.selection, signals), finite, weights
 
 
 def make_output_processor(spec: DistillSpec):
@@ -271,12 +343,15 @@ def make_output_processor(spec: DistillSpec):
         weight = output_weight if output_weight is not None else output_layer.weight
         hidden_states, sp = full_sequence(hidden_states, output_layer, spec.tp_group)
         hidden_flat = _flat(hidden_states)
-        signals, kept, labels, finite = _signals_and_kept(hidden_flat, weight, ctx, spec)
+        signals, kept, labels, finite, weights = _signals_and_kept(hidden_flat, weight, ctx, spec)
         if kept is None:
             return LossPathOutput(hidden_states.new_zeros(()), signals, finite=finite)
-        loss_sum, token_loss = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp)
+        loss_sum, token_loss = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp,
+                                         weights=weights, signals=signals)
+        if weights is not None:  # the metrics' loss shares split the weighted loss
+            token_loss = token_loss * weights.to(token_loss.device)[kept].to(token_loss.dtype)
         return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels, token_loss),
-                              labels, finite)
+                              labels, finite, weights)
 
     return output_processor
 
@@ -293,13 +368,15 @@ class MicrobatchResult:
     labels: Optional[torch.Tensor]
     """[b*s] int64 quadrant labels the metrics used; None in the scoring pre-pass."""
     metric_sums: dict
-    """The report handed to megatron: `distill` ([loss_sum, num_kept] float64) and the
-    `tip/*` selection metric sums, reduced by train.metrics.reduce_reports; {} in the
-    scoring pre-pass."""
+    """The report handed to megatron: `distill` ([loss_sum, num_kept, weight_sum] float64;
+    weight_sum == num_kept for a mask) and the `tip/*` selection metric sums, reduced by
+    train.metrics.reduce_reports; {} in the scoring pre-pass."""
     finite: bool
     """Whether every statistic the selection used was finite. False: the signals were
     zeroed where not finite, so the kept mask and loss mean nothing; the trainer skips the
     update (and the save check refuses the weights)."""
+    weights: Optional[torch.Tensor] = None
+    """[b*s] float32 per-token weights of a weighted rule; None: a mask."""
 
 
 def make_loss_func(results: list):
@@ -308,17 +385,24 @@ def make_loss_func(results: list):
 
     def loss_func(out: LossPathOutput):
         """megatron's loss contract: (loss_sum, num_tokens, report); the report holds only
-        metric sums (`distill` [loss_sum, num_kept] and `tip/*`). Megatron divides the
-        gradients once by the global kept count."""
+        metric sums (`distill` [loss_sum, num_kept, weight_sum] and `tip/*`). Megatron
+        divides the gradients once by the global kept count (an int: its schedules add it
+        into an int tensor); for a weighted rule `train_pass` then rescales them by
+        global kept count / global weight sum (`distill.weighting`)."""
         if out.kept_mask is None:  # scoring pre-pass: no loss, only the signals
             results.append(MicrobatchResult(out.signals, None, None, {}, out.finite))
             return out.loss_sum, torch.zeros((), dtype=torch.int), {}
         num_kept = int(out.kept_mask.sum())
+        weight_sum = (float(num_kept) if out.weights is None
+                      else float(out.weights.double().sum()))
         report = {"distill": torch.stack([out.loss_sum.detach().clone().double(),
                                           torch.tensor(float(num_kept), dtype=torch.float64,
+                                                       device=out.loss_sum.device),
+                                          torch.tensor(weight_sum, dtype=torch.float64,
                                                        device=out.loss_sum.device)])}
         report.update({f"tip/{k}": v.detach() for k, v in out.metric_sums.items()})
-        results.append(MicrobatchResult(out.signals, out.kept_mask, out.labels, report, out.finite))
+        results.append(MicrobatchResult(out.signals, out.kept_mask, out.labels, report, out.finite,
+                                        out.weights))
         return out.loss_sum, torch.tensor(num_kept, dtype=torch.int, device=out.loss_sum.device), report
 
     return loss_func

@@ -26,7 +26,8 @@ from tip_megatron.distill.loss import DistillSpec, MicrobatchContext, Preselecti
 from tip_megatron.distill.step import Microbatch, ScheduleShape, Scored, output_weight, scoring_pass
 from tip_megatron.rollout.types import Rollouts
 from tip_megatron.runtime.parallel import ParallelGroups
-from tip_megatron.tip import SelectionConfig, TokenSignals, select_global_with_stats, selection_labels
+from tip_megatron.tip import SelectionConfig, TokenSignals, select_global_weighted, selection_labels
+from tip_megatron.tip.normalize import RunningNorm
 
 
 def global_preselection(
@@ -50,8 +51,11 @@ def global_preselection(
             scored = scoring_pass(student_chunks, groups, microbatches, contexts, spec, **shape._asdict())
     if not groups.is_last_stage:
         return list(contexts)
-    masks, labels = select_prepass(spec.selection, scored.signals, groups.dp_group, step=spec.step)
-    return with_preselection(contexts, scored.signals, masks, labels, scored.finite)
+    masks, labels, weights, running = select_prepass(
+        spec.selection, scored.signals, groups.dp_group, step=spec.step, with_weights=True,
+        running=spec.running_norm)
+    out = with_preselection(contexts, scored.signals, masks, labels, scored.finite, weights)
+    return [replace(c, preselection=replace(c.preselection, running_norm=running)) for c in out]
 
 
 def score_generated(
@@ -125,18 +129,24 @@ def response_rows(response_lengths: torch.Tensor, microbatches: Sequence[Microba
 
 def select_prepass(
     selection: SelectionConfig, signals: Sequence[TokenSignals], dp_group, *, step: int,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(kept masks, quadrant labels) of this rank's micro-batches, chosen over the global
-    batch (every DP rank calls it: collectives of `select_global`). The labels use the same
-    global statistics, so a `quantile` quadrant rule splits at the batch's quantiles."""
-    masks, stats = select_global_with_stats(selection, signals, dp_group, step=step)
-    return masks, [selection_labels(selection, s, stats) for s in signals]
+    with_weights: bool = False, running: Optional[RunningNorm] = None,
+) -> tuple:
+    """(kept masks, quadrant labels[, weights, moving average]) of this rank's
+    micro-batches, chosen over the global batch (every DP rank calls it: collectives of
+    `select_global`). The labels use the same global statistics, so a `quantile` quadrant
+    rule splits at the batch's quantiles. `with_weights`: also the per-token weights (None
+    each for a mask rule) and the `selection.normalize=running` average after this step
+    (`running`: the one before it)."""
+    masks, weights, stats, running = select_global_weighted(selection, signals, dp_group,
+                                                            step=step, running=running)
+    labels = [selection_labels(selection, s, stats) for s in signals]
+    return (masks, labels, weights, running) if with_weights else (masks, labels)
 
 
 def with_preselection(
     contexts: Sequence[MicrobatchContext], signals: Sequence[TokenSignals],
     kept_masks: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None = None,
-    finite: Sequence[bool] | None = None,
+    finite: Sequence[bool] | None = None, weights: Sequence[torch.Tensor | None] | None = None,
 ) -> list[MicrobatchContext]:
     """New contexts carrying the pre-pass's signals, kept masks (and quadrant labels): the
     student pass then neither scores nor selects again. `finite` (`Scored.finite`; None:
@@ -147,5 +157,6 @@ def with_preselection(
         raise ValueError(f"{len(contexts)} contexts, {len(signals)} signals, {len(kept_masks)} kept masks")
     labels = [None] * len(contexts) if labels is None else labels
     finite = [True] * len(contexts) if finite is None else finite
-    return [replace(c, preselection=Preselection(s, m, q, bool(f)))
-            for c, s, m, q, f in zip(contexts, signals, kept_masks, labels, finite)]
+    weights = [None] * len(contexts) if weights is None else weights
+    return [replace(c, preselection=Preselection(s, m, q, bool(f), w))
+            for c, s, m, q, f, w in zip(contexts, signals, kept_masks, labels, finite, weights)]

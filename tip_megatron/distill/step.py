@@ -22,6 +22,7 @@ from tip_megatron.distill.loss import (
     DistillSpec, MicrobatchContext, MicrobatchResult, full_sequence, make_loss_func,
     make_output_processor,
 )
+from tip_megatron.distill.weighting import rescale_weighted_grads
 from tip_megatron.models.state import unwrap
 from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.tip import TokenSignals
@@ -147,9 +148,13 @@ def train_pass(
     spec: DistillSpec, *, seq_length: int, micro_batch_size: int,
 ) -> list[MicrobatchResult]:
     """Student forward + backward with the TIP loss (gradients accumulate in the DDP
-    buffers; megatron divides them once by the global kept count). Last stage's results."""
-    return _run_student(student_chunks, groups, microbatches, contexts, spec,
-                        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
+    buffers; megatron divides them once by the global kept count; a weighted rule's are
+    then rescaled to the global weight sum, distill.weighting). Last stage's results."""
+    results = _run_student(student_chunks, groups, microbatches, contexts, spec,
+                           seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
+    if spec.selection.weighted:
+        rescale_weighted_grads(student_chunks, groups, results)
+    return results
 
 
 def forward_loss_pass(
@@ -203,6 +208,13 @@ def make_contexts(
         raise ValueError(f"{len(teacher_hidden)} teacher hidden states for {len(microbatches)} micro-batches")
     return [
         MicrobatchContext(teacher_hidden=th, teacher_weight=teacher_weight,
-                          target_mask=mb.target_mask.bool(), rollout_ids=mb.rollout_ids)
+                          target_mask=mb.target_mask.bool(), rollout_ids=mb.rollout_ids,
+                          target_ids=next_token_ids(mb.input_ids))
         for mb, th in zip(microbatches, teacher_hidden)
     ]
+
+
+def next_token_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] id of the token each position predicts (input_ids shifted left; the last
+    column, never a target, repeats the last id)."""
+    return torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1).long()

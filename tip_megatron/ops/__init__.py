@@ -5,6 +5,7 @@ Every op takes an explicit `tp_group` (None = unsharded) and the TRUE `vocab_siz
 reads megatron's global process groups, gathers the vocabulary, or modifies its inputs.
 See docs/ops.md for the math, the collectives and the tolerances.
 """
+from tip_megatron.ops.candidates import global_top_k, vocab_parallel_rank, vocab_parallel_topk_mass
 from tip_megatron.ops.fused_linear_kl import fused_linear_divergence, unfused_linear_divergence
 from tip_megatron.ops.reverse_kl import vocab_parallel_reverse_kl
 from tip_megatron.ops.sampling import vocab_parallel_sample
@@ -17,8 +18,11 @@ __all__ = [
     "check_vocab_compat",
     "fused_linear_divergence",
     "topk_linear_divergence",
+    "global_top_k",
     "unfused_linear_divergence",
+    "vocab_parallel_rank",
     "vocab_parallel_reverse_kl",
     "vocab_parallel_sample",
     "vocab_parallel_stats",
+    "vocab_parallel_topk_mass",
 ]

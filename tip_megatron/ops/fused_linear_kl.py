@@ -93,7 +93,10 @@ def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: t
     # The logit gradient overwrites the teacher chunk: the gradient reads each teacher row
     # block before writing it, and nothing reads the teacher logits after. Two [c, w]
     # buffers instead of three (a different dtype needs its own buffer).
-    grad_logits = (logits[1] if teacher_hidden.dtype == weight.dtype else
+    # A divergence that re-reads the teacher chunk after writing the gradient (the
+    # `loss.mix` of ops.mixed) gets a buffer of its own.
+    shared = teacher_hidden.dtype == weight.dtype and not getattr(divergence, "rereads_teacher", False)
+    grad_logits = (logits[1] if shared else
                    torch.empty((rows, valid_width), dtype=weight.dtype, device=weight.device))
     inner = chunk_tokens(valid_width, None, hidden.device)
     work = Workspace(min(inner, rows), valid_width, logits[0], count=divergence.buffers)
@@ -101,11 +104,13 @@ def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: t
         count = sl.stop - sl.start
         student = torch.matmul(hidden[sl], w_s.t(), out=logits[0][:count])
         teacher = torch.matmul(teacher_hidden[sl], w_t.t(), out=logits[1][:count])
-        state = divergence.forward(student, teacher, tp_group, inner, work)
+        # Per-token parameters (ops.mixed's coefficients) follow the chunk's tokens.
+        div = divergence.rows(sl) if hasattr(divergence, "rows") else divergence
+        state = div.forward(student, teacher, tp_group, inner, work)
         kl[sl] = state.kl
         if any(need_grad):
-            g = divergence.grad(student, teacher, state, scale[sl], valid_width, inner,
-                                out=grad_logits[:count], work=work)
+            g = div.grad(student, teacher, state, scale[sl], valid_width, inner,
+                         out=grad_logits[:count], work=work)
             if grad_hidden is not None:
                 torch.matmul(g, w_s, out=grad_hidden[sl])
             if grad_weight is not None:
@@ -180,13 +185,18 @@ def fused_linear_divergence(
         reduce_hidden_grad: True: all-reduce hidden's gradient over tp_group (hidden is
             TP-replicated). False: return this rank's partial; the caller reduces it (the
             reduce-scatter of `gather_sequence` under sequence parallelism).
-        divergence: which divergence D is (default: the reverse KL of the paper).
+        divergence: which divergence D is (default: the reverse KL of the paper); an
+            `ops.mixed.MixedDivergence` mixes the three per token (`loss.mix`).
     Returns:
         (loss_sum, per_token): a differentiable fp32 scalar and the detached [k] divergence.
         Gradients are computed in the forward (when grad is enabled and hidden or weight
         requires it); the memory kept for backward is [k, h] + [V/tp, h] fp32.
     """
     _check_inputs(hidden, weight, teacher_hidden, teacher_weight, token_weights)
+    coefs = getattr(divergence, "coefs", None)  # ops.mixed: one row of coefficients per token
+    if coefs is not None and tuple(coefs.shape) != (hidden.shape[0], 3):
+        raise ValueError(f"mixed divergence coefficients must be [k, 3] = [{hidden.shape[0]}, 3]; "
+                         f"got {tuple(coefs.shape)}")
     shard = vocab_shard(weight.shape[0], tp_group, vocab_size)
     chunk = chunk_tokens(shard.shard_width, chunk_size, hidden.device)
     dtype = torch.promote_types(hidden.dtype, torch.float32)

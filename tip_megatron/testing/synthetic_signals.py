@@ -52,10 +52,11 @@ def pack(rollouts: Sequence[Rollout], pad_to: Optional[int] = None, seed: int = 
     rng = np.random.default_rng(seed)
     lengths = [r.num_prompt + r.num_response for r in rollouts]
     width = max(lengths, default=0) if pad_to is None else pad_to
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("h", "d", "f", "mask", "rid")}
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("h", "d", "f", "mask", "rid", *_OPTIONAL)}
     for r, n in zip(rollouts, lengths):
         pad = width - n
-        for key, values in (("h", r.entropy_norm), ("d", r.reverse_kl), ("f", r.forward_kl)):
+        for key, values in (("h", r.entropy_norm), ("d", r.reverse_kl), ("f", r.forward_kl),
+                            *zip(_OPTIONAL, _optional_signals(r))):
             j = rng.random(r.num_prompt + pad) * 50.0
             cols[key].append(np.concatenate([j[: r.num_prompt], values, j[r.num_prompt:]]))
         cols["mask"].append(np.r_[np.zeros(r.num_prompt, bool), np.ones(r.num_response, bool),
@@ -67,5 +68,16 @@ def pack(rollouts: Sequence[Rollout], pad_to: Optional[int] = None, seed: int = 
     return TokenSignals(
         entropy_norm=cat("h", np.float64), reverse_kl=cat("d", np.float64),
         forward_kl=cat("f", np.float64), response_mask=cat("mask", bool),
-        rollout_ids=cat("rid", np.int64),
+        rollout_ids=cat("rid", np.int64), **{k: cat(k, np.float64) for k in _OPTIONAL},
     )
+
+
+_OPTIONAL = ("teacher_entropy", "teachability", "teacher_rank")
+
+
+def _optional_signals(r: Rollout) -> tuple[np.ndarray, ...]:
+    """Teacher entropy (nats), teachability in [0, 1] and a teacher rank in 0..3 per
+    response token, drawn from the rollout id alone (the same in any packing)."""
+    rng = np.random.default_rng(10**6 + r.rollout_id)
+    m = r.num_response
+    return rng.exponential(0.5, m), rng.random(m), rng.integers(0, 4, m).astype(np.float64)

@@ -7,8 +7,12 @@ from tip_megatron.tip.metrics import (
 )
 from tip_megatron.tip.quadrants import QUADRANT_KINDS, Quadrant, QuadrantRule, quadrant_labels
 from tip_megatron.tip.rules import (
-    AUTO_SCOPE, PAPER_SCOPES, RULES, RuleInputs, SelectionConfig, register_rule, select,
-    select_global, select_global_with_stats, selection_labels,
+    AUTO_SCOPE, PAPER_SCOPES, RULES, RuleInputs, SelectionConfig, register_rule, selection_labels,
+)
+from tip_megatron.tip import rules_weighted  # noqa: F401  (registers the weighted rules)
+from tip_megatron.tip import user_rules  # noqa: F401  (resolves rules named by import path)
+from tip_megatron.tip.selection import (
+    select, select_global, select_global_weighted, select_global_with_stats, select_weighted,
 )
 from tip_megatron.tip.budget import budget_message, warn_ill_posed_budget
 from tip_megatron.tip.scores import (
@@ -19,7 +23,7 @@ from tip_megatron.tip.signals import TokenSignals, concat_signals
 
 __all__ = [
     "AUTO_SCOPE", "PAPER_SCOPES", "budget_message", "select_global_with_stats",
-    "selection_labels", "warn_ill_posed_budget", "ENTROPY_CLIP_QUANTILE", "METRIC_SUM_KEYS", "QUADRANT_KINDS", "RULES", "SCOPES",
+    "select_global_weighted", "select_weighted", "selection_labels", "warn_ill_posed_budget", "ENTROPY_CLIP_QUANTILE", "METRIC_SUM_KEYS", "QUADRANT_KINDS", "RULES", "SCOPES",
     "NormStats", "Quadrant", "QuadrantRule", "RuleInputs", "Scores", "SelectionConfig",
     "TokenSignals", "all_reduce_metric_sums", "compute_norm_stats", "compute_scores",
     "concat_signals", "finalize", "global_norm_stats", "quadrant_labels",

@@ -41,6 +41,9 @@ class Ranking:
     """Count per rollout (Soft-OR) instead of per normalization-scope group."""
     secondary: Optional[torch.Tensor] = None
     """[tokens] float64 tie-break applied before position (e.g. a random draw), or None."""
+    weights: Optional[torch.Tensor] = None
+    """[tokens] float64 weight in [0, 1] of each token if kept (a weighted rule), or None
+    (every kept token weighs 1: a mask). A kept token of weight 0 is dropped."""
 
 
 def _rollout_seed(seed: int, step: int, rollout_id: int) -> int:

@@ -1,4 +1,4 @@
-"""TIP selection rules, registered by name, and `select`: signals in, kept mask out.
+"""TIP selection rules, registered by name, and their config (`tip.selection` applies them).
 
 Shapes: `[tokens]` for one micro-batch (sequences flattened in order).
 
@@ -7,7 +7,8 @@ Shapes: `[tokens]` for one micro-batch (sequences flattened in order).
     kept_masks = select_global(config, microbatches, dp_group, step=step)   # global scope
 
 A rule is a pure function `RuleInputs -> Ranking` (a key per token, which tokens are
-eligible, the fraction to keep and the counting unit); `select` keeps the top tokens.
+eligible, the fraction to keep and the counting unit, and for a weighted rule a weight per
+token in [0, 1]); `select` keeps the top tokens.
 Counting: `soft_or` and `soft_or_bottom` keep floor(rho * m) per rollout (m = that
 rollout's response tokens); every other counted rule keeps floor(rho * m) per
 normalization group (a rollout, the micro-batch, or the global batch). No hidden minimum:
@@ -22,17 +23,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from tip_megatron.tip.quadrants import QUADRANTS, QuadrantRule, quadrant_labels
-from tip_megatron.tip.ranking import Ranking, keep_top, keep_top_global, rollout_uniforms
+from tip_megatron.tip.ranking import Ranking, rollout_uniforms
 from tip_megatron.tip.scores import (
     SCOPES, NormStats, Scores, check_scope, compute_norm_stats, compute_scores, global_norm_stats,
 )
-from tip_megatron.tip.signals import TokenSignals
+from tip_megatron.tip.signals import OPTIONAL_SIGNALS, TokenSignals
+
+NORMALIZE_MODES = ("batch", "running", "absolute")
+"""`SelectionConfig.normalize` (tip/normalize.py)."""
 
 RuleFn = Callable[["RuleInputs"], Ranking]
 RULES: dict[str, RuleFn] = {}
@@ -45,21 +48,43 @@ PREPASS_SOURCES = ("recompute", "generation")
 """Where the scoring pre-pass reads the student's hidden states (`SelectionConfig.prepass_source`)."""
 
 
+RULE_RESOLVERS: list[Callable[[str, str], None]] = []
+"""Called with (rule, key prefix) for a rule name by import path (`module:function`) that
+is not registered yet; `tip.user_rules` adds its loader here (tip/__init__ imports it)."""
+WEIGHTED_RULES: set[str] = set()
+"""Rules whose Ranking carries per-token weights in [0, 1] (not only a kept mask)."""
+WHOLE_RULES: set[str] = set()
+"""Rules that weigh every response token and count nothing: rho must be 1.0."""
+RULE_SIGNALS: dict[str, tuple[str, ...]] = {}
+"""rule -> the optional signals it reads (`tip.signals.OPTIONAL_SIGNALS`), scored for it."""
+
+
 def register_rule(
     name: str, paper_scope: str = "global", counted_per_rollout: bool = False,
+    weighted: bool = False, signals: tuple[str, ...] = (), counted: bool = True,
 ) -> Callable[[RuleFn], RuleFn]:
     """Decorator: make `fn` selectable as `SelectionConfig(rule=name)`; `paper_scope` is
     the scope used under `selection.scope=auto` (`rollout`, `microbatch` or `global`);
-    `counted_per_rollout` declares that `fn` returns `Ranking(per_rollout=True)`."""
+    `counted_per_rollout` declares that `fn` returns `Ranking(per_rollout=True)`;
+    `weighted` that it returns `Ranking(weights=...)`; `signals` the optional signals it
+    reads; `counted=False` that it keeps every response token (rho must be 1.0)."""
     check_scope(paper_scope)
+    unknown = set(signals) - set(OPTIONAL_SIGNALS)
+    if unknown:
+        raise ValueError(f"rule {name!r}: unknown signals {sorted(unknown)}; known: {list(OPTIONAL_SIGNALS)}")
 
     def wrap(fn: RuleFn) -> RuleFn:
         if name in RULES:
             raise ValueError(f"selection rule {name!r} is already registered")
         RULES[name] = fn
         PAPER_SCOPES[name] = paper_scope
+        RULE_SIGNALS[name] = tuple(signals)
         if counted_per_rollout:
             COUNTED_PER_ROLLOUT.add(name)
+        if weighted:
+            WEIGHTED_RULES.add(name)
+        if not counted:
+            WHOLE_RULES.add(name)
         return fn
     return wrap
 
@@ -68,13 +93,21 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _unit(value: object) -> bool:
+    """A number in [0, 1]."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and 0.0 <= value <= 1.0)
+
+
 @dataclass(frozen=True)
 class SelectionConfig:
     """Which tokens the student learns from. Validated on construction."""
 
     rule: str = "all"
     """Registered rule name: all, random, entropy_sample, entropy_topk, soft_or,
-    soft_or_bottom, q3, div_topk, quadrants."""
+    soft_or_bottom, q3, div_topk, quadrants; the 2026 rules teachability, propose_verify,
+    tip_soft; or a user rule by import path `package.module:function` (docs/tip.md,
+    "Writing a rule": checked on a probe batch when the config is built)."""
     rho: float = 1.0
     """Retention ratio in (0, 1]; `all` requires 1.0, `quadrants` uses < 1.0 as a cap."""
     seed: int = 0
@@ -106,20 +139,45 @@ class SelectionConfig:
     """How quadrants are labeled (rule `quadrants` and the metrics)."""
     keep_quadrants: tuple[int, ...] = (1, 3)
     """Rule `quadrants`: the union of quadrants kept (1..4); ranked by Soft-OR s under a cap."""
+    top_k: int = 8
+    """Rule `teachability`: K, the student's candidates whose teacher mass is the score."""
+    threshold: Optional[float] = None
+    """Rule `teachability`: also require score >= this (in [0, 1]); null: top-rho only."""
+    verify_top_k: int = 1
+    """Rule `propose_verify`: the teacher accepts the sampled token when it is among the
+    teacher's `verify_top_k` most likely (1: the teacher's argmax)."""
+    reject_weight: float = 0.5
+    """Rule `propose_verify`: weight beta of a rejected token, in [0, 1] (0: masked);
+    accepted tokens weigh 1."""
+    quadrant_weights: tuple[float, ...] = (1.0, 0.5, 1.0, 0.25)
+    """Rule `tip_soft`: the weight of a Q1, Q2, Q3, Q4 token (each in [0, 1]), labels by
+    `quadrant_rule`."""
+    normalize: str = "batch"
+    """How h^ and d^ are scaled (rules soft_or, soft_or_bottom, q3, capped quadrants;
+    tip/normalize.py): `batch` (the paper: 98th-percentile clip and min-max within the
+    group), `running` (the clip and min/max from a moving average over steps, saved in the
+    checkpoint; needs an effective scope `global`) or `absolute` (h^ = h, d^ = 1 - exp(-d):
+    no batch statistics)."""
+    normalize_decay: float = 0.9
+    """`running`: weight of the previous average, in [0, 1) (0: this step's batch only)."""
 
     def __post_init__(self) -> None:
         self.validate()  # built directly by the engine and tests too, not only from a config
 
     def validate(self, prefix: str = "selection.") -> None:
         """ValueError naming `<prefix><field>` and what is accepted."""
+        if isinstance(self.rule, str) and ":" in self.rule and self.rule not in RULES:
+            for resolve in RULE_RESOLVERS:  # tip.user_rules: load, probe and register it
+                resolve(self.rule, prefix)
         if self.rule not in RULES:
-            raise ValueError(f"{prefix}rule={self.rule!r}: registered rules are {sorted(RULES)}")
+            raise ValueError(f"{prefix}rule={self.rule!r}: registered rules are {sorted(RULES)}, "
+                             "or a function by import path 'package.module:function'")
         rho_ok = isinstance(self.rho, (int, float)) and not isinstance(self.rho, bool)
         if not rho_ok or not math.isfinite(self.rho) or not 0.0 < self.rho <= 1.0:
             raise ValueError(f"{prefix}rho={self.rho!r}: must be in (0, 1]")
-        if self.rule == "all" and self.rho != 1.0:
-            raise ValueError(f"{prefix}rho={self.rho!r}: rule 'all' keeps every token; "
-                             "use rho=1.0")
+        if (self.rule == "all" or self.rule in WHOLE_RULES) and self.rho != 1.0:
+            raise ValueError(f"{prefix}rho={self.rho!r}: rule {self.rule!r} keeps (weighs) every "
+                             "token; use rho=1.0")
         if self.scope != AUTO_SCOPE and self.scope not in SCOPES:
             raise ValueError(f"{prefix}scope={self.scope!r}: accepted values are "
                              f"{[AUTO_SCOPE, *SCOPES]}")
@@ -136,9 +194,48 @@ class SelectionConfig:
         if not self.keep_quadrants or not set(self.keep_quadrants) <= {int(q) for q in QUADRANTS}:
             raise ValueError(f"{prefix}keep_quadrants={self.keep_quadrants!r}: "
                              "a non-empty subset of {1, 2, 3, 4}")
+        self._validate_weighted(prefix)
+        self._validate_normalize(prefix)
         if not isinstance(self.quadrant_rule, QuadrantRule):
             raise ValueError(f"{prefix}quadrant_rule: must be a QuadrantRule")
         self.quadrant_rule.validate(f"{prefix}quadrant_rule.")
+
+    def _validate_weighted(self, prefix: str) -> None:
+        """The keys of the teachability, propose_verify and tip_soft rules."""
+        for name in ("top_k", "verify_top_k"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{prefix}{name}={value!r}: must be an integer >= 1")
+        if self.threshold is not None and not _unit(self.threshold):
+            raise ValueError(f"{prefix}threshold={self.threshold!r}: must be null or in [0, 1]")
+        if not _unit(self.reject_weight):
+            raise ValueError(f"{prefix}reject_weight={self.reject_weight!r}: must be in [0, 1]")
+        weights = self.quadrant_weights
+        if (not isinstance(weights, (tuple, list)) or len(weights) != 4
+                or not all(_unit(w) for w in weights)):
+            raise ValueError(f"{prefix}quadrant_weights={weights!r}: four weights in [0, 1] "
+                             "(Q1, Q2, Q3, Q4)")
+
+    def _validate_normalize(self, prefix: str) -> None:
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(f"{prefix}normalize={self.normalize!r}: accepted values are {list(NORMALIZE_MODES)}")
+        d = self.normalize_decay
+        if not _unit(d) or d >= 1.0:
+            raise ValueError(f"{prefix}normalize_decay={d!r}: must be in [0, 1)")
+        if self.normalize == "running" and self.effective_scope != "global":
+            raise ValueError(f"{prefix}normalize='running' averages the global batch's statistics over "
+                             f"steps: it needs {prefix}scope='global' (rule {self.rule!r} resolves to "
+                             f"{self.effective_scope!r})")
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the rule returns per-token weights (then the loss is weighted)."""
+        return self.rule in WEIGHTED_RULES
+
+    @property
+    def signals_needed(self) -> tuple[str, ...]:
+        """The optional signals (`tip.signals.OPTIONAL_SIGNALS`) the rule reads."""
+        return RULE_SIGNALS.get(self.rule, ())
 
     @property
     def effective_scope(self) -> str:
@@ -184,7 +281,7 @@ class RuleInputs:
                                   split_quantiles=self.config.quadrant_rule.split_quantiles)
 
     def scores(self) -> Scores:
-        return compute_scores(self.signals, self.stats())
+        return compute_scores(self.signals, self.stats(), self.config.normalize)
 
     def labels(self) -> torch.Tensor:
         return selection_labels(self.config, self.signals, self.norm_stats)
@@ -263,10 +360,6 @@ def rule_quadrants(x: RuleInputs) -> Ranking:
     return x.ranking(x.scores().soft_or, eligible=eligible)
 
 
-def _rollout_groups(signals: TokenSignals) -> torch.Tensor:
-    return torch.unique(signals.rollout_ids, return_inverse=True)[1]
-
-
 def _check_stats(config: SelectionConfig, norm_stats: Optional[NormStats]) -> None:
     if norm_stats is not None and norm_stats.scope != config.effective_scope:
         raise ValueError(f"norm_stats have scope {norm_stats.scope!r}, "
@@ -290,63 +383,3 @@ def selection_labels(
                                         split_quantiles=rule.split_quantiles)
     _check_stats(config, norm_stats)
     return quadrant_labels(signals, rule, norm_stats)
-
-
-def select(
-    config: SelectionConfig, signals: TokenSignals, *, step: int = 0,
-    norm_stats: Optional[NormStats] = None,
-) -> torch.Tensor:
-    """`[tokens]` bool kept mask of one micro-batch. Pure: inputs are not modified.
-
-    Scopes `rollout` and `microbatch` compute their statistics here when `norm_stats` is
-    None. Scope `global` takes `norm_stats` from `global_norm_stats` and supports rules
-    counted per rollout (soft_or, soft_or_bottom) or not counted (all, uncapped
-    quadrants); the others count over the global batch: use `select_global`.
-    """
-    _check_stats(config, norm_stats)
-    ranking = RULES[config.rule](RuleInputs(signals, config, step, norm_stats))
-    if ranking.fraction >= 1.0:
-        return ranking.eligible & signals.response_mask
-    if ranking.per_rollout or config.effective_scope == "rollout":
-        group = _rollout_groups(signals)
-    elif config.effective_scope == "microbatch":
-        group = torch.zeros(signals.num_tokens, dtype=torch.int64, device=signals.device)
-    else:
-        raise ValueError(f"rule {config.rule!r} with scope 'global' counts over the global "
-                         "batch: use select_global")
-    return keep_top(ranking, signals, group, config.min_keep)
-
-
-def select_global(
-    config: SelectionConfig, parts: Sequence[TokenSignals],
-    dp_group: Optional[dist.ProcessGroup], *, step: int = 0,
-) -> list[torch.Tensor]:
-    """Kept masks of this rank's micro-batches `parts` under scope `global`.
-
-    Run in the scoring pre-pass, on every DP rank of `dp_group` (None: no DP), with the
-    signals of all of this rank's micro-batches of the step, and the same `step` on every
-    rank. Collectives: those of `global_norm_stats`, plus, for rules counted over the
-    group, an all-gather of the eligible tokens' keys. Same masks as one process selecting
-    over the concatenation.
-    """
-    return select_global_with_stats(config, parts, dp_group, step=step)[0]
-
-
-def select_global_with_stats(
-    config: SelectionConfig, parts: Sequence[TokenSignals],
-    dp_group: Optional[dist.ProcessGroup], *, step: int = 0,
-) -> tuple[list[torch.Tensor], NormStats]:
-    """`select_global`, also returning the global `NormStats` it used (for the labels of a
-    `quantile` quadrant rule, see `selection_labels`)."""
-    if config.effective_scope != "global":
-        raise ValueError("select_global needs an effective selection.scope='global', got "
-                         f"{config.effective_scope!r}")
-    split_quantiles = config.quadrant_rule.split_quantiles
-    stats = global_norm_stats(parts, dp_group, split_quantiles=split_quantiles)
-    rankings = [RULES[config.rule](RuleInputs(p, config, step, stats)) for p in parts]
-    if rankings[0].fraction >= 1.0:
-        return [r.eligible & p.response_mask for r, p in zip(rankings, parts)], stats
-    if rankings[0].per_rollout:
-        return [keep_top(r, p, _rollout_groups(p), config.min_keep)
-                for r, p in zip(rankings, parts)], stats
-    return keep_top_global(rankings, parts, dp_group, config.min_keep), stats

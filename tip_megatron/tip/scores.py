@@ -196,17 +196,28 @@ def min_max_scale(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.
     return torch.where(span > 0, scaled.clamp(0.0, 1.0), torch.zeros_like(scaled))
 
 
-def compute_scores(signals: TokenSignals, stats: NormStats) -> Scores:
-    """h^, d^, Soft-OR s and Q3 score w of every token, normalized by `stats`."""
+def absolute_hats(h: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h^, d^) of `selection.normalize=absolute` (tip.normalize): h clamped to [0, 1] and
+    1 - exp(-d), float64."""
+    return h.clamp(0.0, 1.0), -torch.expm1(-d.clamp_min(0.0))
+
+
+def compute_scores(signals: TokenSignals, stats: NormStats, normalize: str = "batch") -> Scores:
+    """h^, d^, Soft-OR s and Q3 score w of every token, normalized by `stats`
+    (`normalize="absolute"`: by no statistics, tip.normalize; `running` passes the moving
+    average as `stats`)."""
     resp = signals.response_mask
     zero = torch.zeros(signals.num_tokens, dtype=torch.float64, device=signals.device)
-    if stats.group_ids.numel() == 0:
-        return Scores(zero, zero, zero, zero)
-    g = token_groups(signals, stats)
     h, d = signals.entropy_norm.double(), signals.reverse_kl.double()
-    clip = stats.entropy_clip[g]
-    h_hat = min_max_scale(torch.minimum(h, clip), stats.entropy_min[g], clip)
-    d_hat = min_max_scale(d, stats.div_min[g], stats.div_max[g])
+    if normalize == "absolute":
+        h_hat, d_hat = absolute_hats(h, d)
+    elif stats.group_ids.numel() == 0:
+        return Scores(zero, zero, zero, zero)
+    else:
+        g = token_groups(signals, stats)
+        clip = stats.entropy_clip[g]
+        h_hat = min_max_scale(torch.minimum(h, clip), stats.entropy_min[g], clip)
+        d_hat = min_max_scale(d, stats.div_min[g], stats.div_max[g])
     h_hat, d_hat = torch.where(resp, h_hat, zero), torch.where(resp, d_hat, zero)
     soft_or = h_hat + d_hat - h_hat * d_hat
     q3 = torch.where(resp, signals.forward_kl.double() * (1.0 - h_hat), zero)

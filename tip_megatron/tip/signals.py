@@ -5,11 +5,13 @@ Shapes: every tensor is `[tokens]` — the micro-batch's sequences flattened in 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 _FLOAT_FIELDS = ("entropy_norm", "reverse_kl", "forward_kl")
+#: Signals computed only when something reads them (a rule, `loss.mix`); None otherwise.
+OPTIONAL_SIGNALS = ("teacher_entropy", "teachability", "teacher_rank")
 
 
 @dataclass(frozen=True)
@@ -31,11 +33,21 @@ class TokenSignals:
     """bool; False for prompt and padding tokens, which are never kept."""
     rollout_ids: torch.Tensor
     """int64; global id of the rollout each token belongs to."""
+    teacher_entropy: Optional[torch.Tensor] = None
+    """H(P_T) in nats, float (free with the scoring statistics); None if not scored."""
+    teachability: Optional[torch.Tensor] = None
+    """Teacher probability mass inside the student's top-K candidates, in [0, 1], float
+    (`ops.vocab_parallel_topk_mass`); None unless a rule reads it."""
+    teacher_rank: Optional[torch.Tensor] = None
+    """Rank of the sampled (student-proposed) token under the teacher, float (0 = the
+    teacher's argmax; ties by lower id first; `ops.vocab_parallel_rank`); None unless read."""
 
     def __post_init__(self) -> None:
         n = self.entropy_norm.shape
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name in OPTIONAL_SIGNALS:
+                continue
             if not isinstance(value, torch.Tensor) or value.dim() != 1:
                 raise ValueError(f"TokenSignals.{f.name}: must be a 1-D [tokens] tensor")
             if value.shape != n:
@@ -45,8 +57,10 @@ class TokenSignals:
             if value.device != self.entropy_norm.device:
                 raise ValueError(f"TokenSignals.{f.name}: on {value.device}, others on "
                                  f"{self.entropy_norm.device}")
-        for name in _FLOAT_FIELDS:
+        for name in _FLOAT_FIELDS + OPTIONAL_SIGNALS:
             value = getattr(self, name)
+            if value is None:
+                continue
             if not value.is_floating_point():
                 raise ValueError(f"TokenSignals.{name}: must be a float tensor, got {value.dtype}")
             if not bool(torch.isfinite(value).all()):
@@ -71,9 +85,16 @@ def concat_signals(parts: Sequence[TokenSignals]) -> TokenSignals:
     """Concatenate micro-batches' signals along tokens (e.g. a reference over a global batch)."""
     if not parts:
         raise ValueError("concat_signals: needs at least one TokenSignals")
-    return TokenSignals(**{
-        f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TokenSignals)
-    })
+    out = {}
+    for f in fields(TokenSignals):
+        values = [getattr(p, f.name) for p in parts]
+        if any(v is None for v in values):
+            if not all(v is None for v in values):
+                raise ValueError(f"concat_signals: {f.name} is present in some parts only")
+            out[f.name] = None
+        else:
+            out[f.name] = torch.cat(values)
+    return TokenSignals(**out)
 
 
 def response_order(signals: TokenSignals) -> torch.Tensor:

@@ -10,7 +10,8 @@ Shapes: every column is `[n]` over the same n sampled response tokens.
     dump = read_token_dump(path)
 
 Format: `<run dir>/token_dumps/step_000010.npz`, a compressed NumPy archive (no pickle) of
-the seven columns below plus 0-d metadata arrays and `format_version`. NumPy only (no torch,
+the columns below (`weight` may be absent in older dumps: read as `kept`) plus 0-d
+metadata arrays and `format_version`. NumPy only (no torch,
 no pyarrow) so any analysis environment reads it; ~9 bytes a token before compression.
 The trainer writes one every `logging.dump_tokens_every` steps (train/token_dumps.py:
 gathered over DP into one file per dump, uniformly capped at `logging.dump_tokens_max`).
@@ -39,6 +40,8 @@ COLUMNS = {
     "rollout_id": np.int64,
     "position": np.int32,
 }
+#: Columns older dumps may lack (read as their default): `weight` = kept as 0/1.
+OPTIONAL_COLUMNS = {"weight": np.float32}
 _META = ("step", "entropy_threshold", "div_threshold_nats", "num_response_tokens")
 
 
@@ -74,6 +77,9 @@ class TokenDump:
     """The quadrant rule's reverse-KL split in nats (NaN when not fixed)."""
     num_response_tokens: int = -1
     """Response tokens of the step before capping (-1: unknown)."""
+    weight: Any = None
+    """[n] the token's weight in the loss, in [0, 1] (a weighted rule, docs/tip.md); None:
+    `kept` as 0/1 (a mask rule, and dumps written before weights existed)."""
 
     def __post_init__(self) -> None:
         lengths = {}
@@ -86,6 +92,11 @@ class TokenDump:
                 raise ValueError(f"token dump column kept: expected bool, got {array.dtype}")
             object.__setattr__(self, name, array.astype(dtype, copy=False))
             lengths[name] = len(array)
+        weight = self.kept.astype(np.float32) if self.weight is None else _as_numpy(self.weight)
+        if weight.ndim != 1:
+            raise ValueError(f"token dump column weight: expected a 1-D array, got shape {weight.shape}")
+        object.__setattr__(self, "weight", weight.astype(np.float32, copy=False))
+        lengths["weight"] = len(weight)
         if len(set(lengths.values())) > 1:
             raise ValueError(f"token dump columns differ in length: {lengths}; all must be "
                              "the same sampled tokens")
@@ -114,7 +125,7 @@ def write_token_dump(path: str | Path, dump: TokenDump) -> Path:
     """Write atomically (temp file + rename: a reader never sees half a dump)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {name: getattr(dump, name) for name in COLUMNS}
+    arrays = {name: getattr(dump, name) for name in (*COLUMNS, *OPTIONAL_COLUMNS)}
     arrays.update({name: np.asarray(getattr(dump, name)) for name in _META})
     arrays["format_version"] = np.asarray(FORMAT_VERSION)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -139,6 +150,7 @@ def read_token_dump(path: str | Path) -> TokenDump:
             raise ValueError(f"{path}: token dump format {version}; this version reads "
                              f"{FORMAT_VERSION}")
         fields = {name: data[name] for name in COLUMNS}
+        fields.update({name: data[name] for name in OPTIONAL_COLUMNS if name in data.files})
         kinds = {f.name: f.type for f in dataclasses.fields(TokenDump)}
         for name in _META:
             fields[name] = (int if kinds[name] in (int, "int") else float)(data[name])

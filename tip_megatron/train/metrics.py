@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def reduce_reports(reports: Sequence[dict], dp_group) -> dict:
     """Sum this rank's micro-batch reports, all-reduce over DP, finalize ratios once."""
-    loss = torch.zeros(2, dtype=torch.float64)
+    loss = torch.zeros(3, dtype=torch.float64)  # loss_sum, num_kept, weight_sum
     tip_parts = []
     for r in reports:
         loss += r["distill"].double().cpu()
@@ -37,8 +37,9 @@ def reduce_reports(reports: Sequence[dict], dp_group) -> dict:
     if dist.get_world_size(dp_group) > 1:
         dist.all_reduce(loss, group=dp_group)
     sums = all_reduce_metric_sums(sum_metric_sums(tip_parts), dp_group) if tip_parts else {}
-    out = {"loss": float(loss[0] / loss[1]) if loss[1] > 0 else float("nan"),
-           "loss_sum": float(loss[0]), "num_kept": int(loss[1])}
+    # The loss is normalised by the weight sum (== num_kept for a mask), as the gradients are.
+    out = {"loss": float(loss[0] / loss[2]) if loss[2] > 0 else float("nan"),
+           "loss_sum": float(loss[0]), "num_kept": int(loss[1]), "weight_sum": float(loss[2])}
     out.update({k: float(v) for k, v in finalize(sums).items()} if sums else {})
     return out
 

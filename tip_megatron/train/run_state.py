@@ -14,6 +14,7 @@ from tip_megatron.data.tokenizers import Tokenizer
 from tip_megatron.distill.loss import MicrobatchContext
 from tip_megatron.distill.step import Microbatch, ScheduleShape
 from tip_megatron.runtime.parallel import ParallelGroups
+from tip_megatron.tip.normalize import RunningNorm
 from tip_megatron.train.metrics import MetricsLogger
 from tip_megatron.train.progress import StageTimers, TrainProgress
 from tip_megatron.train.setup import Models
@@ -79,5 +80,8 @@ class Run:
     last_update: Optional[LastUpdate] = None
     save_refused: str = ""
     """Why the last `save` wrote nothing ('' = it saved)."""
+    running_norm: Optional[RunningNorm] = None
+    """`selection.normalize=running`: the moving average of the global statistics (last
+    pipeline stage; saved in the checkpoint as `selection_norm`)."""
     lineage: Optional["Lineage"] = None
     """checkpoint.rundir.Lineage this launch writes (recorded in every step it saves)."""

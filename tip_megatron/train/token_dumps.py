@@ -24,7 +24,8 @@ from tip_megatron.train.dump_file import TokenDump, capped_sample, dump_path, wr
 from tip_megatron.runtime.collectives import all_gather_varlen
 
 #: float columns travel as float64 (exact for the int columns too) in one gathered tensor.
-_COLUMNS = ("entropy_norm", "reverse_kl", "forward_kl", "kept", "quadrant", "rollout_id", "position")
+_COLUMNS = ("entropy_norm", "reverse_kl", "forward_kl", "kept", "quadrant", "rollout_id", "position",
+            "weight")
 
 
 def due(cfg: RunConfig, step: int) -> bool:
@@ -34,7 +35,7 @@ def due(cfg: RunConfig, step: int) -> bool:
 
 def local_columns(cfg: RunConfig, microbatches: Sequence,
                   results: Sequence[MicrobatchResult]) -> torch.Tensor:
-    """[7, n_local] float64: this rank's response tokens (micro-batch order, row-major)."""
+    """[8, n_local] float64: this rank's response tokens (micro-batch order, row-major)."""
     parts = []
     for mb, result in zip(microbatches, results):
         s, kept = result.signals, result.kept_mask
@@ -44,7 +45,8 @@ def local_columns(cfg: RunConfig, microbatches: Sequence,
         position = response.view(b, -1).long().cumsum(1).view(-1) - 1
         # The labels the loss path used (a quantile rule needs the scope's statistics).
         labels = result.labels
-        cols = (s.entropy_norm, s.reverse_kl, s.forward_kl, kept, labels, s.rollout_ids, position)
+        weight = kept.double() if result.weights is None else result.weights.to(kept.device)
+        cols = (s.entropy_norm, s.reverse_kl, s.forward_kl, kept, labels, s.rollout_ids, position, weight)
         parts.append(torch.stack([c[response].double() for c in cols]))
     if not parts:
         return torch.zeros(len(_COLUMNS), 0, dtype=torch.float64)
@@ -54,7 +56,7 @@ def local_columns(cfg: RunConfig, microbatches: Sequence,
 
 def gather_sample(columns: torch.Tensor, cap: int, seed: int, dp_group,
                   dp_rank: int) -> tuple[torch.Tensor, int]:
-    """([7, n] sampled rows of the whole DP group, in DP-rank order; N tokens before capping)."""
+    """([8, n] sampled rows of the whole DP group, in DP-rank order; N tokens before capping)."""
     n_local = torch.tensor([columns.shape[1]], dtype=torch.int64, device=columns.device)
     counts = all_gather_varlen(n_local, dp_group).cpu()
     rank = dp_rank
@@ -82,6 +84,6 @@ def maybe_dump_tokens(cfg: RunConfig, groups, step: int, microbatches: Sequence,
     write_token_dump(dump_path(logging_dir(cfg), step), TokenDump(
         entropy_norm=c["entropy_norm"], reverse_kl=c["reverse_kl"], forward_kl=c["forward_kl"],
         kept=c["kept"] > 0.5, quadrant=c["quadrant"].long(), rollout_id=c["rollout_id"].long(),
-        position=c["position"].long(), step=step, num_response_tokens=total,
+        position=c["position"].long(), step=step, num_response_tokens=total, weight=c["weight"],
         entropy_threshold=float(rule.entropy_threshold) if fixed else math.nan,
         div_threshold_nats=float(rule.div_threshold_nats) if fixed else math.nan))

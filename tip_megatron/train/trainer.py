@@ -28,6 +28,7 @@ from tip_megatron.rollout.consistency import gap_metrics
 from tip_megatron.rollout.generate import Episodes, GenerationConfig, generate
 from tip_megatron.rollout.types import Rollouts
 from tip_megatron.tip import warn_ill_posed_budget
+from tip_megatron.tip.normalize import RunningNorm
 from tip_megatron.runtime.collectives import all_gather_varlen, all_reduce_sum
 from tip_megatron.checkpoint import training as ckpt
 from tip_megatron.train import export, run_dir, validation
@@ -106,6 +107,8 @@ def maybe_resume(run: Run) -> None:
                                      expect_arch=run.models.student_arch)
         run.step = int(state["step"])
         run.prompts.load_state_dict(state["prompts"])
+        if "selection_norm" in state:  # selection.normalize=running: continue the average
+            run.running_norm = RunningNorm.from_tensor(torch.tensor(state["selection_norm"]))
     run.lineage = run_dir.settle(run.cfg, plan, run.groups)  # only after a load that worked
     run.log.run_id = run.lineage.run_id
     if path is None:
@@ -152,14 +155,20 @@ def microbatches(run: Run, out: Rollouts) -> list[list[Microbatch]]:
 
 def _spec(run: Run) -> DistillSpec:
     return DistillSpec(run.cfg.selection, run.cfg.loss, run.models.vocab_size,
-                       run.groups.tp_group, step=run.step, teacher_signal=run.cfg.teacher.topk_signal())
+                       run.groups.tp_group, step=run.step, teacher_signal=run.cfg.teacher.topk_signal(),
+                       running_norm=run.running_norm)
 
 
 def _preselect(run: Run, mbs: list[Microbatch], contexts: list,
                shape: ScheduleShape, rollouts: Optional[Rollouts] = None) -> list:
-    """Scope `global`: distill.prepass selects over the global batch (scoring timed as `student`)."""
-    return global_preselection(run.ddp, run.groups, mbs, contexts, _spec(run), shape,
-                               rollouts=rollouts, scoring_timer=lambda: run.timers("student"))
+    """Scope `global`: distill.prepass selects over the global batch (scoring timed as
+    `student`); keeps the `selection.normalize=running` average it returns."""
+    contexts = global_preselection(run.ddp, run.groups, mbs, contexts, _spec(run), shape,
+                                   rollouts=rollouts, scoring_timer=lambda: run.timers("student"))
+    pre = next((c.preselection for c in contexts if c is not None and c.preselection is not None), None)
+    if pre is not None and pre.running_norm is not None:
+        run.running_norm = pre.running_norm
+    return contexts
 
 
 def _regroup(items: list, sizes: list[int]) -> list[list]:
@@ -288,6 +297,21 @@ def _global_response_counts(run: Run, out: Rollouts) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------ loop
+def _running_norm_extra(run: Run) -> dict:
+    """{"selection_norm": [5] floats} under `selection.normalize=running`, else {}. The
+    average lives on the last pipeline stage; rank 0 writes the replicated state, so it is
+    broadcast over the pipeline group first (every rank calls this)."""
+    if run.cfg.selection.normalize != "running":
+        return {}
+    state = (run.running_norm or RunningNorm()).to_tensor()
+    pp = run.groups.pp_group
+    if dist.is_initialized() and dist.get_world_size(pp) > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pp) == "nccl" else None
+        state = state.to(device or "cpu")
+        dist.broadcast(state, src=dist.get_global_rank(pp, dist.get_world_size(pp) - 1), group=pp)
+    return {"selection_norm": state.cpu().tolist()}
+
+
 def save(run: Run) -> Optional[Path]:
     """Save a checkpoint unless the weights are suspect: the last update was skipped, or
     the weights it produced give a non-finite loss on its own first micro-batch (an update
@@ -304,7 +328,8 @@ def save(run: Run) -> Optional[Path]:
     start = time.perf_counter()
     path = ckpt.save_checkpoint(
         c.dir, run.step, run.ddp, run.optimizer, run.scheduler, run.groups,
-        extra={"prompts": run.prompts.state_dict(), "lineage": run.lineage.step_record()},
+        extra={"prompts": run.prompts.state_dict(), "lineage": run.lineage.step_record(),
+               **_running_norm_extra(run)},
         config_yaml=dump_config(run.cfg),
         arch_json=json.dumps(run.models.student_arch.to_dict()), keep_last=c.keep_last,
         verify=c.verify,

@@ -158,7 +158,8 @@ def write_result(args, cfg, teacher: dict, before: dict, after: dict, history: l
     # `cases`: the per-case keys of teacher/before/after, with their table labels (the study
     # report's columns).
     result = {"task": args.task, "cases": [[c, data.CASE_LABELS[c]] for c in data.CASES],
-              "rule": args.rule, "rho": cfg.selection.rho, "steps": args.steps, "tp": args.tp,
+              "rule": args.rule, "rho": cfg.selection.rho, "loss_mix": cfg.loss.mix,
+              "steps": args.steps, "tp": args.tp,
               "train_seed": cfg.train.seed, "data_seed": cfg.data.seed,
               "prompts_per_step": cfg.data.prompts_per_step,
               "samples_per_prompt": cfg.rollout.n,

@@ -1,4 +1,10 @@
-"""A study's grid: one cell per (rule, rho, seed), and where each cell's run lives."""
+"""A study's grid: one cell per (rule, rho, mix, seed), and where each cell's run lives.
+
+`--rules` specs: `all`; `RULE@RHO` (a counted rule: random@0.1, q3@0.1, teachability@0.05);
+`RULE` alone at rho 1.0 (rules that weigh every token: tip_soft, propose_verify, a user
+rule `package.module:function`); `mix:NAME` (rule all with `loss.mix=NAME`, e.g.
+mix:entropy_aware); `SPEC+mix:NAME` (a rule and a mix together, e.g. q3@0.1+mix:entropy_aware).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,36 +18,58 @@ class Cell:
     rule: str
     rho: float
     seed: int
+    mix: str = "none"
+    """`loss.mix` of this cell (`none`: the run's own)."""
 
     @property
     def name(self) -> str:
-        return rule_label(self.rule, self.rho)
+        label = rule_label(self.rule, self.rho)
+        return label if self.mix == "none" else f"{label}+mix:{self.mix}"
+
+    @property
+    def overrides(self) -> list[str]:
+        """The cell's keys beyond rule, rho and seeds (its `loss.mix`)."""
+        return [] if self.mix == "none" else [f"loss.mix={self.mix}"]
 
 
 def rule_label(rule: str, rho: float) -> str:
     return "all" if rule == "all" else f"{rule}@{rho:g}"
 
 
-def parse_rule(spec: str) -> tuple[str, float]:
-    """`all` -> ("all", 1.0); `random@0.1` -> ("random", 0.1)."""
-    name, _, rho = spec.partition("@")
-    if name == "all" and not rho:
-        return "all", 1.0
+MIXES = ("entropy_aware", "custom")
+
+
+def parse_rule(spec: str) -> tuple[str, float, str]:
+    """(rule, rho, mix) of one `--rules` spec (module docstring): `all` -> ("all", 1.0,
+    "none"); `random@0.1` -> ("random", 0.1, "none"); `tip_soft` -> ("tip_soft", 1.0, "none");
+    `mix:entropy_aware` -> ("all", 1.0, "entropy_aware")."""
+    rule_spec, _, mix = spec.partition("+mix:")
+    if rule_spec.startswith("mix:"):
+        rule_spec, mix = "all", rule_spec[len("mix:"):]
+    if "+mix:" in spec or spec.startswith("mix:"):
+        if mix not in MIXES:
+            raise ValueError(f"--rules {spec!r}: mix:{mix} is not a loss.mix; accepted: "
+                             f"{', '.join('mix:' + m for m in MIXES)}")
+    else:
+        mix = "none"
+    name, at, rho = rule_spec.partition("@")
+    if name and not at:
+        return name, 1.0, mix
     try:
         value = float(rho)
     except ValueError:
         value = float("nan")
     if not name or not 0.0 < value <= 1.0:
         raise ValueError(f"--rules {spec!r}: expected RULE@RHO with 0 < RHO <= 1 "
-                         "(e.g. random@0.1), or 'all'")
-    return name, value
+                         "(e.g. random@0.1), RULE alone (rho 1), 'all', mix:NAME or SPEC+mix:NAME")
+    return name, value, mix
 
 
 def cells(rules: list[str], seeds: int) -> list[Cell]:
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: must be >= 1")
     parsed = [parse_rule(r) for r in rules]
-    return [Cell(rule, rho, seed) for rule, rho in parsed for seed in range(seeds)]
+    return [Cell(rule, rho, seed, mix) for rule, rho, mix in parsed for seed in range(seeds)]
 
 
 def run_dir(out: Path, cell: Cell) -> Path:

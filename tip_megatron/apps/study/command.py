@@ -24,7 +24,9 @@ from tip_megatron.apps.study.cells import Cell, cells, run_dir
 def register(subparsers) -> None:
     p = subparsers.add_parser("study", help="grid of TIP rules x seeds (the embedded task, or --config)")
     p.add_argument("--rules", nargs="+", required=True,
-                   help="rules to compare: 'all' or RULE@RHO (e.g. random@0.1 soft_or@0.5)")
+                   help="rules to compare: 'all', RULE@RHO (e.g. random@0.1 teachability@0.05), "
+                        "RULE (rho 1: tip_soft, propose_verify, pkg.mod:fn), mix:NAME "
+                        "(e.g. mix:entropy_aware) or SPEC+mix:NAME")
     p.add_argument("--seeds", type=int, default=3, help="seeds per rule (default 3)")
     p.add_argument("--task", default=None,
                    help="embedded task of every cell (quickstart --task; default addition); "
@@ -49,7 +51,7 @@ def run_cell(cell: Cell, out: Path, steps: int, tp: int, overrides: list[str],
     args = ["--task", task, "--rule", cell.rule, "--rho", str(cell.rho), "--steps", str(steps),
             "--tp", str(tp), "--out", str(run_dir(out, cell)),
             f"train.seed={seed}", f"data.seed={seed}", f"selection.seed={cell.seed}",
-            "logging.log_every=1", *overrides]  # every step: the loss curves
+            "logging.log_every=1", *cell.overrides, *overrides]  # every step: the loss curves
     return run_local(tp, "tip_megatron.apps.quickstart.command", args)
 
 

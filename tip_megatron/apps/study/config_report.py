@@ -37,7 +37,7 @@ def kept_from_dumps(paths: Sequence[Path]) -> dict:
     for path in paths:
         d = read_token_dump(path)
         np.add.at(tot, d.quadrant.astype(int), 1)
-        np.add.at(kept, d.quadrant.astype(int), d.kept.astype(float))
+        np.add.at(kept, d.quadrant.astype(int), d.weight.astype(float))  # 0/1 for a mask rule
     return {f"Q{q}": _share(kept[q], tot[q]) for q in QUADRANTS}
 
 

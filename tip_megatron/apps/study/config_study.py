@@ -36,7 +36,7 @@ def cell_overrides(cell: Cell, out: Path, eval_every: int) -> list[str]:
     return [f"selection.rule={cell.rule}", f"selection.rho={cell.rho}",
             f"train.seed={seed}", f"data.seed={seed}", f"selection.seed={cell.seed}",
             f"checkpoint.dir={d / 'ckpt'}", f"logging.jsonl={d / 'metrics.jsonl'}",
-            "logging.log_every=1", f"eval.every={eval_every}"]
+            "logging.log_every=1", f"eval.every={eval_every}", *cell.overrides]
 
 
 def user_overrides(args: argparse.Namespace) -> list[str]:

@@ -65,17 +65,18 @@ def dump_cases(result: dict, step: int, rollout_id: np.ndarray) -> np.ndarray:
 
 
 def kept_shares(run: Path, result: dict) -> dict:
-    """Share of each quadrant's / planted case's tokens kept, over all of a run's dumps."""
+    """Share of each quadrant's / planted case's tokens kept, over all of a run's dumps; a
+    weighted rule's tokens count with their weight (the share of the loss weight)."""
     names = [name for name, _ in case_columns(result)]
     kept_q, tot_q = np.zeros(5), np.zeros(5)
     kept_c, tot_c = np.zeros(len(names)), np.zeros(len(names))
     for path in sorted((run / "token_dumps").glob("step_*.npz")):
         d = read_token_dump(path)
         np.add.at(tot_q, d.quadrant.astype(int), 1)
-        np.add.at(kept_q, d.quadrant.astype(int), d.kept.astype(float))
+        np.add.at(kept_q, d.quadrant.astype(int), d.weight.astype(float))
         cases = dump_cases(result, int(d.step), d.rollout_id)
         np.add.at(tot_c, cases, 1)
-        np.add.at(kept_c, cases, d.kept.astype(float))
+        np.add.at(kept_c, cases, d.weight.astype(float))
     share = lambda k, t: float(k / t) if t else float("nan")  # noqa: E731
     out = {f"Q{q}": share(kept_q[q], tot_q[q]) for q in (1, 2, 3, 4)}
     out.update({name: share(kept_c[i], tot_c[i]) for i, name in enumerate(names)})
