@@ -56,6 +56,7 @@ from tip_megatron.checkpoint.model import (
 )
 from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.checkpoint import manifest
+from tip_megatron.checkpoint.optimizer_state import optimizer_sharded_state
 from tip_megatron.checkpoint.layout import COMPLETE, LINEAGE, MODEL_META, list_checkpoints, step_dir
 from tip_megatron.checkpoint.rundir import Lineage, owned_checkpoints
 
@@ -65,7 +66,6 @@ _DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk q
               errno.EFBIG: "file size limit exceeded (ulimit -f)"}
 #: Less free space than this after a failed save: the disk is taken to be full.
 _LOW_SPACE_BYTES = 64 << 20
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def write_model_meta(root: str | Path, *, hf_config: dict, meta: dict,
@@ -119,10 +119,8 @@ def _sharded_state(chunks: Sequence, optimizer: Any, is_loading: bool) -> dict:
     state = dict(model_sd)
     if optimizer is not None:
         # `fully_reshardable`: optimizer state in the canonical per-parameter form, so a
-        # checkpoint loads under any TP/PP/DP (megatron's default flat-range format is
-        # refused by dist_checkpointing 0.19: "flattened_range is not supported").
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA)
+        # checkpoint loads under any TP/PP/DP; views of the live state at one DP rank.
+        state["optimizer"] = optimizer_sharded_state(optimizer, model_sd, is_loading)
     return state
 
 

@@ -215,10 +215,12 @@ def _state_terms(cfg: RunConfig, shape: _Shape, n_student: int, n_teacher: int,
     # torch Adam (no apex / TE fused Adam) makes two fp32 temporaries of each main param
     # in turn: the largest one sets the step's transient (a DP shard may hold it whole).
     step = 2 * 4 * largest
+    if grad_bytes == 2:  # bf16 grads: the step first copies them into fp32 main grads
+        step += n_student * 4 / shard  # (measured at the Qwen3-0.6B shape: docs/plan.md)
     return [
         Term("student.params", n_student * e / MIB, "resident", "parallel.tp / parallel.pp"),
         Term("student.grads", n_student * grad_bytes / MIB, "resident",
-             "parallel.tp / parallel.pp (optim.grad_reduce_in_fp32=false halves it with bf16)"),
+             "parallel.tp / parallel.pp (grad_reduce_in_fp32=false halves it, the step adds fp32 main grads)"),
         Term("student.optimizer", n_student * optim_bytes / shard / MIB, "resident", dist_cut),
         Term("teacher.params", n_teacher * e / MIB, "resident", "parallel.tp / parallel.pp"),
         Term("student.optimizer_step", step / MIB, "step", dist_cut),
