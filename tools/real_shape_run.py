@@ -35,6 +35,8 @@ def main() -> int:
     p.add_argument("--root", required=True, help="work folder (~12 GB of checkpoints are written)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--log", help="the stages' output goes here (default: this terminal)")
+    p.add_argument("--max-total-gib", type=float, default=19.0,
+                   help="kill a stage whose processes hold more than this at once (default 19; 0: no bound)")
     p.add_argument("--skip", nargs="*", default=[], help="stage names to skip (already done in --root)")
     args = p.parse_args()
     before = _machine()
@@ -46,7 +48,7 @@ def main() -> int:
     for name, argv in stages:
         if name in args.skip:
             continue
-        rows.append(run_stage(name, argv, log=log))
+        rows.append(run_stage(name, argv, log=log, max_total_mib=args.max_total_gib * 1024))
         print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
         if rows[-1]["rc"] != 0:
             break

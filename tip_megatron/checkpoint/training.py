@@ -50,6 +50,7 @@ import torch.distributed as dist
 from tip_megatron.runtime.megatron_compat import apply_cpu_compat, apply_torch_adam_compat
 from tip_megatron.runtime.torch_adam import prepare_torch_adam_for_load, unshare_torch_adam_steps
 from tip_megatron.runtime.atomic import atomic_dir
+from tip_megatron.runtime.device import release_freed_host_memory
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.checkpoint.model import (
     arch_differences, copy_hf_side_files, load_chunks, load_sharded_strict, sharded_state_dict,
@@ -160,6 +161,7 @@ def save_checkpoint(
     if dist.get_rank() == 0:
         _prune(Path(root), keep_last)
     dist.barrier()
+    release_freed_host_memory()  # the writer's staging copies of views
     return final
 
 
@@ -383,6 +385,7 @@ def load_checkpoint(
         optimizer.load_state_dict(loaded["optimizer"])
     if torch_adam:
         unshare_torch_adam_steps(optimizer)
+    release_freed_host_memory()  # read buffers, merged SwiGLU copies: freed, still resident
     state = torch.load(path / "state.pt", weights_only=True)
     changes = schedule_changes(state["scheduler"], scheduler)
     scheduler.load_state_dict(state["scheduler"])  # the step count; the rest: this config's

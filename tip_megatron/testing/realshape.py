@@ -239,8 +239,10 @@ def _role(proc, root_pid: int, root_cmd: list[str]) -> str:
         return "gone"
     if proc.pid == root_pid:
         return "command"
-    if "LOCAL_RANK" in env and "RANK" in env:
-        return f"rank{env['RANK']}"
+    if "LOCAL_RANK" in env and "RANK" in env:  # a torchrun worker, or a process it started
+        parent = proc.parent()
+        parent_env = parent.environ() if parent is not None else {}
+        return f"rank{env['RANK']}" + (" helper" if "LOCAL_RANK" in parent_env else "")
     if cmd == root_cmd:
         return "fork"
     joined = " ".join(cmd)
@@ -250,7 +252,7 @@ def _role(proc, root_pid: int, root_cmd: list[str]) -> str:
 class TreeSampler(threading.Thread):
     """Samples the process tree under `pid` until stopped (module docstring)."""
 
-    def __init__(self, pid: int, every_s: float = 0.05):
+    def __init__(self, pid: int, every_s: float = 0.05, max_total_mib: float = 0.0):
         super().__init__(daemon=True)
         import psutil  # a dependency of dist_checkpointing: always installed with the engine
 
@@ -259,6 +261,8 @@ class TreeSampler(threading.Thread):
         self.every_s = every_s
         self.procs: dict[int, dict] = {}
         self.sum_anon_kib = 0
+        self.max_total_kib = max_total_mib * 1024  # 0: no bound
+        self.killed = False
         self._done = threading.Event()
 
     def run(self):
@@ -284,18 +288,26 @@ class TreeSampler(threading.Thread):
             rec["anon_kib"] = max(rec["anon_kib"], kib.get("RssAnon", 0))
             total += kib.get("RssAnon", 0)
         self.sum_anon_kib = max(self.sum_anon_kib, total)
+        if self.max_total_kib and total > self.max_total_kib and not self.killed:
+            self.killed = True  # a shared machine: stop the stage before it starves the others
+            for proc in reversed(tree):
+                try:
+                    proc.kill()
+                except Exception:  # already gone
+                    pass
 
     def stop(self):
         self._done.set()
         self.join()
 
 
-def run_stage(name: str, argv: list[str], env: dict | None = None, log=None) -> dict:
-    """Run one stage (`python ARGV`); wall time, exit code and each process's peaks (MiB)."""
+def run_stage(name: str, argv: list[str], env: dict | None = None, log=None, max_total_mib: float = 0.0) -> dict:
+    """Run one stage (`python ARGV`); wall time, exit code and each process's peaks (MiB).
+    Its whole tree is killed when it holds more than `max_total_mib` at once (0: no bound)."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *argv], env=env or dict(os.environ),
                             stdout=log, stderr=subprocess.STDOUT if log else None)
-    sampler = TreeSampler(proc.pid)
+    sampler = TreeSampler(proc.pid, max_total_mib=max_total_mib)
     sampler.start()
     rc = proc.wait()
     sampler.stop()
@@ -308,7 +320,7 @@ def run_stage(name: str, argv: list[str], env: dict | None = None, log=None) -> 
             forks += 1
     ranks = [dict(role=r["role"], peak_hwm_mib=round(r["hwm_kib"] / 1024, 1),
                   peak_anon_mib=round(r["anon_kib"] / 1024, 1)) for r in procs if r["hwm_kib"] > 100 * 1024]
-    return dict(stage=name, rc=rc, wall_s=round(wall, 1), processes=ranks,
+    return dict(stage=name, rc=rc, wall_s=round(wall, 1), processes=ranks, killed_over_bound=sampler.killed,
                 sum_anon_mib=round(sampler.sum_anon_kib / 1024, 1))
 
 
