@@ -65,8 +65,8 @@ def fully_reshardable_views(inner: Any, model_sd: dict) -> dict:
     `sharded_param_state_fully_reshardable` builds it, over views of the live tensors."""
     # megatron, heavy: as above
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory  # heavy, as above
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories  # as above
 
     tensors_sd, _ = extract_sharded_tensors_and_factories(model_sd)
     metadata_of = {sh.data: sh for sh in nested_values(tensors_sd)}
