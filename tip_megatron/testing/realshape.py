@@ -130,8 +130,10 @@ def real_shape_stages(root) -> list[tuple[str, list[str]]]:
                           "--n", 2, "--seed", 7)),
         ("eval --samples", _cli("eval", "--samples", lay.samples, "--answers", lay.prompts,
                                 "--grader", "exact", "--json", lay.eval_json, "--no-progress")),
+        # float32: the local spec's norm weights are fp32 in a bf16 run; a bf16 export rounds
+        # them (to 2^-8 near 1: the logits then differ by ~1e-2) and the logits would not be equal
         ("convert mcore-to-hf", _cli("convert", "mcore-to-hf", "--ckpt", lay.run, "--out", lay.export,
-                                     "--max-shard-size", "400MB")),
+                                     "--max-shard-size", "400MB", "--dtype", "float32")),
     ]
 
 
@@ -230,8 +232,10 @@ def _status_kib(pid: int) -> dict[str, int]:
 
 
 def _role(proc, root_pid: int, root_cmd: list[str]) -> str:
-    """rankN for torchrun workers (RANK in their environment), forkN for ranks forked from
-    the command's process (numbered in pid order later), else the program's role."""
+    """rankN for torchrun workers (RANK in their environment; "rankN helper" for a process
+    one of them started), forkN for processes forked from the command's process (its ranks
+    and helpers: a forked child's environment cannot be read; numbered in pid order), else
+    the program's role."""
     try:
         env = proc.environ()
         cmd = proc.cmdline()
@@ -282,8 +286,9 @@ class TreeSampler(threading.Thread):
                 continue
             rec = self.procs.get(proc.pid)
             if rec is None:
-                rec = self.procs[proc.pid] = dict(pid=proc.pid, role=_role(proc, self.root.pid, self.root_cmd),
-                                                  hwm_kib=0, anon_kib=0)
+                rec = self.procs[proc.pid] = dict(pid=proc.pid, role="", hwm_kib=0, anon_kib=0)
+            if not rec["role"].startswith("rank"):  # a worker is torchrun's copy until it execs
+                rec["role"] = _role(proc, self.root.pid, self.root_cmd)
             rec["hwm_kib"] = max(rec["hwm_kib"], kib.get("VmHWM", 0))
             rec["anon_kib"] = max(rec["anon_kib"], kib.get("RssAnon", 0))
             total += kib.get("RssAnon", 0)
@@ -316,7 +321,7 @@ def run_stage(name: str, argv: list[str], env: dict | None = None, log=None, max
     forks = 0
     for r in procs:
         if r["role"] == "fork":
-            r["role"] = f"rank{forks}"  # run_forked forks rank 0 first
+            r["role"] = f"fork{forks}"  # ranks (run_forked forks rank 0 first) and forked helpers
             forks += 1
     ranks = [dict(role=r["role"], peak_hwm_mib=round(r["hwm_kib"] / 1024, 1),
                   peak_anon_mib=round(r["anon_kib"] / 1024, 1)) for r in procs if r["hwm_kib"] > 100 * 1024]
