@@ -57,6 +57,7 @@ from tip_megatron.checkpoint import dcp_guard, manifest
 from tip_megatron.checkpoint.layout import MODEL_META, resolve_step
 from tip_megatron.runtime.megatron_compat import apply_cpu_compat
 from tip_megatron.runtime.atomic import atomic_dir, check_replaceable, write_marker
+from tip_megatron.runtime.device import release_freed_host_memory
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.models.state import TE_TO_LOCAL, chunk_key, unwrap
 from tip_megatron.runtime.parallel import ParallelGroups
@@ -190,6 +191,7 @@ def load_model_checkpoint(
     ignored = ("optimizer.",) if files.kind == "training" else ()
     load_chunks(chunks, load_sharded_strict(sharded_state_dict(chunks), files.weights,
                                             ignore_stored=ignored))
+    release_freed_host_memory()  # read buffers and merged copies, freed but still resident
     if groups.rank == 0:
         logger.info("loaded model checkpoint %s (%s, %d layers)", ckpt, arch.family, arch.num_layers)
     return arch

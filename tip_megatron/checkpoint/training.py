@@ -50,12 +50,14 @@ import torch.distributed as dist
 from tip_megatron.runtime.megatron_compat import apply_cpu_compat, apply_torch_adam_compat
 from tip_megatron.runtime.torch_adam import prepare_torch_adam_for_load, unshare_torch_adam_steps
 from tip_megatron.runtime.atomic import atomic_dir
+from tip_megatron.runtime.device import release_freed_host_memory
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.checkpoint.model import (
     arch_differences, copy_hf_side_files, load_chunks, load_sharded_strict, sharded_state_dict,
 )
 from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.checkpoint import manifest
+from tip_megatron.checkpoint.optimizer_state import optimizer_sharded_state
 from tip_megatron.checkpoint.layout import COMPLETE, LINEAGE, MODEL_META, list_checkpoints, step_dir
 from tip_megatron.checkpoint.rundir import Lineage, owned_checkpoints
 
@@ -65,7 +67,6 @@ _DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk q
               errno.EFBIG: "file size limit exceeded (ulimit -f)"}
 #: Less free space than this after a failed save: the disk is taken to be full.
 _LOW_SPACE_BYTES = 64 << 20
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def write_model_meta(root: str | Path, *, hf_config: dict, meta: dict,
@@ -119,10 +120,8 @@ def _sharded_state(chunks: Sequence, optimizer: Any, is_loading: bool) -> dict:
     state = dict(model_sd)
     if optimizer is not None:
         # `fully_reshardable`: optimizer state in the canonical per-parameter form, so a
-        # checkpoint loads under any TP/PP/DP (megatron's default flat-range format is
-        # refused by dist_checkpointing 0.19: "flattened_range is not supported").
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=_OPTIM_METADATA)
+        # checkpoint loads under any TP/PP/DP; views of the live state at one DP rank.
+        state["optimizer"] = optimizer_sharded_state(optimizer, model_sd, is_loading)
     return state
 
 
@@ -162,6 +161,7 @@ def save_checkpoint(
     if dist.get_rank() == 0:
         _prune(Path(root), keep_last)
     dist.barrier()
+    release_freed_host_memory()  # the writer's staging copies of views
     return final
 
 
@@ -385,6 +385,7 @@ def load_checkpoint(
         optimizer.load_state_dict(loaded["optimizer"])
     if torch_adam:
         unshare_torch_adam_steps(optimizer)
+    release_freed_host_memory()  # read buffers, merged SwiGLU copies: freed, still resident
     state = torch.load(path / "state.pt", weights_only=True)
     changes = schedule_changes(state["scheduler"], scheduler)
     scheduler.load_state_dict(state["scheduler"])  # the step count; the rest: this config's

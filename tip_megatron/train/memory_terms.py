@@ -218,10 +218,12 @@ def student_state_terms(cfg: RunConfig, shape: Shape, arch: ModelArch, stage: in
     # torch Adam (no apex / TE fused Adam) makes two fp32 temporaries of each main param
     # in turn: the largest one sets the step's transient (a DP shard may hold it whole).
     step = 2 * 4 * largest_tensor(arch, shape, stage)
+    if grad_bytes == 2:  # bf16 grads: the step first copies them into fp32 main grads
+        step += n * 4 / shard  # (measured at the Qwen3-0.6B shape: docs/plan.md)
     return [
         Term("student.params", n * e / MIB, "resident", "parallel.tp / parallel.pp"),
         Term("student.grads", n * grad_bytes / MIB, "resident",
-             "parallel.tp / parallel.pp (optim.grad_reduce_in_fp32=false halves it with bf16)",
+             "parallel.tp / parallel.pp (grad_reduce_in_fp32=false halves it, the step adds fp32 main grads)",
              after_load=True),
         Term("student.optimizer", n * optim_bytes / shard / MIB, "resident", dist_cut, after_load=True),
         Term("student.optimizer_step", step / MIB, "step", dist_cut),
