@@ -80,7 +80,7 @@ def transformer_config(arch: ModelArch, groups: ParallelGroups, options: BuildOp
 
     on_gpu = default_backend().is_cuda
     deps = optional_deps()
-    dtype = compute_dtype(options.params_dtype)
+    dtype = compute_dtype(options.params_dtype, on_gpu)
     if options.fp8:
         if resolve_spec(options.spec) != "te":
             raise ValueError("model.fp8 needs the Transformer Engine spec (model.spec=te) on a GPU")

@@ -49,12 +49,14 @@ def current_device() -> torch.device:
     return torch.device("cpu")
 
 
-def compute_dtype(params_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+def compute_dtype(params_dtype: Optional[torch.dtype] = None, on_gpu: Optional[bool] = None) -> torch.dtype:
     """The dtype models are built in: `params_dtype` when set, else bf16 on a GPU and fp32
-    on CPU (`model.dtype=auto`)."""
+    on CPU (`model.dtype=auto`); `on_gpu` None: this process's backend decides."""
     if params_dtype is not None:
         return params_dtype
-    return torch.bfloat16 if default_backend().is_cuda else torch.float32
+    if on_gpu is None:
+        on_gpu = default_backend().is_cuda
+    return torch.bfloat16 if on_gpu else torch.float32
 
 
 def cuda_capability() -> tuple[int, int] | None:
