@@ -152,8 +152,11 @@ def measure(root: Path, size: Size) -> list[dict]:
     root.mkdir(parents=True, exist_ok=True)
     run_distributed(_make_models, 1, args=(str(root), size), env={"TIP_MEGATRON_DEVICE": "cpu"})
     addition_prompts(root / "prompts.jsonl", 64)
+    # Spawned, not forked: a forked rank inherits its parent's heap and mapped pages (a
+    # pytest process that ran a thousand tests before), which then never count as its rise,
+    # and the measurement would depend on what ran before it.
     return run_distributed(_measured_rank, size.job_world, args=(run_overrides(root, size),),
-                           env={"TIP_MEGATRON_DEVICE": "cpu"})
+                           env={"TIP_MEGATRON_DEVICE": "cpu"}, start_method="spawn")
 
 
 def planned(root: Path, size: Size) -> dict[int, float]:
