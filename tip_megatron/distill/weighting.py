@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from tip_megatron.runtime.device import current_device
 from tip_megatron.runtime.groups import group_size
 from tip_megatron.runtime.parallel import ParallelGroups
 
@@ -33,7 +34,7 @@ def global_count_and_weight(groups: ParallelGroups, results: Sequence) -> tuple[
         report = r.metric_sums.get("distill")
         if report is not None:
             local += report[1:3].double().cpu()
-    device = _collective_device(groups)
+    device = current_device()
     total = local.to(device)
     if group_size(groups.pp_group) > 1:
         last = dist.get_global_rank(groups.pp_group, group_size(groups.pp_group) - 1)
@@ -41,12 +42,6 @@ def global_count_and_weight(groups: ParallelGroups, results: Sequence) -> tuple[
     if group_size(groups.dp_group) > 1:
         dist.all_reduce(total, group=groups.dp_group)
     return float(total[0]), float(total[1])
-
-
-def _collective_device(groups: ParallelGroups) -> torch.device:
-    """NCCL groups need a CUDA tensor; gloo takes CPU ones."""
-    backend = dist.get_backend(groups.dp_group) if dist.is_initialized() else "gloo"
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def rescale_weighted_grads(chunks: Sequence[torch.nn.Module], groups: ParallelGroups,

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tip_megatron.runtime import parallel
-from tip_megatron.runtime.device import default_backend
+from tip_megatron.runtime.device import current_device, default_backend
 from tip_megatron.runtime.env import rank_env
 from tip_megatron.runtime.errors import rank_exit
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
@@ -306,8 +306,7 @@ def _running_norm_extra(run: Run) -> dict:
     state = (run.running_norm or RunningNorm()).to_tensor()
     pp = run.groups.pp_group
     if dist.is_initialized() and dist.get_world_size(pp) > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pp) == "nccl" else None
-        state = state.to(device or "cpu")
+        state = state.to(current_device())  # the process groups' backend: NCCL on a GPU
         dist.broadcast(state, src=dist.get_global_rank(pp, dist.get_world_size(pp) - 1), group=pp)
     return {"selection_norm": state.cpu().tolist()}
 
