@@ -9,7 +9,7 @@ across two different TP sizes and hidden widths.
 """
 import pytest
 
-from tip_megatron.testing.assets import opd_assets
+from tip_megatron.testing.assets import logged_history, opd_assets
 from tip_megatron.testing.assets import tiny_run_overrides as _overrides
 from tip_megatron.testing.assets import train_history as _train
 from tip_megatron.testing.distributed import DistributedTestError, run_distributed
@@ -25,14 +25,8 @@ def assets(tmp_path_factory):
     return opd_assets(tmp_path_factory.mktemp("teacher_layout"), teacher_layers=4)
 
 
-def _history(results):
-    hist = [h for h in results if h]
-    assert len(hist) == 1, "exactly one rank logs"
-    return hist[0]
-
-
 def _run(assets, world, **overrides):
-    return _history(run_distributed(_train, world, args=(_overrides(assets, **overrides),),
+    return logged_history(run_distributed(_train, world, args=(_overrides(assets, **overrides),),
                                     timeout_s=600))
 
 

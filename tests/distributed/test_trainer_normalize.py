@@ -4,7 +4,7 @@ PP = 2, where the average lives on the last stage and rank 0 writes the replicat
 import pytest
 import torch
 
-from tip_megatron.testing.assets import opd_assets
+from tip_megatron.testing.assets import logged_history, opd_assets
 from tip_megatron.testing.assets import tiny_run_overrides as _overrides
 from tip_megatron.testing.assets import train_history as _train
 from tip_megatron.testing.distributed import run_distributed
@@ -21,9 +21,7 @@ def assets(tmp_path_factory):
 
 
 def _losses(results):
-    hist = [h for h in results if h]
-    assert len(hist) == 1, "exactly one rank logs"
-    return [m["loss"] for m in hist[0]]
+    return [m["loss"] for m in logged_history(results)]
 
 
 def test_running_normalisation_resumes_exactly(assets, tmp_path):

@@ -3,7 +3,7 @@ pre-pass, student pass, gradient rescale, optimizer, metrics): DP=2 gives DP=1's
 weight sums at every step, and the logged loss is loss_sum / weight_sum."""
 import pytest
 
-from tip_megatron.testing.assets import opd_assets
+from tip_megatron.testing.assets import logged_history, opd_assets
 from tip_megatron.testing.assets import tiny_run_overrides as _overrides
 from tip_megatron.testing.assets import train_history as _train
 from tip_megatron.testing.distributed import run_distributed
@@ -23,17 +23,11 @@ def assets(tmp_path_factory):
     return opd_assets(tmp_path_factory.mktemp("opd"), teacher_layers=4)
 
 
-def _history(results):
-    hist = [h for h in results if h]
-    assert len(hist) == 1, "exactly one rank logs"
-    return hist[0]
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_dp2_equals_dp1(assets, case):
     overrides = _overrides(assets, **CASES[case], **{"train.steps": 2})
-    one = _history(run_distributed(_train, 1, args=(overrides,)))
-    two = _history(run_distributed(_train, 2, args=(overrides,)))
+    one = logged_history(run_distributed(_train, 1, args=(overrides,)))
+    two = logged_history(run_distributed(_train, 2, args=(overrides,)))
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), case
         assert b["weight_sum"] == pytest.approx(a["weight_sum"], rel=1e-6), case

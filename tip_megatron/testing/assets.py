@@ -93,6 +93,13 @@ def train_history(overrides: list[str]) -> list[dict]:
     return run(load_config(None, overrides))
 
 
+def logged_history(results: list) -> list[dict]:
+    """The per-step metrics of a run's one logging rank, from every rank's `train_history`."""
+    hist = [h for h in results if h]
+    assert len(hist) == 1, "exactly one rank logs"
+    return hist[0]
+
+
 def cli_main(argv: list[str]) -> int:
     """Rank body: `tip-megatron ARGV` in this (forked) rank; its exit code."""
     from tip_megatron.apps.cli import main
