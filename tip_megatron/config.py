@@ -20,7 +20,9 @@ import yaml
 from tip_megatron.checkpoint.sources import ModelSource, builtin_model
 from tip_megatron.data.config import DataConfig
 from tip_megatron.distill.loss import LossConfig
-from tip_megatron.distill.teacher_config import TeacherConfig
+from tip_megatron.distill.teacher_config import (
+    TeacherConfig, teacher_ranks, teachers_of, validate_teachers,
+)
 from tip_megatron.eval.config import EvalConfig
 from tip_megatron.models.options import ModelOptions
 from tip_megatron.rollout.env import load_factory
@@ -193,6 +195,10 @@ class RunConfig:
     student: ModelSource = field(default_factory=ModelSource)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """Unset `teacher.parallel` keys follow the student's; docs/teacher.md has both placements."""
+    teachers: tuple[TeacherConfig, ...] = ()
+    """Several teachers instead of `teacher:`: each entry a teacher section plus `name`,
+    `serves` and `default`; prompts are routed by `data.route_field` (docs/teacher.md,
+    "Several teachers")."""
     shared_vocab_size: Optional[int] = None
     """Teacher and student TRUE vocabularies must match; name the shared prefix size here to
     distill between models whose embedding tables differ (e.g. 152064 vs 151936)."""
@@ -245,7 +251,7 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
     before anything heavy. Ordered so that every value is checked on its own before it
     enters a product or a division: the user sees the message about the key they set."""
     cfg.student.validate("student")
-    cfg.teacher.validate("teacher")
+    validate_teachers(cfg)
     for name in ("rollout", "train", "data", "checkpoint", "logging", "eval", "optim", "model",
                  "selection", "loss"):
         getattr(cfg, name).validate(f"{name}.")
@@ -256,7 +262,7 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
         if students == world_size:
             raise
         raise ValueError(f"{err} (the student's ranks: a world of {world_size} less the "
-                         f"teacher's own {world_size - students}, teacher.placement=separate)") from None
+                         f"teacher's own {world_size - students}, placement=separate)") from None
     _check_teacher_layout(cfg, world_size)
     _check_eval_logging(cfg)
     _check_logging_dirs(cfg)
@@ -280,7 +286,7 @@ def _check_multi_turn(cfg: RunConfig) -> None:
 
 def student_world_size(cfg: RunConfig, world_size: int) -> int:
     """The student's ranks: the whole world, less the teacher's own under `separate`."""
-    own = cfg.teacher.ranks(cfg.parallel)
+    own = teacher_ranks(cfg)
     if own and own >= world_size:
         raise ValueError(
             f"teacher.placement=separate takes {own} ranks (teacher tp x pp x dp) of a world of "
@@ -291,19 +297,22 @@ def student_world_size(cfg: RunConfig, world_size: int) -> int:
 
 def _check_teacher_signal(cfg: RunConfig) -> None:
     """`teacher.signal: topk` has its own loss op: loss.impl=unfused cannot apply to it."""
-    if cfg.teacher.signal == "topk" and cfg.loss.impl != "fused":
+    teacher = teachers_of(cfg)[0]  # topk: a single teacher (validate_teachers)
+    if teacher.signal == "topk" and cfg.loss.impl != "fused":
         raise ValueError(f"teacher.signal='topk' computes its own loss; loss.impl={cfg.loss.impl!r} "
                          "applies to teacher.signal='full' only (accepted with topk: 'fused')")
-    if cfg.teacher.signal == "topk" and cfg.loss.mix != "none":
+    if teacher.signal == "topk" and cfg.loss.mix != "none":
         raise ValueError(f"teacher.signal='topk' with loss.mix={cfg.loss.mix!r}: the per-token mix "
                          "runs in the full-vocabulary fused pass only; accepted with topk: loss.mix=none")
 
 
 def _check_teacher_layout(cfg: RunConfig, world_size: int) -> None:
-    """The teacher's own layout against its ranks (one line naming `teacher.parallel.*`)."""
-    layout = cfg.teacher.parallel.resolve(cfg.parallel)
-    ranks = cfg.teacher.ranks(cfg.parallel) or world_size
-    layout.validate(ranks, "teacher.parallel.")
+    """Each teacher's own layout against its ranks (one line naming `teacher.parallel.*`, or
+    `teachers[i].parallel.*`)."""
+    for i, teacher in enumerate(teachers_of(cfg)):
+        layout = teacher.parallel.resolve(cfg.parallel)
+        ranks = teacher.ranks(cfg.parallel) or (world_size - teacher_ranks(cfg))
+        layout.validate(ranks, f"teachers[{i}].parallel." if cfg.teachers else "teacher.parallel.")
 
 
 def _check_batch(cfg: RunConfig, dp: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from tip_megatron.data.sources import PromptFields
 from tip_megatron.runtime.typed_tree import at_least, check_seed
 
 
@@ -40,9 +41,17 @@ class DataConfig:
     """Global prompts per step (divided over data-parallel ranks)."""
     seed: int = 1234
     """Shuffle seed."""
+    route_field: Optional[str] = None
+    """Several teachers (`teachers:`): the prompt record field whose value picks the prompt's
+    teacher (`teachers[i].serves`); every record must have it (file and line named)."""
     allow_tokenizer_override: bool = False
     """Accept a `data.tokenizer` that differs from the one bundled with the student (its
     token ids would not mean what the student learned); off: such a run is refused."""
+
+    def prompt_fields(self) -> PromptFields:
+        """The record fields the prompt files are read with."""
+        return PromptFields(prompt=self.prompt_field, messages=self.messages_field,
+                            answer=self.answer_field, route=self.route_field)
 
     def validate(self, prefix: str = "data.") -> None:
         at_least(prefix, self, prompts_per_step=1, max_prompt_len=1)

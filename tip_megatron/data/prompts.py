@@ -111,22 +111,28 @@ class PromptDataset:
                                     "num_tokens", "max_prompt_tokens",
                                     "num_assistant_turns_dropped"), 0)
         self._crc32: int | None = None
+        self.route_where: dict[str, str] = {}
+        """`fields.route`: each route value -> the first "<file>, line <n>" that has it."""
         self._build()
 
     def _build(self) -> None:
         tokens, starts = array("i"), array("q", [0])
         files, lines, locs = array("i"), array("q"), array("q")
+        routes, values = array("i"), {}  # data.route_field: a code per prompt, value -> code
         for f, src in enumerate(self._sources):
             for chunk in _chunks(src.rows(), CHUNK_ROWS):
                 wheres = [src.where(line) for line, _, _ in chunk]
                 rows = [parse_row(row, self.fields, w, src.default_id(line))
                         for (line, _, row), w in zip(chunk, wheres)]
-                for (line, loc, _), w, ids in zip(chunk, wheres, self._tokenize(rows, wheres)):
+                for (line, loc, _), w, ids, row in zip(chunk, wheres, self._tokenize(rows, wheres), rows):
                     if not ids:
                         raise ValueError(f"{w}: the prompt tokenizes to no tokens")
                     ids = self._fit(ids)
                     if ids is None:
                         continue
+                    if row.route is not None:
+                        routes.append(values.setdefault(row.route, len(values)))
+                        self.route_where.setdefault(row.route, w)
                     tokens.extend(ids)
                     starts.append(len(tokens))
                     files.append(f)
@@ -137,6 +143,7 @@ class PromptDataset:
         self._tokens, self._files = np.frombuffer(tokens, np.int32), np.frombuffer(files, np.int32)
         self._starts, self._lines, self._locs = (np.frombuffer(a, np.int64)
                                                  for a in (starts, lines, locs))
+        self._routes, self.route_values = np.frombuffer(routes, np.int32), list(values)
         self.stats.update(num_kept=len(self._files), num_tokens=len(self._tokens))
         where = ", ".join(map(str, self.paths))
         if not self.stats["num_rows"]:
@@ -218,6 +225,13 @@ class PromptDataset:
         """Token ids of prompt `i` (memory only, no file read)."""
         self._check_index(i)
         return self._tokens[self._starts[i]:self._starts[i + 1]].tolist()
+
+    def route(self, i: int) -> str:
+        """The `fields.route` value of prompt `i` (memory only); KeyError without that field."""
+        self._check_index(i)
+        if not len(self._routes):
+            raise KeyError("the prompts were read without a route field (data.route_field)")
+        return self.route_values[self._routes[i]]
 
     def __getitem__(self, i: int) -> PromptRecord:
         return self.records([i])[0]

@@ -41,6 +41,7 @@ class PromptFields:
     answer: str = "answer"
     id: str = "id"
     tools: str = "tools"
+    route: str | None = None  # data.route_field (several teachers): required in every row
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Row:
     answer: str | None
     dropped_turns: int  # trailing assistant turns removed from `messages`
     tools: list[dict[str, Any]] | None = None  # tool schemas handed to the chat template
+    route: str | None = None  # the value of `PromptFields.route` (picks the prompt's teacher)
 
 
 def _check_messages(value: Any, field: str, where: str) -> list[dict[str, Any]]:
@@ -101,7 +103,17 @@ def parse_row(row: Any, fields: PromptFields, where: str, default_id: str) -> Ro
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ValueError(f"{where}: field {fields.tools!r} must be a list of tool schema objects "
                          f"(JSON objects), got {tools!r:.200}")
-    return Row(default_id if pid is None else str(pid), text, messages, answer, dropped, tools)
+    route = None
+    if fields.route is not None:
+        route = row.get(fields.route)
+        if route is None:
+            raise ValueError(f"{where}: no {fields.route!r} field (data.route_field: every record "
+                             f"names the value that picks its teacher; keys: {sorted(row)[:10]})")
+        if isinstance(route, bool) or not isinstance(route, (str, int)):
+            raise ValueError(f"{where}: field {fields.route!r} must be a string or integer "
+                             f"(data.route_field), got {type(route).__name__}")
+        route = str(route)
+    return Row(default_id if pid is None else str(pid), text, messages, answer, dropped, tools, route)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from tip_megatron.distill.mix import mixed_divergence, validate_mix
 from tip_megatron.tip import (
     SelectionConfig, TokenSignals, select_weighted, selection_labels, selection_metric_sums,
 )
+from tip_megatron.tip.metrics import teacher_metric_sums
 from tip_megatron.tip.normalize import RunningNorm
 
 LOSS_IMPLS = ("fused", "unfused")
@@ -145,6 +146,10 @@ class MicrobatchContext:
     target_ids: Optional[torch.Tensor] = None
     """[b, s] int64 id of the token position t predicts (the sampled token t+1; any id where
     target_mask is False); read only by signals that need it (`teacher_rank`)."""
+    teacher_parts: Optional[tuple] = None
+    """Several teachers: one `distill.teachers.TeacherPart` per teacher with rows in this
+    micro-batch (its rows, hidden states and output weight), used instead of
+    teacher_hidden / teacher_weight; None: one teacher."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,8 @@ class LossPathOutput:
     weights: Optional[torch.Tensor] = None
     """[b*s] float32 per-token weights of a weighted rule (0 outside `kept_mask`); None: a
     mask (every kept token weighs 1)."""
+    teacher_sums: Optional[dict] = None
+    """Several teachers: {name: its selection metric sums} (`tip.teacher_metric_sums`)."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,9 @@ class DistillSpec:
     teacher_signal: Optional[TopkSignal] = None
     """`teacher.signal: topk`: the kept tokens learn from the teacher's top-k (+ tail) through
     `ops.topk_divergence` (loss.impl does not apply); None: the exact full vocabulary."""
+    teacher_names: tuple[str, ...] = ()
+    """Several teachers: their names, in index order (per-teacher metric sums `teacher/<name>/*`
+    in each micro-batch's report); (): one teacher."""
 
 
 def teacher_states(ctx: MicrobatchContext) -> torch.Tensor:
@@ -197,6 +207,47 @@ def teacher_states(ctx: MicrobatchContext) -> torch.Tensor:
 def _flat(hidden: torch.Tensor) -> torch.Tensor:
     """[s, b, h] -> [b*s, h], batch-major like the [b, s] masks."""
     return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
+
+
+@dataclass(frozen=True)
+class _TeacherView:
+    """One teacher's tokens of a micro-batch, as the loss path reads them."""
+
+    flat: torch.Tensor
+    """[n_t*s, h_t] its hidden states of its rows, batch-major."""
+    weight: torch.Tensor
+    """[V/tp, h_t] its output-weight shard."""
+    tokens: Optional[torch.Tensor] = None
+    """[b*s] bool: the micro-batch's tokens it scored; None: all (one teacher)."""
+    local: Optional[torch.Tensor] = None
+    """[b*s] int64 row of `flat` holding each of its tokens (-1 elsewhere); None: identity."""
+
+
+def _teacher_views(ctx: MicrobatchContext, device) -> list[_TeacherView]:
+    """The micro-batch's teachers: one view over every token, or one per `TeacherPart`."""
+    if ctx.teacher_parts is None:
+        return [_TeacherView(_flat(teacher_states(ctx)), ctx.teacher_weight)]
+    b, s = ctx.target_mask.shape
+    views = []
+    for part in ctx.teacher_parts:
+        rows = part.rows.to(device)
+        local_row = torch.full((b,), -1, dtype=torch.int64, device=device)
+        local_row[rows] = torch.arange(rows.numel(), device=device)
+        cols = torch.arange(s, device=device)
+        local = torch.where(local_row[:, None] >= 0, local_row[:, None] * s + cols, -1).reshape(-1)
+        views.append(_TeacherView(_flat(part.states()), part.weight, local >= 0, local))
+    return views
+
+
+def token_teacher_ids(ctx: MicrobatchContext, device) -> Optional[torch.Tensor]:
+    """[b*s] int64 teacher index of each token (several teachers); None: one teacher."""
+    if ctx.teacher_parts is None:
+        return None
+    b, s = ctx.target_mask.shape
+    row_teacher = torch.zeros(b, dtype=torch.int64, device=device)
+    for part in ctx.teacher_parts:
+        row_teacher[part.rows.to(device)] = part.index
+    return row_teacher.repeat_interleave(s)
 
 
 #: The signals `score_tokens` returns, in order: always the first four, then those asked for.
@@ -220,7 +271,7 @@ def _chunk_signals(student, teacher, spec: DistillSpec, extra: tuple, token_ids)
 
 @torch.no_grad()
 def score_tokens(hidden_flat, weight, teacher_flat, teacher_weight, positions, spec: DistillSpec,
-                 *, student_rows=None, target_ids=None):
+                 *, student_rows=None, target_ids=None, teacher_rows=None):
     """[BASE_SIGNALS + extra signals] tuple of [n] for the rows `positions` (chunked); the
     extra ones (`extra_signals(spec)`) only when the selection reads them.
 
@@ -228,18 +279,21 @@ def score_tokens(hidden_flat, weight, teacher_flat, teacher_weight, positions, s
     `positions` (default: `positions` themselves). The generation engine's kept hidden
     states ([response tokens, h], `Rollouts.response_hidden`) are read this way, one
     chunk at a time: nothing of the micro-batch's size is copied.
-    target_ids: [b*s] ids each position predicts (needed by `teacher_rank`)."""
+    target_ids: [b*s] ids each position predicts (needed by `teacher_rank`).
+    teacher_rows: [n] rows of `teacher_flat` of each position (default: `positions`)."""
     parts = []
     chunk = spec.loss.score_chunk_size
     extra = extra_signals(spec)
     rows = positions if student_rows is None else student_rows.to(hidden_flat.device)
+    t_rows = positions if teacher_rows is None else teacher_rows
     if rows.numel() != positions.numel():
         raise ValueError(f"{rows.numel()} student rows for {positions.numel()} scored positions")
     for start in range(0, positions.numel(), chunk):
         idx = positions[start:start + chunk]
         ids = None if target_ids is None else target_ids[idx].clamp(0, spec.vocab_size - 1)
         parts.append(torch.stack(_chunk_signals(
-            hidden_flat[rows[start:start + chunk]] @ weight.t(), teacher_flat[idx] @ teacher_weight.t(),
+            hidden_flat[rows[start:start + chunk]] @ weight.t(),
+            teacher_flat[t_rows[start:start + chunk]] @ teacher_weight.t(),
             spec, extra, ids)))
     if not parts:
         return (hidden_flat.new_zeros(0, dtype=torch.float32),) * (len(BASE_SIGNALS) + len(extra))
@@ -255,22 +309,28 @@ def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec
     """(signals over all [b*s] positions, whether every statistic was finite); statistics
     are computed for target positions only (`student_rows`: see `score_tokens`)."""
     target = ctx.target_mask.reshape(-1).to(hidden_flat.device)
-    positions = target.nonzero().squeeze(1)
-    teacher_flat = _flat(teacher_states(ctx))
+    all_positions = target.nonzero().squeeze(1)
     target_ids = None if ctx.target_ids is None else ctx.target_ids.reshape(-1).to(target.device)
-    scored = score_tokens(hidden_flat, weight, teacher_flat, ctx.teacher_weight, positions, spec,
-                          student_rows=student_rows, target_ids=target_ids)
     names = BASE_SIGNALS + extra_signals(spec)
     full = {n: torch.zeros(target.numel(), dtype=torch.float32, device=target.device) for n in names}
-    finite = all(bool(torch.isfinite(x).all()) for x in scored)
-    for name, src in zip(names, scored):
-        # KL and entropy >= 0 (clamps fp32 rounding); non-finite values (diverged weights)
-        # become 0 so selection runs, and `finite` tells the trainer to skip the update.
-        full[name][positions] = torch.nan_to_num(src, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+    finite = True
+    for view in _teacher_views(ctx, target.device):
+        positions = all_positions if view.tokens is None else all_positions[view.tokens[all_positions]]
+        student = None if student_rows is None else (
+            student_rows if view.tokens is None else student_rows[view.tokens[all_positions]])
+        scored = score_tokens(hidden_flat, weight, view.flat, view.weight, positions, spec,
+                              student_rows=student, target_ids=target_ids,
+                              teacher_rows=None if view.local is None else view.local[positions])
+        finite = finite and all(bool(torch.isfinite(x).all()) for x in scored)
+        for name, src in zip(names, scored):
+            # KL and entropy >= 0 (clamps fp32 rounding); non-finite values (diverged weights)
+            # become 0 so selection runs, and `finite` tells the trainer to skip the update.
+            full[name][positions] = torch.nan_to_num(src, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
     full["entropy_norm"] = full["entropy_norm"].clamp_max(1.0)
     seq = ctx.target_mask.shape[1]
     rollout = ctx.rollout_ids.to(target.device).repeat_interleave(seq)
-    return TokenSignals(**full, response_mask=target, rollout_ids=rollout), finite
+    return TokenSignals(**full, response_mask=target, rollout_ids=rollout,
+                        teacher_ids=token_teacher_ids(ctx, target.device)), finite
 
 
 def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec,
@@ -287,23 +347,38 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
     sequence_parallel: `hidden_flat` comes from `gather_sequence`, whose backward
     reduce-scatters the hidden state's gradient; the loss op must not all-reduce it too.
     """
-    idx = kept.nonzero().squeeze(1)
-    teacher_kept = _flat(teacher_states(ctx)).index_select(0, idx)
     fn = fused_linear_divergence if spec.loss.impl == "fused" else unfused_linear_divergence
-    kwargs = {"chunk_size": spec.loss.chunk_size} if spec.loss.impl == "fused" else {}
+    base = {"chunk_size": spec.loss.chunk_size} if spec.loss.impl == "fused" else {}
     if spec.teacher_signal is not None:  # comparison mode: the teacher truncated to its top-k
-        fn, kwargs = topk_linear_divergence, {"chunk_size": spec.loss.chunk_size,
-                                              "signal": spec.teacher_signal}
-    if weights is not None:
-        kwargs["token_weights"] = weights.to(idx.device).index_select(0, idx)
-    divergence = Divergence(spec.loss.divergence, spec.loss.jsd_beta)
-    if spec.loss.mix != "none":  # refused with teacher.signal=topk (config)
-        if signals is None:
-            raise ValueError("loss.mix needs the micro-batch's signals (kept_loss(signals=...))")
-        divergence = mixed_divergence(spec.loss, signals, kept)
-    return fn(hidden_flat.index_select(0, idx), weight, teacher_kept, ctx.teacher_weight,
-              tp_group=spec.tp_group, vocab_size=spec.vocab_size,
-              reduce_hidden_grad=not sequence_parallel, divergence=divergence, **kwargs)
+        fn, base = topk_linear_divergence, {"chunk_size": spec.loss.chunk_size,
+                                            "signal": spec.teacher_signal}
+    if spec.loss.mix != "none" and signals is None:  # refused with teacher.signal=topk (config)
+        raise ValueError("loss.mix needs the micro-batch's signals (kept_loss(signals=...))")
+    views = _teacher_views(ctx, kept.device)
+    if len(views) > 1:  # several teachers: each one's kept tokens, in token order overall
+        order = torch.cumsum(kept.long(), 0) - 1
+        token_loss = None
+        loss_sum = None
+    for view in views:
+        mine = kept if view.tokens is None else kept & view.tokens
+        idx = mine.nonzero().squeeze(1)
+        rows = idx if view.local is None else view.local[idx]
+        kwargs = dict(base)
+        if weights is not None:
+            kwargs["token_weights"] = weights.to(idx.device).index_select(0, idx)
+        divergence = Divergence(spec.loss.divergence, spec.loss.jsd_beta)
+        if spec.loss.mix != "none":
+            divergence = mixed_divergence(spec.loss, signals, mine)
+        out = fn(hidden_flat.index_select(0, idx), weight, view.flat.index_select(0, rows), view.weight,
+                 tp_group=spec.tp_group, vocab_size=spec.vocab_size,
+                 reduce_hidden_grad=not sequence_parallel, divergence=divergence, **kwargs)
+        if len(views) == 1:
+            return out
+        if token_loss is None:
+            token_loss = out[1].new_zeros(int(kept.sum()))
+        token_loss[order[idx]] = out[1]
+        loss_sum = out[0] if loss_sum is None else loss_sum + out[0]
+    return loss_sum, token_loss
 
 
 def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[torch.Tensor, bool]:
@@ -350,8 +425,12 @@ def make_output_processor(spec: DistillSpec):
                                          weights=weights, signals=signals)
         if weights is not None:  # the metrics' loss shares split the weighted loss
             token_loss = token_loss * weights.to(token_loss.device)[kept].to(token_loss.dtype)
+        per_teacher = None
+        if spec.teacher_names:
+            sums = teacher_metric_sums(signals, kept, labels, token_loss, len(spec.teacher_names))
+            per_teacher = dict(zip(spec.teacher_names, sums))
         return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels, token_loss),
-                              labels, finite, weights)
+                              labels, finite, weights, per_teacher)
 
     return output_processor
 
@@ -401,6 +480,8 @@ def make_loss_func(results: list):
                                           torch.tensor(weight_sum, dtype=torch.float64,
                                                        device=out.loss_sum.device)])}
         report.update({f"tip/{k}": v.detach() for k, v in out.metric_sums.items()})
+        for name, sums in (out.teacher_sums or {}).items():
+            report.update({f"teacher/{name}/{k}": v.detach() for k, v in sums.items()})
         results.append(MicrobatchResult(out.signals, out.kept_mask, out.labels, report, out.finite,
                                         out.weights))
         return out.loss_sum, torch.tensor(num_kept, dtype=torch.int, device=out.loss_sum.device), report

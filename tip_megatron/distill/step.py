@@ -38,6 +38,8 @@ class Microbatch:
     """[b, s] bool: the token at t+1 is a response token (position t is in the loss)."""
     rollout_ids: torch.Tensor
     """[b] int64 global rollout ids."""
+    teacher_ids: Optional[torch.Tensor] = None
+    """[b] int64 index of each row's teacher (several teachers, `teachers:`); None: one teacher."""
 
 
 class ScheduleShape(NamedTuple):

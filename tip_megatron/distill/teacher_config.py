@@ -3,9 +3,18 @@ own parallel layout, and where its ranks are (`placement`). docs/teacher.md has 
 path and the memory per rank of each placement.
 
     teacher: {ckpt: ckpt/qwen3-8b, parallel: {tp: 2}, placement: separate}
+
+Several teachers (`teachers:`, a list of the same sections plus `name`, `serves` and
+`default`): each prompt goes to the teacher whose `serves` lists the value of its
+`data.route_field` (docs/teacher.md, "Several teachers").
+
+    teachers: [{name: math, ckpt: ckpt/math, serves: [math]},
+               {name: code, ckpt: ckpt/code, serves: [code], default: true}]
 """
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -75,6 +84,14 @@ class TeacherConfig(ModelSource):
     topk_tail: bool = True
     """`signal: topk`: add one class holding the remaining probability mass of each model;
     false: both distributions renormalised over the k tokens."""
+    name: str = "teacher"
+    """`teachers:` entries: the teacher's name in metrics, logs and errors (unique)."""
+    serves: tuple[str, ...] = ()
+    """`teachers:` entries: the values of the prompt field `data.route_field` this teacher
+    scores (a rollout is scored by its prompt's teacher only)."""
+    default: bool = False
+    """`teachers:` entries: this teacher also takes every route value no teacher lists (at
+    most one default; without one, an unlisted value stops the run naming file and line)."""
 
     def validate(self, name: str = "teacher") -> None:
         super().validate(name)
@@ -93,6 +110,9 @@ class TeacherConfig(ModelSource):
             raise ValueError(f"{name}.queue_depth={self.queue_depth!r}: must be an integer >= 1")
         if self.signal not in SIGNALS:
             raise ValueError(f"{name}.signal={self.signal!r}: accepted values are {list(SIGNALS)}")
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError(f"{name}.name={self.name!r}: letters, digits, '_', '-' or '.' (it names "
+                             "the teacher's metrics)")
         try:
             TopkSignal(self.topk, self.topk_tail)  # one-line errors naming teacher.topk / topk_tail
         except ValueError as err:
@@ -121,3 +141,63 @@ class TeacherConfig(ModelSource):
         mine = self.parallel.resolve(student)
         return (mine.tp, mine.pp, mine.vpp, mine.sequence_parallel) != (
             student.tp, student.pp, student.vpp, student.sequence_parallel)
+
+
+def teachers_of(cfg) -> tuple[TeacherConfig, ...]:
+    """The run's teachers: `teachers:` when given, else the single `teacher:` (a list of
+    one serving every prompt)."""
+    return tuple(cfg.teachers) or (cfg.teacher,)
+
+
+def separate_teacher(cfg) -> Optional[TeacherConfig]:
+    """The teacher on ranks of its own (`placement: separate`), or None. At most one (the
+    job has one teacher world, checked by `validate_teachers`)."""
+    return next((t for t in teachers_of(cfg) if t.separate), None)
+
+
+def teacher_ranks(cfg) -> int:
+    """Ranks of the job that are a teacher's own (0: every teacher on the student's ranks)."""
+    t = separate_teacher(cfg)
+    return t.ranks(cfg.parallel) if t is not None else 0
+
+
+def validate_teachers(cfg) -> None:
+    """`teachers:` against `teacher:` and `data.route_field` (one line each). Each entry's own
+    keys are checked by `TeacherConfig.validate("teachers[i]")`."""
+    if not cfg.teachers:
+        cfg.teacher.validate("teacher")
+        return
+    if cfg.teacher != TeacherConfig():
+        raise ValueError("both `teacher:` and `teachers:` are set: give one (a single teacher is "
+                         "`teacher:`, or `teachers:` with one entry)")
+    names = [t.name for t in cfg.teachers]
+    for i, t in enumerate(cfg.teachers):
+        t.validate(f"teachers[{i}]")
+        if t.name in names[:i]:
+            raise ValueError(f"teachers[{i}].name={t.name!r}: two teachers have this name; names "
+                             "must be unique (they name the metrics)")
+    defaults = [t.name for t in cfg.teachers if t.default]
+    if len(defaults) > 1:
+        raise ValueError(f"teachers: {defaults} all have default: true; at most one teacher takes "
+                         "the route values no teacher lists")
+    seen: dict = {}
+    for t in cfg.teachers:
+        for value in t.serves:
+            if value in seen:
+                raise ValueError(f"teachers: route value {value!r} is served by both {seen[value]!r} "
+                                 f"and {t.name!r}; each value goes to one teacher")
+            seen[value] = t.name
+    if len(cfg.teachers) > 1 and not cfg.data.route_field:
+        raise ValueError(f"teachers: {len(cfg.teachers)} teachers need data.route_field (the prompt "
+                         "record field whose value picks each prompt's teacher, e.g. `domain`)")
+    separate = [t.name for t in cfg.teachers if t.separate]
+    if len(separate) > 1:
+        raise ValueError(f"teachers: {separate} are all placement=separate; this version runs at "
+                         "most one teacher on ranks of its own (the others: placement=shared)")
+    if len(cfg.teachers) > 1 and any(t.signal != "full" for t in cfg.teachers):
+        raise ValueError("teachers: signal=topk is a single-teacher comparison mode; accepted with "
+                         "several teachers: signal=full")
+    for t in cfg.teachers:
+        if not t.serves and not t.default:
+            warnings.warn(f"teachers: {t.name!r} serves no route value and is not the default: it "
+                          "will score nothing", stacklevel=2)

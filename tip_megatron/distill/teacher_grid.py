@@ -47,6 +47,9 @@ class LinkSpec:
     separate: bool = False
     """The teacher's ranks are its own: after each step they tell the student's rank 0
     whether a stop signal reached them (`teacher_signal`)."""
+    tag_base: int = 0
+    """Added to every message tag of this link (several teachers: one range each, so two
+    links between the same pair of ranks never match each other's messages)."""
 
 
 def spec_grids(spec: LinkSpec) -> tuple[Grid, Grid, LinkSpec]:

@@ -104,7 +104,7 @@ class TeacherLink:
             self._local[(key, tag)] = tensor
             return None
         staged = tensor.detach().to(self.bridge.device).contiguous()  # gloo: host memory
-        return self.bridge.isend(staged, dst, tag), staged, dst
+        return self.bridge.isend(staged, dst, self.spec.tag_base + tag), staged, dst
 
     def _recv_into(self, buffer: torch.Tensor, src: int, tag: int, key):
         """(work or None, host buffer); a message from this rank is taken from memory."""
@@ -112,7 +112,7 @@ class TeacherLink:
             buffer.copy_(self._local.pop((key, tag)))
             return None, buffer
         host = buffer if buffer.device == self.bridge.device else torch.empty_like(buffer, device=self.bridge.device)
-        return self.bridge.irecv(host, src, tag), host
+        return self.bridge.irecv(host, src, self.spec.tag_base + tag), host
 
     def _recv(self, shape, dtype, src: int, tag: int, key) -> torch.Tensor:
         buffer = torch.empty(shape, dtype=dtype)
@@ -173,7 +173,7 @@ class TeacherLink:
         if self.spec.separate and self.me == 0:  # each teacher rank's signal flag, after its step
             for src in range(self.spec.teacher.offset, self.spec.teacher.offset + self._teacher_ranks()):
                 flag = torch.zeros(1, dtype=torch.int64)
-                self._signals.append((self.bridge.irecv(flag, src, _SIGNAL), flag, src))
+                self._signals.append((self.bridge.irecv(flag, src, self.spec.tag_base + _SIGNAL), flag, src))
         if self.t is not None:
             self.serve_once(teacher_chunks)
         for work, _, dst in sends:
@@ -198,7 +198,7 @@ class TeacherLink:
     def stop(self) -> None:
         """The student's last word to the teacher ranks (after its last step or save)."""
         if self._is_sender():
-            sends = [self._send(torch.tensor([STOP, 0, 0]), dst, _HEADER, ("in", self.s.dp_rank, j))
+            sends = [self._send(torch.tensor([STOP, 0, 0, 0]), dst, _HEADER, ("in", self.s.dp_rank, j))
                      for j in range(self.spec.teacher.dp) for dst in self.spec.teacher.replica(j)]
             for out in sends:
                 if out:
@@ -210,10 +210,11 @@ class TeacherLink:
     def _send_inputs(self, microbatches: Sequence[Microbatch]) -> list:
         d, spec = self.s.dp_rank, self.spec
         sends = []
+        m = len(microbatches)  # <= M; fewer (or none) when several teachers share the rows
+        b, s = microbatches[0].input_ids.shape if m else (0, 0)
         for j in range(spec.teacher.dp):
-            mine = [i for i in range(len(microbatches)) if (d * spec.microbatches + i) % spec.teacher.dp == j]
-            b, s = microbatches[0].input_ids.shape
-            header = torch.tensor([len(mine), b, s])
+            mine = [i for i in range(m) if (d * spec.microbatches + i) % spec.teacher.dp == j]
+            header = torch.tensor([len(mine), b, s, m])
             ids = torch.stack([microbatches[i].input_ids for i in mine]) if mine else None
             pos = torch.stack([microbatches[i].position_ids for i in mine]) if mine else None
             for dst in spec.teacher.replica(j):
@@ -259,7 +260,7 @@ class TeacherLink:
         for d in range(spec.student.dp):
             src = spec.student.rank(0, 0, d)
             key = ("in", d, j, self.me)
-            n, b, s = self._recv((3,), torch.int64, src, _HEADER, key).tolist()
+            n, b, s, m = self._recv((4,), torch.int64, src, _HEADER, key).tolist()
             if n == STOP:
                 stopped = True
                 continue
@@ -267,7 +268,7 @@ class TeacherLink:
                 continue
             ids = self._recv((n, b, s), torch.int64, src, _IDS, key)
             pos = self._recv((n, b, s), torch.int64, src, _POS, key)
-            owned = [i for i in range(spec.microbatches) if (d * spec.microbatches + i) % spec.teacher.dp == j]
+            owned = [i for i in range(m) if (d * spec.microbatches + i) % spec.teacher.dp == j]
             items.extend((d * spec.microbatches + i, d, ids[k], pos[k]) for k, i in enumerate(owned))
         if stopped:
             return False
@@ -324,7 +325,7 @@ class _Window:
         while self.posted < len(self.items) and self.posted <= index + self.ahead:
             item = self.items[self.posted]
             buffer = torch.empty(item.shape, dtype=spec.dtype, device=link.bridge.device)
-            item.post(buffer, link.bridge.irecv(buffer, item.src, _HIDDEN))
+            item.post(buffer, link.bridge.irecv(buffer, item.src, spec.tag_base + _HIDDEN))
             link.received_bytes += buffer.nbytes
             self.posted += 1
 

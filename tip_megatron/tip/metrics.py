@@ -12,6 +12,7 @@ the forward KL or the JSD; the loss op's per-token values, `token_loss`) if kept
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
@@ -60,6 +61,24 @@ def selection_metric_sums(
     return {k: sums[k].double() for k in METRIC_SUM_KEYS}
 
 
+def teacher_metric_sums(
+    signals: TokenSignals, kept_mask: torch.Tensor, labels: torch.Tensor,
+    token_loss: Optional[torch.Tensor], num_teachers: int,
+) -> list[dict[str, torch.Tensor]]:
+    """`selection_metric_sums` of each teacher's tokens (`signals.teacher_ids`), in index
+    order; a teacher without tokens here gets zeros (every rank reports every teacher)."""
+    if signals.teacher_ids is None:
+        raise ValueError("teacher_metric_sums: the signals carry no teacher_ids (one teacher)")
+    loss = _token_loss(signals, kept_mask, token_loss)
+    out = []
+    for t in range(num_teachers):
+        mine = signals.teacher_ids == t
+        part = replace(signals, response_mask=signals.response_mask & mine)
+        kept = kept_mask & mine
+        out.append(selection_metric_sums(part, kept, labels, loss[kept]))
+    return out
+
+
 def _token_loss(signals: TokenSignals, kept_mask: torch.Tensor, token_loss) -> torch.Tensor:
     """[tokens] float64 loss of each token (0 where not kept)."""
     if token_loss is None:
@@ -91,6 +110,21 @@ def all_reduce_metric_sums(
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
     """num / den as a float; NaN when den is 0 (the quantity is undefined, not zero)."""
     return float(num / den) if float(den) != 0.0 else float("nan")
+
+
+def finalize_teachers(sums: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+    """`teacher/<name>/<metric>` for each teacher's summed sums: `finalize`'s metrics, plus
+    `loss_share` (its part of the step's loss sum) and `tokens_share` (of response tokens)."""
+    loss = {n: sum(s[f"loss_{q}"] for q in _Q) for n, s in sums.items()}
+    total_loss = sum(loss.values())
+    total_tokens = sum(s["num_response"] for s in sums.values())
+    out = {}
+    for name, s in sums.items():
+        row = finalize(s)
+        row["loss_share"] = _ratio(loss[name], total_loss)
+        row["tokens_share"] = _ratio(s["num_response"], total_tokens)
+        out.update({f"teacher/{name}/{k}": v for k, v in row.items()})
+    return out
 
 
 def finalize(sums: dict[str, torch.Tensor]) -> dict[str, float]:

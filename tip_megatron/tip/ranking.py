@@ -142,25 +142,40 @@ def _all_gather_rows(
 def keep_top_global(
     rankings: Sequence[Ranking], parts: Sequence[TokenSignals],
     dp_group: Optional[dist.ProcessGroup], min_keep: int,
+    groups: Optional[Sequence[torch.Tensor]] = None,
 ) -> list[torch.Tensor]:
     """Kept masks of this rank's micro-batches, counted over the global batch.
 
     Collectives on `dp_group`: the eligible tokens' (key, secondary) and (rollout id,
     response index) are all-gathered — `[eligible tokens]`-sized — and every rank ranks
     the same rows identically, then reads back its own slice.
+
+    groups: per part, `[tokens]` int64 in [0, num_groups): count floor(rho x m_g) within
+    each group of the global batch (`selection.budget_per_teacher`); None: one group. The
+    number of groups is agreed over `dp_group` (a rank may hold no token of a group).
     """
+    if groups is None:
+        groups = [torch.zeros(p.num_tokens, dtype=torch.int64, device=p.device) for p in parts]
+        num_groups = 1
+    else:
+        top = torch.tensor([max((int(g.max()) for g in groups if g.numel()), default=0)])
+        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            top = top.to(parts[0].device)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=dp_group)
+        num_groups = int(top.item()) + 1
     local = [_rows(r, p) for r, p in zip(rankings, parts)]
     floats = torch.cat([torch.stack(f[:2], 1) for _, f in local])
-    ints = torch.cat([torch.stack(f[2:], 1) for _, f in local])
+    ints = torch.cat([torch.stack([g[rows], *f[2:]], 1) for (rows, f), g in zip(local, groups)])
     floats_all, offset = _all_gather_rows(floats, dp_group)
     ints_all, _ = _all_gather_rows(ints, dp_group)
-    m_local = torch.tensor([sum(int(p.response_mask.sum()) for p in parts)], device=floats.device)
-    m = all_reduce_sum(m_local, dp_group)
-    n_eligible = torch.tensor([ints_all.shape[0]], device=m.device)
+    m_local = sum(torch.bincount(g[p.response_mask], minlength=num_groups)
+                  for g, p in zip(groups, parts))
+    m = all_reduce_sum(m_local.to(floats.device), dp_group)
+    group_all = ints_all[:, 0]
+    n_eligible = torch.bincount(group_all, minlength=num_groups).to(m.device)
     k = torch.minimum(counts_to_keep(rankings[0].fraction, m, min_keep), n_eligible)
-    one_group = torch.zeros(ints_all.shape[0], dtype=torch.int64, device=floats.device)
-    rank = rank_within_groups(one_group, *floats_all.unbind(1), *ints_all.unbind(1))
-    mine = (rank < k)[offset: offset + floats.shape[0]]
+    rank = rank_within_groups(group_all, *floats_all.unbind(1), *ints_all[:, 1:].unbind(1))
+    mine = (rank < k[group_all])[offset: offset + floats.shape[0]]
     out, start = [], 0
     for (rows, _), p in zip(local, parts):
         kept = torch.zeros(p.num_tokens, dtype=torch.bool, device=p.device)

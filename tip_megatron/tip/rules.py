@@ -160,6 +160,11 @@ class SelectionConfig:
     no batch statistics)."""
     normalize_decay: float = 0.9
     """`running`: weight of the previous average, in [0, 1) (0: this step's batch only)."""
+    budget_per_teacher: bool = False
+    """Several teachers (`teachers:`): count rho within each teacher's tokens of a count
+    group (floor(rho x m_t) per teacher) instead of over the group as a whole, so one
+    teacher's disagreements cannot take the whole budget. Scopes `microbatch` and `global`;
+    per-rollout counting is per teacher already (docs/teacher.md, "Several teachers")."""
 
     def __post_init__(self) -> None:
         self.validate()  # built directly by the engine and tests too, not only from a config
@@ -181,6 +186,8 @@ class SelectionConfig:
         if self.scope != AUTO_SCOPE and self.scope not in SCOPES:
             raise ValueError(f"{prefix}scope={self.scope!r}: accepted values are "
                              f"{[AUTO_SCOPE, *SCOPES]}")
+        if not isinstance(self.budget_per_teacher, bool):
+            raise ValueError(f"{prefix}budget_per_teacher={self.budget_per_teacher!r}: must be true or false")
         if not isinstance(self.rescore_each_update, bool):
             raise ValueError(f"{prefix}rescore_each_update={self.rescore_each_update!r}: "
                              "must be true or false")

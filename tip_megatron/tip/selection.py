@@ -33,6 +33,14 @@ def _rollout_groups(signals: TokenSignals) -> torch.Tensor:
     return torch.unique(signals.rollout_ids, return_inverse=True)[1]
 
 
+def budget_groups(config: SelectionConfig, signals: TokenSignals) -> torch.Tensor:
+    """`[tokens]` int64 count group of each token below the scope: its teacher under
+    `selection.budget_per_teacher` with several teachers, else one group (0)."""
+    if config.budget_per_teacher and signals.teacher_ids is not None:
+        return signals.teacher_ids
+    return torch.zeros(signals.num_tokens, dtype=torch.int64, device=signals.device)
+
+
 def _rank(config: SelectionConfig, signals: TokenSignals, step: int,
           norm_stats: Optional[NormStats]) -> Ranking:
     ranking = RULES[config.rule](RuleInputs(signals, config, step, norm_stats))
@@ -71,7 +79,7 @@ def select_weighted(
     if ranking.per_rollout or config.effective_scope == "rollout":
         group = _rollout_groups(signals)
     elif config.effective_scope == "microbatch":
-        group = torch.zeros(signals.num_tokens, dtype=torch.int64, device=signals.device)
+        group = budget_groups(config, signals)
     else:
         raise ValueError(f"rule {config.rule!r} with scope 'global' counts over the global "
                          "batch: use select_global")
@@ -135,6 +143,8 @@ def select_global_weighted(
     elif rankings[0].per_rollout:
         kept = [keep_top(r, p, _rollout_groups(p), config.min_keep) for r, p in zip(rankings, parts)]
     else:
-        kept = keep_top_global(rankings, parts, dp_group, config.min_keep)
+        groups = [budget_groups(config, p) for p in parts]
+        kept = keep_top_global(rankings, parts, dp_group, config.min_keep,
+                               groups if config.budget_per_teacher else None)
     pairs = [apply_weights(r, k) for r, k in zip(rankings, kept)]
     return [m for m, _ in pairs], [w for _, w in pairs], stats, running

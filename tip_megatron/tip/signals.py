@@ -41,12 +41,15 @@ class TokenSignals:
     teacher_rank: Optional[torch.Tensor] = None
     """Rank of the sampled (student-proposed) token under the teacher, float (0 = the
     teacher's argmax; ties by lower id first; `ops.vocab_parallel_rank`); None unless read."""
+    teacher_ids: Optional[torch.Tensor] = None
+    """int64 index of the teacher that scored each token (several teachers, `teachers:`);
+    None: one teacher. `selection.budget_per_teacher` counts rho within each."""
 
     def __post_init__(self) -> None:
         n = self.entropy_norm.shape
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name in OPTIONAL_SIGNALS:
+            if value is None and f.name in OPTIONAL_SIGNALS + ("teacher_ids",):
                 continue
             if not isinstance(value, torch.Tensor) or value.dim() != 1:
                 raise ValueError(f"TokenSignals.{f.name}: must be a 1-D [tokens] tensor")
@@ -68,6 +71,8 @@ class TokenSignals:
         if self.response_mask.dtype != torch.bool:
             raise ValueError(f"TokenSignals.response_mask: must be bool, "
                              f"got {self.response_mask.dtype}")
+        if self.teacher_ids is not None and self.teacher_ids.dtype != torch.int64:
+            raise ValueError(f"TokenSignals.teacher_ids: must be int64, got {self.teacher_ids.dtype}")
         if self.rollout_ids.dtype != torch.int64:
             raise ValueError(f"TokenSignals.rollout_ids: must be int64, "
                              f"got {self.rollout_ids.dtype}")

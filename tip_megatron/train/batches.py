@@ -12,6 +12,8 @@ generated": target_mask[:, t] = response_mask[:, t+1] (the last position has no 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from tip_megatron.distill.step import Microbatch
@@ -26,9 +28,10 @@ def target_mask(response_mask: torch.Tensor) -> torch.Tensor:
 
 def make_microbatches(
     token_ids: torch.Tensor, response_mask: torch.Tensor, rollout_ids: torch.Tensor,
-    micro_batch_size: int, seq_multiple: int = 1,
+    micro_batch_size: int, seq_multiple: int = 1, teacher_ids: Optional[torch.Tensor] = None,
 ) -> list[Microbatch]:
-    """Cut this rank's rollouts into micro-batches of `micro_batch_size` rows.
+    """Cut this rank's rollouts into micro-batches of `micro_batch_size` rows
+    (`teacher_ids`: [B] each row's teacher, several teachers; None: one).
 
     `seq_multiple`: right-pad the length to a multiple of it (sequence parallelism splits
     the sequence over TP ranks); padded positions are in no loss, and causal attention
@@ -50,6 +53,7 @@ def make_microbatches(
             position_ids=positions[i:i + micro_batch_size].contiguous(),
             target_mask=targets[i:i + micro_batch_size].contiguous(),
             rollout_ids=rollout_ids[i:i + micro_batch_size].contiguous(),
+            teacher_ids=None if teacher_ids is None else teacher_ids[i:i + micro_batch_size].contiguous(),
         )
         for i in range(0, rows, micro_batch_size)
     ]
@@ -69,9 +73,11 @@ def update_rows(rollout_ids: torch.Tensor, updates: int) -> list[torch.Tensor]:
 def update_microbatches(
     token_ids: torch.Tensor, response_mask: torch.Tensor, rollout_ids: torch.Tensor,
     updates: int, micro_batch_size: int, seq_multiple: int = 1,
+    teacher_ids: Optional[torch.Tensor] = None,
 ) -> list[list[Microbatch]]:
     """This replica's micro-batches of each update (see `update_rows`)."""
     return [make_microbatches(token_ids[rows], response_mask[rows], rollout_ids[rows],
-                              micro_batch_size, seq_multiple=seq_multiple)
+                              micro_batch_size, seq_multiple=seq_multiple,
+                              teacher_ids=None if teacher_ids is None else teacher_ids[rows])
             for rows in update_rows(rollout_ids, updates)]
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from tip_megatron.runtime.device import default_backend
 from tip_megatron.tip import all_reduce_metric_sums, finalize, sum_metric_sums
+from tip_megatron.tip.metrics import finalize_teachers
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,14 @@ logger = logging.getLogger(__name__)
 def reduce_reports(reports: Sequence[dict], dp_group) -> dict:
     """Sum this rank's micro-batch reports, all-reduce over DP, finalize ratios once."""
     loss = torch.zeros(3, dtype=torch.float64)  # loss_sum, num_kept, weight_sum
-    tip_parts = []
+    tip_parts, teacher_parts = [], {}
     for r in reports:
         loss += r["distill"].double().cpu()
         tip_parts.append({k[4:]: v.double().cpu() for k, v in r.items() if k.startswith("tip/")})
+        for k, v in r.items():  # several teachers: teacher/<name>/<sum>
+            if k.startswith("teacher/"):
+                name, key = k[8:].rsplit("/", 1)
+                teacher_parts.setdefault(name, []).append({key: v.double().cpu()})
     if dist.get_world_size(dp_group) > 1:
         dist.all_reduce(loss, group=dp_group)
     sums = all_reduce_metric_sums(sum_metric_sums(tip_parts), dp_group) if tip_parts else {}
@@ -41,6 +46,15 @@ def reduce_reports(reports: Sequence[dict], dp_group) -> dict:
     out = {"loss": float(loss[0] / loss[2]) if loss[2] > 0 else float("nan"),
            "loss_sum": float(loss[0]), "num_kept": int(loss[1]), "weight_sum": float(loss[2])}
     out.update({k: float(v) for k, v in finalize(sums).items()} if sums else {})
+    if teacher_parts:  # every rank reports every teacher in the same order
+        teacher_sums = {}
+        for name, parts in teacher_parts.items():
+            merged: dict = {}
+            for p in parts:
+                for key, v in p.items():
+                    merged[key] = merged.get(key, 0) + v
+            teacher_sums[name] = all_reduce_metric_sums(merged, dp_group)
+        out.update(finalize_teachers(teacher_sums))
     return out
 
 

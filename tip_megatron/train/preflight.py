@@ -25,6 +25,8 @@ from typing import Any
 from tip_megatron.config import ModelSource, RunConfig, tensorboard_dir, validate_run
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.checkpoint.sources import source_arch
+from tip_megatron.distill.routing import route_table
+from tip_megatron.distill.teacher_config import teachers_of
 from tip_megatron.checkpoint.layout import COMPLETE, latest_checkpoint, resolve_step
 from tip_megatron.runtime.device import default_backend
 from tip_megatron.runtime.env import rank_env
@@ -48,6 +50,8 @@ class Checked:
     """The shared TRUE vocabulary of student and teacher."""
     tokenizer: Any = None
     """The run's tokenizer (None when preflight ran with tokenizer=False)."""
+    teacher_archs: tuple = ()
+    """Every teacher's arch, in `teachers:` order (the first is `teacher_arch`)."""
 
 
 def preflight(cfg: RunConfig, world_size: int, *, tokenizer: bool = True, records: bool = False) -> Checked:
@@ -59,21 +63,23 @@ def preflight(cfg: RunConfig, world_size: int, *, tokenizer: bool = True, record
     again, after the model loads: a second pass there would cost them the same again)."""
     validate_run(cfg, world_size)
     check_paths(cfg)
-    s_arch, t_arch, vocab = check_models(cfg)
+    s_arch, t_archs, vocab = check_all_models(cfg)
+    t_arch = t_archs[0]
     warn_memory_plan(cfg, world_size, s_arch, t_arch)
     tok = check_tokenizer(cfg, vocab) if tokenizer else None
     check_outputs_writable(cfg)
     check_resume_target(cfg, s_arch)
     if records and tok is not None:
         check_prompt_records(cfg, tok)
-    return Checked(s_arch, t_arch, vocab, tok)
+    return Checked(s_arch, t_arch, vocab, tok, tuple(t_archs))
 
 
 # ------------------------------------------------------------------ paths
 def check_paths(cfg: RunConfig) -> None:
     """Model directories hold what their kind needs; inputs are readable, outputs writable."""
-    for who in ("student", "teacher"):
-        _check_source_files(getattr(cfg, who), who)
+    _check_source_files(cfg.student, "student")
+    for i, teacher in enumerate(teachers_of(cfg)):
+        _check_source_files(teacher, teacher_key(cfg, i))
     for i, path in enumerate(cfg.data.prompts):
         _check_prompt_file(Path(path), f"data.prompts[{i}]", cfg.data)
     if cfg.data.tokenizer and cfg.data.tokenizer != "char" and not Path(cfg.data.tokenizer).exists():
@@ -195,27 +201,43 @@ def _arch(src: ModelSource, who: str) -> ModelArch:
 
 
 def check_models(cfg: RunConfig) -> tuple[ModelArch, ModelArch, int]:
-    """(student arch, teacher arch, shared vocabulary): families, vocabularies, heads and
-    layers vs the layout, positions vs the longest rollout."""
+    """(student arch, (first) teacher arch, shared vocabulary): `check_all_models`."""
+    s_arch, t_archs, vocab = check_all_models(cfg)
+    return s_arch, t_archs[0], vocab
+
+
+def teacher_key(cfg: RunConfig, i: int) -> str:
+    """How errors name teacher `i`: `teacher`, or `teachers[i]` (several teachers)."""
+    return f"teachers[{i}]" if cfg.teachers else "teacher"
+
+
+def check_all_models(cfg: RunConfig) -> tuple[ModelArch, list[ModelArch], int]:
+    """(student arch, every teacher's arch, shared vocabulary): families, vocabularies, heads
+    and layers vs the layout, positions vs the longest rollout. Every teacher must share the
+    student's vocabulary (one line naming the teacher otherwise)."""
     from tip_megatron.ops import check_vocab_compat  # ops/ is cheap: no megatron
 
-    archs = {who: _arch(getattr(cfg, who), who) for who in ("student", "teacher")}
-    try:
-        vocab = check_vocab_compat(archs["student"].vocab_size, archs["teacher"].vocab_size,
-                                   cfg.shared_vocab_size)
-    except ValueError as err:
-        raise PreflightError("shared_vocab_size" if cfg.shared_vocab_size else "teacher", str(err)) from None
-    layouts = {"student": ("parallel", cfg.parallel),
-               "teacher": ("teacher.parallel", cfg.teacher.parallel.resolve(cfg.parallel))}
-    for who, arch in archs.items():
-        key, p = layouts[who]
+    student = _arch(cfg.student, "student")
+    checks = [("student", "parallel", cfg.student, student, cfg.parallel)]
+    vocab = None
+    for i, teacher in enumerate(teachers_of(cfg)):
+        who = teacher_key(cfg, i)
+        arch = _arch(teacher, who)
+        try:
+            vocab = check_vocab_compat(student.vocab_size, arch.vocab_size, cfg.shared_vocab_size)
+        except ValueError as err:
+            name = f" ({teacher.name})" if cfg.teachers else ""
+            raise PreflightError("shared_vocab_size" if cfg.shared_vocab_size else f"{who}{name}",
+                                 str(err)) from None
+        checks.append((who, f"{who}.parallel", teacher, arch, teacher.parallel.resolve(cfg.parallel)))
+    for who, key, src, arch, p in checks:
         try:
             arch.validate_parallel(p.tp, p.pp, p.vpp)
         except ValueError as err:
             raise PreflightError(f"{key} (tp={p.tp}, pp={p.pp}, vpp={p.vpp})",
-                                 f"the {who} ({_source_key(getattr(cfg, who), who)}) cannot be cut: {err}") from None
+                                 f"the {who} ({_source_key(src, who)}) cannot be cut: {err}") from None
         check_lengths(cfg, arch, who)
-    return archs["student"], archs["teacher"], vocab
+    return student, [c[3] for c in checks[1:]], vocab
 
 
 def check_lengths(cfg: RunConfig, arch: ModelArch, who: str) -> None:
@@ -317,13 +339,15 @@ def check_prompt_records(cfg: RunConfig, tok: Any) -> None:
     without a chat template, text the tokenizer cannot encode, all named by file and line."""
     if not cfg.data.prompts:
         return
-    from tip_megatron.data.prompts import PromptDataset, PromptFields  # numpy only: no megatron
+    from tip_megatron.data.prompts import PromptDataset  # numpy only: no megatron
 
     d = cfg.data
-    fields = PromptFields(prompt=d.prompt_field, messages=d.messages_field, answer=d.answer_field)
     try:
-        PromptDataset(list(d.prompts), tok, fields=fields, apply_chat_template=d.apply_chat_template,
-                      max_prompt_len=d.max_prompt_len, overlong=d.overlong,
-                      chat_template_kwargs=d.chat_template_kwargs, system_prompt=d.system_prompt)
+        dataset = PromptDataset(list(d.prompts), tok, fields=d.prompt_fields(),
+                                apply_chat_template=d.apply_chat_template,
+                                max_prompt_len=d.max_prompt_len, overlong=d.overlong,
+                                chat_template_kwargs=d.chat_template_kwargs, system_prompt=d.system_prompt)
+        if d.route_field:
+            route_table(teachers_of(cfg), dataset.route_where)
     except (ValueError, UnicodeDecodeError, KeyError, IndexError) as err:
         raise PreflightError("data.prompts", " ".join(str(err).split()) or type(err).__name__) from None

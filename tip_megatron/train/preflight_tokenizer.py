@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from tip_megatron.checkpoint.sources import builtin_model
 from tip_megatron.config import ModelSource, RunConfig
+from tip_megatron.distill.teacher_config import teachers_of
 from tip_megatron.runtime.errors import PreflightError
 
 logger = logging.getLogger(__name__)
@@ -73,11 +74,13 @@ def load_run_tokenizer(cfg: RunConfig):
                                  "a tokenizer directory or a SentencePiece .model, or a student "
                                  "checkpoint that bundles one")
         tok, where = bundled
-    teacher = bundled_tokenizer(cfg.teacher)
-    if teacher is not None and teacher[0].fingerprint() != tok.fingerprint():
-        raise PreflightError(
-            "teacher", f"teacher tokenizer ({teacher[1]}) differs from the run's tokenizer "
-            f"({where})", "on-policy distillation needs one shared vocabulary (same token -> id map)")
+    for i, source in enumerate(teachers_of(cfg)):
+        teacher = bundled_tokenizer(source)
+        if teacher is not None and teacher[0].fingerprint() != tok.fingerprint():
+            who = f"teachers[{i}] ({source.name})" if cfg.teachers else "teacher"
+            raise PreflightError(
+                who, f"teacher tokenizer ({teacher[1]}) differs from the run's tokenizer "
+                f"({where})", "on-policy distillation needs one shared vocabulary (same token -> id map)")
     return tok
 
 

@@ -13,12 +13,17 @@ import logging
 import signal
 from typing import Optional
 
+import torch
+
 from tip_megatron.config import RunConfig
 from tip_megatron.distill.loss import MicrobatchContext
 from tip_megatron.distill.step import (
     Microbatch, ScheduleShape, make_contexts, teacher_hidden_states, teacher_output_weight,
 )
+from tip_megatron.distill.routing import route_table, teacher_ids_of_rows
+from tip_megatron.distill.teacher_config import teacher_ranks, teachers_of
 from tip_megatron.distill.teacher_link import TeacherRankLost
+from tip_megatron.distill.teachers import routed_contexts
 from tip_megatron.runtime import parallel
 from tip_megatron.runtime.env import rank_env
 from tip_megatron.runtime.errors import rank_exit
@@ -36,21 +41,22 @@ EXIT_STUDENT_LOST = 5
 def serve_teacher(cfg: RunConfig, split: parallel.Split) -> int:
     """Serve until the student's stop; returns the number of steps scored."""
     checked = preflight(cfg, rank_env().world_size)  # the same checks as the student's ranks
-    layout = cfg.teacher.parallel.resolve(cfg.parallel)
+    index, source = next((i, t) for i, t in enumerate(teachers_of(cfg)) if t.separate)
+    layout = source.parallel.resolve(cfg.parallel)
     groups = parallel.initialize(layout, seed=cfg.train.seed, split=split)
     # A preemption signal: the teacher keeps scoring (recorded, not acted on) and tells the
     # student's rank 0 after the step; the student's ranks agree on it, save, and say stop.
     signals = StopOnSignal.install(cfg.train.exit_signal)
-    models = build_models(cfg, None, checked, teacher_groups=groups)
+    side = build_models(cfg, None, checked, teacher_groups={index: groups}).teachers[index]
     if groups.rank == 0:
-        logger.info("teacher ranks %d-%d: tp %d, pp %d, dp %d, serving the student's %d ranks",
-                    split.student, split.student + split.teacher - 1, layout.tp, layout.pp,
+        logger.info("teacher %s, ranks %d-%d: tp %d, pp %d, dp %d, serving the student's %d ranks",
+                    side.name, split.student, split.student + split.teacher - 1, layout.tp, layout.pp,
                     groups.dp_size, split.student)
     steps = 0
     try:
         while True:
-            models.link.signal = int(signals.received or 0)  # told to the student after the step
-            if not models.link.serve_once(models.teacher):
+            side.link.signal = int(signals.received or 0)  # told to the student after the step
+            if not side.link.serve_once(side.chunks):
                 break
             steps += 1
     except TeacherRankLost as err:
@@ -63,16 +69,41 @@ def serve_teacher(cfg: RunConfig, split: parallel.Split) -> int:
 
 # ------------------------------------------------------------------ the student's side
 def teacher_split(cfg: RunConfig) -> Optional[parallel.Split]:
-    """Under `teacher.placement: separate`: the job's student ranks and teacher ranks."""
-    own = cfg.teacher.ranks(cfg.parallel)
+    """With a teacher on ranks of its own (`placement: separate`): the job's student ranks
+    and teacher ranks."""
+    own = teacher_ranks(cfg)
     return parallel.Split(rank_env().world_size - own, own) if own else None
+
+
+def teacher_names(cfg: RunConfig) -> tuple[str, ...]:
+    """Names of the teachers when there are several (they name the per-teacher metrics); ()
+    for one."""
+    teachers = teachers_of(cfg)
+    return tuple(t.name for t in teachers) if len(teachers) > 1 else ()
+
+
+def row_teachers(run: Run, device) -> Optional[torch.Tensor]:
+    """[rows] int64 teacher of each rollout row of this step (several teachers); None: one."""
+    if len(run.models.teachers) == 1:
+        return None
+    if hasattr(run.prompts, "teachers"):  # prompt files: routed when they were read
+        prompt_teachers = run.prompts.teachers()
+    else:  # a built-in task's prompts name their route values
+        values = run.prompts.routes()
+        table = route_table(teachers_of(run.cfg), {v: f"the {run.cfg.student.builtin} prompts" for v in values})
+        prompt_teachers = [table[v] for v in values]
+    return teacher_ids_of_rows(prompt_teachers, run.cfg.rollout.n).to(device)
 
 
 def teacher_contexts(run: Run, mbs: list[Microbatch],
                      shape: ScheduleShape) -> list[Optional[MicrobatchContext]]:
-    """The teacher's forward-only pass: per micro-batch contexts (last stage; None elsewhere).
-    A teacher on a grid of its own scores through the link (its hidden states may still be
-    on their way when the student pass starts: the loss path waits for each)."""
+    """The teachers' forward-only passes: per micro-batch contexts (last stage; None
+    elsewhere). A teacher on a grid of its own scores through its link (its hidden states
+    may still be on their way when the student pass starts: the loss path waits for each).
+    Several teachers: each scores only its own rows, packed into micro-batches of its own
+    (`distill.teachers`)."""
+    if len(run.models.teachers) > 1:
+        return routed_contexts(run.models.teachers, run.groups, mbs, shape)
     link = run.models.link
     if link is not None:
         pending = link.exchange(mbs, run.models.teacher)
@@ -85,8 +116,8 @@ def teacher_contexts(run: Run, mbs: list[Microbatch],
 def teacher_signal(state: Run, signalled: StopOnSignal) -> None:
     """Under `separate`: a stop signal that reached only the teacher's ranks counts as this
     rank's (rank 0 hears of it from them; `requested` then spreads it)."""
-    link = state.models.link
-    if link is None or not state.cfg.teacher.separate:
+    link = state.models.separate_link()
+    if link is None:
         return
     sig = link.teacher_signal()
     if sig and signalled.received is None:
@@ -95,10 +126,13 @@ def teacher_signal(state: Run, signalled: StopOnSignal) -> None:
 
 def link_metrics(run: Run) -> dict:
     """The step's wait for teacher hidden states (inside the student stage) and the bytes
-    of them this rank received; {} on one grid. Read and reset each step."""
-    link = run.models.link
-    if link is None:
+    of them this rank received, over every teacher's link; {} on one grid. Read and reset
+    each step."""
+    links = [t.link for t in run.models.teachers if t.link is not None]
+    if not links:
         return {}
-    out = dict(time_teacher_wait_s=link.wait_s, teacher_hidden_mib=link.received_bytes / 2**20)
-    link.wait_s, link.received_bytes = 0.0, 0
+    out = dict(time_teacher_wait_s=sum(link.wait_s for link in links),
+               teacher_hidden_mib=sum(link.received_bytes for link in links) / 2**20)
+    for link in links:
+        link.wait_s, link.received_bytes = 0.0, 0
     return out

@@ -22,6 +22,7 @@ from tip_megatron.runtime.errors import rank_exit
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
 from tip_megatron.distill.loss import DistillSpec, MicrobatchResult
 from tip_megatron.distill.prepass import global_preselection
+from tip_megatron.distill.teacher_config import teachers_of
 from tip_megatron.distill.teacher_link import TeacherRankLost
 from tip_megatron.distill.step import Microbatch, ScheduleShape, forward_loss_pass, train_pass
 from tip_megatron.rollout.consistency import gap_metrics
@@ -41,7 +42,8 @@ from tip_megatron.train.progress import StageTimers, TrainProgress, config_summa
 from tip_megatron.train.run_state import LastUpdate, Run
 from tip_megatron.train.setup import build_models, prompt_source
 from tip_megatron.train.teacher import (
-    link_metrics, serve_teacher, teacher_contexts, teacher_signal, teacher_split,
+    link_metrics, row_teachers, serve_teacher, teacher_contexts, teacher_names, teacher_signal,
+    teacher_split,
 )
 from tip_megatron.train.skip import TrainingDiverged, count_skip, reduce_results, should_skip
 from tip_megatron.train.token_dumps import maybe_dump_tokens
@@ -63,10 +65,9 @@ def setup(cfg: RunConfig) -> Run:
     # Every check before the process group: each rank fails alone, no collective needed.
     checked = preflight(cfg, rank_env().world_size)
     groups = parallel.initialize(cfg.parallel, seed=cfg.train.seed, split=teacher_split(cfg))
-    teacher_groups = None
-    if cfg.teacher.own_grid(cfg.parallel) and not cfg.teacher.separate:  # another layout, same ranks
-        teacher_groups = parallel.grid_groups(cfg.teacher.parallel.resolve(cfg.parallel), 0,
-                                              groups.world_size)
+    teacher_groups = {i: parallel.grid_groups(t.parallel.resolve(cfg.parallel), 0, groups.world_size)
+                      for i, t in enumerate(teachers_of(cfg))  # another layout, same ranks
+                      if t.own_grid(cfg.parallel) and not t.separate}
     run_dir.claim(cfg, groups)  # the run directory's lock, before anything is written there
     tokenizer = checked.tokenizer
     models = build_models(cfg, groups, checked, teacher_groups)
@@ -150,13 +151,14 @@ def microbatches(run: Run, out: Rollouts) -> list[list[Microbatch]]:
     layout = run.groups.layout
     return update_microbatches(out.token_ids, out.response_mask, rollout_ids,
                                run.cfg.train.updates_per_rollout, run.cfg.train.micro_batch_size,
-                               seq_multiple=layout.tp if layout.sequence_parallel else 1)
+                               seq_multiple=layout.tp if layout.sequence_parallel else 1,
+                               teacher_ids=row_teachers(run, out.token_ids.device))
 
 
 def _spec(run: Run) -> DistillSpec:
     return DistillSpec(run.cfg.selection, run.cfg.loss, run.models.vocab_size,
-                       run.groups.tp_group, step=run.step, teacher_signal=run.cfg.teacher.topk_signal(),
-                       running_norm=run.running_norm)
+                       run.groups.tp_group, step=run.step, teacher_signal=teachers_of(run.cfg)[0].topk_signal(),
+                       running_norm=run.running_norm, teacher_names=teacher_names(run.cfg))
 
 
 def _preselect(run: Run, mbs: list[Microbatch], contexts: list,
@@ -410,8 +412,8 @@ def loop(state: Run) -> None:
             _report_stop(state, signalled, saved)
             break
     signalled.close()
-    if state.models.link is not None and cfg.teacher.separate:
-        state.models.link.stop()  # the teacher's ranks exit after this
+    if state.models.separate_link() is not None:
+        state.models.separate_link().stop()  # the teacher's ranks exit after this
     if state.progress is not None:
         state.progress.close()
     state.log.close()
