@@ -173,6 +173,12 @@ def test_bad_teachers_are_one_line(assets, change, message):
 
 
 def test_unlisted_values_go_to_the_default_teacher(assets, two_models):
-    """`b` serves nothing but is the default: the same run as `b` serving domain b."""
-    got = _run(assets, 1, **_teachers(assets, second="student", b={"serves": [], "default": True}))
+    """`b` serves nothing but is the default: the same run as `b` serving domain b. With
+    validation per domain: one mean@k per route value, averaging to the overall one (the
+    two domains hold equally many prompts)."""
+    got = _run(assets, 1, **_teachers(assets, second="student", b={"serves": [], "default": True}),
+               **{"eval.every": 3, "eval.prompts": f"[{assets / 'routed.jsonl'}]", "eval.n": 2,
+                  "eval.max_new_tokens": 4, "eval.grader": "regex", "eval.route_field": "domain"})
     _assert_same(got, two_models, rel=1e-6)
+    last = got[-1]
+    assert (last["eval/a/mean_at_k"] + last["eval/b/mean_at_k"]) / 2 == pytest.approx(last["eval/mean_at_k"])

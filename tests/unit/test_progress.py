@@ -119,3 +119,22 @@ def test_teacher_on_its_own_grid_in_the_summary_and_the_step_line():
     line = step_line(3, 10, 5.0, 10.0, {**METRICS, "time_teacher_wait_s": 0.25})
     assert "(teacher wait 0.25s)" in line
     assert "teacher wait" not in step_line(3, 10, 5.0, 10.0, METRICS)
+
+
+def test_several_teachers_in_the_summary_the_step_line_and_the_saved_config(tmp_path):
+    teachers = ('teachers=[{name: math, ckpt: /m/math, serves: [math]}, '
+                '{name: code, ckpt: /m/code, serves: [code], default: true, placement: separate}]')
+    cfg = load_config(None, ["student.builtin=quickstart-student", teachers, "data.route_field=domain"])
+    line = config_summary(cfg, 3)
+    assert "teachers math ckpt /m/math (math), code ckpt /m/code (code, default)" in line
+    assert "world 3 (tp 1, pp 1, dp 2)" in line  # the separate teacher's rank is not the student's
+    assert "teacher code tp 1, pp 1, dp 1 on 1 ranks of its own" in line
+    m = dict(METRICS, **{"teacher/math/tokens_share": 0.25, "teacher/math/kept_fraction": 0.5,
+                         "teacher/math/loss_share": 0.125, "teacher/code/tokens_share": 0.75,
+                         "teacher/code/kept_fraction": 0.5, "teacher/code/loss_share": 0.875})
+    assert step_line(1, 2, 1.0, 1.0, m).endswith(
+        "| code: tok 0.75 kept 0.50 loss 0.88, math: tok 0.25 kept 0.50 loss 0.12")
+    from tip_megatron.config import dump_config
+
+    path = write_effective_config(tmp_path / "run", dump_config(cfg))
+    assert from_dict(RunConfig, yaml.safe_load(path.read_text())) == cfg

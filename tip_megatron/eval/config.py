@@ -35,6 +35,9 @@ class EvalConfig:
     """Prompts per generate call (per data-parallel rank)."""
     seed: int = 4321
     """Sampling seed of validation (its noise never touches the training streams)."""
+    route_field: Optional[str] = None
+    """A benchmark record field (e.g. `domain`, as `data.route_field` for several teachers):
+    also log mean@k per value of it (`eval/<value>/mean_at_k`); every record must have it."""
 
     def validate(self, prefix: str = "eval.") -> None:
         at_least(prefix, self, every=0)

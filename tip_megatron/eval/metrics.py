@@ -81,3 +81,14 @@ def summarize(counts: Sequence[PromptCounts], grader: str, k: Optional[int] = No
         num_correct=sum(c.num_correct for c in counts),
         num_unparsed=sum(c.num_unparsed for c in counts),
     )
+
+
+def mean_at_k_by_group(counts: Sequence[PromptCounts], group_of: Sequence[str]) -> dict[str, float]:
+    """{group: mean@k over its prompts} (`group_of[i]`: the group of prompt index i)."""
+    correct: dict[str, int] = {}
+    samples: dict[str, int] = {}
+    for c in counts:
+        g = group_of[c.prompt_index]
+        correct[g] = correct.get(g, 0) + c.num_correct
+        samples[g] = samples.get(g, 0) + c.num_samples
+    return {g: correct[g] / samples[g] for g in sorted(samples) if samples[g]}

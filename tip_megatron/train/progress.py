@@ -61,7 +61,18 @@ def step_line(step: int, total: int, elapsed: float, eta: Optional[float], m: di
     skipped = " | SKIPPED" if m.get("skipped") else ""
     return (f"step {step}/{total} | {fmt_seconds(elapsed)} elapsed, ETA {eta_text} | {split} | "
             f"{m.get('tokens_per_s', 0.0):.1f} tok/s | loss {m.get('loss', float('nan')):.4f} | "
-            f"kept {m.get('kept_fraction', float('nan')):.3f}{skipped}")
+            f"kept {m.get('kept_fraction', float('nan')):.3f}{teachers_text(m)}{skipped}")
+
+
+def teachers_text(m: dict) -> str:
+    """Several teachers: ` | a: tok 0.52 kept 0.48 loss 0.61, b: ...` (each teacher's share of
+    the response tokens, its kept fraction, its share of the loss); "" for one teacher."""
+    names = sorted({k.split("/")[1] for k in m if k.startswith("teacher/")})
+    nan = float("nan")
+    parts = [f"{n}: tok {m.get(f'teacher/{n}/tokens_share', nan):.2f} kept "
+             f"{m.get(f'teacher/{n}/kept_fraction', nan):.2f} loss {m.get(f'teacher/{n}/loss_share', nan):.2f}"
+             for n in names]
+    return " | " + ", ".join(parts) if parts else ""
 
 
 def _source(src) -> str:
@@ -73,13 +84,19 @@ def config_summary(cfg, world_size: int) -> str:
     """One line: what is trained from what, on which layout, for how long, how selected."""
     p = cfg.parallel
     teacher = ""
-    if cfg.teacher.own_grid(p):
-        t = cfg.teacher.parallel.resolve(p)
-        ranks = cfg.teacher.ranks(p) or world_size
-        where = f"{ranks} ranks of its own" if cfg.teacher.separate else "the same ranks"
-        teacher = f" | teacher tp {t.tp}, pp {t.pp}, dp {ranks // (t.tp * t.pp)} on {where}"
-    return (f"run: student {_source(cfg.student)} <- teacher {_source(cfg.teacher)} | world "
-            f"{world_size} (tp {p.tp}, pp {p.pp}, dp {p.dp(world_size)}){teacher} | {cfg.train.steps} steps x "
+    students = world_size - sum(t.ranks(p) for t in cfg.teachers or (cfg.teacher,))
+    for source in cfg.teachers or (cfg.teacher,):
+        if source.own_grid(p):
+            t = source.parallel.resolve(p)
+            ranks = source.ranks(p) or students
+            where = f"{ranks} ranks of its own" if source.separate else "the same ranks"
+            name = f"teacher {source.name}" if cfg.teachers else "teacher"
+            teacher += f" | {name} tp {t.tp}, pp {t.pp}, dp {ranks // (t.tp * t.pp)} on {where}"
+    sources = (", ".join(f"{t.name} {_source(t)} ({', '.join(t.serves) or '-'}"
+                         f"{', default' if t.default else ''})" for t in cfg.teachers)
+               if cfg.teachers else _source(cfg.teacher))
+    return (f"run: student {_source(cfg.student)} <- teacher{'s' if cfg.teachers else ''} {sources} | world "
+            f"{world_size} (tp {p.tp}, pp {p.pp}, dp {p.dp(students)}){teacher} | {cfg.train.steps} steps x "
             f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.n} samples | selection "
             f"{cfg.selection.rule} rho {cfg.selection.rho} ({cfg.selection.scope}) | lr "
             f"{cfg.optim.lr} | full config: DEBUG log, <checkpoint.dir>/config.yaml")

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 from tip_megatron.data.prompts import PromptDataset, PromptFields
 from tip_megatron.eval.config import EvalConfig
 from tip_megatron.eval.files import check_benchmark
+from tip_megatron.eval.metrics import mean_at_k_by_group
 from tip_megatron.eval.sharded import Grading, InEngineResult, generate_and_grade
 from tip_megatron.rollout.generate import GenerationConfig
 
@@ -41,19 +42,23 @@ class ValidationSpec:
     pass_k: Optional[int] = EvalConfig.pass_k
     batch_size: int = EvalConfig.batch_size
     seed: int = EvalConfig.seed
+    route_field: Optional[str] = None
+    """`eval.route_field`: mean@k per value of this record field too."""
 
     @classmethod
     def from_config(cls, e) -> "ValidationSpec":
         return cls(n=e.n, temperature=e.temperature, max_new_tokens=e.max_new_tokens,
                    grader=e.grader, grader_options=dict(e.grader_options), pass_k=e.pass_k,
-                   batch_size=e.batch_size, seed=e.seed)
+                   batch_size=e.batch_size, seed=e.seed, route_field=e.route_field)
 
 
-def load_benchmark(paths: Sequence[str], tokenizer, data, max_prompt_len: int):
+def load_benchmark(paths: Sequence[str], tokenizer, data, max_prompt_len: int,
+                   route_field: Optional[str] = None):
     """The benchmark as a PromptDataset, rendered like the training prompts (`data`'s
-    fields, chat template, its kwargs and system prompt); every row needs an answer."""
+    fields, chat template, its kwargs and system prompt); every row needs an answer (and
+    the `route_field`, when given: mean@k per value)."""
     fields = PromptFields(prompt=data.prompt_field, messages=data.messages_field,
-                          answer=data.answer_field)
+                          answer=data.answer_field, route=route_field)
     check_benchmark(list(paths), fields)
     return PromptDataset(list(paths), tokenizer, fields=fields,
                          apply_chat_template=data.apply_chat_template,
@@ -89,11 +94,16 @@ class Validation:
         result = evaluate_in_engine(run.ddp, run.groups, run.models.student_arch, run.tokenizer,
                                     self.dataset, self.spec)
         s = result.summary
+        groups = {}
+        if self.spec.route_field:  # mean@k per domain
+            values = [self.dataset.route(i) for i in range(len(self.dataset))]
+            groups = mean_at_k_by_group(result.counts, values)
         if run.log.active:
+            per_group = "".join(f" | {g} {100 * v:6.2f}%" for g, v in groups.items())
             print(f"eval  {run.step:5d} | mean@{s.samples_per_prompt} {100 * s.mean_at_k:6.2f}% | "
                   f"pass@{s.k} {100 * s.pass_at_k:6.2f}% | unparsed {s.num_unparsed} | "
-                  f"{s.num_prompts} prompts, grader {s.grader}", flush=True)
-        return result.metrics()
+                  f"{s.num_prompts} prompts, grader {s.grader}{per_group}", flush=True)
+        return dict(result.metrics(), **{f"eval/{g}/mean_at_k": v for g, v in groups.items()})
 
 
 def setup_validation(cfg, tokenizer, arch) -> Optional[Validation]:
@@ -106,7 +116,7 @@ def setup_validation(cfg, tokenizer, arch) -> Optional[Validation]:
         raise ValueError(f"eval.max_new_tokens={e.max_new_tokens} leaves no room for a prompt in "
                          f"the student's max_position_embeddings={arch.max_position_embeddings}")
     return Validation(e.every, ValidationSpec.from_config(e),
-                      load_benchmark(e.prompts, tokenizer, cfg.data, limit))
+                      load_benchmark(e.prompts, tokenizer, cfg.data, limit, e.route_field))
 
 
 def maybe_validate(run) -> dict[str, float]:

@@ -55,6 +55,26 @@ PANELS = (
 )
 
 
+def run_panels(records: Sequence[dict]) -> tuple[Panel, ...]:
+    """Panels of the keys a run has only sometimes: per teacher (several teachers, keys
+    `teacher/<name>/*`) and mean@k per domain (`eval/<value>/mean_at_k`)."""
+    keys = {k for r in records for k in r}
+    names = sorted({k.split("/")[1] for k in keys if k.startswith("teacher/")})
+    groups = sorted({k.split("/")[1] for k in keys if k.startswith("eval/") and k.count("/") == 2})
+    panels = []
+    if names:
+        panels.append(Panel("teachers", "Per teacher: kept fraction (solid), share of the loss (dashed)",
+                            "fraction", tuple(s for n in names for s in (
+                                (f"teacher/{n}/kept_fraction", f"{n} kept"),
+                                (f"teacher/{n}/loss_share", f"{n} loss share"))))),
+        panels.append(Panel("teachers_divergence", "Per teacher: mean reverse KL over its response tokens",
+                            "nats / token", tuple((f"teacher/{n}/mean_reverse_kl_all", n) for n in names)))
+    if groups:
+        panels.append(Panel("eval_domains", "Evaluation accuracy per domain", "mean@k",
+                            tuple((f"eval/{g}/mean_at_k", g) for g in groups)))
+    return tuple(panels)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The JSON lines of a metrics file; a malformed line is a ValueError naming it."""
     records = []
@@ -84,6 +104,8 @@ def series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _style(key: str) -> dict:
+    if key.startswith("teacher/"):
+        return dict(linestyle="--" if key.endswith("_share") else "-")
     for q, color in QUADRANT_COLORS.items():
         if key.startswith(f"q{q}_"):
             return dict(color=color, linestyle="--" if key.endswith("_kept") else "-")
@@ -127,6 +149,8 @@ def curve_figures(records: Sequence[dict]) -> tuple[dict, list[str]]:
             notes.append(f"skipped {panel.name}.png: no {keys} in the metrics")
         else:
             figures[panel.name] = fig
+    for panel in run_panels(records):
+        figures[panel.name] = panel_figure(panel, records)
     return figures, notes
 
 
