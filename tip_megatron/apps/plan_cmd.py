@@ -40,10 +40,10 @@ def main(args: argparse.Namespace) -> int:
     # Imported here: `tip-megatron --help` imports this module and must not load torch
     # (each of these reaches it through the config sections).
     from tip_megatron.config import load_config, validate_run  # torch, as above
-    from tip_megatron.train.memory_plan import format_plan, plan_memory  # torch, as above
+    from tip_megatron.train.memory_plan import format_plan, plan_memory, single_teacher  # torch, as above
     from tip_megatron.train.preflight import check_models  # torch, as above
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = single_teacher(load_config(args.config, args.overrides))
     for who in ("student", "teacher"):
         arch = getattr(args, f"{who}_arch")
         if arch:

@@ -29,13 +29,14 @@ def register(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     # heavy: the config sections import torch; --help imports this module
     from tip_megatron.config import load_config
+    from tip_megatron.distill.teacher_config import teacher_ranks  # as above
     from tip_megatron.train.preflight import preflight  # as above
 
     cfg = load_config(args.config, args.overrides)  # errors surface before any launch
     if under_torchrun():
         return worker(args.config, args.overrides)
     # the student's tp x pp, plus the teacher's own ranks under teacher.placement=separate
-    nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp + cfg.teacher.ranks(cfg.parallel)
+    nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp + teacher_ranks(cfg)
     preflight(cfg, nproc, records=True)  # a bad input stops here (one line, exit 2), before any rank starts
     worker_args = (["--config", args.config] if args.config else []) + list(args.overrides)
     if not cfg.checkpoint.dir:

@@ -19,7 +19,7 @@ docs/plan.md; tests/distributed/test_plan_measured.py holds them against measure
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 from tip_megatron.config import RunConfig, student_world_size
@@ -148,6 +148,15 @@ def _group(sides: Sides, device: str) -> tuple[StagePlan, ...]:
     return tuple(out)
 
 
+def single_teacher(cfg: RunConfig) -> RunConfig:
+    """The run with its one teacher under `teacher:` (a `teachers:` list of one is the same
+    run); ValueError for several teachers, which the plan does not model yet."""
+    if len(cfg.teachers) > 1:
+        raise ValueError(f"the memory plan models one teacher; this run has {len(cfg.teachers)} "
+                         "(teachers:): plan each teacher's run on its own for now")
+    return replace(cfg, teacher=cfg.teachers[0], teachers=()) if cfg.teachers else cfg
+
+
 def plan_memory(cfg: RunConfig, student_arch: ModelArch, teacher_arch: ModelArch, world_size: int,
                 device: str = "cuda", gpu_memory: Optional[object] = None) -> MemoryPlan:
     """The plan of every rank (grouped); ValueError (one line) when a layout cannot cut the
@@ -155,6 +164,7 @@ def plan_memory(cfg: RunConfig, student_arch: ModelArch, teacher_arch: ModelArch
     `gpu_memory`: GiB or a GPU name (default parallel.gpu_memory_gib)."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: accepted values are 'cuda', 'cpu'")
+    cfg = single_teacher(cfg)
     students = _check(cfg, student_arch, teacher_arch, world_size)
     p = cfg.parallel
     gib = gpu_memory if gpu_memory is not None else p.gpu_memory_gib

@@ -256,6 +256,11 @@ def warn_memory_plan(cfg: RunConfig, world_size: int, s_arch: ModelArch, t_arch:
     warn (rank 0) with the plan's table when a rank would exceed it; the plan, or None."""
     if cfg.parallel.gpu_memory_gib is None:
         return None
+    if len(cfg.teachers) > 1:
+        if rank_env().rank == 0:
+            logger.warning("parallel.gpu_memory_gib=%s: not checked, the memory plan models one "
+                           "teacher and this run has %d", cfg.parallel.gpu_memory_gib, len(cfg.teachers))
+        return None
     device = "cuda" if default_backend().is_cuda else "cpu"
     # Every rank of the job: the plan places the teacher's own ranks (`separate`) itself.
     plan = plan_memory(cfg, s_arch, t_arch, world_size, device=device)
