@@ -8,7 +8,10 @@ Each task names its data module (imported on first use, so `tip-megatron --help`
 torch), its built-in teacher and student (registered in `builtin_models.py`, pre-trained by
 `pretrain.py` with the data module's sequences and cached under their own keys), and its
 default OPD recipe. Accuracy goes through `evaluation.evaluate(..., data=spec.data)` (the
-eval path and the shared `quickstart-addition` grader: both tasks answer sums).
+eval path and the shared `quickstart-addition` grader: every task answers 4 digits, units
+first). A task with several teachers (`multi`) lists them in `teachers` (name, built-in,
+the route values it serves) and names the record field that routes a prompt
+(`route_field`); `multi_teacher_overrides()` gives the trainer keys of its multi-teacher run.
 """
 from __future__ import annotations
 
