@@ -152,6 +152,13 @@ def test_accuracy_report_per_domain_and_case():
 def test_prompt_file_carries_the_route_field(tmp_path):
     path = tmp_path / "prompts.jsonl"
     assert multi_task.write_prompts(path, 500, seed=4) == 500
+    stat = path.stat()
+    multi_task.write_prompts(path, 500, seed=4)          # the same bytes: left alone
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    multi_task.write_prompts(path, 400, seed=4)          # other bytes: replaced whole
+    assert len(path.read_text().splitlines()) == 400
+    assert [p.name for p in tmp_path.iterdir()] == ["prompts.jsonl"]   # no temp file left
+    multi_task.write_prompts(path, 500, seed=4)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     tok = multi_task.tokenizer()
     assert {r[multi_task.ROUTE_FIELD] for r in rows} == {"add", "sub"}
@@ -184,3 +191,17 @@ def test_multi_task_spec_names_two_teachers_and_the_multi_teacher_overrides():
         TASKS["addition"].multi_teacher_overrides()
     with pytest.raises(ValueError, match="it has one teacher"):
         TASKS["chain"].teacher_builtin("add")
+
+
+def test_mid_run_validation_logs_each_domain_and_case():
+    from tip_megatron.apps.quickstart.evaluation import eval_metrics
+
+    prompts = multi_task.eval_set(2000)
+    a, b, op = multi_task.decode_problems(prompts)
+    report = multi_task.accuracy_report(prompts, task.encode_answers(multi_task.student_rule(a, b, op)))
+    logged = eval_metrics(report, multi_task)
+    assert set(logged) == {"eval/mean_at_k", "eval/add", "eval/sub", "eval/add_carry",
+                           "eval/add_clean", "eval/sub_borrow", "eval/sub_clean"}
+    assert logged["eval/add"] == report["add"] and logged["eval/mean_at_k"] == report["exact"]
+    assert set(eval_metrics({"exact": 1.0, "A": 1.0, "B": 1.0, "clean": 1.0}, task)) == \
+        {"eval/mean_at_k", "eval/A", "eval/B", "eval/clean"}     # one-domain tasks unchanged

@@ -59,11 +59,11 @@ def main(args: argparse.Namespace) -> int:
     task_defaults(args)  # a bad --task stops here, one line
     every = [] if args.eval_every is None else ["--eval-every", str(args.eval_every)]
     teacher = [] if args.teacher is None else ["--teacher", args.teacher]
-    write_task_prompts(args)
     worker_args = ["--task", args.task, *teacher, "--rule", args.rule, "--rho", str(args.rho),
                    "--steps", str(args.steps), "--tp", str(args.tp), "--out", args.out,
                    *every, *args.overrides]
     eval_every(args, run_config(args))  # a bad --eval-every stops here, before any rank starts
+    write_task_prompts(args)  # after the checks: a bad command line writes nothing
     if under_torchrun():
         return worker(args)
     return run_local(args.tp, "tip_megatron.apps.quickstart.command", worker_args)

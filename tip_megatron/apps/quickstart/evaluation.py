@@ -129,8 +129,10 @@ def write_benchmark(path, n: int, data: ModuleType = task, case=None) -> int:
 
 def eval_metrics(report: dict, data: ModuleType = task) -> dict[str, float]:
     """An `evaluate` report as the trainer logs validation: `eval/mean_at_k` (greedy, one
-    sample: the exact match) and `eval/<case>` per planted case of the task."""
-    return {"eval/mean_at_k": report["exact"], **{f"eval/{c}": report[c] for c in data.CASES}}
+    sample: the exact match) and `eval/<case>` per planted case of the task (and per domain
+    of a task with DOMAINS: `eval/add`, `eval/sub`)."""
+    keys = (*getattr(data, "DOMAINS", ()), *data.CASES)
+    return {"eval/mean_at_k": report["exact"], **{f"eval/{c}": report[c] for c in keys}}
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ multi-teacher run routes by (`data.route_field=domain`).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Union
 
@@ -181,14 +182,23 @@ def eval_set(n: int, seed: int = 0, domain: str | None = None) -> torch.Tensor:
 
 def write_prompts(path, n: int, seed: int = 0) -> int:
     """Write n training prompts of both domains as a prompt JSONL (`prompt`, `answer`,
-    ROUTE_FIELD) for `data.prompts` of the multi-teacher run; returns n."""
+    ROUTE_FIELD) for `data.prompts` of the multi-teacher run; returns n. A file that
+    already holds these bytes is left alone, else it is replaced whole (a temp file, then
+    a rename): every torchrun rank calls this before its first collective, and no rank
+    reads a half-written file or one replaced under it."""
     a, b, op = sample_problems(n, torch.Generator().manual_seed(seed))
     tok = tokenizer()
     prompts, answers = encode_prompts(a, b, op), encode_answers(true_value(a, b, op))
     lines = [json.dumps({"prompt": tok.decode(prompts[k].tolist()),
                          "answer": tok.decode(answers[k].tolist()),
                          ROUTE_FIELD: DOMAINS[int(op[k])]}) for k in range(n)]
-    Path(path).write_text("".join(line + "\n" for line in lines))
+    text = "".join(line + "\n" for line in lines)
+    path = Path(path)
+    if path.is_file() and path.read_text() == text:
+        return n
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
     return n
 
 
