@@ -83,8 +83,9 @@ MULTI_PROMPTS = 32768
 
 def write_task_prompts(args: argparse.Namespace) -> None:
     """A task with several teachers reads its prompts from `<out>/prompts.jsonl`, written
-    here (before any rank starts), each record with its route field: the multi-teacher run
-    routes by it, and the single-teacher baselines read the same prompts."""
+    here (by the launcher before the ranks start; under torchrun by every rank, before its
+    first collective: `write_prompts` replaces a file only whole), each record with its route
+    field: the multi-teacher run routes by it, the single-teacher baselines read the same."""
     spec = get_task(args.task)
     if spec.teachers:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -164,8 +165,8 @@ def worker(args: argparse.Namespace) -> int:
     data = spec.data
     if int(os.environ.get("RANK", "0")) == 0:
         _fresh_run_dir(args.out)
-        teacher = spec.teacher_builtin(args.teacher)
-        print(builtin_models.set_up_line(teacher, spec.student, args.task), flush=True)
+        print(builtin_models.set_up_line(spec.teacher_builtin(args.teacher), spec.student,
+                                         args.task), flush=True)
     state = trainer.setup(cfg)
     m = state.models
     teacher = evaluate(m.teacher, state.groups, m.teacher_arch, spec.eval_size, data=data)
