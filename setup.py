@@ -69,6 +69,9 @@ setup(
             "quickstart-teacher = tip_megatron.apps.quickstart.builtin_models:teacher",
             "quickstart-student = tip_megatron.apps.quickstart.builtin_models:student",
             "quickstart-chain-student = tip_megatron.apps.quickstart.builtin_models:chain_student",
+            "quickstart-multi-teacher-add = tip_megatron.apps.quickstart.builtin_models:multi_teacher_add",
+            "quickstart-multi-teacher-sub = tip_megatron.apps.quickstart.builtin_models:multi_teacher_sub",
+            "quickstart-multi-student = tip_megatron.apps.quickstart.builtin_models:multi_student",
         ],
     },
 )

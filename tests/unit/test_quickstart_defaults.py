@@ -17,7 +17,8 @@ def _args(*argv: str) -> argparse.Namespace:
 
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_each_task_brings_its_own_rule_and_steps(task):
-    args = _args("--task", task)
+    # the multi task's single-teacher run (without --teacher: tests below)
+    args = _args("--task", task, *(("--teacher", "add") if TASKS[task].teachers else ()))
     cfg = run_config(args)
     assert (cfg.selection.rule, cfg.train.steps) == (TASKS[task].rule, TASKS[task].steps)
     assert cfg.selection.rho == 0.5
@@ -34,3 +35,24 @@ def test_the_tasks_default_rules_differ_where_measured():
     assert {TASKS["addition"].rule, TASKS["chain"].rule} == {"entropy_sample", "soft_or"}
     with pytest.raises(ValueError, match="accepted tasks: addition, chain"):
         _args("--task", "nope")
+
+
+def test_multi_task_single_teacher_baselines_and_the_multi_teacher_run(tmp_path):
+    # --teacher NAME: that teacher alone on the task's prompt file (the route field in it)
+    for name, builtin in (("add", "quickstart-multi-teacher-add"), ("sub", "quickstart-multi-teacher-sub")):
+        cfg = run_config(_args("--task", "multi", "--teacher", name, "--out", str(tmp_path)))
+        assert cfg.teacher.builtin == builtin
+        assert cfg.student.builtin == "quickstart-multi-student"
+        assert cfg.data.prompts == (str(tmp_path / "prompts.jsonl"),)
+    with pytest.raises(ValueError, match="--teacher 'mul'.*accepted: add, sub"):
+        run_config(_args("--task", "multi", "--teacher", "mul"))
+    with pytest.raises(ValueError, match="it has one teacher"):
+        run_config(_args("--task", "addition", "--teacher", "add"))
+    from tip_megatron.config import config_keys
+    if not any(k.split(".")[0] == "teachers" for k in config_keys()):
+        # this build has no `teachers:` (issue 23's core): one line naming --teacher
+        with pytest.raises(ValueError, match="lacks; --teacher add\\|sub runs one"):
+            run_config(_args("--task", "multi"))
+    else:
+        cfg = run_config(_args("--task", "multi", "--out", str(tmp_path)))
+        assert cfg.data.route_field == "domain"

@@ -1,7 +1,8 @@
 """The quickstart's pieces: the embedded tasks (`tasks.py`: the addition task `task.py`, the
-chain task `chain_task.py`), pre-training of a tiny teacher and students with the engine's own
-stack (cached), accuracy through the engine's eval path, and the built-in model sources
-`quickstart-teacher` / `quickstart-student` / `quickstart-chain-student` (`builtin_models.py`,
+chain task `chain_task.py`, the two-domain multi task `multi_task.py`), pre-training of
+tiny teachers and students with the engine's own stack (cached), accuracy through the
+engine's eval path, and the built-in model sources `quickstart-teacher` /
+`quickstart-student` / `quickstart-chain-student` / `quickstart-multi-*` (`builtin_models.py`,
 found by `tip_megatron.checkpoint.sources`; the trainer never imports this package).
 
     from tip_megatron.apps.quickstart import task, pretrained_models, evaluate

@@ -20,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from tip_megatron.checkpoint.sources import BuiltinModel
-from tip_megatron.apps.quickstart import chain_task, pretrain, task
+from tip_megatron.checkpoint.sources import BuiltinModel, register_builtin
+from tip_megatron.apps.quickstart import chain_task, multi_task, pretrain, task
 
 
 def cache_dir() -> Path:
@@ -36,7 +36,13 @@ def _cache_entry(builtin: str):
     return {"quickstart-teacher": ("teacher", pretrain.teacher_arch(), pretrain.TEACHER_RECIPE, task),
             "quickstart-student": ("student", pretrain.student_arch(), pretrain.STUDENT_RECIPE, task),
             "quickstart-chain-student": ("chain-student", pretrain.chain_student_arch(),
-                                         pretrain.CHAIN_STUDENT_RECIPE, chain_task)}[builtin]
+                                         pretrain.CHAIN_STUDENT_RECIPE, chain_task),
+            "quickstart-multi-teacher-add": ("multi-teacher-add", pretrain.teacher_arch(),
+                                             pretrain.MULTI_TEACHER_ADD_RECIPE, multi_task),
+            "quickstart-multi-teacher-sub": ("multi-teacher-sub", pretrain.teacher_arch(),
+                                             pretrain.MULTI_TEACHER_SUB_RECIPE, multi_task),
+            "quickstart-multi-student": ("multi-student", pretrain.teacher_arch(),
+                                         pretrain.MULTI_STUDENT_RECIPE, multi_task)}[builtin]
 
 
 def set_up_line(teacher: str = "quickstart-teacher", student: str = "quickstart-student",
@@ -93,3 +99,31 @@ def student() -> BuiltinModel:
 
 def chain_student() -> BuiltinModel:
     return _model(*_cache_entry("quickstart-chain-student"))
+
+
+def multi_teacher_add() -> BuiltinModel:
+    return _model(*_cache_entry("quickstart-multi-teacher-add"))
+
+
+def multi_teacher_sub() -> BuiltinModel:
+    return _model(*_cache_entry("quickstart-multi-teacher-sub"))
+
+
+def multi_student() -> BuiltinModel:
+    return _model(*_cache_entry("quickstart-multi-student"))
+
+
+#: The multi task's built-ins, as setup.py declares them (entry points): `register_multi`
+#: registers them in an installation whose metadata predates them.
+MULTI_BUILTINS = {
+    "quickstart-multi-teacher-add": f"{__name__}:multi_teacher_add",
+    "quickstart-multi-teacher-sub": f"{__name__}:multi_teacher_sub",
+    "quickstart-multi-student": f"{__name__}:multi_student",
+}
+
+
+def register_multi() -> None:
+    """Register the multi task's built-ins by hand (idempotent; the same provider strings
+    as the entry points): an editable install made before they existed lacks them."""
+    for name, provider in MULTI_BUILTINS.items():
+        register_builtin(name, provider)

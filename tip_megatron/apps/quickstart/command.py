@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rho", type=float, default=DEFAULTS["rho"], help="retention ratio (default 0.5)")
     p.add_argument("--task", default=DEFAULT_TASK,
                    help=f"embedded task: {', '.join(TASKS)} (default {DEFAULT_TASK})")
+    p.add_argument("--teacher", default=None,
+                   help="a task with several teachers (multi): run with this one only (add or "
+                        "sub: the single-teacher baseline); default: all, routed by domain")
     p.add_argument("--steps", type=int, default=None,
                    help=f"OPD steps (default: the task's, {DEFAULTS['steps']} for addition)")
     p.add_argument("--tp", type=int, default=DEFAULTS["tp"], help="tensor-parallel size (default 2)")
@@ -55,10 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     task_defaults(args)  # a bad --task stops here, one line
     every = [] if args.eval_every is None else ["--eval-every", str(args.eval_every)]
-    worker_args = ["--task", args.task, "--rule", args.rule, "--rho", str(args.rho),
+    teacher = [] if args.teacher is None else ["--teacher", args.teacher]
+    worker_args = ["--task", args.task, *teacher, "--rule", args.rule, "--rho", str(args.rho),
                    "--steps", str(args.steps), "--tp", str(args.tp), "--out", args.out,
                    *every, *args.overrides]
     eval_every(args, run_config(args))  # a bad --eval-every stops here, before any rank starts
+    write_task_prompts(args)  # after the checks: a bad command line writes nothing
     if under_torchrun():
         return worker(args)
     return run_local(args.tp, "tip_megatron.apps.quickstart.command", worker_args)
@@ -71,6 +76,43 @@ def task_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+PROMPTS_FILE = "prompts.jsonl"
+#: Prompts in the multi task's file (the sampler runs through it in epochs).
+MULTI_PROMPTS = 32768
+
+
+def write_task_prompts(args: argparse.Namespace) -> None:
+    """A task with several teachers reads its prompts from `<out>/prompts.jsonl`, written
+    here (by the launcher before the ranks start; under torchrun by every rank, before its
+    first collective: `write_prompts` replaces a file only whole), each record with its route
+    field: the multi-teacher run routes by it, the single-teacher baselines read the same."""
+    spec = get_task(args.task)
+    if spec.teachers:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        spec.data.write_prompts(Path(args.out, PROMPTS_FILE), MULTI_PROMPTS)
+
+
+def teacher_overrides(args: argparse.Namespace) -> list[str]:
+    """The teacher keys of the run: the task's teacher; on a task with several teachers
+    `--teacher NAME`'s alone, else all of them routed by domain (the `teachers:` list of
+    issue 23, which a build without it rejects, naming --teacher)."""
+    # heavy: the config imports torch; `tip-megatron --help` imports this module
+    from tip_megatron.config import config_keys
+
+    spec = get_task(args.task)
+    teacher = getattr(args, "teacher", None)
+    if not spec.teachers:
+        return [f"teacher.builtin={spec.teacher_builtin(teacher)}"]
+    prompts = [f"data.prompts=[{Path(args.out, PROMPTS_FILE)}]"]
+    if teacher is not None:
+        return [f"teacher.builtin={spec.teacher_builtin(teacher)}", *prompts]
+    if not any(k.split(".")[0] == "teachers" for k in config_keys()):
+        names = "|".join(t[0] for t in spec.teachers)
+        raise ValueError(f"--task {args.task} without --teacher runs several teachers (config "
+                         f"`teachers:`), which this build lacks; --teacher {names} runs one")
+    return [*spec.multi_teacher_overrides(), *prompts]
+
+
 def run_config(args: argparse.Namespace):
     """The trainer config of the quickstart: the task's built-ins and OPD recipe (`tasks.py`)."""
     # heavy: the config's sections import torch; `tip-megatron --help` imports this module
@@ -80,7 +122,7 @@ def run_config(args: argparse.Namespace):
     data = spec.data
     rho = 1.0 if args.rule == "all" else args.rho
     return load_config(None, [
-        f"student.builtin={spec.student}", f"teacher.builtin={spec.teacher}",
+        f"student.builtin={spec.student}", *teacher_overrides(args),
         f"parallel.tp={args.tp}", f"data.max_prompt_len={data.PROMPT_LEN}",
         f"rollout.max_new_tokens={data.ANSWER_LEN}", "rollout.temperature=1.0",
         f"selection.rule={args.rule}", f"selection.rho={rho}", *spec.opd,
@@ -113,6 +155,7 @@ def worker(args: argparse.Namespace) -> int:
     from tip_megatron.train.metrics import peak_memory_mib  # heavy, as above
 
     quiet_third_party_warnings()
+    builtin_models.register_multi()  # an install older than the multi task lacks them
     # Progress of the pre-training (first run only) and of OPD.
     logging.getLogger("tip_megatron.apps.quickstart").setLevel(logging.INFO)
     start = time.perf_counter()
@@ -122,7 +165,8 @@ def worker(args: argparse.Namespace) -> int:
     data = spec.data
     if int(os.environ.get("RANK", "0")) == 0:
         _fresh_run_dir(args.out)
-        print(builtin_models.set_up_line(spec.teacher, spec.student, args.task), flush=True)
+        print(builtin_models.set_up_line(spec.teacher_builtin(args.teacher), spec.student,
+                                         args.task), flush=True)
     state = trainer.setup(cfg)
     m = state.models
     teacher = evaluate(m.teacher, state.groups, m.teacher_arch, spec.eval_size, data=data)
@@ -194,7 +238,8 @@ def _plots(run_dir: str) -> None:
 
 
 def _acc(report: dict, data) -> str:
-    cases = "  ".join(f"{c}: {100 * report[c]:5.1f}%" for c in data.CASES)
+    keys = (*getattr(data, "DOMAINS", ()), *data.CASES)  # the multi task: per domain first
+    cases = "  ".join(f"{c}: {100 * report[c]:5.1f}%" for c in keys)
     return f"{100 * report['exact']:5.1f}%  ({cases})"
 
 

@@ -56,13 +56,28 @@ class AdditionBenchmark:
 
     def records(self, indices: Sequence[int]) -> list[PromptRecord]:
         rows = self.prompts[list(indices)]
-        a, b = self.data.decode_prompts(rows)
-        answers = self.data.encode_answers(self.data.student_rule(a, b) if self.student_rule
-                                           else a + b)
+        answers = self.data.encode_answers(answer_values(self.data, rows, self.student_rule))
         tok = self.data.tokenizer()
         return [PromptRecord(prompt_id=str(i), token_ids=rows[k].tolist(),
                              answer=tok.decode(answers[k].tolist()), text=tok.decode(rows[k].tolist()))
                 for k, i in enumerate(indices)]
+
+
+def answer_values(data: ModuleType, prompts: torch.Tensor, student_rule: bool = False) -> torch.Tensor:
+    """[n] the answers of prompts [n, 8]: the data module's `prompt_values` when it has one
+    (the multi task: sums and differences), else the sums a + b (student_rule: the
+    student data's `student_rule(a, b)`)."""
+    if hasattr(data, "prompt_values"):
+        return data.prompt_values(prompts, student_rule)
+    a, b = data.decode_prompts(prompts)
+    return data.student_rule(a, b) if student_rule else a + b
+
+
+def case_indices(data: ModuleType, prompts: torch.Tensor) -> torch.Tensor:
+    """[n] index into `data.CASES` of prompts [n, 8] (`prompt_case_index` when defined)."""
+    if hasattr(data, "prompt_case_index"):
+        return data.prompt_case_index(prompts)
+    return data.case_index(*data.decode_prompts(prompts))
 
 
 #: Greedy, the task's 4 answer tokens, one sample per prompt: mean@1 is exact-match accuracy.
@@ -74,18 +89,21 @@ def evaluate(chunks, groups, arch, n: int = 2000, student_rule: bool = False,
              data: ModuleType = task) -> dict:
     """Greedy exact match on `n` hold-out problems: overall (`exact`) and per case of
     `data.CASES` (`A`, `B`, `clean` for the addition task; NaN when a case is absent), and
-    `n` (collective; the same on every rank). student_rule: also `student_rule`, the
+    `n` (collective; the same on every rank); a task with DOMAINS (the multi task) also
+    per domain (`add`, `sub`). student_rule: also `student_rule`, the
     agreement with the student data's most likely answer (a second pass graded against
     those answers)."""
     bench = AdditionBenchmark(data.eval_set(n), data=data)
     result = evaluate_in_engine(chunks, groups, arch, data.tokenizer(), bench, SPEC)
-    a, b = data.decode_prompts(bench.prompts)
-    cases = data.case_index(a, b)
     correct = torch.tensor([float(c.num_correct) for c in result.counts])
     report = {"exact": result.summary.mean_at_k, "n": len(bench)}
-    for i, name in enumerate(data.CASES):
-        mask = cases == i
-        report[name] = correct[mask].mean().item() if mask.any() else float("nan")
+    index_sets = [(data.CASES, case_indices(data, bench.prompts))]
+    if hasattr(data, "DOMAINS"):  # the multi task: per domain too
+        index_sets.insert(0, (data.DOMAINS, data.domain_index(bench.prompts)))
+    for names, index in index_sets:
+        for i, name in enumerate(names):
+            mask = index == i
+            report[name] = correct[mask].mean().item() if mask.any() else float("nan")
     if student_rule:
         rule = evaluate_in_engine(chunks, groups, arch, data.tokenizer(),
                                   AdditionBenchmark(bench.prompts, True, data), SPEC)
@@ -102,7 +120,7 @@ def write_benchmark(path, n: int, data: ModuleType = task, case=None) -> int:
     if case is not None:
         if case not in data.CASES:
             raise ValueError(f"case {case!r}: accepted: {list(data.CASES)}")
-        held = held[data.case_index(*data.decode_prompts(held)) == data.CASES.index(case)]
+        held = held[case_indices(data, held) == data.CASES.index(case)]
     records = AdditionBenchmark(held[:n], data=data).records(range(min(n, len(held))))
     Path(path).write_text("".join(json.dumps({"prompt": r.text, "answer": r.answer}) + "\n"
                                   for r in records))
@@ -111,8 +129,10 @@ def write_benchmark(path, n: int, data: ModuleType = task, case=None) -> int:
 
 def eval_metrics(report: dict, data: ModuleType = task) -> dict[str, float]:
     """An `evaluate` report as the trainer logs validation: `eval/mean_at_k` (greedy, one
-    sample: the exact match) and `eval/<case>` per planted case of the task."""
-    return {"eval/mean_at_k": report["exact"], **{f"eval/{c}": report[c] for c in data.CASES}}
+    sample: the exact match) and `eval/<case>` per planted case of the task (and per domain
+    of a task with DOMAINS: `eval/add`, `eval/sub`)."""
+    keys = (*getattr(data, "DOMAINS", ()), *data.CASES)
+    return {"eval/mean_at_k": report["exact"], **{f"eval/{c}": report[c] for c in keys}}
 
 
 @dataclass(frozen=True)

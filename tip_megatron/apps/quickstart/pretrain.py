@@ -76,8 +76,9 @@ def _arch(hidden: int, layers: int) -> ModelArch:
 class SFTRecipe:
     """One supervised pre-training run on the addition task."""
 
-    source: task.DataSource
-    """Training data: `teacher` (correct sums) or `student` (with defects A and B)."""
+    source: str
+    """Training data: `teacher` (correct sums) or `student` (with defects A and B); the
+    multi task's: `teacher_add`, `teacher_sub`, `student` (`multi_task.SOURCES`)."""
     steps: int
     batch_size: int
     """Sequences per optimizer step (global, over all DP ranks)."""
@@ -110,6 +111,13 @@ STUDENT_RECIPE = SFTRecipe(source="student", steps=800, batch_size=256, lr=3e-3,
 #: student's size (2 x 64) never learnt the units carry the chain data keeps: with its
 #: recipe it sat at loss 0.58, 10% exact match (the addition student's data drops that carry).
 CHAIN_STUDENT_RECIPE = SFTRecipe(source="student", steps=500, batch_size=128, lr=2e-3, seed=0)
+#: The multi task's (data=multi_task) two specialist teachers and its student, all of the
+#: teacher's size: twice the addition teacher's steps, as each step holds both domains.
+MULTI_TEACHER_ADD_RECIPE = SFTRecipe(source="teacher_add", steps=1000, batch_size=128, lr=2e-3,
+                                     seed=0)
+MULTI_TEACHER_SUB_RECIPE = SFTRecipe(source="teacher_sub", steps=1000, batch_size=128, lr=2e-3,
+                                     seed=0)
+MULTI_STUDENT_RECIPE = SFTRecipe(source="student", steps=1000, batch_size=128, lr=2e-3, seed=0)
 
 
 # ----------------------------------------------------------------------------- training

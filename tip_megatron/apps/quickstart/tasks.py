@@ -8,7 +8,10 @@ Each task names its data module (imported on first use, so `tip-megatron --help`
 torch), its built-in teacher and student (registered in `builtin_models.py`, pre-trained by
 `pretrain.py` with the data module's sequences and cached under their own keys), and its
 default OPD recipe. Accuracy goes through `evaluation.evaluate(..., data=spec.data)` (the
-eval path and the shared `quickstart-addition` grader: both tasks answer sums).
+eval path and the shared `quickstart-addition` grader: every task answers 4 digits, units
+first). A task with several teachers (`multi`) lists them in `teachers` (name, built-in,
+the route values it serves) and names the record field that routes a prompt
+(`route_field`); `multi_teacher_overrides()` gives the trainer keys of its multi-teacher run.
 """
 from __future__ import annotations
 
@@ -40,10 +43,34 @@ class EmbeddedTask:
     """One line under the quickstart's accuracies: what the planted cases are."""
     summary: str
     """What the task is, for --help and the set-up line."""
+    teachers: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    """Several teachers (the multi task): (name, built-in model, the route values it serves)
+    each; empty for a one-teacher task. `teacher` is then the `--teacher` default."""
+    route_field: str = ""
+    """The prompt record's field routing each prompt to its teacher (`data.route_field`)."""
 
     @property
     def data(self) -> ModuleType:
         return importlib.import_module(self.data_module)
+
+    def teacher_builtin(self, name: str | None) -> str:
+        """The built-in model of teacher `name` (`--teacher`); None: `teacher`."""
+        if name is None:
+            return self.teacher
+        names = {t[0]: t[1] for t in self.teachers}
+        if name not in names:
+            accepted = f"accepted: {', '.join(names)}" if names else "it has one teacher"
+            raise ValueError(f"--teacher {name!r}: task {self.name!r}: {accepted}")
+        return names[name]
+
+    def multi_teacher_overrides(self) -> tuple[str, ...]:
+        """The trainer overrides of the multi-teacher run (issue 23's `teachers:` list,
+        routed by `data.route_field`); the prompts must carry the route field."""
+        if not self.teachers:
+            raise ValueError(f"task {self.name!r} has one teacher: no multi-teacher run")
+        entries = ", ".join(f"{{name: {name}, builtin: {builtin}, serves: [{', '.join(serves)}]}}"
+                            for name, builtin, serves in self.teachers)
+        return (f"teachers=[{entries}]", f"data.route_field={self.route_field}")
 
 
 #: Measured (docs/quickstart.md): lr 1e-3 -> 1e-4 over 120 steps ended at 81.7% with the
@@ -61,6 +88,9 @@ _CHAIN_OPD = ("data.prompts_per_step=16", "optim.lr=0.0001", "optim.warmup_steps
               "optim.min_lr=0.00001", "optim.clip_grad=1.0", "optim.adam_beta2=0.98",
               "train.micro_batch_size=16")
 
+#: The addition recipe at 240 steps (docs/study.md, "The multi task").
+_MULTI_OPD = _ADDITION_OPD
+
 TASKS = {t.name: t for t in (
     EmbeddedTask(
         name="addition", data_module="tip_megatron.apps.quickstart.task",
@@ -77,6 +107,16 @@ TASKS = {t.name: t for t in (
         eval_size=6000, opd=_CHAIN_OPD,
         legend="(chain: a units carry through a tens sum of 9 dropped at the hundreds, confident and wrong)",
         summary="3-digit addition, student with one rare defect (chain, 4.5% of problems)"),
+    EmbeddedTask(
+        name="multi", data_module="tip_megatron.apps.quickstart.multi_task",
+        teacher="quickstart-multi-teacher-add", student="quickstart-multi-student", steps=240,
+        rule="soft_or", eval_size=2000, opd=_MULTI_OPD,
+        legend="(add_carry / sub_borrow: the units carry / borrow dropped, confident and wrong)",
+        summary="3-digit addition and subtraction, one specialist teacher per domain, student "
+                "with a defect in each (45% of each domain's problems)",
+        teachers=(("add", "quickstart-multi-teacher-add", ("add",)),
+                  ("sub", "quickstart-multi-teacher-sub", ("sub",))),
+        route_field="domain"),
 )}
 DEFAULT_TASK = "addition"
 

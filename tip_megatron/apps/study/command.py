@@ -66,6 +66,13 @@ def main(args: argparse.Namespace) -> int:
 
         return config_study.main(args)
     args.task = args.task or DEFAULT_TASK
+    spec = get_task(args.task)
+    if spec.teachers:
+        # its cells would run the multi-teacher quickstart (issue 23's `teachers:`), and the
+        # report's kept share per case draws the built-in prompt stream, not its prompt file
+        raise ValueError(f"--task {args.task}: its study is not built yet; `tip-megatron quickstart "
+                         f"--task {args.task} --teacher {'|'.join(t[0] for t in spec.teachers)}` runs "
+                         "its single-teacher baselines (docs/study.md, \"The multi task\")")
     grid = cells(args.rules, args.seeds)
     steps, tp = args.steps or get_task(args.task).steps, args.tp or DEFAULTS["tp"]
     out = Path(args.out)
