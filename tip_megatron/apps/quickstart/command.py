@@ -169,11 +169,18 @@ def worker(args: argparse.Namespace) -> int:
                                          args.task), flush=True)
     state = trainer.setup(cfg)
     m = state.models
-    teacher = evaluate(m.teacher, state.groups, m.teacher_arch, spec.eval_size, data=data)
+    # Several teachers (the multi task without --teacher): each one's accuracy; the first
+    # stands in the summary's teacher row.
+    reports = [(t.name, evaluate(t.chunks, state.groups, t.arch, spec.eval_size, data=data))
+               for t in m.teachers]
+    teacher = reports[0][1]
     before = evaluate(state.ddp, state.groups, m.student_arch, spec.eval_size, data=data)
     setup_s = time.perf_counter() - start
     if state.log.active:
-        print(f"[quickstart] teacher {_acc(teacher, data)}\n[quickstart] student "
+        named = len(reports) > 1
+        teachers = "\n".join(f"[quickstart] teacher{f' {name}' if named else ''} {_acc(report, data)}"
+                              for name, report in reports)
+        print(f"{teachers}\n[quickstart] student "
               f"{_acc(before, data)}\n[quickstart] OPD: {args.steps} steps, rule {args.rule}, "
               f"rho {args.rho}", flush=True)
     every = eval_every(args, cfg)
