@@ -48,11 +48,7 @@ def test_multi_task_single_teacher_baselines_and_the_multi_teacher_run(tmp_path)
         run_config(_args("--task", "multi", "--teacher", "mul"))
     with pytest.raises(ValueError, match="it has one teacher"):
         run_config(_args("--task", "addition", "--teacher", "add"))
-    from tip_megatron.config import config_keys
-    if not any(k.split(".")[0] == "teachers" for k in config_keys()):
-        # this build has no `teachers:` (issue 23's core): one line naming --teacher
-        with pytest.raises(ValueError, match="lacks; --teacher add\\|sub runs one"):
-            run_config(_args("--task", "multi"))
-    else:
-        cfg = run_config(_args("--task", "multi", "--out", str(tmp_path)))
-        assert cfg.data.route_field == "domain"
+    cfg = run_config(_args("--task", "multi", "--out", str(tmp_path)))  # both teachers, routed
+    assert cfg.data.route_field == "domain" and cfg.teacher.builtin is None
+    assert [(t.name, t.builtin, t.serves) for t in cfg.teachers] == [
+        (name, builtin, serves) for name, builtin, serves in TASKS["multi"].teachers]

@@ -43,10 +43,10 @@ def test_default_eval_every_ends_on_the_last_step():
 
 
 def test_multi_task_study_is_refused_in_one_line(tmp_path, capsys):
-    # its cells would need the multi-teacher run and per-domain kept shares (issue 23)
+    # its cells would need a teacher axis and per-domain kept shares (issue 23)
     rc = main(["study", "--task", "multi", "--rules", "all", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2
-    assert re.fullmatch(r"error: --task multi: its study is not built yet; `tip-megatron quickstart "
-                        r"--task multi --teacher add\|sub` runs .*\n", err), err
+    assert re.fullmatch(r"error: --task multi: its study is not built yet; run `tip-megatron "
+                        r"quickstart --task multi` \(both teachers\) and `--teacher add\|sub` .*\n", err), err
     assert not (tmp_path / "out").exists()

@@ -94,11 +94,7 @@ def write_task_prompts(args: argparse.Namespace) -> None:
 
 def teacher_overrides(args: argparse.Namespace) -> list[str]:
     """The teacher keys of the run: the task's teacher; on a task with several teachers
-    `--teacher NAME`'s alone, else all of them routed by domain (the `teachers:` list of
-    issue 23, which a build without it rejects, naming --teacher)."""
-    # heavy: the config imports torch; `tip-megatron --help` imports this module
-    from tip_megatron.config import config_keys
-
+    `--teacher NAME`'s alone, else all of them routed by domain (`teachers:`)."""
     spec = get_task(args.task)
     teacher = getattr(args, "teacher", None)
     if not spec.teachers:
@@ -106,10 +102,6 @@ def teacher_overrides(args: argparse.Namespace) -> list[str]:
     prompts = [f"data.prompts=[{Path(args.out, PROMPTS_FILE)}]"]
     if teacher is not None:
         return [f"teacher.builtin={spec.teacher_builtin(teacher)}", *prompts]
-    if not any(k.split(".")[0] == "teachers" for k in config_keys()):
-        names = "|".join(t[0] for t in spec.teachers)
-        raise ValueError(f"--task {args.task} without --teacher runs several teachers (config "
-                         f"`teachers:`), which this build lacks; --teacher {names} runs one")
     return [*spec.multi_teacher_overrides(), *prompts]
 
 

@@ -68,11 +68,12 @@ def main(args: argparse.Namespace) -> int:
     args.task = args.task or DEFAULT_TASK
     spec = get_task(args.task)
     if spec.teachers:
-        # its cells would run the multi-teacher quickstart (issue 23's `teachers:`), and the
-        # report's kept share per case draws the built-in prompt stream, not its prompt file
-        raise ValueError(f"--task {args.task}: its study is not built yet; `tip-megatron quickstart "
-                         f"--task {args.task} --teacher {'|'.join(t[0] for t in spec.teachers)}` runs "
-                         "its single-teacher baselines (docs/study.md, \"The multi task\")")
+        # the report's kept share per case draws the built-in prompt stream, not the task's
+        # prompt file, and its cells would need a teacher axis (one, the other, both)
+        raise ValueError(f"--task {args.task}: its study is not built yet; run `tip-megatron "
+                         f"quickstart --task {args.task}` (both teachers) and `--teacher "
+                         f"{'|'.join(t[0] for t in spec.teachers)}` (one) per seed (docs/study.md, "
+                         "\"The multi task\")")
     grid = cells(args.rules, args.seeds)
     steps, tp = args.steps or get_task(args.task).steps, args.tp or DEFAULTS["tp"]
     out = Path(args.out)
