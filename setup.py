@@ -69,6 +69,8 @@ setup(
             "quickstart-teacher = tip_megatron.apps.quickstart.builtin_models:teacher",
             "quickstart-student = tip_megatron.apps.quickstart.builtin_models:student",
             "quickstart-chain-student = tip_megatron.apps.quickstart.builtin_models:chain_student",
+            "quickstart-tools-teacher = tip_megatron.apps.quickstart.builtin_models:tools_teacher",
+            "quickstart-tools-student = tip_megatron.apps.quickstart.builtin_models:tools_student",
         ],
     },
 )

@@ -61,6 +61,10 @@ _CHAIN_OPD = ("data.prompts_per_step=16", "optim.lr=0.0001", "optim.warmup_steps
               "optim.min_lr=0.00001", "optim.clip_grad=1.0", "optim.adam_beta2=0.98",
               "train.micro_batch_size=16")
 
+#: The tools task (multi-turn: 8 model tokens per rollout, 6 observation tokens): the chain
+#: task's recipe. docs/quickstart.md, "The tools task".
+_TOOLS_OPD = _CHAIN_OPD
+
 TASKS = {t.name: t for t in (
     EmbeddedTask(
         name="addition", data_module="tip_megatron.apps.quickstart.task",
@@ -77,8 +81,34 @@ TASKS = {t.name: t for t in (
         eval_size=6000, opd=_CHAIN_OPD,
         legend="(chain: a units carry through a tens sum of 9 dropped at the hundreds, confident and wrong)",
         summary="3-digit addition, student with one rare defect (chain, 4.5% of problems)"),
+    EmbeddedTask(
+        name="tools", data_module="tip_megatron.apps.quickstart.tools_task",
+        teacher="quickstart-tools-teacher", student="quickstart-tools-student", steps=120,
+        rule="q3", eval_size=2000, opd=_TOOLS_OPD,
+        legend="(copy: equal units digits, the fetched register a used twice, confident and wrong)",
+        summary="sum of two registers fetched by tool calls, student with one defect in using "
+                "the results (copy, 10% of problems)"),
 )}
 DEFAULT_TASK = "addition"
+
+#: The built-in providers, by name, as setup.py declares them (`register_builtins`).
+PROVIDERS = {name: f"tip_megatron.apps.quickstart.builtin_models:{fn}" for name, fn in (
+    ("quickstart-teacher", "teacher"), ("quickstart-student", "student"),
+    ("quickstart-chain-student", "chain_student"), ("quickstart-tools-teacher", "tools_teacher"),
+    ("quickstart-tools-student", "tools_student"))}
+
+
+def register_builtins() -> None:
+    """Register the quickstart's providers in this process when its installed metadata
+    lacks them (an editable install made before a name was added to setup.py); the same
+    strings as the entry points, so registering is idempotent."""
+    # lazy: the model-source registry imports the model layer; `--help` imports this module
+    from tip_megatron.checkpoint.sources import builtin_names, register_builtin
+
+    known = builtin_names()
+    for name, provider in PROVIDERS.items():
+        if name not in known:
+            register_builtin(name, provider)
 
 
 def get_task(name: str) -> EmbeddedTask:
