@@ -84,7 +84,7 @@ TASKS = {t.name: t for t in (
     EmbeddedTask(
         name="tools", data_module="tip_megatron.apps.quickstart.tools_task",
         teacher="quickstart-tools-teacher", student="quickstart-tools-student", steps=120,
-        rule="q3", eval_size=2000, opd=_TOOLS_OPD,
+        rule="q3", eval_size=1000, opd=_TOOLS_OPD,
         legend="(copy: equal units digits, the fetched register a used twice, confident and wrong)",
         summary="sum of two registers fetched by tool calls, student with one defect in using "
                 "the results (copy, 10% of problems)"),
