@@ -51,9 +51,9 @@ def test_quickstart_tools_runs_multi_turn_rollouts(run):
     out, stdout = run
     result = json.loads((out / "result.json").read_text())
     assert result["task"] == "tools" and result["rule"] == "q3" and result["steps"] == 2
-    assert result["cases"] == [["copy", "register a used twice"], ["clean", ""]]
+    assert result["cases"] == [["b9", "carry after b's 9 dropped"], ["clean", ""]]
     for key in ("teacher", "before", "after"):
-        assert set(result[key]) >= {"exact", "copy", "clean", "n"} and result[key]["n"] == 1000
+        assert set(result[key]) >= {"exact", "b9", "clean", "n"} and result[key]["n"] == 1000
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -63,4 +63,4 @@ def test_quickstart_tools_runs_multi_turn_rollouts(run):
         # every turn but the last ends in an answered call of 3 tokens (fewer when cut at
         # the budget): observation tokens <= 3 x (turns - 1), per rollout and so on average
         assert r["turns/observation_tokens_per_rollout"] <= 3 * (r["turns/per_rollout"] - 1) + 1e-9
-    assert "(copy: equal units digits" in stdout and "student after OPD" in stdout
+    assert "(b9: fetched register b ends in 9" in stdout and "student after OPD" in stdout

@@ -85,9 +85,9 @@ TASKS = {t.name: t for t in (
         name="tools", data_module="tip_megatron.apps.quickstart.tools_task",
         teacher="quickstart-tools-teacher", student="quickstart-tools-student", steps=120,
         rule="q3", eval_size=1000, opd=_TOOLS_OPD,
-        legend="(copy: equal units digits, the fetched register a used twice, confident and wrong)",
+        legend="(b9: fetched register b ends in 9, the units carry dropped, confident and wrong)",
         summary="sum of two registers fetched by tool calls, student with one defect in using "
-                "the results (copy, 10% of problems)"),
+                "the results (b9, 9% of problems)"),
 )}
 DEFAULT_TASK = "addition"
 

@@ -18,10 +18,10 @@ observation tokens are context only.
 
 Two data sources, with the same calls and observations:
 - `teacher`: correct sums;
-- `student`: one planted defect in how it USES the tool results, case `copy` (the two
-  fetched operands have the same units digit: 10% of problems): it adds register a to
-  itself (answer 2a: the units digit is right, the tens and hundreds are operand a's,
-  confident and wrong).
+- `student`: one planted defect in how it USES the tool results, case `b9` (the fetched
+  register b ends in 9 and a does not end in 0, so the units column carries: 9% of
+  problems): it drops that carry (answer a + b - 10: the units digit is right, the tens
+  digit one too low, confident and wrong; the hundreds too when the tens carried).
 Hold-out, tickets and operand sampling are the addition task's problems (`task.py`).
 """
 from __future__ import annotations
@@ -39,9 +39,9 @@ from tip_megatron.data.tokenizers import CharTokenizer
 from tip_megatron.rollout.env import Observation, Turn
 
 NAME = "tools"
-CASES = ("copy", "clean")
+CASES = ("b9", "clean")
 #: Column label of each case in the study's tables (the case name, then this).
-CASE_LABELS = {"copy": "register a used twice", "clean": ""}
+CASE_LABELS = {"b9": "carry after b's 9 dropped", "clean": ""}
 #: Bump when the task's data or encoding changes: it is part of the pre-training cache key.
 TASK_VERSION = 1
 
@@ -139,13 +139,13 @@ class RegisterEnv:
 
 # ----------------------------------------------------------------------------- the rules
 def case_index(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[n] index into CASES: 0 = copy (the operands' units digits are equal), 1 = clean."""
-    return torch.where(a % 10 == b % 10, 0, 1)
+    """[n] index into CASES: 0 = b9 (b's units digit is 9 and a's is not 0), 1 = clean."""
+    return torch.where((b % 10 == 9) & (a % 10 != 0), 0, 1)
 
 
 def student_rule(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[n] the student data's answer: 2a in case copy, else a+b (deterministic)."""
-    return torch.where(case_index(a, b) == 0, 2 * a, a + b)
+    """[n] the student data's answer: a+b-10 in case b9, else a+b (deterministic)."""
+    return torch.where(case_index(a, b) == 0, a + b - 10, a + b)
 
 
 def sample_sequences(n: int, generator: torch.Generator, source: DataSource) -> torch.Tensor:
@@ -198,7 +198,7 @@ def grade(prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
 
 
 def accuracy_report(prompts: torch.Tensor, responses: torch.Tensor) -> dict[str, Union[float, int]]:
-    """Exact match overall (`exact`) and per case (`copy`, `clean`), `n`."""
+    """Exact match overall (`exact`) and per case (`b9`, `clean`), `n`."""
     correct = grade(prompts, responses).float()
     cases = case_index(*decode_prompts(prompts))
     report: dict[str, Union[float, int]] = {"exact": correct.mean().item(), "n": int(correct.numel())}
