@@ -118,7 +118,7 @@ STUDENT_RECIPE = SFTRecipe(source="student", steps=800, batch_size=256, lr=3e-3,
 CHAIN_STUDENT_RECIPE = SFTRecipe(source="student", steps=500, batch_size=128, lr=2e-3, seed=0)
 #: The tools task's teacher and student (data=tools_task): the chain student's recipe on
 #: each source. Measured in docs/quickstart.md ("The tools task").
-TOOLS_TEACHER_RECIPE = SFTRecipe(source="teacher", steps=500, batch_size=128, lr=2e-3, seed=0)
+TOOLS_TEACHER_RECIPE = SFTRecipe(source="teacher", steps=800, batch_size=128, lr=2e-3, seed=0)
 TOOLS_STUDENT_RECIPE = SFTRecipe(source="student", steps=500, batch_size=128, lr=2e-3, seed=0)
 
 
