@@ -117,7 +117,9 @@ STUDENT_RECIPE = SFTRecipe(source="student", steps=800, batch_size=256, lr=3e-3,
 #: recipe it sat at loss 0.58, 10% exact match (the addition student's data drops that carry).
 CHAIN_STUDENT_RECIPE = SFTRecipe(source="student", steps=500, batch_size=128, lr=2e-3, seed=0)
 #: The tools task's teacher and student (data=tools_task): the chain student's recipe on
-#: each source. Measured in docs/quickstart.md ("The tools task").
+#: each source, the teacher's stretched to 800 steps (at 500 it left its loss plateau late,
+#: at step ~350, and ended at 94.8% hold-out exact match, below the student's 98.9% on the
+#: clean cases). Measured in docs/quickstart.md ("The tools task").
 TOOLS_TEACHER_RECIPE = SFTRecipe(source="teacher", steps=800, batch_size=128, lr=2e-3, seed=0)
 TOOLS_STUDENT_RECIPE = SFTRecipe(source="student", steps=500, batch_size=128, lr=2e-3, seed=0)
 
