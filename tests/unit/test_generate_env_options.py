@@ -35,3 +35,15 @@ def test_without_env_one_turn():
 def test_env_without_turn_stop_is_one_line():
     with pytest.raises(ValueError, match=r"^turn_stop=\[\]: with env, a list of one or more"):
         generate_cmd._config(_args("--env", tools_task.ENV_PATH), tools_task.tokenizer())
+
+
+def test_validation_of_a_multi_turn_run_samples_through_its_environment():
+    from tip_megatron.config import EvalConfig, SamplingConfig
+    from tip_megatron.train.validation import ValidationSpec
+
+    rollout = SamplingConfig(env=tools_task.ENV_PATH, max_turns=3, turn_stop=("?",), env_timeout_s=7.0)
+    spec = ValidationSpec.from_config(EvalConfig(max_new_tokens=14), rollout)
+    assert spec.multi_turn == dict(env=tools_task.ENV_PATH, env_args={}, max_turns=3,
+                                   turn_stop=("?",), observation_format="text", env_timeout_s=7.0)
+    assert spec.max_new_tokens == 14
+    assert ValidationSpec.from_config(EvalConfig(), SamplingConfig()).multi_turn == {}
