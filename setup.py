@@ -72,6 +72,8 @@ setup(
             "quickstart-multi-teacher-add = tip_megatron.apps.quickstart.builtin_models:multi_teacher_add",
             "quickstart-multi-teacher-sub = tip_megatron.apps.quickstart.builtin_models:multi_teacher_sub",
             "quickstart-multi-student = tip_megatron.apps.quickstart.builtin_models:multi_student",
+            "quickstart-tools-teacher = tip_megatron.apps.quickstart.builtin_models:tools_teacher",
+            "quickstart-tools-student = tip_megatron.apps.quickstart.builtin_models:tools_student",
         ],
     },
 )

@@ -274,13 +274,14 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
 
 
 def _check_multi_turn(cfg: RunConfig) -> None:
-    """Environments are built from prompt records (files) and imported here, on every rank
+    """Environments are built from prompt records (files, or the embedded task's prompts:
+    `train.setup.prompt_source` checks they have records) and imported here, on every rank
     and in the launcher, before anything heavy."""
     if cfg.rollout.env is None:
         return
-    if not cfg.data.prompts:
+    if not cfg.data.prompts and not (cfg.student.builtin and builtin_model(cfg.student.builtin).prompts):
         raise ValueError(f"rollout.env={cfg.rollout.env!r} builds environments from prompt records: "
-                         "name prompt files in data.prompts (the builtin tasks have none)")
+                         "name prompt files in data.prompts (or a builtin student with an embedded task)")
     load_factory(cfg.rollout.env)  # an import error names rollout.env now, not at the first rollout
 
 

@@ -120,7 +120,7 @@ def test_bad_task_is_one_line(command, tmp_path):
                            *extra, "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert re.fullmatch(r"error: --task 'chian': accepted tasks: addition, chain, multi\n", proc.stderr), \
+    assert re.fullmatch(r"error: --task 'chian': accepted tasks: addition, chain, multi, tools\n", proc.stderr), \
         proc.stderr
 
 

@@ -311,7 +311,8 @@ def test_unknown_builtin_lists_the_registered_names(tmp_path):
     # lacks them: the names listed are those of the package's metadata)
     with pytest.raises(ValueError, match=r"^student.builtin='quickstart-studnet': accepted: "
                                          r"\['quickstart-chain-student', ('quickstart-multi-[a-z-]+', )*"
-                                         r"'quickstart-student', 'quickstart-teacher'\]$"):
+                                         r"'quickstart-student', 'quickstart-teacher'"
+                                         r"(, 'quickstart-tools-[a-z]+')*\]$"):
         validate_run(cfg, world_size=1)
     # the builtin student embeds its task: no prompt files needed
     validate_run(load_config(None, ["student.builtin=quickstart-student",

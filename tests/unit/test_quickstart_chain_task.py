@@ -100,9 +100,9 @@ def test_benchmark_file_of_one_case(tmp_path):
 
 
 def test_task_registry():
-    assert list(TASKS) == ["addition", "chain", "multi"]
+    assert list(TASKS) == ["addition", "chain", "multi", "tools"]
     assert get_task("addition").data is task and get_task("chain").data is chain_task
     for spec in TASKS.values():
         assert set(spec.data.CASE_LABELS) == set(spec.data.CASES)
-    with pytest.raises(ValueError, match=r"^--task 'chian': accepted tasks: addition, chain, multi$"):
+    with pytest.raises(ValueError, match=r"^--task 'chian': accepted tasks: addition, chain, multi, tools$"):
         get_task("chian")

@@ -78,6 +78,18 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
                    help='extra chat template variables, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--system-prompt", help="system message put first in chat prompts that have none")
+    # Multi-turn (docs/multiturn.md): the run config's rollout.env* keys.
+    p.add_argument("--env", help="environment factory 'package.module:Factory' (multi-turn; "
+                   "--max-new-tokens is then the budget of every turn and observation)")
+    p.add_argument("--env-args", type=_json_object, default={}, metavar="JSON",
+                   help="keyword arguments of the environment factory")
+    p.add_argument("--max-turns", type=int, default=4, help="with --env: turns per sample (default 4)")
+    p.add_argument("--turn-stop", nargs="+", default=[], metavar="STR",
+                   help="with --env: strings that end a turn (e.g. '</call>')")
+    p.add_argument("--observation-format", choices=("text", "tool"), default="text",
+                   help="with --env: observations as text, or through the chat template's tool role")
+    p.add_argument("--env-timeout-s", type=float, default=30.0,
+                   help="with --env: seconds one environment call may take (default 30)")
     for field in ("prompt", "messages", "answer", "id"):
         p.add_argument(f"--{field}-field", default=field, help=f"name of the {field} field (default {field})")
 
@@ -190,8 +202,17 @@ def _config(args: argparse.Namespace, tokenizer):
         max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k, top_p=args.top_p, n=args.n, stop_ids=tuple(tokenizer.stop_ids),
         pad_id=tokenizer.pad_id, max_batch_tokens=args.max_batch_tokens, vocab_limit=tokenizer.vocab_size,
-        check_logprobs=args.check_logprobs,
+        check_logprobs=args.check_logprobs, **_multi_turn(args),
     )
+
+
+def _multi_turn(args: argparse.Namespace) -> dict:
+    """--env and its options as GenerationConfig keys ({} without --env: one turn)."""
+    if not getattr(args, "env", None):
+        return {}
+    return dict(env=args.env, env_args=dict(args.env_args), max_turns=args.max_turns,
+                turn_stop=tuple(args.turn_stop), observation_format=args.observation_format,
+                env_timeout_s=args.env_timeout_s)
 
 
 def _dataset(args: argparse.Namespace, tokenizer, arch):

@@ -31,7 +31,7 @@ from tip_megatron.data.sources import PromptRecord
 from tip_megatron.eval.evaluate import Sample, count_prompts, grade_samples
 from tip_megatron.eval.graders import get_grader
 from tip_megatron.eval.metrics import EvalSummary, PromptCounts, summarize
-from tip_megatron.rollout.generate import GenerationConfig, generate
+from tip_megatron.rollout.generate import Episodes, GenerationConfig, generate
 from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.runtime.progress import Progress
 
@@ -96,8 +96,10 @@ def generate_shard(chunks, groups: ParallelGroups, arch, tokenizer, dataset: Ben
         records = dataset.records(indices)
         # The noise of a draw is keyed by its global row: the samples do not depend on the
         # DP size, the batch size or the caller.
+        # Multi-turn: one environment per sample, built from its prompt's record.
+        episodes = Episodes(records, tokenizer) if config.multi_turn else None
         out = generate(chunks, groups, arch, [r.token_ids for r in records], config,
-                       seed=seed, step=0, row_offset=start * config.n)
+                       seed=seed, step=0, row_offset=start * config.n, episodes=episodes)
         if writer:
             lines += _lines(out, records, indices, tokenizer)
         if groups.rank == 0 and out.logprob_gap is not None:

@@ -201,5 +201,10 @@ def prompt_source(cfg: RunConfig, tokenizer: Any, groups: ParallelGroups):
     if cfg.data.prompts:
         return FilePrompts(cfg, tokenizer, groups)
     make = builtin_model(cfg.student.builtin).prompts
-    return make(cfg.data.prompts_per_step // groups.dp_size, groups.dp_rank, groups.dp_size,
-                cfg.data.seed)
+    source = make(cfg.data.prompts_per_step // groups.dp_size, groups.dp_rank, groups.dp_size,
+                  cfg.data.seed)
+    if cfg.rollout.env is not None and not callable(getattr(source, "records", None)):
+        raise ValueError(f"rollout.env={cfg.rollout.env!r}: the prompts of student.builtin="
+                         f"{cfg.student.builtin} have no records to build environments from; "
+                         "name prompt files in data.prompts")
+    return source

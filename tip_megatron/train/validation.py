@@ -44,12 +44,29 @@ class ValidationSpec:
     seed: int = EvalConfig.seed
     route_field: Optional[str] = None
     """`eval.route_field`: mean@k per value of this record field too."""
+    multi_turn: Mapping[str, Any] = field(default_factory=dict)
+    """The environment's sampling options (`MULTI_TURN_KEYS` of `rollout.*`: env, env_args,
+    max_turns, turn_stop, observation_format, env_timeout_s); empty = one turn. With them,
+    `max_new_tokens` is the budget of all turns and observations together."""
 
     @classmethod
-    def from_config(cls, e) -> "ValidationSpec":
+    def from_config(cls, e, rollout=None) -> "ValidationSpec":
+        """The `eval` section's spec; a run with `rollout.env` validates through its
+        environment (`rollout`: the run's rollout section)."""
         return cls(n=e.n, temperature=e.temperature, max_new_tokens=e.max_new_tokens,
                    grader=e.grader, grader_options=dict(e.grader_options), pass_k=e.pass_k,
-                   batch_size=e.batch_size, seed=e.seed, route_field=e.route_field)
+                   batch_size=e.batch_size, seed=e.seed, route_field=e.route_field,
+                   multi_turn=multi_turn_options(rollout))
+
+
+MULTI_TURN_KEYS = ("env", "env_args", "max_turns", "turn_stop", "observation_format", "env_timeout_s")
+
+
+def multi_turn_options(rollout) -> dict[str, Any]:
+    """A sampling config's environment options (`MULTI_TURN_KEYS`), {} without `env`."""
+    if rollout is None or getattr(rollout, "env", None) is None:
+        return {}
+    return {k: getattr(rollout, k) for k in MULTI_TURN_KEYS}
 
 
 def load_benchmark(paths: Sequence[str], tokenizer, data, max_prompt_len: int,
@@ -71,10 +88,13 @@ def evaluate_in_engine(chunks, groups, arch, tokenizer, dataset, spec: Validatio
     """Sample `spec.n` responses per benchmark prompt with `chunks` and grade them through
     the one sharded loop (`eval.sharded.generate_and_grade`, the one `tip-megatron eval
     --ckpt` uses: the same checkpoint, benchmark and seed give the same samples and grades).
-    Collective over the world; every rank returns the same result."""
+    Collective over the world; every rank returns the same result. With
+    `spec.multi_turn`, each sample is a multi-turn rollout with its prompt record's
+    environment, graded on its whole text after the prompt (observations included)."""
     config = GenerationConfig(n=spec.n, max_new_tokens=spec.max_new_tokens,
                               temperature=spec.temperature, stop_ids=tuple(tokenizer.stop_ids),
-                              pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
+                              pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size,
+                              **dict(spec.multi_turn))
     return generate_and_grade(chunks, groups, arch, tokenizer, dataset, config,
                               Grading(spec.grader, dict(spec.grader_options), spec.pass_k),
                               seed=spec.seed, batch_size=spec.batch_size)
@@ -115,7 +135,7 @@ def setup_validation(cfg, tokenizer, arch) -> Optional[Validation]:
     if limit < 1:
         raise ValueError(f"eval.max_new_tokens={e.max_new_tokens} leaves no room for a prompt in "
                          f"the student's max_position_embeddings={arch.max_position_embeddings}")
-    return Validation(e.every, ValidationSpec.from_config(e),
+    return Validation(e.every, ValidationSpec.from_config(e, cfg.rollout),
                       load_benchmark(e.prompts, tokenizer, cfg.data, limit, e.route_field))
 
 

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 from tip_megatron.checkpoint.sources import BuiltinModel, register_builtin
-from tip_megatron.apps.quickstart import chain_task, multi_task, pretrain, task
+from tip_megatron.data.sources import PromptRecord
+from tip_megatron.apps.quickstart import chain_task, multi_task, pretrain, task, tools_task
 
 
 def cache_dir() -> Path:
@@ -42,7 +43,11 @@ def _cache_entry(builtin: str):
             "quickstart-multi-teacher-sub": ("multi-teacher-sub", pretrain.teacher_arch(),
                                              pretrain.MULTI_TEACHER_SUB_RECIPE, multi_task),
             "quickstart-multi-student": ("multi-student", pretrain.teacher_arch(),
-                                         pretrain.MULTI_STUDENT_RECIPE, multi_task)}[builtin]
+                                         pretrain.MULTI_STUDENT_RECIPE, multi_task),
+            "quickstart-tools-teacher": ("tools-teacher", pretrain.tools_arch(),
+                                         pretrain.TOOLS_TEACHER_RECIPE, tools_task),
+            "quickstart-tools-student": ("tools-student", pretrain.tools_arch(),
+                                         pretrain.TOOLS_STUDENT_RECIPE, tools_task)}[builtin]
 
 
 def set_up_line(teacher: str = "quickstart-teacher", student: str = "quickstart-student",
@@ -62,17 +67,27 @@ class SyntheticPrompts:
     """Prompts of an embedded task, drawn per step (the quickstart's data)."""
 
     def __init__(self, per_rank: int, dp_rank: int, dp_size: int, seed: int,
-                 sample_prompts: Callable = task.sample_prompts) -> None:
+                 sample_prompts: Callable = task.sample_prompts, tokenizer: Callable = task.tokenizer) -> None:
         self.per_rank, self.dp_rank, self.dp_size, self.seed = per_rank, dp_rank, dp_size, seed
-        self.sample_prompts = sample_prompts
+        self.sample_prompts, self.tokenizer = sample_prompts, tokenizer
         self.step = 0
+        self._last: list[list[int]] = []
 
     def next(self) -> list[list[int]]:
         """This replica's consecutive slice of the step's global batch (DP-invariant)."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
         self.step += 1
         start = self.dp_rank * self.per_rank
-        return self.sample_prompts(self.per_rank * self.dp_size, gen)[start:start + self.per_rank].tolist()
+        self._last = self.sample_prompts(self.per_rank * self.dp_size, gen)[start:start + self.per_rank].tolist()
+        return self._last
+
+    def records(self) -> list[PromptRecord]:
+        """The records of the batch `next` returned (multi-turn environments are built from
+        them): id `<step>:<global index>`, the prompt's ids and text, no answer."""
+        tok, first = self.tokenizer(), self.dp_rank * self.per_rank
+        return [PromptRecord(prompt_id=f"{self.step - 1}:{first + k}", token_ids=ids, answer=None,
+                             text=tok.decode(ids), where=f"embedded prompt {first + k} of step {self.step}")
+                for k, ids in enumerate(self._last)]
 
     def state_dict(self) -> dict:
         return {"step": self.step}
@@ -86,7 +101,8 @@ def _model(name: str, arch, recipe: pretrain.SFTRecipe, data: ModuleType = task)
         return pretrain.pretrained_model(cache_dir(), name, arch, recipe, groups, data=data)[0]
 
     return BuiltinModel(arch=arch, full_state=full_state, tokenizer=data.tokenizer,
-                        prompts=partial(SyntheticPrompts, sample_prompts=data.sample_prompts))
+                        prompts=partial(SyntheticPrompts, sample_prompts=data.sample_prompts,
+                                        tokenizer=data.tokenizer))
 
 
 def teacher() -> BuiltinModel:
@@ -127,3 +143,10 @@ def register_multi() -> None:
     as the entry points): an editable install made before they existed lacks them."""
     for name, provider in MULTI_BUILTINS.items():
         register_builtin(name, provider)
+def tools_teacher() -> BuiltinModel:
+    return _model(*_cache_entry("quickstart-tools-teacher"))
+
+
+def tools_student() -> BuiltinModel:
+    return _model(*_cache_entry("quickstart-tools-student"))
+

@@ -23,7 +23,7 @@ from pathlib import Path
 from tip_megatron.apps.launch import run_local
 from tip_megatron.runtime.env import under_torchrun
 from tip_megatron.runtime.processes import die_with_torchrun, guard_rank_helpers
-from tip_megatron.apps.quickstart.tasks import DEFAULT_TASK, TASKS, get_task
+from tip_megatron.apps.quickstart.tasks import DEFAULT_TASK, TASKS, get_task, register_builtins
 
 #: `rule` and `steps` are the default task's; each task has its own (`tasks.EmbeddedTask`).
 DEFAULTS = dict(rule=TASKS[DEFAULT_TASK].rule, rho=0.5, steps=TASKS[DEFAULT_TASK].steps, tp=2)
@@ -111,18 +111,27 @@ def run_config(args: argparse.Namespace):
     from tip_megatron.config import load_config
 
     spec = get_task(args.task)
+    register_builtins()  # an editable install made before a task's built-ins were added
     data = spec.data
     rho = 1.0 if args.rule == "all" else args.rho
     return load_config(None, [
         f"student.builtin={spec.student}", *teacher_overrides(args),
         f"parallel.tp={args.tp}", f"data.max_prompt_len={data.PROMPT_LEN}",
-        f"rollout.max_new_tokens={data.ANSWER_LEN}", "rollout.temperature=1.0",
+        *rollout_overrides(data), "rollout.temperature=1.0",
         f"selection.rule={args.rule}", f"selection.rho={rho}", *spec.opd,
         f"train.steps={args.steps}", "logging.log_every=10",
         f"logging.jsonl={args.out}/metrics.jsonl",
         f"logging.dump_tokens_every={max(1, args.steps // 2)}",
         *args.overrides,
     ])
+
+
+def rollout_overrides(data) -> list[str]:
+    """The task's generation: its answer length (one turn), or its `GENERATION` (the
+    budget and the environment of a multi-turn task, e.g. `tools_task`)."""
+    generation = getattr(data, "GENERATION", None) or {"max_new_tokens": data.ANSWER_LEN}
+    return [f"rollout.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}"
+            for k, v in generation.items()]
 
 
 def eval_every(args: argparse.Namespace, cfg) -> int:

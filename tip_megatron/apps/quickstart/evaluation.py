@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from tip_megatron.eval import Grade, GRADERS, register_grader
-from tip_megatron.apps.quickstart import task
+from tip_megatron.apps.quickstart import task, tools_task
 from tip_megatron.data.sources import PromptRecord
 from tip_megatron.train.validation import ValidationSpec, evaluate_in_engine
 
@@ -38,8 +38,19 @@ def grade_addition(response: str, answer: str) -> Grade:
                  normalized=text or None)
 
 
-if GRADER not in GRADERS:
-    register_grader(GRADER, lambda: grade_addition)
+def grade_tools(response: str, answer: str) -> Grade:
+    """The tools task (`tools_task.py`): the transcript after the prompt reads the two calls
+    and their observations, then the 4 answer digits (units first), which must be `answer`."""
+    text = response.strip()
+    parsed = tools_task.parse_answer(text) is not None
+    written = text[-task.ANSWER_LEN:] if parsed else None
+    return Grade(correct=parsed and written == answer, unparsed=not parsed, extracted=written,
+                 normalized=written)
+
+
+for _name, _grade in ((GRADER, grade_addition), (tools_task.GRADER, grade_tools)):
+    if _name not in GRADERS:
+        register_grader(_name, lambda g=_grade: g)
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,17 @@ SPEC = ValidationSpec(n=1, temperature=0.0, max_new_tokens=task.ANSWER_LEN, grad
                       batch_size=1024)
 
 
+def spec_of(data: ModuleType) -> ValidationSpec:
+    """`SPEC`, or for a multi-turn task (its `GENERATION`: the budget and the environment)
+    the same greedy one-sample spec with its environment and its grader."""
+    generation = getattr(data, "GENERATION", None)
+    if generation is None:
+        return SPEC
+    options = {k: v for k, v in generation.items() if k != "max_new_tokens"}
+    return ValidationSpec(n=1, temperature=0.0, max_new_tokens=generation["max_new_tokens"],
+                          grader=data.GRADER, batch_size=SPEC.batch_size, multi_turn=options)
+
+
 def evaluate(chunks, groups, arch, n: int = 2000, student_rule: bool = False,
              data: ModuleType = task) -> dict:
     """Greedy exact match on `n` hold-out problems: overall (`exact`) and per case of
@@ -94,7 +116,8 @@ def evaluate(chunks, groups, arch, n: int = 2000, student_rule: bool = False,
     agreement with the student data's most likely answer (a second pass graded against
     those answers)."""
     bench = AdditionBenchmark(data.eval_set(n), data=data)
-    result = evaluate_in_engine(chunks, groups, arch, data.tokenizer(), bench, SPEC)
+    spec = spec_of(data)
+    result = evaluate_in_engine(chunks, groups, arch, data.tokenizer(), bench, spec)
     correct = torch.tensor([float(c.num_correct) for c in result.counts])
     report = {"exact": result.summary.mean_at_k, "n": len(bench)}
     index_sets = [(data.CASES, case_indices(data, bench.prompts))]
@@ -106,7 +129,7 @@ def evaluate(chunks, groups, arch, n: int = 2000, student_rule: bool = False,
             report[name] = correct[mask].mean().item() if mask.any() else float("nan")
     if student_rule:
         rule = evaluate_in_engine(chunks, groups, arch, data.tokenizer(),
-                                  AdditionBenchmark(bench.prompts, True, data), SPEC)
+                                  AdditionBenchmark(bench.prompts, True, data), spec)
         report["student_rule"] = rule.summary.mean_at_k
     return report
 

@@ -90,6 +90,9 @@ _CHAIN_OPD = ("data.prompts_per_step=16", "optim.lr=0.0001", "optim.warmup_steps
 
 #: The addition recipe at 240 steps (docs/study.md, "The multi task").
 _MULTI_OPD = _ADDITION_OPD
+#: The tools task (multi-turn: 8 model tokens per rollout, 6 observation tokens): the chain
+#: task's recipe. docs/quickstart.md, "The tools task".
+_TOOLS_OPD = _CHAIN_OPD
 
 TASKS = {t.name: t for t in (
     EmbeddedTask(
@@ -117,8 +120,36 @@ TASKS = {t.name: t for t in (
         teachers=(("add", "quickstart-multi-teacher-add", ("add",)),
                   ("sub", "quickstart-multi-teacher-sub", ("sub",))),
         route_field="domain"),
+    EmbeddedTask(
+        name="tools", data_module="tip_megatron.apps.quickstart.tools_task",
+        teacher="quickstart-tools-teacher", student="quickstart-tools-student", steps=120,
+        rule="q3", eval_size=1000, opd=_TOOLS_OPD,
+        legend="(b9: fetched register b ends in 9, the units carry dropped, confident and wrong)",
+        summary="sum of two registers fetched by tool calls, student with one defect in using "
+                "the results (b9, 9% of problems)"),
 )}
 DEFAULT_TASK = "addition"
+
+#: The built-in providers, by name, as setup.py declares them (`register_builtins`).
+PROVIDERS = {name: f"tip_megatron.apps.quickstart.builtin_models:{fn}" for name, fn in (
+    ("quickstart-teacher", "teacher"), ("quickstart-student", "student"),
+    ("quickstart-chain-student", "chain_student"), ("quickstart-tools-teacher", "tools_teacher"),
+    ("quickstart-tools-student", "tools_student"),
+    ("quickstart-multi-teacher-add", "multi_teacher_add"),
+    ("quickstart-multi-teacher-sub", "multi_teacher_sub"), ("quickstart-multi-student", "multi_student"))}
+
+
+def register_builtins() -> None:
+    """Register the quickstart's providers in this process when its installed metadata
+    lacks them (an editable install made before a name was added to setup.py); the same
+    strings as the entry points, so registering is idempotent."""
+    # lazy: the model-source registry imports the model layer; `--help` imports this module
+    from tip_megatron.checkpoint.sources import builtin_names, register_builtin
+
+    known = builtin_names()
+    for name, provider in PROVIDERS.items():
+        if name not in known:
+            register_builtin(name, provider)
 
 
 def get_task(name: str) -> EmbeddedTask:
