@@ -218,36 +218,64 @@ def _keep_threshold(z: torch.Tensor, z_max: torch.Tensor, top_k: int, top_p: flo
 # ----------------------------------------------------------------------------------------
 # The draw
 # ----------------------------------------------------------------------------------------
+class SamplingBuffers:
+    """Two reusable float64 [rows, shard width] buffers (the scaled logits and their exp)
+    for `vocab_parallel_sample`. A decoding loop that passes the same object every step
+    allocates nothing per step: on CPU a fresh multi-MiB tensor costs page faults that take
+    about as long as the arithmetic on it (docs/generate.md, decode-step profile). They
+    grow to the largest chunk seen; nothing in them outlives a call."""
+
+    def __init__(self) -> None:
+        self.flat: list[torch.Tensor] = []
+
+    def take(self, rows: int, z_width: int, e_width: int, device: torch.device) -> tuple:
+        """Contiguous [rows, z_width] and [rows, e_width] float64 views."""
+        need = rows * max(z_width, e_width)
+        if not self.flat or self.flat[0].numel() < need or self.flat[0].device != device:
+            self.flat = [torch.empty(need, dtype=torch.float64, device=device) for _ in range(2)]
+        z, e = self.flat
+        return z[:rows * z_width].view(rows, z_width), e[:rows * e_width].view(rows, e_width)
+
+
 def _sample_rows(logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor,
                  shard: VocabShard, tp_group: Any, temperature: float, top_k: int, top_p: float,
-                 seed: int, step: int) -> tuple:
+                 seed: int, step: int, buffers: SamplingBuffers) -> tuple:
     """(ids [r] int64, logprob [r] float64) for a chunk of rows `[r, w]`."""
     if temperature == 0:
         z = logits.to(torch.float64)
         return _argmax(z, shard, tp_group), torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-    z = logits.to(torch.float64) / temperature
+    z, e_buf = buffers.take(logits.shape[0], logits.shape[1], shard.shard_width, logits.device)
+    z.copy_(logits)  # the float64 values .to(float64) gives
+    if temperature != 1.0:  # x / 1 == x exactly: the common case skips a pass over [r, w]
+        z.div_(temperature)
     z_max = all_reduce_(local_max(z), MAX, tp_group)
     threshold = _keep_threshold(z, z_max, top_k, top_p, shard.vocab_size, tp_group)
     if threshold is not None:
         z = torch.where(z >= threshold[:, None], z, -math.inf)
-    return _inverse_cdf(z, z_max, uniform_rows(seed, step, rows, counters), shard, tp_group)
+    return _inverse_cdf(z, z_max, uniform_rows(seed, step, rows, counters), shard, tp_group, e_buf)
 
 
-def _block_masses(z: torch.Tensor, z_max: torch.Tensor, shard: VocabShard) -> tuple:
-    """(e [r, nb, block] = exp(z - z_max), zero-padded to the shard width; its block sums)."""
+def _block_masses(z: torch.Tensor, z_max: torch.Tensor, shard: VocabShard, out: torch.Tensor) -> tuple:
+    """(e [r, nb, block] = exp(z - z_max), zero-padded to the shard width, written into
+    `out` [r, shard width]; its block sums)."""
     rows, width = z.shape
     block = math.gcd(shard.shard_width, BLOCK)
-    e = z.new_zeros(rows, shard.shard_width)
-    e[:, :width] = (z - z_max[:, None]).exp()
+    if width == shard.shard_width:  # no padding columns: subtract and exp in place
+        e = torch.sub(z, z_max[:, None], out=out).exp_()
+    else:  # the exp on a contiguous tensor, as the draw always computed it (same bits)
+        e = out
+        e[:, width:] = 0.0
+        e[:, :width] = (z - z_max[:, None]).exp()
     e = e.view(rows, -1, block)
     return e, e.sum(dim=-1)
 
 
 def _inverse_cdf(z: torch.Tensor, z_max: torch.Tensor, u: torch.Tensor, shard: VocabShard,
-                 tp_group: Any) -> tuple:
-    """The first global id whose cumulative mass exceeds u * total, and its log-prob."""
+                 tp_group: Any, out: torch.Tensor) -> tuple:
+    """The first global id whose cumulative mass exceeds u * total, and its log-prob
+    (`out` [r, shard width] float64: room for the exp)."""
     rows = z.shape[0]
-    e, local = _block_masses(z, z_max, shard)
+    e, local = _block_masses(z, z_max, shard, out)
     nb, block = e.shape[1], e.shape[2]
     masses = all_gather(local, tp_group).permute(1, 0, 2).reshape(rows, -1)  # global block order
     cum = masses.cumsum(dim=-1)
@@ -311,6 +339,7 @@ def vocab_parallel_sample(
     row_offset: int = 0,
     row_ids: Optional[torch.Tensor] = None,
     counters: Optional[torch.Tensor] = None,
+    buffers: Optional[SamplingBuffers] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from softmax(logits / temperature), truncated by top-k/top-p.
 
@@ -332,6 +361,8 @@ def vocab_parallel_sample(
             a decoding engine that reorders or compacts its batch passes each row's identity.
         counters: [rows] int64 in [0, 2^32) per-row counters (default 0), e.g. the row's
             number of generated tokens.
+        buffers: float64 work buffers to reuse (a decoding loop passes one object every
+            step); default: fresh ones for this call. The draw does not depend on them.
     Returns:
         (ids [rows] int64 global token ids, logprob [rows] fp32 of each id under the
         truncated, temperature-scaled sampling distribution; 0 when greedy).
@@ -346,12 +377,13 @@ def vocab_parallel_sample(
     chunk = chunk_tokens(2 * shard.shard_width, chunk_size, logits.device)
     ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     logprob = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    buffers = buffers if buffers is not None else SamplingBuffers()
     with torch.no_grad():
         valid = logits[:, : shard.valid_width]
         for sl in token_chunks(logits.shape[0], chunk):
             ids[sl], logprob[sl] = _sample_rows(
-                valid[sl], rows[sl], counters[sl], shard, tp_group, temperature, top_k, top_p, seed, step
-            )
+                valid[sl], rows[sl], counters[sl], shard, tp_group, temperature, top_k, top_p, seed, step,
+                buffers)
     return ids, logprob
 
 
