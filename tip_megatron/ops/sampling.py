@@ -237,14 +237,17 @@ class SamplingBuffers:
         return z[:rows * z_width].view(rows, z_width), e[:rows * e_width].view(rows, e_width)
 
 
-def _sample_rows(logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor,
-                 shard: VocabShard, tp_group: Any, temperature: float, top_k: int, top_p: float,
-                 seed: int, step: int, buffers: SamplingBuffers) -> tuple:
-    """(ids [r] int64, logprob [r] float64) for a chunk of rows `[r, w]`."""
+def _sample_rows(logits: torch.Tensor, u: torch.Tensor, shard: VocabShard, tp_group: Any,
+                 temperature: float, top_k: int, top_p: float, buffers: SamplingBuffers) -> tuple:
+    """(ids [r] int64, logprob [r] float64) for a chunk of rows `[r, w]` and their uniforms [r]."""
     if temperature == 0:
         z = logits.to(torch.float64)
         return _argmax(z, shard, tp_group), torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-    z, e_buf = buffers.take(logits.shape[0], logits.shape[1], shard.shard_width, logits.device)
+    rows, width = logits.shape
+    truncated = 0 < top_k < shard.vocab_size or top_p < 1.0
+    if not truncated and width == shard.shard_width:
+        return _sample_untruncated(logits, u, shard, tp_group, temperature, buffers)
+    z, e_buf = buffers.take(rows, width, shard.shard_width, logits.device)
     z.copy_(logits)  # the float64 values .to(float64) gives
     if temperature != 1.0:  # x / 1 == x exactly: the common case skips a pass over [r, w]
         z.div_(temperature)
@@ -252,7 +255,36 @@ def _sample_rows(logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tenso
     threshold = _keep_threshold(z, z_max, top_k, top_p, shard.vocab_size, tp_group)
     if threshold is not None:
         z = torch.where(z >= threshold[:, None], z, -math.inf)
-    return _inverse_cdf(z, z_max, uniform_rows(seed, step, rows, counters), shard, tp_group, e_buf)
+    e, local = _block_masses(z, z_max, shard, e_buf)
+    return _inverse_cdf(e, local, lambda col: z.gather(1, col[:, None]).squeeze(1), width, z_max, u,
+                        shard, tp_group)
+
+
+def _sample_untruncated(logits: torch.Tensor, u: torch.Tensor, shard: VocabShard, tp_group: Any,
+                        temperature: float, buffers: SamplingBuffers) -> tuple:
+    """The draw without truncation on a shard without padding columns, the same bits as the
+    general path with one float64 pass fewer: no float64 copy of the shard. Its max is
+    taken on the logits as they are (max commutes with the exact cast to float64 and with
+    the correctly rounded division by a positive temperature: both are monotone), and
+    exp(z - max) is computed straight into the buffer (float32 - float64 computes in
+    float64: the cast is exact)."""
+    rows = logits.shape[0]
+    z_max = logits.amax(dim=-1).to(torch.float64)
+    if temperature != 1.0:
+        z_max = z_max / temperature
+    all_reduce_(z_max, MAX, tp_group)
+    _, e = buffers.take(rows, 0, shard.shard_width, logits.device)
+    if temperature == 1.0:
+        torch.sub(logits, z_max[:, None], out=e)
+    else:
+        e.copy_(logits).div_(temperature).sub_(z_max[:, None])
+    e = e.exp_().view(rows, -1, math.gcd(shard.shard_width, BLOCK))
+
+    def z_at(col: torch.Tensor) -> torch.Tensor:  # the scaled float64 logit at col [r]
+        z = logits.gather(1, col[:, None]).squeeze(1).to(torch.float64)
+        return z / temperature if temperature != 1.0 else z
+
+    return _inverse_cdf(e, e.sum(dim=-1), z_at, logits.shape[1], z_max, u, shard, tp_group)
 
 
 def _block_masses(z: torch.Tensor, z_max: torch.Tensor, shard: VocabShard, out: torch.Tensor) -> tuple:
@@ -270,30 +302,30 @@ def _block_masses(z: torch.Tensor, z_max: torch.Tensor, shard: VocabShard, out: 
     return e, e.sum(dim=-1)
 
 
-def _inverse_cdf(z: torch.Tensor, z_max: torch.Tensor, u: torch.Tensor, shard: VocabShard,
-                 tp_group: Any, out: torch.Tensor) -> tuple:
-    """The first global id whose cumulative mass exceeds u * total, and its log-prob
-    (`out` [r, shard width] float64: room for the exp)."""
-    rows = z.shape[0]
-    e, local = _block_masses(z, z_max, shard, out)
-    nb, block = e.shape[1], e.shape[2]
+def _inverse_cdf(e: torch.Tensor, local: torch.Tensor, z_at, width: int, z_max: torch.Tensor,
+                 u: torch.Tensor, shard: VocabShard, tp_group: Any) -> tuple:
+    """The first global id whose cumulative mass exceeds u * total, and its log-prob.
+    e [r, nb, block]: exp(z - z_max) of this shard; local [r, nb]: its block sums;
+    z_at(col [r]) -> [r] float64 scaled logits at local columns; width: true-vocab columns."""
+    rows, nb, block = e.shape
+    device = e.device
     masses = all_gather(local, tp_group).permute(1, 0, 2).reshape(rows, -1)  # global block order
     cum = masses.cumsum(dim=-1)
     total = cum[:, -1]
     target = u * total
-    index = torch.arange(masses.shape[1], device=z.device)
+    index = torch.arange(masses.shape[1], device=device)
     last = torch.where(masses > 0, index, -1).amax(dim=-1)  # rounding never picks empty blocks
     chosen = torch.minimum(torch.searchsorted(cum, target[:, None], right=True).squeeze(1), last)
     before = torch.where(chosen > 0, cum.gather(1, (chosen - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
     local_block = (chosen - shard.tp_rank * nb).clamp(0, nb - 1)
     values = e.gather(1, local_block[:, None, None].expand(rows, 1, block)).squeeze(1)  # [r, block]
     inside = ((before[:, None] + values.cumsum(dim=-1)) <= target[:, None]).sum(dim=-1)
-    positive = torch.where(values > 0, torch.arange(block, device=z.device), -1).amax(dim=-1)
+    positive = torch.where(values > 0, torch.arange(block, device=device), -1).amax(dim=-1)
     # A rank that does not own the row's block reads a block of its own (maybe empty): clamp.
     col = local_block * block + torch.minimum(inside, positive).clamp(min=0)
-    mine = (chosen // nb == shard.tp_rank) & (col < z.shape[1])
-    z_id = z.gather(1, col.clamp(max=max(z.shape[1] - 1, 0))[:, None]).squeeze(1) if z.shape[1] else z_max
-    picked = torch.stack([torch.where(mine, (col + shard.start).to(z.dtype), 0.0),
+    mine = (chosen // nb == shard.tp_rank) & (col < width)
+    z_id = z_at(col.clamp(max=max(width - 1, 0))) if width else z_max
+    picked = torch.stack([torch.where(mine, (col + shard.start).to(torch.float64), 0.0),
                           torch.where(mine, z_id, 0.0)], dim=-1)
     all_reduce_(picked, SUM, tp_group)  # exactly one rank owns each row's block
     return picked[:, 0].to(torch.long), picked[:, 1] - z_max - total.log()
@@ -380,10 +412,11 @@ def vocab_parallel_sample(
     buffers = buffers if buffers is not None else SamplingBuffers()
     with torch.no_grad():
         valid = logits[:, : shard.valid_width]
+        # One hash over all rows (elementwise: the same uniforms as per chunk, fewer small ops).
+        u = uniform_rows(seed, step, rows, counters) if temperature > 0 else None
         for sl in token_chunks(logits.shape[0], chunk):
             ids[sl], logprob[sl] = _sample_rows(
-                valid[sl], rows[sl], counters[sl], shard, tp_group, temperature, top_k, top_p, seed, step,
-                buffers)
+                valid[sl], None if u is None else u[sl], shard, tp_group, temperature, top_k, top_p, buffers)
     return ids, logprob
 
 
