@@ -8,9 +8,10 @@ Inverse-CDF draw, one uniform per row: token = the first id whose cumulative mas
 u * total. u for a row is a pure function of (seed, step, global row id, per-row counter)
 (the decoding engine passes the row's identity and its new-token count): a counter-based
 hash (murmur3-style, 32-bit arithmetic in int64 tensors, identical on every device;
-ops/_counter_hash.py) gives two 32-bit words -> a 52-bit uniform in (0, 1). It is computed once per row, not per
-logit (hashing every logit for Gumbel noise cost 60 ms per step at 128 rows x 8192 ids on
-one CPU thread; this draw costs ~3 ms, docs/generate.md). Layout independence: masses
+ops/_counter_hash.py) gives two 32-bit words -> a 52-bit uniform in (0, 1). It is
+computed once per row, not per logit (hashing every logit for Gumbel noise cost 60 ms
+per step at 128 rows x 8192 ids on one CPU thread; this draw costs ~3 ms,
+docs/generate.md). Layout independence: masses
 exp(z - z_max) are summed per block of global columns (one block never straddles two TP
 shards when the shard width is a multiple of the block, as megatron's padding makes it),
 one all-gather of the block masses [tp, rows, nb] gives every rank the same global block
