@@ -27,8 +27,8 @@ every round runs one step of each (system, rule) in an order that rotates each r
 after one untimed warm-up step each. Stages (seconds): generation, teacher (teacher
 forward; TRL's is timed inside its loss), student (everything else of the forward +
 backward: scoring pre-pass, selection, loss, backward), optimizer (clip + update). Memory:
-peak RSS of the step (VmHWM, reset before each step) minus RSS before it (models,
-optimizer state after warm-up). JSON: per (setup, system) min and median of every stage,
+peak RSS of the step (VmHWM, reset before each step) minus the RSS right after set-up
+(models built, no step run: optimizer state a system allocates at its first step counts). JSON: per (setup, system) min and median of every stage,
 step memory, load average before and after, and the engine/TRL step speedup per rule.
 """
 from __future__ import annotations
@@ -229,14 +229,15 @@ class TrlWorker:
         driver's next request and reports the step it timed (clip + update = optimizer)."""
         import transformers
 
-        clock, marks = self.clock, {}
+        clock, marks, worker = self.clock, {}, self
 
         class Serve(transformers.TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
                 if not sys.stdin.readline().strip():
                     raise SystemExit(0)
                 clock.clear()
-                marks["rss"], marks["begin"] = _reset_peak(), time.perf_counter()
+                _reset_peak()
+                marks["begin"] = time.perf_counter()
 
             def on_pre_optimizer_step(self, args, state, control, **kw):
                 marks["optimizer"] = time.perf_counter()
@@ -245,16 +246,20 @@ class TrlWorker:
                 now = time.perf_counter()
                 times = dict(clock, optimizer=now - marks["optimizer"])
                 times["student"] = marks["optimizer"] - marks["begin"] - times["generation"] - times["teacher"]
-                _report(dict(times, tokens=None, kept=None), marks["rss"])
+                _report(dict(times, tokens=None, kept=None), worker.rss_setup)
 
         return Serve()
 
     def serve(self) -> None:
+        self.rss_setup = _rss_kib("VmRSS")
         self.trainer.train()
 
 
-def _report(result: dict, rss_before_kib: int) -> None:
-    result["step_mib"] = (_rss_kib("VmHWM") - rss_before_kib) / 1024
+def _report(result: dict, rss_setup_kib: int) -> None:
+    """One step's figures to the driver. Step memory: this step's peak RSS (VmHWM, reset
+    before the step) minus the RSS right after set-up (models built, nothing run): what an
+    allocator kept from earlier steps counts, as it stays resident."""
+    result["step_mib"] = (_rss_kib("VmHWM") - rss_setup_kib) / 1024
     result["step"] = sum(result[s] for s in ("generation", "teacher", "student", "optimizer"))
     print("@@PEER " + json.dumps(result), flush=True)
 
@@ -270,12 +275,13 @@ def worker_main(spec: dict) -> None:
         worker.serve()
         return
     worker = EngineWorker(setup, spec["micro_batch_size"] or setup["rows"])
+    rss_setup = _rss_kib("VmRSS")
     print("@@PEER " + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if not line.strip():
             break
-        before = _reset_peak()
-        _report(worker.step(line.strip()), before)
+        _reset_peak()
+        _report(worker.step(line.strip()), rss_setup)
 
 
 # ------------------------------------------------------------------ driver side
