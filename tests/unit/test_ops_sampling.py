@@ -155,3 +155,32 @@ def test_sampling_argument_errors():
                           ({"top_p": 0.0}, "top_p"), ({"seed": 1.5}, "seed")]:
         with pytest.raises(ValueError, match=match):
             vocab_parallel_sample(logits, tp_group=None, vocab_size=4, **{"seed": 0, **kwargs})
+
+
+def test_reused_buffers_draw_what_fresh_ones_and_a_plain_inverse_cdf_draw():
+    """A decoding loop passes one `SamplingBuffers` every step (rows shrink and grow, the
+    temperature, truncation and padded width change): every draw equals a fresh call's,
+    bit for bit, and a plain float64 inverse-CDF draw over the whole row."""
+    from tip_megatron.ops.sampling import SamplingBuffers, uniform_rows
+
+    gen = torch.Generator().manual_seed(0)
+    buffers = SamplingBuffers()
+    calls = [(9, 1000, 1.0, 0, 1.0, None), (3, 1000, 0.7, 0, 1.0, None), (17, 997, 1.0, 0, 1.0, 4),
+             (5, 1000, 1.0, 20, 0.9, None), (12, 1000, 1.3, 0, 1.0, 5)]
+    for rows, vocab, temperature, top_k, top_p, chunk in calls:
+        logits = torch.randn(rows, 1024, generator=gen) * 3
+        kw = dict(tp_group=None, vocab_size=vocab, temperature=temperature, top_k=top_k, top_p=top_p,
+                  seed=7, step=rows, row_ids=torch.arange(rows) * 3, counters=torch.arange(rows) % 4,
+                  chunk_size=chunk)
+        fresh = vocab_parallel_sample(logits, **kw)
+        reused = vocab_parallel_sample(logits, **kw, buffers=buffers)
+        assert torch.equal(fresh[0], reused[0]) and torch.equal(fresh[1], reused[1])
+        if top_k or top_p < 1:
+            continue
+        z = logits[:, :vocab].double() / temperature
+        p = (z - z.amax(1, keepdim=True)).exp()
+        u = uniform_rows(7, rows, kw["row_ids"], kw["counters"])
+        want = ((p.cumsum(1) <= (u * p.sum(1))[:, None]).sum(1))
+        assert torch.equal(fresh[0], want)
+        assert_close(fresh[1].double(), torch.log_softmax(z, 1).gather(1, want[:, None]).squeeze(1),
+                     rtol=0, atol=1e-6)

@@ -7,10 +7,11 @@ probability mass of each block of `BLOCK` consecutive vocabulary columns.
 Inverse-CDF draw, one uniform per row: token = the first id whose cumulative mass exceeds
 u * total. u for a row is a pure function of (seed, step, global row id, per-row counter)
 (the decoding engine passes the row's identity and its new-token count): a counter-based
-hash (murmur3-style, 32-bit arithmetic in int64 tensors, identical on every device) gives
-two 32-bit words -> a 52-bit uniform in (0, 1). It is computed once per row, not per
-logit (hashing every logit for Gumbel noise cost 60 ms per step at 128 rows x 8192 ids on
-one CPU thread; this draw costs ~3 ms, docs/generate.md). Layout independence: masses
+hash (murmur3-style, 32-bit arithmetic in int64 tensors, identical on every device;
+ops/_counter_hash.py) gives two 32-bit words -> a 52-bit uniform in (0, 1). It is
+computed once per row, not per logit (hashing every logit for Gumbel noise cost 60 ms
+per step at 128 rows x 8192 ids on one CPU thread; this draw costs ~3 ms,
+docs/generate.md). Layout independence: masses
 exp(z - z_max) are summed per block of global columns (one block never straddles two TP
 shards when the shard width is a multiple of the block, as megatron's padding makes it),
 one all-gather of the block masses [tp, rows, nb] gives every rank the same global block
@@ -40,6 +41,9 @@ from typing import Any, Optional
 
 import torch
 
+from tip_megatron.ops._counter_hash import (  # noqa: F401 - hash names stay importable here
+    _call_key, _fmix32, _mix_word, hash_u32, uniform_rows,
+)
 from tip_megatron.ops._shard import (
     MAX,
     SUM,
@@ -62,63 +66,6 @@ TOP_P_CANDIDATES = 64
 BLOCK = 128
 #: The threshold search starts this far below the max: exp(-1000) is 0 in float64.
 _TOP_P_SEARCH_SPAN = 1000.0
-
-_MASK32 = 0xFFFFFFFF
-
-
-# ----------------------------------------------------------------------------------------
-# Counter-based hash. The same functions run on python ints (the per-call key) and on
-# int64 tensors holding values in [0, 2^32); every intermediate stays below 2^49, so no
-# signed overflow and no dependence on how a device shifts negative numbers.
-# ----------------------------------------------------------------------------------------
-def _mul32(x: Any, c: int) -> Any:
-    """(x * c) mod 2^32, splitting the constant into 16-bit halves to stay below 2^49."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
-
-
-def _rotl32(x: Any, r: int) -> Any:
-    return ((x << r) | (x >> (32 - r))) & _MASK32
-
-
-def _mix_word(h: Any, k: Any) -> Any:
-    """One murmur3_32 block: absorb the 32-bit word k into the state h."""
-    k = _mul32(_rotl32(_mul32(k, 0xCC9E2D51), 15), 0x1B873593)
-    h = _rotl32(h ^ k, 13)
-    return (_mul32(h, 5) + 0xE6546B64) & _MASK32
-
-
-def _fmix32(h: Any) -> Any:
-    """murmur3's finalizer: full avalanche of the 32-bit state."""
-    h = _mul32(h ^ (h >> 16), 0x85EBCA6B)
-    h = _mul32(h ^ (h >> 13), 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _call_key(seed: int, step: int, stream: int) -> int:
-    """32-bit key of (seed, step, stream): low 64 bits of seed and step are used."""
-    h = stream
-    for value in (seed, step):
-        h = _mix_word(_mix_word(h, value & _MASK32), (value >> 32) & _MASK32)
-    return h
-
-
-def hash_u32(seed: int, step: int, stream: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """[rows, cols] int64 in [0, 2^32): hash of (seed, step, stream, row, col); rows [r, 1],
-    cols [1, c] int64 in [0, 2^32)."""
-    h = _mix_word(_call_key(seed, step, stream), rows)
-    return _fmix32(_mix_word(h, cols) ^ 16)
-
-
-def uniform_rows(seed: int, step: int, rows: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """[r] float64 uniforms in (0, 1) for global row ids and per-row counters [r] int64 in
-    [0, 2^32); a pure function of (seed, step, row, counter)."""
-    high = hash_u32(seed, step, 0, rows, counters)
-    low = hash_u32(seed, step, 1, rows, counters)
-    # 52 random bits; (n + 0.5) / 2^52 lies strictly inside (0, 1) and is exact in float64.
-    n = (high << 20) | (low >> 12)
-    return (n.to(torch.float64) + 0.5) * 2.0**-52
-
 
 # ----------------------------------------------------------------------------------------
 # Truncation masks
@@ -218,54 +165,114 @@ def _keep_threshold(z: torch.Tensor, z_max: torch.Tensor, top_k: int, top_p: flo
 # ----------------------------------------------------------------------------------------
 # The draw
 # ----------------------------------------------------------------------------------------
-def _sample_rows(logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor,
-                 shard: VocabShard, tp_group: Any, temperature: float, top_k: int, top_p: float,
-                 seed: int, step: int) -> tuple:
-    """(ids [r] int64, logprob [r] float64) for a chunk of rows `[r, w]`."""
+class SamplingBuffers:
+    """Two reusable float64 [rows, shard width] buffers (the scaled logits and their exp)
+    for `vocab_parallel_sample`. A decoding loop that passes the same object every step
+    allocates nothing per step: on CPU a fresh multi-MiB tensor costs page faults that take
+    about as long as the arithmetic on it (docs/generate.md, decode-step profile). They
+    grow to the largest chunk seen; nothing in them outlives a call."""
+
+    def __init__(self) -> None:
+        self.flat: list[torch.Tensor] = []
+
+    def take(self, rows: int, z_width: int, e_width: int, device: torch.device) -> tuple:
+        """Contiguous [rows, z_width] and [rows, e_width] float64 views."""
+        need = rows * max(z_width, e_width)
+        if not self.flat or self.flat[0].numel() < need or self.flat[0].device != device:
+            self.flat = [torch.empty(need, dtype=torch.float64, device=device) for _ in range(2)]
+        z, e = self.flat
+        return z[:rows * z_width].view(rows, z_width), e[:rows * e_width].view(rows, e_width)
+
+
+def _sample_rows(logits: torch.Tensor, u: torch.Tensor, shard: VocabShard, tp_group: Any,
+                 temperature: float, top_k: int, top_p: float, buffers: SamplingBuffers) -> tuple:
+    """(ids [r] int64, logprob [r] float64) for a chunk of rows `[r, w]` and their uniforms [r]."""
     if temperature == 0:
         z = logits.to(torch.float64)
         return _argmax(z, shard, tp_group), torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-    z = logits.to(torch.float64) / temperature
+    rows, width = logits.shape
+    truncated = 0 < top_k < shard.vocab_size or top_p < 1.0
+    if not truncated and width == shard.shard_width:
+        return _sample_untruncated(logits, u, shard, tp_group, temperature, buffers)
+    z, e_buf = buffers.take(rows, width, shard.shard_width, logits.device)
+    z.copy_(logits)  # the float64 values .to(float64) gives
+    if temperature != 1.0:  # x / 1 == x exactly: the common case skips a pass over [r, w]
+        z.div_(temperature)
     z_max = all_reduce_(local_max(z), MAX, tp_group)
     threshold = _keep_threshold(z, z_max, top_k, top_p, shard.vocab_size, tp_group)
     if threshold is not None:
         z = torch.where(z >= threshold[:, None], z, -math.inf)
-    return _inverse_cdf(z, z_max, uniform_rows(seed, step, rows, counters), shard, tp_group)
+    e, local = _block_masses(z, z_max, shard, e_buf)
+    return _inverse_cdf(e, local, lambda col: z.gather(1, col[:, None]).squeeze(1), width, z_max, u,
+                        shard, tp_group)
 
 
-def _block_masses(z: torch.Tensor, z_max: torch.Tensor, shard: VocabShard) -> tuple:
-    """(e [r, nb, block] = exp(z - z_max), zero-padded to the shard width; its block sums)."""
+def _sample_untruncated(logits: torch.Tensor, u: torch.Tensor, shard: VocabShard, tp_group: Any,
+                        temperature: float, buffers: SamplingBuffers) -> tuple:
+    """The draw without truncation on a shard without padding columns, the same bits as the
+    general path with one float64 pass fewer: no float64 copy of the shard. Its max is
+    taken on the logits as they are (max commutes with the exact cast to float64 and with
+    the correctly rounded division by a positive temperature: both are monotone), and
+    exp(z - max) is computed straight into the buffer (float32 - float64 computes in
+    float64: the cast is exact)."""
+    rows = logits.shape[0]
+    z_max = logits.amax(dim=-1).to(torch.float64)
+    if temperature != 1.0:
+        z_max = z_max / temperature
+    all_reduce_(z_max, MAX, tp_group)
+    _, e = buffers.take(rows, 0, shard.shard_width, logits.device)
+    if temperature == 1.0:
+        torch.sub(logits, z_max[:, None], out=e)
+    else:
+        e.copy_(logits).div_(temperature).sub_(z_max[:, None])
+    e = e.exp_().view(rows, -1, math.gcd(shard.shard_width, BLOCK))
+
+    def z_at(col: torch.Tensor) -> torch.Tensor:  # the scaled float64 logit at col [r]
+        z = logits.gather(1, col[:, None]).squeeze(1).to(torch.float64)
+        return z / temperature if temperature != 1.0 else z
+
+    return _inverse_cdf(e, e.sum(dim=-1), z_at, logits.shape[1], z_max, u, shard, tp_group)
+
+
+def _block_masses(z: torch.Tensor, z_max: torch.Tensor, shard: VocabShard, out: torch.Tensor) -> tuple:
+    """(e [r, nb, block] = exp(z - z_max), zero-padded to the shard width, written into
+    `out` [r, shard width]; its block sums)."""
     rows, width = z.shape
     block = math.gcd(shard.shard_width, BLOCK)
-    e = z.new_zeros(rows, shard.shard_width)
-    e[:, :width] = (z - z_max[:, None]).exp()
+    if width == shard.shard_width:  # no padding columns: subtract and exp in place
+        e = torch.sub(z, z_max[:, None], out=out).exp_()
+    else:  # the exp on a contiguous tensor, as the draw always computed it (same bits)
+        e = out
+        e[:, width:] = 0.0
+        e[:, :width] = (z - z_max[:, None]).exp()
     e = e.view(rows, -1, block)
     return e, e.sum(dim=-1)
 
 
-def _inverse_cdf(z: torch.Tensor, z_max: torch.Tensor, u: torch.Tensor, shard: VocabShard,
-                 tp_group: Any) -> tuple:
-    """The first global id whose cumulative mass exceeds u * total, and its log-prob."""
-    rows = z.shape[0]
-    e, local = _block_masses(z, z_max, shard)
-    nb, block = e.shape[1], e.shape[2]
+def _inverse_cdf(e: torch.Tensor, local: torch.Tensor, z_at, width: int, z_max: torch.Tensor,
+                 u: torch.Tensor, shard: VocabShard, tp_group: Any) -> tuple:
+    """The first global id whose cumulative mass exceeds u * total, and its log-prob.
+    e [r, nb, block]: exp(z - z_max) of this shard; local [r, nb]: its block sums;
+    z_at(col [r]) -> [r] float64 scaled logits at local columns; width: true-vocab columns."""
+    rows, nb, block = e.shape
+    device = e.device
     masses = all_gather(local, tp_group).permute(1, 0, 2).reshape(rows, -1)  # global block order
     cum = masses.cumsum(dim=-1)
     total = cum[:, -1]
     target = u * total
-    index = torch.arange(masses.shape[1], device=z.device)
+    index = torch.arange(masses.shape[1], device=device)
     last = torch.where(masses > 0, index, -1).amax(dim=-1)  # rounding never picks empty blocks
     chosen = torch.minimum(torch.searchsorted(cum, target[:, None], right=True).squeeze(1), last)
     before = torch.where(chosen > 0, cum.gather(1, (chosen - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
     local_block = (chosen - shard.tp_rank * nb).clamp(0, nb - 1)
     values = e.gather(1, local_block[:, None, None].expand(rows, 1, block)).squeeze(1)  # [r, block]
     inside = ((before[:, None] + values.cumsum(dim=-1)) <= target[:, None]).sum(dim=-1)
-    positive = torch.where(values > 0, torch.arange(block, device=z.device), -1).amax(dim=-1)
+    positive = torch.where(values > 0, torch.arange(block, device=device), -1).amax(dim=-1)
     # A rank that does not own the row's block reads a block of its own (maybe empty): clamp.
     col = local_block * block + torch.minimum(inside, positive).clamp(min=0)
-    mine = (chosen // nb == shard.tp_rank) & (col < z.shape[1])
-    z_id = z.gather(1, col.clamp(max=max(z.shape[1] - 1, 0))[:, None]).squeeze(1) if z.shape[1] else z_max
-    picked = torch.stack([torch.where(mine, (col + shard.start).to(z.dtype), 0.0),
+    mine = (chosen // nb == shard.tp_rank) & (col < width)
+    z_id = z_at(col.clamp(max=max(width - 1, 0))) if width else z_max
+    picked = torch.stack([torch.where(mine, (col + shard.start).to(torch.float64), 0.0),
                           torch.where(mine, z_id, 0.0)], dim=-1)
     all_reduce_(picked, SUM, tp_group)  # exactly one rank owns each row's block
     return picked[:, 0].to(torch.long), picked[:, 1] - z_max - total.log()
@@ -311,6 +318,7 @@ def vocab_parallel_sample(
     row_offset: int = 0,
     row_ids: Optional[torch.Tensor] = None,
     counters: Optional[torch.Tensor] = None,
+    buffers: Optional[SamplingBuffers] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from softmax(logits / temperature), truncated by top-k/top-p.
 
@@ -332,6 +340,8 @@ def vocab_parallel_sample(
             a decoding engine that reorders or compacts its batch passes each row's identity.
         counters: [rows] int64 in [0, 2^32) per-row counters (default 0), e.g. the row's
             number of generated tokens.
+        buffers: float64 work buffers to reuse (a decoding loop passes one object every
+            step); default: fresh ones for this call. The draw does not depend on them.
     Returns:
         (ids [rows] int64 global token ids, logprob [rows] fp32 of each id under the
         truncated, temperature-scaled sampling distribution; 0 when greedy).
@@ -346,12 +356,14 @@ def vocab_parallel_sample(
     chunk = chunk_tokens(2 * shard.shard_width, chunk_size, logits.device)
     ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     logprob = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    buffers = buffers if buffers is not None else SamplingBuffers()
     with torch.no_grad():
         valid = logits[:, : shard.valid_width]
+        # One hash over all rows (elementwise: the same uniforms as per chunk, fewer small ops).
+        u = uniform_rows(seed, step, rows, counters) if temperature > 0 else None
         for sl in token_chunks(logits.shape[0], chunk):
             ids[sl], logprob[sl] = _sample_rows(
-                valid[sl], rows[sl], counters[sl], shard, tp_group, temperature, top_k, top_p, seed, step
-            )
+                valid[sl], None if u is None else u[sl], shard, tp_group, temperature, top_k, top_p, buffers)
     return ids, logprob
 
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from tip_megatron.models.sequence_parallel import sequence_parallel_off
 from tip_megatron.models.state import unwrap
-from tip_megatron.ops.sampling import vocab_parallel_sample
+from tip_megatron.ops.sampling import SamplingBuffers, vocab_parallel_sample
 from tip_megatron.rollout import decode, kv_cache
 from tip_megatron.rollout.kv_cache import SlotCache
 from tip_megatron.rollout.turns import TurnTracker
@@ -68,6 +68,7 @@ class DynamicDecoder:
         self.stop_ids: Optional[torch.Tensor] = None
         self.recorder = decode.HiddenRecorder(config.max_new_tokens) if config.keep_hidden else None
         self.tracker = tracker
+        self.sample_buffers = SamplingBuffers()  # the draw's float64 buffers, reused every step
 
     def run(self, prompts: Sequence[Sequence[int]], device) -> tuple:
         cfg, n, cap = self.config, self.config.n, self.cache.capacity
@@ -241,7 +242,7 @@ class DynamicDecoder:
             ids, logprob = vocab_parallel_sample(
                 logits, tp_group=self.groups.tp_group, vocab_size=cfg.sample_vocab(self.arch.vocab_size),
                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=self.seed,
-                step=self.step, row_ids=self.row_offset + rows, counters=new)
+                step=self.step, row_ids=self.row_offset + rows, counters=new, buffers=self.sample_buffers)
         else:
             ids = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
         if self.groups.pp_size > 1:  # every stage needs the ids: to embed them, to agree on stops

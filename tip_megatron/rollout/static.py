@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.models.sequence_parallel import sequence_parallel_off
 from tip_megatron.models.state import unwrap
-from tip_megatron.ops.sampling import vocab_parallel_sample
+from tip_megatron.ops.sampling import SamplingBuffers, vocab_parallel_sample
 from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.rollout import cuda_graph, decode, kv_cache
 from tip_megatron.rollout.kv_cache import KVCache
@@ -77,6 +77,7 @@ class StaticDecoder:
         self.generated: Optional[torch.Tensor] = None
         """[B, P + T] bool: generated (not prompt, observation or padding) columns."""
         self.turn_ids: Optional[torch.Tensor] = None
+        self.sample_buffers = SamplingBuffers()  # the draw's float64 buffers, reused every step
 
     def prepare(self, max_len: int) -> None:
         """RoPE tables for every chunk (megatron caches them per length)."""
@@ -197,7 +198,7 @@ class StaticDecoder:
                 logits, tp_group=self.groups.tp_group, vocab_size=cfg.sample_vocab(self.arch.vocab_size),
                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 seed=self.seed, step=self.step, row_offset=self.row_offset,
-                counters=counters.clone(),
+                counters=counters.clone(), buffers=self.sample_buffers,
             )
         else:
             ids = torch.empty(rows, dtype=torch.long, device=device)
