@@ -139,6 +139,7 @@ FROZEN_KEYS = [
     "eval.pass_k",
     "eval.batch_size",
     "eval.seed",
+    "eval.route_field",
     "logging.log_every",
     "logging.jsonl",
     "logging.wandb",

@@ -33,7 +33,7 @@ def test_the_tasks_default_rules_differ_where_measured():
     # docs/study.md: the addition task's 3-seed check chose entropy sampling at 480 steps;
     # the chain task's study keeps Soft-OR. A bad --task is one line naming the tasks.
     assert {TASKS["addition"].rule, TASKS["chain"].rule} == {"entropy_sample", "soft_or"}
-    with pytest.raises(ValueError, match="accepted tasks: addition, chain, tools"):
+    with pytest.raises(ValueError, match="accepted tasks: addition, chain, multi, tools"):
         _args("--task", "nope")
 
 
