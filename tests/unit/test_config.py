@@ -97,6 +97,7 @@ FROZEN_KEYS = [
     "loss.mix_threshold",
     "loss.mix_low",
     "loss.mix_high",
+    "loss.one_pass",
     "optim.lr",
     "optim.min_lr",
     "optim.warmup_steps",
@@ -168,6 +169,7 @@ def test_every_field_has_a_docstring_or_is_self_explanatory():
     ("loss.impl=magic", "loss.impl='magic'"),
     ("loss.divergence=kl", r"loss.divergence='kl': accepted values are \['reverse_kl', 'forward_kl', 'jsd'\]"),
     ("loss.jsd_beta=1.0", r"loss.jsd_beta=1.0: must be in the open interval \(0, 1\)"),
+    ("loss.one_pass=maybe", "loss.one_pass='maybe': expected bool"),
     ("notakeyvalue", "expected key=value"),
 ])
 def test_bad_values_name_the_key(override, message):

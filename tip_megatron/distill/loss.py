@@ -4,7 +4,8 @@ Shapes: hidden [s, b, h] (megatron layout; [s/tp, b, h] under sequence paralleli
 gathered first by `full_sequence`) -> flattened [b*s, h] (batch-major, matching the [b, s]
 masks); k = kept tokens; V/tp = this rank's vocabulary shard.
 
-Per micro-batch, inside `GPTModel.forward(..., output_processor=...)`:
+Per micro-batch, inside `GPTModel.forward(..., output_processor=...)` (the processor itself
+is distill/processor.py; rule `all` runs a-c as one fused pass, distill/one_pass.py):
   a. score (no grad, in chunks of `score_chunk_size`): student and teacher logit shards of the response positions
      -> entropy, reverse KL, forward KL through vocab-parallel all-reduces; only [tokens]
      statistics survive. Skipped under scope `global`: the scoring pre-pass already
@@ -40,9 +41,7 @@ from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK
 from tip_megatron.ops.sequence_parallel import gather_sequence
 from tip_megatron.ops.topk_divergence import TopkSignal, topk_linear_divergence
 from tip_megatron.distill.mix import mixed_divergence, validate_mix
-from tip_megatron.tip import (
-    SelectionConfig, TokenSignals, select_weighted, selection_labels, selection_metric_sums,
-)
+from tip_megatron.tip import SelectionConfig, TokenSignals
 from tip_megatron.tip.normalize import RunningNorm
 
 LOSS_IMPLS = ("fused", "unfused")
@@ -83,6 +82,11 @@ class LossConfig:
     """`custom`: coefficients (reverse KL, forward KL, JSD) >= 0 below the threshold."""
     mix_high: tuple[float, ...] = (1.0, 1.0, 0.0)
     """`custom`: coefficients (reverse KL, forward KL, JSD) >= 0 above the threshold."""
+    one_pass: bool = True
+    """Rule `all` (the kept set does not depend on the signals): score and learn in one
+    fused pass, the statistics read from the loss's own logit chunks (distill/one_pass.py,
+    docs/tip.md "LM-head matmuls per step"); False: a separate scoring pass first (the
+    reference path). Fused loss without `mix` only; other rules are not affected."""
 
     def __post_init__(self) -> None:
         self.validate()  # built directly by the engine and tests too, not only from a config
@@ -99,6 +103,8 @@ class LossConfig:
         if self.impl == "unfused" and self.divergence != "reverse_kl":
             raise ValueError(f"{prefix}impl='unfused' supports {prefix}divergence='reverse_kl' "
                              f"only; got {self.divergence!r} (use {prefix}impl='fused')")
+        if not isinstance(self.one_pass, bool):
+            raise ValueError(f"{prefix}one_pass={self.one_pass!r}: must be true or false")
         for name in ("chunk_size", "score_chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -203,10 +209,15 @@ def _flat(hidden: torch.Tensor) -> torch.Tensor:
 BASE_SIGNALS = ("entropy_norm", "reverse_kl", "forward_kl", "teacher_entropy")
 
 
-def _chunk_signals(student, teacher, spec: DistillSpec, extra: tuple, token_ids) -> list:
-    """The [c] rows of one scoring chunk: BASE_SIGNALS, then `extra` in order."""
+def chunk_signals(student, teacher, spec: DistillSpec, extra: tuple, token_ids,
+                  shard_width: Optional[int] = None) -> list:
+    """The [c] rows of one scoring chunk: BASE_SIGNALS, then `extra` in order.
+    `shard_width`: the padded shard width when the chunks hold only the true-vocab columns
+    (the fused loss's chunks; no extra signals then)."""
     kw = dict(tp_group=spec.tp_group, vocab_size=spec.vocab_size)
-    stats = vocab_parallel_stats(student, teacher, **kw)
+    if shard_width is not None and extra:
+        raise ValueError(f"signals {list(extra)} need the padded logit shard (no shard_width)")
+    stats = vocab_parallel_stats(student, teacher, shard_width=shard_width, **kw)
     rows = [stats.student_entropy_norm, stats.reverse_kl, stats.forward_kl, stats.teacher_entropy]
     for name in extra:
         if name == "teachability":
@@ -238,7 +249,7 @@ def score_tokens(hidden_flat, weight, teacher_flat, teacher_weight, positions, s
     for start in range(0, positions.numel(), chunk):
         idx = positions[start:start + chunk]
         ids = None if target_ids is None else target_ids[idx].clamp(0, spec.vocab_size - 1)
-        parts.append(torch.stack(_chunk_signals(
+        parts.append(torch.stack(chunk_signals(
             hidden_flat[rows[start:start + chunk]] @ weight.t(), teacher_flat[idx] @ teacher_weight.t(),
             spec, extra, ids)))
     if not parts:
@@ -260,6 +271,14 @@ def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec
     target_ids = None if ctx.target_ids is None else ctx.target_ids.reshape(-1).to(target.device)
     scored = score_tokens(hidden_flat, weight, teacher_flat, ctx.teacher_weight, positions, spec,
                           student_rows=student_rows, target_ids=target_ids)
+    return assemble_signals(scored, positions, ctx, spec)
+
+
+def assemble_signals(scored, positions: torch.Tensor, ctx: MicrobatchContext, spec: DistillSpec):
+    """(signals over all [b*s] positions, whether every statistic was finite) from the
+    [n] rows `scored` (BASE_SIGNALS + extra, as `score_tokens` returns them) of the target
+    `positions`."""
+    target = ctx.target_mask.reshape(-1).to(positions.device)
     names = BASE_SIGNALS + extra_signals(spec)
     full = {n: torch.zeros(target.numel(), dtype=torch.float32, device=target.device) for n in names}
     finite = all(bool(torch.isfinite(x).all()) for x in scored)
@@ -317,43 +336,6 @@ def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[
     if not getattr(output_layer, "sequence_parallel", False):
         return hidden_states, False
     return gather_sequence(hidden_states, tp_group), True
-
-
-def _signals_and_kept(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec):
-    """(signals, kept mask or None, labels, finite, weights or None): the pre-pass's when
-    given, else scored (and selected, labeled) here."""
-    pre = ctx.preselection
-    if pre is not None:
-        if spec.score_only:
-            raise ValueError("the scoring pre-pass got micro-batches that were already scored")
-        labels = pre.labels if pre.labels is not None else selection_labels(spec.selection, pre.signals)
-        return pre.signals, pre.kept_mask, labels, pre.finite, pre.weights
-    signals, finite = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
-    if spec.score_only:
-        return signals, None, None, finite, None
-    kept, weights = select_weighted(spec.selection, signals, step=spec.step)
-    return signals, kept, selection_labels(spec.selection, signals), finite, weights
-
-
-def make_output_processor(spec: DistillSpec):
-    """The `output_processor` for GPTModel.forward: returns a `LossPathOutput`."""
-
-    def output_processor(*, hidden_states, output_layer, output_weight, context, **_: Any):
-        ctx: MicrobatchContext = context
-        weight = output_weight if output_weight is not None else output_layer.weight
-        hidden_states, sp = full_sequence(hidden_states, output_layer, spec.tp_group)
-        hidden_flat = _flat(hidden_states)
-        signals, kept, labels, finite, weights = _signals_and_kept(hidden_flat, weight, ctx, spec)
-        if kept is None:
-            return LossPathOutput(hidden_states.new_zeros(()), signals, finite=finite)
-        loss_sum, token_loss = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp,
-                                         weights=weights, signals=signals)
-        if weights is not None:  # the metrics' loss shares split the weighted loss
-            token_loss = token_loss * weights.to(token_loss.device)[kept].to(token_loss.dtype)
-        return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels, token_loss),
-                              labels, finite, weights)
-
-    return output_processor
 
 
 @dataclass(frozen=True)

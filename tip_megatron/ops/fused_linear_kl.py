@@ -24,7 +24,7 @@ passes `reduce_hidden_grad=False`, so both paths hand back this rank's partial u
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -76,9 +76,10 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: to
 def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                    teacher_weight: torch.Tensor, scale: torch.Tensor, tp_group: Any,
                    valid_width: int, chunk: int, need_grad: tuple[bool, bool],
-                   divergence: Divergence = REVERSE_KL) -> tuple:
+                   divergence: Divergence = REVERSE_KL, observe: Optional[Callable] = None) -> tuple:
     """(divergence [k], grad_hidden [k, h] or None, grad_weight [V/tp, h] fp32 or None);
-    `need_grad` = (hidden, weight) flags: a gradient nobody needs is not computed."""
+    `need_grad` = (hidden, weight) flags: a gradient nobody needs is not computed;
+    `observe(sl, student, teacher)`: see `fused_linear_divergence`."""
     w_s, w_t = weight[:valid_width], teacher_weight[:valid_width]  # padding rows: no logits
     kl = torch.empty(hidden.shape[0], dtype=scale.dtype, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_grad[0] else None
@@ -104,6 +105,8 @@ def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: t
         count = sl.stop - sl.start
         student = torch.matmul(hidden[sl], w_s.t(), out=logits[0][:count])
         teacher = torch.matmul(teacher_hidden[sl], w_t.t(), out=logits[1][:count])
+        if observe is not None:  # before the gradient overwrites the teacher chunk
+            observe(sl, student, teacher)
         # Per-token parameters (ops.mixed's coefficients) follow the chunk's tokens.
         div = divergence.rows(sl) if hasattr(divergence, "rows") else divergence
         state = div.forward(student, teacher, tp_group, inner, work)
@@ -133,10 +136,11 @@ class _FusedLinearDivergence(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                 teacher_weight: torch.Tensor, scale: torch.Tensor, tp_group: Any, valid_width: int,
                 chunk: int, need_grad: tuple[bool, bool],
-                reduce_hidden_grad: bool, divergence: Divergence) -> tuple[torch.Tensor, torch.Tensor]:
+                reduce_hidden_grad: bool, divergence: Divergence,
+                observe: Optional[Callable]) -> tuple[torch.Tensor, torch.Tensor]:
         kl, grad_hidden, grad_weight = _fused_forward(
             hidden, weight, teacher_hidden, teacher_weight, scale, tp_group,
-            valid_width, chunk, need_grad, divergence,
+            valid_width, chunk, need_grad, divergence, observe,
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.tp_group, ctx.weight_dtype = tp_group, weight.dtype
@@ -154,7 +158,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 all_reduce_(grad_hidden, SUM, ctx.tp_group)  # == ColumnParallelLinear input grad
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_divergence(
@@ -169,6 +173,7 @@ def fused_linear_divergence(
     token_weights: Optional[torch.Tensor] = None,
     reduce_hidden_grad: bool = True,
     divergence: Divergence = REVERSE_KL,
+    observe: Optional[Callable[[slice, torch.Tensor, torch.Tensor], None]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_i token_weights[i] * D[i], D = `divergence` (ops.divergences; default the reverse
     KL(P_S || P_T)), with P_S = softmax(hidden @ weight^T) and P_T likewise, vocab-sharded.
@@ -187,6 +192,11 @@ def fused_linear_divergence(
             reduce-scatter of `gather_sequence` under sequence parallelism).
         divergence: which divergence D is (default: the reverse KL of the paper); an
             `ops.mixed.MixedDivergence` mixes the three per token (`loss.mix`).
+        observe: called as `observe(rows, student, teacher)` with each chunk's token slice
+            and its [c, valid_width] student and teacher logits, after both are computed
+            and before the divergence reads them; it must not modify them. Statistics
+            read there come from the same logits as the loss (distill.one_pass: one logit
+            pass per token). Every TP rank calls it for the same chunks, in order.
     Returns:
         (loss_sum, per_token): a differentiable fp32 scalar and the detached [k] divergence.
         Gradients are computed in the forward (when grad is enabled and hidden or weight
@@ -206,7 +216,7 @@ def fused_linear_divergence(
     need_grad = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     return _FusedLinearDivergence.apply(
         hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), scale, tp_group,
-        shard.valid_width, chunk, need_grad, reduce_hidden_grad, divergence,
+        shard.valid_width, chunk, need_grad, reduce_hidden_grad, divergence, observe,
     )
 
 

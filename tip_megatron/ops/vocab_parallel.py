@@ -84,6 +84,7 @@ def vocab_parallel_stats(
     vocab_size: int,
     token_ids: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    shard_width: Optional[int] = None,
 ) -> TokenStats:
     """Per-token statistics of the student (and teacher) from `[tokens, V/tp]` shards.
 
@@ -95,6 +96,9 @@ def vocab_parallel_stats(
         vocab_size: TRUE vocabulary size; columns >= it get zero probability.
         token_ids: [tokens] int64 GLOBAL ids whose student log-prob is wanted, or None.
         chunk_size: tokens per chunk (default: 2^20 elements on CPU, 2^25 elsewhere).
+        shard_width: the padded shard width when the logits given are only its true-vocab
+            prefix [tokens, valid_width] (the fused loss's chunks, distill.one_pass);
+            None: the logits' own width.
     Not differentiable (runs under no_grad); inputs are never modified.
     """
     if teacher_logits is None:
@@ -105,7 +109,11 @@ def vocab_parallel_stats(
         raise ValueError(
             f"token_ids must be [tokens] = [{student_logits.shape[0]}]; got {tuple(token_ids.shape)}"
         )
-    shard = vocab_shard(student_logits.shape[-1], tp_group, vocab_size)
+    shard = vocab_shard(student_logits.shape[-1] if shard_width is None else shard_width,
+                        tp_group, vocab_size)
+    if student_logits.shape[-1] < shard.valid_width:
+        raise ValueError(f"student_logits hold {student_logits.shape[-1]} columns, fewer than the "
+                         f"shard's {shard.valid_width} true-vocab columns (shard_width={shard_width})")
     chunk = chunk_tokens(shard.shard_width, chunk_size, student_logits.device)
     with torch.no_grad():
         student = student_logits[:, : shard.valid_width]
