@@ -210,14 +210,15 @@ BASE_SIGNALS = ("entropy_norm", "reverse_kl", "forward_kl", "teacher_entropy")
 
 
 def chunk_signals(student, teacher, spec: DistillSpec, extra: tuple, token_ids,
-                  shard_width: Optional[int] = None) -> list:
+                  shard_width: Optional[int] = None, work=None) -> list:
     """The [c] rows of one scoring chunk: BASE_SIGNALS, then `extra` in order.
-    `shard_width`: the padded shard width when the chunks hold only the true-vocab columns
-    (the fused loss's chunks; no extra signals then)."""
+    `shard_width`, `work`: the padded shard width when the chunks hold only the true-vocab
+    columns, and the fused loss's scratch buffers (its observer; no extra signals then)."""
     kw = dict(tp_group=spec.tp_group, vocab_size=spec.vocab_size)
     if shard_width is not None and extra:
         raise ValueError(f"signals {list(extra)} need the padded logit shard (no shard_width)")
-    stats = vocab_parallel_stats(student, teacher, shard_width=shard_width, **kw)
+    scratch = {} if work is None else dict(work=work, chunk_size=work.buffers[0].shape[0])
+    stats = vocab_parallel_stats(student, teacher, shard_width=shard_width, **scratch, **kw)
     rows = [stats.student_entropy_norm, stats.reverse_kl, stats.forward_kl, stats.teacher_entropy]
     for name in extra:
         if name == "teachability":

@@ -68,9 +68,9 @@ def score_and_learn(hidden_flat: torch.Tensor, weight: torch.Tensor, ctx: Microb
     positions = target.nonzero().squeeze(1)
     parts: list[torch.Tensor] = []
 
-    def observe(_rows: slice, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    def observe(_rows: slice, student: torch.Tensor, teacher: torch.Tensor, work) -> None:
         parts.append(torch.stack(chunk_signals(student, teacher, spec, (), None,
-                                               shard_width=weight.shape[0])))
+                                               shard_width=weight.shape[0], work=work)))
 
     loss_sum, token_loss = fused_linear_divergence(
         hidden_flat.index_select(0, positions), weight,

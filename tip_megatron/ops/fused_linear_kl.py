@@ -34,6 +34,9 @@ from tip_megatron.ops.reverse_kl import vocab_parallel_reverse_kl
 
 #: Default tokens per chunk of the fused path.
 DEFAULT_FUSED_CHUNK = 1024
+#: Workspace buffers an observer may use (`fused_linear_divergence(observe=)`): what
+#: `vocab_parallel_stats` needs with a teacher.
+OBSERVER_BUFFERS = 3
 
 
 class _CopyToTensorParallel(torch.autograd.Function):
@@ -100,13 +103,15 @@ def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: t
     grad_logits = (logits[1] if shared else
                    torch.empty((rows, valid_width), dtype=weight.dtype, device=weight.device))
     inner = chunk_tokens(valid_width, None, hidden.device)
-    work = Workspace(min(inner, rows), valid_width, logits[0], count=divergence.buffers)
+    # An observer's statistics (3 buffers, ops.partials) share the divergence's workspace.
+    count = max(divergence.buffers, OBSERVER_BUFFERS if observe is not None else 0)
+    work = Workspace(min(inner, rows), valid_width, logits[0], count=count)
     for sl in token_chunks(hidden.shape[0], chunk):
         count = sl.stop - sl.start
         student = torch.matmul(hidden[sl], w_s.t(), out=logits[0][:count])
         teacher = torch.matmul(teacher_hidden[sl], w_t.t(), out=logits[1][:count])
         if observe is not None:  # before the gradient overwrites the teacher chunk
-            observe(sl, student, teacher)
+            observe(sl, student, teacher, work)
         # Per-token parameters (ops.mixed's coefficients) follow the chunk's tokens.
         div = divergence.rows(sl) if hasattr(divergence, "rows") else divergence
         state = div.forward(student, teacher, tp_group, inner, work)
@@ -192,11 +197,14 @@ def fused_linear_divergence(
             reduce-scatter of `gather_sequence` under sequence parallelism).
         divergence: which divergence D is (default: the reverse KL of the paper); an
             `ops.mixed.MixedDivergence` mixes the three per token (`loss.mix`).
-        observe: called as `observe(rows, student, teacher)` with each chunk's token slice
-            and its [c, valid_width] student and teacher logits, after both are computed
-            and before the divergence reads them; it must not modify them. Statistics
-            read there come from the same logits as the loss (distill.one_pass: one logit
-            pass per token). Every TP rank calls it for the same chunks, in order.
+        observe: called as `observe(rows, student, teacher, work)` with each chunk's token
+            slice, its [c, valid_width] student and teacher logits (after both are
+            computed, before the divergence reads them; not to be modified) and the
+            chunk loop's scratch `Workspace` (>= OBSERVER_BUFFERS buffers of [r, valid_width],
+            free to overwrite: pass it to `vocab_parallel_stats(work=, chunk_size=r)`, so
+            the statistics allocate nothing more). Statistics read there come from the
+            same logits as the loss (distill.one_pass: one logit pass per token). Every TP
+            rank calls it for the same chunks, in order.
     Returns:
         (loss_sum, per_token): a differentiable fp32 scalar and the detached [k] divergence.
         Gradients are computed in the forward (when grad is enabled and hidden or weight

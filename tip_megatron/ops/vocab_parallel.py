@@ -27,7 +27,9 @@ from typing import Any, Optional
 
 import torch
 
-from tip_megatron.ops._shard import VocabShard, check_logits, check_pair, chunk_tokens, vocab_shard
+from tip_megatron.ops._shard import (
+    VocabShard, Workspace, check_logits, check_pair, chunk_tokens, vocab_shard,
+)
 from tip_megatron.ops.partials import global_maxima, reduced_partials
 
 
@@ -85,6 +87,7 @@ def vocab_parallel_stats(
     token_ids: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     shard_width: Optional[int] = None,
+    work: Optional[Workspace] = None,
 ) -> TokenStats:
     """Per-token statistics of the student (and teacher) from `[tokens, V/tp]` shards.
 
@@ -99,6 +102,8 @@ def vocab_parallel_stats(
         shard_width: the padded shard width when the logits given are only its true-vocab
             prefix [tokens, valid_width] (the fused loss's chunks, distill.one_pass);
             None: the logits' own width.
+        work: scratch buffers to use instead of allocating them (>= 3 of [r, valid_width]
+            with r >= chunk_size; the fused loss's, `fused_linear_divergence(observe=)`).
     Not differentiable (runs under no_grad); inputs are never modified.
     """
     if teacher_logits is None:
@@ -121,7 +126,7 @@ def vocab_parallel_stats(
         maxes = global_maxima(student, teacher, tp_group)
         owned = None if token_ids is None else partial(_owned_rows, student, maxes[0], token_ids, shard)
         partials = reduced_partials(student, teacher, maxes, tp_group, chunk, moments=True,
-                                    extra_row=owned)
+                                    work=work, extra_row=owned)
         return _finish(partials, maxes, shard, token_ids, teacher is not None)
 
 
