@@ -200,7 +200,7 @@ def teacher_states(ctx: MicrobatchContext) -> torch.Tensor:
     return hidden if isinstance(hidden, torch.Tensor) else hidden.get()
 
 
-def _flat(hidden: torch.Tensor) -> torch.Tensor:
+def flat_tokens(hidden: torch.Tensor) -> torch.Tensor:
     """[s, b, h] -> [b*s, h], batch-major like the [b, s] masks."""
     return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
 
@@ -268,7 +268,7 @@ def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec
     are computed for target positions only (`student_rows`: see `score_tokens`)."""
     target = ctx.target_mask.reshape(-1).to(hidden_flat.device)
     positions = target.nonzero().squeeze(1)
-    teacher_flat = _flat(teacher_states(ctx))
+    teacher_flat = flat_tokens(teacher_states(ctx))
     target_ids = None if ctx.target_ids is None else ctx.target_ids.reshape(-1).to(target.device)
     scored = score_tokens(hidden_flat, weight, teacher_flat, ctx.teacher_weight, positions, spec,
                           student_rows=student_rows, target_ids=target_ids)
@@ -308,7 +308,7 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
     reduce-scatters the hidden state's gradient; the loss op must not all-reduce it too.
     """
     idx = kept.nonzero().squeeze(1)
-    teacher_kept = _flat(teacher_states(ctx)).index_select(0, idx)
+    teacher_kept = flat_tokens(teacher_states(ctx)).index_select(0, idx)
     fn = fused_linear_divergence if spec.loss.impl == "fused" else unfused_linear_divergence
     kwargs = {"chunk_size": spec.loss.chunk_size} if spec.loss.impl == "fused" else {}
     if spec.teacher_signal is not None:  # comparison mode: the teacher truncated to its top-k

@@ -25,8 +25,8 @@ import torch
 from tip_megatron.ops import fused_linear_divergence
 from tip_megatron.ops.divergences import Divergence
 from tip_megatron.distill.loss import (
-    BASE_SIGNALS, DistillSpec, MicrobatchContext, _flat, assemble_signals, chunk_signals,
-    extra_signals, teacher_states,
+    BASE_SIGNALS, DistillSpec, MicrobatchContext, assemble_signals, chunk_signals, extra_signals,
+    flat_tokens, teacher_states,
 )
 from tip_megatron.tip import TokenSignals, select_weighted, selection_labels
 
@@ -74,7 +74,7 @@ def score_and_learn(hidden_flat: torch.Tensor, weight: torch.Tensor, ctx: Microb
 
     loss_sum, token_loss = fused_linear_divergence(
         hidden_flat.index_select(0, positions), weight,
-        _flat(teacher_states(ctx)).index_select(0, positions), ctx.teacher_weight,
+        flat_tokens(teacher_states(ctx)).index_select(0, positions), ctx.teacher_weight,
         tp_group=spec.tp_group, vocab_size=spec.vocab_size, chunk_size=spec.loss.chunk_size,
         reduce_hidden_grad=not sequence_parallel,
         divergence=Divergence(spec.loss.divergence, spec.loss.jsd_beta), observe=observe)

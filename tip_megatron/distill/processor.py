@@ -10,7 +10,8 @@ from typing import Any
 
 from tip_megatron.distill import one_pass
 from tip_megatron.distill.loss import (
-    DistillSpec, LossPathOutput, MicrobatchContext, _flat, build_signals, full_sequence, kept_loss,
+    DistillSpec, LossPathOutput, MicrobatchContext, build_signals, flat_tokens, full_sequence,
+    kept_loss,
 )
 from tip_megatron.tip import select_weighted, selection_labels, selection_metric_sums
 
@@ -45,7 +46,7 @@ def make_output_processor(spec: DistillSpec):
         ctx: MicrobatchContext = context
         weight = output_weight if output_weight is not None else output_layer.weight
         hidden_states, sp = full_sequence(hidden_states, output_layer, spec.tp_group)
-        hidden_flat = _flat(hidden_states)
+        hidden_flat = flat_tokens(hidden_states)
         if one_pass.applies(spec, ctx):
             return _merged(hidden_flat, weight, ctx, spec, sp)
         signals, kept, labels, finite, weights = _signals_and_kept(hidden_flat, weight, ctx, spec)
