@@ -11,7 +11,7 @@ writes it to `<checkpoint.dir>/config.yaml` and saves it with every checkpoint
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -331,6 +331,18 @@ def _check_batch(cfg: RunConfig, dp: int) -> None:
             f"dp x updates_per_rollout x micro_batch_size = {dp} x {cfg.train.updates_per_rollout} "
             f"x {cfg.train.micro_batch_size}"
         )
+
+
+def run_selection(cfg: RunConfig) -> SelectionConfig:
+    """`cfg.selection` with `prepass_source=auto` resolved: `generation` where the rollout's
+    own weights are the ones the pre-pass must score with (one update per rollout batch, or
+    several with `rescore_each_update=false`: every mask is chosen before the first
+    update), else `recompute` (an update re-scored with moved weights)."""
+    sel = cfg.selection
+    if sel.prepass_source != "auto":
+        return sel
+    same_weights = cfg.train.updates_per_rollout == 1 or not sel.rescore_each_update
+    return replace(sel, prepass_source="generation" if same_weights else "recompute")
 
 
 def _check_prepass_source(cfg: RunConfig) -> None:

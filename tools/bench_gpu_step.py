@@ -48,9 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_selection_memory import (  # noqa: E402
     Row, _forward_step, _peak_bytes, _profiled, make_reference_processor,
 )
-from tip_megatron.distill.loss import (  # noqa: E402
-    DistillSpec, LossConfig, MicrobatchContext, make_output_processor,
-)
+from tip_megatron.distill.loss import DistillSpec, LossConfig, MicrobatchContext  # noqa: E402
+from tip_megatron.distill.processor import make_output_processor  # noqa: E402
 from tip_megatron.tip import SelectionConfig  # noqa: E402
 
 ROWS = [Row(mode, rule, rho) for mode in ("fused", "reference")

@@ -53,8 +53,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tip_megatron.distill.loss import (  # noqa: E402
-    DistillSpec, LossConfig, LossPathOutput, MicrobatchContext, make_loss_func, make_output_processor,
+    DistillSpec, LossConfig, LossPathOutput, MicrobatchContext, make_loss_func,
 )
+from tip_megatron.distill.processor import make_output_processor  # noqa: E402
 from tip_megatron.ops import vocab_parallel_stats  # noqa: E402
 from tip_megatron.tip import (  # noqa: E402
     SelectionConfig, TokenSignals, quadrant_labels, select, selection_metric_sums,

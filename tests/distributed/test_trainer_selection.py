@@ -104,7 +104,7 @@ def _update_losses(overrides):
     shape = ScheduleShape(out.token_ids.shape[1], run.cfg.train.micro_batch_size)
     hidden = teacher_hidden_states(run.models.teacher, run.groups, mbs, **shape._asdict())
     contexts = make_contexts(run.groups, mbs, hidden, teacher_output_weight(run.models.teacher))
-    ups = trainer.run_updates(run, mb_groups, contexts, shape)
+    ups = trainer.run_updates(run, mb_groups, contexts, shape, out)  # the generation source reads it
     sizes = [sum(int(mb.target_mask.sum()) for mb in group) for group in mb_groups]
     return [(m["loss"], m["mean_reverse_kl_kept"], m["num_response"], n)
             for (_, m), n in zip(ups, sizes, strict=True)]

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from tip_megatron.config import (
-    RunConfig, config_keys, config_to_dict, dump_config, from_dict, load_config, validate_run,
+    RunConfig, config_keys, config_to_dict, dump_config, from_dict, load_config, run_selection,
+    validate_run,
 )
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
@@ -103,6 +104,7 @@ FROZEN_KEYS = [
     "loss.mix_threshold",
     "loss.mix_low",
     "loss.mix_high",
+    "loss.one_pass",
     "optim.lr",
     "optim.min_lr",
     "optim.warmup_steps",
@@ -175,6 +177,7 @@ def test_every_field_has_a_docstring_or_is_self_explanatory():
     ("loss.impl=magic", "loss.impl='magic'"),
     ("loss.divergence=kl", r"loss.divergence='kl': accepted values are \['reverse_kl', 'forward_kl', 'jsd'\]"),
     ("loss.jsd_beta=1.0", r"loss.jsd_beta=1.0: must be in the open interval \(0, 1\)"),
+    ("loss.one_pass=maybe", "loss.one_pass='maybe': expected bool"),
     ("notakeyvalue", "expected key=value"),
 ])
 def test_bad_values_name_the_key(override, message):
@@ -338,3 +341,20 @@ def test_separate_teacher_world_split_named_in_errors():
         validate_run(cfg, 7)
     with pytest.raises(ValueError, match="takes 4 ranks .* of a world of 4: none left for the student"):
         validate_run(cfg, 4)
+
+
+@pytest.mark.parametrize("overrides,source", [
+    ([], "generation"),  # one update per rollout batch: the rollout's weights are trained
+    (["train.updates_per_rollout=2"], "recompute"),  # update 2 is re-scored with moved weights
+    (["train.updates_per_rollout=2", "selection.rescore_each_update=false"], "generation"),
+    (["selection.prepass_source=recompute"], "recompute"),
+    (["train.updates_per_rollout=2", "selection.rescore_each_update=false",
+      "selection.prepass_source=recompute"], "recompute"),
+])
+def test_prepass_source_auto_is_generation_where_the_rollout_weights_are_trained(overrides, source):
+    cfg = load_config(None, ["selection.rule=q3", "selection.rho=0.2", *overrides])
+    assert cfg.selection.prepass_source in ("auto", source)
+    resolved = run_selection(cfg)
+    assert resolved.prepass_source == source
+    assert resolved.prepass_from_generation == (source == "generation")
+    assert not cfg.selection.prepass_from_generation or source == "generation"  # auto alone: recompute

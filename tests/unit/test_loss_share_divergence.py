@@ -9,9 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tip_megatron.distill.loss import (
-    DistillSpec, LossConfig, MicrobatchContext, make_loss_func, make_output_processor,
-)
+from tip_megatron.distill.loss import DistillSpec, LossConfig, MicrobatchContext, make_loss_func
+from tip_megatron.distill.processor import make_output_processor
 from tip_megatron.testing import reference_ops as ref
 from tip_megatron.tip import SelectionConfig, finalize
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tip_megatron.ops import fused_linear_divergence, unfused_linear_divergence
+from tip_megatron.ops import fused_linear_divergence, unfused_linear_divergence, vocab_parallel_stats
 from tip_megatron.ops.divergences import Divergence
 from tip_megatron.testing import reference_ops as ref
 
@@ -111,3 +111,44 @@ def test_fused_computes_only_the_gradients_asked_for():
                                       token_weights=tok_w)
     loss.backward()
     assert_close(w.grad.double(), want[3], **ref.FP32_TOL)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_observer_sees_every_chunk_and_its_statistics_match_the_reference(divergence):
+    """`observe` gets each chunk's true-vocab logits once, in order, before the divergence;
+    statistics taken there in the loss's own workspace (shard_width: the padded width)
+    equal the float64 reference, and the loss and gradients are those without observer."""
+    inputs = _inputs(k=13)
+    hidden, weight, th, tw, _ = inputs
+    seen, stats = [], []
+
+    def observe(rows, student, teacher, work):
+        seen.append((rows, student.clone(), teacher.clone()))
+        stats.append(vocab_parallel_stats(student, teacher, tp_group=None, vocab_size=VOCAB,
+                                          shard_width=WIDTH, work=work,
+                                          chunk_size=work.buffers[0].shape[0]))
+
+    div = Divergence(divergence, 0.3)
+    plain = _run(fused_linear_divergence, inputs, chunk_size=4, divergence=div)
+    got = _run(fused_linear_divergence, inputs, chunk_size=4, divergence=div, observe=observe)
+    for a, b in zip(plain, got):
+        assert torch.equal(a, b)
+    assert [rows for rows, _, _ in seen] == [slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 13)]
+    student = torch.cat([s for _, s, _ in seen])
+    teacher = torch.cat([t for _, _, t in seen])
+    assert_close(student, hidden @ weight[:VOCAB].t())
+    assert_close(teacher, th @ tw[:VOCAB].t())
+    logp = torch.log_softmax((hidden @ weight[:VOCAB].t()).double(), -1)
+    logq = torch.log_softmax((th @ tw[:VOCAB].t()).double(), -1)
+    want = {"reverse_kl": (logp.exp() * (logp - logq)).sum(-1),
+            "forward_kl": (logq.exp() * (logq - logp)).sum(-1),
+            "student_entropy": -(logp.exp() * logp).sum(-1),
+            "teacher_entropy": -(logq.exp() * logq).sum(-1)}
+    for name, value in want.items():
+        assert_close(torch.cat([getattr(s, name) for s in stats]).double(), value, rtol=1e-5, atol=1e-6)
+
+
+def test_stats_shard_width_refuses_fewer_columns_than_the_true_vocab():
+    logits = torch.randn(3, VOCAB - 1)
+    with pytest.raises(ValueError, match="fewer than the shard's 21 true-vocab columns"):
+        vocab_parallel_stats(logits, logits, tp_group=None, vocab_size=VOCAB, shard_width=WIDTH)

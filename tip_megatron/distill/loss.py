@@ -4,7 +4,8 @@ Shapes: hidden [s, b, h] (megatron layout; [s/tp, b, h] under sequence paralleli
 gathered first by `full_sequence`) -> flattened [b*s, h] (batch-major, matching the [b, s]
 masks); k = kept tokens; V/tp = this rank's vocabulary shard.
 
-Per micro-batch, inside `GPTModel.forward(..., output_processor=...)`:
+Per micro-batch, inside `GPTModel.forward(..., output_processor=...)` (the processor itself
+is distill/processor.py; rule `all` runs a-c as one fused pass, distill/one_pass.py):
   a. score (no grad, in chunks of `score_chunk_size`): student and teacher logit shards of the response positions
      -> entropy, reverse KL, forward KL through vocab-parallel all-reduces; only [tokens]
      statistics survive. Skipped under scope `global`: the scoring pre-pass already
@@ -40,10 +41,8 @@ from tip_megatron.ops.fused_linear_kl import DEFAULT_FUSED_CHUNK
 from tip_megatron.ops.sequence_parallel import gather_sequence
 from tip_megatron.ops.topk_divergence import TopkSignal, topk_linear_divergence
 from tip_megatron.distill.mix import mixed_divergence, validate_mix
-from tip_megatron.tip import (
-    SelectionConfig, TokenSignals, select_weighted, selection_labels, selection_metric_sums,
-)
-from tip_megatron.tip.metrics import teacher_metric_sums
+from tip_megatron.distill.views import teacher_views, token_teacher_ids
+from tip_megatron.tip import SelectionConfig, TokenSignals
 from tip_megatron.tip.normalize import RunningNorm
 
 LOSS_IMPLS = ("fused", "unfused")
@@ -84,6 +83,11 @@ class LossConfig:
     """`custom`: coefficients (reverse KL, forward KL, JSD) >= 0 below the threshold."""
     mix_high: tuple[float, ...] = (1.0, 1.0, 0.0)
     """`custom`: coefficients (reverse KL, forward KL, JSD) >= 0 above the threshold."""
+    one_pass: bool = True
+    """Rule `all` (the kept set does not depend on the signals): score and learn in one
+    fused pass, the statistics read from the loss's own logit chunks (distill/one_pass.py,
+    docs/tip.md "LM-head matmuls per step"); False: a separate scoring pass first (the
+    reference path). Fused loss without `mix` only; other rules are not affected."""
 
     def __post_init__(self) -> None:
         self.validate()  # built directly by the engine and tests too, not only from a config
@@ -100,6 +104,8 @@ class LossConfig:
         if self.impl == "unfused" and self.divergence != "reverse_kl":
             raise ValueError(f"{prefix}impl='unfused' supports {prefix}divergence='reverse_kl' "
                              f"only; got {self.divergence!r} (use {prefix}impl='fused')")
+        if not isinstance(self.one_pass, bool):
+            raise ValueError(f"{prefix}one_pass={self.one_pass!r}: must be true or false")
         for name in ("chunk_size", "score_chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -197,67 +203,23 @@ class DistillSpec:
     in each micro-batch's report); (): one teacher."""
 
 
-def teacher_states(ctx: MicrobatchContext) -> torch.Tensor:
-    """The micro-batch's teacher hidden states [s, b, h_t], waiting for them if they are
-    still on their way from the teacher's grid."""
-    hidden = ctx.teacher_hidden
-    return hidden if isinstance(hidden, torch.Tensor) else hidden.get()
 
-
-def _flat(hidden: torch.Tensor) -> torch.Tensor:
-    """[s, b, h] -> [b*s, h], batch-major like the [b, s] masks."""
-    return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
-
-
-@dataclass(frozen=True)
-class _TeacherView:
-    """One teacher's tokens of a micro-batch, as the loss path reads them."""
-
-    flat: torch.Tensor
-    """[n_t*s, h_t] its hidden states of its rows, batch-major."""
-    weight: torch.Tensor
-    """[V/tp, h_t] its output-weight shard."""
-    tokens: Optional[torch.Tensor] = None
-    """[b*s] bool: the micro-batch's tokens it scored; None: all (one teacher)."""
-    local: Optional[torch.Tensor] = None
-    """[b*s] int64 row of `flat` holding each of its tokens (-1 elsewhere); None: identity."""
-
-
-def _teacher_views(ctx: MicrobatchContext, device) -> list[_TeacherView]:
-    """The micro-batch's teachers: one view over every token, or one per `TeacherPart`."""
-    if ctx.teacher_parts is None:
-        return [_TeacherView(_flat(teacher_states(ctx)), ctx.teacher_weight)]
-    b, s = ctx.target_mask.shape
-    views = []
-    for part in ctx.teacher_parts:
-        rows = part.rows.to(device)
-        local_row = torch.full((b,), -1, dtype=torch.int64, device=device)
-        local_row[rows] = torch.arange(rows.numel(), device=device)
-        cols = torch.arange(s, device=device)
-        local = torch.where(local_row[:, None] >= 0, local_row[:, None] * s + cols, -1).reshape(-1)
-        views.append(_TeacherView(_flat(part.states()), part.weight, local >= 0, local))
-    return views
-
-
-def token_teacher_ids(ctx: MicrobatchContext, device) -> Optional[torch.Tensor]:
-    """[b*s] int64 teacher index of each token (several teachers); None: one teacher."""
-    if ctx.teacher_parts is None:
-        return None
-    b, s = ctx.target_mask.shape
-    row_teacher = torch.zeros(b, dtype=torch.int64, device=device)
-    for part in ctx.teacher_parts:
-        row_teacher[part.rows.to(device)] = part.index
-    return row_teacher.repeat_interleave(s)
 
 
 #: The signals `score_tokens` returns, in order: always the first four, then those asked for.
 BASE_SIGNALS = ("entropy_norm", "reverse_kl", "forward_kl", "teacher_entropy")
 
 
-def _chunk_signals(student, teacher, spec: DistillSpec, extra: tuple, token_ids) -> list:
-    """The [c] rows of one scoring chunk: BASE_SIGNALS, then `extra` in order."""
+def chunk_signals(student, teacher, spec: DistillSpec, extra: tuple, token_ids,
+                  shard_width: Optional[int] = None, work=None) -> list:
+    """The [c] rows of one scoring chunk: BASE_SIGNALS, then `extra` in order.
+    `shard_width`, `work`: the padded shard width when the chunks hold only the true-vocab
+    columns, and the fused loss's scratch buffers (its observer; no extra signals then)."""
     kw = dict(tp_group=spec.tp_group, vocab_size=spec.vocab_size)
-    stats = vocab_parallel_stats(student, teacher, **kw)
+    if shard_width is not None and extra:
+        raise ValueError(f"signals {list(extra)} need the padded logit shard (no shard_width)")
+    scratch = {} if work is None else dict(work=work, chunk_size=work.buffers[0].shape[0])
+    stats = vocab_parallel_stats(student, teacher, shard_width=shard_width, **scratch, **kw)
     rows = [stats.student_entropy_norm, stats.reverse_kl, stats.forward_kl, stats.teacher_entropy]
     for name in extra:
         if name == "teachability":
@@ -291,7 +253,7 @@ def score_tokens(hidden_flat, weight, teacher_flat, teacher_weight, positions, s
     for start in range(0, positions.numel(), chunk):
         idx = positions[start:start + chunk]
         ids = None if target_ids is None else target_ids[idx].clamp(0, spec.vocab_size - 1)
-        parts.append(torch.stack(_chunk_signals(
+        parts.append(torch.stack(chunk_signals(
             hidden_flat[rows[start:start + chunk]] @ weight.t(),
             teacher_flat[t_rows[start:start + chunk]] @ teacher_weight.t(),
             spec, extra, ids)))
@@ -311,26 +273,49 @@ def build_signals(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec
     target = ctx.target_mask.reshape(-1).to(hidden_flat.device)
     all_positions = target.nonzero().squeeze(1)
     target_ids = None if ctx.target_ids is None else ctx.target_ids.reshape(-1).to(target.device)
-    names = BASE_SIGNALS + extra_signals(spec)
-    full = {n: torch.zeros(target.numel(), dtype=torch.float32, device=target.device) for n in names}
-    finite = True
-    for view in _teacher_views(ctx, target.device):
+    full, names, finite = _empty_signals(target, spec), BASE_SIGNALS + extra_signals(spec), True
+    for view in teacher_views(ctx, target.device):
         positions = all_positions if view.tokens is None else all_positions[view.tokens[all_positions]]
         student = None if student_rows is None else (
             student_rows if view.tokens is None else student_rows[view.tokens[all_positions]])
         scored = score_tokens(hidden_flat, weight, view.flat, view.weight, positions, spec,
                               student_rows=student, target_ids=target_ids,
                               teacher_rows=None if view.local is None else view.local[positions])
-        finite = finite and all(bool(torch.isfinite(x).all()) for x in scored)
-        for name, src in zip(names, scored):
-            # KL and entropy >= 0 (clamps fp32 rounding); non-finite values (diverged weights)
-            # become 0 so selection runs, and `finite` tells the trainer to skip the update.
-            full[name][positions] = torch.nan_to_num(src, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+        finite = _fill(full, names, scored, positions) and finite
+    return _finish(full, target, ctx), finite
+
+
+def assemble_signals(scored, positions: torch.Tensor, ctx: MicrobatchContext, spec: DistillSpec):
+    """(signals over all [b*s] positions, whether every statistic was finite) from the
+    [n] rows `scored` (BASE_SIGNALS + extra, as `score_tokens` returns them) of the target
+    `positions` (one teacher)."""
+    target = ctx.target_mask.reshape(-1).to(positions.device)
+    full = _empty_signals(target, spec)
+    finite = _fill(full, BASE_SIGNALS + extra_signals(spec), scored, positions)
+    return _finish(full, target, ctx), finite
+
+
+def _empty_signals(target: torch.Tensor, spec: DistillSpec) -> dict:
+    return {n: torch.zeros(target.numel(), dtype=torch.float32, device=target.device)
+            for n in BASE_SIGNALS + extra_signals(spec)}
+
+
+def _fill(full: dict, names: tuple, scored, positions: torch.Tensor) -> bool:
+    """Write the scored rows at `positions`; whether every one was finite."""
+    finite = all(bool(torch.isfinite(x).all()) for x in scored)
+    for name, src in zip(names, scored):
+        # KL and entropy >= 0 (clamps fp32 rounding); non-finite values (diverged weights)
+        # become 0 so selection runs, and `finite` tells the trainer to skip the update.
+        full[name][positions] = torch.nan_to_num(src, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+    return finite
+
+
+def _finish(full: dict, target: torch.Tensor, ctx: MicrobatchContext) -> TokenSignals:
     full["entropy_norm"] = full["entropy_norm"].clamp_max(1.0)
     seq = ctx.target_mask.shape[1]
     rollout = ctx.rollout_ids.to(target.device).repeat_interleave(seq)
     return TokenSignals(**full, response_mask=target, rollout_ids=rollout,
-                        teacher_ids=token_teacher_ids(ctx, target.device)), finite
+                        teacher_ids=token_teacher_ids(ctx, target.device))
 
 
 def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, spec: DistillSpec,
@@ -354,7 +339,7 @@ def kept_loss(hidden_flat, weight, ctx: MicrobatchContext, kept: torch.Tensor, s
                                             "signal": spec.teacher_signal}
     if spec.loss.mix != "none" and signals is None:  # refused with teacher.signal=topk (config)
         raise ValueError("loss.mix needs the micro-batch's signals (kept_loss(signals=...))")
-    views = _teacher_views(ctx, kept.device)
+    views = teacher_views(ctx, kept.device)
     if len(views) > 1:  # several teachers: each one's kept tokens, in token order overall
         order = torch.cumsum(kept.long(), 0) - 1
         token_loss = None
@@ -392,47 +377,6 @@ def full_sequence(hidden_states: torch.Tensor, output_layer, tp_group) -> tuple[
     if not getattr(output_layer, "sequence_parallel", False):
         return hidden_states, False
     return gather_sequence(hidden_states, tp_group), True
-
-
-def _signals_and_kept(hidden_flat, weight, ctx: MicrobatchContext, spec: DistillSpec):
-    """(signals, kept mask or None, labels, finite, weights or None): the pre-pass's when
-    given, else scored (and selected, labeled) here."""
-    pre = ctx.preselection
-    if pre is not None:
-        if spec.score_only:
-            raise ValueError("the scoring pre-pass got micro-batches that were already scored")
-        labels = pre.labels if pre.labels is not None else selection_labels(spec.selection, pre.signals)
-        return pre.signals, pre.kept_mask, labels, pre.finite, pre.weights
-    signals, finite = build_signals(hidden_flat.detach(), weight.detach(), ctx, spec)
-    if spec.score_only:
-        return signals, None, None, finite, None
-    kept, weights = select_weighted(spec.selection, signals, step=spec.step)
-    return signals, kept, selection_labels(spec.selection, signals), finite, weights
-
-
-def make_output_processor(spec: DistillSpec):
-    """The `output_processor` for GPTModel.forward: returns a `LossPathOutput`."""
-
-    def output_processor(*, hidden_states, output_layer, output_weight, context, **_: Any):
-        ctx: MicrobatchContext = context
-        weight = output_weight if output_weight is not None else output_layer.weight
-        hidden_states, sp = full_sequence(hidden_states, output_layer, spec.tp_group)
-        hidden_flat = _flat(hidden_states)
-        signals, kept, labels, finite, weights = _signals_and_kept(hidden_flat, weight, ctx, spec)
-        if kept is None:
-            return LossPathOutput(hidden_states.new_zeros(()), signals, finite=finite)
-        loss_sum, token_loss = kept_loss(hidden_flat, weight, ctx, kept, spec, sequence_parallel=sp,
-                                         weights=weights, signals=signals)
-        if weights is not None:  # the metrics' loss shares split the weighted loss
-            token_loss = token_loss * weights.to(token_loss.device)[kept].to(token_loss.dtype)
-        per_teacher = None
-        if spec.teacher_names:
-            sums = teacher_metric_sums(signals, kept, labels, token_loss, len(spec.teacher_names))
-            per_teacher = dict(zip(spec.teacher_names, sums))
-        return LossPathOutput(loss_sum, signals, kept, selection_metric_sums(signals, kept, labels, token_loss),
-                              labels, finite, weights, per_teacher)
-
-    return output_processor
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import torch
 from tip_megatron.runtime import pipeline
 from tip_megatron.distill.loss import (
     DistillSpec, MicrobatchContext, MicrobatchResult, full_sequence, make_loss_func,
-    make_output_processor,
 )
+from tip_megatron.distill.processor import make_output_processor
 from tip_megatron.distill.weighting import rescale_weighted_grads
 from tip_megatron.models.state import unwrap
 from tip_megatron.runtime.parallel import ParallelGroups

@@ -24,7 +24,7 @@ passes `reduce_hidden_grad=False`, so both paths hand back this rank's partial u
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -34,6 +34,9 @@ from tip_megatron.ops.reverse_kl import vocab_parallel_reverse_kl
 
 #: Default tokens per chunk of the fused path.
 DEFAULT_FUSED_CHUNK = 1024
+#: Workspace buffers an observer may use (`fused_linear_divergence(observe=)`): what
+#: `vocab_parallel_stats` needs with a teacher.
+OBSERVER_BUFFERS = 3
 
 
 class _CopyToTensorParallel(torch.autograd.Function):
@@ -76,9 +79,10 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: to
 def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                    teacher_weight: torch.Tensor, scale: torch.Tensor, tp_group: Any,
                    valid_width: int, chunk: int, need_grad: tuple[bool, bool],
-                   divergence: Divergence = REVERSE_KL) -> tuple:
+                   divergence: Divergence = REVERSE_KL, observe: Optional[Callable] = None) -> tuple:
     """(divergence [k], grad_hidden [k, h] or None, grad_weight [V/tp, h] fp32 or None);
-    `need_grad` = (hidden, weight) flags: a gradient nobody needs is not computed."""
+    `need_grad` = (hidden, weight) flags: a gradient nobody needs is not computed;
+    `observe(sl, student, teacher)`: see `fused_linear_divergence`."""
     w_s, w_t = weight[:valid_width], teacher_weight[:valid_width]  # padding rows: no logits
     kl = torch.empty(hidden.shape[0], dtype=scale.dtype, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_grad[0] else None
@@ -99,11 +103,15 @@ def _fused_forward(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: t
     grad_logits = (logits[1] if shared else
                    torch.empty((rows, valid_width), dtype=weight.dtype, device=weight.device))
     inner = chunk_tokens(valid_width, None, hidden.device)
-    work = Workspace(min(inner, rows), valid_width, logits[0], count=divergence.buffers)
+    # An observer's statistics (3 buffers, ops.partials) share the divergence's workspace.
+    count = max(divergence.buffers, OBSERVER_BUFFERS if observe is not None else 0)
+    work = Workspace(min(inner, rows), valid_width, logits[0], count=count)
     for sl in token_chunks(hidden.shape[0], chunk):
         count = sl.stop - sl.start
         student = torch.matmul(hidden[sl], w_s.t(), out=logits[0][:count])
         teacher = torch.matmul(teacher_hidden[sl], w_t.t(), out=logits[1][:count])
+        if observe is not None:  # before the gradient overwrites the teacher chunk
+            observe(sl, student, teacher, work)
         # Per-token parameters (ops.mixed's coefficients) follow the chunk's tokens.
         div = divergence.rows(sl) if hasattr(divergence, "rows") else divergence
         state = div.forward(student, teacher, tp_group, inner, work)
@@ -133,10 +141,11 @@ class _FusedLinearDivergence(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                 teacher_weight: torch.Tensor, scale: torch.Tensor, tp_group: Any, valid_width: int,
                 chunk: int, need_grad: tuple[bool, bool],
-                reduce_hidden_grad: bool, divergence: Divergence) -> tuple[torch.Tensor, torch.Tensor]:
+                reduce_hidden_grad: bool, divergence: Divergence,
+                observe: Optional[Callable]) -> tuple[torch.Tensor, torch.Tensor]:
         kl, grad_hidden, grad_weight = _fused_forward(
             hidden, weight, teacher_hidden, teacher_weight, scale, tp_group,
-            valid_width, chunk, need_grad, divergence,
+            valid_width, chunk, need_grad, divergence, observe,
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.tp_group, ctx.weight_dtype = tp_group, weight.dtype
@@ -154,7 +163,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 all_reduce_(grad_hidden, SUM, ctx.tp_group)  # == ColumnParallelLinear input grad
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_divergence(
@@ -169,6 +178,7 @@ def fused_linear_divergence(
     token_weights: Optional[torch.Tensor] = None,
     reduce_hidden_grad: bool = True,
     divergence: Divergence = REVERSE_KL,
+    observe: Optional[Callable[[slice, torch.Tensor, torch.Tensor], None]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_i token_weights[i] * D[i], D = `divergence` (ops.divergences; default the reverse
     KL(P_S || P_T)), with P_S = softmax(hidden @ weight^T) and P_T likewise, vocab-sharded.
@@ -187,6 +197,14 @@ def fused_linear_divergence(
             reduce-scatter of `gather_sequence` under sequence parallelism).
         divergence: which divergence D is (default: the reverse KL of the paper); an
             `ops.mixed.MixedDivergence` mixes the three per token (`loss.mix`).
+        observe: called as `observe(rows, student, teacher, work)` with each chunk's token
+            slice, its [c, valid_width] student and teacher logits (after both are
+            computed, before the divergence reads them; not to be modified) and the
+            chunk loop's scratch `Workspace` (>= OBSERVER_BUFFERS buffers of [r, valid_width],
+            free to overwrite: pass it to `vocab_parallel_stats(work=, chunk_size=r)`, so
+            the statistics allocate nothing more). Statistics read there come from the
+            same logits as the loss (distill.one_pass: one logit pass per token). Every TP
+            rank calls it for the same chunks, in order.
     Returns:
         (loss_sum, per_token): a differentiable fp32 scalar and the detached [k] divergence.
         Gradients are computed in the forward (when grad is enabled and hidden or weight
@@ -206,7 +224,7 @@ def fused_linear_divergence(
     need_grad = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     return _FusedLinearDivergence.apply(
         hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), scale, tp_group,
-        shard.valid_width, chunk, need_grad, reduce_hidden_grad, divergence,
+        shard.valid_width, chunk, need_grad, reduce_hidden_grad, divergence, observe,
     )
 
 

@@ -27,7 +27,9 @@ from typing import Any, Optional
 
 import torch
 
-from tip_megatron.ops._shard import VocabShard, check_logits, check_pair, chunk_tokens, vocab_shard
+from tip_megatron.ops._shard import (
+    VocabShard, Workspace, check_logits, check_pair, chunk_tokens, vocab_shard,
+)
 from tip_megatron.ops.partials import global_maxima, reduced_partials
 
 
@@ -84,6 +86,8 @@ def vocab_parallel_stats(
     vocab_size: int,
     token_ids: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    shard_width: Optional[int] = None,
+    work: Optional[Workspace] = None,
 ) -> TokenStats:
     """Per-token statistics of the student (and teacher) from `[tokens, V/tp]` shards.
 
@@ -95,6 +99,11 @@ def vocab_parallel_stats(
         vocab_size: TRUE vocabulary size; columns >= it get zero probability.
         token_ids: [tokens] int64 GLOBAL ids whose student log-prob is wanted, or None.
         chunk_size: tokens per chunk (default: 2^20 elements on CPU, 2^25 elsewhere).
+        shard_width: the padded shard width when the logits given are only its true-vocab
+            prefix [tokens, valid_width] (the fused loss's chunks, distill.one_pass);
+            None: the logits' own width.
+        work: scratch buffers to use instead of allocating them (>= 3 of [r, valid_width]
+            with r >= chunk_size; the fused loss's, `fused_linear_divergence(observe=)`).
     Not differentiable (runs under no_grad); inputs are never modified.
     """
     if teacher_logits is None:
@@ -105,7 +114,11 @@ def vocab_parallel_stats(
         raise ValueError(
             f"token_ids must be [tokens] = [{student_logits.shape[0]}]; got {tuple(token_ids.shape)}"
         )
-    shard = vocab_shard(student_logits.shape[-1], tp_group, vocab_size)
+    shard = vocab_shard(student_logits.shape[-1] if shard_width is None else shard_width,
+                        tp_group, vocab_size)
+    if student_logits.shape[-1] < shard.valid_width:
+        raise ValueError(f"student_logits hold {student_logits.shape[-1]} columns, fewer than the "
+                         f"shard's {shard.valid_width} true-vocab columns (shard_width={shard_width})")
     chunk = chunk_tokens(shard.shard_width, chunk_size, student_logits.device)
     with torch.no_grad():
         student = student_logits[:, : shard.valid_width]
@@ -113,7 +126,7 @@ def vocab_parallel_stats(
         maxes = global_maxima(student, teacher, tp_group)
         owned = None if token_ids is None else partial(_owned_rows, student, maxes[0], token_ids, shard)
         partials = reduced_partials(student, teacher, maxes, tp_group, chunk, moments=True,
-                                    extra_row=owned)
+                                    work=work, extra_row=owned)
         return _finish(partials, maxes, shard, token_ids, teacher is not None)
 
 

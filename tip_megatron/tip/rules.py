@@ -44,7 +44,7 @@ PAPER_SCOPES: dict[str, str] = {}
 COUNTED_PER_ROLLOUT: set[str] = set()
 """Rules whose Ranking counts per rollout whatever the scope (Soft-OR, Soft-OR-bottom)."""
 AUTO_SCOPE = "auto"
-PREPASS_SOURCES = ("recompute", "generation")
+PREPASS_SOURCES = ("auto", "recompute", "generation")
 """Where the scoring pre-pass reads the student's hidden states (`SelectionConfig.prepass_source`)."""
 
 
@@ -125,16 +125,19 @@ class SelectionConfig:
     each update's mini-batch (global across DP) with the current weights, right before that
     update (same total cost as one pre-pass over the rollout batch). False: one pre-pass
     over the whole rollout batch before the first update; later updates reuse its masks."""
-    prepass_source: str = "recompute"
+    prepass_source: str = "auto"
     """Where the scoring pre-pass of an effective scope `global` gets the student's final
     hidden states: `recompute` (a forward-only student pass over the rollouts, the training
-    pass's own forward code; any number of updates) or `generation` (the ones the generation
+    pass's own forward code; any number of updates), `generation` (the ones the generation
     engine computed while sampling: same weights, no second student forward; kept on the
     last pipeline stage, [response tokens, h] per DP rank in the compute dtype, released
-    once scored). `generation` needs the masks chosen with the rollout's own policy: it is
-    refused with train.updates_per_rollout > 1 and rescore_each_update=true. Signals differ
-    from `recompute` by kernel rounding only (docs/tip.md). With an effective scope that has
-    no pre-pass (`rollout`, `microbatch`) it does nothing: nothing is kept."""
+    once scored) or `auto` (the default): in a run, `generation` wherever it scores with the
+    weights that will be trained (train.updates_per_rollout=1, or rescore_each_update=false),
+    else `recompute` (config.run_selection); a SelectionConfig used outside a run reads
+    `auto` as `recompute`. `generation` is refused with train.updates_per_rollout > 1 and
+    rescore_each_update=true. Signals differ from `recompute` by kernel rounding only
+    (docs/tip.md). With an effective scope that has no pre-pass (`rollout`, `microbatch`)
+    it does nothing: nothing is kept."""
     quadrant_rule: QuadrantRule = field(default_factory=QuadrantRule)
     """How quadrants are labeled (rule `quadrants` and the metrics)."""
     keep_quadrants: tuple[int, ...] = (1, 3)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from tip_megatron.config import RunConfig
+from tip_megatron.config import RunConfig, run_selection
 from tip_megatron.models.arch import ModelArch
 from tip_megatron.runtime.parallel import ParallelLayout
 from tip_megatron.train.memory_terms import (
@@ -107,7 +107,7 @@ def _student_terms(sides: Sides, rank: int, coords: tuple[int, int, int]) -> lis
     if last:
         terms += _stash_terms(sides, rank, coords)
         terms.append(loss_path_term(cfg, shape, arch))
-        if cfg.selection.prepass_from_generation:
+        if run_selection(cfg).prepass_from_generation:
             kept = shape.rows * cfg.rollout.max_new_tokens * arch.hidden_size * shape.act_bytes
             terms.append(Term("rollout.kept_hidden", kept / MIB, "train", "selection.prepass_source=recompute"))
     return terms

@@ -19,7 +19,7 @@ from tip_megatron.runtime import parallel
 from tip_megatron.runtime.device import current_device, default_backend
 from tip_megatron.runtime.env import rank_env
 from tip_megatron.runtime.errors import rank_exit
-from tip_megatron.config import RunConfig, config_to_dict, dump_config, tensorboard_dir
+from tip_megatron.config import RunConfig, config_to_dict, dump_config, run_selection, tensorboard_dir
 from tip_megatron.distill.loss import DistillSpec, MicrobatchResult
 from tip_megatron.distill.prepass import global_preselection
 from tip_megatron.distill.teacher_config import teachers_of
@@ -130,7 +130,7 @@ def generate_rollouts(run: Run, prompts: list[list[int]]) -> Rollouts:
     # test's strict equality fails (docs/data.md); training never decodes.
     gen = GenerationConfig.from_sampling(r, stop_ids=run.tokenizer.stop_ids, pad_id=run.tokenizer.pad_id,
                                          check_logprobs=bool(every) and (run.step + 1) % every == 0,
-                                         keep_hidden=run.cfg.selection.prepass_from_generation)
+                                         keep_hidden=run_selection(run.cfg).prepass_from_generation)
     # This replica holds rows [dp_rank * rows, (dp_rank + 1) * rows) of the global batch
     # (the prompt loader hands out consecutive slices), so any DP size draws the same samples.
     rows = len(prompts) * r.n
@@ -156,7 +156,7 @@ def microbatches(run: Run, out: Rollouts) -> list[list[Microbatch]]:
 
 
 def _spec(run: Run) -> DistillSpec:
-    return DistillSpec(run.cfg.selection, run.cfg.loss, run.models.vocab_size,
+    return DistillSpec(run_selection(run.cfg), run.cfg.loss, run.models.vocab_size,
                        run.groups.tp_group, step=run.step, teacher_signal=teachers_of(run.cfg)[0].topk_signal(),
                        running_norm=run.running_norm, teacher_names=teacher_names(run.cfg))
 
