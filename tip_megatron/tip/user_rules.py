@@ -91,7 +91,7 @@ def _pack(rollouts: list, pad_to: int) -> TokenSignals:
                                                 torch.zeros(pad, dtype=torch.bool)]))
         cols["rollout_ids"].append(torch.full((pad_to,), rid, dtype=torch.int64))
     cols["entropy_norm"] = [c.clamp(0.0, 1.0) for c in cols["entropy_norm"]]
-    return TokenSignals(**{k: torch.cat(v) for k, v in cols.items()})
+    return TokenSignals(**{k: torch.cat(v) for k, v in cols.items() if v})  # teacher_ids: none
 
 
 def _call(fn: UserRuleFn, path: str, signals: TokenSignals, seed: int, step: int) -> torch.Tensor:
@@ -126,9 +126,10 @@ def check_user_rule(fn: UserRuleFn, path: str) -> None:
     """The probe checks of the module docstring; ValueError (one line) on the first failure."""
     rollouts = _probe_rollouts()
     whole = _pack(rollouts, pad_to=20)
-    before = [getattr(whole, f.name).clone() for f in fields(TokenSignals)]
+    present = [f.name for f in fields(TokenSignals) if getattr(whole, f.name) is not None]
+    before = [getattr(whole, name).clone() for name in present]
     first = _call(fn, path, whole, seed=5, step=3)
-    if not all(torch.equal(b, getattr(whole, f.name)) for b, f in zip(before, fields(TokenSignals))):
+    if not all(torch.equal(b, getattr(whole, name)) for b, name in zip(before, present)):
         raise ValueError(f"selection.rule={path!r}: modified its input signals (a rule must be pure)")
     if not torch.equal(first, _call(fn, path, whole, seed=5, step=3)):
         raise ValueError(f"selection.rule={path!r}: not deterministic (two calls with the same "
