@@ -172,8 +172,8 @@ class LoggingConfig:
     """TensorBoard event files: a directory, or true = <checkpoint.dir>/tb; null/false: off
     (needs the `tensorboard` package)."""
     dump_tokens_every: int = 0
-    """Write a per-token dump (entropy, reverse/forward KL, kept, quadrant, rollout id,
-    position) every N steps to <checkpoint.dir or the jsonl's dir>/token_dumps/ (0: off);
+    """Write a per-token dump (entropy, reverse/forward KL, kept, loss weight, quadrant,
+    rollout id, position) every N steps to <checkpoint.dir or the jsonl's dir>/token_dumps/ (0: off);
     `tip-megatron plot` draws them."""
     dump_tokens_max: int = 20000
     """At most this many tokens per dump (a uniform sample of the step's response tokens)."""

@@ -139,6 +139,47 @@ def test_scatter_from_a_written_dump(tmp_path):
     assert bluish > 100, f"only {bluish} blue pixels: no kept points drawn"
 
 
+def test_scatter_colours_a_weighted_rules_tokens_by_weight(tmp_path):
+    """A dump with weights strictly between 0 and 1 (tip_soft-like: per quadrant, jittered):
+    the non-dropped points carry their weights as colour values on a 0-1 colour bar, the
+    corners give each quadrant's mean weight (numpy's); a mask dump keeps the two colours."""
+    dump = _dump()
+    q = dump.quadrant.astype(int)
+    base = np.array([0.0, 0.5, 0.25, 1.0, 0.0])[q]  # Q1 0.5, Q2 0.25, Q3 1, Q4 dropped
+    jitter = np.random.default_rng(0).uniform(0.8, 1.0, q.size)
+    weighted = token_dump.TokenDump(**{**dump.__dict__, "kept": base > 0,
+                                       "weight": (base * jitter).astype(np.float32)})
+    path = token_dump.write_token_dump(token_dump.dump_path(tmp_path, 7), weighted)
+    back = token_dump.read_token_dump(path)
+    fig = token_scatter_figure(back)
+    ax, bar = fig.axes
+    assert bar.get_ylabel() == "loss weight"
+    pts = {c.get_gid(): c for c in ax.collections}
+    w = back.weight.astype(np.float64)
+    on = w > 0
+    np.testing.assert_allclose(pts["kept"].get_offsets(),
+                               np.stack([back.entropy_norm[on], back.reverse_kl[on]], 1))
+    np.testing.assert_allclose(pts["kept"].get_array(), w[on])
+    assert pts["kept"].get_clim() == (0.0, 1.0)
+    np.testing.assert_allclose(pts["dropped"].get_offsets(),
+                               np.stack([back.entropy_norm[~on], back.reverse_kl[~on]], 1))
+    texts = {t.get_gid(): t.get_text() for t in ax.texts}
+    for quad in (1, 2, 3, 4):
+        assert texts[f"Q{quad}"].endswith(f"mean weight {w[q == quad].mean():.2f}"), texts[f"Q{quad}"]
+    assert texts["Q4"].endswith("mean weight 0.00") and not texts["Q3"].endswith("1.00")
+    # a mask dump of the same tokens: no colour bar, kept shares in the corners
+    mask_fig = token_scatter_figure(token_dump.TokenDump(**{**weighted.__dict__,
+                                                            "weight": on.astype(np.float32)}))
+    (mask_ax,) = mask_fig.axes
+    assert mask_ax.collections[1].get_array() is None
+    assert {t.get_gid(): t.get_text() for t in mask_ax.texts}["Q3"].endswith("100% kept")
+    # through the command: viridis' yellow end (Q3's weights near 1) is drawn
+    assert cli.main(["plot", str(tmp_path)]) == 0
+    rgb = _check_png(tmp_path / "plots" / "tokens_step_000007.png")[..., :3]
+    yellow = ((rgb[..., 0] > 0.7) & (rgb[..., 1] > 0.7) & (rgb[..., 2] < 0.35)).sum()
+    assert yellow > 100, f"only {yellow} yellow pixels: the weights are not the colours"
+
+
 def test_without_matplotlib_one_line_naming_the_extra(tmp_path):
     import subprocess
     import sys

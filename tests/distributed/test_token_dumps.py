@@ -1,7 +1,8 @@
 """Per-token dumps of a real (tiny, CPU) run at DP=2: the dumped kept flags are the kept
 masks the run used (its logged kept and quadrant fractions, recomputed from the dump; per
 rollout the Soft-OR count floor(rho * m)), the quadrant labels follow the thresholds, the
-cap samples uniformly, and `tip-megatron plot` draws the scatter of the dump.
+cap samples uniformly, and `tip-megatron plot` draws the scatter of the dump. A weighted
+rule's dump (tip_soft) carries each token's loss weight: its quadrant's weight.
 """
 from collections import Counter
 
@@ -93,3 +94,26 @@ def test_plot_draws_the_scatter_of_the_run(dp2_run, capsys):
     assert scatter, written
     pixels = imread(scatter[0])[..., :3].reshape(-1, 3)
     assert len(np.unique(pixels, axis=0)) > 10
+
+
+def test_a_weighted_rules_dump_carries_the_weights_the_run_used(assets, capsys):
+    """tip_soft at DP=2 with weights (0.9, 0.5, 1, 0): each dumped token's weight is its
+    quadrant's (the dump's own label), Q4 tokens weigh 0 and are the only ones not kept;
+    the plot colours the tokens by weight (a colour bar beside the scatter)."""
+    table = np.array([0.0, 0.9, 0.5, 1.0, 0.0])
+    run_dir = assets / "run_tip_soft"
+    _run(assets, run_dir, 2, **{"selection.rule": "tip_soft", "selection.rho": 1.0,
+                                "selection.quadrant_weights": [0.9, 0.5, 1.0, 0.0], "train.steps": 1,
+                                # median splits: every quadrant holds tokens (a random tiny
+                                # model's tokens are all Q1 under the fixed thresholds)
+                                "selection.quadrant_rule.kind": "quantile"})
+    dump = read_token_dump(dump_path(run_dir, 1))
+    assert dump.num_tokens == dump.num_response_tokens > 0
+    np.testing.assert_allclose(dump.weight, table[dump.quadrant.astype(int)].astype(np.float32))
+    assert ((dump.weight > 0) == dump.kept).all()
+    assert set(dump.quadrant.tolist()) == {1, 2, 3, 4}
+    pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
+    from tip_megatron.apps.plots.scatter import token_scatter_figure
+
+    fig = token_scatter_figure(dump)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["reverse KL (nats)", "loss weight"]

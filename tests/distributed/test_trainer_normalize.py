@@ -35,3 +35,20 @@ def test_running_normalisation_resumes_exactly(assets, tmp_path):
     rest = _losses(run_distributed(_train, 2, args=(_overrides(
         assets, **RUNNING, **{"checkpoint.dir": ckdir}),)))
     assert first + rest == straight, (first, rest, straight)
+
+
+@pytest.mark.parametrize("mode", ["running", "absolute"])
+def test_normalisation_is_layout_invariant(assets, mode):
+    """DP=2 and PP=2 give DP=1's losses and kept counts at every step; and the mode is in
+    effect (its losses differ from `batch`'s from step 2 on: step 1's running average is
+    that step's batch statistics)."""
+    keys = {**RUNNING, "selection.normalize": mode, "parallel.pp": 1, "train.steps": 3}
+    one = logged_history(run_distributed(_train, 1, args=(_overrides(assets, **keys),)))
+    for extra in ({}, {"parallel.pp": 2}):
+        other = logged_history(run_distributed(_train, 2, args=(_overrides(assets, **{**keys, **extra}),)))
+        for a, b in zip(one, other, strict=True):
+            assert b["num_kept"] == a["num_kept"], (mode, extra)
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (mode, extra, a["step"])
+    batch = logged_history(run_distributed(_train, 1, args=(_overrides(
+        assets, **{**keys, "selection.normalize": "batch"}),)))
+    assert [m["loss"] for m in batch][1:] != [m["loss"] for m in one][1:], mode

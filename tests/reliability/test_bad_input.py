@@ -96,3 +96,20 @@ def test_new_keys_are_validated(assets, override, message):
 
     with pytest.raises(ValueError, match=message):
         validate_run(load_config(None, overrides(assets, **override)), 1)
+
+
+def test_bad_user_rule_stops_training_before_step_1_in_one_line(assets, tmp_path, monkeypatch):
+    """`selection.rule: module:function` whose weights hold a NaN: the run stops with one
+    line naming the key and the problem, before any step (no history, no checkpoint)."""
+    (tmp_path / "my_nan_rule.py").write_text(
+        "import torch\n\n\ndef nan_rule(signals, *, seed, step):\n"
+        "    return torch.full_like(signals.entropy_norm, float('nan'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the forked rank inherits the path
+    ckdir = tmp_path / "ck"
+    out = run_distributed(train_capturing, 1, args=(overrides(assets, **{
+        "selection.rule": "my_nan_rule:nan_rule", "selection.rho": 1.0, "train.steps": 1,
+        "checkpoint.dir": ckdir}),))[0]
+    kind, message, _ = out["error"]
+    assert kind == "ValueError" and "\n" not in message, out["error"]
+    assert "selection.rule='my_nan_rule:nan_rule': returned NaN or inf weights" in message
+    assert out["history"] == [] and not list_checkpoints(ckdir)

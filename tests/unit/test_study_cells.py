@@ -1,19 +1,23 @@
 """`tip-megatron study --rules`: every rule and mix is a cell (apps/study/cells.py)."""
 import pytest
 
+from tip_megatron.apps.study import cells as cells_module
 from tip_megatron.apps.study.cells import Cell, cells, parse_rule, run_dir
 
 
 @pytest.mark.parametrize("spec, want", [
-    ("all", ("all", 1.0, "none")),
-    ("random@0.1", ("random", 0.1, "none")),
-    ("teachability@0.05", ("teachability", 0.05, "none")),
-    ("tip_soft", ("tip_soft", 1.0, "none")),
-    ("propose_verify", ("propose_verify", 1.0, "none")),
-    ("my_pkg.rules:my_rule", ("my_pkg.rules:my_rule", 1.0, "none")),
-    ("mix:entropy_aware", ("all", 1.0, "entropy_aware")),
-    ("q3@0.1+mix:entropy_aware", ("q3", 0.1, "entropy_aware")),
-    ("tip_soft+mix:custom", ("tip_soft", 1.0, "custom")),
+    ("all", ("all", 1.0, "none", "none")),
+    ("random@0.1", ("random", 0.1, "none", "none")),
+    ("teachability@0.05", ("teachability", 0.05, "none", "none")),
+    ("tip_soft", ("tip_soft", 1.0, "none", "none")),
+    ("propose_verify", ("propose_verify", 1.0, "none", "none")),
+    ("my_pkg.rules:my_rule", ("my_pkg.rules:my_rule", 1.0, "none", "none")),
+    ("mix:entropy_aware", ("all", 1.0, "entropy_aware", "none")),
+    ("q3@0.1+mix:entropy_aware", ("q3", 0.1, "entropy_aware", "none")),
+    ("tip_soft+mix:custom", ("tip_soft", 1.0, "custom", "none")),
+    ("q3@0.1+norm:running", ("q3", 0.1, "none", "running")),
+    ("q3@0.1+norm:absolute", ("q3", 0.1, "none", "absolute")),
+    ("soft_or@0.5+mix:entropy_aware+norm:batch", ("soft_or", 0.5, "entropy_aware", "batch")),
 ])
 def test_specs(spec, want):
     assert parse_rule(spec) == want
@@ -22,6 +26,10 @@ def test_specs(spec, want):
 @pytest.mark.parametrize("spec, match", [
     ("q3@0", "RULE@RHO"), ("q3@x", "RULE@RHO"), ("@0.1", "RULE@RHO"),
     ("mix:fancy", "mix:fancy is not a loss.mix"), ("q3@0.1+mix:", "is not a loss.mix"),
+    ("q3@0.1+norm:ema", "norm:ema is not a selection.normalize; accepted: norm:batch, "
+                        "norm:running, norm:absolute"),
+    ("q3@0.1+norm:running+mix:entropy_aware", "last, after the rule and any mix"),
+    ("q3@x+norm:running", "'q3@x\\+norm:running': expected RULE@RHO"),
 ])
 def test_bad_specs(spec, match):
     with pytest.raises(ValueError, match=match):
@@ -34,3 +42,32 @@ def test_cells_carry_the_mix(tmp_path):
     assert grid[2] == Cell("all", 1.0, 0, "entropy_aware")
     assert grid[2].overrides == ["loss.mix=entropy_aware"] and grid[0].overrides == []
     assert run_dir(tmp_path, grid[3]) == tmp_path / "runs" / "all+mix:entropy_aware" / "seed_1"
+
+
+def test_normalize_modes_are_the_configs():
+    from tip_megatron.tip.rules import NORMALIZE_MODES
+
+    assert cells_module.NORMALIZE_MODES == NORMALIZE_MODES
+
+
+def test_cells_carry_the_normalisation(tmp_path):
+    grid = cells(["q3@0.1", "q3@0.1+norm:running", "q3@0.1+mix:entropy_aware+norm:absolute"], seeds=1)
+    assert [c.name for c in grid] == ["q3@0.1", "q3@0.1+norm:running",
+                                      "q3@0.1+mix:entropy_aware+norm:absolute"]
+    assert [c.overrides for c in grid] == [
+        [], ["selection.normalize=running"],
+        ["loss.mix=entropy_aware", "selection.normalize=absolute"]]
+    assert run_dir(tmp_path, grid[1]) == tmp_path / "runs" / "q3@0.1+norm:running" / "seed_0"
+
+
+def test_a_cells_normalisation_reaches_its_run(monkeypatch, tmp_path):
+    """The embedded study hands the cell's keys to its quickstart run (before the user's)."""
+    from tip_megatron.apps.study import command
+
+    seen = []
+    monkeypatch.setattr(command, "run_local", lambda nproc, module, args: seen.append(args) or 0)
+    cell = cells(["q3@0.1+norm:absolute"], seeds=1)[0]
+    assert command.run_cell(cell, tmp_path, steps=4, tp=1, overrides=["train.lr=1e-4"], task="chain") == 0
+    args = seen[0]
+    assert args[args.index("--rule") + 1] == "q3" and args[args.index("--rho") + 1] == "0.1"
+    assert args.index("selection.normalize=absolute") < args.index("train.lr=1e-4")

@@ -3,7 +3,9 @@
 `--rules` specs: `all`; `RULE@RHO` (a counted rule: random@0.1, q3@0.1, teachability@0.05);
 `RULE` alone at rho 1.0 (rules that weigh every token: tip_soft, propose_verify, a user
 rule `package.module:function`); `mix:NAME` (rule all with `loss.mix=NAME`, e.g.
-mix:entropy_aware); `SPEC+mix:NAME` (a rule and a mix together, e.g. q3@0.1+mix:entropy_aware).
+mix:entropy_aware); `SPEC+mix:NAME` (a rule and a mix together, e.g. q3@0.1+mix:entropy_aware);
+`SPEC+norm:MODE` (the rule with `selection.normalize=MODE`, e.g. q3@0.1+norm:running; after
+a mix too: q3@0.1+mix:entropy_aware+norm:absolute).
 """
 from __future__ import annotations
 
@@ -20,16 +22,20 @@ class Cell:
     seed: int
     mix: str = "none"
     """`loss.mix` of this cell (`none`: the run's own)."""
+    normalize: str = "none"
+    """`selection.normalize` of this cell (`none`: the run's own)."""
 
     @property
     def name(self) -> str:
         label = rule_label(self.rule, self.rho)
-        return label if self.mix == "none" else f"{label}+mix:{self.mix}"
+        label = label if self.mix == "none" else f"{label}+mix:{self.mix}"
+        return label if self.normalize == "none" else f"{label}+norm:{self.normalize}"
 
     @property
     def overrides(self) -> list[str]:
-        """The cell's keys beyond rule, rho and seeds (its `loss.mix`)."""
-        return [] if self.mix == "none" else [f"loss.mix={self.mix}"]
+        """The cell's keys beyond rule, rho and seeds (its `loss.mix`, `selection.normalize`)."""
+        return ([] if self.mix == "none" else [f"loss.mix={self.mix}"]) + (
+            [] if self.normalize == "none" else [f"selection.normalize={self.normalize}"])
 
 
 def rule_label(rule: str, rho: float) -> str:
@@ -37,18 +43,34 @@ def rule_label(rule: str, rho: float) -> str:
 
 
 MIXES = ("entropy_aware", "custom")
+#: `selection.normalize` values (tip.rules.NORMALIZE_MODES, written out: this module is
+#: imported by `study --help`, which loads no torch; a test keeps the two equal).
+NORMALIZE_MODES = ("batch", "running", "absolute")
 
 
-def parse_rule(spec: str) -> tuple[str, float, str]:
-    """(rule, rho, mix) of one `--rules` spec (module docstring): `all` -> ("all", 1.0,
-    "none"); `random@0.1` -> ("random", 0.1, "none"); `tip_soft` -> ("tip_soft", 1.0, "none");
-    `mix:entropy_aware` -> ("all", 1.0, "entropy_aware")."""
+def parse_rule(spec: str) -> tuple[str, float, str, str]:
+    """(rule, rho, mix, normalize) of one `--rules` spec (module docstring): `all` ->
+    ("all", 1.0, "none", "none"); `random@0.1` -> ("random", 0.1, "none", "none");
+    `tip_soft` -> ("tip_soft", 1.0, "none", "none"); `mix:entropy_aware` -> ("all", 1.0,
+    "entropy_aware", "none"); `q3@0.1+norm:running` -> ("q3", 0.1, "none", "running")."""
+    spec_wo_norm, has_norm, normalize = spec.partition("+norm:")
+    if not has_norm:
+        normalize = "none"
+    elif normalize not in NORMALIZE_MODES:
+        raise ValueError(f"--rules {spec!r}: norm:{normalize} is not a selection.normalize; "
+                         f"accepted: {', '.join('norm:' + m for m in NORMALIZE_MODES)} "
+                         "(last, after the rule and any mix)")
+    return (*_parse_rule_mix(spec, spec_wo_norm), normalize)
+
+
+def _parse_rule_mix(full: str, spec: str) -> tuple[str, float, str]:
+    """(rule, rho, mix) of a spec without its `+norm:` part (`full`: the spec as written)."""
     rule_spec, _, mix = spec.partition("+mix:")
     if rule_spec.startswith("mix:"):
         rule_spec, mix = "all", rule_spec[len("mix:"):]
     if "+mix:" in spec or spec.startswith("mix:"):
         if mix not in MIXES:
-            raise ValueError(f"--rules {spec!r}: mix:{mix} is not a loss.mix; accepted: "
+            raise ValueError(f"--rules {full!r}: mix:{mix} is not a loss.mix; accepted: "
                              f"{', '.join('mix:' + m for m in MIXES)}")
     else:
         mix = "none"
@@ -60,8 +82,9 @@ def parse_rule(spec: str) -> tuple[str, float, str]:
     except ValueError:
         value = float("nan")
     if not name or not 0.0 < value <= 1.0:
-        raise ValueError(f"--rules {spec!r}: expected RULE@RHO with 0 < RHO <= 1 "
-                         "(e.g. random@0.1), RULE alone (rho 1), 'all', mix:NAME or SPEC+mix:NAME")
+        raise ValueError(f"--rules {full!r}: expected RULE@RHO with 0 < RHO <= 1 "
+                         "(e.g. random@0.1), RULE alone (rho 1), 'all', mix:NAME, SPEC+mix:NAME "
+                         "or SPEC+norm:MODE")
     return name, value, mix
 
 
@@ -69,7 +92,8 @@ def cells(rules: list[str], seeds: int) -> list[Cell]:
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: must be >= 1")
     parsed = [parse_rule(r) for r in rules]
-    return [Cell(rule, rho, seed, mix) for rule, rho, mix in parsed for seed in range(seeds)]
+    return [Cell(rule, rho, seed, mix, norm) for rule, rho, mix, norm in parsed
+            for seed in range(seeds)]
 
 
 def run_dir(out: Path, cell: Cell) -> Path:
