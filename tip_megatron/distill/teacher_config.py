@@ -197,7 +197,7 @@ def validate_teachers(cfg) -> None:
     if len(cfg.teachers) > 1 and any(t.signal != "full" for t in cfg.teachers):
         raise ValueError("teachers: signal=topk is a single-teacher comparison mode; accepted with "
                          "several teachers: signal=full")
-    for t in cfg.teachers:
+    for t in cfg.teachers if len(cfg.teachers) > 1 else ():  # a list of one serves everything
         if not t.serves and not t.default:
             warnings.warn(f"teachers: {t.name!r} serves no route value and is not the default: it "
                           "will score nothing", stacklevel=2)
