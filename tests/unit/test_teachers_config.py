@@ -11,7 +11,7 @@ B = "{name: b, builtin: quickstart-teacher, serves: [b]}"
 
 
 def _cfg(*extra):
-    return load_config(None, ["student.builtin=quickstart-student", *extra])
+    return load_config(None, ["student.builtin=quickstart-student", "data.prompts=[p.jsonl]", *extra])
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -27,6 +27,8 @@ def _cfg(*extra):
       "data.route_field=d"], r"signal=topk is a single-teacher comparison mode"),
     ([f"teachers=[{{name: 'a b', builtin: quickstart-teacher}}]"], r"teachers\[0\].name='a b'"),
     ([f"teachers=[{{name: a, serves: [a]}}, {B}]", "data.route_field=d"], r"^teachers\[0\]"),
+    ([f"teachers=[{A}, {B}]", "data.route_field=d", "data.prompts=[]"],
+     r"several teachers route prompt records by data.route_field: name prompt files in data.prompts"),
 ])
 def test_bad_teachers_config_is_one_line(overrides, message):
     with pytest.raises(ValueError, match=message) as err:

@@ -190,6 +190,10 @@ def validate_teachers(cfg) -> None:
     if len(cfg.teachers) > 1 and not cfg.data.route_field:
         raise ValueError(f"teachers: {len(cfg.teachers)} teachers need data.route_field (the prompt "
                          "record field whose value picks each prompt's teacher, e.g. `domain`)")
+    if len(cfg.teachers) > 1 and not cfg.data.prompts:
+        raise ValueError("teachers: several teachers route prompt records by data.route_field: name "
+                         "prompt files in data.prompts (a built-in student's embedded prompts carry "
+                         "no route field)")
     separate = [t.name for t in cfg.teachers if t.separate]
     if len(separate) > 1:
         raise ValueError(f"teachers: {separate} are all placement=separate; this version runs at "

@@ -20,7 +20,7 @@ from tip_megatron.distill.loss import MicrobatchContext
 from tip_megatron.distill.step import (
     Microbatch, ScheduleShape, make_contexts, teacher_hidden_states, teacher_output_weight,
 )
-from tip_megatron.distill.routing import route_table, teacher_ids_of_rows
+from tip_megatron.distill.routing import teacher_ids_of_rows
 from tip_megatron.distill.teacher_config import teacher_ranks, teachers_of
 from tip_megatron.distill.teacher_link import TeacherRankLost
 from tip_megatron.distill.teachers import routed_contexts
@@ -86,12 +86,7 @@ def row_teachers(run: Run, device) -> Optional[torch.Tensor]:
     """[rows] int64 teacher of each rollout row of this step (several teachers); None: one."""
     if len(run.models.teachers) == 1:
         return None
-    if hasattr(run.prompts, "teachers"):  # prompt files: routed when they were read
-        prompt_teachers = run.prompts.teachers()
-    else:  # a built-in task's prompts name their route values
-        values = run.prompts.routes()
-        table = route_table(teachers_of(run.cfg), {v: f"the {run.cfg.student.builtin} prompts" for v in values})
-        prompt_teachers = [table[v] for v in values]
+    prompt_teachers = run.prompts.teachers()  # prompt files (validate_teachers), routed when read
     return teacher_ids_of_rows(prompt_teachers, run.cfg.rollout.n).to(device)
 
 
