@@ -43,11 +43,11 @@ def overrides(prompts: Path, teachers: str, tp: int, steps: int) -> list[str]:
 
 
 def _rank(args: list[str]) -> dict:
-    from tip_megatron.apps.quickstart import builtin_models
+    from tip_megatron.apps.quickstart.tasks import register_builtins
     from tip_megatron.config import load_config
     from tip_megatron.train.trainer import run
 
-    builtin_models.register_multi()
+    register_builtins()  # an editable install made before the multi task's built-ins
     history = run(load_config(None, args))
     return {"rank": int(os.environ["RANK"]), "history": history,
             "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from tip_megatron.checkpoint.sources import BuiltinModel, register_builtin
+from tip_megatron.checkpoint.sources import BuiltinModel
 from tip_megatron.data.sources import PromptRecord
 from tip_megatron.apps.quickstart import chain_task, multi_task, pretrain, task, tools_task
 
@@ -129,20 +129,6 @@ def multi_student() -> BuiltinModel:
     return _model(*_cache_entry("quickstart-multi-student"))
 
 
-#: The multi task's built-ins, as setup.py declares them (entry points): `register_multi`
-#: registers them in an installation whose metadata predates them.
-MULTI_BUILTINS = {
-    "quickstart-multi-teacher-add": f"{__name__}:multi_teacher_add",
-    "quickstart-multi-teacher-sub": f"{__name__}:multi_teacher_sub",
-    "quickstart-multi-student": f"{__name__}:multi_student",
-}
-
-
-def register_multi() -> None:
-    """Register the multi task's built-ins by hand (idempotent; the same provider strings
-    as the entry points): an editable install made before they existed lacks them."""
-    for name, provider in MULTI_BUILTINS.items():
-        register_builtin(name, provider)
 def tools_teacher() -> BuiltinModel:
     return _model(*_cache_entry("quickstart-tools-teacher"))
 

@@ -156,7 +156,6 @@ def worker(args: argparse.Namespace) -> int:
     from tip_megatron.train.metrics import peak_memory_mib  # heavy, as above
 
     quiet_third_party_warnings()
-    builtin_models.register_multi()  # an install older than the multi task lacks them
     # Progress of the pre-training (first run only) and of OPD.
     logging.getLogger("tip_megatron.apps.quickstart").setLevel(logging.INFO)
     start = time.perf_counter()
