@@ -289,8 +289,11 @@ def student_world_size(cfg: RunConfig, world_size: int) -> int:
     """The student's ranks: the whole world, less the teacher's own under `separate`."""
     own = teacher_ranks(cfg)
     if own and own >= world_size:
+        names = [t.name for t in cfg.teachers if t.separate]
+        who = (f"teachers {names} with placement=separate take" if len(names) > 1
+               else "teacher.placement=separate takes")
         raise ValueError(
-            f"teacher.placement=separate takes {own} ranks (teacher tp x pp x dp) of a world of "
+            f"{who} {own} ranks (teacher tp x pp x dp) of a world of "
             f"{world_size}: none left for the student; accepted: world size = student ranks + "
             f"{own} (e.g. torchrun --nproc_per_node {own + cfg.parallel.tp * cfg.parallel.pp})")
     return world_size - own

@@ -83,15 +83,24 @@ def test_a_second_model_changes_the_run(two_models, single):
     assert two_models[0]["loss"] != pytest.approx(single[0]["loss"], rel=1e-3)
 
 
-@pytest.mark.parametrize("world,overrides,b", [
-    (2, {"parallel.tp": 2}, None),
-    (2, {"parallel.pp": 2}, None),
-    (2, {}, None),  # DP2
+SEPARATE = {"placement": "separate"}
+
+
+@pytest.mark.parametrize("world,overrides,a,b", [
+    (2, {"parallel.tp": 2}, None, None),
+    (2, {"parallel.pp": 2}, None, None),
+    (2, {}, None, None),  # DP2
     # `a` on the student's ranks, `b` on a rank of its own
-    (2, {}, {"placement": "separate"}),
-], ids=["tp2", "pp2", "dp2", "b-separate"])
-def test_two_teacher_run_on_every_layout(assets, two_models, world, overrides, b):
-    got = _run(assets, world, **overrides, **_teachers(assets, second="student", b=b))
+    (2, {}, None, SEPARATE),
+    # each teacher on a world of its own: ranks 0 student, 1 `a`, 2 `b`
+    (3, {}, SEPARATE, SEPARATE),
+    # student TP2, `a` TP1 on its own rank (unset, it would follow the student's TP2), `b`
+    # TP2 on two more: 5 ranks in 3 worlds
+    pytest.param(5, {"parallel.tp": 2}, dict(SEPARATE, parallel={"tp": 1}), dict(SEPARATE, parallel={"tp": 2}),
+                 marks=pytest.mark.slow),
+], ids=["tp2", "pp2", "dp2", "b-separate", "both-separate", "both-separate-tp2"])
+def test_two_teacher_run_on_every_layout(assets, two_models, world, overrides, a, b):
+    got = _run(assets, world, **overrides, **_teachers(assets, second="student", a=a, b=b))
     _assert_same(got, two_models)
     for key in ("teacher/a/num_kept", "teacher/b/num_kept", "teacher/b/mean_reverse_kl_all"):
         assert [s[key] for s in got] == pytest.approx([s[key] for s in two_models], rel=1e-5)

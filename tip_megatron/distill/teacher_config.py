@@ -149,16 +149,22 @@ def teachers_of(cfg) -> tuple[TeacherConfig, ...]:
     return tuple(cfg.teachers) or (cfg.teacher,)
 
 
-def separate_teacher(cfg) -> Optional[TeacherConfig]:
-    """The teacher on ranks of its own (`placement: separate`), or None. At most one (the
-    job has one teacher world, checked by `validate_teachers`)."""
-    return next((t for t in teachers_of(cfg) if t.separate), None)
+def separate_teachers(cfg) -> list[int]:
+    """Indices (in `teachers_of`) of the teachers on ranks of their own (`placement:
+    separate`), in the order their worlds follow the student's ranks."""
+    return [i for i, t in enumerate(teachers_of(cfg)) if t.separate]
 
 
 def teacher_ranks(cfg) -> int:
-    """Ranks of the job that are a teacher's own (0: every teacher on the student's ranks)."""
-    t = separate_teacher(cfg)
-    return t.ranks(cfg.parallel) if t is not None else 0
+    """Ranks of the job that are teachers' own (0: every teacher on the student's ranks)."""
+    return sum(t.ranks(cfg.parallel) for t in teachers_of(cfg))
+
+
+def teacher_world_offset(cfg, index: int, world_size: int) -> int:
+    """Job-wide first rank of teacher `index`'s own ranks (`separate`): after the student's
+    ranks and those of every separate teacher listed before it."""
+    teachers = teachers_of(cfg)
+    return world_size - teacher_ranks(cfg) + sum(t.ranks(cfg.parallel) for t in teachers[:index])
 
 
 def validate_teachers(cfg) -> None:
@@ -194,10 +200,6 @@ def validate_teachers(cfg) -> None:
         raise ValueError("teachers: several teachers route prompt records by data.route_field: name "
                          "prompt files in data.prompts (a built-in student's embedded prompts carry "
                          "no route field)")
-    separate = [t.name for t in cfg.teachers if t.separate]
-    if len(separate) > 1:
-        raise ValueError(f"teachers: {separate} are all placement=separate; this version runs at "
-                         "most one teacher on ranks of its own (the others: placement=shared)")
     if len(cfg.teachers) > 1 and any(t.signal != "full" for t in cfg.teachers):
         raise ValueError("teachers: signal=topk is a single-teacher comparison mode; accepted with "
                          "several teachers: signal=full")

@@ -143,16 +143,37 @@ class ParallelGroups:
 
 @dataclass(frozen=True)
 class Split:
-    """Two worlds in one job (`teacher.placement: separate`): global ranks [0, student)
-    train the student, [student, student + teacher) run the teacher. Each side gets a
-    default process group of its own (megatron's global state, checkpoints and every
-    run-wide collective stay inside one model's ranks); a `Bridge` joins them."""
+    """Several worlds in one job (`placement: separate`): global ranks [0, student) train the
+    student, then each teacher on ranks of its own takes the next `teachers[i]` ranks, in
+    the order of the config's teachers. Each world gets a default process group of its own
+    (megatron's global state, checkpoints and every run-wide collective stay inside one
+    model's ranks); a `Bridge` joins them."""
 
     student: int
-    teacher: int
+    teachers: tuple[int, ...]
+    """Ranks of each teacher world, in order (one entry per `separate` teacher)."""
+
+    def world(self, global_rank: int) -> int:
+        """-1: the student's world; i: the i-th teacher world."""
+        if global_rank < self.student:
+            return -1
+        start = self.student
+        for i, size in enumerate(self.teachers):
+            if global_rank < start + size:
+                return i
+            start += size
+        raise ValueError(f"rank {global_rank} is outside a job of {self.student} student ranks + "
+                         f"teacher worlds of {list(self.teachers)} ranks")
+
+    def offset(self, world: int) -> int:
+        """Job-wide rank of world `world`'s first rank (-1: the student's)."""
+        return 0 if world < 0 else self.student + sum(self.teachers[:world])
+
+    def size(self, world: int) -> int:
+        return self.student if world < 0 else self.teachers[world]
 
     def role(self, global_rank: int) -> str:
-        return "student" if global_rank < self.student else "teacher"
+        return "student" if self.world(global_rank) < 0 else "teacher"
 
 
 class Bridge:
@@ -221,16 +242,16 @@ def init_torch_distributed(timeout_minutes: int = 30, split: Optional[Split] = N
         dist.init_process_group(backend=device.backend, rank=rank, world_size=world, timeout=timeout)
         _BRIDGE = Bridge(None, rank, 0)
         return rank, world
-    if split.student + split.teacher != world:
-        raise ValueError(f"world size {world} != {split.student} student ranks + {split.teacher} "
-                         "teacher ranks")
-    # The store torchrun's rendezvous gives every rank (env://), shared by three groups
-    # under their own key prefixes: the student's world, the teacher's, and the bridge.
+    if split.student + sum(split.teachers) != world:
+        raise ValueError(f"world size {world} != {split.student} student ranks + teacher worlds of "
+                         f"{' + '.join(map(str, split.teachers))} ranks")
+    # The store torchrun's rendezvous gives every rank (env://), shared by the groups under
+    # their own key prefixes: the student's world, each teacher's, and the bridge.
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
-    role = split.role(rank)
-    offset = 0 if role == "student" else split.student
-    size = split.student if role == "student" else split.teacher
-    dist.init_process_group(backend=device.backend, store=dist.PrefixStore(f"tip/{role}", store),
+    mine = split.world(rank)
+    offset, size = split.offset(mine), split.size(mine)
+    prefix = "tip/student" if mine < 0 else f"tip/teacher{mine}"
+    dist.init_process_group(backend=device.backend, store=dist.PrefixStore(prefix, store),
                             rank=rank - offset, world_size=size, timeout=timeout)
     link = dist.ProcessGroupGloo(dist.PrefixStore("tip/bridge", store), rank, world, timeout)
     _BRIDGE = Bridge(link, rank, offset)
@@ -267,7 +288,7 @@ def initialize(
     """
     world = rank_env().world_size
     if split is not None and not dist.is_initialized():
-        world = split.student if split.role(rank_env().rank) == "student" else split.teacher
+        world = split.size(split.world(rank_env().rank))
     if dist.is_initialized():
         world = dist.get_world_size()
     layout.validate(world)

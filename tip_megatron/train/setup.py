@@ -16,7 +16,7 @@ from tip_megatron.checkpoint.sources import builtin_model, load_source_weights
 from tip_megatron.data.prompts import PromptDataset
 from tip_megatron.data.sampler import PromptLoader
 from tip_megatron.distill.routing import route_table
-from tip_megatron.distill.teacher_config import teacher_ranks, teachers_of
+from tip_megatron.distill.teacher_config import teacher_ranks, teacher_world_offset, teachers_of
 from tip_megatron.distill.teacher_grid import Grid, LinkSpec
 from tip_megatron.distill.teacher_link import TeacherLink
 from tip_megatron.runtime.device import compute_dtype, current_device
@@ -71,9 +71,9 @@ class Models:
     def teacher_weight(self) -> Any:
         return self.teachers[0].weight
 
-    def separate_link(self) -> Optional[TeacherLink]:
-        """The link of the teacher on ranks of its own (`separate`), or None."""
-        return next((t.link for t in self.teachers if t.link is not None and t.link.spec.separate), None)
+    def separate_links(self) -> list[TeacherLink]:
+        """The links of the teachers on ranks of their own (`separate`)."""
+        return [t.link for t in self.teachers if t.link is not None and t.link.spec.separate]
 
 
 def padded_vocab(cfg: RunConfig, s_arch: ModelArch, t_archs) -> int:
@@ -126,29 +126,30 @@ def build_models(cfg: RunConfig, groups: Optional[ParallelGroups], checked: Opti
         load_source_weights(student, groups, s_arch, cfg.student)
     for i, (source, side) in enumerate(zip(teachers_of(cfg), sides)):
         if source.own_grid(cfg.parallel):
-            side.link = make_link(cfg, source, groups, teacher_groups.get(i), side.arch,
-                                  opts["padded_vocab_size"], tag_base=16 * i)
+            side.link = make_link(cfg, i, groups, teacher_groups.get(i), side.arch,
+                                  opts["padded_vocab_size"])
             side.weight = side.link.output_weight(side.chunks)
     return Models(student, sides, s_arch, vocab)
 
 
-def make_link(cfg: RunConfig, source, groups: Optional[ParallelGroups],
-              teacher_groups: Optional[ParallelGroups], t_arch: ModelArch, padded: int,
-              tag_base: int = 0) -> TeacherLink:
-    """The link between the student's grid (global ranks [0, S)) and a teacher's (its own
-    ranks after them under `separate`, the student's ranks under `shared`)."""
+def make_link(cfg: RunConfig, index: int, groups: Optional[ParallelGroups],
+              teacher_groups: Optional[ParallelGroups], t_arch: ModelArch, padded: int) -> TeacherLink:
+    """The link between the student's grid (global ranks [0, S)) and teacher `index`'s (its
+    own ranks after the student's and the earlier separate teachers' under `separate`, the
+    student's ranks under `shared`). Each teacher's messages have a tag range of their own."""
     world = rank_env().world_size
     students = world - teacher_ranks(cfg)
+    source = teachers_of(cfg)[index]
     own = source.ranks(cfg.parallel)
     t_layout = source.parallel.resolve(cfg.parallel)
     spec = LinkSpec(
         student=Grid.of(cfg.parallel, students, 0),
-        teacher=Grid.of(t_layout, own or students, students if own else 0),
+        teacher=Grid.of(t_layout, own or students, teacher_world_offset(cfg, index, world) if own else 0),
         microbatches=(cfg.data.prompts_per_step // cfg.parallel.dp(students)) * cfg.rollout.n
         // cfg.train.micro_batch_size,
         hidden_size=t_arch.hidden_size, dtype=compute_dtype(cfg.model.params_dtype), padded_vocab=padded,
         queue_depth=source.queue_depth, teacher_sequence_parallel=t_layout.sequence_parallel,
-        separate=source.separate, tag_base=tag_base)
+        separate=source.separate, tag_base=16 * index)
     return TeacherLink(groups, teacher_groups, bridge(), spec, current_device())
 
 

@@ -21,7 +21,7 @@ from tip_megatron.distill.step import (
     Microbatch, ScheduleShape, make_contexts, teacher_hidden_states, teacher_output_weight,
 )
 from tip_megatron.distill.routing import teacher_ids_of_rows
-from tip_megatron.distill.teacher_config import teacher_ranks, teachers_of
+from tip_megatron.distill.teacher_config import separate_teachers, teachers_of
 from tip_megatron.distill.teacher_link import TeacherRankLost
 from tip_megatron.distill.teachers import routed_contexts
 from tip_megatron.runtime import parallel
@@ -41,7 +41,9 @@ EXIT_STUDENT_LOST = 5
 def serve_teacher(cfg: RunConfig, split: parallel.Split) -> int:
     """Serve until the student's stop; returns the number of steps scored."""
     checked = preflight(cfg, rank_env().world_size)  # the same checks as the student's ranks
-    index, source = next((i, t) for i, t in enumerate(teachers_of(cfg)) if t.separate)
+    world = split.world(rank_env().rank)
+    index = separate_teachers(cfg)[world]  # this rank's teacher: the world it is in
+    source = teachers_of(cfg)[index]
     layout = source.parallel.resolve(cfg.parallel)
     groups = parallel.initialize(layout, seed=cfg.train.seed, split=split)
     # A preemption signal: the teacher keeps scoring (recorded, not acted on) and tells the
@@ -50,7 +52,8 @@ def serve_teacher(cfg: RunConfig, split: parallel.Split) -> int:
     side = build_models(cfg, None, checked, teacher_groups={index: groups}).teachers[index]
     if groups.rank == 0:
         logger.info("teacher %s, ranks %d-%d: tp %d, pp %d, dp %d, serving the student's %d ranks",
-                    side.name, split.student, split.student + split.teacher - 1, layout.tp, layout.pp,
+                    side.name, split.offset(world), split.offset(world) + split.size(world) - 1,
+                    layout.tp, layout.pp,
                     groups.dp_size, split.student)
     steps = 0
     try:
@@ -69,10 +72,10 @@ def serve_teacher(cfg: RunConfig, split: parallel.Split) -> int:
 
 # ------------------------------------------------------------------ the student's side
 def teacher_split(cfg: RunConfig) -> Optional[parallel.Split]:
-    """With a teacher on ranks of its own (`placement: separate`): the job's student ranks
-    and teacher ranks."""
-    own = teacher_ranks(cfg)
-    return parallel.Split(rank_env().world_size - own, own) if own else None
+    """With teachers on ranks of their own (`placement: separate`): the job's student ranks
+    and each such teacher's, in config order."""
+    own = tuple(teachers_of(cfg)[i].ranks(cfg.parallel) for i in separate_teachers(cfg))
+    return parallel.Split(rank_env().world_size - sum(own), own) if own else None
 
 
 def teacher_names(cfg: RunConfig) -> tuple[str, ...]:
@@ -109,12 +112,12 @@ def teacher_contexts(run: Run, mbs: list[Microbatch],
 
 
 def teacher_signal(state: Run, signalled: StopOnSignal) -> None:
-    """Under `separate`: a stop signal that reached only the teacher's ranks counts as this
-    rank's (rank 0 hears of it from them; `requested` then spreads it)."""
-    link = state.models.separate_link()
-    if link is None:
+    """Under `separate`: a stop signal that reached only a teacher's ranks counts as this
+    rank's (rank 0 hears of it from each such teacher; `requested` then spreads it)."""
+    links = state.models.separate_links()
+    if not links:
         return
-    sig = link.teacher_signal()
+    sig = max(link.teacher_signal() for link in links)
     if sig and signalled.received is None:
         signalled.received = signal.Signals(sig)
 

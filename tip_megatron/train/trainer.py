@@ -412,8 +412,8 @@ def loop(state: Run) -> None:
             _report_stop(state, signalled, saved)
             break
     signalled.close()
-    if state.models.separate_link() is not None:
-        state.models.separate_link().stop()  # the teacher's ranks exit after this
+    for link in state.models.separate_links():
+        link.stop()  # each separate teacher's ranks exit after this
     if state.progress is not None:
         state.progress.close()
     state.log.close()
