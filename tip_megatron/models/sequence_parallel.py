@@ -36,8 +36,9 @@ class LocalRMSNorm(torch.nn.RMSNorm):
 
 
 def local_block_spec(arch: Any, config: Any, vp_stage: Optional[int], pp_rank: int):
-    """megatron's local GPT layer spec with every norm (layers and final) a LocalRMSNorm,
-    as the TransformerBlockSubmodules of this stage."""
+    """megatron's local GPT layer spec with every norm (layers and final) a LocalRMSNorm and
+    the core attention `SdpaAttention` (models/attention.py), as the
+    TransformerBlockSubmodules of this stage."""
     # heavy: megatron.core takes ~10 s to import; config checks import this module
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec  # heavy, as above
@@ -45,9 +46,12 @@ def local_block_spec(arch: Any, config: Any, vp_stage: Optional[int], pp_rank: i
         TransformerBlockSubmodules, get_num_layers_to_build,
     )
 
+    from tip_megatron.models.attention import SdpaAttention  # heavy: imports megatron
+
     layer = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     sub = layer.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = LocalRMSNorm
+    sub.self_attention.submodules.core_attention = SdpaAttention
     if arch.qk_norm:
         qk = ModuleSpec(module=LocalRMSNorm, params={"sequence_parallel": False})
         sub.self_attention.submodules.q_layernorm = qk

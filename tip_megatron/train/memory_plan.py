@@ -175,7 +175,7 @@ def plan_memory(cfg: RunConfig, student_arch: ModelArch, teacher_arch: ModelArch
     layout = dict(tp=s.tp, pp=s.pp, dp=s.dp, vpp=p.vpp, sequence_parallel=p.sequence_parallel,
                   dtype="bf16" if s.act_bytes == 2 else "fp32", placement=cfg.teacher.placement,
                   seq=s.seq, rows_per_dp_rank=s.rows, microbatches_per_update=s.microbatches,
-                  kept_per_microbatch=s.kept, fused_attention=s.fused_attention,
+                  kept_per_microbatch=s.kept, te_spec=s.te_spec,
                   student_ranks=[0, students - 1],
                   teacher=dict(tp=t.tp, pp=t.pp, dp=t.dp, vpp=sides.teacher_layout.vpp,
                                sequence_parallel=sides.teacher_layout.sequence_parallel,

@@ -70,8 +70,10 @@ class Shape:
     """Rollouts of one student DP rank per step (all decoded at once by the trainer)."""
     kept: int
     """Kept tokens of one micro-batch at the configured rho (responses at full length)."""
-    fused_attention: bool
-    """Flash / fused attention (TE spec on a GPU): no [b, heads, s, s] scores are stored."""
+    te_spec: bool
+    """The Transformer Engine spec (a GPU): its prefill attention is fused too. The training
+    and teacher passes store no [b, heads, s, s] scores with either spec (TE's fused
+    attention; the local spec's `SdpaAttention`)."""
 
     @property
     def last(self) -> int:
@@ -148,34 +150,31 @@ def layer_activation_bytes(arch: ModelArch, shape: Shape, recompute: Optional[st
                            sequence_parallel: bool) -> float:
     """Bytes one layer keeps for backward per micro-batch token (Korthikanti et al. 2022's
     accounting, for GQA + SwiGLU + RMSNorm): norm inputs/outputs, q/k/v before and after
-    their norms and RoPE, the attention context, the SwiGLU input and output, and, without
-    fused attention, the [heads/tp, s] softmax probabilities (+ their dropout copy and mask).
-    `full` recompute keeps each layer's input only."""
+    their norms and RoPE, the attention context, the SwiGLU input and output (the attention
+    is fused with either spec: no [heads/tp, s] probabilities, so `selective` recompute has
+    nothing to drop). `full` recompute keeps each layer's input only."""
     e, tp = shape.act_bytes, shape.tp
     h, d, heads, groups = arch.hidden_size, arch.kv_channels, arch.num_attention_heads, arch.num_kv_heads
     norm_side = 4 * h / (tp if sequence_parallel else 1)
     qk = (heads + groups) * d / tp * (2 if arch.qk_norm else 1)
     elements = norm_side + (heads + 2 * groups) * d / tp + qk + 2 * heads * d / tp
     elements += 3 * arch.ffn_hidden_size / tp
-    scores = 0.0 if shape.fused_attention or recompute == "selective" else \
-        heads / tp * shape.seq * (2 * e + 1)
     if recompute == "full":
         return e * h / (tp if sequence_parallel else 1)
-    return e * elements + scores
+    return e * elements
 
 
 def forward_activation_bytes(arch: ModelArch, shape: Shape) -> float:
     """Bytes per token a forward-only (no grad) pass holds at its peak inside one layer: the
     residual stream in and out (2h) and the larger block's live tensors (attention: norm
     output, q/k/v, rotated q/k, context, projection output; SwiGLU: norm output, fc1's 2 ffn/tp,
-    the gated ffn/tp, fc2's output), plus the [heads/tp, s] scores and probabilities without
-    fused attention. Nothing is kept between layers or micro-batches."""
+    the gated ffn/tp, fc2's output); the attention is fused (no scores). Nothing is kept
+    between layers or micro-batches."""
     e, tp = shape.act_bytes, shape.tp
     h, d, heads, groups = arch.hidden_size, arch.kv_channels, arch.num_attention_heads, arch.num_kv_heads
     attention = 2 * h + ((heads + 2 * groups) + (heads + groups) + heads) * d / tp
     mlp = 2 * h + 3 * arch.ffn_hidden_size / tp
-    scores = 0.0 if shape.fused_attention else heads / tp * shape.seq * 2 * e
-    return e * (2 * h + max(attention, mlp)) + scores
+    return e * (2 * h + max(attention, mlp))
 
 
 def student_activation_term(cfg: RunConfig, shape: Shape, arch: ModelArch, stage: int) -> Term:
@@ -232,7 +231,7 @@ def student_state_terms(cfg: RunConfig, shape: Shape, arch: ModelArch, stage: in
 
 def rollout_terms(cfg: RunConfig, shape: Shape, arch: ModelArch, last: bool) -> list[Term]:
     """The KV cache of this stage's layers for every rollout of the DP rank, the sampling
-    logits (last stage) and, without fused attention, the prefill's attention scores."""
+    logits (last stage) and, on the local spec, the prefill's attention scores."""
     e, layers = shape.act_bytes, arch.num_layers // shape.pp
     positions = shape.rows * shape.seq
     kv = positions * layers * 2 * (arch.num_kv_heads // shape.tp) * arch.kv_channels * e
@@ -240,7 +239,7 @@ def rollout_terms(cfg: RunConfig, shape: Shape, arch: ModelArch, last: bool) -> 
     terms = [Term("rollout.kv_cache", kv / MIB, "rollout", cut)]
     if last:  # fp32 logits, probabilities and the sampling workspace of one decode step
         terms.append(Term("rollout.logits", 3 * shape.rows * shape.vocab_shard * 4 / MIB, "rollout", cut))
-    if not shape.fused_attention:
+    if not shape.te_spec:  # the local spec's prefill: masked attention (rollout/kv_cache.py)
         prompts, p = shape.rows // cfg.rollout.n, cfg.data.max_prompt_len
         scores = prompts * arch.num_attention_heads // shape.tp * p * p * 4
         terms.append(Term("rollout.prefill_scores", scores / MIB, "rollout",
