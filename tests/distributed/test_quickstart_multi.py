@@ -127,3 +127,46 @@ def test_pretrained_specialists_and_student_hold_their_claims():
     assert student["add_carry"] <= 0.02 and student["sub_borrow"] <= 0.02, student
     assert student["add_clean"] >= 0.98 and student["sub_clean"] >= 0.98, student
     assert student["student_rule"] >= 0.98, student
+
+
+@pytest.mark.slow
+def test_study_of_the_multi_task_has_a_teacher_axis(tmp_path):
+    """`study --task multi`: one cell per (rule, teacher) on the same seeded random weights;
+    its table holds each run's accuracies per domain and case, and the planted case of every
+    dumped token (found through the run's prompt file and the trainer's sampler) agrees with
+    the engine's own routing: the tokens of addition cases in a step's dump are exactly what
+    the `add` teacher scored in that step (`teacher/add/num_response`)."""
+    cache = tmp_path / "cache"
+    run_distributed(_fill_cache, 1, args=(str(cache),))
+    env = dict(os.environ, TIP_MEGATRON_CACHE=str(cache), OMP_NUM_THREADS="1")
+    out = tmp_path / "study"
+    proc = subprocess.run([sys.executable, "-m", "tip_megatron.apps.cli", "study", "--task", "multi",
+                           "--rules", "all", "--teachers", "add", "both", "--seeds", "1", "--steps", "2",
+                           "--tp", "1", "--out", str(out), "train.micro_batch_size=8",
+                           "data.prompts_per_step=16"], env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = json.loads((out / "study.json").read_text())
+    md = (out / "study.md").read_text()
+    assert list(table) == ["all+teacher:add", "all+teacher:both"]
+    assert "| rule | seeds | exact | add | sub | add_carry (units carry dropped) | add_clean |" in md, md
+    for label in table:
+        run_dir = out / "runs" / label / "seed_0"
+        result = json.loads((run_dir / "result.json").read_text())
+        assert result["teachers_run"] == label.split(":")[-1]
+        for key in ("exact", "add", "sub", "add_carry", "sub_borrow"):
+            assert table[label]["after"][key]["mean"] == pytest.approx(result["after"][key], nan_ok=True)
+    both = out / "runs" / "all+teacher:both" / "seed_0"
+    metrics = {r["step"]: r for r in map(json.loads, (both / "metrics.jsonl").open()) if "loss" in r}
+    from tip_megatron.apps.study.report import dump_cases
+    from tip_megatron.train.dump_file import read_token_dump
+
+    result = json.loads((both / "result.json").read_text())
+    dumps = sorted((both / "token_dumps").glob("step_*.npz"))
+    assert dumps
+    for path in dumps:
+        d = read_token_dump(path)
+        assert len(d.rollout_id) == d.num_response_tokens  # the whole step was dumped
+        cases = dump_cases(result, int(d.step), d.rollout_id, both)
+        add_tokens = int((cases <= 1).sum())  # add_carry, add_clean
+        assert add_tokens == metrics[int(d.step)]["teacher/add/num_response"], path
+        assert len(cases) - add_tokens == metrics[int(d.step)]["teacher/sub/num_response"], path

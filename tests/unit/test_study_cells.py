@@ -71,3 +71,28 @@ def test_a_cells_normalisation_reaches_its_run(monkeypatch, tmp_path):
     args = seen[0]
     assert args[args.index("--rule") + 1] == "q3" and args[args.index("--rho") + 1] == "0.1"
     assert args.index("selection.normalize=absolute") < args.index("train.lr=1e-4")
+
+
+def test_a_task_with_several_teachers_adds_a_teacher_axis(monkeypatch, tmp_path):
+    """`--teachers` (default: each teacher alone, then both) multiplies the rules; a single
+    teacher's cell runs the quickstart with `--teacher NAME`, `both` with none (its default:
+    every teacher, routed by domain)."""
+    from tip_megatron.apps.study import command
+    from tip_megatron.apps.study.cells import teacher_axis
+
+    axis = teacher_axis(None, ("add", "sub"), "multi")
+    assert axis == ("add", "sub", "both") and teacher_axis(["both", "add", "both"], ("add", "sub"),
+                                                            "multi") == ("both", "add")
+    assert teacher_axis(None, (), "addition") == ("",)
+    grid = cells(["all", "q3@0.1"], seeds=2, teachers=axis)
+    assert [c.name for c in grid[::2]] == ["all+teacher:add", "all+teacher:sub", "all+teacher:both",
+                                           "q3@0.1+teacher:add", "q3@0.1+teacher:sub", "q3@0.1+teacher:both"]
+    assert run_dir(tmp_path, grid[1]) == tmp_path / "runs" / "all+teacher:add" / "seed_1"
+    seen = []
+    monkeypatch.setattr(command, "run_local", lambda nproc, module, args: seen.append(args) or 0)
+    for cell in (grid[0], grid[4]):
+        command.run_cell(cell, tmp_path, steps=2, tp=1, overrides=[], task="multi")
+    assert seen[0][seen[0].index("--teacher") + 1] == "add" and "--teacher" not in seen[1]
+    # the ranks run the quickstart's worker, which reads the run's prompt file: written first
+    assert (run_dir(tmp_path, grid[0]) / "prompts.jsonl").is_file()
+    assert seen[0][seen[0].index("--task") + 1] == "multi"

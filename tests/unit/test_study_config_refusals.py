@@ -42,11 +42,13 @@ def test_default_eval_every_ends_on_the_last_step():
         assert not any(steps % d == 0 for d in range(every + 1, max(1, steps // 8) + 1))
 
 
-def test_multi_task_study_is_refused_in_one_line(tmp_path, capsys):
-    # its cells would need a teacher axis and per-domain kept shares (issue 23)
-    rc = main(["study", "--task", "multi", "--rules", "all", "--out", str(tmp_path / "out")])
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "multi", "--teachers", "mul"], r"--teachers mul: accepted for --task multi: add, sub, both"),
+    (["--teachers", "add"], r"--teachers add: --task addition has one teacher; --teachers applies to a "
+                            r"task with several \(multi\)"),
+])
+def test_a_bad_teacher_axis_is_one_line(tmp_path, capsys, argv, message):
+    rc = main(["study", *argv, "--rules", "all", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 2
-    assert re.fullmatch(r"error: --task multi: its study is not built yet; run `tip-megatron "
-                        r"quickstart --task multi` \(both teachers\) and `--teacher add\|sub` .*\n", err), err
+    assert rc == 2 and re.fullmatch(f"error: {message}\n", err), err
     assert not (tmp_path / "out").exists()

@@ -205,10 +205,14 @@ RESULT_FILE = "result.json"
 def write_result(args, cfg, teacher: dict, before: dict, after: dict, history: list) -> None:
     """`<out>/result.json`: the accuracies this run printed (the study command reads it)."""
 
-    data = get_task(args.task).data
+    spec = get_task(args.task)
+    data = spec.data
     # `cases`: the per-case keys of teacher/before/after, with their table labels (the study
-    # report's columns).
-    result = {"task": args.task, "cases": [[c, data.CASE_LABELS[c]] for c in data.CASES],
+    # report's columns). A task with several teachers: the prompt file its dumps' rollouts
+    # come from, and which teachers scored them (`both` or one's name).
+    several = {"prompts_file": PROMPTS_FILE, "domains": list(data.DOMAINS),
+               "teachers_run": getattr(args, "teacher", None) or "both"} if spec.teachers else {}
+    result = {"task": args.task, "cases": [[c, data.CASE_LABELS[c]] for c in data.CASES], **several,
               "rule": args.rule, "rho": cfg.selection.rho, "loss_mix": cfg.loss.mix,
               "steps": args.steps, "tp": args.tp,
               "train_seed": cfg.train.seed, "data_seed": cfg.data.seed,

@@ -1,4 +1,4 @@
-"""A study's grid: one cell per (rule, rho, mix, seed), and where each cell's run lives.
+"""A study's grid: one cell per (rule, rho, mix, teacher, seed), and where each cell's run lives.
 
 `--rules` specs: `all`; `RULE@RHO` (a counted rule: random@0.1, q3@0.1, teachability@0.05);
 `RULE` alone at rho 1.0 (rules that weigh every token: tip_soft, propose_verify, a user
@@ -6,6 +6,10 @@ rule `package.module:function`); `mix:NAME` (rule all with `loss.mix=NAME`, e.g.
 mix:entropy_aware); `SPEC+mix:NAME` (a rule and a mix together, e.g. q3@0.1+mix:entropy_aware);
 `SPEC+norm:MODE` (the rule with `selection.normalize=MODE`, e.g. q3@0.1+norm:running; after
 a mix too: q3@0.1+mix:entropy_aware+norm:absolute).
+
+A task with several teachers (`multi`) adds a teacher axis (`--teachers`): `both` (every
+teacher, each prompt routed to its domain's) or one teacher's name (that teacher on every
+prompt); the cell's name ends with `+teacher:NAME`.
 """
 from __future__ import annotations
 
@@ -24,12 +28,16 @@ class Cell:
     """`loss.mix` of this cell (`none`: the run's own)."""
     normalize: str = "none"
     """`selection.normalize` of this cell (`none`: the run's own)."""
+    teacher: str = ""
+    """A task with several teachers: `both` (routed by domain) or one teacher's name; "" on
+    a one-teacher task."""
 
     @property
     def name(self) -> str:
         label = rule_label(self.rule, self.rho)
         label = label if self.mix == "none" else f"{label}+mix:{self.mix}"
-        return label if self.normalize == "none" else f"{label}+norm:{self.normalize}"
+        label = label if self.normalize == "none" else f"{label}+norm:{self.normalize}"
+        return f"{label}+teacher:{self.teacher}" if self.teacher else label
 
     @property
     def overrides(self) -> list[str]:
@@ -88,12 +96,32 @@ def _parse_rule_mix(full: str, spec: str) -> tuple[str, float, str]:
     return name, value, mix
 
 
-def cells(rules: list[str], seeds: int) -> list[Cell]:
+#: The teacher-axis value of a multi-teacher run (every teacher, routed by domain).
+BOTH = "both"
+
+
+def cells(rules: list[str], seeds: int, teachers: tuple[str, ...] = ("",)) -> list[Cell]:
+    """Rules x teachers x seeds, in that order (`teachers`: ("",) on a one-teacher task)."""
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: must be >= 1")
     parsed = [parse_rule(r) for r in rules]
-    return [Cell(rule, rho, seed, mix, norm) for rule, rho, mix, norm in parsed
-            for seed in range(seeds)]
+    return [Cell(rule, rho, seed, mix, norm, teacher) for rule, rho, mix, norm in parsed
+            for teacher in teachers for seed in range(seeds)]
+
+
+def teacher_axis(requested: list[str] | None, names: tuple[str, ...], task: str) -> tuple[str, ...]:
+    """The `--teachers` values of a task whose teachers are `names` (empty: a one-teacher
+    task, where only no `--teachers` is accepted). Default: each teacher alone, then both."""
+    if not names:
+        if requested:
+            raise ValueError(f"--teachers {' '.join(requested)}: --task {task} has one teacher; "
+                             "--teachers applies to a task with several (multi)")
+        return ("",)
+    accepted = (*names, BOTH)
+    bad = [t for t in requested or () if t not in accepted]
+    if bad:
+        raise ValueError(f"--teachers {bad[0]}: accepted for --task {task}: {', '.join(accepted)}")
+    return tuple(dict.fromkeys(requested)) if requested else accepted
 
 
 def run_dir(out: Path, cell: Cell) -> Path:

@@ -16,9 +16,9 @@ import argparse
 from pathlib import Path
 
 from tip_megatron.apps.launch import run_local
-from tip_megatron.apps.quickstart.command import DEFAULTS
+from tip_megatron.apps.quickstart.command import DEFAULTS, write_task_prompts
 from tip_megatron.apps.quickstart.tasks import DEFAULT_TASK, get_task
-from tip_megatron.apps.study.cells import Cell, cells, run_dir
+from tip_megatron.apps.study.cells import BOTH, Cell, cells, run_dir, teacher_axis
 
 
 def register(subparsers) -> None:
@@ -31,6 +31,10 @@ def register(subparsers) -> None:
     p.add_argument("--task", default=None,
                    help="embedded task of every cell (quickstart --task; default addition); "
                         "not with --config")
+    p.add_argument("--teachers", nargs="+", default=None,
+                   help="a task with several teachers (multi): run each rule with `both` (every "
+                        "teacher, routed by domain) and/or one teacher's name on every prompt "
+                        "(default: each teacher alone, then both)")
     p.add_argument("--steps", type=int, default=None,
                    help="OPD steps (default: the task's; with --config: train.steps)")
     p.add_argument("--tp", type=int, default=None,
@@ -52,6 +56,11 @@ def run_cell(cell: Cell, out: Path, steps: int, tp: int, overrides: list[str],
             "--tp", str(tp), "--out", str(run_dir(out, cell)),
             f"train.seed={seed}", f"data.seed={seed}", f"selection.seed={cell.seed}",
             "logging.log_every=1", *cell.overrides, *overrides]  # every step: the loss curves
+    if cell.teacher and cell.teacher != BOTH:  # one teacher on every prompt; `both`: the default
+        args[2:2] = ["--teacher", cell.teacher]
+    # a task with several teachers reads its run's prompt file: written here, as the
+    # quickstart's launcher does, before the ranks start (they run the module's worker)
+    write_task_prompts(argparse.Namespace(task=task, out=str(run_dir(out, cell))))
     return run_local(tp, "tip_megatron.apps.quickstart.command", args)
 
 
@@ -60,6 +69,9 @@ def main(args: argparse.Namespace) -> int:
         if args.task is not None:
             raise ValueError(f"--task {args.task}: picks an embedded task; with --config the "
                              "cells train the config's own models and data (drop one of them)")
+        if args.teachers:
+            raise ValueError("--teachers: the teacher axis of an embedded task with several "
+                             "teachers (--task multi); with --config the cells train its own teachers")
         # lazy: config_study imports the run config and preflight (torch); --help imports
         # this module
         from tip_megatron.apps.study import config_study
@@ -67,14 +79,8 @@ def main(args: argparse.Namespace) -> int:
         return config_study.main(args)
     args.task = args.task or DEFAULT_TASK
     spec = get_task(args.task)
-    if spec.teachers:
-        # the report's kept share per case draws the built-in prompt stream, not the task's
-        # prompt file, and its cells would need a teacher axis (one, the other, both)
-        raise ValueError(f"--task {args.task}: its study is not built yet; run `tip-megatron "
-                         f"quickstart --task {args.task}` (both teachers) and `--teacher "
-                         f"{'|'.join(t[0] for t in spec.teachers)}` (one) per seed (docs/study.md, "
-                         "\"The multi task\")")
-    grid = cells(args.rules, args.seeds)
+    grid = cells(args.rules, args.seeds, teacher_axis(args.teachers, tuple(t[0] for t in spec.teachers),
+                                                      args.task))
     steps, tp = args.steps or get_task(args.task).steps, args.tp or DEFAULTS["tp"]
     out = Path(args.out)
     for i, cell in enumerate(grid, 1):

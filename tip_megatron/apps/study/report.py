@@ -5,8 +5,11 @@ greedy accuracy before/after, through the eval path in `quickstart.evaluation`),
 logged step, and the mid-run exact match `eval/mean_at_k` every few steps) and
 `token_dumps/step_*.npz` (per-token kept flag and quadrant). The planted
 case of a dumped token is found from its rollout id: the embedded task's prompts of a step
-are a pure function of (data seed, step) (`builtin_models.SyntheticPrompts`), and a
-rollout id is the prompt's index in the step's global batch times `rollout.n`.
+are a pure function of (data seed, step) (`builtin_models.SyntheticPrompts`), or, for a
+task that reads a prompt file (`result.json`'s `prompts_file`: the multi task), the
+records the trainer's `PromptSampler` picks for that step from the file (one DP rank: the
+quickstart's ranks are its TP ranks); a rollout id is the prompt's index in the step's
+global batch times `rollout.n`.
 
 The per-case columns are the cases the run's `result.json` lists (`cases`: name and label,
 from its task's data module, `apps/quickstart/tasks.py`); a result without them is the addition
@@ -16,6 +19,7 @@ Outputs in the study dir: `study.md`, `study.json`, `plots/{loss,accuracy}.png`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -28,6 +32,8 @@ import torch
 from tip_megatron.apps.plots.curves import read_metrics
 from tip_megatron.train.dump_file import read_token_dump
 from tip_megatron.apps.quickstart import task
+from tip_megatron.apps.quickstart.evaluation import case_indices
+from tip_megatron.data.sampler import PromptSampler
 from tip_megatron.apps.quickstart.tasks import DEFAULT_TASK, get_task
 from tip_megatron.apps.study.curves import curve_png, seed_mean
 
@@ -39,7 +45,7 @@ def case_columns(result: dict) -> list[tuple[str, str]]:
 
 
 def _acc_keys(result: dict) -> tuple[str, ...]:
-    return ("exact", *(name for name, _ in case_columns(result)))
+    return ("exact", *result.get("domains", ()), *(name for name, _ in case_columns(result)))
 
 
 def _data(result: dict):
@@ -54,14 +60,36 @@ def _mean_std(values: Sequence[float]) -> dict:
             "n": len(vals)}
 
 
-def dump_cases(result: dict, step: int, rollout_id: np.ndarray) -> np.ndarray:
-    """Planted case index (the task's CASES) of each dumped token of `step` (1-based)."""
+def dump_cases(result: dict, step: int, rollout_id: np.ndarray, run: Path | None = None) -> np.ndarray:
+    """Planted case index (the task's CASES) of each dumped token of `step` (1-based); `run`:
+    the run's directory (where a task's prompt file is)."""
     data = _data(result)
-    gen = torch.Generator().manual_seed(int(result["data_seed"]) * 1_000_003 + step - 1)
-    prompts = data.sample_prompts(int(result["prompts_per_step"]), gen)
-    a, b = data.decode_prompts(prompts)
-    cases = data.case_index(a, b).numpy()
+    if result.get("prompts_file"):
+        prompts = _file_prompts(str(run / result["prompts_file"]), int(result["prompts_per_step"]),
+                                int(result["data_seed"]), step)
+    else:
+        gen = torch.Generator().manual_seed(int(result["data_seed"]) * 1_000_003 + step - 1)
+        prompts = data.sample_prompts(int(result["prompts_per_step"]), gen)
+    cases = case_indices(data, prompts).numpy()
     return cases[rollout_id // int(result["samples_per_prompt"])]
+
+
+@functools.lru_cache(maxsize=4)
+def _file_records(path: str) -> torch.Tensor:
+    """[N, 8] token ids of a task's prompt file, in file order (its `prompt` texts encoded
+    with the embedded tokenizer, as the trainer's PromptDataset does without a chat template)."""
+    tok = task.tokenizer()
+    with open(path) as f:
+        return torch.tensor([tok.encode(json.loads(line)["prompt"]) for line in f if line.strip()])
+
+
+def _file_prompts(path: str, per_step: int, seed: int, step: int) -> torch.Tensor:
+    """[per_step, 8] the prompts of `step` (1-based): the trainer's sampler over the file."""
+    records = _file_records(path)
+    sampler = PromptSampler(records.shape[0], prompts_per_rank=per_step, seed=seed)
+    for _ in range(step - 1):
+        next(sampler)
+    return records[torch.as_tensor(next(sampler))]
 
 
 def kept_shares(run: Path, result: dict) -> dict:
@@ -74,7 +102,7 @@ def kept_shares(run: Path, result: dict) -> dict:
         d = read_token_dump(path)
         np.add.at(tot_q, d.quadrant.astype(int), 1)
         np.add.at(kept_q, d.quadrant.astype(int), d.weight.astype(float))
-        cases = dump_cases(result, int(d.step), d.rollout_id)
+        cases = dump_cases(result, int(d.step), d.rollout_id, run)
         np.add.at(tot_c, cases, 1)
         np.add.at(kept_c, cases, d.weight.astype(float))
     share = lambda k, t: float(k / t) if t else float("nan")  # noqa: E731
@@ -126,7 +154,8 @@ def markdown(table: dict) -> str:
     first = next(iter(table.values()))["runs"][0]["result"]
     cases = case_columns(first)
     names = [name for name, _ in cases]
-    heads = [f"{name} ({label})" if label else name for name, label in cases]
+    domains = list(first.get("domains", ()))  # a task with several teachers: one column each
+    heads = domains + [f"{name} ({label})" if label else name for name, label in cases]
     lines = [f"Embedded {first.get('task', DEFAULT_TASK)} task, {first['steps']} OPD steps, "
              f"TP={first['tp']}; greedy exact match (%) on the held-out problems after OPD, "
              "mean ± std over seeds.", "", "| rule | seeds | exact | " + " | ".join(heads)
@@ -134,7 +163,7 @@ def markdown(table: dict) -> str:
     for label, row in table.items():
         a = row["after"]
         lines.append(f"| {label} | {a['exact']['n']} | " + " | ".join(_pct(a[k]) for k in
-                     ("exact", *names)) + f" | {row['final_loss']['mean']:.4f} |")
+                     ("exact", *domains, *names)) + f" | {row['final_loss']['mean']:.4f} |")
     before = first["before"]
     per_case = ", ".join(f"{name} {100 * before[name]:.1f}%" for name in names)
     kept_cols = ["Q1", "Q2", "Q3", "Q4", *names]
