@@ -16,6 +16,10 @@ def _masked_columns():
     unsharded = mask_padded_vocab(torch.zeros(3, PADDED), VOCAB, None)
     tp = dist.new_group([0, 1])
     sharded = mask_padded_vocab(torch.zeros(3, PADDED // 2), VOCAB, tp)
+    # mask_padded_vocab only reads the group's rank: without a collective on it, a rank that
+    # finished first could exit while the other is still connecting the group's gloo mesh
+    # ("Connection closed by peer" under load). The barrier completes both sides first.
+    dist.barrier(group=tp)
     return rank, torch.isinf(unsharded[0]), torch.isinf(sharded[0])
 
 
