@@ -69,7 +69,8 @@ class TeacherConfig(ModelSource):
     placement: str = "shared"
     """`shared`: the teacher on the student's ranks, with process groups of its own when its
     layout differs; `separate`: the teacher on ranks of its own after the student's (world
-    size = student ranks + teacher ranks; the student's ranks come first)."""
+    size = student ranks + teacher ranks; the student's ranks come first; several separate
+    `teachers:` follow in list order, a world each)."""
     queue_depth: int = 2
     """`separate`: micro-batches whose hidden states a teacher rank may have in flight to
     the student before it waits (the teacher scores micro-batch i+1 while the student
