@@ -70,9 +70,13 @@ def _wait(work, what: str) -> None:
     try:
         work.wait()
     except RuntimeError as err:  # gloo: the peer closed its connection (it died)
-        # "[.../pair.cc:553] Connection closed by peer [127.0.0.1]:197. This is ..." -> its cause
-        cause = str(err).splitlines()[0].split("] ", 1)[-1].split(". ")[0]
-        raise TeacherRankLost(f"{what} failed: that rank has stopped or died ({cause})") from None
+        raise _lost(what, err) from None
+
+
+def _lost(what: str, err: RuntimeError) -> TeacherRankLost:
+    # "[.../pair.cc:553] Connection closed by peer [127.0.0.1]:197. This is ..." -> its cause
+    cause = str(err).splitlines()[0].split("] ", 1)[-1].split(". ")[0]
+    return TeacherRankLost(f"{what} failed: that rank has stopped or died ({cause})")
 
 
 class TeacherLink:
@@ -104,7 +108,27 @@ class TeacherLink:
             self._local[(key, tag)] = tensor
             return None
         staged = tensor.detach().to(self.bridge.device).contiguous()  # gloo: host memory
-        return self.bridge.isend(staged, dst, self.spec.tag_base + tag), staged, dst
+        return self._isend(staged, dst, tag), staged, dst
+
+    # gloo raises at once, not at wait(), when the peer's connection is already closed
+    def _isend(self, tensor: torch.Tensor, dst: int, tag: int):
+        try:
+            return self.bridge.isend(tensor, dst, self.spec.tag_base + tag)
+        except RuntimeError as err:
+            raise _lost(f"sending to {self._peer(dst)} {dst}", err) from None
+
+    def _irecv(self, buffer: torch.Tensor, src: int, tag: int):
+        try:
+            return self.bridge.irecv(buffer, src, self.spec.tag_base + tag)
+        except RuntimeError as err:
+            raise _lost(f"receiving from {self._peer(src)} {src}", err) from None
+
+    def _peer(self, rank: int) -> str:
+        """'teacher rank' / 'student rank' for a rank of the other world (`separate`)."""
+        t = self.spec.teacher
+        if not self.spec.separate:
+            return "rank"
+        return "teacher rank" if t.offset <= rank < t.offset + self._teacher_ranks() else "student rank"
 
     def _recv_into(self, buffer: torch.Tensor, src: int, tag: int, key):
         """(work or None, host buffer); a message from this rank is taken from memory."""
@@ -112,7 +136,7 @@ class TeacherLink:
             buffer.copy_(self._local.pop((key, tag)))
             return None, buffer
         host = buffer if buffer.device == self.bridge.device else torch.empty_like(buffer, device=self.bridge.device)
-        return self.bridge.irecv(host, src, self.spec.tag_base + tag), host
+        return self._irecv(host, src, tag), host
 
     def _recv(self, shape, dtype, src: int, tag: int, key) -> torch.Tensor:
         buffer = torch.empty(shape, dtype=dtype)
@@ -173,7 +197,7 @@ class TeacherLink:
         if self.spec.separate and self.me == 0:  # each teacher rank's signal flag, after its step
             for src in range(self.spec.teacher.offset, self.spec.teacher.offset + self._teacher_ranks()):
                 flag = torch.zeros(1, dtype=torch.int64)
-                self._signals.append((self.bridge.irecv(flag, src, self.spec.tag_base + _SIGNAL), flag, src))
+                self._signals.append((self._irecv(flag, src, _SIGNAL), flag, src))
         if self.t is not None:
             self.serve_once(teacher_chunks)
         for work, _, dst in sends:
@@ -325,7 +349,7 @@ class _Window:
         while self.posted < len(self.items) and self.posted <= index + self.ahead:
             item = self.items[self.posted]
             buffer = torch.empty(item.shape, dtype=spec.dtype, device=link.bridge.device)
-            item.post(buffer, link.bridge.irecv(buffer, item.src, spec.tag_base + _HIDDEN))
+            item.post(buffer, link._irecv(buffer, item.src, _HIDDEN))
             link.received_bytes += buffer.nbytes
             self.posted += 1
 

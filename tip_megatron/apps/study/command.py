@@ -1,4 +1,5 @@
-"""`tip-megatron study`: run each (rule, seed) cell of a grid, then write the report.
+"""`tip-megatron study`: run each (rule, seed) cell of a grid (rule, teacher, seed on a task
+with several teachers), then write the report.
 
 With `--config`, each cell is a training run of that config (apps/study/config_study.py); the
 rest of this module is the embedded task's study.
