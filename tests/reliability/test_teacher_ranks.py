@@ -62,7 +62,8 @@ def test_killed_teacher_rank_stops_every_rank(opd_assets, tmp_path):
         assert all(gone(p) for p in seen), [p for p in seen if not gone(p)]
         text = log.read_text()
         last = text.strip().splitlines()[-1]
-        assert "teacher hidden states from rank 1 failed: that rank has stopped or died" in last \
+        # receiving hidden states or anything else from it, or sending to it
+        assert "rank 1 failed: that rank has stopped or died" in last \
             or "to teacher rank 1 failed" in last, text[-3000:]
     finally:
         kill_leftovers(seen | {cmd.pid})

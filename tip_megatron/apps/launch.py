@@ -40,6 +40,10 @@ RANK_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 _PR_SET_CHILD_SUBREAPER = 36
 
 
+#: Seconds between torchrun's checks of its workers (see `run_local`).
+MONITOR_INTERVAL_S = 2.0
+
+
 def run_local(nproc: int, module: str, args: Sequence[str], threads_per_proc: int = 0,
               grace_s: float = 45.0) -> int:
     """Run `python -m module *args` on `nproc` local ranks via torch.distributed.run.
@@ -62,6 +66,10 @@ def run_local(nproc: int, module: str, args: Sequence[str], threads_per_proc: in
         sys.executable, "-m", "torch.distributed.run",
         "--nproc_per_node", str(nproc), "--nnodes", "1",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        # torchrun polls its workers every MONITOR_INTERVAL_S (its default: 0.1 s) and stops
+        # all of them as soon as one has died: the pause lets a rank that saw a peer die
+        # (a teacher rank's broken link) report its one line before it is stopped.
+        "--monitor-interval", str(MONITOR_INTERVAL_S),
         "-m", module, *args,
     ]
     try:
