@@ -45,6 +45,16 @@ def _checks(arch):
     # Room for one prompt's rows at a time (then two): prompts are admitted as rows finish.
     for rows in (4, 9):
         out[f"spread_cap{rows}"] = run(**spread, max_batch_tokens=rows * (max(map(len, PROMPTS)) + NEW))
+    # Decode attention per run of rows however cheap a call is (the tiny model's runs would
+    # otherwise merge into one): every run of equal columns over its own keys.
+    from tip_megatron.rollout import kv_cache
+    saved = dict(kv_cache.SEGMENT_CALL_BYTES)
+    kv_cache.SEGMENT_CALL_BYTES["cpu"] = 0
+    try:
+        out["spread_segments"] = run(**spread, check_logprobs=True)
+        out["spread_segments_cap9"] = run(**spread, max_batch_tokens=9 * (max(map(len, PROMPTS)) + NEW))
+    finally:
+        kv_cache.SEGMENT_CALL_BYTES.update(saved)
     # A row draws the same tokens alone (same global row ids via row_offset), reversed order.
     out["spread_parts"] = [generate(chunks, g, arch, [PROMPTS[i]], GenerationConfig(
         max_new_tokens=NEW, pad_id=0, **spread), 1, 0, row_offset=4 * i) for i in range(len(PROMPTS))][::-1]
@@ -174,6 +184,19 @@ def test_dynamic_engine_draws_what_the_static_engine_draws(results):
     assert results["spread_cap4"].stats["capacity_rows"] == 4
     assert results["spread_cap4"].stats["num_prefills"] == len(PROMPTS)
     assert spread.stats["num_prefills"] == 1  # one prefill per prompt: n rows share it
+
+
+def test_decode_attention_per_run_of_rows_draws_the_same_samples(results):
+    """Rows of different lengths attend per run over their own keys (`key_segments`): the
+    same samples as one call over the longest row's keys, and fewer key columns read."""
+    static, one = results["spread_static"], results["spread"]
+    for name in ("spread_segments", "spread_segments_cap9"):
+        _assert_same_samples(results[name], static, name)
+    seg = results["spread_segments"]
+    assert seg.logprob_gap["max"] <= 1e-5, seg.logprob_gap
+    assert seg.stats["attention_segments"] > seg.stats["num_decode_steps"]  # really split
+    assert seg.stats["key_columns"] < seg.stats["key_columns_longest"]
+    assert one.stats["key_columns"] <= one.stats["key_columns_longest"]
 
 
 def test_samples_do_not_depend_on_the_batch(results):

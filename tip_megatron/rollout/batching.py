@@ -33,7 +33,7 @@ from tip_megatron.models.sequence_parallel import sequence_parallel_off
 from tip_megatron.models.state import unwrap
 from tip_megatron.ops.sampling import SamplingBuffers, vocab_parallel_sample
 from tip_megatron.rollout import decode, kv_cache
-from tip_megatron.rollout.kv_cache import SlotCache
+from tip_megatron.rollout.kv_cache import SlotCache, key_segments, segment_call_cost
 from tip_megatron.rollout.turns import TurnTracker
 from tip_megatron.rollout.types import Rollouts
 
@@ -52,6 +52,12 @@ class EngineStats:
     capacity_rows: int = 0
     num_extensions: int = 0
     """Multi-turn: forwards that appended observations to cached rows."""
+    key_columns: int = 0
+    """Key columns attended by decode steps' rows (one layer), summed over steps."""
+    key_columns_longest: int = 0
+    """The same, had every row attended over the longest live row's keys."""
+    attention_segments: int = 0
+    """Runs of rows attended on their own (`kv_cache.key_segments`), summed over steps."""
 
 
 class DynamicDecoder:
@@ -95,6 +101,10 @@ class DynamicDecoder:
             while queue and live + n * (len(take) + 1) <= cap:
                 take.append(queue.popleft())
             if take:
+                # Longest first: rows then lie in runs of falling length, so each run attends
+                # over its own keys (`key_segments`), and the rows that move into the holes
+                # finished rows leave (from the tail: the shortest) do not lengthen a run.
+                take.sort(key=lambda i: -len(prompts[i]))
                 self._admit(take, [prompts[i] for i in take], live)
                 live = self._compact(live + len(take) * n)  # a first token may stop a row
             if live == 0:
@@ -147,9 +157,16 @@ class DynamicDecoder:
         begin = time.perf_counter()
         slots = torch.arange(live, device=self.lengths.device)
         columns = self.slot["prompt_len"][:live] + self.slot["span"][:live] - 1  # the fed token's
-        num_keys = int(columns.max()) + 1
+        # Each run of rows attends over its own longest row's keys, not the batch's longest.
+        call_cost = segment_call_cost(columns.device, self.cache.column_bytes())
+        segments = key_segments(columns.tolist(), call_cost)
+        num_keys = max(s.num_keys for s in segments)
+        self.stats.key_columns += sum((s.hi - s.lo) * s.num_keys for s in segments)
+        self.stats.key_columns_longest += live * num_keys
+        self.stats.attention_segments += len(segments)
         keys = torch.arange(num_keys, device=columns.device)
-        self.cache.set_window(0, columns, num_keys, (keys[None, :] <= columns[:, None])[:, None, None])
+        self.cache.set_window(0, columns, num_keys, (keys[None, :] <= columns[:, None])[:, None, None],
+                              segments=segments)
         hidden = decode.pipeline_forward(self.chunks, self.impl, self.tables, self.groups,
                                          self.slot["next"][:live, None], columns[:, None],
                                          self.arch.hidden_size)
