@@ -184,3 +184,21 @@ def test_reused_buffers_draw_what_fresh_ones_and_a_plain_inverse_cdf_draw():
         assert torch.equal(fresh[0], want)
         assert_close(fresh[1].double(), torch.log_softmax(z, 1).gather(1, want[:, None]).squeeze(1),
                      rtol=0, atol=1e-6)
+
+
+def test_cpu_draw_chunks_rows_by_its_own_float64_budget():
+    """The draw's rows per chunk on CPU follow SAMPLE_CHUNK_ELEMENTS_CPU (not the loss's
+    fp32 budget); an explicit chunk_size wins; and the chunking changes no bit of the
+    draw (ids and log-probs at 1, 16 and every row per chunk)."""
+    from tip_megatron.ops.sampling import SAMPLE_CHUNK_ELEMENTS_CPU, _sample_chunk
+
+    cpu = torch.device("cpu")
+    assert _sample_chunk(32000, None, cpu) == SAMPLE_CHUNK_ELEMENTS_CPU // 32000 == 131
+    assert _sample_chunk(151936, None, cpu) == 27
+    assert _sample_chunk(151936, 5, cpu) == 5
+    assert _sample_chunk(10**8, None, cpu) == 1
+    logits = torch.randn(40, 3000, generator=torch.Generator().manual_seed(2)) * 3
+    draws = [vocab_parallel_sample(logits, tp_group=None, vocab_size=2990, seed=1, step=2,
+                                   temperature=0.7, chunk_size=c) for c in (1, 16, None)]
+    for ids, logprob in draws[1:]:
+        assert torch.equal(ids, draws[0][0]) and torch.equal(logprob, draws[0][1])

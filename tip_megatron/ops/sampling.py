@@ -64,6 +64,13 @@ TOP_P_CANDIDATES = 64
 #: Vocabulary columns per block of the inverse-CDF draw (megatron pads the vocabulary to a
 #: multiple of 128 * tp, so a block never straddles two shards).
 BLOCK = 128
+#: float64 elements of one chunk of rows the draw works on, on CPU (~32 MiB). A draw makes
+#: four passes over a chunk plus ~20 small per-row ops, which smaller chunks pay once per
+#: chunk. One thread, 128 rows (tools/bench_generate.py's decode step; the same bits at
+#: every size): V 32,000: 16-row chunks (the loss's 2^20 fp32 budget) 17 ms a draw, 64
+#: rows 11.8, 128 rows 11.2; V 151,936: 3 rows 82 ms, 13 rows 61, 27 rows 59, 55 rows 75,
+#: 128 rows 115. Accelerators keep the shared budget (`chunk_tokens`).
+SAMPLE_CHUNK_ELEMENTS_CPU = 1 << 22
 #: The threshold search starts this far below the max: exp(-1000) is 0 in float64.
 _TOP_P_SEARCH_SPAN = 1000.0
 
@@ -353,8 +360,7 @@ def vocab_parallel_sample(
         raise ValueError(f"row_offset={row_offset!r}: must be an integer >= 0")
     shard = vocab_shard(logits.shape[-1], tp_group, vocab_size)
     rows, counters = _row_keys(logits, row_offset, row_ids, counters)
-    # float64 temporaries: half the rows of the fp32 budget (hence the doubled width).
-    chunk = chunk_tokens(2 * shard.shard_width, chunk_size, logits.device)
+    chunk = _sample_chunk(shard.shard_width, chunk_size, logits.device)
     ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     logprob = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     buffers = buffers if buffers is not None else SamplingBuffers()
@@ -366,6 +372,15 @@ def vocab_parallel_sample(
             ids[sl], logprob[sl] = _sample_rows(
                 valid[sl], None if u is None else u[sl], shard, tp_group, temperature, top_k, top_p, buffers)
     return ids, logprob
+
+
+def _sample_chunk(shard_width: int, chunk_size: Optional[int], device: torch.device) -> int:
+    """Rows per chunk of the draw: `chunk_size` when given; on CPU `SAMPLE_CHUNK_ELEMENTS_CPU`
+    float64 elements; elsewhere half the rows of the shared fp32 budget (float64: twice
+    the bytes)."""
+    if chunk_size is None and device.type == "cpu":
+        return max(1, SAMPLE_CHUNK_ELEMENTS_CPU // max(1, shard_width))
+    return chunk_tokens(2 * shard_width, chunk_size, device)
 
 
 def _row_keys(logits: torch.Tensor, row_offset: int, row_ids: Optional[torch.Tensor],
