@@ -3,6 +3,7 @@ training pass, from both sources side by side (`selection.prepass_source`, issue
 
     python tools/bench_prepass.py            # ~2-3 min on 2 CPU cores
     python tools/bench_prepass.py --vocab 32768 --hidden 512 --json runs/prepass.json
+    python tools/bench_prepass.py --dtype bf16   # how far the two sources differ in bf16
 
 One process (TP = PP = DP = 1), random student and teacher from `build_model`, rollouts
 sampled by the generation engine (dynamic, KV cache; `--prompt` random prompt tokens, then
@@ -19,8 +20,10 @@ swap places every round), medians reported:
   trunk          student forward-only with the output layer skipped (what `generation` saves)
   select         `select_prepass` over the global batch
   train          `train_pass` with the pre-pass's masks: forward + backward on kept tokens
-The JSON also holds the largest signal difference between the two sources and whether
-their kept masks are identical.
+The JSON also holds the largest signal difference between the two sources (absolute, and
+relative to the largest signal), whether their kept masks are identical, and how many
+tokens one keeps and the other does not. `--dtype bf16` builds both models in bf16 (CPU
+bf16 kernels here: the local layer spec, not Transformer Engine).
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def _stages(args):
     from tip_megatron.distill.step import (
         make_contexts, scoring_pass, teacher_hidden_states, teacher_output_weight, train_pass,
     )
-    from tip_megatron.models import build_model
+    from tip_megatron.models import BuildOptions, build_model
     from tip_megatron.models.init import init_full_state
     from tip_megatron.models.state import load_full_state_dict
     from tip_megatron.rollout.generate import GenerationConfig, generate
@@ -57,7 +60,8 @@ def _stages(args):
                        ffn_hidden_size=4 * args.hidden, **kw)
     t_arch = tiny_arch("llama", hidden_size=2 * args.hidden, num_layers=2 * args.layers,
                        ffn_hidden_size=8 * args.hidden, **kw)
-    student, teacher = build_model(s_arch, g), build_model(t_arch, g, frozen=True)
+    options = BuildOptions(params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    student, teacher = build_model(s_arch, g, options), build_model(t_arch, g, options, frozen=True)
     load_full_state_dict(student, init_full_state(student, g, s_arch, 1), g, s_arch)
     load_full_state_dict(teacher, init_full_state(teacher, g, t_arch, 2), g, t_arch)
     ddp = wrap_ddp(student, g, OptimConfig(use_distributed_optimizer=False))
@@ -120,10 +124,14 @@ def _stages(args):
             if rep:  # the first round warms up
                 times[stage].append(dt)
     masks_gen, _ = select_prepass(sel, state["signals_gen"], None, step=0)
+    fields = ("entropy_norm", "reverse_kl", "forward_kl")
     diff = max(float((getattr(a, f) - getattr(b, f)).abs().max()) for a, b in zip(state["signals"], state["signals_gen"])
-               for f in ("entropy_norm", "reverse_kl", "forward_kl"))
-    agree = dict(max_signal_diff=diff, masks_identical=all(
+               for f in fields)
+    scale = max(float(getattr(a, f).abs().max()) for a in state["signals"] for f in fields)
+    agree = dict(max_signal_diff=diff, max_signal_diff_rel=diff / max(scale, 1e-30), masks_identical=all(
         torch.equal(a, b) for a, b in zip(state["sel"][0], masks_gen)),
+        mask_differences=sum(int((a != b).sum()) for a, b in zip(state["sel"][0], masks_gen)),
+        kept_tokens=sum(int(a.sum()) for a in state["sel"][0]),
         response_tokens=int(out.response_mask.sum()),
         kept_hidden_bytes=out.response_hidden.numel() * out.response_hidden.element_size())
     return {s: statistics.median(v) * 1e3 for s, v in times.items()}, agree
@@ -139,6 +147,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     from tip_megatron.runtime.processes import run_forked
@@ -154,8 +163,10 @@ def main() -> None:
           f"{out['prepass_gen_over_train']:.2f}; student trunk forward is "
           f"{out['trunk_share_of_prepass']:.0%} of the recomputing pre-pass; keeping hidden states "
           f"costs generation {out['keep_overhead']:+.1%}")
-    print(f"sources agree: max signal diff {agree['max_signal_diff']:.2e}, kept masks identical: "
-          f"{agree['masks_identical']}; kept hidden states {agree['kept_hidden_bytes'] / 2**20:.1f} MiB "
+    print(f"sources agree ({args.dtype}): max signal diff {agree['max_signal_diff']:.2e} "
+          f"({agree['max_signal_diff_rel']:.1e} of the largest signal), kept masks identical: "
+          f"{agree['masks_identical']} ({agree['mask_differences']} of {agree['kept_tokens']} kept "
+          f"tokens differ); kept hidden states {agree['kept_hidden_bytes'] / 2**20:.1f} MiB "
           f"for {agree['response_tokens']} response tokens")
     if args.json:
         with open(args.json, "w") as f:
