@@ -5,7 +5,7 @@ import pytest
 from tip_megatron.config import load_config, validate_run
 from tip_megatron.distill.routing import route_table, teacher_ids_of_rows
 from tip_megatron.distill.teacher_config import (
-    TeacherConfig, separate_teachers, teacher_ranks, teacher_world_offset,
+    TeacherConfig, separate_teachers, teacher_ranks, teacher_split,
 )
 from tip_megatron.runtime.parallel import Split
 
@@ -43,18 +43,21 @@ def test_bad_teachers_config_is_one_line(overrides, message):
 
 
 def test_teachers_on_ranks_of_their_own_follow_the_student_in_config_order():
-    """Two `separate` teachers (1 and 2 ranks) after a student of 2: each world's ranks, and
-    the first rank each teacher's link addresses, agree with `parallel.Split`."""
+    """Two `separate` teachers (1 and 2 ranks) after a student of 2, a `shared` one between
+    them in the list: the config's split gives each world its ranks, in list order."""
     cfg = _cfg("teachers=[{name: a, builtin: quickstart-teacher, serves: [a], placement: separate}, "
                "{name: s, builtin: quickstart-teacher, serves: [s]}, "
                "{name: b, builtin: quickstart-teacher, serves: [b], placement: separate, "
                "parallel: {tp: 2}}]", "data.route_field=d")
     validate_run(cfg, world_size=5)
     assert teacher_ranks(cfg) == 3 and separate_teachers(cfg) == [0, 2]
-    split = Split(2, (1, 2))
+    split = teacher_split(cfg, 5)
+    assert split == Split(2, (1, 2))
     assert [split.world(r) for r in range(5)] == [-1, -1, 0, 1, 1]
     assert [split.role(r) for r in range(5)] == ["student"] * 2 + ["teacher"] * 3
-    assert [teacher_world_offset(cfg, i, 5) for i in (0, 2)] == [split.offset(0), split.offset(1)] == [2, 3]
+    assert [split.offset(w) for w in (-1, 0, 1)] == [0, 2, 3]
+    assert [split.size(w) for w in (-1, 0, 1)] == [2, 1, 2]
+    assert teacher_split(_cfg(f"teachers=[{A}, {B}]", "data.route_field=d"), 4) is None
     with pytest.raises(ValueError, match="rank 5 is outside a job of 2 student ranks"):
         split.world(5)
 
@@ -93,4 +96,5 @@ def test_the_two_teacher_example_places_its_ranks_as_its_comment_says():
     path = Path(__file__).parents[2] / "examples" / "configs" / "qwen3_math_code_teachers.yaml"
     cfg = load_config(str(path))
     assert teacher_ranks(cfg) == 4 and student_world_size(cfg, 8) == 4
-    assert [teacher_world_offset(cfg, i, 8) for i in separate_teachers(cfg)] == [4, 6]
+    split = teacher_split(cfg, 8)
+    assert [split.offset(w) for w in range(2)] == [4, 6] and split.teachers == (2, 2)

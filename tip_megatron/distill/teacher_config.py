@@ -20,7 +20,7 @@ from typing import Optional
 
 from tip_megatron.checkpoint.sources import ModelSource
 from tip_megatron.ops.topk_divergence import TopkSignal
-from tip_megatron.runtime.parallel import ParallelLayout
+from tip_megatron.runtime.parallel import ParallelLayout, Split
 
 PLACEMENTS = ("shared", "separate")
 SIGNALS = ("full", "topk")
@@ -161,11 +161,13 @@ def teacher_ranks(cfg) -> int:
     return sum(t.ranks(cfg.parallel) for t in teachers_of(cfg))
 
 
-def teacher_world_offset(cfg, index: int, world_size: int) -> int:
-    """Job-wide first rank of teacher `index`'s own ranks (`separate`): after the student's
-    ranks and those of every separate teacher listed before it."""
-    teachers = teachers_of(cfg)
-    return world_size - teacher_ranks(cfg) + sum(t.ranks(cfg.parallel) for t in teachers[:index])
+def teacher_split(cfg, world_size: int) -> Optional[Split]:
+    """With teachers on ranks of their own (`placement: separate`): a job of `world_size`
+    ranks as the student's ranks, then each such teacher's, in config order (world i of
+    the split is `teachers_of(cfg)[separate_teachers(cfg)[i]]`); None when every teacher
+    shares the student's ranks. The one place a separate teacher's ranks are counted."""
+    own = tuple(teachers_of(cfg)[i].ranks(cfg.parallel) for i in separate_teachers(cfg))
+    return Split(world_size - sum(own), own) if own else None
 
 
 def validate_teachers(cfg) -> None:

@@ -16,7 +16,7 @@ from tip_megatron.checkpoint.sources import builtin_model, load_source_weights
 from tip_megatron.data.prompts import PromptDataset
 from tip_megatron.data.sampler import PromptLoader
 from tip_megatron.distill.routing import route_table
-from tip_megatron.distill.teacher_config import teacher_ranks, teacher_world_offset, teachers_of
+from tip_megatron.distill.teacher_config import separate_teachers, teacher_ranks, teacher_split, teachers_of
 from tip_megatron.distill.teacher_grid import Grid, LinkSpec
 from tip_megatron.distill.teacher_link import TeacherLink
 from tip_megatron.runtime.device import compute_dtype, current_device
@@ -137,14 +137,17 @@ def make_link(cfg: RunConfig, index: int, groups: Optional[ParallelGroups],
     """The link between the student's grid (global ranks [0, S)) and teacher `index`'s (its
     own ranks after the student's and the earlier separate teachers' under `separate`, the
     student's ranks under `shared`). Each teacher's messages have a tag range of their own."""
-    world = rank_env().world_size
-    students = world - teacher_ranks(cfg)
+    students = rank_env().world_size - teacher_ranks(cfg)
     source = teachers_of(cfg)[index]
-    own = source.ranks(cfg.parallel)
     t_layout = source.parallel.resolve(cfg.parallel)
+    if source.separate:
+        split, world = teacher_split(cfg, rank_env().world_size), separate_teachers(cfg).index(index)
+        teacher = Grid.of(t_layout, split.size(world), split.offset(world))
+    else:
+        teacher = Grid.of(t_layout, students, 0)
     spec = LinkSpec(
         student=Grid.of(cfg.parallel, students, 0),
-        teacher=Grid.of(t_layout, own or students, teacher_world_offset(cfg, index, world) if own else 0),
+        teacher=teacher,
         microbatches=(cfg.data.prompts_per_step // cfg.parallel.dp(students)) * cfg.rollout.n
         // cfg.train.micro_batch_size,
         hidden_size=t_arch.hidden_size, dtype=compute_dtype(cfg.model.params_dtype), padded_vocab=padded,
