@@ -2,7 +2,8 @@
 
 fp32 local spec on CUDA: greedy == HF transformers on the same GPU, both layer
 implementations, both engines, KV cache == recompute; sampled with stop ids, the dynamic
-engine under a batch budget == the static engine. bf16: runs, finite, reproducible under a seed.
+engine under a batch budget, and with decode attention per run of rows, == the static
+engine. bf16: runs, finite, reproducible under a seed.
 Transformer Engine spec (when importable): `auto` falls back to megatron's layers and the
 greedy tokens equal HF's. CUDA graph of the decode step (local spec, static engine):
 the same tokens as the eager step (fp32), greedy == HF. Not yet run on a GPU.
@@ -65,6 +66,17 @@ def _gpu_checks(spec):
                          **_graph_cases(spec)}.items():
             r = run(**kw)
             res[name] = ([r.response(i) for i in range(r.num_rows)], r.logprobs.float().cpu())
+        # Decode attention per run of rows, every run on its own (the CUDA call-cost estimate
+        # would merge this tiny model's runs into one call).
+        from tip_megatron.rollout import kv_cache
+        saved = dict(kv_cache.SEGMENT_CALL_BYTES)
+        kv_cache.SEGMENT_CALL_BYTES["cuda"] = 0
+        try:
+            r = run(temperature=1.0, n=3, stop_ids=tuple(range(2, 250, 9)))
+        finally:
+            kv_cache.SEGMENT_CALL_BYTES.update(saved)
+        assert r.stats["attention_segments"] > r.stats["num_decode_steps"]
+        res["spread_segments"] = ([r.response(i) for i in range(r.num_rows)], r.logprobs.float().cpu())
         out[str(dtype)] = res
     return out
 
@@ -86,6 +98,9 @@ def _check(out, fp32_impl):
     # The dynamic engine (compaction, admission under a 4-row budget) == the static engine.
     assert fp32["spread"][0] == fp32["spread_static"][0]
     torch.testing.assert_close(fp32["spread"][1], fp32["spread_static"][1], atol=1e-4, rtol=0)
+    # Decode attention per run of rows (SDPA's GPU kernels on slices of the cache) == static.
+    assert fp32["spread_segments"][0] == fp32["spread_static"][0]
+    torch.testing.assert_close(fp32["spread_segments"][1], fp32["spread_static"][1], atol=1e-4, rtol=0)
     if "greedy_graph" in fp32:  # CUDA graph replay == eager: same tokens, log-probs to rounding
         assert fp32["greedy_graph"][0] == out["ref"]
         assert fp32["spread_graph"][0] == fp32["spread_static"][0]
