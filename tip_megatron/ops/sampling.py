@@ -20,18 +20,7 @@ all-reduce shares (id, logit). TP = 1 and TP = 2 compute bitwise the same CDF, h
 the same tokens.
 
 Truncation, applied before the draw (vLLM order: top-k, then top-p on the renormalized
-top-k distribution); both keep ties at the threshold value:
-- top-k: each rank's top-k scaled logits, all-gathered ([rows, tp * k]); the k-th largest
-  of those is the global threshold.
-- top-p with top-k: exact, over the whole top-k set (ties at the k-th value included, as
-  HF and vLLM keep them): the gathered candidates above the k-th value plus the ties'
-  mass, counted on the shards (one SUM all-reduce of an integer count).
-- top-p alone: every rank's `TOP_P_CANDIDATES` largest logits and its mass, one
-  all-gather; the threshold found on the merged candidates is exact when it is not below
-  any rank's last candidate (their mass covered top_p). Otherwise (flat distributions)
-  bisection on a logit threshold with one SUM all-reduce of [rows] per step
-  (`TOP_P_BISECT_STEPS`, float64). The masses are sums, so TP layouts can differ only if a
-  cutoff falls within float64 summation rounding of top_p.
+top-k distribution; both keep ties at the threshold value): `ops/truncation.py`.
 Greedy when temperature == 0 (log-prob 0: the sampling distribution is a point mass).
 """
 from __future__ import annotations
@@ -43,6 +32,9 @@ import torch
 
 from tip_megatron.ops._counter_hash import (  # noqa: F401 - hash names stay importable here
     _call_key, _fmix32, _mix_word, hash_u32, uniform_rows,
+)
+from tip_megatron.ops.truncation import (  # noqa: F401 - the constants stay importable here
+    TOP_P_BISECT_STEPS, TOP_P_CANDIDATES, keep_threshold,
 )
 from tip_megatron.ops._shard import (
     MAX,
@@ -57,10 +49,6 @@ from tip_megatron.ops._shard import (
     vocab_shard,
 )
 
-#: Bisection steps of the top-p threshold (float64: the interval ends below any logit gap).
-TOP_P_BISECT_STEPS = 64
-#: Largest logits each rank contributes to the merged top-p candidates.
-TOP_P_CANDIDATES = 64
 #: Vocabulary columns per block of the inverse-CDF draw (megatron pads the vocabulary to a
 #: multiple of 128 * tp, so a block never straddles two shards).
 BLOCK = 128
@@ -71,103 +59,6 @@ BLOCK = 128
 #: rows 11.8, 128 rows 11.2; V 151,936: 3 rows 82 ms, 13 rows 61, 27 rows 59, 55 rows 75,
 #: 128 rows 115. Accelerators keep the shared budget (`chunk_tokens`).
 SAMPLE_CHUNK_ELEMENTS_CPU = 1 << 22
-#: The threshold search starts this far below the max: exp(-1000) is 0 in float64.
-_TOP_P_SEARCH_SPAN = 1000.0
-
-# ----------------------------------------------------------------------------------------
-# Truncation masks
-# ----------------------------------------------------------------------------------------
-def _top_k_candidates(z: torch.Tensor, top_k: int, tp_group: Any) -> torch.Tensor:
-    """[rows, tp * k] descending-sorted union of every rank's local top-k (-inf padded)."""
-    k_local = min(top_k, z.shape[-1])
-    local = torch.full((z.shape[0], top_k), -math.inf, dtype=z.dtype, device=z.device)
-    if k_local > 0:
-        local[:, :k_local] = z.topk(k_local, dim=-1).values
-    gathered = all_gather(local, tp_group)  # [tp, rows, k]: k * tp values per row, not V
-    return gathered.permute(1, 0, 2).reshape(z.shape[0], -1).sort(dim=-1, descending=True).values
-
-
-def _top_p_over_candidates(z: torch.Tensor, z_max: torch.Tensor, cands: torch.Tensor,
-                           top_k: int, top_p: float, tp_group: Any) -> torch.Tensor:
-    """[rows] threshold: smallest descending prefix of the top-k set with mass >= top_p of it.
-
-    The top-k set is every logit >= the k-th value, ties included (HF's `TopKLogitsWarper`,
-    vLLM): it can hold more than k logits. The gathered candidates hold every logit above
-    the k-th value (fewer than k of them exist) but maybe not every tie AT it (each rank
-    sent only its k largest), so the ties are counted on the shards: one SUM all-reduce of
-    an exact integer count, so every layout computes bitwise the same mass.
-    """
-    kth = cands[:, top_k - 1]
-    ties = all_reduce_((z == kth[:, None]).sum(dim=-1).to(z.dtype), SUM, tp_group)
-    above = cands > kth[:, None]  # a descending prefix of the sorted candidates
-    cum = torch.where(above, (cands - z_max[:, None]).exp(), 0.0).cumsum(dim=-1)
-    total = cum[:, -1] + ties * (kth - z_max).exp()
-    # Candidates above the k-th value strictly before the cut; none reaching top_p: the
-    # cut falls among the ties, which are kept together.
-    index = ((cum < top_p * total[:, None]) & above).sum(dim=-1)
-    crossing = cands.gather(1, index.clamp(max=cands.shape[1] - 1)[:, None]).squeeze(1)
-    return torch.where(index < above.sum(dim=-1), crossing, kth)
-
-
-def _top_p_bisect(z: torch.Tensor, z_max: torch.Tensor, top_p: float, tp_group: Any) -> torch.Tensor:
-    """[rows] largest theta with mass(z >= theta) >= top_p * total, by bisection.
-
-    Invariant: mass(lo) >= target > mass(hi). Every rank sees the same all-reduced masses
-    and maxima, so all ranks take the same branches and run the same collectives.
-    """
-    e = (z - z_max[:, None]).exp()
-    target = all_reduce_(e.sum(dim=-1), SUM, tp_group) * top_p
-    lo, hi = z_max - _TOP_P_SEARCH_SPAN, z_max + 1.0
-    for _ in range(TOP_P_BISECT_STEPS):
-        mid = 0.5 * (lo + hi)
-        mass = all_reduce_(torch.where(z >= mid[:, None], e, 0.0).sum(dim=-1), SUM, tp_group)
-        ok = mass >= target
-        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-    return lo
-
-
-def _top_p_shard_candidates(z: torch.Tensor, z_max: torch.Tensor, top_p: float,
-                            tp_group: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """([rows] threshold, [rows] exact) from every rank's TOP_P_CANDIDATES largest logits.
-
-    The merged candidates are the true global top list down to `cutoff` (the largest of
-    the ranks' last candidates): a threshold at or above it is exact. One all-gather.
-    """
-    rows, width = z.shape
-    count = min(TOP_P_CANDIDATES, width)
-    pack = torch.full((rows, TOP_P_CANDIDATES + 2), -math.inf, dtype=z.dtype, device=z.device)
-    if count:
-        pack[:, :count] = z.topk(count, dim=-1).values
-        if count < width:  # a rank that sent all its values has no cutoff (-inf)
-            pack[:, TOP_P_CANDIDATES + 1] = pack[:, count - 1]
-    pack[:, TOP_P_CANDIDATES] = (z - z_max[:, None]).exp().sum(dim=-1)
-    gathered = all_gather(pack, tp_group)  # [tp, rows, C + 2]
-    total = gathered[..., TOP_P_CANDIDATES].sum(dim=0)
-    cutoff = gathered[..., TOP_P_CANDIDATES + 1].amax(dim=0)
-    cands = gathered[..., :TOP_P_CANDIDATES].permute(1, 0, 2).reshape(rows, -1)
-    cands = cands.sort(dim=-1, descending=True).values
-    mass = (cands - z_max[:, None]).exp().cumsum(dim=-1)
-    index = (mass < top_p * total[:, None]).sum(dim=-1)  # first candidate reaching top_p
-    covered = index < cands.shape[1]
-    theta = cands.gather(1, index.clamp(max=cands.shape[1] - 1)[:, None]).squeeze(1)
-    return theta, covered & (theta >= cutoff)
-
-
-def _keep_threshold(z: torch.Tensor, z_max: torch.Tensor, top_k: int, top_p: float,
-                    vocab_size: int, tp_group: Any) -> Optional[torch.Tensor]:
-    """[rows] logit threshold of the kept set (keep z >= it), or None to keep everything."""
-    if 0 < top_k < vocab_size:
-        cands = _top_k_candidates(z, top_k, tp_group)
-        if top_p < 1.0:
-            return _top_p_over_candidates(z, z_max, cands, top_k, top_p, tp_group)
-        return cands[:, top_k - 1]
-    if top_p < 1.0:
-        theta, exact = _top_p_shard_candidates(z, z_max, top_p, tp_group)
-        if not bool(exact.all()):  # the same on every rank: the gathered values are
-            theta = torch.where(exact, theta, _top_p_bisect(z, z_max, top_p, tp_group))
-        return theta
-    return None
-
 
 # ----------------------------------------------------------------------------------------
 # The draw
@@ -206,7 +97,7 @@ def _sample_rows(logits: torch.Tensor, u: torch.Tensor, shard: VocabShard, tp_gr
     if temperature != 1.0:  # x / 1 == x exactly: the common case skips a pass over [r, w]
         z.div_(temperature)
     z_max = all_reduce_(local_max(z), MAX, tp_group)
-    threshold = _keep_threshold(z, z_max, top_k, top_p, shard.vocab_size, tp_group)
+    threshold = keep_threshold(z, z_max, top_k, top_p, shard.vocab_size, tp_group)
     if threshold is not None:
         z = torch.where(z >= threshold[:, None], z, -math.inf)
     e, local = _block_masses(z, z_max, shard, e_buf)
@@ -411,7 +302,7 @@ def vocab_parallel_logprob(logits: torch.Tensor, ids: torch.Tensor, *, tp_group:
     with torch.no_grad():
         z = logits[:, : shard.valid_width].to(torch.float64) / temperature
         z_max = all_reduce_(local_max(z), MAX, tp_group)
-        threshold = _keep_threshold(z, z_max, top_k, top_p, shard.vocab_size, tp_group)
+        threshold = keep_threshold(z, z_max, top_k, top_p, shard.vocab_size, tp_group)
         if threshold is not None:
             z = torch.where(z >= threshold[:, None], z, -math.inf)
         total = all_reduce_((z - z_max[:, None]).exp().sum(dim=-1), SUM, tp_group)
