@@ -33,6 +33,7 @@ from tip_megatron.tip.normalize import RunningNorm
 from tip_megatron.runtime.collectives import all_gather_varlen, all_reduce_sum
 from tip_megatron.checkpoint import training as ckpt
 from tip_megatron.train import export, run_dir, validation
+from tip_megatron.train.batch_metrics import global_response_counts, rollout_batch_metrics
 from tip_megatron.train.batches import update_microbatches
 from tip_megatron.train.metrics import MetricsLogger, peak_memory_mib
 from tip_megatron.train.optimizer import build_optimizer, wrap_ddp
@@ -258,12 +259,12 @@ def train_step(run: Run) -> dict:
     # Dumps follow the micro-batch order of the updates (each update's results in turn).
     maybe_dump_tokens(run.cfg, run.groups, run.step + 1, mbs,
                       [r for res, _ in updates for r in res])  # step as logged
-    metrics = _rollout_batch_metrics(run, updates)
+    metrics = rollout_batch_metrics(run, updates)
     if out.turn_ids is not None and run.groups.is_last_stage:
         metrics.update(turn_metrics(out, mbs, [r for res, _ in updates for r in res],
                                     run.groups.dp_rank * out.num_rows, run.cfg.rollout.max_turns,
                                     run.groups.dp_group))
-    tokens, rows = _global_response_counts(run, out)
+    tokens, rows = global_response_counts(run, out)
     elapsed = time.perf_counter() - start
     metrics.update(tokens_per_s=tokens / elapsed, step_s=elapsed, peak_mem_mib=peak_memory_mib(),
                    response_len=tokens / rows, **run.timers.metrics())
@@ -271,31 +272,6 @@ def train_step(run: Run) -> dict:
     if out.logprob_gap is not None:
         metrics.update(gap_metrics(out.logprob_gap, run.groups.dp_group))
     return metrics
-
-
-def _rollout_batch_metrics(run: Run, updates: list[tuple[list[MicrobatchResult], dict]]) -> dict:
-    """The first update's metrics; with several updates, lr / grad_norm of the first update,
-    loss and selection metrics over the whole rollout batch (every update's kept tokens),
-    plus each update's own loss."""
-    metrics = dict(updates[0][1])
-    if len(updates) > 1 and "loss" in metrics:
-        metrics.update(reduce_results(run, [r for res, _ in updates for r in res])[0])
-        metrics["loss_updates"] = [m["loss"] for _, m in updates]
-        metrics["loss_last_update"] = updates[-1][1]["loss"]
-        metrics["skipped"] = sum(m["skipped"] for _, m in updates)
-    return metrics
-
-
-def _global_response_counts(run: Run, out: Rollouts) -> tuple[float, float]:
-    """(generated tokens, rollouts) of the global batch: summed over the DP replicas, whose
-    response lengths differ (one tiny all-reduce on every rank: the logging rank need not
-    be on the last stage, where the metric reduction runs). Observation tokens of
-    multi-turn rollouts are not generated: not counted."""
-    local = torch.stack([out.response_mask.sum().double(),
-                         torch.tensor(float(out.response_lengths.numel()), dtype=torch.float64,
-                                      device=out.response_lengths.device)])
-    tokens, rows = all_reduce_sum(local, run.groups.dp_group).tolist()
-    return tokens, rows
 
 
 # ------------------------------------------------------------------ loop
