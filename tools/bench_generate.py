@@ -5,6 +5,7 @@ Shapes: prompts [b] of lengths drawn in a range, n samples each -> b * n rows.
     python tools/bench_generate.py --quick                          # ~1 min on 2 cores
     python tools/bench_generate.py --json runs/bench_generate.json --legacy-src /tmp/old
     python tools/bench_generate.py --workloads spread --new-tokens 128 --vocab 32000  # issue 28
+    python tools/bench_generate.py --vocab 32000 --new-tokens 128 --no-tp2 --rounds 3  # medians
     (--legacy-src: a checkout of the commit before the dynamic engine; its static engine
      and Gumbel-hash sampler run in a subprocess on the same model and prompts)
 
@@ -35,6 +36,7 @@ import argparse
 import json
 import os
 import platform as py_platform
+import statistics
 import subprocess
 import sys
 import time
@@ -74,8 +76,14 @@ def _parse(argv=None) -> argparse.Namespace:
     # One thread by default: on a shared 2-core machine, multi-threaded ops of a small model
     # spend more time waiting for a descheduled OpenMP worker than computing.
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="timed calls per TP=1 system, in an order rotating every round; the table "
+                        "shows medians, and each round's dynamic and static over HF's is printed")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # legacy subprocess: write results here
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: at least 1")
+    return args
 
 
 def _setup(args) -> tuple[dict, dict]:
@@ -237,6 +245,30 @@ def _machine(threads: int) -> dict:
                 uptime=subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """One system's rounds as one row: median seconds (and prefill / decode seconds); every
+    round draws the same tokens (same seeds), so tokens/s is tokens / median seconds."""
+    out = dict(runs[0])
+    for key in ("seconds", "prefill_s", "decode_s"):
+        if out.get(key) is not None:
+            out[key] = statistics.median(r[key] for r in runs)
+    out["seconds_rounds"] = [r["seconds"] for r in runs]
+    return out
+
+
+def _per_round(rounds: dict) -> str:
+    """Each round's dynamic and static tokens/s over HF's in the same round."""
+    lines = []
+    for name, tps in rounds.items():
+        if "hf" not in tps:
+            continue
+        for system in ("dynamic", "static"):
+            ratios = [a / b for a, b in zip(tps[system], tps["hf"])]
+            lines.append(f"{name}: {system} / hf per round: " + ", ".join(f"{x:.2f}x" for x in ratios)
+                         + f" (median {statistics.median(ratios):.2f}x)")
+    return "\n".join(lines)
+
+
 def _table(results: dict) -> str:
     lines = ["| workload | system | TP | tokens | tokens/s | vs hf | vs static | prefill s | decode s "
              "| live-row util. | KV MiB | lengths min/med/max | match hf |",
@@ -270,11 +302,16 @@ def main(argv=None) -> int:
             results[(name, system, 1)] = r
     hf = _hf_model(args.family, cfg)
     engine = _engine(hf)
+    rounds: dict = {}
     for name, w in loads.items():
-        if not args.no_hf:
-            results[(name, "hf", 1)] = _hf(hf, w, cfg)
-        for system in ("static", "dynamic", "dynamic_budget"):
-            results[(name, system, 1)] = _ours(engine, w, system, cfg)
+        systems = ([] if args.no_hf else ["hf"]) + ["static", "dynamic", "dynamic_budget"]
+        runs: dict = {s: [] for s in systems}
+        for k in range(args.rounds):  # the order rotates every round
+            for system in systems[k % len(systems):] + systems[:k % len(systems)]:
+                runs[system].append(_hf(hf, w, cfg) if system == "hf" else _ours(engine, w, system, cfg))
+        for system, rs in runs.items():
+            results[(name, system, 1)] = _median_run(rs)
+        rounds[name] = {s: [r["tokens"] / r["seconds"] for r in rs] for s, rs in runs.items()}
     from tip_megatron.runtime import parallel
 
     parallel.destroy()
@@ -301,11 +338,14 @@ def main(argv=None) -> int:
     print(f"{setup['params_m']:.1f} M params ({args.family}), fp32, {args.threads} thread(s), "
           f"{machine['cpu']}; load before: {before}; after: {machine['uptime']}")
     print(_table(results))
+    if args.rounds > 1:
+        print(_per_round(rounds))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         rows = [dict(workload=k[0], system=k[1], tp=k[2], **{f: v for f, v in r.items() if f != "responses"})
                 for k, r in results.items()]
-        Path(args.json).write_text(json.dumps(dict(setup=setup, results=rows), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(dict(setup=setup, results=rows, tokens_per_s_rounds=rounds),
+                                              indent=2) + "\n")
     return 0
 
 
