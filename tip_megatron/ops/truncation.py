@@ -106,7 +106,7 @@ def _top_p_shard_candidates(z: torch.Tensor, z_max: torch.Tensor, top_p: float,
 
 
 def keep_threshold(z: torch.Tensor, z_max: torch.Tensor, top_k: int, top_p: float,
-                    vocab_size: int, tp_group: Any) -> Optional[torch.Tensor]:
+                   vocab_size: int, tp_group: Any) -> Optional[torch.Tensor]:
     """[rows] logit threshold of the kept set (keep z >= it), or None to keep everything."""
     if 0 < top_k < vocab_size:
         cands = _top_k_candidates(z, top_k, tp_group)
