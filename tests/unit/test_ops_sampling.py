@@ -197,8 +197,39 @@ def test_cpu_draw_chunks_rows_by_its_own_float64_budget():
     assert _sample_chunk(151936, None, cpu) == 27
     assert _sample_chunk(151936, 5, cpu) == 5
     assert _sample_chunk(10**8, None, cpu) == 1
+    assert _sample_chunk(151936, None, cpu, rows=128) == 128  # untruncated: all rows at once
+    assert _sample_chunk(151936, 5, cpu, rows=128) == 5
     logits = torch.randn(40, 3000, generator=torch.Generator().manual_seed(2)) * 3
     draws = [vocab_parallel_sample(logits, tp_group=None, vocab_size=2990, seed=1, step=2,
                                    temperature=0.7, chunk_size=c) for c in (1, 16, None)]
     for ids, logprob in draws[1:]:
         assert torch.equal(ids, draws[0][0]) and torch.equal(logprob, draws[0][1])
+
+
+@pytest.mark.parametrize("vocab,temperature", [(1024, 1.0), (1024, 0.7), (1000, 1.3)])
+def test_untruncated_exp_pass_size_changes_no_bit(monkeypatch, vocab, temperature):
+    """The untruncated draw computes exp(z - max) a few rows at a time on CPU and the
+    chosen block's masses again from its logits: at every pass size (1 row, 5 rows, all
+    rows; widths of 1024 = 8 blocks and 1000 = 125 blocks of 8) the ids and log-probs are
+    the same bits, the ids are a plain float64 inverse-CDF draw's over the whole row, and
+    the log-probs are float64 log_softmax's."""
+    from tip_megatron.ops import sampling
+
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(37, vocab, generator=gen) * 4
+    kw = dict(tp_group=None, vocab_size=vocab, temperature=temperature, seed=11, step=3,
+              row_ids=torch.arange(37) * 5, counters=torch.arange(37) % 3)
+    draws = []
+    for rows in (1, 5, 37):
+        monkeypatch.setattr(sampling, "MASS_PASS_ELEMENTS_CPU", rows * vocab)
+        assert sampling._mass_pass_rows(37, vocab, torch.device("cpu")) == rows
+        draws.append(vocab_parallel_sample(logits, **kw, buffers=sampling.SamplingBuffers()))
+    for ids, logprob in draws[1:]:
+        assert torch.equal(ids, draws[0][0]) and torch.equal(logprob, draws[0][1])
+    z = logits.double() / temperature
+    p = (z - z.amax(1, keepdim=True)).exp()
+    u = sampling.uniform_rows(11, 3, kw["row_ids"], kw["counters"])
+    want = (p.cumsum(1) <= (u * p.sum(1))[:, None]).sum(1)
+    assert torch.equal(draws[0][0], want)
+    assert_close(draws[0][1].double(), torch.log_softmax(z, 1).gather(1, want[:, None]).squeeze(1),
+                 rtol=0, atol=1e-6)

@@ -59,6 +59,11 @@ BLOCK = 128
 #: rows 11.8, 128 rows 11.2; V 151,936: 3 rows 82 ms, 13 rows 61, 27 rows 59, 55 rows 75,
 #: 128 rows 115. Accelerators keep the shared budget (`chunk_tokens`).
 SAMPLE_CHUNK_ELEMENTS_CPU = 1 << 22
+#: float64 elements of the untruncated draw's exp pass at a time on CPU (512 KiB: the
+#: buffer stays in a core's L2 while it is cast, shifted, exponentiated and summed). One
+#: thread, 128 rows x 32,000 ids: 9.0 ms for the four passes over all rows at once
+#: (memory-bound, ~8 GB/s here), 6.1-6.5 ms at 2 rows (tools/bench_sampling.py).
+MASS_PASS_ELEMENTS_CPU = 1 << 16
 
 # ----------------------------------------------------------------------------------------
 # The draw
@@ -101,8 +106,13 @@ def _sample_rows(logits: torch.Tensor, u: torch.Tensor, shard: VocabShard, tp_gr
     if threshold is not None:
         z = torch.where(z >= threshold[:, None], z, -math.inf)
     e, local = _block_masses(z, z_max, shard, e_buf)
-    return _inverse_cdf(e, local, lambda col: z.gather(1, col[:, None]).squeeze(1), width, z_max, u,
-                        shard, tp_group)
+    rows, nb, block = e.shape
+
+    def block_values(local_block: torch.Tensor) -> torch.Tensor:  # [r] -> [r, block]
+        return e.gather(1, local_block[:, None, None].expand(rows, 1, block)).squeeze(1)
+
+    return _inverse_cdf(local, block, block_values, lambda col: z.gather(1, col[:, None]).squeeze(1),
+                        width, z_max, u, shard, tp_group)
 
 
 def _sample_untruncated(logits: torch.Tensor, u: torch.Tensor, shard: VocabShard, tp_group: Any,
@@ -111,26 +121,52 @@ def _sample_untruncated(logits: torch.Tensor, u: torch.Tensor, shard: VocabShard
     general path with one float64 pass fewer: no float64 copy of the shard. Its max is
     taken on the logits as they are (max commutes with the exact cast to float64 and with
     the correctly rounded division by a positive temperature: both are monotone), and
-    exp(z - max) is computed in the buffer (the cast to float64 is exact)."""
-    rows = logits.shape[0]
+    exp(z - max) is computed in a buffer of `_mass_pass_rows` rows at a time, which only
+    the block sums outlive: the chosen block's masses are computed again from its logits
+    (the same elementwise ops on the same values: the same bits)."""
+    rows, width = logits.shape
     z_max = logits.amax(dim=-1).to(torch.float64)
     if temperature != 1.0:
         z_max = z_max / temperature
     all_reduce_(z_max, MAX, tp_group)
-    _, e = buffers.take(rows, 0, shard.shard_width, logits.device)
-    # The exact cast, then float64 arithmetic in place: a mixed float32 - float64 op computes
-    # the same bits but takes TensorIterator's per-element cast path, 3-6x slower on CPU.
-    e.copy_(logits)
-    if temperature != 1.0:
-        e.div_(temperature)
-    e.sub_(z_max[:, None])
-    e = e.exp_().view(rows, -1, math.gcd(shard.shard_width, BLOCK))
+    block = math.gcd(shard.shard_width, BLOCK)
+    local = torch.empty(rows, width // block, dtype=torch.float64, device=logits.device)
+    step = _mass_pass_rows(rows, width, logits.device)
+    _, buf = buffers.take(step, 0, width, logits.device)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        e = _masses(logits[r0:r1], z_max[r0:r1], temperature, buf[: r1 - r0])
+        torch.sum(e.view(r1 - r0, -1, block), dim=-1, out=local[r0:r1])
+
+    def block_values(local_block: torch.Tensor) -> torch.Tensor:  # [r] -> [r, block]
+        cols = local_block[:, None] * block + torch.arange(block, device=logits.device)
+        return _masses(logits.gather(1, cols), z_max, temperature)
 
     def z_at(col: torch.Tensor) -> torch.Tensor:  # the scaled float64 logit at col [r]
         z = logits.gather(1, col[:, None]).squeeze(1).to(torch.float64)
         return z / temperature if temperature != 1.0 else z
 
-    return _inverse_cdf(e, e.sum(dim=-1), z_at, logits.shape[1], z_max, u, shard, tp_group)
+    return _inverse_cdf(local, block, block_values, z_at, width, z_max, u, shard, tp_group)
+
+
+def _masses(logits: torch.Tensor, z_max: torch.Tensor, temperature: float,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """exp(float64(logits) / temperature - z_max[:, None]) of [r, c] logits, into `out`.
+    The exact cast, then float64 arithmetic in place: a mixed float32 - float64 op computes
+    the same bits but takes TensorIterator's per-element cast path, 3-6x slower on CPU."""
+    e = logits.to(torch.float64) if out is None else out.copy_(logits)
+    if temperature != 1.0:  # x / 1 == x exactly: the common case skips a pass
+        e.div_(temperature)
+    return e.sub_(z_max[:, None]).exp_()
+
+
+def _mass_pass_rows(rows: int, width: int, device: torch.device) -> int:
+    """Rows of the draw's exp pass at a time: on CPU `MASS_PASS_ELEMENTS_CPU` float64
+    elements (the buffer stays in a core's cache between its four passes); elsewhere all
+    rows (one kernel per pass)."""
+    if device.type != "cpu":
+        return max(1, rows)
+    return max(1, min(rows, MASS_PASS_ELEMENTS_CPU // max(1, width)))
 
 
 def _block_masses(z: torch.Tensor, z_max: torch.Tensor, shard: VocabShard, out: torch.Tensor) -> tuple:
@@ -148,13 +184,15 @@ def _block_masses(z: torch.Tensor, z_max: torch.Tensor, shard: VocabShard, out: 
     return e, e.sum(dim=-1)
 
 
-def _inverse_cdf(e: torch.Tensor, local: torch.Tensor, z_at, width: int, z_max: torch.Tensor,
+def _inverse_cdf(local: torch.Tensor, block: int, block_values, z_at, width: int, z_max: torch.Tensor,
                  u: torch.Tensor, shard: VocabShard, tp_group: Any) -> tuple:
     """The first global id whose cumulative mass exceeds u * total, and its log-prob.
-    e [r, nb, block]: exp(z - z_max) of this shard; local [r, nb]: its block sums;
-    z_at(col [r]) -> [r] float64 scaled logits at local columns; width: true-vocab columns."""
-    rows, nb, block = e.shape
-    device = e.device
+    local [r, nb]: the block sums of exp(z - z_max) over this shard's blocks of `block`
+    columns; block_values(local block [r]) -> [r, block] float64 exp(z - z_max) inside a
+    block of this shard; z_at(col [r]) -> [r] float64 scaled logits at local columns;
+    width: true-vocab columns."""
+    rows, nb = local.shape
+    device = local.device
     masses = all_gather(local, tp_group).permute(1, 0, 2).reshape(rows, -1)  # global block order
     cum = masses.cumsum(dim=-1)
     total = cum[:, -1]
@@ -164,7 +202,7 @@ def _inverse_cdf(e: torch.Tensor, local: torch.Tensor, z_at, width: int, z_max: 
     chosen = torch.minimum(torch.searchsorted(cum, target[:, None], right=True).squeeze(1), last)
     before = torch.where(chosen > 0, cum.gather(1, (chosen - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
     local_block = (chosen - shard.tp_rank * nb).clamp(0, nb - 1)
-    values = e.gather(1, local_block[:, None, None].expand(rows, 1, block)).squeeze(1)  # [r, block]
+    values = block_values(local_block)  # [r, block]
     inside = ((before[:, None] + values.cumsum(dim=-1)) <= target[:, None]).sum(dim=-1)
     positive = torch.where(values > 0, torch.arange(block, device=device), -1).amax(dim=-1)
     # A rank that does not own the row's block reads a block of its own (maybe empty): clamp.
@@ -251,7 +289,11 @@ def vocab_parallel_sample(
         raise ValueError(f"row_offset={row_offset!r}: must be an integer >= 0")
     shard = vocab_shard(logits.shape[-1], tp_group, vocab_size)
     rows, counters = _row_keys(logits, row_offset, row_ids, counters)
-    chunk = _sample_chunk(shard.shard_width, chunk_size, logits.device)
+    # The same on every TP rank (each chunk is a collective): no padding column anywhere.
+    untruncated = temperature > 0 and not (0 < top_k < shard.vocab_size or top_p < 1.0) \
+        and shard.vocab_size == shard.shard_width * shard.tp_size
+    chunk = _sample_chunk(shard.shard_width, chunk_size, logits.device,
+                          rows=logits.shape[0] if untruncated else 0)
     ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     logprob = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     buffers = buffers if buffers is not None else SamplingBuffers()
@@ -265,11 +307,15 @@ def vocab_parallel_sample(
     return ids, logprob
 
 
-def _sample_chunk(shard_width: int, chunk_size: Optional[int], device: torch.device) -> int:
-    """Rows per chunk of the draw: `chunk_size` when given; on CPU `SAMPLE_CHUNK_ELEMENTS_CPU`
-    float64 elements; elsewhere half the rows of the shared fp32 budget (float64: twice
-    the bytes)."""
+def _sample_chunk(shard_width: int, chunk_size: Optional[int], device: torch.device,
+                  rows: int = 0) -> int:
+    """Rows per chunk of the draw: `chunk_size` when given; on CPU all `rows` when given
+    (the untruncated draw: its float64 work is in the exp pass's own small buffer, and
+    its per-row small ops run once) or `SAMPLE_CHUNK_ELEMENTS_CPU` float64 elements;
+    elsewhere half the rows of the shared fp32 budget (float64: twice the bytes)."""
     if chunk_size is None and device.type == "cpu":
+        if rows:
+            return rows
         return max(1, SAMPLE_CHUNK_ELEMENTS_CPU // max(1, shard_width))
     return chunk_tokens(2 * shard_width, chunk_size, device)
 
