@@ -52,17 +52,19 @@ from tip_megatron.ops._shard import (
 #: Vocabulary columns per block of the inverse-CDF draw (megatron pads the vocabulary to a
 #: multiple of 128 * tp, so a block never straddles two shards).
 BLOCK = 128
-#: float64 elements of one chunk of rows the draw works on, on CPU (~32 MiB). A draw makes
-#: four passes over a chunk plus ~20 small per-row ops, which smaller chunks pay once per
-#: chunk. One thread, 128 rows (tools/bench_generate.py's decode step; the same bits at
-#: every size): V 32,000: 16-row chunks (the loss's 2^20 fp32 budget) 17 ms a draw, 64
+#: float64 elements of one chunk of rows the truncated draw works on, on CPU (~32 MiB; the
+#: untruncated draw takes all rows, `_sample_chunk`). A draw makes four passes over a
+#: chunk plus ~20 small per-row ops, which smaller chunks pay once per chunk. One thread,
+#: 128 rows, before the exp pass below (tools/bench_generate.py's decode step; the same
+#: bits at every size): V 32,000: 16-row chunks (the loss's 2^20 fp32 budget) 17 ms a draw, 64
 #: rows 11.8, 128 rows 11.2; V 151,936: 3 rows 82 ms, 13 rows 61, 27 rows 59, 55 rows 75,
 #: 128 rows 115. Accelerators keep the shared budget (`chunk_tokens`).
 SAMPLE_CHUNK_ELEMENTS_CPU = 1 << 22
 #: float64 elements of the untruncated draw's exp pass at a time on CPU (512 KiB: the
 #: buffer stays in a core's L2 while it is cast, shifted, exponentiated and summed). One
-#: thread, 128 rows x 32,000 ids: 9.0 ms for the four passes over all rows at once
-#: (memory-bound, ~8 GB/s here), 6.1-6.5 ms at 2 rows (tools/bench_sampling.py).
+#: thread, 128 rows, the whole draw (tools/bench_sampling.py, docs/generate.md): V 32,000
+#: 14.7 ms with the pass over all rows at once (memory-bound, ~8 GB/s here), 7.4 ms at
+#: 2^16 elements; V 151,936 97.5 ms and 41.8 ms.
 MASS_PASS_ELEMENTS_CPU = 1 << 16
 
 # ----------------------------------------------------------------------------------------
