@@ -129,11 +129,12 @@ def _measured_rank(overrides: list[str]) -> dict:
     from tip_megatron.runtime.env import rank_env  # with the rank body's other imports
     from tip_megatron.train import trainer
     from tip_megatron.train.optimizer import build_optimizer  # noqa: F401  (import before the reset)
-    from tip_megatron.train.teacher import serve_teacher, teacher_split  # noqa: F401  (as above)
+    from tip_megatron.distill.teacher_config import teacher_split
+    from tip_megatron.train.teacher import serve_teacher  # noqa: F401  (as above)
 
     return_freed_memory()
     cfg = load_config(None, overrides)
-    split = teacher_split(cfg)
+    split = teacher_split(cfg, rank_env().world_size)
     side = cfg.parallel
     if split is not None and split.role(rank_env().rank) == "teacher":
         side = cfg.teacher.parallel.resolve(cfg.parallel)

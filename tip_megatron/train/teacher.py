@@ -22,7 +22,6 @@ from tip_megatron.distill.step import (
 )
 from tip_megatron.distill.routing import teacher_ids_of_rows
 from tip_megatron.distill.teacher_config import separate_teachers, teachers_of
-from tip_megatron.distill.teacher_config import teacher_split as split_of
 from tip_megatron.distill.teacher_link import TeacherRankLost
 from tip_megatron.distill.teachers import routed_contexts
 from tip_megatron.runtime import parallel
@@ -72,12 +71,6 @@ def serve_teacher(cfg: RunConfig, split: parallel.Split) -> int:
 
 
 # ------------------------------------------------------------------ the student's side
-def teacher_split(cfg: RunConfig) -> Optional[parallel.Split]:
-    """This job's split into the student's ranks and each separate teacher's (None: one
-    world): `distill.teacher_config.teacher_split` over the launched world."""
-    return split_of(cfg, rank_env().world_size)
-
-
 def teacher_names(cfg: RunConfig) -> tuple[str, ...]:
     """Names of the teachers when there are several (they name the per-teacher metrics); ()
     for one."""

@@ -22,7 +22,7 @@ from tip_megatron.runtime.errors import rank_exit
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, run_selection, tensorboard_dir
 from tip_megatron.distill.loss import DistillSpec, MicrobatchResult
 from tip_megatron.distill.prepass import global_preselection
-from tip_megatron.distill.teacher_config import teachers_of
+from tip_megatron.distill.teacher_config import teacher_split, teachers_of
 from tip_megatron.distill.teacher_link import TeacherRankLost
 from tip_megatron.distill.step import Microbatch, ScheduleShape, forward_loss_pass, train_pass
 from tip_megatron.rollout.consistency import gap_metrics
@@ -44,7 +44,6 @@ from tip_megatron.train.run_state import LastUpdate, Run
 from tip_megatron.train.setup import build_models, prompt_source
 from tip_megatron.train.teacher import (
     link_metrics, row_teachers, serve_teacher, teacher_contexts, teacher_names, teacher_signal,
-    teacher_split,
 )
 from tip_megatron.train.skip import TrainingDiverged, count_skip, reduce_results, should_skip
 from tip_megatron.train.token_dumps import maybe_dump_tokens
@@ -65,7 +64,8 @@ EXIT_TEACHER_LOST = 5
 def setup(cfg: RunConfig) -> Run:
     # Every check before the process group: each rank fails alone, no collective needed.
     checked = preflight(cfg, rank_env().world_size)
-    groups = parallel.initialize(cfg.parallel, seed=cfg.train.seed, split=teacher_split(cfg))
+    split = teacher_split(cfg, rank_env().world_size)
+    groups = parallel.initialize(cfg.parallel, seed=cfg.train.seed, split=split)
     teacher_groups = {i: parallel.grid_groups(t.parallel.resolve(cfg.parallel), 0, groups.world_size)
                       for i, t in enumerate(teachers_of(cfg))  # another layout, same ranks
                       if t.own_grid(cfg.parallel) and not t.separate}
@@ -338,7 +338,7 @@ def _check_new_weights(run: Run) -> str:
 def run(cfg: RunConfig) -> list[dict]:
     """Train; returns the per-step metrics of the logging rank (empty elsewhere). A rank of
     the teacher's own (`separate`) serves the teacher until the student stops."""
-    split = teacher_split(cfg)
+    split = teacher_split(cfg, rank_env().world_size)
     if split is not None and split.role(rank_env().rank) == "teacher":
         serve_teacher(cfg, split)
         return []
