@@ -19,7 +19,7 @@ import yaml
 
 from tip_megatron.checkpoint.sources import ModelSource, builtin_model
 from tip_megatron.data.config import DataConfig
-from tip_megatron.distill.loss import LossConfig
+from tip_megatron.distill.spec import LossConfig
 from tip_megatron.distill.teacher_config import (
     TeacherConfig, teacher_ranks, teachers_of, validate_teachers,
 )

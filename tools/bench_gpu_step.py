@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_selection_memory import (  # noqa: E402
     Row, _forward_step, _peak_bytes, _profiled, make_reference_processor,
 )
-from tip_megatron.distill.loss import DistillSpec, LossConfig, MicrobatchContext  # noqa: E402
+from tip_megatron.distill.spec import DistillSpec, LossConfig, MicrobatchContext  # noqa: E402
 from tip_megatron.distill.processor import make_output_processor  # noqa: E402
 from tip_megatron.tip import SelectionConfig  # noqa: E402
 

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import torch
 
-from tip_megatron.distill.loss import DistillSpec, LossConfig, MicrobatchContext
+from tip_megatron.distill.spec import DistillSpec, LossConfig, MicrobatchContext
 from tip_megatron.distill.processor import make_output_processor
 from tip_megatron.testing.lm_head import LMHeadCounter
 from tip_megatron.tip import SelectionConfig

@@ -127,7 +127,7 @@ class EngineWorker:
         self.torch = torch
 
     def step(self, rule: str) -> dict:
-        from tip_megatron.distill.loss import DistillSpec, LossConfig
+        from tip_megatron.distill.spec import DistillSpec, LossConfig
         from tip_megatron.distill.prepass import global_preselection
         from tip_megatron.distill.step import (
             ScheduleShape, make_contexts, teacher_hidden_states, teacher_output_weight, train_pass,

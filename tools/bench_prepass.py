@@ -38,7 +38,7 @@ import torch
 
 def _stages(args):
     from tip_megatron.runtime import parallel, pipeline
-    from tip_megatron.distill.loss import DistillSpec, LossConfig
+    from tip_megatron.distill.spec import DistillSpec, LossConfig
     from tip_megatron.distill.prepass import (
         response_rows, scoring_from_generation, select_prepass, with_preselection,
     )

@@ -52,8 +52,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tip_megatron.distill.loss import (  # noqa: E402
-    DistillSpec, LossConfig, LossPathOutput, MicrobatchContext, make_loss_func,
+from tip_megatron.distill.loss import make_loss_func  # noqa: E402
+from tip_megatron.distill.spec import (  # noqa: E402
+    DistillSpec, LossConfig, LossPathOutput, MicrobatchContext,
 )
 from tip_megatron.distill.processor import make_output_processor  # noqa: E402
 from tip_megatron.ops import vocab_parallel_stats  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tip_megatron.runtime import parallel
-from tip_megatron.distill.loss import DistillSpec, LossConfig
+from tip_megatron.distill.spec import DistillSpec, LossConfig
 from tip_megatron.distill.step import (
     Microbatch, make_contexts, teacher_hidden_states, teacher_output_weight, train_pass,
 )

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tip_megatron.runtime import parallel
-from tip_megatron.distill.loss import DistillSpec, LossConfig
+from tip_megatron.distill.spec import DistillSpec, LossConfig
 from tip_megatron.distill import loss as loss_module
 from tip_megatron.distill.prepass import select_prepass, with_preselection
 from tip_megatron.distill.step import (

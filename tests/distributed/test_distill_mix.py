@@ -10,7 +10,7 @@ from test_distill_loss import (  # noqa: F401  (the module fixture `weights` too
     LAYOUTS_BY_WORLD, _close, _tip, weights,
 )
 from test_distill_weights import _loss, _midpoint, _reference_logits
-from tip_megatron.distill.loss import LossConfig
+from tip_megatron.distill.spec import LossConfig
 from tip_megatron.models.state import gather_full_state_dict
 from tip_megatron.testing import reference_ops as ref
 from tip_megatron.testing.distributed import run_distributed

@@ -113,7 +113,8 @@ def _routing_rank(overrides):
     import torch
 
     from tip_megatron.config import load_config
-    from tip_megatron.distill.loss import DistillSpec, build_signals, kept_loss
+    from tip_megatron.distill.loss import build_signals, kept_loss
+    from tip_megatron.distill.spec import DistillSpec
     from tip_megatron.distill.step import (
         ScheduleShape, make_contexts, output_weight, teacher_hidden_states, teacher_output_weight,
     )

@@ -17,7 +17,7 @@ import torch
 
 from tip_megatron.runtime import parallel
 from tip_megatron.distill import loss as loss_module
-from tip_megatron.distill.loss import DistillSpec, LossConfig
+from tip_megatron.distill.spec import DistillSpec, LossConfig
 from tip_megatron.distill.prepass import with_preselection
 from tip_megatron.distill.step import (
     Microbatch, make_contexts, scoring_pass, teacher_hidden_states, teacher_output_weight, train_pass,

@@ -4,7 +4,7 @@ assertion); the trainer pads (tests/distributed/test_sequence_parallel.py runs i
 import pytest
 import torch
 
-from tip_megatron.distill.loss import DistillSpec, LossConfig
+from tip_megatron.distill.spec import DistillSpec, LossConfig
 from tip_megatron.distill.step import Microbatch, teacher_hidden_states, train_pass
 from tip_megatron.models import build_model
 from tip_megatron.runtime import parallel

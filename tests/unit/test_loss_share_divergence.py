@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tip_megatron.distill.loss import DistillSpec, LossConfig, MicrobatchContext, make_loss_func
+from tip_megatron.distill.loss import make_loss_func
+from tip_megatron.distill.spec import DistillSpec, LossConfig, MicrobatchContext
 from tip_megatron.distill.processor import make_output_processor
 from tip_megatron.testing import reference_ops as ref
 from tip_megatron.tip import SelectionConfig, finalize
@@ -71,7 +72,8 @@ def test_non_finite_statistics_travel_as_a_flag_not_as_a_nan_loss():
     give with `finite=True` (the skip is the trainer's decision, not a NaN in the loss)."""
     from dataclasses import replace
 
-    from tip_megatron.distill.loss import Preselection, build_signals
+    from tip_megatron.distill.loss import build_signals
+    from tip_megatron.distill.spec import Preselection
 
     g = torch.Generator().manual_seed(5)
     hidden, weight = torch.randn(S, B, H, generator=g), torch.randn(VOCAB, H, generator=g)

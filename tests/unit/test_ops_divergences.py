@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tip_megatron.distill.loss import LossConfig
+from tip_megatron.distill.spec import LossConfig
 from tip_megatron.ops import fused_linear_divergence
 from tip_megatron.ops.divergences import Divergence
 from tip_megatron.testing import reference_ops as ref

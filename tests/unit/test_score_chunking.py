@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from tip_megatron.distill.loss import DistillSpec, LossConfig, MicrobatchContext, build_signals
+from tip_megatron.distill.loss import build_signals
+from tip_megatron.distill.spec import DistillSpec, LossConfig, MicrobatchContext
 from tip_megatron.testing import reference_ops as ref
 from tip_megatron.tip import SelectionConfig
 

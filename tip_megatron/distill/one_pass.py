@@ -24,9 +24,8 @@ import torch
 
 from tip_megatron.ops import fused_linear_divergence
 from tip_megatron.ops.divergences import Divergence
-from tip_megatron.distill.loss import (
-    BASE_SIGNALS, DistillSpec, MicrobatchContext, assemble_signals, chunk_signals, extra_signals,
-)
+from tip_megatron.distill.loss import BASE_SIGNALS, assemble_signals, chunk_signals, extra_signals
+from tip_megatron.distill.spec import DistillSpec, MicrobatchContext
 from tip_megatron.distill.views import flat_tokens, teacher_states
 from tip_megatron.tip import TokenSignals, select_weighted, selection_labels
 

@@ -22,7 +22,8 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from tip_megatron.distill.loss import DistillSpec, MicrobatchContext, Preselection, build_signals
+from tip_megatron.distill.loss import build_signals
+from tip_megatron.distill.spec import DistillSpec, MicrobatchContext, Preselection
 from tip_megatron.distill.step import Microbatch, ScheduleShape, Scored, output_weight, scoring_pass
 from tip_megatron.rollout.types import Rollouts
 from tip_megatron.runtime.parallel import ParallelGroups

@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from tip_megatron.distill import one_pass
-from tip_megatron.distill.loss import (
-    DistillSpec, LossPathOutput, MicrobatchContext, build_signals, full_sequence, kept_loss,
-)
+from tip_megatron.distill.loss import build_signals, full_sequence, kept_loss
+from tip_megatron.distill.spec import DistillSpec, LossPathOutput, MicrobatchContext
 from tip_megatron.distill.views import flat_tokens
 from tip_megatron.tip import select_weighted, selection_labels, selection_metric_sums
 from tip_megatron.tip.metrics import teacher_metric_sums

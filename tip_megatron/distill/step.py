@@ -18,9 +18,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 
 from tip_megatron.runtime import pipeline
-from tip_megatron.distill.loss import (
-    DistillSpec, MicrobatchContext, MicrobatchResult, full_sequence, make_loss_func,
-)
+from tip_megatron.distill.loss import full_sequence, make_loss_func
+from tip_megatron.distill.spec import DistillSpec, MicrobatchContext, MicrobatchResult
 from tip_megatron.distill.processor import make_output_processor
 from tip_megatron.distill.weighting import rescale_weighted_grads
 from tip_megatron.models.state import unwrap

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from tip_megatron.distill.loss import MicrobatchContext
+from tip_megatron.distill.spec import MicrobatchContext
 from tip_megatron.distill.step import (
     Microbatch, ScheduleShape, make_contexts, teacher_hidden_states, teacher_output_weight,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tip_megatron.distill.loss import MicrobatchResult
+from tip_megatron.distill.spec import MicrobatchResult
 from tip_megatron.rollout.types import Rollouts
 from tip_megatron.runtime.collectives import all_reduce_sum
 from tip_megatron.train.run_state import Run

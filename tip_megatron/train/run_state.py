@@ -11,7 +11,7 @@ import torch
 
 from tip_megatron.config import RunConfig
 from tip_megatron.data.tokenizers import Tokenizer
-from tip_megatron.distill.loss import MicrobatchContext
+from tip_megatron.distill.spec import MicrobatchContext
 from tip_megatron.distill.step import Microbatch, ScheduleShape
 from tip_megatron.runtime.parallel import ParallelGroups
 from tip_megatron.tip.normalize import RunningNorm

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from tip_megatron.distill.loss import MicrobatchResult
+from tip_megatron.distill.spec import MicrobatchResult
 from tip_megatron.runtime.collectives import all_reduce_sum
 from tip_megatron.train.metrics import reduce_reports
 from tip_megatron.train.run_state import Run

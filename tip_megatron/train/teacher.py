@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from tip_megatron.config import RunConfig
-from tip_megatron.distill.loss import MicrobatchContext
+from tip_megatron.distill.spec import MicrobatchContext
 from tip_megatron.distill.step import (
     Microbatch, ScheduleShape, make_contexts, teacher_hidden_states, teacher_output_weight,
 )

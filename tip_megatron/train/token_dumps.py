@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from tip_megatron.config import RunConfig, logging_dir
-from tip_megatron.distill.loss import MicrobatchResult
+from tip_megatron.distill.spec import MicrobatchResult
 from tip_megatron.train.dump_file import TokenDump, capped_sample, dump_path, write_token_dump
 from tip_megatron.runtime.collectives import all_gather_varlen
 

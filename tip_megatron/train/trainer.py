@@ -20,7 +20,7 @@ from tip_megatron.runtime.device import current_device, default_backend
 from tip_megatron.runtime.env import rank_env
 from tip_megatron.runtime.errors import rank_exit
 from tip_megatron.config import RunConfig, config_to_dict, dump_config, run_selection, tensorboard_dir
-from tip_megatron.distill.loss import DistillSpec, MicrobatchResult
+from tip_megatron.distill.spec import DistillSpec, MicrobatchResult
 from tip_megatron.distill.prepass import global_preselection
 from tip_megatron.distill.teacher_config import teacher_split, teachers_of
 from tip_megatron.distill.teacher_link import TeacherRankLost
