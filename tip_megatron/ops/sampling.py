@@ -96,8 +96,7 @@ def _sample_rows(logits: torch.Tensor, u: torch.Tensor, shard: VocabShard, tp_gr
         z = logits.to(torch.float64)
         return _argmax(z, shard, tp_group), torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
     rows, width = logits.shape
-    truncated = 0 < top_k < shard.vocab_size or top_p < 1.0
-    if not truncated and width == shard.shard_width:
+    if not _truncates(top_k, top_p, shard) and width == shard.shard_width:
         return _sample_untruncated(logits, u, shard, tp_group, temperature, buffers)
     z, e_buf = buffers.take(rows, width, shard.shard_width, logits.device)
     z.copy_(logits)  # the float64 values .to(float64) gives
@@ -115,6 +114,11 @@ def _sample_rows(logits: torch.Tensor, u: torch.Tensor, shard: VocabShard, tp_gr
 
     return _inverse_cdf(local, block, block_values, lambda col: z.gather(1, col[:, None]).squeeze(1),
                         width, z_max, u, shard, tp_group)
+
+
+def _truncates(top_k: int, top_p: float, shard: VocabShard) -> bool:
+    """Whether top-k or top-p removes any id from the sampling distribution."""
+    return 0 < top_k < shard.vocab_size or top_p < 1.0
 
 
 def _sample_untruncated(logits: torch.Tensor, u: torch.Tensor, shard: VocabShard, tp_group: Any,
@@ -292,7 +296,7 @@ def vocab_parallel_sample(
     shard = vocab_shard(logits.shape[-1], tp_group, vocab_size)
     rows, counters = _row_keys(logits, row_offset, row_ids, counters)
     # The same on every TP rank (each chunk is a collective): no padding column anywhere.
-    untruncated = temperature > 0 and not (0 < top_k < shard.vocab_size or top_p < 1.0) \
+    untruncated = temperature > 0 and not _truncates(top_k, top_p, shard) \
         and shard.vocab_size == shard.shard_width * shard.tp_size
     chunk = _sample_chunk(shard.shard_width, chunk_size, logits.device,
                           rows=logits.shape[0] if untruncated else 0)
